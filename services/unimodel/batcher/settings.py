@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from pydantic import Field
+
+from unimodel.core.settings import CommonSettings, register_settings
+
+
+@register_settings
+class BatcherSettings(CommonSettings):
+    service = "batcher"
+
+    max_batch_size: int = Field(32, ge=1, le=65536, description="most requests in one batch")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=60000, description="max wait after the first request for more to join its batch"
+    )
+    max_queue_size: int = Field(1024, ge=1, description="requests queued per model before answering 429")
+    max_inflight_batches: int = Field(4, ge=1, le=1024, description="batches of one model dispatched at once")
+    queue_idle_s: float = Field(60.0, gt=0, description="an empty model queue is dropped after this long")

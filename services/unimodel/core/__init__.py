@@ -1,0 +1,1 @@
+"""Shared core of every UniModel service: settings, lifecycle, errors, bus, registry, telemetry."""

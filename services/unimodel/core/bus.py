@@ -1,0 +1,216 @@
+"""NATS bus: connection with reconnect, protobuf request/reply, error headers, bounded handlers.
+
+Handlers take the request bytes and a RequestContext and return reply bytes, or raise a
+UnimodelError, which goes back as error headers (never a traceback). Each message is handled in its own
+task so one slow request never holds up the next; at most `max_inflight` run at once, beyond that the
+caller gets RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from unimodel.core import errors
+from unimodel.core.context import RequestContext
+from unimodel.core.subjects import Header
+from unimodel.core.telemetry import request_id_var
+
+log = logging.getLogger("unimodel.bus")
+
+Handler = Callable[[bytes, RequestContext, str], Awaitable[bytes]]
+"""(payload, context, subject) -> reply payload."""
+
+
+def _header_safe(text: str) -> str:
+    return " ".join(text.split())[:512]
+
+
+def error_headers(err: errors.UnimodelError) -> dict[str, str]:
+    h = {Header.ERROR_CODE: err.code_name, Header.ERROR_MESSAGE: _header_safe(err.message)}
+    if err.retry_after_s:
+        h[Header.RETRY_AFTER] = f"{err.retry_after_s:g}"
+    return h
+
+
+def raise_for_error_headers(msg: Msg) -> None:
+    headers = msg.headers or {}
+    code = headers.get(Header.ERROR_CODE)
+    if code:
+        retry = headers.get(Header.RETRY_AFTER, "0")
+        raise errors.from_code(code, headers.get(Header.ERROR_MESSAGE, ""), retry_after_s=float(retry or 0))
+
+
+class Bus:
+    """One NATS connection of a service."""
+
+    def __init__(self, servers: list[str], name: str, *, max_inflight: int = 1024, default_timeout_s: float = 30.0):
+        self.servers = servers
+        self.name = name
+        self.max_inflight = max_inflight
+        self.default_timeout_s = default_timeout_s
+        self.nc: NatsClient | None = None
+        self._subs: list[Subscription] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_error_log = 0.0
+        self._closing = False
+        self.on_state: Callable[[bool], None] | None = None
+
+    # connection -------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def connect(self) -> None:
+        """Connect, retrying until NATS answers (logged, at most one line every 5 s)."""
+        self.nc = await nats.connect(
+            self.servers,
+            name=self.name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            connect_timeout=2,
+            ping_interval=5,
+            max_outstanding_pings=2,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        log.info("connected to NATS %s", self.nc.connected_url.netloc if self.nc.connected_url else self.servers)
+        if self.on_state:
+            self.on_state(True)
+
+    async def _on_error(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log >= 5.0:
+            self._last_error_log = now
+            log.warning("NATS %s unreachable or failing (%s); retrying", ",".join(self.servers), exc or type(exc).__name__)
+
+    async def _on_disconnected(self) -> None:
+        if self._closing:
+            return
+        log.warning("disconnected from NATS; reconnecting")
+        if self.on_state:
+            self.on_state(False)
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS")
+        if self.on_state:
+            self.on_state(True)
+
+    def _client(self) -> NatsClient:
+        if self.nc is None or self.nc.is_closed:
+            raise errors.Unavailable("not connected to NATS", retry_after_s=1)
+        return self.nc
+
+    # request side -----------------------------------------------------------------------------
+    async def request(self, subject: str, payload: bytes, ctx: RequestContext, *, timeout_s: float) -> bytes:
+        """Send a request and return the reply payload; error replies raise their UnimodelError."""
+        nc = self._client()
+        try:
+            msg = await nc.request(subject, payload, timeout=ctx.timeout(timeout_s), headers=ctx.to_headers())
+        except nats.errors.NoRespondersError:
+            raise errors.Unavailable(f"no instance is serving {subject}", retry_after_s=1) from None
+        except nats.errors.TimeoutError:
+            if ctx.remaining_s() <= 0:
+                raise errors.DeadlineExceeded("deadline exceeded", request_id=ctx.request_id) from None
+            raise errors.Unavailable(f"no reply on {subject} in time", retry_after_s=1) from None
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError):
+            raise errors.Unavailable("NATS connection is down", retry_after_s=1) from None
+        raise_for_error_headers(msg)
+        return msg.data
+
+    # serving side -----------------------------------------------------------------------------
+    async def serve(self, subject: str, handler: Handler, *, queue: str = "") -> Subscription:
+        nc = self._client()
+
+        async def on_message(msg: Msg) -> None:
+            if len(self._tasks) >= self.max_inflight:
+                await self._reply_error(msg, errors.ResourceExhausted("server busy", retry_after_s=0.1))
+                return
+            task = asyncio.create_task(self._handle(msg, handler))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        sub = await nc.subscribe(subject, queue=queue, cb=on_message, pending_msgs_limit=65536)
+        self._subs.append(sub)
+        return sub
+
+    async def _handle(self, msg: Msg, handler: Handler) -> None:
+        ctx = RequestContext.from_headers(msg.headers, self.default_timeout_s)
+        token = request_id_var.set(ctx.request_id)
+        try:
+            ctx.check()
+            reply = await handler(msg.data, ctx, msg.subject)
+            if msg.reply:
+                await self._client().publish(msg.reply, reply)
+        except errors.UnimodelError as exc:
+            await self._reply_error(msg, exc)
+        except asyncio.CancelledError:
+            await self._reply_error(msg, errors.Unavailable("server shutting down", retry_after_s=1))
+            raise
+        except Exception:
+            log.exception("handler for %s failed", msg.subject)
+            await self._reply_error(msg, errors.Internal("internal error"))
+        finally:
+            request_id_var.reset(token)
+
+    async def _reply_error(self, msg: Msg, err: errors.UnimodelError) -> None:
+        if not msg.reply or self.nc is None or self.nc.is_closed:
+            return
+        try:
+            await self.nc.publish(msg.reply, b"", headers=error_headers(err))
+        except Exception as exc:  # the caller will time out; nothing else can be done here
+            log.warning("could not send error reply on %s: %s", msg.subject, exc)
+
+    # shutdown ---------------------------------------------------------------------------------
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+    async def stop_serving(self) -> None:
+        """Stop taking new messages (in-flight handlers keep running)."""
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                log.debug("unsubscribe failed: %s", exc)
+        self._subs.clear()
+        if self.connected:
+            try:
+                await self._client().flush(timeout=1)
+            except Exception as exc:
+                log.debug("flush failed: %s", exc)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait for in-flight handlers; cancel the rest after `timeout_s`. True when all finished."""
+        if not self._tasks:
+            return True
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+        return not pending
+
+    async def close(self) -> None:
+        if self.nc is None:
+            return
+        nc, self.nc = self.nc, None
+        self._closing = True
+        try:
+            if nc.is_connected:
+                await asyncio.wait_for(nc.drain(), timeout=2.0)
+        except Exception as exc:
+            log.debug("NATS drain failed: %s", exc)
+        finally:
+            if not nc.is_closed:
+                await nc.close()

@@ -1,0 +1,84 @@
+"""What travels with every request across hops: request id, deadline and W3C trace context."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from unimodel.core.errors import DeadlineExceeded
+from unimodel.core.subjects import Header
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    request_id: str
+    # Absolute deadline, Unix epoch milliseconds; 0 = none.
+    deadline_ms: int = 0
+    traceparent: str = ""
+    tracestate: str = ""
+
+    @classmethod
+    def new(cls, timeout_s: float, request_id: str = "", traceparent: str = "", tracestate: str = "") -> RequestContext:
+        return cls(request_id or new_request_id(), now_ms() + int(timeout_s * 1000), traceparent, tracestate)
+
+    def remaining_s(self) -> float:
+        """Seconds left before the deadline (inf without one)."""
+        if not self.deadline_ms:
+            return float("inf")
+        return (self.deadline_ms - now_ms()) / 1000.0
+
+    def check(self) -> None:
+        """Raise DeadlineExceeded when the deadline has passed: expired work is never executed."""
+        if self.deadline_ms and now_ms() >= self.deadline_ms:
+            raise DeadlineExceeded("deadline exceeded before the request could run", request_id=self.request_id)
+
+    def timeout(self, cap_s: float) -> float:
+        """Timeout for the next hop: the time left, at most `cap_s`; raises when none is left."""
+        self.check()
+        return min(cap_s, self.remaining_s())
+
+    # NATS headers ------------------------------------------------------------------------------
+    def to_headers(self) -> dict[str, str]:
+        h = {Header.REQUEST_ID: self.request_id}
+        if self.deadline_ms:
+            h[Header.DEADLINE] = str(self.deadline_ms)
+        if self.traceparent:
+            h[Header.TRACEPARENT] = self.traceparent
+            if self.tracestate:
+                h[Header.TRACESTATE] = self.tracestate
+        return h
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str] | None, default_timeout_s: float) -> RequestContext:
+        headers = headers or {}
+        deadline = headers.get(Header.DEADLINE, "")
+        return cls(
+            request_id=headers.get(Header.REQUEST_ID) or new_request_id(),
+            deadline_ms=int(deadline) if deadline.isdigit() else now_ms() + int(default_timeout_s * 1000),
+            traceparent=headers.get(Header.TRACEPARENT, ""),
+            tracestate=headers.get(Header.TRACESTATE, ""),
+        )
+
+    # gRPC metadata -----------------------------------------------------------------------------
+    @classmethod
+    def from_grpc(
+        cls, metadata: Iterable[tuple[str, str | bytes]] | None, time_remaining: float | None, default_timeout_s: float
+    ) -> RequestContext:
+        md = {k.lower(): (v.decode() if isinstance(v, bytes) else v) for k, v in (metadata or ())}
+        timeout = default_timeout_s if time_remaining is None else min(time_remaining, default_timeout_s)
+        return cls.new(
+            timeout,
+            request_id=md.get("x-request-id", ""),
+            traceparent=md.get("traceparent", ""),
+            tracestate=md.get("tracestate", ""),
+        )

@@ -1,0 +1,222 @@
+"""Service lifecycle: start, run until SIGTERM/SIGINT, then leave etcd, drain in-flight work, close.
+
+Stop order (Dynamo / vLLM habit): health NOT_SERVING -> revoke the etcd lease (peers stop routing here)
+-> short grace -> stop taking NATS messages -> finish in-flight work within `drain_timeout_s` -> close
+connections. Signal handlers only set state. `stop()` is idempotent and safe to call concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any, ClassVar
+
+from unimodel import __version__
+from unimodel.core.bus import Bus
+from unimodel.core.grpc_server import GrpcServer
+from unimodel.core.registry import Registration, instance_key
+from unimodel.core.settings import CommonSettings, SettingsError, load_settings
+from unimodel.core.store import EtcdStore, KeyValueStore
+from unimodel.core.telemetry import Metrics, setup_logging, setup_tracing
+from unimodel.v1 import registry_pb2
+
+log = logging.getLogger("unimodel.lifecycle")
+
+LEAVE_GRACE_S = 0.2
+"""Pause between revoking the lease and closing subscriptions, so watchers see us leave first."""
+
+
+class FatalError(Exception):
+    """The service cannot go on; the message is one line for the operator."""
+
+
+class Service:
+    kind: ClassVar[str] = "service"
+
+    def __init__(self, settings: CommonSettings, store: KeyValueStore | None = None) -> None:
+        self.settings = settings
+        self.id = settings.instance_id
+        self.log = logging.getLogger(f"unimodel.{self.kind}")
+        self.bus = Bus(
+            settings.nats_servers,
+            name=self.id,
+            max_inflight=settings.max_inflight,
+            default_timeout_s=settings.request_timeout_s,
+        )
+        self.store: KeyValueStore = store or EtcdStore(settings.etcd_endpoint_list)
+        self.grpc = GrpcServer(settings.host, settings.grpc_port)
+        self.metrics = Metrics()
+        self.registration: Registration | None = None
+        self.started_ms = int(time.time() * 1000)
+        self._stop_requested = asyncio.Event()
+        self._stop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._fatal: BaseException | None = None
+
+    # hooks for subclasses -----------------------------------------------------------------------
+    async def on_start(self) -> None:
+        """Subscribe, start discovery, load engines. NATS is connected; etcd may not be yet."""
+
+    async def on_drain(self, timeout_s: float) -> None:
+        """Finish service-specific in-flight work (bus handlers are drained by the base class)."""
+
+    async def on_close(self) -> None:
+        """Release service resources (engines, HTTP servers)."""
+
+    def instance_info(self) -> registry_pb2.InstanceInfo:
+        return registry_pb2.InstanceInfo(
+            id=self.id,
+            kind=self.kind,
+            version=__version__,
+            host=socket.gethostname(),
+            grpc_address=f"{self.settings.advertise_host}:{self.grpc.port}",
+            started_unix_ms=self.started_ms,
+        )
+
+    def update_registration(self) -> None:
+        if self.registration is not None:
+            self.registration.update(self.instance_info().SerializeToString())
+
+    # background tasks ---------------------------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run a background task; if it dies unexpectedly, the service stops with that error."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None and self._fatal is None:
+                self._fatal = t.exception()
+                log.error("background task %s failed: %s", name, t.exception(), exc_info=t.exception())
+                self.request_stop()
+
+        task.add_done_callback(done)
+        return task
+
+    # lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await self.grpc.start()
+        except (OSError, RuntimeError) as exc:
+            raise FatalError(f"cannot serve gRPC on {self.settings.host}:{self.settings.grpc_port}: {exc}") from None
+        if self.settings.metrics_port >= 0:
+            try:
+                self.metrics.serve(self.settings.host, self.settings.metrics_port)
+            except OSError as exc:
+                raise FatalError(f"cannot serve metrics on port {self.settings.metrics_port}: {exc}") from None
+        self.log.info("starting %s (gRPC %s:%d)", self.id, self.settings.host, self.grpc.port)
+        await self.bus.connect()
+        await self.on_start()
+        key = instance_key(self.settings.etcd_prefix, self.kind, self.id)
+        self.registration = Registration(
+            self.store, key, self.instance_info().SerializeToString(), self.settings.lease_ttl_s
+        )
+        self.registration.start()
+        await self.grpc.set_serving(True)
+        self.log.info("%s ready", self.id)
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def stop(self) -> None:
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self._stop())
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self) -> None:
+        self._stop_requested.set()
+        timeout = self.settings.drain_timeout_s
+        self.log.info("stopping %s (drain up to %.0fs)", self.id, timeout)
+        await self._quietly(self.grpc.set_serving(False), "health")
+        if self.registration is not None:
+            await self._quietly(self.registration.leave(), "leave etcd")
+            await asyncio.sleep(LEAVE_GRACE_S)
+        await self._quietly(self.bus.stop_serving(), "unsubscribe")
+        started = time.monotonic()
+        await self._quietly(self.on_drain(timeout), "drain")
+        left = max(0.1, timeout - (time.monotonic() - started))
+        if not await self.bus.wait_idle(left):
+            self.log.warning("drain timeout: cancelled unfinished requests")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._quietly(self.on_close(), "close")
+        await self._quietly(self.bus.close(), "close NATS")
+        await self._quietly(self.grpc.stop(1.0), "stop gRPC")
+        await self._quietly(self.store.close(), "close etcd")
+        self.metrics.close()
+        self.log.info("%s stopped", self.id)
+
+    async def _quietly(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        try:
+            await coro
+        except Exception as exc:
+            self.log.warning("%s failed during stop: %s", what, exc)
+
+    async def run(self) -> None:
+        """Start, serve until a stop signal, then stop. Raises FatalError for fatal problems."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        start = asyncio.create_task(self.start())
+        stop_wait = asyncio.create_task(self._stop_requested.wait())
+        try:
+            await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not start.done():
+                start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            if not start.cancelled() and start.exception() is not None:
+                raise start.exception()  # type: ignore[misc]
+            await stop_wait
+        finally:
+            stop_wait.cancel()
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        if self._fatal is not None:
+            raise FatalError(str(self._fatal) or type(self._fatal).__name__)
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def run_service(service_cls: type[Service], settings_cls: type[CommonSettings], argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m unimodel.<service>` and `unimodel <service>`."""
+    prog = f"unimodel {settings_cls.service}"
+    try:
+        settings = load_settings(settings_cls, argv, prog=prog)
+    except SettingsError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings_cls.service, settings.instance_id, settings.log_level, settings.log_format)
+    setup_tracing(
+        settings_cls.service, settings.instance_id, settings.otel_exporter, settings.otel_endpoint,
+        settings.otel_sample_ratio,
+    )
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        runner = asyncio.run
+    async def main() -> None:
+        # Built inside the running loop: gRPC aio servers bind to the loop that creates them.
+        await service_cls(settings).run()
+
+    try:
+        runner(main())
+    except FatalError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0

@@ -1,0 +1,115 @@
+"""Telemetry hooks: structured logs carrying the request id, a Prometheus registry, an OTel tracer provider."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, start_http_server
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self, service: str, instance_id: str) -> None:
+        super().__init__()
+        self.service, self.instance_id = service, instance_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        rid = request_id_var.get()
+        ts = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        line = f"{ts} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        if rid:
+            line += f" request_id={rid}"
+        if record.exc_info and record.levelno >= logging.ERROR:
+            # A traceback belongs in the service log for operators, never in a client reply.
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _JsonFormatter(_TextFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "instance": self.instance_id,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = request_id_var.get()
+        if rid:
+            out["request_id"] = rid
+        if record.exc_info and record.levelno >= logging.ERROR:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out).decode()
+
+
+def setup_logging(service: str, instance_id: str, level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter((_JsonFormatter if fmt == "json" else _TextFormatter)(service, instance_id))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Libraries that log every reconnect attempt or request at INFO drown the service's own lines.
+    for noisy in ("nats", "aetcd", "uvicorn.access", "grpc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Metrics:
+    """A service's own Prometheus registry; each service declares its metrics in one module."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._server: Any = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on its own port (for services without an HTTP server). Returns the port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def setup_tracing(
+    service: str, instance_id: str, exporter: str, endpoint: str = "", sample_ratio: float = 1.0
+) -> TracerProvider | None:
+    """Install a tracer provider when an exporter is configured; tracing stays a no-op otherwise.
+
+    Trace context is propagated across hops either way (W3C headers), so traces stay whole when only
+    some services export.
+    """
+    if exporter == "none":
+        return None
+    span_exporter: SpanExporter
+    if exporter == "console":
+        span_exporter = ConsoleSpanExporter()
+    elif exporter == "otlp-grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        span_exporter = GrpcExporter(endpoint=endpoint or None, insecure=True)
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        span_exporter = HttpExporter(endpoint=endpoint or None)
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": f"unimodel-{service}", "service.instance.id": instance_id}),
+        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+    )
+    provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    trace.set_tracer_provider(provider)
+    return provider

@@ -1,0 +1,1 @@
+"""gateway: the public surface (REST + gRPC); validates, then hands requests to the batcher."""

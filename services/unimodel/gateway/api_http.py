@@ -1,0 +1,197 @@
+"""REST API of the gateway (protocol translation only): JSON <-> the gateway's calls."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from unimodel import __version__
+from unimodel.core import errors
+from unimodel.core.context import RequestContext
+from unimodel.core.values import from_value, to_value
+
+if TYPE_CHECKING:
+    from unimodel.gateway.service import GatewayService
+
+
+class PredictBody(BaseModel):
+    input: Any = Field(..., description="model input: any JSON value (text, numbers, lists, objects)")
+    parameters: dict[str, str] = Field(default_factory=dict, description="per-request engine parameters")
+
+
+class PredictReply(BaseModel):
+    model: str
+    output: Any
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    owned_by: str = "unimodel"
+    ready: bool
+    instances: int
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class JsonResponse(Response):
+    """JSON rendered by orjson (FastAPI's JsonResponse is deprecated)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(err: errors.UnimodelError) -> JsonResponse:
+    headers = {}
+    if err.retry_after_s:
+        headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
+    return JsonResponse(err.to_json(), status_code=err.http_status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over the limit, by Content-Length or while streaming in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = errors.PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await error_response(too_large)(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def parse_body(raw: bytes) -> PredictBody:
+    """The JSON body, whatever Content-Type the client sent (curl -d sends a form type)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise errors.InvalidArgument("malformed JSON body") from None
+    if not isinstance(data, dict):
+        raise errors.InvalidArgument("the body must be a JSON object like {\"input\": ...}")
+    if "input" not in data:
+        raise errors.InvalidArgument("input is required", field="input")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+        raise errors.InvalidArgument("parameters must be an object of strings", field="parameters")
+    unknown = set(data) - {"input", "parameters"}
+    if unknown:
+        raise errors.InvalidArgument(f"unknown field(s): {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
+    return PredictBody.model_construct(input=data["input"], parameters=params)
+
+
+def build_app(gw: GatewayService) -> FastAPI:
+    app = FastAPI(
+        title="UniModel gateway",
+        version=__version__,
+        description="One gateway for every kind of model. Errors are JSON: {\"error\": {\"code\", \"message\"}}.",
+        default_response_class=JsonResponse,
+    )
+    app.add_middleware(BodyLimit, max_bytes=gw.settings.max_body_bytes)
+
+    @app.exception_handler(errors.UnimodelError)
+    async def _unimodel_error(_request: Request, exc: errors.UnimodelError) -> JsonResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JsonResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(errors.InvalidArgument("malformed JSON body"))
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        return error_response(errors.InvalidArgument(f"{where}: {first.get('msg', 'invalid value')}", field=where))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JsonResponse:
+        code = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT"}.get(exc.status_code, "INVALID_ARGUMENT")
+        return JsonResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JsonResponse:
+        gw.log.error("unhandled error: %s", exc, exc_info=exc)
+        return error_response(errors.Internal("internal error"))
+
+    @app.get("/health/live", tags=["health"], summary="The gateway process is up")
+    async def live() -> dict[str, str]:
+        return {"status": "live"}
+
+    @app.get(
+        "/health/ready",
+        tags=["health"],
+        summary="200 once the cluster can serve (NATS, etcd, router, batcher, a model); 503 otherwise",
+        responses={503: {"description": "not ready; the body lists the failing checks"}},
+    )
+    async def ready() -> JsonResponse:
+        checks = gw.readiness()
+        ok = all(checks.values())
+        return JsonResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models", tags=["models"], summary="Models the cluster serves", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(
+            data=[ModelCard(id=m.name, ready=bool(m.instances), instances=len(m.instances)) for m in gw.models().values()]
+        )
+
+    @app.post(
+        "/v1/models/{name}:predict",
+        tags=["inference"],
+        summary="Run one input through a model (batched with other requests)",
+        response_model=PredictReply,
+        responses={400: {}, 404: {}, 413: {}, 429: {}, 503: {}, 504: {}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PredictBody.model_json_schema()}},
+            }
+        },
+    )
+    async def predict(name: str, request: Request) -> JsonResponse:
+        body = parse_body(await request.body())
+        ctx = RequestContext.new(
+            gw.settings.request_timeout_s,
+            request_id=request.headers.get("x-request-id", ""),
+            traceparent=request.headers.get("traceparent", ""),
+            tracestate=request.headers.get("tracestate", ""),
+        )
+        reply = await gw.predict(name, to_value(body.input), body.parameters, ctx)
+        headers = {
+            "x-request-id": ctx.request_id,
+            "x-unimodel-worker": reply.worker_id,
+            "x-unimodel-path": ",".join(reply.path),
+        }
+        return JsonResponse({"model": reply.model, "output": from_value(reply.output)}, headers=headers)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of the gateway")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from pydantic import Field
+
+from unimodel.core.settings import CommonSettings, register_settings
+
+
+@register_settings
+class GatewaySettings(CommonSettings):
+    service = "gateway"
+
+    # Triton's defaults: HTTP on 8000, gRPC on 8001.
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (REST, /metrics); 0 = any free port")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (InferenceService, health); 0 = any")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above)")

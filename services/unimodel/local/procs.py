@@ -1,0 +1,222 @@
+"""Child processes with prefixed logs, readiness checks and certain cleanup.
+
+Used by `unimodel up` and by the test fixtures, so tests run the same infrastructure code users run.
+Children die with their parent (PR_SET_PDEATHSIG on Linux) and are stopped by PID: SIGTERM, then
+SIGKILL after a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+from unimodel.local import binaries
+
+_COLORS = ["36", "32", "33", "35", "34", "96", "92", "93", "95", "94"]
+_print_lock = threading.Lock()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class ManagedProcess:
+    """One child process whose output lines are prefixed with its name."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        sink: IO[str] | None = None,
+        color: int = 0,
+        own_session: bool = True,
+    ) -> None:
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.env = env
+        self.cwd = cwd
+        self.sink = sink if sink is not None else sys.stdout
+        self.color = _COLORS[color % len(_COLORS)]
+        self.own_session = own_session
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self.lines: list[str] = []  # last lines, for error reports
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=self.own_session,
+            preexec_fn=_die_with_parent,
+        )
+        self._reader = threading.Thread(target=self._pump, name=f"log {self.name}", daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        tty = hasattr(self.sink, "isatty") and self.sink.isatty()
+        prefix = f"\033[{self.color}m{self.name:>16} |\033[0m " if tty else f"{self.name:>16} | "
+        for raw in iter(self.proc.stdout.readline, b""):
+            line = raw.decode(errors="replace").rstrip()
+            self.lines = [*self.lines[-49:], line]
+            with _print_lock:
+                try:
+                    self.sink.write(prefix + line + "\n")
+                    self.sink.flush()
+                except (ValueError, OSError):
+                    pass
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL now (the crash test)."""
+        self.signal(signal.SIGKILL)
+        self.wait(5)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        if self._reader is not None:
+            self._reader.join(2)
+        return code
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait up to `timeout`, then SIGKILL. Idempotent."""
+        if self.proc is None:
+            return None
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            if self.wait(timeout) is None:
+                self.signal(signal.SIGKILL)
+                self.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: ManagedProcess | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and not proc.alive():
+            tail = " / ".join(proc.lines[-3:])
+            raise RuntimeError(f"{proc.name} exited with code {proc.returncode()} before {what}: {tail}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def tcp_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return 200 <= r.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class NatsServer(ManagedProcess):
+    def __init__(self, port: int, store_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:  # type: ignore[no-untyped-def]
+        self.host, self.port = host, port
+        store_dir.mkdir(parents=True, exist_ok=True)
+        argv = [binaries.nats_server(), "-a", host, "-p", str(port), "-js", "-sd", str(store_dir), "-n", f"unimodel-{port}"]
+        super().__init__("nats", argv, **kw)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start_and_wait(self, timeout: float = 15) -> None:
+        self.start()
+        wait_until(lambda: tcp_open(self.host, self.port), timeout, f"nats-server on port {self.port}", self)
+
+
+class EtcdServer(ManagedProcess):
+    def __init__(self, port: int, peer_port: int, data_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:  # type: ignore[no-untyped-def]
+        self.host, self.port, self.peer_port = host, port, peer_port
+        data_dir.mkdir(parents=True, exist_ok=True)
+        client = f"http://{host}:{port}"
+        peer = f"http://{host}:{peer_port}"
+        argv = [
+            binaries.etcd(),
+            "--name", "unimodel",
+            "--data-dir", str(data_dir / "etcd"),
+            "--listen-client-urls", client,
+            "--advertise-client-urls", client,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"unimodel={peer}",
+            "--log-level", "warn",
+        ]
+        super().__init__("etcd", argv, **kw)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start_and_wait(self, timeout: float = 30) -> None:
+        self.start()
+        wait_until(lambda: http_ok(f"http://{self.host}:{self.port}/health"), timeout, f"etcd on port {self.port}", self)

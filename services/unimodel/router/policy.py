@@ -1,0 +1,64 @@
+"""Routing policy, free of transports: which worker instance serves a batch of a model.
+
+Least outstanding work with the power of two choices: sample two candidates, take the one with fewer
+batches in flight (ties broken at random). Cheap, and avoids the herd effect of always taking the
+global minimum from a stale view.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection
+
+from unimodel.v1 import registry_pb2
+
+
+class WorkerTable:
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.instances: dict[str, registry_pb2.InstanceInfo] = {}
+        self.outstanding: dict[str, int] = {}
+        self._by_model: dict[str, list[str]] = {}
+        self.rng = rng or random.Random()
+
+    def upsert(self, info: registry_pb2.InstanceInfo) -> None:
+        self.instances[info.id] = info
+        self.outstanding.setdefault(info.id, 0)
+        self._reindex()
+
+    def remove(self, instance_id: str) -> None:
+        self.instances.pop(instance_id, None)
+        self.outstanding.pop(instance_id, None)
+        self._reindex()
+
+    def _reindex(self) -> None:
+        by_model: dict[str, list[str]] = {}
+        for iid in sorted(self.instances):
+            for model in self.instances[iid].models:
+                by_model.setdefault(model, []).append(iid)
+        self._by_model = by_model
+
+    def models(self) -> dict[str, list[str]]:
+        return {m: list(ids) for m, ids in self._by_model.items()}
+
+    def candidates(self, model: str, exclude: Collection[str] = ()) -> list[str]:
+        return [iid for iid in self._by_model.get(model, ()) if iid not in exclude]
+
+    def pick(self, model: str, exclude: Collection[str] = ()) -> str | None:
+        cands = self.candidates(model, exclude)
+        if not cands:
+            return None
+        if len(cands) == 1:
+            return cands[0]
+        a, b = self.rng.sample(cands, 2)
+        la, lb = self.outstanding.get(a, 0), self.outstanding.get(b, 0)
+        if la == lb:
+            return self.rng.choice((a, b))
+        return a if la < lb else b
+
+    def begin(self, instance_id: str) -> None:
+        if instance_id in self.outstanding:
+            self.outstanding[instance_id] += 1
+
+    def end(self, instance_id: str) -> None:
+        if self.outstanding.get(instance_id, 0) > 0:
+            self.outstanding[instance_id] -= 1

@@ -1,0 +1,118 @@
+"""router runtime: watches worker instances in etcd, forwards each batch to one, retries on loss."""
+
+from __future__ import annotations
+
+import asyncio
+
+from unimodel.core import errors, subjects
+from unimodel.core.context import RequestContext
+from unimodel.core.grpc_server import maps_errors
+from unimodel.core.lifecycle import Service
+from unimodel.core.registry import Discovery, instances_prefix
+from unimodel.router.policy import WorkerTable
+from unimodel.router.settings import RouterSettings
+from unimodel.v1 import inference_pb2, registry_pb2, services_pb2, services_pb2_grpc
+
+WORKER_KIND = "gpu-worker"
+
+
+class WorkerLost(Exception):
+    """The instance left (lease expired or revoked) while a batch was on it."""
+
+
+class RouterService(Service):
+    kind = "router"
+    settings: RouterSettings
+
+    def __init__(self, settings: RouterSettings, **kw) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(settings, **kw)
+        self.table = WorkerTable()
+        self._inflight: dict[str, set[asyncio.Task[bytes]]] = {}
+        self.workers = Discovery(
+            self.store,
+            instances_prefix(settings.etcd_prefix, WORKER_KIND),
+            registry_pb2.InstanceInfo.FromString,
+            self._on_worker_change,
+        )
+        self.grpc.add(
+            services_pb2_grpc.add_RouterServiceServicer_to_server,
+            _RouterApi(self),
+            services_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
+        )
+
+    def _on_worker_change(
+        self, key: str, old: registry_pb2.InstanceInfo | None, new: registry_pb2.InstanceInfo | None
+    ) -> None:
+        if new is not None:
+            if old is None:
+                self.log.info("worker %s joined with models %s", new.id, ",".join(new.models) or "-")
+            self.table.upsert(new)
+            return
+        assert old is not None
+        self.log.info("worker %s left", old.id)
+        self.table.remove(old.id)
+        for task in self._inflight.pop(old.id, set()):
+            task.cancel()
+
+    async def on_start(self) -> None:
+        self.workers.start()
+        await self.bus.serve(subjects.ROUTE_ALL, self._on_batch, queue=subjects.QUEUE_ROUTER)
+
+    async def on_close(self) -> None:
+        await self.workers.stop()
+
+    async def _on_batch(self, payload: bytes, ctx: RequestContext, subject: str) -> bytes:
+        batch = inference_pb2.BatchRequest.FromString(payload)
+        batch.path.append(self.id)
+        model = batch.model
+        tried: list[str] = []
+        for _attempt in range(self.settings.retries + 1):
+            worker_id = self.table.pick(model, exclude=tried)
+            if worker_id is None:
+                break
+            tried.append(worker_id)
+            try:
+                return await self._send(worker_id, batch, ctx)
+            except (WorkerLost, errors.Unavailable) as exc:
+                self.log.warning("batch %s on %s failed (%s); trying another instance", batch.batch_id, worker_id, exc)
+        if tried:
+            raise errors.Unavailable(
+                f"no instance of {model!r} could run the batch (tried {', '.join(tried)})", retry_after_s=1, model=model
+            )
+        if self.table.instances or self.workers.synced.is_set():
+            raise errors.NotFound(f"model {model!r} is not served by any worker", model=model)
+        raise errors.Unavailable("router has not discovered workers yet", retry_after_s=1)
+
+    async def _send(self, worker_id: str, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
+        info = self.table.instances[worker_id]
+        task = asyncio.create_task(
+            self.bus.request(info.nats_subject, batch.SerializeToString(), ctx, timeout_s=self.settings.try_timeout_s)
+        )
+        self._inflight.setdefault(worker_id, set()).add(task)
+        self.table.begin(worker_id)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            raise WorkerLost(f"worker {worker_id} left") from None
+        finally:
+            self.table.end(worker_id)
+            tasks = self._inflight.get(worker_id)
+            if tasks is not None:
+                tasks.discard(task)
+
+
+class _RouterApi(services_pb2_grpc.RouterServiceServicer):
+    def __init__(self, router: RouterService) -> None:
+        self.router = router
+
+    @maps_errors
+    async def ListInstances(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        out = services_pb2.ListInstancesResponse()
+        for iid, info in sorted(self.router.table.instances.items()):
+            if request.kind and info.kind != request.kind:
+                continue
+            out.instances.add(info=info, outstanding=self.router.table.outstanding.get(iid, 0))
+        return out

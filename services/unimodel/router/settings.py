@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from pydantic import Field
+
+from unimodel.core.settings import CommonSettings, register_settings
+
+
+@register_settings
+class RouterSettings(CommonSettings):
+    service = "router"
+
+    retries: int = Field(1, ge=0, le=5, description="times a batch is sent to another instance when one is lost")
+    try_timeout_s: float = Field(30.0, gt=0, le=3600, description="max wait for one worker's reply")
