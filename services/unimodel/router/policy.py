@@ -3,20 +3,26 @@
 Least outstanding work with the power of two choices: sample two candidates, take the one with fewer
 batches in flight (ties broken at random). Cheap, and avoids the herd effect of always taking the
 global minimum from a stale view.
+
+An instance that failed to answer (its NATS subscription is gone, e.g. the process died and its lease
+has not expired yet) is suspended for a cool-down: it gets traffic only if no other candidate exists.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 
 from unimodel.v1 import registry_pb2
 
 
 class WorkerTable:
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.instances: dict[str, registry_pb2.InstanceInfo] = {}
         self.outstanding: dict[str, int] = {}
+        self.suspended: dict[str, float] = {}  # instance id -> suspended until (clock time)
+        self.clock = clock
         self._by_model: dict[str, list[str]] = {}
         self.rng = rng or random.Random()
 
@@ -28,7 +34,25 @@ class WorkerTable:
     def remove(self, instance_id: str) -> None:
         self.instances.pop(instance_id, None)
         self.outstanding.pop(instance_id, None)
+        self.suspended.pop(instance_id, None)
         self._reindex()
+
+    def suspend(self, instance_id: str, for_s: float) -> bool:
+        """Take an instance out of rotation for `for_s`; True if it was not suspended already."""
+        if instance_id not in self.instances:
+            return False
+        fresh = not self.is_suspended(instance_id)
+        self.suspended[instance_id] = self.clock() + for_s
+        return fresh
+
+    def is_suspended(self, instance_id: str) -> bool:
+        until = self.suspended.get(instance_id)
+        if until is None:
+            return False
+        if self.clock() >= until:
+            del self.suspended[instance_id]
+            return False
+        return True
 
     def _reindex(self) -> None:
         by_model: dict[str, list[str]] = {}
@@ -41,7 +65,10 @@ class WorkerTable:
         return {m: list(ids) for m, ids in self._by_model.items()}
 
     def candidates(self, model: str, exclude: Collection[str] = ()) -> list[str]:
-        return [iid for iid in self._by_model.get(model, ()) if iid not in exclude]
+        """Instances hosting `model`, minus `exclude`; suspended ones only when nothing else is left."""
+        hosts = [iid for iid in self._by_model.get(model, ()) if iid not in exclude]
+        healthy = [iid for iid in hosts if not self.is_suspended(iid)]
+        return healthy or hosts
 
     def pick(self, model: str, exclude: Collection[str] = ()) -> str | None:
         cands = self.candidates(model, exclude)

@@ -74,7 +74,8 @@ class RouterService(Service):
             try:
                 return await self._send(worker_id, batch, ctx)
             except (WorkerLost, errors.Unavailable) as exc:
-                self.log.warning("batch %s on %s failed (%s); trying another instance", batch.batch_id, worker_id, exc)
+                if self.table.suspend(worker_id, self.settings.suspend_s):
+                    self.log.warning("%s did not answer (%s); suspended for %.1fs", worker_id, exc, self.settings.suspend_s)
         if tried:
             raise errors.Unavailable(
                 f"no instance of {model!r} could run the batch (tried {', '.join(tried)})", retry_after_s=1, model=model

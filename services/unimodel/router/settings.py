@@ -11,3 +11,6 @@ class RouterSettings(CommonSettings):
 
     retries: int = Field(1, ge=0, le=5, description="times a batch is sent to another instance when one is lost")
     try_timeout_s: float = Field(30.0, gt=0, le=3600, description="max wait for one worker's reply")
+    suspend_s: float = Field(
+        2.0, ge=0, le=600, description="how long an instance that did not answer gets no traffic (unless no other)"
+    )

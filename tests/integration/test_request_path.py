@@ -1,0 +1,97 @@
+"""A real echo request over real NATS and etcd, across gateway -> batcher -> router -> worker."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import Services, etcd_instances, router_view
+
+from unimodel.core.values import from_value, to_value
+from unimodel.v1 import errors_pb2, inference_pb2, services_pb2_grpc
+
+
+@pytest.fixture
+def cluster(services: Services) -> Services:
+    services.start_cluster(workers=1, all_six=True)
+    return services
+
+
+def test_echo_crosses_every_hop_over_http(cluster: Services) -> None:
+    value = {"text": "hello", "numbers": [1, 2.5, -3], "nested": {"ok": True, "none": None}}
+    r = cluster.predict(value)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"model": "echo", "output": value}
+    path = r.headers["x-unimodel-path"].split(",")
+    assert [hop.rsplit("-", 1)[0] for hop in path] == ["gateway", "batcher", "router", "worker"]
+    assert r.headers["x-unimodel-worker"] == path[-1] == "worker-0"
+    assert r.headers["x-request-id"]
+
+
+def test_models_and_readiness(cluster: Services) -> None:
+    import httpx
+
+    models = httpx.get(f"{cluster.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["echo"]
+    ready = httpx.get(f"{cluster.url}/health/ready")
+    assert ready.status_code == 200 and all(ready.json()["checks"].values())
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(cluster: Services) -> None:
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda i: cluster.predict({"i": i}), range(200)))
+    assert [r.json()["output"] for r in responses] == [{"i": i} for i in range(200)]
+
+
+def test_echo_over_grpc_with_health_and_reflection(cluster: Services) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{cluster.grpc_port}") as channel:
+        stub = services_pb2_grpc.InferenceServiceStub(channel)
+        reply, call = stub.Predict.with_call(
+            inference_pb2.PredictRequest(model="echo", input=to_value([1, "two"])),
+            metadata=(("x-request-id", "abc123"),),
+            timeout=10,
+        )
+        assert from_value(reply.output) == [1, "two"]
+        assert [hop.rsplit("-", 1)[0] for hop in reply.path] == ["gateway", "batcher", "router", "worker"]
+        assert ("x-request-id", "abc123") in tuple(call.initial_metadata())
+
+        models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+        assert [m.name for m in models.models] == ["echo"] and models.models[0].ready
+
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(inference_pb2.PredictRequest(model="missing"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "missing" in info.value.details()
+        detail = _error_detail(info.value)
+        assert detail.code == errors_pb2.NOT_FOUND and detail.metadata["model"] == "missing"
+
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "unimodel.v1.InferenceService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for s in next(answers).list_services_response.service}
+        assert {"unimodel.v1.InferenceService", "grpc.health.v1.Health"} <= names
+
+
+def test_router_exposes_its_view_over_grpc(cluster: Services) -> None:
+    assert router_view(cluster.infra) == {"worker-0"}
+    kinds = sorted(info.kind for info in etcd_instances(cluster.infra).values())
+    assert kinds == sorted(["gateway", "router", "batcher", "cache", "embedding-worker", "gpu-worker"])
+
+
+def _error_detail(err: grpc.RpcError) -> errors_pb2.ErrorDetail:
+    from google.rpc import status_pb2
+
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            detail = errors_pb2.ErrorDetail()
+            status.details[0].Unpack(detail)
+            return detail
+    raise AssertionError("no grpc-status-details-bin trailer")

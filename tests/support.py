@@ -1,0 +1,157 @@
+"""Test infrastructure: real nats-server, etcd and UniModel services as subprocesses on free ports.
+
+The same process code `unimodel up` uses (unimodel.local.procs). Everything started is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+
+from unimodel.core.registry import instances_prefix
+from unimodel.core.store import EtcdStore
+from unimodel.v1 import registry_pb2, services_pb2, services_pb2_grpc
+from unimodel.local import binaries
+from unimodel.local.procs import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok, wait_until
+
+MODULES = {
+    "gateway": "unimodel.gateway",
+    "router": "unimodel.router",
+    "batcher": "unimodel.batcher",
+    "cache": "unimodel.cache",
+    "embedding-worker": "unimodel.embedder",
+    "gpu-worker": "unimodel.worker",
+}
+
+
+class LogSink(io.StringIO):
+    """Collects prefixed child output; printed by pytest on failure."""
+
+    def write(self, s: str) -> int:
+        sys.stderr.write(s)
+        return super().write(s)
+
+
+class Infra:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.sink = LogSink()
+        self.nats = NatsServer(free_port(), tmp / "nats", sink=self.sink)
+        self.etcd = EtcdServer(free_port(), free_port(), tmp, sink=self.sink)
+
+    def start(self) -> None:
+        self.nats.start_and_wait()
+        self.etcd.start_and_wait()
+
+    def restart_nats(self, down_s: float = 1.0) -> None:
+        self.nats.stop()
+        time.sleep(down_s)
+        self.nats = NatsServer(self.nats.port, self.tmp / "nats", sink=self.sink)
+        self.nats.start_and_wait()
+
+    def stop_etcd(self) -> None:
+        self.etcd.stop()
+
+    def start_etcd(self) -> None:
+        self.etcd = EtcdServer(self.etcd.port, self.etcd.peer_port, self.tmp, sink=self.sink)
+        self.etcd.start_and_wait()
+
+    def etcdctl(self, *args: str) -> str:
+        ctl = binaries.etcd().parent / "etcdctl"
+        out = subprocess.run(
+            [str(ctl), "--endpoints", self.etcd.endpoint, *args], capture_output=True, text=True, timeout=30, check=True
+        )
+        return out.stdout
+
+    def stop(self) -> None:
+        self.etcd.stop()
+        self.nats.stop()
+
+
+class Services:
+    """Services started against one Infra; `stop()` ends every one of them."""
+
+    def __init__(self, infra: Infra, lease_ttl_s: int = 3) -> None:
+        self.infra = infra
+        self.lease_ttl_s = lease_ttl_s
+        self.procs: list[ManagedProcess] = []
+        self.http_port = 0
+        self.grpc_port = 0
+
+    def start(self, kind: str, *args: str, name: str | None = None) -> ManagedProcess:
+        argv = [
+            sys.executable, "-m", MODULES[kind],
+            "--nats-url", self.infra.nats.url,
+            "--etcd-endpoints", self.infra.etcd.endpoint,
+            "--lease-ttl-s", str(self.lease_ttl_s),
+            *args,
+        ]
+        proc = ManagedProcess(name or kind, argv, sink=self.infra.sink, env={**_env(), "PYTHONUNBUFFERED": "1"})
+        proc.start()
+        self.procs.append(proc)
+        return proc
+
+    def start_cluster(self, workers: int = 1, *, all_six: bool = True) -> list[ManagedProcess]:
+        """router, batcher, [cache, embedding-worker], N gpu-workers, gateway; waits until ready."""
+        self.start("router")
+        self.start("batcher")
+        if all_six:
+            self.start("cache")
+            self.start("embedding-worker")
+        worker_procs = [
+            self.start("gpu-worker", "--instance-id", f"worker-{i}", name=f"worker-{i}") for i in range(workers)
+        ]
+        self.http_port, self.grpc_port = free_port(), free_port()
+        gw = self.start("gateway", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port))
+        wait_until(lambda: http_ok(f"{self.url}/health/ready"), 60, "gateway ready", gw)
+        return worker_procs
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def predict(self, value: object, model: str = "echo", timeout: float = 10) -> httpx.Response:
+        return httpx.post(f"{self.url}/v1/models/{model}:predict", json={"input": value}, timeout=timeout)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop(20)
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")}
+
+
+def etcd_instances(infra: Infra, kind: str = "") -> dict[str, registry_pb2.InstanceInfo]:
+    """Instances registered in etcd right now (read with our own store client)."""
+
+    async def read() -> dict[bytes, bytes]:
+        store = EtcdStore([("127.0.0.1", infra.etcd.port)])
+        try:
+            kvs, _rev = await store.get_prefix(instances_prefix("/unimodel/v1", kind).encode())
+            return kvs
+        finally:
+            await store.close()
+
+    return {k.decode(): registry_pb2.InstanceInfo.FromString(v) for k, v in asyncio.run(read()).items()}
+
+
+def router_view(infra: Infra) -> set[str]:
+    """Worker ids the router routes to, asked over its gRPC RouterService."""
+    routers = etcd_instances(infra, "router")
+    assert routers, "no router registered"
+    address = next(iter(routers.values())).grpc_address
+    with grpc.insecure_channel(address) as channel:
+        reply = services_pb2_grpc.RouterServiceStub(channel).ListInstances(
+            services_pb2.ListInstancesRequest(kind="gpu-worker"), timeout=5
+        )
+    return {state.info.id for state in reply.instances}

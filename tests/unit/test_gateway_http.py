@@ -1,0 +1,94 @@
+"""The gateway's REST surface, in process over ASGI (no sockets): routes, OpenAPI, bad input."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+from starlette.routing import Route
+
+from unimodel.gateway.service import GatewayService
+from unimodel.gateway.settings import GatewaySettings
+from unimodel.v1 import registry_pb2
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[GatewayService]:
+    gw = GatewayService(GatewaySettings(max_body_bytes=2048))
+    # The cluster view as discovery would fill it from etcd: one worker hosting echo.
+    gw.instances.items["/unimodel/v1/instances/gpu-worker/w1"] = registry_pb2.InstanceInfo(
+        id="w1", kind="gpu-worker", models=["echo"]
+    )
+    gw.instances.synced.set()
+    yield gw
+
+
+@pytest.fixture
+async def client(gateway: GatewayService) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=gateway.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        yield c
+
+
+async def test_openapi_lists_every_route_and_validates(gateway: GatewayService, client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    validate(spec)
+    documented = {(path, method.upper()) for path, ops in spec["paths"].items() for method in ops}
+    for route in gateway.app.routes:
+        if not isinstance(route, Route) or route.path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"):
+            continue
+        for method in route.methods - {"HEAD"}:
+            assert (route.path, method) in documented, f"{method} {route.path} missing from OpenAPI"
+    body = spec["paths"]["/v1/models/{name}:predict"]["post"]["requestBody"]
+    assert "input" in body["content"]["application/json"]["schema"]["properties"]
+
+
+async def test_models_lists_echo(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/models")
+    assert r.status_code == 200
+    assert r.json()["data"] == [{"id": "echo", "object": "model", "owned_by": "unimodel", "ready": True, "instances": 1}]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needle"),
+    [
+        ("/v1/models/echo:predict", b'{"input": ', 400, "malformed JSON"),
+        ("/v1/models/echo:predict", b"[1, 2]", 400, "JSON object"),
+        ("/v1/models/echo:predict", b"{}", 400, "input is required"),
+        ("/v1/models/echo:predict", b'{"input": 1, "extra": 2}', 400, "unknown field"),
+        ("/v1/models/echo:predict", b'{"input": 1, "parameters": {"a": 1}}', 400, "parameters"),
+        ("/v1/models/no-such:predict", b'{"input": 1}', 404, "not found"),
+        ("/v1/models/bad.name:predict", b'{"input": 1}', 400, "invalid model name"),
+        ("/v1/models/echo:predict", b'{"input": "' + b"x" * 4096 + b'"}', 413, "exceeds the limit"),
+    ],
+)
+async def test_bad_input_gets_clear_4xx(
+    client: httpx.AsyncClient, path: str, body: bytes, status: int, needle: str
+) -> None:
+    r = await client.post(path, content=body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert needle in err["message"]
+    assert "Traceback" not in r.text
+
+
+async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v9/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
+
+
+async def test_no_nats_means_503_with_retry_after(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/models/echo:predict", json={"input": 1})
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "UNAVAILABLE"
+
+
+async def test_readiness_names_failing_checks(client: httpx.AsyncClient) -> None:
+    r = await client.get("/health/ready")
+    assert r.status_code == 503
+    checks = r.json()["checks"]
+    assert checks["models"] is True and checks["nats"] is False and checks["router"] is False
+    assert (await client.get("/health/live")).status_code == 200

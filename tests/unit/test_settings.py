@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unimodel.batcher.settings import BatcherSettings
+from unimodel.core.settings import SettingsError, load_settings
+from unimodel.gateway.settings import GatewaySettings
+from unimodel.router.settings import RouterSettings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("UNIMODEL_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_follow_triton() -> None:
+    s = load_settings(GatewaySettings, [])
+    assert (s.http_port, s.grpc_port) == (8000, 8001)
+    assert s.lease_ttl_s == 10
+    assert s.instance_id.startswith("gateway-")
+
+
+def test_precedence_cli_over_env_over_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "um.yaml"
+    cfg.write_text("lease_ttl_s: 20\ndrain_timeout_s: 3\ngateway:\n  http_port: 9000\n  max_body_bytes: 4096\n")
+    s = load_settings(GatewaySettings, ["--config", str(cfg)])
+    assert (s.lease_ttl_s, s.http_port, s.max_body_bytes, s.drain_timeout_s) == (20, 9000, 4096, 3.0)
+    monkeypatch.setenv("UNIMODEL_HTTP_PORT", "9100")
+    s = load_settings(GatewaySettings, ["--config", str(cfg)])
+    assert s.http_port == 9100
+    s = load_settings(GatewaySettings, ["--config", str(cfg), "--http-port", "9200"])
+    assert s.http_port == 9200
+
+
+def test_yaml_from_env_and_other_sections_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "um.yaml"
+    cfg.write_text("http_port: 9000\nbatcher:\n  max_batch_size: 8\nrouter:\n  retries: 2\n")
+    monkeypatch.setenv("UNIMODEL_CONFIG", str(cfg))
+    assert load_settings(BatcherSettings, []).max_batch_size == 8
+    assert load_settings(RouterSettings, []).retries == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "yaml_text", "expected"),
+    [
+        (["--http-port", "70000"], None, "invalid setting http_port (--http-port / UNIMODEL_HTTP_PORT)"),
+        (["--lease-ttl-s", "abc"], None, "invalid setting lease_ttl_s"),
+        (["--nats-url", "http://x"], None, "is not a nats:// URL"),
+        (["--etcd-endpoints", "nohost"], None, "is not host:port"),
+        (["--log-level", "loud"], None, "invalid setting log_level"),
+        ([], "gateway:\n  no_such: 1\n", "unknown setting gateway.no_such"),
+        ([], "bogus: 1\n", "unknown setting 'bogus'"),
+        ([], "a: [\n", "is not valid YAML"),
+    ],
+)
+def test_bad_values_give_one_line(argv: list[str], yaml_text: str | None, expected: str, tmp_path: Path) -> None:
+    if yaml_text is not None:
+        cfg = tmp_path / "bad.yaml"
+        cfg.write_text(yaml_text)
+        argv = [*argv, "--config", str(cfg)]
+    with pytest.raises(SettingsError) as info:
+        load_settings(GatewaySettings, argv)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(GatewaySettings, ["--config", "/nonexistent/um.yaml"])
+
+
+@pytest.mark.parametrize("module", ["unimodel.gateway", "unimodel.router", "unimodel.worker"])
+def test_bad_setting_exits_2_without_traceback(module: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--lease-ttl-s", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "invalid setting lease_ttl_s" in lines[0]
+
+
+def test_cli_dispatch_and_unknown_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "unimodel.cli", "frobnicate"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown command 'frobnicate'" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "unimodel.cli", "gpu-worker", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "UNIMODEL_MAX_CONCURRENT_BATCHES" in proc.stdout
