@@ -36,7 +36,7 @@ async def test_openapi_lists_every_route_and_validates(gateway: GatewayService, 
     spec = (await client.get("/openapi.json")).json()
     validate(spec)
     documented = {(path, method.upper()) for path, ops in spec["paths"].items() for method in ops}
-    for route in gateway.app.routes:
+    for route in gateway.api.routes:
         if not isinstance(route, Route) or route.path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"):
             continue
         for method in route.methods - {"HEAD"}:
@@ -72,6 +72,15 @@ async def test_bad_input_gets_clear_4xx(
     err = r.json()["error"]
     assert needle in err["message"]
     assert "Traceback" not in r.text
+
+
+async def test_fastapi_fallback_route_answers_like_the_fast_path(gateway: GatewayService) -> None:
+    transport = httpx.ASGITransport(app=gateway.api)  # the documented FastAPI route, without FastRoutes
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        r = await c.post("/v1/models/echo:predict", content=b"{}")
+        assert r.status_code == 400 and r.json()["error"]["message"] == "input is required"
+        r = await c.post("/v1/models/echo:predict", json={"input": 1})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
 
 
 async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:

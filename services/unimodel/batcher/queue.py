@@ -61,7 +61,7 @@ class ModelQueue:
         now = now_ms()
         while self._items and len(batch) < self.policy.max_batch_size:
             item = self._items.popleft()
-            if item.future.done():  # caller gave up
+            if item.future.done():  # settled elsewhere (cancelled): nothing to run
                 continue
             if item.expired(now):
                 item.future.set_exception(errors.DeadlineExceeded("deadline exceeded while queued", model=self.model))

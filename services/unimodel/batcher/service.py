@@ -1,9 +1,17 @@
-"""batcher runtime: NATS queue group on every model's batch subject, one batch loop per model."""
+"""batcher runtime: NATS queue group on every model's batch subject, one batch loop per model.
+
+A request's answer does not come back through the batcher: each item carries its caller's inbox, and
+the worker answers there. The batcher answers a caller itself only when the request never reaches a
+worker: its queue is full, it expired while queued, or the batch could not be routed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
+
+from nats.aio.msg import Msg
 
 from unimodel.batcher.queue import BatchPolicy, ModelQueue, Pending
 from unimodel.batcher.settings import BatcherSettings
@@ -26,9 +34,11 @@ class BatcherService(Service):
         )
         self.queues: dict[str, ModelQueue] = {}
         self._dispatching: set[asyncio.Task[None]] = set()
+        self._error_replies: set[asyncio.Task[None]] = set()
 
     async def on_start(self) -> None:
-        await self.bus.serve(subjects.BATCH_ALL, self._on_request, queue=subjects.QUEUE_BATCHER)
+        # The handler only enqueues (never waits), so it runs inline: no task per request.
+        await self.bus.serve(subjects.BATCH_ALL, self._on_request, queue=subjects.QUEUE_BATCHER, inline=True)
 
     def _queue(self, model: str) -> ModelQueue:
         queue = self.queues.get(model)
@@ -37,21 +47,26 @@ class BatcherService(Service):
             self.spawn(self._batch_loop(queue), name=f"batch loop {model}")
         return queue
 
-    async def _on_request(self, payload: bytes, ctx: RequestContext, subject: str) -> bytes:
-        request = inference_pb2.PredictRequest.FromString(payload)
-        model = subjects.model_of(subject)
+    async def _on_request(self, msg: Msg, ctx: RequestContext) -> None:
+        if not msg.reply:
+            return None  # nobody waits for an answer: nothing to run
+        request = inference_pb2.PredictRequest.FromString(msg.data)
+        model = subjects.model_of(msg.subject)
         if request.model and request.model != model:
             raise errors.InvalidArgument(f"request for {request.model!r} sent on the subject of {model!r}")
-        pending = Pending(ctx.request_id, request, ctx.deadline_ms)
-        self._queue(model).put(pending)
-        try:
-            result, path = await pending.future
-        finally:
-            pending.future.cancel()  # no-op when done; tells the loop the caller left otherwise
-        if result.HasField("error"):
-            raise errors.from_proto(result.error)
-        response = inference_pb2.PredictResponse(model=model, output=result.output, worker_id=path[-1], path=path)
-        return response.SerializeToString()
+        pending = Pending(ctx.request_id, (request, msg.reply), ctx.deadline_ms)
+        self._queue(model).put(pending)  # a full queue raises: the bus answers RESOURCE_EXHAUSTED
+        pending.future.add_done_callback(functools.partial(self._on_item_done, msg.reply))
+        return None
+
+    def _on_item_done(self, reply_to: str, future: asyncio.Future[None]) -> None:
+        """An item that failed before reaching a worker: tell its caller why."""
+        if future.cancelled() or future.exception() is None:
+            return
+        err = errors.ensure_unimodel_error(future.exception())  # type: ignore[arg-type]
+        task = asyncio.create_task(self.bus.publish_error(reply_to, err))
+        self._error_replies.add(task)
+        task.add_done_callback(self._error_replies.discard)
 
     async def _batch_loop(self, queue: ModelQueue) -> None:
         slots = asyncio.Semaphore(self.settings.max_inflight_batches)
@@ -70,19 +85,20 @@ class BatcherService(Service):
     async def _dispatch(self, model: str, batch: list[Pending]) -> None:
         request = inference_pb2.BatchRequest(batch_id=uuid.uuid4().hex, model=model, path=[self.id])
         for item in batch:
-            req: inference_pb2.PredictRequest = item.payload
+            req, reply_to = item.payload
             request.items.add(
-                request_id=item.request_id, input=req.input, deadline_unix_ms=item.deadline_ms, parameters=req.parameters
+                request_id=item.request_id,
+                input=req.input,
+                deadline_unix_ms=item.deadline_ms,
+                parameters=req.parameters,
+                reply_to=reply_to,
             )
-        deadline = max((i.deadline_ms for i in batch), default=0) if all(i.deadline_ms for i in batch) else 0
+        deadline = max(i.deadline_ms for i in batch) if all(i.deadline_ms for i in batch) else 0
         ctx = RequestContext(request.batch_id, deadline)
         try:
-            raw = await self.bus.request(
+            await self.bus.request(
                 subjects.route(model), request.SerializeToString(), ctx, timeout_s=self.settings.request_timeout_s
             )
-            response = inference_pb2.BatchResponse.FromString(raw)
-            if len(response.results) != len(batch):
-                raise errors.Internal(f"batch of {len(batch)} answered with {len(response.results)} results")
         except Exception as exc:
             err = errors.ensure_unimodel_error(exc)
             if not isinstance(exc, errors.UnimodelError):
@@ -91,15 +107,15 @@ class BatcherService(Service):
                 if not item.future.done():
                     item.future.set_exception(err)
             return
-        path = list(response.path)
-        for item, result in zip(batch, response.results):
+        for item in batch:
             if not item.future.done():
-                item.future.set_result((result, path))
+                item.future.set_result(None)
 
     async def on_drain(self, timeout_s: float) -> None:
-        # Bus handlers wait on their futures; the batch loops keep dispatching until queues are empty.
+        # The batch loops keep dispatching until the queues are empty and every batch is acknowledged.
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         while (any(len(q) for q in self.queues.values()) or self._dispatching) and loop.time() < end:
             await asyncio.sleep(0.01)
-
+        if self._error_replies:
+            await asyncio.wait(set(self._error_replies), timeout=max(0.1, end - loop.time()))

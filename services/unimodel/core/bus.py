@@ -1,7 +1,8 @@
 """NATS bus: connection with reconnect, protobuf request/reply, error headers, bounded handlers.
 
-Handlers take the request bytes and a RequestContext and return reply bytes, or raise a
-UnimodelError, which goes back as error headers (never a traceback). Each message is handled in its own
+Handlers take the message and its RequestContext and return reply bytes (None: no reply from here,
+someone else answers msg.reply), or raise a UnimodelError, which goes back as error headers (never a
+traceback). Each message is handled in its own
 task so one slow request never holds up the next; at most `max_inflight` run at once, beyond that the
 caller gets RESOURCE_EXHAUSTED.
 """
@@ -26,8 +27,7 @@ from unimodel.core.telemetry import request_id_var
 
 log = logging.getLogger("unimodel.bus")
 
-Handler = Callable[[bytes, RequestContext, str], Awaitable[bytes]]
-"""(payload, context, subject) -> reply payload."""
+Handler = Callable[[Msg, RequestContext], Awaitable[bytes | None]]
 
 
 def _header_safe(text: str) -> str:
@@ -129,10 +129,16 @@ class Bus:
         return msg.data
 
     # serving side -----------------------------------------------------------------------------
-    async def serve(self, subject: str, handler: Handler, *, queue: str = "") -> Subscription:
+    async def serve(self, subject: str, handler: Handler, *, queue: str = "", inline: bool = False) -> Subscription:
+        """Handle messages on `subject`. `inline=True` runs the handler in the subscription's own loop
+        instead of a task per message: only for handlers that never wait on I/O (they would hold up the
+        next message); saves a task switch per message."""
         nc = self._client()
 
         async def on_message(msg: Msg) -> None:
+            if inline:
+                await self._handle(msg, handler)
+                return
             if len(self._tasks) >= self.max_inflight:
                 await self._reply_error(msg, errors.ResourceExhausted("server busy", retry_after_s=0.1))
                 return
@@ -149,8 +155,8 @@ class Bus:
         token = request_id_var.set(ctx.request_id)
         try:
             ctx.check()
-            reply = await handler(msg.data, ctx, msg.subject)
-            if msg.reply:
+            reply = await handler(msg, ctx)
+            if msg.reply and reply is not None:
                 await self._client().publish(msg.reply, reply)
         except errors.UnimodelError as exc:
             await self._reply_error(msg, exc)
@@ -164,12 +170,21 @@ class Bus:
             request_id_var.reset(token)
 
     async def _reply_error(self, msg: Msg, err: errors.UnimodelError) -> None:
-        if not msg.reply or self.nc is None or self.nc.is_closed:
+        if msg.reply:
+            await self.publish_error(msg.reply, err)
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        """One-way message (e.g. a result sent straight to a caller's inbox)."""
+        await self._client().publish(subject, payload)
+
+    async def publish_error(self, subject: str, err: errors.UnimodelError) -> None:
+        """Answer a caller's inbox with an error; logged, never raised, if NATS is down."""
+        if self.nc is None or self.nc.is_closed:
             return
         try:
-            await self.nc.publish(msg.reply, b"", headers=error_headers(err))
+            await self.nc.publish(subject, b"", headers=error_headers(err))
         except Exception as exc:  # the caller will time out; nothing else can be done here
-            log.warning("could not send error reply on %s: %s", msg.subject, exc)
+            log.warning("could not send an error reply to %s: %s", subject, exc)
 
     # shutdown ---------------------------------------------------------------------------------
     @property

@@ -16,7 +16,7 @@ from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.registry import Discovery, instances_prefix
 from unimodel.gateway import catalog
 from unimodel.gateway.api_grpc import InferenceApi
-from unimodel.gateway.api_http import build_app
+from unimodel.gateway.api_http import FastRoutes, build_app
 from unimodel.gateway.settings import GatewaySettings
 from unimodel.v1 import inference_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
@@ -38,7 +38,8 @@ class GatewayService(Service):
         self.instances: Discovery[registry_pb2.InstanceInfo] = Discovery(
             self.store, instances_prefix(settings.etcd_prefix), registry_pb2.InstanceInfo.FromString
         )
-        self.app = build_app(self)
+        self.api = build_app(self)  # FastAPI: every route, OpenAPI
+        self.app = FastRoutes(self.api, self)  # what uvicorn serves: the hot route first
         self.http_port = 0
         self._http: _EmbeddedServer | None = None
         self._http_task: asyncio.Task[None] | None = None

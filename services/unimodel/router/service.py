@@ -1,8 +1,14 @@
-"""router runtime: watches worker instances in etcd, forwards each batch to one, retries on loss."""
+"""router runtime: watches worker instances in etcd, sends each batch to one, retries on loss.
+
+The worker answers the batch's items directly; the router waits for its BatchAck, which tells it the
+worker's load (outstanding batches) and whether the batch must go to another instance.
+"""
 
 from __future__ import annotations
 
 import asyncio
+
+from nats.aio.msg import Msg
 
 from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext
@@ -20,6 +26,10 @@ class WorkerLost(Exception):
     """The instance left (lease expired or revoked) while a batch was on it."""
 
 
+_LOST = "unimodel: worker lost"
+"""Cancel message for a handler task whose worker left; swallowed (uncancel) and turned into WorkerLost."""
+
+
 class RouterService(Service):
     kind = "router"
     settings: RouterSettings
@@ -27,7 +37,7 @@ class RouterService(Service):
     def __init__(self, settings: RouterSettings, **kw) -> None:  # type: ignore[no-untyped-def]
         super().__init__(settings, **kw)
         self.table = WorkerTable()
-        self._inflight: dict[str, set[asyncio.Task[bytes]]] = {}
+        self._inflight: dict[str, set[asyncio.Task[object]]] = {}
         self.workers = Discovery(
             self.store,
             instances_prefix(settings.etcd_prefix, WORKER_KIND),
@@ -52,7 +62,7 @@ class RouterService(Service):
         self.log.info("worker %s left", old.id)
         self.table.remove(old.id)
         for task in self._inflight.pop(old.id, set()):
-            task.cancel()
+            task.cancel(_LOST)
 
     async def on_start(self) -> None:
         self.workers.start()
@@ -61,8 +71,8 @@ class RouterService(Service):
     async def on_close(self) -> None:
         await self.workers.stop()
 
-    async def _on_batch(self, payload: bytes, ctx: RequestContext, subject: str) -> bytes:
-        batch = inference_pb2.BatchRequest.FromString(payload)
+    async def _on_batch(self, msg: Msg, ctx: RequestContext) -> bytes:
+        batch = inference_pb2.BatchRequest.FromString(msg.data)
         batch.path.append(self.id)
         model = batch.model
         tried: list[str] = []
@@ -85,24 +95,25 @@ class RouterService(Service):
         raise errors.Unavailable("router has not discovered workers yet", retry_after_s=1)
 
     async def _send(self, worker_id: str, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
+        """Request/reply with one worker, in the handler's own task (no extra task per batch): if the
+        worker leaves meanwhile, `_on_worker_change` cancels this task with _LOST, turned into WorkerLost."""
         info = self.table.instances[worker_id]
-        task = asyncio.create_task(
-            self.bus.request(info.nats_subject, batch.SerializeToString(), ctx, timeout_s=self.settings.try_timeout_s)
-        )
-        self._inflight.setdefault(worker_id, set()).add(task)
+        task = asyncio.current_task()
+        assert task is not None
+        inflight = self._inflight.setdefault(worker_id, set())
+        inflight.add(task)
         self.table.begin(worker_id)
         try:
-            return await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
-            raise WorkerLost(f"worker {worker_id} left") from None
+            return await self.bus.request(
+                info.nats_subject, batch.SerializeToString(), ctx, timeout_s=self.settings.try_timeout_s
+            )
+        except asyncio.CancelledError as exc:
+            if exc.args == (_LOST,) and task.uncancel() == 0:
+                raise WorkerLost(f"worker {worker_id} left") from None
+            raise
         finally:
             self.table.end(worker_id)
-            tasks = self._inflight.get(worker_id)
-            if tasks is not None:
-                tasks.discard(task)
+            inflight.discard(task)
 
 
 class _RouterApi(services_pb2_grpc.RouterServiceServicer):

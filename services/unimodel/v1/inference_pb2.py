@@ -23,10 +23,9 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
-from unimodel.v1 import errors_pb2 as unimodel_dot_v1_dot_errors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bunimodel/v1/inference.proto\x12\x0bunimodel.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18unimodel/v1/errors.proto\"\xba\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12?\n\nparameters\x18\x03 \x03(\x0b\x32+.unimodel.v1.PredictRequest.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x03(\t\"\xcf\x01\n\tBatchItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\x12:\n\nparameters\x18\x04 \x03(\x0b\x32&.unimodel.v1.BatchItem.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"d\n\x0c\x42\x61tchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x05items\x18\x03 \x03(\x0b\x32\x16.unimodel.v1.BatchItem\x12\x0c\n\x04path\x18\x04 \x03(\t\"\x7f\n\nItemResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.unimodel.v1.ErrorDetailH\x00\x42\x08\n\x06result\"l\n\rBatchResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12(\n\x07results\x18\x03 \x03(\x0b\x32\x17.unimodel.v1.ItemResult\x12\x0c\n\x04path\x18\x04 \x03(\t\";\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tinstances\x18\x02 \x03(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.unimodel.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bunimodel/v1/inference.proto\x12\x0bunimodel.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xba\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12?\n\nparameters\x18\x03 \x03(\x0b\x32+.unimodel.v1.PredictRequest.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x03(\t\"\xe1\x01\n\tBatchItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\x12:\n\nparameters\x18\x04 \x03(\x0b\x32&.unimodel.v1.BatchItem.ParametersEntry\x12\x10\n\x08reply_to\x18\x05 \x01(\t\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"d\n\x0c\x42\x61tchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x05items\x18\x03 \x03(\x0b\x32\x16.unimodel.v1.BatchItem\x12\x0c\n\x04path\x18\x04 \x03(\t\"R\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tsucceeded\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x05\";\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tinstances\x18\x02 \x03(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.unimodel.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,26 +36,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_BATCHITEM_PARAMETERSENTRY']._loaded_options = None
   _globals['_BATCHITEM_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_PREDICTREQUEST']._serialized_start=101
-  _globals['_PREDICTREQUEST']._serialized_end=287
-  _globals['_PREDICTREQUEST_PARAMETERSENTRY']._serialized_start=238
-  _globals['_PREDICTREQUEST_PARAMETERSENTRY']._serialized_end=287
-  _globals['_PREDICTRESPONSE']._serialized_start=289
-  _globals['_PREDICTRESPONSE']._serialized_end=394
-  _globals['_BATCHITEM']._serialized_start=397
-  _globals['_BATCHITEM']._serialized_end=604
-  _globals['_BATCHITEM_PARAMETERSENTRY']._serialized_start=238
-  _globals['_BATCHITEM_PARAMETERSENTRY']._serialized_end=287
-  _globals['_BATCHREQUEST']._serialized_start=606
-  _globals['_BATCHREQUEST']._serialized_end=706
-  _globals['_ITEMRESULT']._serialized_start=708
-  _globals['_ITEMRESULT']._serialized_end=835
-  _globals['_BATCHRESPONSE']._serialized_start=837
-  _globals['_BATCHRESPONSE']._serialized_end=945
-  _globals['_MODELINFO']._serialized_start=947
-  _globals['_MODELINFO']._serialized_end=1006
-  _globals['_LISTMODELSREQUEST']._serialized_start=1008
-  _globals['_LISTMODELSREQUEST']._serialized_end=1027
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1029
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1089
+  _globals['_PREDICTREQUEST']._serialized_start=75
+  _globals['_PREDICTREQUEST']._serialized_end=261
+  _globals['_PREDICTREQUEST_PARAMETERSENTRY']._serialized_start=212
+  _globals['_PREDICTREQUEST_PARAMETERSENTRY']._serialized_end=261
+  _globals['_PREDICTRESPONSE']._serialized_start=263
+  _globals['_PREDICTRESPONSE']._serialized_end=368
+  _globals['_BATCHITEM']._serialized_start=371
+  _globals['_BATCHITEM']._serialized_end=596
+  _globals['_BATCHITEM_PARAMETERSENTRY']._serialized_start=212
+  _globals['_BATCHITEM_PARAMETERSENTRY']._serialized_end=261
+  _globals['_BATCHREQUEST']._serialized_start=598
+  _globals['_BATCHREQUEST']._serialized_end=698
+  _globals['_BATCHACK']._serialized_start=700
+  _globals['_BATCHACK']._serialized_end=782
+  _globals['_MODELINFO']._serialized_start=784
+  _globals['_MODELINFO']._serialized_end=843
+  _globals['_LISTMODELSREQUEST']._serialized_start=845
+  _globals['_LISTMODELSREQUEST']._serialized_end=864
+  _globals['_LISTMODELSRESPONSE']._serialized_start=866
+  _globals['_LISTMODELSRESPONSE']._serialized_end=926
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,4 @@
 from google.protobuf import struct_pb2 as _struct_pb2
-from unimodel.v1 import errors_pb2 as _errors_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -38,7 +37,7 @@ class PredictResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., worker_id: _Optional[str] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchItem(_message.Message):
-    __slots__ = ("request_id", "input", "deadline_unix_ms", "parameters")
+    __slots__ = ("request_id", "input", "deadline_unix_ms", "parameters", "reply_to")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -50,11 +49,13 @@ class BatchItem(_message.Message):
     INPUT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input: _struct_pb2.Value
     deadline_unix_ms: int
     parameters: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    reply_to: str
+    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., reply_to: _Optional[str] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
     __slots__ = ("batch_id", "model", "items", "path")
@@ -68,27 +69,17 @@ class BatchRequest(_message.Message):
     path: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, batch_id: _Optional[str] = ..., model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class ItemResult(_message.Message):
-    __slots__ = ("request_id", "output", "error")
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    OUTPUT_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
-    output: _struct_pb2.Value
-    error: _errors_pb2.ErrorDetail
-    def __init__(self, request_id: _Optional[str] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[_Union[_errors_pb2.ErrorDetail, _Mapping]] = ...) -> None: ...
-
-class BatchResponse(_message.Message):
-    __slots__ = ("batch_id", "worker_id", "results", "path")
+class BatchAck(_message.Message):
+    __slots__ = ("batch_id", "worker_id", "succeeded", "failed")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
-    RESULTS_FIELD_NUMBER: _ClassVar[int]
-    PATH_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     worker_id: str
-    results: _containers.RepeatedCompositeFieldContainer[ItemResult]
-    path: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, batch_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
+    succeeded: int
+    failed: int
+    def __init__(self, batch_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "instances", "ready")

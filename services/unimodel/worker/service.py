@@ -1,8 +1,13 @@
-"""gpu-worker runtime: loads engines, registers with its models, runs batches sent to its NATS subject."""
+"""gpu-worker runtime: loads engines, registers with its models, runs batches sent to its NATS subject.
+
+Each item's result goes straight to the caller's inbox (item.reply_to); the router gets a BatchAck.
+"""
 
 from __future__ import annotations
 
 import asyncio
+
+from nats.aio.msg import Msg
 
 from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext
@@ -37,14 +42,26 @@ class WorkerService(Service):
         info.models.extend(sorted(self.engines))
         return info
 
-    async def _on_batch(self, payload: bytes, ctx: RequestContext, subject: str) -> bytes:
-        batch = inference_pb2.BatchRequest.FromString(payload)
+    async def _on_batch(self, msg: Msg, ctx: RequestContext) -> bytes:
+        batch = inference_pb2.BatchRequest.FromString(msg.data)
         engine = self.engines.get(batch.model)
         if engine is None:
             raise errors.NotFound(f"model {batch.model!r} is not loaded on {self.id}", model=batch.model)
         async with self._slots:
-            response = await run_batch(engine, batch, self.id)
-        return response.SerializeToString()
+            outcomes = await run_batch(engine, batch)
+        path = [*batch.path, self.id]
+        ack = inference_pb2.BatchAck(batch_id=batch.batch_id, worker_id=self.id)
+        for item, outcome in zip(batch.items, outcomes):
+            if isinstance(outcome, errors.UnimodelError):
+                ack.failed += 1
+                if item.reply_to:
+                    await self.bus.publish_error(item.reply_to, outcome)
+                continue
+            ack.succeeded += 1
+            if item.reply_to:
+                reply = inference_pb2.PredictResponse(model=batch.model, output=outcome, worker_id=self.id, path=path)
+                await self.bus.publish(item.reply_to, reply.SerializeToString())
+        return ack.SerializeToString()
 
     async def on_close(self) -> None:
         for engine in self.engines.values():
