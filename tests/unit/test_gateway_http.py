@@ -18,8 +18,8 @@ from unimodel.v1 import registry_pb2
 async def gateway() -> AsyncIterator[GatewayService]:
     gw = GatewayService(GatewaySettings(max_body_bytes=2048))
     # The cluster view as discovery would fill it from etcd: one worker hosting echo.
-    gw.instances.items["/unimodel/v1/instances/gpu-worker/w1"] = registry_pb2.InstanceInfo(
-        id="w1", kind="gpu-worker", models=["echo"]
+    gw.instances.apply(  # as discovery applies a watch event from etcd
+        "/unimodel/v1/instances/gpu-worker/w1", registry_pb2.InstanceInfo(id="w1", kind="gpu-worker", models=["echo"])
     )
     gw.instances.synced.set()
     yield gw
@@ -93,6 +93,16 @@ async def test_no_nats_means_503_with_retry_after(client: httpx.AsyncClient) -> 
     assert r.status_code == 503
     assert r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "UNAVAILABLE"
+
+
+async def test_metrics_count_requests_with_bounded_labels(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/models/echo:predict", json={"input": 1})
+    await client.post("/v1/models/whatever-a-client-sends:predict", json={"input": 1})
+    text = (await client.get("/metrics")).text
+    assert 'unimodel_gateway_requests_total{api="http",code="UNAVAILABLE",model="echo"} 1.0' in text
+    assert 'unimodel_gateway_requests_total{api="http",code="NOT_FOUND",model="_unknown"} 1.0' in text
+    assert "whatever-a-client-sends" not in text
+    assert "process_cpu_seconds_total" in text
 
 
 async def test_readiness_names_failing_checks(client: httpx.AsyncClient) -> None:

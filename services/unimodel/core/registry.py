@@ -134,7 +134,8 @@ class Discovery(Generic[T]):
             log.warning("ignoring undecodable value at %s: %s", key, exc)
             return None
 
-    def _set(self, key: str, value: T | None) -> None:
+    def apply(self, key: str, value: T | None) -> None:
+        """Apply one change (a watch event, or a difference found on resync) and tell the listener."""
         old = self.items.get(key)
         if value is None:
             if key not in self.items:
@@ -165,9 +166,9 @@ class Discovery(Generic[T]):
                         fresh[key] = value
                 for key in list(self.items):
                     if key not in fresh:
-                        self._set(key, None)
+                        self.apply(key, None)
                 for key, value in fresh.items():
-                    self._set(key, value)
+                    self.apply(key, value)
                 self.synced.set()
                 if failing:
                     log.info("discovery of %s resynced (%d entries)", self.prefix, len(self.items))
@@ -175,7 +176,7 @@ class Discovery(Generic[T]):
                 backoff.reset()
                 async for event in self.store.watch_prefix(prefix, revision + 1):
                     key = event.key.decode()
-                    self._set(key, None if event.value is None else self._decode(key, event.value))
+                    self.apply(key, None if event.value is None else self._decode(key, event.value))
             except StoreError as exc:
                 delay = backoff.next()
                 log.warning(

@@ -150,6 +150,11 @@ def register_settings(cls: type[CommonSettings]) -> type[CommonSettings]:
     return cls
 
 
+def registered_settings() -> dict[str, type[CommonSettings]]:
+    """Settings classes by service name (those imported so far)."""
+    return dict(_SERVICE_CLASSES)
+
+
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 

@@ -25,7 +25,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
         ctx = RequestContext.from_grpc(
             context.invocation_metadata(), context.time_remaining(), self.gw.settings.request_timeout_s
         )
-        reply = await self.gw.predict(request.model, request.input, dict(request.parameters), ctx)
+        reply = await self.gw.predict(request.model, request.input, dict(request.parameters), ctx, api="grpc")
         await context.send_initial_metadata((("x-request-id", ctx.request_id),))
         return reply
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Iterator
 
 import uvicorn
@@ -17,6 +18,7 @@ from unimodel.core.registry import Discovery, instances_prefix
 from unimodel.gateway import catalog
 from unimodel.gateway.api_grpc import InferenceApi
 from unimodel.gateway.api_http import FastRoutes, build_app
+from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.settings import GatewaySettings
 from unimodel.v1 import inference_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
@@ -36,8 +38,11 @@ class GatewayService(Service):
     def __init__(self, settings: GatewaySettings, **kw) -> None:  # type: ignore[no-untyped-def]
         super().__init__(settings, **kw)
         self.instances: Discovery[registry_pb2.InstanceInfo] = Discovery(
-            self.store, instances_prefix(settings.etcd_prefix), registry_pb2.InstanceInfo.FromString
+            self.store, instances_prefix(settings.etcd_prefix), registry_pb2.InstanceInfo.FromString,
+            on_change=self._on_instance_change,
         )
+        self._models: dict[str, catalog.ModelEntry] = {}
+        self.stats = GatewayMetrics(self.metrics.registry)
         self.api = build_app(self)  # FastAPI: every route, OpenAPI
         self.app = FastRoutes(self.api, self)  # what uvicorn serves: the hot route first
         self.http_port = 0
@@ -50,14 +55,36 @@ class GatewayService(Service):
         )
 
     # cluster view ------------------------------------------------------------------------------
+    def _on_instance_change(self, key: str, old: object, new: object) -> None:
+        self._models = catalog.models(self.instances.items)
+
     def models(self) -> dict[str, catalog.ModelEntry]:
-        return catalog.models(self.instances.items)
+        """Models served now (recomputed on every etcd change, not per request)."""
+        return self._models
 
     def readiness(self) -> dict[str, bool]:
         return catalog.readiness(self.instances.items, self.bus.connected, self.instances.synced.is_set())
 
     # the request path -----------------------------------------------------------------------------
     async def predict(
+        self, model: str, value: struct_pb2.Value, parameters: dict[str, str], ctx: RequestContext, api: str = "http"
+    ) -> inference_pb2.PredictResponse:
+        """Hand one request to the batcher and wait for its worker's answer; records metrics."""
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return await self._predict(model, value, parameters, ctx)
+        except errors.UnimodelError as exc:
+            code = exc.code_name
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            label = model if model in self.models() else UNKNOWN_MODEL
+            self.stats.observe(api, label, code, time.perf_counter() - started)
+
+    async def _predict(
         self, model: str, value: struct_pb2.Value, parameters: dict[str, str], ctx: RequestContext
     ) -> inference_pb2.PredictResponse:
         if not model or not subjects.is_valid_token(model):

@@ -1,0 +1,30 @@
+"""Metric names and labels of the gateway, declared in one place."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+UNKNOWN_MODEL = "_unknown"
+"""Label for model names the cluster does not serve: client input must not grow label cardinality."""
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "unimodel_gateway_requests_total",
+            "Inference requests by API, model and result code",
+            ["api", "model", "code"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "unimodel_gateway_request_duration_seconds",
+            "Inference request latency at the gateway by API and model",
+            ["api", "model"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+
+    def observe(self, api: str, model: str, code: str, seconds: float) -> None:
+        self.requests.labels(api, model, code).inc()
+        self.latency.labels(api, model).observe(seconds)
