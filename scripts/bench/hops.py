@@ -4,7 +4,9 @@
     .venv/bin/python scripts/bench/hops.py [--requests 3000] [--rounds 5] [--json docs/benchmarks/hops.json]
 
 Starts a real local cluster (nats-server, etcd, all six services, echo on one gpu-worker) on free
-ports, plus two bare peers in their own processes: a NATS responder and a gRPC unary server. The
+ports, plus bare peers in their own processes: a NATS responder, a gRPC unary server, and a chain of
+three trivial nats-py forwarders (client -> a -> b -> c -> client: the same four one-way NATS hops as the
+echo chain's gateway -> batcher -> router -> worker -> gateway, with no logic at all). The
 client sends one request at a time (concurrency 1), interleaving the methods in rounds so that the
 noise of a shared machine hits all of them alike, and reports p50/p99 and ratios to the bare NATS round
 trip. The HTTP client is a minimal keep-alive HTTP/1.1 client so client overhead stays out of the figure.
@@ -39,6 +41,26 @@ async def nats_responder(url: str) -> None:
         await msg.respond(msg.data)
 
     await nc.subscribe("bench.echo", cb=reply)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+async def nats_forwarder(url: str, subject: str, nxt: str) -> None:
+    """Forwards each message to `nxt` keeping the caller's inbox in a header; the last one answers it."""
+    import nats
+
+    nc = await nats.connect(url)
+    if nxt == "-":
+
+        async def forward(msg):  # type: ignore[no-untyped-def]
+            await nc.publish(msg.headers["R"], msg.data)
+
+    else:
+
+        async def forward(msg):  # type: ignore[no-untyped-def]
+            await nc.publish(nxt, msg.data, headers={"R": msg.headers["R"] if msg.headers else msg.reply})
+
+    await nc.subscribe(subject, cb=forward)
     print("ready", flush=True)
     await asyncio.Event().wait()
 
@@ -87,12 +109,20 @@ class HttpClient:
         return status, await self.reader.readexactly(length)
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(samples: list[float], q: float) -> float:
     s = sorted(samples)
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-async def measure(args: argparse.Namespace, cluster_ports: dict[str, int], nats_url: str, grpc_port: int) -> dict:
+async def measure(
+    args: argparse.Namespace, cluster_ports: dict[str, int], nats_url: str, grpc_port: int, pids: dict[str, int]
+) -> dict:
     import grpc
     import nats
     import orjson
@@ -115,6 +145,9 @@ async def measure(args: argparse.Namespace, cluster_ports: dict[str, int], nats_
     async def bare_nats() -> None:
         await nc.request("bench.echo", proto_bytes, timeout=5)
 
+    async def forward_chain() -> None:
+        await nc.request("bench.fwd.a", proto_bytes, timeout=5)
+
     async def bare_grpc() -> None:
         await bare_stub.Predict(proto, timeout=5)
 
@@ -128,6 +161,7 @@ async def measure(args: argparse.Namespace, cluster_ports: dict[str, int], nats_
     methods: dict[str, Callable[[], Awaitable[None]]] = {
         "bare NATS request/reply": bare_nats,
         "bare gRPC unary": bare_grpc,
+        "reference: 3 nats-py forwarders (4 one-way hops)": forward_chain,
         "echo chain via gateway gRPC": chain_grpc,
         "echo chain via gateway HTTP": chain_http,
     }
@@ -144,6 +178,15 @@ async def measure(args: argparse.Namespace, cluster_ports: dict[str, int], nats_
                 t0 = clock()
                 await fn()
                 out.append(clock() - t0)
+    # CPU per echo request of each process on the path (HTTP entry), after the latency rounds.
+    n = max(1000, per_round)
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client_before = time.process_time()
+    for _ in range(n):
+        await chain_http()
+    cpu = {name: round((cpu_seconds(pid) - before[name]) / n * 1e6) for name, pid in pids.items()}
+    cpu["client (this script)"] = round((time.process_time() - client_before) / n * 1e6)
+
     await nc.close()
     await chain_channel.close()
     await bare_channel.close()
@@ -161,7 +204,7 @@ async def measure(args: argparse.Namespace, cluster_ports: dict[str, int], nats_
             "mean_us": round(statistics.fmean(s) * 1e6, 1),
             "p50_vs_bare_nats": round(p50 / base, 2),
         }
-    return results
+    return {"latency": results, "cpu_us_per_request": cpu}
 
 
 def main() -> int:
@@ -169,7 +212,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000, help="requests per method (default 3000)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "hops.json"), help="where to write figures")
-    parser.add_argument("--role", choices=["nats-responder", "grpc-server"], help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=["nats-responder", "nats-forwarder", "grpc-server"], help=argparse.SUPPRESS)
+    parser.add_argument("--subject", help=argparse.SUPPRESS)
+    parser.add_argument("--next", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,6 +223,9 @@ def main() -> int:
 
     if args.role == "nats-responder":
         uvloop.run(nats_responder(args.url))
+        return 0
+    if args.role == "nats-forwarder":
+        uvloop.run(nats_forwarder(args.url, args.subject, args.next))
         return 0
     if args.role == "grpc-server":
         uvloop.run(grpc_server(args.port))
@@ -199,12 +247,23 @@ def main() -> int:
             assert cluster.nats is not None
             grpc_port = free_port()
             me = [sys.executable, __file__]
-            for extra in (["--role", "nats-responder", "--url", cluster.nats.url], ["--role", "grpc-server", "--port", str(grpc_port)]):
+            url = cluster.nats.url
+            roles = [
+                ["--role", "nats-responder", "--url", url],
+                ["--role", "grpc-server", "--port", str(grpc_port)],
+                *(
+                    ["--role", "nats-forwarder", "--url", url, "--subject", f"bench.fwd.{a}", "--next", b]
+                    for a, b in (("a", "bench.fwd.b"), ("b", "bench.fwd.c"), ("c", "-"))
+                ),
+            ]
+            for extra in roles:
                 peer = subprocess.Popen([*me, *extra], stdout=subprocess.PIPE)
                 assert peer.stdout is not None and peer.stdout.readline().strip() == b"ready"
                 peers.append(peer)
             ports = {"http": cfg.http_port, "grpc": cfg.grpc_port}
-            results = uvloop.run(measure(args, ports, cluster.nats.url, grpc_port))
+            on_path = ("nats", "gateway", "batcher", "router", "gpu-worker")
+            pids = {p.name: p.pid for p in (cluster.nats, *cluster.services) if p.name in on_path and p.pid}
+            measured = uvloop.run(measure(args, ports, cluster.nats.url, grpc_port, pids))
         finally:
             for peer in peers:
                 peer.terminate()
@@ -214,18 +273,22 @@ def main() -> int:
 
     report = {
         "benchmark": "hops",
-        "command": "python scripts/bench/hops.py " + " ".join(a for a in sys.argv[1:]),
+        "command": " ".join(["python scripts/bench/hops.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "concurrency": 1,
         "payload": PAYLOAD,
-        "results": results,
+        "results": measured["latency"],
+        "cpu_us_per_request": measured["cpu_us_per_request"],
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"| method | p50 (µs) | p99 (µs) | p50 / bare NATS |\n|---|---:|---:|---:|")
-    for name, r in results.items():
+    for name, r in measured["latency"].items():
         print(f"| {name} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['p50_vs_bare_nats']:.2f}× |")
+    print("\n| process | CPU µs per HTTP echo request |\n|---|---:|")
+    for name, us in measured["cpu_us_per_request"].items():
+        print(f"| {name} | {us} |")
     print(f"figures written to {args.json}")
     return 0
 

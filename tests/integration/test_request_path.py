@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 
 import grpc
 import pytest
@@ -56,7 +57,7 @@ def test_echo_over_grpc_with_health_and_reflection(cluster: Services) -> None:
         )
         assert from_value(reply.output) == [1, "two"]
         assert [hop.rsplit("-", 1)[0] for hop in reply.path] == ["gateway", "batcher", "router", "worker"]
-        assert ("x-request-id", "abc123") in tuple(call.initial_metadata())
+        assert ("x-request-id", "abc123") in tuple(call.trailing_metadata())
 
         models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
         assert [m.name for m in models.models] == ["echo"] and models.models[0].ready
@@ -95,3 +96,52 @@ def _error_detail(err: grpc.RpcError) -> errors_pb2.ErrorDetail:
             status.details[0].Unpack(detail)
             return detail
     raise AssertionError("no grpc-status-details-bin trailer")
+
+
+async def test_request_id_deadline_and_trace_context_cross_every_hop(cluster: Services) -> None:
+    import asyncio
+
+    import httpx
+    import nats
+
+    from unimodel.core.subjects import Header
+
+    seen: dict[str, list[nats.aio.msg.Msg]] = {"batch": [], "route": [], "worker": []}
+    nc = await nats.connect(cluster.infra.nats.url)
+    try:
+        # Plain subscribers get a copy of every message (the services use queue groups / direct subjects).
+        for hop, subject in (("batch", "unimodel.v1.batch.*"), ("route", "unimodel.v1.route.*"), ("worker", "unimodel.v1.worker.*.infer")):
+            await nc.subscribe(subject, cb=functools.partial(_append, seen[hop]))
+        await nc.flush()
+        traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        async with httpx.AsyncClient() as client:
+            r = await client.post(
+                f"{cluster.url}/v1/models/echo:predict",
+                json={"input": "traced"},
+                headers={"traceparent": traceparent, "x-request-id": "req-42"},
+            )
+        assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
+        for _ in range(50):
+            if all(seen.values()):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+
+    (batch_msg,) = seen["batch"]
+    assert batch_msg.headers[Header.REQUEST_ID] == "req-42"
+    assert batch_msg.headers[Header.TRACEPARENT] == traceparent
+    assert int(batch_msg.headers[Header.DEADLINE]) > 0
+    for hop in ("route", "worker"):
+        (msg,) = seen[hop]
+        assert msg.headers[Header.TRACEPARENT] == traceparent
+        assert int(msg.headers[Header.DEADLINE]) >= int(batch_msg.headers[Header.DEADLINE])
+        item = inference_pb2.BatchRequest.FromString(msg.data).items[0]
+        assert item.request_id == "req-42"
+        assert item.trace_context["traceparent"] == traceparent
+        assert item.deadline_unix_ms == int(batch_msg.headers[Header.DEADLINE])
+        assert item.reply_to == batch_msg.reply
+
+
+async def _append(out: list[object], msg: object) -> None:
+    out.append(msg)

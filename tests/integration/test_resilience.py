@@ -66,6 +66,24 @@ def test_kill9_worker_leaves_view_within_ttl_and_requests_keep_succeeding(servic
     assert after and set(after) == {"worker-1"}
 
 
+def test_sigterm_leaves_etcd_at_once_drains_and_loses_no_request(services: Services) -> None:
+    workers = services.start_cluster(workers=2, all_six=False)
+    wait_until(lambda: router_view(services.infra) == {"worker-0", "worker-1"}, 15, "router sees both workers")
+    with Load(services) as load:
+        time.sleep(0.5)
+        stopped_at = time.monotonic()
+        workers[0].signal(signal.SIGTERM)
+        wait_until(lambda: "worker-0" not in {i.id for i in etcd_instances(services.infra).values()}, 2, "key revoked")
+        left_after = time.monotonic() - stopped_at
+        assert workers[0].wait(15) == 0
+        time.sleep(0.5)
+    print(f"SIGTERM: registration gone after {left_after:.2f}s; {len(load.results)} requests")
+    assert left_after < services.lease_ttl_s  # revoked, not expired
+    failures = [r for r in load.results if r[1] != 200]
+    assert not failures, f"{len(failures)} of {len(load.results)} requests failed: {failures[:5]}"
+    assert not any("Traceback" in line for line in workers[0].lines)
+
+
 def test_nats_restart_is_survived(services: Services, infra: Infra) -> None:
     services.start_cluster(workers=1, all_six=True)
     assert services.predict("before").status_code == 200

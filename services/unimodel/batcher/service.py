@@ -54,7 +54,7 @@ class BatcherService(Service):
         model = subjects.model_of(msg.subject)
         if request.model and request.model != model:
             raise errors.InvalidArgument(f"request for {request.model!r} sent on the subject of {model!r}")
-        pending = Pending(ctx.request_id, (request, msg.reply), ctx.deadline_ms)
+        pending = Pending(ctx.request_id, (request, msg.reply, ctx), ctx.deadline_ms)
         self._queue(model).put(pending)  # a full queue raises: the bus answers RESOURCE_EXHAUSTED
         pending.future.add_done_callback(functools.partial(self._on_item_done, msg.reply))
         return None
@@ -85,16 +85,21 @@ class BatcherService(Service):
     async def _dispatch(self, model: str, batch: list[Pending]) -> None:
         request = inference_pb2.BatchRequest(batch_id=uuid.uuid4().hex, model=model, path=[self.id])
         for item in batch:
-            req, reply_to = item.payload
-            request.items.add(
+            req, reply_to, item_ctx = item.payload
+            added = request.items.add(
                 request_id=item.request_id,
                 input=req.input,
                 deadline_unix_ms=item.deadline_ms,
                 parameters=req.parameters,
                 reply_to=reply_to,
             )
+            if item_ctx.traceparent:
+                added.trace_context["traceparent"] = item_ctx.traceparent
+                if item_ctx.tracestate:
+                    added.trace_context["tracestate"] = item_ctx.tracestate
         deadline = max(i.deadline_ms for i in batch) if all(i.deadline_ms for i in batch) else 0
-        ctx = RequestContext(request.batch_id, deadline)
+        first: RequestContext = batch[0].payload[2]
+        ctx = RequestContext(request.batch_id, deadline, first.traceparent, first.tracestate)
         try:
             await self.bus.request(
                 subjects.route(model), request.SerializeToString(), ctx, timeout_s=self.settings.request_timeout_s

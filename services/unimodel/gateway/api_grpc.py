@@ -26,7 +26,8 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
             context.invocation_metadata(), context.time_remaining(), self.gw.settings.request_timeout_s
         )
         reply = await self.gw.predict(request.model, request.input, dict(request.parameters), ctx, api="grpc")
-        await context.send_initial_metadata((("x-request-id", ctx.request_id),))
+        # Trailing metadata travels with the status: no extra send operation per call.
+        context.set_trailing_metadata((("x-request-id", ctx.request_id),))
         return reply
 
     @maps_errors
