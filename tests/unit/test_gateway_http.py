@@ -60,7 +60,8 @@ async def test_models_lists_echo(client: httpx.AsyncClient) -> None:
         ("/v1/models/echo:predict", b'{"input": 1, "extra": 2}', 400, "unknown field"),
         ("/v1/models/echo:predict", b'{"input": 1, "parameters": {"a": 1}}', 400, "parameters"),
         ("/v1/models/no-such:predict", b'{"input": 1}', 404, "not found"),
-        ("/v1/models/bad.name:predict", b'{"input": 1}', 400, "invalid model name"),
+        ("/v1/models/bad*name:predict", b'{"input": 1}', 400, "invalid model name"),
+        ("/v1/models/llama-3.1:predict", b'{"input": 1}', 404, "not found"),
         ("/v1/models/echo:predict", b'{"input": "' + b"x" * 4096 + b'"}', 413, "exceeds the limit"),
     ],
 )

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 
@@ -9,7 +10,7 @@ from unimodel.core.telemetry import request_id_var, setup_logging
 
 
 @pytest.fixture(autouse=True)
-def restore_logging() -> None:
+def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield

@@ -52,7 +52,7 @@ class GrpcServer:
         self.host, self.requested_port = host, port
         self.port = 0
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
 
@@ -72,13 +72,8 @@ class GrpcServer:
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self._service_names):
-            await _maybe_await(self.health.set(name, status))
+            await self.health.set(name, status)
 
     async def stop(self, grace_s: float) -> None:
-        await _maybe_await(self.health.enter_graceful_shutdown())
+        await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
-
-
-async def _maybe_await(value: Any) -> None:
-    if isinstance(value, Awaitable):
-        await value

@@ -10,17 +10,28 @@ ROOT = "unimodel.v1"
 QUEUE_BATCHER = "batcher"
 QUEUE_ROUTER = "router"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\-]{0,127}$")
+_TOKEN_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
-def is_valid_token(name: str) -> bool:
-    """Model names and instance ids become subject tokens: letters, digits, '-' and '_' only."""
-    return bool(_TOKEN.match(name))
+def is_valid_model_name(name: str) -> bool:
+    """Letters, digits and . _ : / - (names like `llama-3.1-8b` or `org/model`), at most 128 characters."""
+    return bool(_MODEL_NAME.match(name))
+
+
+def model_token(name: str) -> str:
+    """A model name as one subject token: characters NATS gives meaning to ('.') and others are
+    escaped as ~HH (hex), reversibly; plain names stay as they are."""
+    return "".join(c if c in _TOKEN_SAFE else f"~{ord(c):02X}" for c in name)
+
+
+def model_from_token(token: str) -> str:
+    return re.sub(r"~([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), token)
 
 
 def batch(model: str) -> str:
     """gateway -> batcher: one PredictRequest for `model` (queue group QUEUE_BATCHER)."""
-    return f"{ROOT}.batch.{model}"
+    return f"{ROOT}.batch.{model_token(model)}"
 
 
 BATCH_ALL = f"{ROOT}.batch.*"
@@ -28,7 +39,7 @@ BATCH_ALL = f"{ROOT}.batch.*"
 
 def route(model: str) -> str:
     """batcher -> router: one BatchRequest for `model` (queue group QUEUE_ROUTER)."""
-    return f"{ROOT}.route.{model}"
+    return f"{ROOT}.route.{model_token(model)}"
 
 
 ROUTE_ALL = f"{ROOT}.route.*"
@@ -40,8 +51,8 @@ def worker_infer(instance_id: str) -> str:
 
 
 def model_of(subject: str) -> str:
-    """The model token of a batch/route subject."""
-    return subject.rsplit(".", 1)[-1]
+    """The model name of a batch/route subject."""
+    return model_from_token(subject.rsplit(".", 1)[-1])
 
 
 class Header:

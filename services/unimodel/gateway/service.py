@@ -87,7 +87,7 @@ class GatewayService(Service):
     async def _predict(
         self, model: str, value: struct_pb2.Value, parameters: dict[str, str], ctx: RequestContext
     ) -> inference_pb2.PredictResponse:
-        if not model or not subjects.is_valid_token(model):
+        if not model or not subjects.is_valid_model_name(model):
             raise errors.InvalidArgument(f"invalid model name {model!r}", field="model")
         if self.instances.synced.is_set() and model not in self.models():
             raise errors.NotFound(f"model {model!r} not found", model=model)
