@@ -74,11 +74,8 @@ class ModelQueue:
         """The next batch (never empty), or [] if nothing arrived within `idle_timeout_s`."""
         batch: list[Pending] = []
         while not batch:
-            if not self._items:
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), idle_timeout_s)
-                except asyncio.TimeoutError:
-                    return []
+            if not self._items and not await self._wait_arrival(idle_timeout_s):
+                return []
             self._take(batch)
         if self.policy.max_queue_delay_s > 0:
             window_end = batch[0].enqueued + self.policy.max_queue_delay_s
@@ -86,10 +83,17 @@ class ModelQueue:
                 left = window_end - time.monotonic()
                 if left <= 0:
                     break
-                if not self._items:
-                    try:
-                        await asyncio.wait_for(self._arrived.wait(), left)
-                    except asyncio.TimeoutError:
-                        break
+                if not self._items and not await self._wait_arrival(left):
+                    break
                 self._take(batch)
         return batch
+
+    async def _wait_arrival(self, timeout_s: float | None) -> bool:
+        """Wait for a request to arrive; False on timeout. asyncio.timeout arms a timer only, where
+        wait_for would create a task per wait (this runs once per batch)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._arrived.wait()
+        except TimeoutError:
+            return False
+        return True
