@@ -167,7 +167,7 @@ async def measure(
     }
     samples: dict[str, list[float]] = {name: [] for name in methods}
     per_round = args.requests // args.rounds
-    for name, fn in methods.items():  # warm-up
+    for fn in methods.values():  # warm-up
         for _ in range(200):
             await fn()
     for _ in range(args.rounds):
@@ -283,7 +283,7 @@ def main() -> int:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"| method | p50 (µs) | p99 (µs) | p50 / bare NATS |\n|---|---:|---:|---:|")
+    print("| method | p50 (µs) | p99 (µs) | p50 / bare NATS |\n|---|---:|---:|---:|")
     for name, r in measured["latency"].items():
         print(f"| {name} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['p50_vs_bare_nats']:.2f}× |")
     print("\n| process | CPU µs per HTTP echo request |\n|---|---:|")

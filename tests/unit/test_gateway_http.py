@@ -112,3 +112,14 @@ async def test_readiness_names_failing_checks(client: httpx.AsyncClient) -> None
     checks = r.json()["checks"]
     assert checks["models"] is True and checks["nats"] is False and checks["router"] is False
     assert (await client.get("/health/live")).status_code == 200
+
+
+async def test_streamed_body_over_the_limit_is_413_on_every_route(client: httpx.AsyncClient) -> None:
+    async def chunks():  # no Content-Length: the limit applies while the body streams in
+        for _ in range(4):
+            yield b"x" * 1024
+
+    r = await client.post("/v1/models/echo:predict", content=chunks())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    r = await client.post("/v1/models", content=b"x" * 4096)  # a FastAPI route (405) behind the same limit
+    assert r.status_code == 413

@@ -75,7 +75,7 @@ class Registration:
             try:
                 await asyncio.wait_for(self._changed.wait(), interval)
                 return  # value changed: put again with the same lease
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             ttl = await self.store.refresh_lease(self.lease_id)
             if ttl <= 0:
@@ -95,7 +95,7 @@ class Registration:
             return
         try:
             await asyncio.wait_for(self.store.revoke_lease(lease_id), timeout_s)
-        except (StoreError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, StoreError) as exc:
             log.warning("could not revoke lease (%s); the key expires with its TTL", exc)
 
 

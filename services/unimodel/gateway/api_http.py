@@ -48,7 +48,7 @@ class ModelList(BaseModel):
 
 
 class JsonResponse(Response):
-    """JSON rendered by orjson (FastAPI's JsonResponse is deprecated)."""
+    """JSON rendered by orjson (FastAPI's ORJSONResponse is deprecated)."""
 
     media_type = "application/json"
 
@@ -56,15 +56,14 @@ class JsonResponse(Response):
         return orjson.dumps(content)
 
 
-def error_response(err: errors.UnimodelError) -> JsonResponse:
-    headers = {}
-    if err.retry_after_s:
-        headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
-    return JsonResponse(err.to_json(), status_code=err.http_status, headers=headers)
+def error_response(err: errors.UnimodelError) -> Response:
+    status, body, headers = _error_result(err)
+    return Response(body, status, headers={k.decode(): v.decode() for k, v in headers}, media_type="application/json")
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for bodies over the limit, by Content-Length or while streaming in."""
+    """Outermost ASGI layer: 413 for bodies over the limit, by Content-Length up front or, while the body
+    streams in, by raising PayloadTooLarge from `receive` (the route's error handling answers it)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -151,8 +150,8 @@ class FastRoutes:
     """Serves the hot inference route straight from ASGI, in front of the FastAPI app.
 
     FastAPI's middleware stack cost about a quarter of the gateway's CPU per echo request (py-spy,
-    docs/benchmarks.md); this layer keeps the same handler (run_predict), limits and error bodies.
-    Every other route, and the OpenAPI document, come from the FastAPI app behind it.
+    docs/benchmarks.md); this layer calls the same handler (run_predict) and gives the same error bodies.
+    Every other route, and the OpenAPI document, come from the FastAPI app behind it; BodyLimit wraps both.
     """
 
     PREDICT = re.compile(r"^/v1/models/([^/]+):predict$")
@@ -166,9 +165,10 @@ class FastRoutes:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        raw = await self._body(headers, receive)
-        if isinstance(raw, errors.UnimodelError):
-            result = _error_result(raw)
+        try:
+            raw = await self._body(receive)
+        except errors.UnimodelError as err:  # PayloadTooLarge from BodyLimit, or the client left
+            result = _error_result(err)
         else:
             result = await run_predict(self.gw, match.group(1), raw, lambda k: headers.get(k, ""))
         status, payload, extra = result
@@ -181,23 +181,14 @@ class FastRoutes:
         )
         await send({"type": "http.response.body", "body": payload})
 
-    async def _body(self, headers: dict[str, str], receive: Receive) -> bytes | errors.UnimodelError:
-        limit = self.gw.settings.max_body_bytes
-        too_large = errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            return too_large
+    @staticmethod
+    async def _body(receive: Receive) -> bytes:
         chunks: list[bytes] = []
-        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return errors.Cancelled("client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return too_large
-            chunks.append(chunk)
+                raise errors.Cancelled("client disconnected")
+            chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
@@ -209,14 +200,13 @@ def build_app(gw: GatewayService) -> FastAPI:
         description="One gateway for every kind of model. Errors are JSON: {\"error\": {\"code\", \"message\"}}.",
         default_response_class=JsonResponse,
     )
-    app.add_middleware(BodyLimit, max_bytes=gw.settings.max_body_bytes)
 
     @app.exception_handler(errors.UnimodelError)
-    async def _unimodel_error(_request: Request, exc: errors.UnimodelError) -> JsonResponse:
+    async def _unimodel_error(_request: Request, exc: errors.UnimodelError) -> Response:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JsonResponse:
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
             return error_response(errors.InvalidArgument("malformed JSON body"))
@@ -229,7 +219,7 @@ def build_app(gw: GatewayService) -> FastAPI:
         return JsonResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JsonResponse:
+    async def _unexpected(_request: Request, exc: Exception) -> Response:
         gw.log.error("unhandled error: %s", exc, exc_info=exc)
         return error_response(errors.Internal("internal error"))
 

@@ -17,7 +17,7 @@ from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.registry import Discovery, instances_prefix
 from unimodel.gateway import catalog
 from unimodel.gateway.api_grpc import InferenceApi
-from unimodel.gateway.api_http import FastRoutes, build_app
+from unimodel.gateway.api_http import BodyLimit, FastRoutes, build_app
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.settings import GatewaySettings
 from unimodel.v1 import inference_pb2, registry_pb2, services_pb2, services_pb2_grpc
@@ -44,7 +44,8 @@ class GatewayService(Service):
         self._models: dict[str, catalog.ModelEntry] = {}
         self.stats = GatewayMetrics(self.metrics.registry)
         self.api = build_app(self)  # FastAPI: every route, OpenAPI
-        self.app = FastRoutes(self.api, self)  # what uvicorn serves: the hot route first
+        # What uvicorn serves: the body limit, then the hot route, then FastAPI for the rest.
+        self.app = BodyLimit(FastRoutes(self.api, self), settings.max_body_bytes)
         self.http_port = 0
         self._http: _EmbeddedServer | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -131,7 +132,7 @@ class GatewayService(Service):
             self._http.should_exit = True
             try:
                 await asyncio.wait_for(asyncio.shield(self._http_task), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._http.force_exit = True
                 await asyncio.gather(self._http_task, return_exceptions=True)
 

@@ -30,6 +30,6 @@ async def run_batch(engine: Engine, batch: inference_pb2.BatchRequest) -> list[O
         for i in live:
             outcomes[i] = exc
     else:
-        for i, out in zip(live, outputs):
+        for i, out in zip(live, outputs, strict=True):
             outcomes[i] = out
     return outcomes

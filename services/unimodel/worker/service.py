@@ -51,7 +51,7 @@ class WorkerService(Service):
             outcomes = await run_batch(engine, batch)
         path = [*batch.path, self.id]
         ack = inference_pb2.BatchAck(batch_id=batch.batch_id, worker_id=self.id)
-        for item, outcome in zip(batch.items, outcomes):
+        for item, outcome in zip(batch.items, outcomes, strict=True):
             if isinstance(outcome, errors.UnimodelError):
                 ack.failed += 1
                 if item.reply_to:
