@@ -71,3 +71,10 @@ def test_context_headers_round_trip_and_deadline() -> None:
         expired.check()
     fresh = RequestContext.from_headers({}, 2.0)
     assert fresh.request_id and 1.0 < fresh.remaining_s() <= 2.0
+
+
+def test_trace_headers_carry_tracestate_only_with_a_traceparent() -> None:
+    assert RequestContext("r", 0, "", "vendor=x").trace_headers() == {}
+    full = RequestContext("r", 0, "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "vendor=x")
+    assert full.trace_headers() == {Header.TRACEPARENT: full.traceparent, Header.TRACESTATE: "vendor=x"}
+    assert RequestContext.from_headers(full.to_headers(), 1.0).tracestate == "vendor=x"

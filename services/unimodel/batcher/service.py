@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
+from typing import NamedTuple
 
 from nats.aio.msg import Msg
 
@@ -19,6 +20,14 @@ from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import Service
 from unimodel.v1 import inference_pb2
+
+
+class Queued(NamedTuple):
+    """What a queued request carries besides its id and deadline (Pending.payload)."""
+
+    request: inference_pb2.PredictRequest
+    reply_to: str  # the caller's inbox: the worker answers there
+    ctx: RequestContext
 
 
 class BatcherService(Service):
@@ -54,7 +63,7 @@ class BatcherService(Service):
         model = subjects.model_of(msg.subject)
         if request.model and request.model != model:
             raise errors.InvalidArgument(f"request for {request.model!r} sent on the subject of {model!r}")
-        pending = Pending(ctx.request_id, (request, msg.reply, ctx), ctx.deadline_ms)
+        pending = Pending(ctx.request_id, Queued(request, msg.reply, ctx), ctx.deadline_ms)
         self._queue(model).put(pending)  # a full queue raises: the bus answers RESOURCE_EXHAUSTED
         pending.future.add_done_callback(functools.partial(self._on_item_done, msg.reply))
         return None
@@ -85,20 +94,17 @@ class BatcherService(Service):
     async def _dispatch(self, model: str, batch: list[Pending]) -> None:
         request = inference_pb2.BatchRequest(batch_id=uuid.uuid4().hex, model=model, path=[self.id])
         for item in batch:
-            req, reply_to, item_ctx = item.payload
-            added = request.items.add(
+            queued: Queued = item.payload
+            request.items.add(
                 request_id=item.request_id,
-                input=req.input,
+                input=queued.request.input,
                 deadline_unix_ms=item.deadline_ms,
-                parameters=req.parameters,
-                reply_to=reply_to,
+                parameters=queued.request.parameters,
+                reply_to=queued.reply_to,
+                trace_context=queued.ctx.trace_headers(),
             )
-            if item_ctx.traceparent:
-                added.trace_context["traceparent"] = item_ctx.traceparent
-                if item_ctx.tracestate:
-                    added.trace_context["tracestate"] = item_ctx.tracestate
         deadline = max(i.deadline_ms for i in batch) if all(i.deadline_ms for i in batch) else 0
-        first: RequestContext = batch[0].payload[2]
+        first: RequestContext = batch[0].payload.ctx
         ctx = RequestContext(request.batch_id, deadline, first.traceparent, first.tracestate)
         try:
             await self.bus.request(

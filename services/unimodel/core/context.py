@@ -48,14 +48,19 @@ class RequestContext:
         return min(cap_s, self.remaining_s())
 
     # NATS headers ------------------------------------------------------------------------------
+    def trace_headers(self) -> dict[str, str]:
+        """The W3C trace context (tracestate only travels with a traceparent)."""
+        if not self.traceparent:
+            return {}
+        if self.tracestate:
+            return {Header.TRACEPARENT: self.traceparent, Header.TRACESTATE: self.tracestate}
+        return {Header.TRACEPARENT: self.traceparent}
+
     def to_headers(self) -> dict[str, str]:
         h = {Header.REQUEST_ID: self.request_id}
         if self.deadline_ms:
             h[Header.DEADLINE] = str(self.deadline_ms)
-        if self.traceparent:
-            h[Header.TRACEPARENT] = self.traceparent
-            if self.tracestate:
-                h[Header.TRACESTATE] = self.tracestate
+        h.update(self.trace_headers())
         return h
 
     @classmethod
