@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,15 +29,48 @@ _COLORS = ["36", "32", "33", "35", "34", "96", "92", "93", "95", "94"]
 _print_lock = threading.Lock()
 
 
+_handed_out: set[int] = set()
+_port_lock = threading.Lock()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port that is free now, never handed out before by this process, and outside the kernel's
+    ephemeral range, so neither a sibling server nor an outgoing connection takes it before use.
+
+    Binding port 0 twice may return the same port (the first socket is closed by then), and an
+    ephemeral port can be grabbed by any client socket before the server binds it; both made etcd
+    fail to start with "address already in use".
+    """
+    lo, hi = _ephemeral_range()
+    pool = range(10000, lo) if lo - 10000 >= 5000 else range(hi + 1, 65536)
+    rng = random.SystemRandom()
+    with _port_lock:
+        for _ in range(500):
+            port = rng.choice(pool)
+            if port not in _handed_out and not port_in_use(port, host, reuse=False):
+                _handed_out.add(port)
+                return port
+        while True:  # pragma: no cover - only when the whole pool is busy
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+def port_in_use(port: int, host: str = "127.0.0.1", *, reuse: bool = True) -> bool:
     with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
