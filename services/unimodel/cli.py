@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "cache": "unimodel.cache.__main__",
     "embedding-worker": "unimodel.embedder.__main__",
     "gpu-worker": "unimodel.worker.__main__",
+    "models": "unimodel.models.__main__",
 }
 ALIASES = {"embedder": "embedding-worker", "worker": "gpu-worker"}
 
@@ -26,6 +27,7 @@ commands:
   cache              semantic cache                    (python -m unimodel.cache)
   embedding-worker   text embeddings                   (python -m unimodel.embedder)
   gpu-worker         hosts models on engines           (python -m unimodel.worker)
+  models             prepare | list the model repository  (python -m unimodel.models)
 
 `unimodel <command> --help` lists a command's options; every option has a UNIMODEL_* env var."""
 

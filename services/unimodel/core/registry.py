@@ -197,3 +197,7 @@ def instances_prefix(prefix: str, kind: str = "") -> str:
 
 def model_key(prefix: str, name: str) -> str:
     return f"{prefix}/models/{name}"
+
+
+def models_prefix(prefix: str) -> str:
+    return f"{prefix}/models/"

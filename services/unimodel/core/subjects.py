@@ -30,7 +30,7 @@ def model_from_token(token: str) -> str:
 
 
 def batch(model: str) -> str:
-    """gateway -> batcher: one PredictRequest for `model` (queue group QUEUE_BATCHER)."""
+    """gateway -> batcher: one BatchItem for `model` (queue group QUEUE_BATCHER)."""
     return f"{ROOT}.batch.{model_token(model)}"
 
 
@@ -48,6 +48,11 @@ ROUTE_ALL = f"{ROOT}.route.*"
 def worker_infer(instance_id: str) -> str:
     """router -> one worker instance: a BatchRequest it must run."""
     return f"{ROOT}.worker.{instance_id}.infer"
+
+
+def worker_control(instance_id: str) -> str:
+    """router -> one worker instance: a ModelCommand (load / unload a model); the reply is a ModelStatus."""
+    return f"{ROOT}.worker.{instance_id}.control"
 
 
 def model_of(subject: str) -> str:

@@ -1,4 +1,5 @@
 from google.protobuf import struct_pb2 as _struct_pb2
+from unimodel.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -37,7 +38,7 @@ class PredictResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., worker_id: _Optional[str] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchItem(_message.Message):
-    __slots__ = ("request_id", "input", "deadline_unix_ms", "parameters", "reply_to", "trace_context")
+    __slots__ = ("request_id", "input", "deadline_unix_ms", "parameters", "reply_to", "trace_context", "inputs", "outputs", "priority", "rows", "id")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,13 +59,39 @@ class BatchItem(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input: _struct_pb2.Value
     deadline_unix_ms: int
     parameters: _containers.ScalarMap[str, str]
     reply_to: str
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., reply_to: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    priority: int
+    rows: int
+    id: str
+    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., reply_to: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., rows: _Optional[int] = ..., id: _Optional[str] = ...) -> None: ...
+
+class InferResponse(_message.Message):
+    __slots__ = ("model", "model_version", "id", "outputs", "worker_id", "path")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    id: str
+    outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    worker_id: str
+    path: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., worker_id: _Optional[str] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
     __slots__ = ("batch_id", "model", "items", "path")

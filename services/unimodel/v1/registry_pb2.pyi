@@ -1,13 +1,15 @@
+from unimodel.v1 import model_pb2 as _model_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("id", "kind", "version", "host", "grpc_address", "nats_subject", "models", "started_unix_ms", "labels")
+    __slots__ = ("id", "kind", "version", "host", "grpc_address", "nats_subject", "models", "started_unix_ms", "labels", "engines", "model_states")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +26,8 @@ class InstanceInfo(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STATES_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     version: str
@@ -33,23 +37,40 @@ class InstanceInfo(_message.Message):
     models: _containers.RepeatedScalarFieldContainer[str]
     started_unix_ms: int
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., version: _Optional[str] = ..., host: _Optional[str] = ..., grpc_address: _Optional[str] = ..., nats_subject: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., started_unix_ms: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    engines: _containers.RepeatedScalarFieldContainer[str]
+    model_states: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., version: _Optional[str] = ..., host: _Optional[str] = ..., grpc_address: _Optional[str] = ..., nats_subject: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., started_unix_ms: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., engines: _Optional[_Iterable[str]] = ..., model_states: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
 
-class ModelSpec(_message.Message):
-    __slots__ = ("name", "engine", "replicas", "options")
-    class OptionsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+class ModelStatus(_message.Message):
+    __slots__ = ("name", "state", "error", "inflight", "pinned")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[ModelStatus.State]
+        LOADING: _ClassVar[ModelStatus.State]
+        READY: _ClassVar[ModelStatus.State]
+        FAILED: _ClassVar[ModelStatus.State]
+        UNLOADING: _ClassVar[ModelStatus.State]
+    STATE_UNSPECIFIED: ModelStatus.State
+    LOADING: ModelStatus.State
+    READY: ModelStatus.State
+    FAILED: ModelStatus.State
+    UNLOADING: ModelStatus.State
     NAME_FIELD_NUMBER: _ClassVar[int]
-    ENGINE_FIELD_NUMBER: _ClassVar[int]
-    REPLICAS_FIELD_NUMBER: _ClassVar[int]
-    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     name: str
-    engine: str
-    replicas: int
-    options: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., replicas: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    state: ModelStatus.State
+    error: str
+    inflight: int
+    pinned: bool
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelStatus.State, str]] = ..., error: _Optional[str] = ..., inflight: _Optional[int] = ..., pinned: bool = ...) -> None: ...
+
+class ModelCommand(_message.Message):
+    __slots__ = ("load", "unload")
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    UNLOAD_FIELD_NUMBER: _ClassVar[int]
+    load: _model_pb2.ModelConfig
+    unload: str
+    def __init__(self, load: _Optional[_Union[_model_pb2.ModelConfig, _Mapping]] = ..., unload: _Optional[str] = ...) -> None: ...
