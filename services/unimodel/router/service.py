@@ -14,10 +14,11 @@ from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext
 from unimodel.core.grpc_server import maps_errors
 from unimodel.core.lifecycle import Service
-from unimodel.core.registry import Discovery, instances_prefix
+from unimodel.core.registry import Discovery, instances_prefix, models_prefix
+from unimodel.router.placement import Command, Planner
 from unimodel.router.policy import WorkerTable
 from unimodel.router.settings import RouterSettings
-from unimodel.v1 import inference_pb2, registry_pb2, services_pb2, services_pb2_grpc
+from unimodel.v1 import inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
 WORKER_KIND = "gpu-worker"
 
@@ -44,15 +45,30 @@ class RouterService(Service):
             registry_pb2.InstanceInfo.FromString,
             self._on_worker_change,
         )
+        self.models = Discovery(
+            self.store, models_prefix(settings.etcd_prefix), model_pb2.ModelConfig.FromString, self._on_model_change
+        )
+        self.planner = Planner(retry_failed_s=max(5.0, 5 * settings.reconcile_interval_s))
+        self._placement_changed = asyncio.Event()
         self.grpc.add(
             services_pb2_grpc.add_RouterServiceServicer_to_server,
             _RouterApi(self),
             services_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
         )
 
+    def _on_model_change(
+        self, key: str, old: model_pb2.ModelConfig | None, new: model_pb2.ModelConfig | None
+    ) -> None:
+        if new is None and old is not None:
+            self.log.info("model %s unregistered", old.name)
+        elif new is not None:
+            self.log.info("model %s registered (%s engine, replicas %s)", new.name, new.engine, new.replicas or "all")
+        self._placement_changed.set()
+
     def _on_worker_change(
         self, key: str, old: registry_pb2.InstanceInfo | None, new: registry_pb2.InstanceInfo | None
     ) -> None:
+        self._placement_changed.set()
         if new is not None:
             if old is None:
                 self.log.info("worker %s joined with models %s", new.id, ",".join(new.models) or "-")
@@ -66,10 +82,61 @@ class RouterService(Service):
 
     async def on_start(self) -> None:
         self.workers.start()
+        self.models.start()
         await self.bus.serve(subjects.ROUTE_ALL, self._on_batch, queue=subjects.QUEUE_ROUTER)
+        self.spawn(self._reconcile_loop(), name="placement")
 
     async def on_close(self) -> None:
         await self.workers.stop()
+        await self.models.stop()
+
+    # placement ------------------------------------------------------------------------------------
+    async def _reconcile_loop(self) -> None:
+        """Bring workers to the desired placement: on every etcd change, and every interval (a lost
+        command or a failed load is retried)."""
+        await self.workers.synced.wait()
+        await self.models.synced.wait()
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task[None]] = set()
+        while True:
+            self._placement_changed.clear()
+            configs = {c.name: c for c in self.models.items.values()}
+            workers = {info.id: info for info in self.workers.items.values()}
+            now = loop.time()
+            for command in self.planner.plan(configs, workers, now):
+                self.planner.sent(command, now)
+                task = asyncio.create_task(self._command(command))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            try:
+                async with asyncio.timeout(self.settings.reconcile_interval_s):
+                    await self._placement_changed.wait()
+            except TimeoutError:
+                pass
+
+    async def _command(self, command: Command) -> None:
+        info = self.table.instances.get(command.worker_id) or next(
+            (i for i in self.workers.items.values() if i.id == command.worker_id), None
+        )
+        if info is None:
+            return
+        message = (
+            registry_pb2.ModelCommand(load=command.load)
+            if command.load is not None
+            else registry_pb2.ModelCommand(unload=command.model)
+        )
+        ctx = RequestContext.new(self.settings.command_timeout_s)
+        try:
+            raw = await self.bus.request(
+                subjects.worker_control(command.worker_id), message.SerializeToString(), ctx,
+                timeout_s=self.settings.command_timeout_s,
+            )
+        except errors.UnimodelError as exc:
+            self.planner.failed(command)
+            self.log.warning("%s failed: %s", command, exc.message)
+            return
+        status = registry_pb2.ModelStatus.FromString(raw)
+        self.log.info("%s: %s", command, registry_pb2.ModelStatus.State.Name(status.state))
 
     async def _on_batch(self, msg: Msg, ctx: RequestContext) -> bytes:
         batch = inference_pb2.BatchRequest.FromString(msg.data)

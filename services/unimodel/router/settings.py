@@ -14,3 +14,7 @@ class RouterSettings(CommonSettings):
     suspend_s: float = Field(
         2.0, ge=0, le=600, description="how long an instance that did not answer gets no traffic (unless no other)"
     )
+    reconcile_interval_s: float = Field(
+        1.0, gt=0, le=60, description="how often model placement is checked against what workers host"
+    )
+    command_timeout_s: float = Field(5.0, gt=0, le=600, description="max wait for a worker to accept a load/unload")
