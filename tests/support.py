@@ -98,20 +98,48 @@ class Services:
         self.procs.append(proc)
         return proc
 
-    def start_cluster(self, workers: int = 1, *, all_six: bool = True) -> list[ManagedProcess]:
-        """router, batcher, [cache, embedding-worker], N gpu-workers, gateway; waits until ready."""
+    def start_cluster(
+        self,
+        workers: int = 1,
+        *,
+        all_six: bool = True,
+        repository: Path | None = None,
+        models: str = "",
+        worker_args: tuple[str, ...] = (),
+    ) -> list[ManagedProcess]:
+        """router, batcher, [cache, embedding-worker], N gpu-workers, gateway; waits until ready, and
+        with `repository` + `models` (names or 'all') until those models are READY."""
         self.start("router")
         self.start("batcher")
         if all_six:
             self.start("cache")
             self.start("embedding-worker")
         worker_procs = [
-            self.start("gpu-worker", "--instance-id", f"worker-{i}", name=f"worker-{i}") for i in range(workers)
+            self.start("gpu-worker", "--instance-id", f"worker-{i}", *worker_args, name=f"worker-{i}")
+            for i in range(workers)
         ]
         self.http_port, self.grpc_port = free_port(), free_port()
-        gw = self.start("gateway", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port))
+        gw_args = ["--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
+        if repository is not None:
+            gw_args += ["--model-repository", str(repository), "--load-models", models]
+        gw = self.start("gateway", *gw_args)
         wait_until(lambda: http_ok(f"{self.url}/health/ready"), 60, "gateway ready", gw)
+        if repository is not None and models:
+            names = [p.name for p in repository.iterdir() if (p / "config.yaml").is_file()] if models == "all" else models.split(",")
+            self.wait_models(names)
         return worker_procs
+
+    def wait_models(self, names: list[str], timeout: float = 90, instances: int = 1) -> None:
+        """Until each model is READY on at least `instances` workers."""
+
+        def ready() -> bool:
+            for name in names:
+                r = httpx.get(f"{self.url}/v1/models/{name}/status", timeout=5)
+                if r.status_code != 200 or sum(i["state"] == "READY" for i in r.json()["instances"]) < instances:
+                    return False
+            return True
+
+        wait_until(ready, timeout, f"models {', '.join(names)} ready")
 
     @property
     def url(self) -> str:

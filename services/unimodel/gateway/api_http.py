@@ -11,14 +11,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from unimodel import __version__
-from unimodel.core import errors
+from unimodel.core import errors, modelconfig
 from unimodel.core.context import RequestContext
 from unimodel.core.values import from_value, to_value
+from unimodel.gateway import catalog
 
 if TYPE_CHECKING:
     from unimodel.gateway.service import GatewayService
@@ -39,12 +40,51 @@ class ModelCard(BaseModel):
     object: str = "model"
     owned_by: str = "unimodel"
     ready: bool
-    instances: int
+    state: str = Field(..., description="READY, LOADING, FAILED or UNAVAILABLE")
+    instances: int = Field(..., description="worker instances that serve the model now")
+    engine: str = Field("", description="engine of a registered model (onnx, delay, echo); empty for built-ins")
 
 
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
+
+
+class RegisterBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="model name; alone: the folder of that name in the model repository")
+    path: str | None = Field(None, description="model folder inside the gateway's models root (403 outside it)")
+    config: dict[str, Any] | None = Field(
+        None, description="ModelConfig fields overriding the folder's config.yaml (e.g. replicas, max_batch_size)"
+    )
+
+
+class InstanceStatus(BaseModel):
+    id: str
+    state: str
+    error: str = ""
+    inflight: int = 0
+
+
+class ModelStatusReply(BaseModel):
+    name: str
+    state: str = Field(..., description="READY, LOADING, FAILED or UNAVAILABLE")
+    registered: bool
+    instances: list[InstanceStatus]
+    errors: list[str] = Field(default_factory=list)
+    config: dict[str, Any] | None = None
+
+
+def model_status(entry: catalog.ModelEntry) -> ModelStatusReply:
+    return ModelStatusReply(
+        name=entry.name,
+        state=entry.state,
+        registered=entry.registered,
+        instances=[InstanceStatus(id=s.id, state=s.state, error=s.error, inflight=s.inflight) for s in entry.states],
+        errors=entry.errors(),
+        config=modelconfig.to_dict(entry.config) if entry.config is not None else None,
+    )
 
 
 class JsonResponse(Response):
@@ -238,11 +278,57 @@ def build_app(gw: GatewayService) -> FastAPI:
         ok = all(checks.values())
         return JsonResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
-    @app.get("/v1/models", tags=["models"], summary="Models the cluster serves", response_model=ModelList)
+    @app.get("/v1/models", tags=["models"], summary="Registered and served models", response_model=ModelList)
     async def list_models() -> ModelList:
         return ModelList(
-            data=[ModelCard(id=m.name, ready=bool(m.instances), instances=len(m.instances)) for m in gw.models().values()]
+            data=[
+                ModelCard(
+                    id=m.name, ready=bool(m.instances), state=m.state, instances=len(m.instances),
+                    engine=m.config.engine if m.config is not None else "",
+                )
+                for m in gw.models().values()
+            ]
         )
+
+    @app.post(
+        "/v1/models",
+        tags=["models"],
+        summary="Register a model (from the repository by name, or a folder inside the models root)",
+        status_code=202,
+        response_model=ModelStatusReply,
+        responses={400: {}, 403: {"description": "path outside the models root"}, 404: {}, 503: {}},
+    )
+    async def register_model(body: RegisterBody) -> ModelStatusReply:
+        config = await gw.register_model(body.model_dump(exclude_none=True))
+        entry = gw.models().get(config.name) or catalog.ModelEntry(config.name, (), config)
+        return model_status(entry)
+
+    @app.get(
+        "/v1/models/{name:path}/status",
+        tags=["models"],
+        summary="A model's state on every worker instance",
+        response_model=ModelStatusReply,
+        responses={404: {}},
+    )
+    async def get_model_status(name: str) -> ModelStatusReply:
+        entry = gw.models().get(name)
+        if entry is None:
+            raise errors.NotFound(f"model {name!r} not found", model=name)
+        return model_status(entry)
+
+    @app.delete(
+        "/v1/models/{name:path}",
+        tags=["models"],
+        summary="Unregister a model: workers unload it",
+        response_model=ModelStatusReply,
+        responses={404: {}, 503: {}},
+    )
+    async def unregister_model(name: str) -> ModelStatusReply:
+        await gw.unregister_model(name)
+        entry = gw.models().get(name) or catalog.ModelEntry(name, ())
+        reply = model_status(entry)
+        reply.state = "UNLOADING"
+        return reply
 
     @app.post(
         "/v1/models/{name}:predict",

@@ -1,29 +1,80 @@
-"""The gateway's view of the cluster from etcd instances: which models exist, whether it can serve."""
+"""The gateway's view of the cluster from etcd: registered models (desired state), the workers that
+host them and in which state, whether the cluster can serve. Plain logic, no transport."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from unimodel.v1 import registry_pb2
+from unimodel.v1 import model_pb2, registry_pb2
 
 WORKER_KINDS = ("gpu-worker", "embedding-worker")
 REQUIRED_KINDS = ("router", "batcher")
+State = registry_pb2.ModelStatus.State
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceState:
+    id: str
+    state: str  # LOADING / READY / FAILED / UNLOADING
+    error: str = ""
+    inflight: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class ModelEntry:
     name: str
-    instances: tuple[str, ...]
+    instances: tuple[str, ...]  # instances that serve it now (READY)
+    config: model_pb2.ModelConfig | None = None  # None: not registered (a worker's built-in model)
+    states: tuple[InstanceState, ...] = field(default=())
+
+    @property
+    def registered(self) -> bool:
+        return self.config is not None
+
+    @property
+    def state(self) -> str:
+        """READY when an instance serves it; LOADING while one loads it (or none was placed yet);
+        FAILED when every instance that tried failed; UNAVAILABLE for a built-in model on no instance."""
+        if self.instances:
+            return "READY"
+        states = {s.state for s in self.states}
+        if "LOADING" in states:
+            return "LOADING"
+        if states and states <= {"FAILED"}:
+            return "FAILED"
+        return "LOADING" if self.registered else "UNAVAILABLE"
+
+    def errors(self) -> list[str]:
+        return sorted({s.error for s in self.states if s.state == "FAILED" and s.error})
 
 
-def models(instances: Mapping[str, registry_pb2.InstanceInfo]) -> dict[str, ModelEntry]:
-    by_model: dict[str, list[str]] = {}
+def models(
+    instances: Mapping[str, registry_pb2.InstanceInfo],
+    configs: Mapping[str, model_pb2.ModelConfig] | None = None,
+) -> dict[str, ModelEntry]:
+    """Every model that is registered or hosted by a worker, by name."""
+    configs = configs or {}
+    ready: dict[str, list[str]] = {}
+    states: dict[str, list[InstanceState]] = {}
     for info in instances.values():
-        if info.kind in WORKER_KINDS:
-            for model in info.models:
-                by_model.setdefault(model, []).append(info.id)
-    return {m: ModelEntry(m, tuple(sorted(ids))) for m, ids in sorted(by_model.items())}
+        if info.kind not in WORKER_KINDS:
+            continue
+        for model in info.models:
+            ready.setdefault(model, []).append(info.id)
+        reported = {s.name for s in info.model_states}
+        for s in info.model_states:
+            states.setdefault(s.name, []).append(InstanceState(info.id, State.Name(s.state), s.error, s.inflight))
+        for model in info.models:  # a worker that reports no states still serves its models
+            if model not in reported:
+                states.setdefault(model, []).append(InstanceState(info.id, "READY"))
+    names = sorted(set(ready) | set(configs))
+    return {
+        m: ModelEntry(
+            m, tuple(sorted(ready.get(m, ()))), configs.get(m), tuple(sorted(states.get(m, ()), key=lambda s: s.id))
+        )
+        for m in names
+    }
 
 
 def kinds_present(instances: Mapping[str, registry_pb2.InstanceInfo]) -> dict[str, int]:
@@ -41,5 +92,5 @@ def readiness(
     checks = {"nats": nats_connected, "etcd": discovery_synced}
     for kind in REQUIRED_KINDS:
         checks[kind] = kinds.get(kind, 0) > 0
-    checks["models"] = bool(models(instances))
+    checks["models"] = any(e.instances for e in models(instances).values())
     return checks

@@ -11,16 +11,17 @@ from collections.abc import Iterator
 import uvicorn
 from google.protobuf import struct_pb2
 
-from unimodel.core import errors, subjects
+from unimodel.core import errors, subjects, tensors
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
-from unimodel.core.registry import Discovery, instances_prefix
-from unimodel.gateway import catalog
+from unimodel.core.registry import Discovery, instances_prefix, model_key, models_prefix
+from unimodel.core.store import StoreError
+from unimodel.gateway import catalog, registration
 from unimodel.gateway.api_grpc import InferenceApi
 from unimodel.gateway.api_http import BodyLimit, FastRoutes, build_app
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.settings import GatewaySettings
-from unimodel.v1 import inference_pb2, registry_pb2, services_pb2, services_pb2_grpc
+from unimodel.v1 import inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -41,7 +42,12 @@ class GatewayService(Service):
             self.store, instances_prefix(settings.etcd_prefix), registry_pb2.InstanceInfo.FromString,
             on_change=self._on_instance_change,
         )
+        self.registered: Discovery[model_pb2.ModelConfig] = Discovery(
+            self.store, models_prefix(settings.etcd_prefix), model_pb2.ModelConfig.FromString,
+            on_change=self._on_instance_change,
+        )
         self._models: dict[str, catalog.ModelEntry] = {}
+        self._configs: dict[str, model_pb2.ModelConfig] = {}
         self.stats = GatewayMetrics(self.metrics.registry)
         self.api = build_app(self)  # FastAPI: every route, OpenAPI
         # What uvicorn serves: the body limit, then the hot route, then FastAPI for the rest.
@@ -57,24 +63,94 @@ class GatewayService(Service):
 
     # cluster view ------------------------------------------------------------------------------
     def _on_instance_change(self, key: str, old: object, new: object) -> None:
-        self._models = catalog.models(self.instances.items)
+        self._configs = {c.name: c for c in self.registered.items.values()}
+        self._models = catalog.models(self.instances.items, self._configs)
 
     def models(self) -> dict[str, catalog.ModelEntry]:
-        """Models served now (recomputed on every etcd change, not per request)."""
+        """Registered and hosted models (recomputed on every etcd change, not per request)."""
         return self._models
+
+    def configs(self) -> dict[str, model_pb2.ModelConfig]:
+        """Registered models' configs, by name."""
+        return self._configs
+
+    def model_ready(self, name: str) -> bool:
+        entry = self._models.get(name)
+        return entry is not None and bool(entry.instances)
+
+    def require_ready(self, name: str) -> catalog.ModelEntry | None:
+        """The model's entry if an instance serves it. NotFound for an unknown model, Unavailable (503 +
+        Retry-After) while it is registered but not loaded yet. None before the first etcd sync: the
+        request goes on and the router decides."""
+        if not name or not subjects.is_valid_model_name(name):
+            raise errors.InvalidArgument(f"invalid model name {name!r}", field="model")
+        entry = self._models.get(name)
+        if entry is not None and entry.instances:
+            return entry
+        if entry is not None:
+            if entry.state == "FAILED":
+                raise errors.Unavailable(
+                    f"model {name!r} failed to load: {'; '.join(entry.errors()) or 'unknown error'}",
+                    retry_after_s=5, model=name,
+                )
+            raise errors.Unavailable(f"model {name!r} is loading", retry_after_s=1, model=name)
+        if self.instances.synced.is_set() and self.registered.synced.is_set():
+            raise errors.NotFound(f"model {name!r} not found", model=name)
+        return None
 
     def readiness(self) -> dict[str, bool]:
         return catalog.readiness(self.instances.items, self.bus.connected, self.instances.synced.is_set())
+
+    # model registration ---------------------------------------------------------------------------
+    async def register_model(self, body: object) -> model_pb2.ModelConfig:
+        """POST /v1/models: validate, then store the config in etcd; the router places it on workers."""
+        config = registration.resolve(body, self.settings.model_repository, self.settings.models_root)
+        await self._put_config(config)
+        self.log.info("registered model %s (%s engine, from %s)", config.name, config.engine, config.path)
+        return config
+
+    async def unregister_model(self, name: str) -> None:
+        if name not in self._configs:
+            raise errors.NotFound(f"model {name!r} is not registered", model=name)
+        try:
+            await self.store.delete(model_key(self.settings.etcd_prefix, name).encode())
+        except StoreError as exc:
+            raise errors.Unavailable(f"cannot unregister {name!r}: etcd: {exc}", retry_after_s=1) from None
+        self.registered.apply(model_key(self.settings.etcd_prefix, name), None)
+        self.log.info("unregistered model %s", name)
+
+    async def _put_config(self, config: model_pb2.ModelConfig) -> None:
+        key = model_key(self.settings.etcd_prefix, config.name)
+        try:
+            await self.store.put(key.encode(), config.SerializeToString())
+        except StoreError as exc:
+            raise errors.Unavailable(f"cannot register {config.name!r}: etcd: {exc}", retry_after_s=1) from None
+        self.registered.apply(key, config)  # read-your-writes: the watch confirms it shortly
+
+    async def _load_repository_models(self) -> None:
+        """Register --load-models from the repository at start (Triton's --model-repository habit)."""
+        for folder in registration.repository_models(self.settings.model_repository, self.settings.load_models):
+            try:
+                config = registration.resolve({"name": folder.name}, self.settings.model_repository, "")
+                await self._put_config(config)
+                self.log.info("registered %s from the model repository", config.name)
+            except errors.UnimodelError as exc:
+                self.log.error("cannot register %s from the repository: %s", folder.name, exc.message)
 
     # the request path -----------------------------------------------------------------------------
     async def predict(
         self, model: str, value: struct_pb2.Value, parameters: dict[str, str], ctx: RequestContext, api: str = "http"
     ) -> inference_pb2.PredictResponse:
-        """Hand one request to the batcher and wait for its worker's answer; records metrics."""
+        """UniModel predict: hand one input to the batcher, wait for its worker's answer; records metrics."""
         started = time.perf_counter()
         code = "OK"
         try:
-            return await self._predict(model, value, parameters, ctx)
+            self.require_ready(model)
+            item = inference_pb2.BatchItem(input=value, parameters=parameters, rows=1)
+            raw = await self._send(model, item, ctx)
+            reply = inference_pb2.PredictResponse.FromString(raw)
+            reply.path.insert(0, self.id)
+            return reply
         except errors.UnimodelError as exc:
             code = exc.code_name
             raise
@@ -82,27 +158,52 @@ class GatewayService(Service):
             code = "INTERNAL"
             raise
         finally:
-            label = model if model in self.models() else UNKNOWN_MODEL
-            self.stats.observe(api, label, code, time.perf_counter() - started)
+            self._observe(api, model, code, started)
 
-    async def _predict(
-        self, model: str, value: struct_pb2.Value, parameters: dict[str, str], ctx: RequestContext
-    ) -> inference_pb2.PredictResponse:
-        if not model or not subjects.is_valid_model_name(model):
-            raise errors.InvalidArgument(f"invalid model name {model!r}", field="model")
-        if self.instances.synced.is_set() and model not in self.models():
-            raise errors.NotFound(f"model {model!r} not found", model=model)
-        request = inference_pb2.PredictRequest(model=model, input=value, parameters=parameters)
-        raw = await self.bus.request(
-            subjects.batch(model), request.SerializeToString(), ctx, timeout_s=self.settings.request_timeout_s
+    async def infer(
+        self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str = "http"
+    ) -> inference_pb2.InferResponse:
+        """KServe v2 infer: check the tensors against the model's config, batch, wait for the answer."""
+        started = time.perf_counter()
+        code = "OK"
+        rows = 0
+        try:
+            self.require_ready(model)
+            config = self._configs.get(model)
+            if config is not None:
+                rows = check_inputs(config, item)
+                item.rows = rows
+            raw = await self._send(model, item, ctx)
+            reply = inference_pb2.InferResponse.FromString(raw)
+            reply.path.insert(0, self.id)
+            return reply
+        except errors.UnimodelError as exc:
+            code = exc.code_name
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            self._observe(api, model, code, started)
+            stats = getattr(self, "model_stats", None)
+            if stats is not None and model in self._models:
+                stats.record(model, code == "OK", int((time.perf_counter() - started) * 1e9), rows or 1)
+
+    async def _send(self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> bytes:
+        return await self.bus.request(
+            subjects.batch(model), item.SerializeToString(), ctx, timeout_s=self.settings.request_timeout_s
         )
-        reply = inference_pb2.PredictResponse.FromString(raw)
-        reply.path.insert(0, self.id)
-        return reply
+
+    def _observe(self, api: str, model: str, code: str, started: float) -> None:
+        label = model if model in self._models else UNKNOWN_MODEL
+        self.stats.observe(api, label, code, time.perf_counter() - started)
 
     # lifecycle --------------------------------------------------------------------------------------
     async def on_start(self) -> None:
         self.instances.start()
+        self.registered.start()
+        if self.settings.load_models:
+            await self._load_repository_models()
         sock = socket.socket(socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -138,3 +239,41 @@ class GatewayService(Service):
 
     async def on_close(self) -> None:
         await self.instances.stop()
+        await self.registered.stop()
+
+
+def check_inputs(config: model_pb2.ModelConfig, item: inference_pb2.BatchItem) -> int:
+    """Every input of the model present once, with the right datatype and shape, all with the same rows;
+    returns the rows. Errors name the tensor and what was expected."""
+    given = {t.name: t for t in item.inputs}
+    if len(given) != len(item.inputs):
+        raise errors.InvalidArgument(f"model {config.name!r}: an input tensor is given twice", model=config.name)
+    for name in given:
+        if not any(spec.name == name for spec in config.inputs):
+            expected = ", ".join(s.name for s in config.inputs)
+            raise errors.InvalidArgument(
+                f"model {config.name!r} has no input {name!r}; its inputs: {expected}", model=config.name, field=name
+            )
+    rows = 0
+    for spec in config.inputs:
+        tensor = given.get(spec.name)
+        if tensor is None:
+            raise errors.InvalidArgument(
+                f"input {spec.name!r} of model {config.name!r} is missing ({spec.datatype} {list(spec.dims)})",
+                model=config.name, field=spec.name,
+            )
+        r = tensors.check_input(spec, tensor, config.max_batch_size, config.name)
+        if rows and r != rows:
+            raise errors.InvalidArgument(
+                f"input {spec.name!r} of model {config.name!r}: batch size {r} differs from the other inputs' {rows}",
+                model=config.name, field=spec.name,
+            )
+        rows = r
+    outputs = {s.name for s in config.outputs}
+    for name in item.outputs:
+        if name not in outputs:
+            raise errors.InvalidArgument(
+                f"model {config.name!r} has no output {name!r}; its outputs: {', '.join(sorted(outputs))}",
+                model=config.name, field=name,
+            )
+    return rows

@@ -13,3 +13,12 @@ class GatewaySettings(CommonSettings):
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (REST, /metrics); 0 = any free port")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (InferenceService, health); 0 = any")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above)")
+    model_repository: str = Field(
+        "", description="model repository folder: POST /v1/models {\"name\": ...} registers <repository>/<name>"
+    )
+    models_root: str = Field(
+        "", description="folder under which POST /v1/models may register a model by path (default: the repository)"
+    )
+    load_models: str = Field(
+        "", description="models of the repository to register at start: comma separated names, or 'all'"
+    )

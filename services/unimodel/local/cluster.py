@@ -48,7 +48,10 @@ class ClusterConfig:
     config: str | None = None
     log_level: str = "info"
     lease_ttl_s: int | None = None
-    ready_timeout_s: float = 90.0
+    ready_timeout_s: float = 180.0
+    model_repository: Path | None = None  # default: <state_dir>/models
+    prepare_models: bool = True
+    load_models: str = "all"
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -102,11 +105,18 @@ class LocalCluster:
             self.etcd = EtcdServer(c.etcd_port, free_port(c.host), c.state_dir, host=c.host, sink=self.sink, color=1)
         except BinaryNotFound as exc:
             raise ClusterError(str(exc)) from None
+        repository = self.repository()
+        if c.prepare_models:
+            self._prepare_models(repository)
         self.nats.start_and_wait()
         self.etcd.start_and_wait()
         for name, module in SERVICES:
             if name == "gateway":
-                self._service(name, module, ["--http-port", str(c.http_port), "--grpc-port", str(c.grpc_port)])
+                self._service(
+                    name, module,
+                    ["--http-port", str(c.http_port), "--grpc-port", str(c.grpc_port),
+                     "--model-repository", str(repository), "--load-models", c.load_models],
+                )
             elif name == "gpu-worker":
                 for i in range(c.workers):
                     self._service(name, module, [], label=f"gpu-worker-{i}" if c.workers > 1 else name)
@@ -122,13 +132,26 @@ class LocalCluster:
             if not proc.alive():
                 raise ClusterError(f"{proc.name} exited with code {proc.returncode()}")
 
+    def repository(self) -> Path:
+        return (self.cfg.model_repository or self.cfg.state_dir / "models").resolve()
+
+    def _prepare_models(self, repository: Path) -> None:
+        """Build the demo model repository (skips what is prepared already)."""
+        argv = [sys.executable, "-m", "unimodel.cli", "models", "prepare", "--repository", str(repository)]
+        proc = ManagedProcess("models", argv, env=self._env(), sink=self.sink, color=2)
+        proc.start()
+        code = proc.wait(1800.0)
+        if code != 0:
+            raise ClusterError(f"preparing the demo models failed (exit {code}); see the lines above")
+
     def endpoints(self) -> str:
         c = self.cfg
         return "\n".join(
             [
                 "UniModel is up:",
-                f"  HTTP   http://{c.host}:{c.http_port}   (GET /v1/models, POST /v1/models/echo:predict, /health/ready)",
-                f"  gRPC   {c.host}:{c.grpc_port}   (unimodel.v1.InferenceService, grpc.health.v1, reflection)",
+                f"  HTTP   http://{c.host}:{c.http_port}   (GET /v1/models, POST /v1/models/<model>:predict, /v2 KServe, /docs)",
+                f"  gRPC   {c.host}:{c.grpc_port}   (unimodel.v1.InferenceService, inference.GRPCInferenceService, health)",
+                f"  models {self.repository()}",
                 f"  NATS   {self.nats.url if self.nats else '-'}   etcd {self.etcd.endpoint if self.etcd else '-'}",
                 f"  state  {c.state_dir.resolve()}",
                 "Press Ctrl-C to stop.",
@@ -165,6 +188,11 @@ def parse_args(argv: list[str] | None) -> ClusterConfig:
     p.add_argument("--config", help="YAML settings file passed to every service")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--lease-ttl-s", type=int, default=None, help="etcd lease TTL of every service")
+    p.add_argument("--model-repository", default=None, help="model repository folder (default <state-dir>/models)")
+    p.add_argument("--no-prepare", action="store_true", help="do not build the demo models into the repository")
+    p.add_argument(
+        "--load-models", default="all", help="repository models to register at start: 'all', names, or '' for none"
+    )
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error("--workers must be at least 1")
@@ -175,6 +203,8 @@ def parse_args(argv: list[str] | None) -> ClusterConfig:
         state_dir=Path(a.state_dir), host=a.host, http_port=a.http_port, grpc_port=a.grpc_port,
         nats_port=a.nats_port, etcd_port=a.etcd_port, workers=a.workers, config=a.config,
         log_level=a.log_level, lease_ttl_s=a.lease_ttl_s,
+        model_repository=Path(a.model_repository) if a.model_repository else None,
+        prepare_models=not a.no_prepare, load_models=a.load_models,
     )
 
 
