@@ -238,7 +238,7 @@ def main() -> int:
         log = open(Path(tmp) / "cluster.log", "w")  # noqa: SIM115
         cfg = ClusterConfig(
             state_dir=Path(tmp) / "state", http_port=free_port(), grpc_port=free_port(), nats_port=free_port(),
-            etcd_port=free_port(), log_level="warning",
+            etcd_port=free_port(), log_level="warning", prepare_models=False, load_models="",
         )
         cluster = LocalCluster(cfg, sink=log)
         peers: list[subprocess.Popen[bytes]] = []

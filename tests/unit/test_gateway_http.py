@@ -22,6 +22,7 @@ async def gateway() -> AsyncIterator[GatewayService]:
         "/unimodel/v1/instances/gpu-worker/w1", registry_pb2.InstanceInfo(id="w1", kind="gpu-worker", models=["echo"])
     )
     gw.instances.synced.set()
+    gw.registered.synced.set()
     yield gw
 
 
@@ -40,7 +41,7 @@ async def test_openapi_lists_every_route_and_validates(gateway: GatewayService, 
         if not isinstance(route, Route) or route.path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"):
             continue
         for method in route.methods - {"HEAD"}:
-            assert (route.path, method) in documented, f"{method} {route.path} missing from OpenAPI"
+            assert (route.path_format, method) in documented, f"{method} {route.path_format} missing from OpenAPI"
     body = spec["paths"]["/v1/models/{name}:predict"]["post"]["requestBody"]
     assert "input" in body["content"]["application/json"]["schema"]["properties"]
 
@@ -48,7 +49,9 @@ async def test_openapi_lists_every_route_and_validates(gateway: GatewayService, 
 async def test_models_lists_echo(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/models")
     assert r.status_code == 200
-    assert r.json()["data"] == [{"id": "echo", "object": "model", "owned_by": "unimodel", "ready": True, "instances": 1}]
+    assert r.json()["data"] == [
+        {"id": "echo", "object": "model", "owned_by": "unimodel", "ready": True, "state": "READY", "instances": 1, "engine": ""}
+    ]
 
 
 @pytest.mark.parametrize(

@@ -48,10 +48,16 @@ def maps_errors(method: F) -> F:
 
 
 class GrpcServer:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, max_message_bytes: int = 64 * 1024 * 1024) -> None:
         self.host, self.requested_port = host, port
         self.port = 0
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ]
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]

@@ -49,7 +49,9 @@ class Service:
             default_timeout_s=settings.request_timeout_s,
         )
         self.store: KeyValueStore = store or EtcdStore(settings.etcd_endpoint_list)
-        self.grpc = GrpcServer(settings.host, settings.grpc_port)
+        self.grpc = GrpcServer(
+            settings.host, settings.grpc_port, int(getattr(settings, "max_body_bytes", 64 * 1024 * 1024))
+        )
         self.metrics = Metrics()
         self.registration: Registration | None = None
         self.started_ms = int(time.time() * 1000)

@@ -20,6 +20,8 @@ from unimodel.core import errors, modelconfig
 from unimodel.core.context import RequestContext
 from unimodel.core.values import from_value, to_value
 from unimodel.gateway import catalog
+from unimodel.gateway.api_kserve_http import error_result as kserve_error_result
+from unimodel.gateway.api_kserve_http import infer_asgi, match_infer
 
 if TYPE_CHECKING:
     from unimodel.gateway.service import GatewayService
@@ -115,7 +117,12 @@ class BodyLimit:
         too_large = errors.PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await error_response(too_large)(scope, receive, send)
+                if scope["path"].startswith("/v2"):  # KServe clients expect {"error": "<message>"}
+                    status, body, headers = kserve_error_result(too_large)
+                    await Response(body, status, headers={k.decode(): v.decode() for k, v in headers},
+                                   media_type="application/json")(scope, receive, send)
+                else:
+                    await error_response(too_large)(scope, receive, send)
                 return
         seen = 0
 
@@ -202,6 +209,10 @@ class FastRoutes:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = self.PREDICT.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if match is None:
+            infer = match_infer(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+            if infer is not None:
+                await infer_asgi(self.gw, infer[0], infer[1], scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

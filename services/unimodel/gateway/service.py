@@ -19,8 +19,11 @@ from unimodel.core.store import StoreError
 from unimodel.gateway import catalog, registration
 from unimodel.gateway.api_grpc import InferenceApi
 from unimodel.gateway.api_http import BodyLimit, FastRoutes, build_app
+from unimodel.gateway.api_kserve_grpc import add_kserve_grpc
+from unimodel.gateway.api_kserve_http import register_kserve_routes
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.settings import GatewaySettings
+from unimodel.gateway.statistics import ModelStatistics
 from unimodel.v1 import inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
 
@@ -49,7 +52,9 @@ class GatewayService(Service):
         self._models: dict[str, catalog.ModelEntry] = {}
         self._configs: dict[str, model_pb2.ModelConfig] = {}
         self.stats = GatewayMetrics(self.metrics.registry)
+        self.model_stats = ModelStatistics()  # KServe v2 model statistics
         self.api = build_app(self)  # FastAPI: every route, OpenAPI
+        register_kserve_routes(self.api, self)
         # What uvicorn serves: the body limit, then the hot route, then FastAPI for the rest.
         self.app = BodyLimit(FastRoutes(self.api, self), settings.max_body_bytes)
         self.http_port = 0
@@ -60,6 +65,7 @@ class GatewayService(Service):
             InferenceApi(self),
             services_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
         )
+        add_kserve_grpc(self.grpc, self)
 
     # cluster view ------------------------------------------------------------------------------
     def _on_instance_change(self, key: str, old: object, new: object) -> None:
@@ -185,9 +191,8 @@ class GatewayService(Service):
             raise
         finally:
             self._observe(api, model, code, started)
-            stats = getattr(self, "model_stats", None)
-            if stats is not None and model in self._models:
-                stats.record(model, code == "OK", int((time.perf_counter() - started) * 1e9), rows or 1)
+            if model in self._models:
+                self.model_stats.record(model, code == "OK", int((time.perf_counter() - started) * 1e9), rows or 1)
 
     async def _send(self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> bytes:
         return await self.bus.request(

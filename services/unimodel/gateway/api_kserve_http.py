@@ -1,0 +1,464 @@
+"""KServe v2 / Open Inference Protocol REST surface of the gateway (protocol translation only).
+
+Compatible with Triton's clients (`tritonclient.http`, perf_analyzer): error bodies are {"error": "<message>"}
+on every /v2 route (tritonclient raises InferenceServerException with that message), with the status of
+our error tree (400 bad input, 404 unknown model, 413, 429 / 503 with Retry-After, 504).
+
+* `register_kserve_routes(app, gw)` adds the documented FastAPI routes (health, metadata, config,
+  statistics, and infer as a fallback so OpenAPI shows it).
+* `infer_asgi(gw, model, version, scope, receive, send)` serves POST /v2/models/{m}[/versions/{v}]/infer
+  straight from ASGI, without FastAPI (the gateway's fast path calls it; `match_infer(path)` finds it).
+Both infer entries share `run_infer`; the translation itself is in kserve.py.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
+
+from unimodel import __version__
+from unimodel.core import errors, subjects
+from unimodel.core.context import RequestContext
+from unimodel.gateway import kserve
+
+if TYPE_CHECKING:
+    from unimodel.gateway.service import GatewayService
+
+API = "kserve_http"  # the `api` label of the gateway's request metrics
+INFER_PATH = re.compile(r"^/v2/models/(?P<model>.+?)(?:/versions/(?P<version>[^/]+))?/infer$")
+HEADER_LENGTH = "inference-header-content-length"
+Headers = list[tuple[bytes, bytes]]
+_JSON = b"application/json"
+_OCTETS = b"application/octet-stream"
+_WANTED = frozenset({HEADER_LENGTH, "content-encoding", "x-request-id", "traceparent", "tracestate"})
+
+
+def match_infer(path: str) -> tuple[str, str] | None:
+    """(model, version) of an infer path, version "" when none is given; None for any other path."""
+    match = INFER_PATH.match(path)
+    if match is None:
+        return None
+    return match.group("model"), match.group("version") or ""
+
+
+# errors -------------------------------------------------------------------------------------------
+
+
+def error_result(err: errors.UnimodelError) -> tuple[int, bytes, Headers]:
+    """Triton's error shape {"error": "<message>"} with our status and Retry-After."""
+    headers: Headers = []
+    if err.retry_after_s:
+        headers.append((b"retry-after", str(max(1, round(err.retry_after_s))).encode()))
+    return err.http_status, orjson.dumps({"error": err.message}), headers
+
+
+def _response(status: int, body: bytes, headers: Headers | None = None, content_type: bytes = _JSON) -> Response:
+    out = Response(body, status, media_type=content_type.decode())
+    for k, v in headers or ():
+        out.headers.append(k.decode(), v.decode())
+    return out
+
+
+def _json(status: int, doc: Any) -> Response:
+    return _response(status, orjson.dumps(doc))
+
+
+def _error(err: errors.UnimodelError) -> Response:
+    status, body, headers = error_result(err)
+    return _response(status, body, headers)
+
+
+def _check_name(model: str) -> None:
+    if not model or not subjects.is_valid_model_name(model):
+        raise errors.InvalidArgument(f"invalid model name {model!r}", field="model")
+
+
+# infer --------------------------------------------------------------------------------------------
+
+
+def _decode_body(raw: bytes, encoding: str, limit: int) -> bytes:
+    """The request body, decompressed (gzip / deflate, as tritonclient may send) within the body limit."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "deflate"):
+        raise errors.InvalidArgument(f"unsupported Content-Encoding {encoding!r} (gzip, deflate)", field="Content-Encoding")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise errors.InvalidArgument(f"malformed {encoding} body: {exc}", field="Content-Encoding") from None
+    if len(body) > limit or inflater.unconsumed_tail:
+        raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes once decompressed")
+    return body
+
+
+def _header_length(value: str) -> int | None:
+    if not value:
+        return None
+    if not value.strip().isdigit():
+        raise errors.InvalidArgument(
+            f"Inference-Header-Content-Length must be a number of bytes, got {value!r}", field="Inference-Header-Content-Length"
+        )
+    return int(value)
+
+
+async def run_infer(
+    gw: GatewayService, model: str, version: str, raw: bytes, header: Callable[[str], str]
+) -> tuple[int, bytes, Headers]:
+    """POST /v2/models/{model}[/versions/{version}]/infer: (status, body, headers). Never raises.
+    `header(name)` reads a request header by lower-case name ("" when absent)."""
+    try:
+        config = gw.configs().get(model)
+        kserve.check_version(config, model, version)
+        body = _decode_body(raw, header("content-encoding"), gw.settings.max_body_bytes)
+        call = kserve.parse_rest_infer(body, _header_length(header(HEADER_LENGTH)))
+        timeout_s = gw.settings.request_timeout_s
+        if call.timeout_s is not None:
+            timeout_s = min(timeout_s, call.timeout_s)
+        ctx = RequestContext.new(
+            timeout_s, request_id=header("x-request-id"), traceparent=header("traceparent"), tracestate=header("tracestate")
+        )
+        reply = await gw.infer(model, call.item, ctx, API)
+        payload, header_length = kserve.render_rest_infer(reply, call, model, kserve.model_version(config))
+    except errors.UnimodelError as err:
+        return error_result(err)
+    except Exception as exc:
+        gw.log.error("KServe infer failed: %s", exc, exc_info=exc)
+        return error_result(errors.Internal("internal error"))
+    headers: Headers = [
+        (b"x-request-id", ctx.request_id.encode()),
+        (b"x-unimodel-worker", reply.worker_id.encode()),
+        (b"x-unimodel-path", ",".join(reply.path).encode()),
+    ]
+    if header_length is None:
+        headers.append((b"content-type", _JSON))
+    else:
+        headers.append((b"content-type", _OCTETS))
+        headers.append((b"inference-header-content-length", str(header_length).encode()))
+    return 200, payload, headers
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise errors.Cancelled("client disconnected")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def infer_asgi(gw: GatewayService, model: str, version: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """The lean infer route: ASGI in, ASGI out, no FastAPI."""
+    wanted: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        name = key.decode("latin-1").lower()
+        if name in _WANTED:
+            wanted[name] = value.decode("latin-1")
+    try:
+        raw = await _read_body(receive)
+    except errors.UnimodelError as err:  # PayloadTooLarge from the body limit, or the client left
+        status, payload, headers = error_result(err)
+    else:
+        status, payload, headers = await run_infer(gw, model, version, raw, lambda k: wanted.get(k, ""))
+    if status != 200:  # error results carry no content type; answers set their own
+        headers.append((b"content-type", _JSON))
+    headers.append((b"content-length", str(len(payload)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+# documents for OpenAPI ------------------------------------------------------------------------------
+
+
+class KServeError(BaseModel):
+    error: str = Field(..., description="what went wrong (names the tensor or field at fault)")
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str = Field(..., description="BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BYTES")
+    shape: list[int] = Field(..., description="-1 marks a dimension of any size (the batch dimension first)")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = Field(None, description='{"binary_data_size": n} for a binary output')
+    data: list[Any] | None = Field(None, description="row-major values (JSON outputs)")
+
+
+class InferReply(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str | None = None
+    model_name: str
+    model_version: str
+    outputs: list[OutputTensor]
+
+
+class ModelStatistics(BaseModel):
+    model_stats: list[dict[str, Any]] = Field(
+        ..., description="Triton's statistics per model: inference_count, execution_count, inference_stats, ..."
+    )
+
+
+_TENSOR_SCHEMA = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "enum": sorted(kserve.DATATYPES)},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "data": {"type": "array", "items": {}, "description": "values, flat or nested, row-major"},
+        "parameters": {
+            "type": "object",
+            "description": 'binary tensor extension: {"binary_data_size": n}, the size of its bytes after the JSON header',
+        },
+    },
+}
+_INFER_SCHEMA = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string", "description": "echoed in the answer"},
+        "parameters": {
+            "type": "object",
+            "description": "priority (1 = highest), timeout (microseconds), binary_data_output (bool); others go to the engine",
+        },
+        "inputs": {"type": "array", "items": _TENSOR_SCHEMA},
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "parameters": {"type": "object", "description": '{"binary_data": true} for a binary output'},
+                },
+            },
+        },
+    },
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": KServeError, "description": text}
+    for code, text in ((400, "bad request"), (404, "unknown model or version"), (503, "not ready; see Retry-After"))
+}
+_INFER_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    413: {"model": KServeError, "description": "body too large"},
+    429: {"model": KServeError, "description": "queue full; see Retry-After"},
+    504: {"model": KServeError, "description": "deadline exceeded"},
+}
+
+
+# routes ---------------------------------------------------------------------------------------------
+
+
+def _model_entries(gw: GatewayService, model: str, version: str) -> list[dict[str, Any]]:
+    configs = gw.configs()
+    if model:
+        _check_name(model)
+        config = configs.get(model)
+        if config is None and not gw.model_ready(model):
+            raise errors.NotFound(f"model {model!r} not found", model=model)
+        kserve.check_version(config, model, version)
+        names = [model]
+    else:
+        names = sorted(set(configs) | {m for m in gw.model_stats.models() if gw.model_ready(m)})
+    return [
+        kserve.statistics_entry(name, kserve.model_version(configs.get(name)), gw.model_stats.snapshot(name))
+        for name in names
+    ]
+
+
+def _metadata(gw: GatewayService, model: str, version: str) -> dict[str, Any]:
+    _check_name(model)
+    config = gw.configs().get(model)
+    if config is None and not gw.model_ready(model):
+        raise errors.NotFound(f"model {model!r} not found", model=model)
+    kserve.check_version(config, model, version)
+    return kserve.model_metadata(model, config)
+
+
+def _config(gw: GatewayService, model: str, version: str) -> dict[str, Any]:
+    _check_name(model)
+    config = gw.configs().get(model)
+    if config is None:
+        if gw.model_ready(model):
+            raise errors.NotFound(f"model {model!r} is built into its worker and has no configuration", model=model)
+        raise errors.NotFound(f"model {model!r} not found", model=model)
+    kserve.check_version(config, model, version)
+    return kserve.model_config(config)
+
+
+def _model_ready(gw: GatewayService, model: str, version: str) -> tuple[int, dict[str, Any]]:
+    """200 when an instance serves the model; 400 while it is registered but not served (the KServe
+    spec's 4xx for "not ready", as Triton answers); 404 for an unknown model or version."""
+    _check_name(model)
+    config = gw.configs().get(model)
+    ready = gw.model_ready(model)
+    if config is None and not ready:
+        raise errors.NotFound(f"model {model!r} not found", model=model)
+    kserve.check_version(config, model, version)
+    return (200 if ready else 400), {"name": model, "ready": ready}
+
+
+def register_kserve_routes(app: FastAPI, gw: GatewayService) -> None:
+    """Add the KServe v2 routes to the gateway's FastAPI app (documented in its OpenAPI)."""
+    tags = ["kserve v2"]
+
+    def guarded(fn: Callable[[], Response]) -> Response:
+        try:
+            return fn()
+        except errors.UnimodelError as err:
+            return _error(err)
+
+    @app.get("/v2", tags=tags, summary="Server metadata: name, version, protocol extensions", response_model=ServerMetadata)
+    async def kserve_server_metadata() -> Response:
+        return _json(200, kserve.server_metadata(__version__))
+
+    @app.get("/v2/health/live", tags=tags, summary="200 while the gateway process is up", response_model=Live)
+    async def kserve_live() -> Response:
+        return _json(200, {"live": True})
+
+    @app.get(
+        "/v2/health/ready",
+        tags=tags,
+        summary="200 when the cluster can serve, 400 otherwise (KServe: 4xx means not ready)",
+        response_model=Ready,
+        responses={400: {"model": Ready, "description": "not ready"}},
+    )
+    async def kserve_ready() -> Response:
+        ready = all(gw.readiness().values())
+        return _json(200 if ready else 400, {"ready": ready})
+
+    @app.get(
+        "/v2/models/stats",
+        tags=tags,
+        summary="Statistics of every model (Triton's format)",
+        response_model=ModelStatistics,
+        responses=_ERRORS,
+    )
+    async def kserve_all_stats() -> Response:
+        return guarded(lambda: _json(200, kserve.statistics_document(_model_entries(gw, "", ""))))
+
+    def per_model(
+        suffix: str, name: str, summary: str, build: Callable[[str, str], Response], **kw: Any
+    ) -> None:
+        """The route with /versions/{version} and without it (versioned first: {model:path} is greedy)."""
+
+        async def versioned(model: str, version: str) -> Response:
+            return guarded(lambda: build(model, version))
+
+        async def latest(model: str) -> Response:
+            return guarded(lambda: build(model, ""))
+
+        for path, endpoint, label in (
+            (f"/v2/models/{{model:path}}/versions/{{version}}{suffix}", versioned, f"{name}_version"),
+            (f"/v2/models/{{model:path}}{suffix}", latest, name),
+        ):
+            app.add_api_route(path, endpoint, methods=["GET"], name=label, summary=summary, tags=tags, **kw)
+
+    per_model(
+        "/stats", "kserve_model_stats", "Statistics of one model (Triton's format)",
+        lambda m, v: _json(200, kserve.statistics_document(_model_entries(gw, m, v))),
+        response_model=ModelStatistics, responses=_ERRORS,
+    )
+    per_model(
+        "/ready", "kserve_model_ready", "200 when the model is served, 400 while it loads, 404 when unknown",
+        lambda m, v: _json(*_model_ready(gw, m, v)),
+        response_model=ModelReady, responses=_ERRORS,
+    )
+    per_model(
+        "/config", "kserve_model_config", "Triton model configuration (model_config.proto as JSON)",
+        lambda m, v: _json(200, _config(gw, m, v)),
+        response_model=dict[str, Any], responses=_ERRORS,
+    )
+
+    infer_doc: dict[str, Any] = {
+        "tags": tags,
+        "summary": "Run tensors through a model (batched with other requests)",
+        "description": (
+            "JSON tensors, or Triton's binary tensor extension: the JSON header (its length in the "
+            "Inference-Header-Content-Length header) followed by each binary input's bytes in input order. "
+            "Outputs with binary_data come back the same way (Content-Type application/octet-stream)."
+        ),
+        "response_model": InferReply,
+        "responses": _INFER_ERRORS,
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": _INFER_SCHEMA},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    }
+
+    async def infer_route(request: Request, model: str, version: str) -> Response:
+        # Served by the gateway's fast path (infer_asgi) in front of FastAPI; kept for OpenAPI and as fallback.
+        try:
+            raw = await request.body()
+        except errors.UnimodelError as err:
+            return _error(err)
+        status, payload, headers = await run_infer(gw, model, version, raw, lambda k: request.headers.get(k, ""))
+        content_type = next((v for k, v in headers if k == b"content-type"), _JSON)
+        return _response(status, payload, [(k, v) for k, v in headers if k != b"content-type"], content_type)
+
+    async def infer_versioned(request: Request, model: str, version: str) -> Response:
+        return await infer_route(request, model, version)
+
+    async def infer_latest(request: Request, model: str) -> Response:
+        return await infer_route(request, model, "")
+
+    app.add_api_route(
+        "/v2/models/{model:path}/versions/{version}/infer", infer_versioned, methods=["POST"], name="kserve_infer_version",
+        **infer_doc,
+    )
+    app.add_api_route("/v2/models/{model:path}/infer", infer_latest, methods=["POST"], name="kserve_infer", **infer_doc)
+
+    per_model(
+        "", "kserve_model_metadata", "Model metadata: versions, platform, input and output tensors",
+        lambda m, v: _json(200, _metadata(gw, m, v)),
+        response_model=ModelMetadata, responses=_ERRORS,
+    )
