@@ -1,33 +1,66 @@
-"""batcher runtime: NATS queue group on every model's batch subject, one batch loop per model.
+"""batcher runtime: NATS queue group on every model's batch subject, one queue + scheduler per model.
 
-A request's answer does not come back through the batcher: each item carries its caller's inbox, and
-the worker answers there. The batcher answers a caller itself only when the request never reaches a
-worker: its queue is full, it expired while queued, or the batch could not be routed.
+The gateway sends one BatchItem per request on subjects.batch(model) (queue group "batcher", so
+replicas share the load). The batcher sets the item's reply_to (the caller's inbox) and, when the item
+has none, its deadline; queues it under the model's batching policy (its registered ModelConfig, watched
+in etcd, or this service's defaults); and sends each batch to the router as a BatchRequest.
+
+A request's answer does not come back through the batcher: the worker answers each item at its
+reply_to. The batcher answers a caller itself only when the request never reaches a worker: the queue is
+full (RESOURCE_EXHAUSTED + Retry-After), it has more rows than the model's max_batch_size
+(INVALID_ARGUMENT), it expired while queued (DEADLINE_EXCEEDED, at the moment it expires), or its batch
+could not be routed (the router's error, for every request of the batch).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import time
 import uuid
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
+from unimodel.batcher import wire
+from unimodel.batcher.metrics import EXPIRED, INVALID, OTHER_MODEL, QUEUE_FULL, BatcherMetrics, ModelSeries
 from unimodel.batcher.queue import BatchPolicy, ModelQueue, Pending
+from unimodel.batcher.scheduler import Scheduler
 from unimodel.batcher.settings import BatcherSettings
 from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import Service
-from unimodel.v1 import inference_pb2
+from unimodel.core.registry import Discovery, model_key
+from unimodel.core.subjects import Header
+from unimodel.v1 import inference_pb2, model_pb2
+
+_REASONS: dict[type[errors.UnimodelError], str] = {
+    errors.ResourceExhausted: QUEUE_FULL,
+    errors.DeadlineExceeded: EXPIRED,
+    errors.InvalidArgument: INVALID,
+}
 
 
-class Queued(NamedTuple):
-    """What a queued request carries besides its id and deadline (Pending.payload)."""
+class Item(NamedTuple):
+    """What a queued request carries to its batch (Pending.payload)."""
 
-    request: inference_pb2.PredictRequest
+    data: bytes  # the BatchItem as received, with reply_to (and deadline) appended: never re-encoded
     reply_to: str  # the caller's inbox: the worker answers there
-    ctx: RequestContext
+    deadline_ms: int
+    traceparent: str
+    tracestate: str
+
+
+@dataclass(slots=True, eq=False)
+class ModelState:
+    model: str
+    subject: str
+    label: str  # metrics label: the model's name when registered, else OTHER_MODEL
+    series: ModelSeries
+    scheduler: Scheduler = field(init=False)
 
 
 class BatcherService(Service):
@@ -36,97 +69,193 @@ class BatcherService(Service):
 
     def __init__(self, settings: BatcherSettings, **kw) -> None:  # type: ignore[no-untyped-def]
         super().__init__(settings, **kw)
-        self.policy = BatchPolicy(
-            max_batch_size=settings.max_batch_size,
+        self.defaults = BatchPolicy(
+            max_rows=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
         )
-        self.queues: dict[str, ModelQueue] = {}
-        self._dispatching: set[asyncio.Task[None]] = set()
-        self._error_replies: set[asyncio.Task[None]] = set()
+        self.policies: dict[str, BatchPolicy] = {}  # registered models
+        self.queues: dict[str, ModelState] = {}  # by batch subject
+        self._models_prefix = model_key(settings.etcd_prefix, "")
+        self.models: Discovery[model_pb2.ModelConfig] = Discovery(
+            self.store, self._models_prefix, model_pb2.ModelConfig.FromString, self._on_model_change
+        )
+        self.stats = BatcherMetrics(self.metrics.registry, self._queue_stats)
+        self._path = (self.id,)
+        # batch ids: this instance's random prefix and a counter (no urandom call per batch)
+        self._batch_ids = (f"{uuid.uuid4().hex[:16]}{n:08x}" for n in itertools.count())
+        self._replies: set[asyncio.Task[None]] = set()
 
     async def on_start(self) -> None:
+        self.models.start()
+        self.spawn(self._sweep_idle(), name="idle queue sweep")
         # The handler only enqueues (never waits), so it runs inline: no task per request.
-        await self.bus.serve(subjects.BATCH_ALL, self._on_request, queue=subjects.QUEUE_BATCHER, inline=True)
+        await self.bus.serve(subjects.BATCH_ALL, self._on_item, queue=subjects.QUEUE_BATCHER, inline=True)
 
-    def _queue(self, model: str) -> ModelQueue:
-        queue = self.queues.get(model)
-        if queue is None:
-            queue = self.queues[model] = ModelQueue(model, self.policy)
-            self.spawn(self._batch_loop(queue), name=f"batch loop {model}")
-        return queue
+    # model configs ------------------------------------------------------------------------------
+    def policy(self, model: str) -> BatchPolicy:
+        return self.policies.get(model, self.defaults)
 
-    async def _on_request(self, msg: Msg, ctx: RequestContext) -> None:
-        if not msg.reply:
+    def _on_model_change(
+        self, key: str, old: model_pb2.ModelConfig | None, new: model_pb2.ModelConfig | None
+    ) -> None:
+        name = key[len(self._models_prefix) :]
+        if new is None:
+            self.policies.pop(name, None)
+            self.log.info("model %s unregistered: default batching", name)
+        else:
+            try:
+                self.policies[name] = BatchPolicy.from_config(new, self.defaults)
+            except ValueError as exc:
+                self.log.warning("model %s: unusable batching config (%s); keeping the previous policy", name, exc)
+                return
+            p = self.policies[name]
+            self.log.info(
+                "model %s: max_batch_size %d%s, max_queue_delay %.1f ms, preferred %s, queue %d, %d priority levels",
+                name, p.max_rows, "" if p.batching else " (no batching)", p.max_queue_delay_s * 1000,
+                list(p.preferred_batch_sizes) or "-", p.max_queue_size, p.priority_levels,
+            )
+        state = self.queues.get(subjects.batch(name))
+        if state is not None:
+            state.label = self._label(name)
+            state.series = self.stats.series(state.label)
+            state.scheduler.set_policy(self.policy(name))  # applies to the next batch
+
+    def _label(self, model: str) -> str:
+        return model if model in self.policies else OTHER_MODEL
+
+    # the request path ---------------------------------------------------------------------------
+    def _open(self, subject: str) -> ModelState:
+        model = subjects.model_of(subject)
+        label = self._label(model)
+        state = ModelState(model, subject, label, self.stats.series(label))
+        state.scheduler = Scheduler(
+            ModelQueue(model, self.policy(model)),
+            functools.partial(self._dispatch, state),
+            functools.partial(self._reject, state),
+            self.settings.max_inflight_batches,
+        )
+        self.queues[subject] = state
+        return state
+
+    async def _on_item(self, msg: Msg, ctx: RequestContext) -> None:
+        reply_to = msg.reply
+        if not reply_to:
             return None  # nobody waits for an answer: nothing to run
-        request = inference_pb2.PredictRequest.FromString(msg.data)
-        model = subjects.model_of(msg.subject)
-        if request.model and request.model != model:
-            raise errors.InvalidArgument(f"request for {request.model!r} sent on the subject of {model!r}")
-        pending = Pending(ctx.request_id, Queued(request, msg.reply, ctx), ctx.deadline_ms)
-        self._queue(model).put(pending)  # a full queue raises: the bus answers RESOURCE_EXHAUSTED
-        pending.future.add_done_callback(functools.partial(self._on_item_done, msg.reply))
+        state = self.queues.get(msg.subject) or self._open(msg.subject)
+        try:
+            item = inference_pb2.BatchItem.FromString(msg.data)
+        except DecodeError:
+            self.stats.reject(state.label, INVALID)
+            raise errors.InvalidArgument("batch subject payload is not a BatchItem", model=state.model) from None
+        scheduler = state.scheduler
+        deadline_ms = item.deadline_unix_ms
+        expires = deadline_ms / 1000.0
+        if deadline_ms <= 0:
+            deadline_ms = ctx.deadline_ms  # the header's deadline, else this hop's default timeout
+            expires = deadline_ms / 1000.0
+            timeout = scheduler.queue.policy.default_timeout_s
+            if timeout and not (msg.headers and Header.DEADLINE in msg.headers):
+                expires = min(expires, time.time() + timeout)  # the model's queue timeout
+        request_id = item.request_id or ctx.request_id
+        # The item goes on as received plus the fields it lacks (protobuf: appended fields are merged).
+        # The gateway sets request_id and trace_context itself; the headers fill them in otherwise.
+        added = wire.item_fields(
+            reply_to,
+            deadline_ms if deadline_ms != item.deadline_unix_ms else 0,
+            "" if item.request_id else request_id,
+            ctx.trace_headers() if ctx.traceparent and not item.trace_context else None,
+        )
+        pending = Pending(
+            request_id,
+            Item(msg.data + added, reply_to, deadline_ms, ctx.traceparent, ctx.tracestate),
+            rows=item.rows,
+            priority=item.priority,
+            expires=expires,
+        )
+        try:
+            scheduler.submit(pending)
+        except errors.UnimodelError as exc:  # the bus answers the caller with it (429 + Retry-After, ...)
+            reason = _REASONS.get(type(exc))
+            if reason:
+                self.stats.reject(state.label, reason)
+            raise
         return None
 
-    def _on_item_done(self, reply_to: str, future: asyncio.Future[None]) -> None:
-        """An item that failed before reaching a worker: tell its caller why."""
-        if future.cancelled() or future.exception() is None:
-            return
-        err = errors.ensure_unimodel_error(future.exception())  # type: ignore[arg-type]
-        task = asyncio.create_task(self.bus.publish_error(reply_to, err))
-        self._error_replies.add(task)
-        task.add_done_callback(self._error_replies.discard)
-
-    async def _batch_loop(self, queue: ModelQueue) -> None:
-        slots = asyncio.Semaphore(self.settings.max_inflight_batches)
-        while True:
-            batch = await queue.next_batch(idle_timeout_s=self.settings.queue_idle_s)
-            if not batch:
-                if len(queue) == 0 and self.queues.get(queue.model) is queue:
-                    del self.queues[queue.model]
-                    return
-                continue
-            await slots.acquire()
-            task = asyncio.create_task(self._dispatch(queue.model, batch))
-            self._dispatching.add(task)
-            task.add_done_callback(lambda t: (self._dispatching.discard(t), slots.release()))
-
-    async def _dispatch(self, model: str, batch: list[Pending]) -> None:
-        request = inference_pb2.BatchRequest(batch_id=uuid.uuid4().hex, model=model, path=[self.id])
-        for item in batch:
-            queued: Queued = item.payload
-            request.items.add(
-                request_id=item.request_id,
-                input=queued.request.input,
-                deadline_unix_ms=item.deadline_ms,
-                parameters=queued.request.parameters,
-                reply_to=queued.reply_to,
-                trace_context=queued.ctx.trace_headers(),
-            )
-        deadline = max(i.deadline_ms for i in batch) if all(i.deadline_ms for i in batch) else 0
-        first: RequestContext = batch[0].payload.ctx
-        ctx = RequestContext(request.batch_id, deadline, first.traceparent, first.tracestate)
+    async def _dispatch(self, state: ModelState, batch: list[Pending]) -> None:
+        now = time.time()
+        series = state.series
+        wait = series.queue_wait
+        parts = []
+        rows = deadline = 0
+        for pending in batch:
+            item: Item = pending.payload  # type: ignore[assignment]
+            parts.append(item.data)
+            rows += pending.rows
+            if item.deadline_ms > deadline:
+                deadline = item.deadline_ms
+            wait.observe(now - pending.enqueued)
+        series.batch_rows.observe(rows)
+        series.fill_ratio.observe(rows / state.scheduler.queue.policy.max_rows)
+        batch_id = next(self._batch_ids)
+        first: Item = batch[0].payload  # type: ignore[assignment]
+        ctx = RequestContext(batch_id, deadline, first.traceparent, first.tracestate)
         try:
             await self.bus.request(
-                subjects.route(model), request.SerializeToString(), ctx, timeout_s=self.settings.request_timeout_s
+                subjects.route(state.model),
+                wire.batch_request(batch_id, state.model, self._path, parts),
+                ctx,
+                timeout_s=self.settings.request_timeout_s,
             )
-        except Exception as exc:
+        except Exception as exc:  # a failed batch fails every request in it, with the cause
             err = errors.ensure_unimodel_error(exc)
             if not isinstance(exc, errors.UnimodelError):
-                self.log.exception("dispatch of a %s batch failed", model)
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(err)
+                self.log.exception("dispatch of a %s batch failed", state.model)
+            series.batches_failed += 1
+            for pending in batch:
+                await self.bus.publish_error(pending.payload.reply_to, err)  # type: ignore[attr-defined]
             return
-        for item in batch:
-            if not item.future.done():
-                item.future.set_result(None)
+        series.batches_ok += 1
 
+    def _reject(self, state: ModelState, batch: list[Pending], err: errors.UnimodelError) -> None:
+        """Answer requests that leave the queue without running (one task for all of them)."""
+        reason = _REASONS.get(type(err))
+        if reason:
+            self.stats.reject(state.label, reason, len(batch))
+        task = asyncio.get_running_loop().create_task(self._answer(batch, err))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    async def _answer(self, batch: list[Pending], err: errors.UnimodelError) -> None:
+        for pending in batch:
+            await self.bus.publish_error(pending.payload.reply_to, err)  # type: ignore[attr-defined]
+
+    def _queue_stats(self) -> list[tuple[str, int, int]]:
+        # Called from the metrics server's thread: list() copies the values atomically under the GIL.
+        return [(s.label, s.scheduler.queue.count, s.scheduler.inflight) for s in list(self.queues.values())]
+
+    async def _sweep_idle(self) -> None:
+        """Forget the queues of models that had no traffic for queue_idle_s."""
+        idle_s = self.settings.queue_idle_s
+        while True:
+            await asyncio.sleep(max(0.05, idle_s / 2))
+            cutoff = time.time() - idle_s
+            for subject, state in list(self.queues.items()):
+                if state.scheduler.idle and state.scheduler.last_active < cutoff:
+                    del self.queues[subject]
+                    state.scheduler.close()
+
+    # lifecycle ----------------------------------------------------------------------------------
     async def on_drain(self, timeout_s: float) -> None:
-        # The batch loops keep dispatching until the queues are empty and every batch is acknowledged.
+        # No new requests arrive (unsubscribed): send what is queued and wait for every batch's ack.
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
-        while (any(len(q) for q in self.queues.values()) or self._dispatching) and loop.time() < end:
-            await asyncio.sleep(0.01)
-        if self._error_replies:
-            await asyncio.wait(set(self._error_replies), timeout=max(0.1, end - loop.time()))
+        states = list(self.queues.values())
+        await asyncio.gather(*(s.scheduler.drain(max(0.0, end - loop.time())) for s in states))
+        for state in states:
+            state.scheduler.close()  # what is left is answered UNAVAILABLE
+        if self._replies:
+            await asyncio.wait(set(self._replies), timeout=max(0.1, end - loop.time()))
+
+    async def on_close(self) -> None:
+        await self.models.stop()

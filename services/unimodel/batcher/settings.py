@@ -7,9 +7,14 @@ from unimodel.core.settings import CommonSettings, register_settings
 
 @register_settings
 class BatcherSettings(CommonSettings):
+    """Defaults for models without a registered ModelConfig (e.g. the built-in echo); a registered
+    model's `max_batch_size` and `batching` section take precedence (max_queue_size 0 there = this one)."""
+
     service = "batcher"
 
-    max_batch_size: int = Field(32, ge=1, le=65536, description="most requests in one batch")
+    max_batch_size: int = Field(
+        32, ge=1, le=65536, description="most rows in one batch (a request adds its rows, 1 if unset)"
+    )
     max_queue_delay_ms: float = Field(
         0.0, ge=0, le=60000, description="max wait after the first request for more to join its batch"
     )
