@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--models", default="mlp,all-minilm-l6-v2")
     p.add_argument("--interval-ms", type=int, default=4000)
+    p.add_argument("--seq-len", type=int, default=32, help="MiniLM tokens per request (2 cores: 128 takes minutes)")
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "batching.json"))
     args = p.parse_args(argv)
     from modelrepo import prepared_repository
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     raw = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench" / "raw_onnxruntime.py"), "--repository", str(repository),
-         "--models", ",".join(models), "--json", "/dev/stdout"],
+         "--models", ",".join(models), "--seq-len", str(args.seq_len), "--json", "/dev/stdout"],
         capture_output=True, text=True, check=True,
     )
     raw_report = json.loads(raw.stdout[raw.stdout.index("{"):])
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     for who, target in (("unimodel", ours_url), ("pytriton", peer_url)):
                         (m,) = perf.measure(
                             model, target, protocol=args.protocol, concurrencies=[c],
-                            measurement_interval_ms=args.interval_ms,
+                            measurement_interval_ms=args.interval_ms, seq_len=args.seq_len,
                         )
                         row[who] = {k: m[k] for k in ("throughput", "p50_us", "p99_us", "stable")}
                         print(f"{model} c={c} {who}: {m['throughput']:.0f} infer/s p50 {m['p50_us']} p99 {m['p99_us']}",
