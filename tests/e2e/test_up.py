@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import sklearn.datasets
 
 from unimodel.local.procs import free_port, http_ok, wait_until
 
@@ -41,11 +43,14 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_up_serves_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+def test_up_serves_demo_models_then_ctrl_c_leaves_nothing(tmp_path: Path, model_repository: Path) -> None:
     http, grpc_port, nats, etcd = free_port(), free_port(), free_port(), free_port()
+    # The repository the test suite prepared once: `up` runs prepare over it (all skipped) as a user's
+    # second start would, and registers every model in it.
     cmd = [
         sys.executable, "-m", "unimodel.cli", "up", "--workers", "2", "--state-dir", str(tmp_path / "state"),
         "--http-port", str(http), "--grpc-port", str(grpc_port), "--nats-port", str(nats), "--etcd-port", str(etcd),
+        "--model-repository", str(model_repository),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")}
     log = (tmp_path / "up.log").open("w+")
@@ -53,12 +58,25 @@ def test_up_serves_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{http}/health/ready"), 90, "cluster ready")
         wait_until(lambda: "UniModel is up" in Path(log.name).read_text(), 10, "endpoints printed")
-        models = httpx.get(f"http://127.0.0.1:{http}/v1/models").json()["data"]
-        assert models[0]["id"] == "echo"
-        wait_until(
-            lambda: httpx.get(f"http://127.0.0.1:{http}/v1/models").json()["data"][0]["instances"] == 2, 10, "2 workers"
-        )
-        r = httpx.post(f"http://127.0.0.1:{http}/v1/models/echo:predict", json={"input": "hi"})
+        base = f"http://127.0.0.1:{http}"
+        demo = ["all-minilm-l6-v2", "efficientnet-lite0", "iris-classifier", "mlp", "identity", "delay"]
+
+        def all_ready() -> bool:
+            data = {m["id"]: m for m in httpx.get(f"{base}/v1/models").json()["data"]}
+            return all(data.get(m, {}).get("instances") == 2 for m in demo)
+
+        wait_until(all_ready, 120, "demo models ready on 2 workers")
+        r = httpx.post(f"{base}/v1/models/all-minilm-l6-v2:predict", json={"input": "a cat sits on the mat"})
+        assert r.status_code == 200, r.text
+        vec = r.json()["output"]["embedding"]
+        assert len(vec) == 384 and abs(sum(v * v for v in vec) - 1) < 1e-3
+        image = base64.b64encode(Path(sklearn.datasets.__file__).parent.joinpath("images", "flower.jpg").read_bytes())
+        r = httpx.post(f"{base}/v1/models/efficientnet-lite0:predict", json={"input": image.decode()}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["output"]["labels"][0]["label"] == "daisy"
+        r = httpx.post(f"{base}/v1/models/iris-classifier:predict", json={"input": [5.1, 3.5, 1.4, 0.2]})
+        assert r.status_code == 200 and r.json()["output"]["label"] == "setosa", r.text
+        r = httpx.post(f"{base}/v1/models/echo:predict", json={"input": "hi"})
         assert r.status_code == 200 and r.json()["output"] == "hi"
 
         children = descendants(up.pid)

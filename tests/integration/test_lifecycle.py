@@ -49,3 +49,26 @@ async def test_stop_while_nats_is_unreachable_returns_promptly(infra: Infra) -> 
     began = time.monotonic()
     await svc.stop()
     assert time.monotonic() - began < 5
+
+
+async def test_frequent_updates_do_not_starve_the_lease_keepalive(infra: Infra) -> None:
+    """A value updated faster than the keepalive interval still gets its lease refreshed (a put does not
+    renew a lease), so the key outlives many TTLs."""
+    from unimodel.core.registry import Registration
+    from unimodel.core.store import EtcdStore
+
+    store = EtcdStore([("127.0.0.1", infra.etcd.port)])
+    reg = Registration(store, "/unimodel/v1/test/frequent", b"0", ttl_s=2)
+    reg.start()
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 10)
+        first_lease = reg.lease_id
+        for i in range(35):  # 7 s = 3.5 TTLs of updates every 0.2 s
+            reg.update(str(i).encode())
+            await asyncio.sleep(0.2)
+        kvs, _ = await store.get_prefix(b"/unimodel/v1/test/")
+        assert kvs == {b"/unimodel/v1/test/frequent": b"34"}
+        assert reg.lease_id == first_lease  # never lost, never re-granted
+    finally:
+        await reg.leave()
+        await store.close()

@@ -30,6 +30,7 @@ class Registration:
         self._value = value
         self.ttl_s = ttl_s
         self.lease_id: int | None = None
+        self._next_refresh = 0.0
         self.registered = asyncio.Event()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -46,10 +47,18 @@ class Registration:
     async def _run(self) -> None:
         backoff = Backoff()
         lost_logged = False
+        suspect = False  # after an error, check that the lease still exists before using it
+        loop = asyncio.get_running_loop()
         while True:
             try:
+                if self.lease_id is not None and suspect:
+                    if await self.store.refresh_lease(self.lease_id) <= 0:
+                        log.warning("lease of %s was lost; registering again", self.key.decode())
+                        self.lease_id = None
+                suspect = False
                 if self.lease_id is None:
                     self.lease_id = await self.store.grant_lease(self.ttl_s)
+                    self._next_refresh = loop.time() + self._interval()
                 self._changed.clear()
                 await self.store.put(self.key, self._value, self.lease_id)
                 self.registered.set()
@@ -62,21 +71,29 @@ class Registration:
                 await self._keepalive()
             except StoreError as exc:
                 self.registered.clear()
+                suspect = True
                 delay = backoff.next()
                 log.warning("registration %s: %s; retrying in %.1fs", self.key.decode(), exc, delay)
                 lost_logged = True
                 await asyncio.sleep(delay)
 
+    def _interval(self) -> float:
+        return max(0.5, self.ttl_s / 3)
+
     async def _keepalive(self) -> None:
-        """Refresh the lease every TTL/3; return (to re-put) on a value change; re-grant a lost lease."""
+        """Refresh the lease every TTL/3 on a fixed schedule (value updates do not postpone it: a put does
+        not renew a lease); return (to re-put) on a value change; re-grant a lost lease."""
         assert self.lease_id is not None
-        interval = max(0.5, self.ttl_s / 3)
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                await asyncio.wait_for(self._changed.wait(), interval)
-                return  # value changed: put again with the same lease
-            except TimeoutError:
-                pass
+            left = self._next_refresh - loop.time()
+            if left > 0:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), left)
+                    return  # value changed: put again with the same lease
+                except TimeoutError:
+                    pass
+            self._next_refresh = loop.time() + self._interval()
             ttl = await self.store.refresh_lease(self.lease_id)
             if ttl <= 0:
                 log.warning("lease of %s was lost; registering again", self.key.decode())

@@ -1,50 +1,136 @@
 """Engines behind one interface. The worker's runtime only sees :class:`Engine`.
 
-Later engines (ONNX Runtime, llama.cpp, vLLM, upstream OpenAI) implement the same protocol.
+An engine runs one model (one :class:`ModelConfig`) on a whole, already concatenated batch:
+``infer({input name: array with the batch dimension}, [output names]) -> {output name: array}``.
+Checking, concatenating and splitting requests is the runner's job (batching.py), pre/post-processing
+is processing.py's. Engines here: ``onnx`` (ONNX Runtime, onnx_engine.py), ``delay`` (waits, then
+echoes: a load-test engine that uses no CPU) and ``echo`` (the built-in test model; it also takes
+predict-API values as they are).
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import functools
 from collections.abc import Sequence
+from typing import ClassVar
 
+import numpy as np
 from google.protobuf import struct_pb2
 
-from unimodel.core.errors import InvalidArgument
+from unimodel.core import errors
+from unimodel.v1 import model_pb2
 
 
 class Engine(abc.ABC):
-    """Runs one model. `infer` gets a whole batch and returns one output per input, in order."""
+    """Runs one model. ``load`` before the first ``infer``; ``unload`` frees its resources."""
 
-    kind: str = "engine"
+    kind: ClassVar[str] = "engine"
+    # True: predict-API values go to `infer_values` as they are, with no pre/post-processing.
+    takes_values: ClassVar[bool] = False
 
-    def __init__(self, model: str) -> None:
-        self.model = model
+    def __init__(self, config: model_pb2.ModelConfig) -> None:
+        self.config = config
+        self.model = config.name
 
     async def load(self) -> None:
-        """Load weights / sessions. Called once before the model is announced."""
+        """Load weights / create sessions (off the event loop when it blocks)."""
 
     async def unload(self) -> None:
-        """Release the model's resources."""
+        """Release the model's resources. Called once no batch runs on the engine any more."""
 
     @abc.abstractmethod
-    async def infer(self, inputs: Sequence[struct_pb2.Value]) -> list[struct_pb2.Value]: ...
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run one batch: every input carries the batch dimension (when the model batches); return
+        the requested outputs with the same number of rows."""
+
+    async def infer_values(self, values: Sequence[struct_pb2.Value]) -> list[struct_pb2.Value]:
+        """Predict-API values in, one output value per input (engines with ``takes_values``)."""
+        raise errors.Internal(f"the {self.kind} engine does not take values")
+
+
+def _first_to_first(config: model_pb2.ModelConfig, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """Input i returned as output i (echo-style engines)."""
+    pairs = {o.name: i.name for i, o in zip(config.inputs, config.outputs)}
+    out: dict[str, np.ndarray] = {}
+    for name in outputs:
+        source = pairs.get(name)
+        if source is None:
+            raise errors.InvalidArgument(f"model {config.name!r}: output {name!r} has no matching input to echo")
+        out[name] = inputs[source]
+    return out
 
 
 class EchoEngine(Engine):
     """Returns its inputs: the built-in test model that exercises the whole path."""
 
     kind = "echo"
+    takes_values = True
 
-    async def infer(self, inputs: Sequence[struct_pb2.Value]) -> list[struct_pb2.Value]:
-        return list(inputs)
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        return _first_to_first(self.config, inputs, outputs)
+
+    async def infer_values(self, values: Sequence[struct_pb2.Value]) -> list[struct_pb2.Value]:
+        return list(values)
 
 
-BUILTIN_ENGINES: dict[str, type[Engine]] = {"echo": EchoEngine}
+class DelayEngine(Engine):
+    """Waits ``options.delay_ms`` per batch (asyncio sleep: no CPU, no thread), then returns INPUT0 as
+    OUTPUT0 (input i as output i). Stands in for an accelerator-bound model in load tests."""
+
+    kind = "delay"
+
+    def __init__(self, config: model_pb2.ModelConfig) -> None:
+        super().__init__(config)
+        raw = config.options.get("delay_ms", "0")
+        try:
+            self.delay_s = float(raw) / 1000.0
+        except ValueError:
+            raise errors.InvalidArgument(f"model {config.name!r}: options.delay_ms {raw!r} is not a number") from None
+        if not 0 <= self.delay_s <= 3600:
+            raise errors.InvalidArgument(f"model {config.name!r}: options.delay_ms must be within 0..3600000")
+
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return _first_to_first(self.config, inputs, outputs)
 
 
-def builtin_engine(name: str) -> Engine:
+@functools.cache
+def _available() -> tuple[str, ...]:
     try:
-        return BUILTIN_ENGINES[name](name)
-    except KeyError:
-        raise InvalidArgument(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN_ENGINES))}") from None
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return ("delay", "echo")
+    return ("onnx", "delay", "echo")
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """onnxruntime here has the CUDA execution provider (announced as label cuda=true)."""
+    if "onnx" not in _available():
+        return False
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def available_engines() -> list[str]:
+    """Engine kinds this worker can run (what it announces in InstanceInfo.engines)."""
+    return list(_available())
+
+
+def create_engine(config: model_pb2.ModelConfig) -> Engine:
+    """The engine for `config` (not loaded yet)."""
+    if config.engine == "echo":
+        return EchoEngine(config)
+    if config.engine == "delay":
+        return DelayEngine(config)
+    if config.engine == "onnx":
+        if "onnx" not in available_engines():
+            raise errors.FailedPrecondition("the onnx engine is not available here (onnxruntime is not installed)")
+        from unimodel.worker.onnx_engine import OnnxEngine
+
+        return OnnxEngine(config)
+    raise errors.InvalidArgument(f"unknown engine {config.engine!r}; known: onnx, delay, echo")

@@ -1,21 +1,39 @@
-"""gpu-worker runtime: loads engines, registers with its models, runs batches sent to its NATS subject.
+"""gpu-worker runtime: hosts models (models.py), runs the batches the router sends to its NATS subject
+(runner.py) and loads / unloads models on command.
 
-Each item's result goes straight to the caller's inbox (item.reply_to); the router gets a BatchAck.
+Subjects: subjects.worker_infer(id) takes a BatchRequest: each item's result goes straight to the
+caller's inbox (item.reply_to) as an InferResponse (tensor items) or PredictResponse (value items), or
+as error headers; the router gets a BatchAck. subjects.worker_control(id) takes a ModelCommand and
+answers a ModelStatus at once; the registration (InstanceInfo.models / model_states) shows the outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
-from unimodel.core import errors, subjects
+from unimodel.core import errors, modelconfig, subjects
 from unimodel.core.context import RequestContext
-from unimodel.core.lifecycle import Service
-from unimodel.v1 import inference_pb2, registry_pb2
-from unimodel.worker.engines import Engine, builtin_engine
+from unimodel.core.lifecycle import FatalError, Service
+from unimodel.v1 import inference_pb2, model_pb2, registry_pb2
+from unimodel.worker.batching import add_tensors
+from unimodel.worker.engines import available_engines, cuda_available
+from unimodel.worker.models import ModelTable, builtin_config
 from unimodel.worker.runner import run_batch
 from unimodel.worker.settings import WorkerSettings
+
+INFLIGHT_REPORT_S = 1.0
+"""In-flight counts reach etcd at most this often (state changes go at once)."""
+
+
+def inflight_report_s(lease_ttl_s: float) -> float:
+    """How often in-flight counts may be published: every second (Registration refreshes its lease on
+    its own schedule, so frequent value updates cannot starve it)."""
+    return INFLIGHT_REPORT_S
 
 
 class WorkerService(Service):
@@ -24,46 +42,116 @@ class WorkerService(Service):
 
     def __init__(self, settings: WorkerSettings, **kw) -> None:  # type: ignore[no-untyped-def]
         super().__init__(settings, **kw)
-        self.engines: dict[str, Engine] = {}
         self.subject = subjects.worker_infer(self.id)
+        self.control_subject = subjects.worker_control(self.id)
         self._slots = asyncio.Semaphore(settings.max_concurrent_batches)
+        self._executor = concurrent.futures.ThreadPoolExecutor(settings.processing_threads, thread_name_prefix="processing")
+        self.models = ModelTable(self._models_changed, executor=self._executor, owner=self.id)
+        self._reported: tuple[tuple[str, int], ...] = ()
 
     async def on_start(self) -> None:
         for name in self.settings.model_list:
-            engine = builtin_engine(name)
-            await engine.load()
-            self.engines[name] = engine
-            self.log.info("loaded model %s (%s engine)", name, engine.kind)
+            await self.models.load_now(builtin_config(name), pinned=True)
+        repo = self.settings.model_repository
+        for name in self.settings.load_list:
+            try:
+                config = modelconfig.load(Path(repo) / name)
+            except errors.UnimodelError as exc:
+                raise FatalError(f"cannot load model {name!r}: {exc.message}") from None
+            self.models.load(config, pinned=True)
         await self.bus.serve(self.subject, self._on_batch)
+        await self.bus.serve(self.control_subject, self._on_control)
+        self.spawn(self._report_inflight(), "report in-flight batches")
 
     def instance_info(self) -> registry_pb2.InstanceInfo:
         info = super().instance_info()
         info.nats_subject = self.subject
-        info.models.extend(sorted(self.engines))
+        info.engines.extend(available_engines())
+        info.models.extend(self.models.ready())
+        info.model_states.extend(self.models.states())
+        if cuda_available():
+            info.labels["cuda"] = "true"
         return info
 
+    def _models_changed(self) -> None:
+        self._reported = self.models.inflight()
+        self.update_registration()
+
+    async def _report_inflight(self) -> None:
+        period = inflight_report_s(self.settings.lease_ttl_s)
+        while True:
+            await asyncio.sleep(period)
+            now = self.models.inflight()
+            if now != self._reported:
+                self._reported = now
+                self.update_registration()
+
+    # control ------------------------------------------------------------------------------------
+    async def _on_control(self, msg: Msg, ctx: RequestContext) -> bytes:
+        try:
+            command = registry_pb2.ModelCommand.FromString(msg.data)
+        except DecodeError:
+            raise errors.InvalidArgument("not a ModelCommand") from None
+        which = command.WhichOneof("command")
+        if which == "load":
+            config = model_pb2.ModelConfig()
+            config.CopyFrom(command.load)
+            modelconfig.apply_defaults(config)
+            modelconfig.validate(config, source=f"model {config.name!r}")
+            if config.engine not in available_engines():
+                raise errors.FailedPrecondition(
+                    f"{self.id} cannot run the {config.engine} engine (engines: {', '.join(available_engines())})"
+                )
+            self.log.info("command: load model %s (version %s)", config.name, config.version)
+            status = self.models.load(config)
+        elif which == "unload":
+            self.log.info("command: unload model %s", command.unload)
+            status = self.models.unload(command.unload)
+        else:
+            raise errors.InvalidArgument("ModelCommand holds neither load nor unload")
+        return status.SerializeToString()
+
+    # batches ------------------------------------------------------------------------------------
     async def _on_batch(self, msg: Msg, ctx: RequestContext) -> bytes:
         batch = inference_pb2.BatchRequest.FromString(msg.data)
-        engine = self.engines.get(batch.model)
-        if engine is None:
-            raise errors.NotFound(f"model {batch.model!r} is not loaded on {self.id}", model=batch.model)
-        async with self._slots:
-            outcomes = await run_batch(engine, batch)
+        model = self.models.acquire(batch.model)
+        try:
+            async with self._slots:
+                outcomes = await run_batch(model, batch, self._executor)
+        finally:
+            self.models.release(model)
         path = [*batch.path, self.id]
         ack = inference_pb2.BatchAck(batch_id=batch.batch_id, worker_id=self.id)
+        failed = 0
+        publish = self.bus.publish
+        infer_base: inference_pb2.InferResponse | None = None
+        layout = model.layout
         for item, outcome in zip(batch.items, outcomes, strict=True):
+            reply_to = item.reply_to
             if isinstance(outcome, errors.UnimodelError):
-                ack.failed += 1
-                if item.reply_to:
-                    await self.bus.publish_error(item.reply_to, outcome)
+                failed += 1
+                if reply_to:
+                    await self.bus.publish_error(reply_to, outcome)
                 continue
-            ack.succeeded += 1
-            if item.reply_to:
+            if not reply_to:
+                continue
+            if isinstance(outcome, dict):
+                if infer_base is None:  # the fields every answer of the batch shares, built once
+                    infer_base = inference_pb2.InferResponse(
+                        model=batch.model, model_version=model.config.version, worker_id=self.id, path=path
+                    )
+                reply = inference_pb2.InferResponse()
+                reply.CopyFrom(infer_base)
+                if item.id:
+                    reply.id = item.id
+                add_tensors(layout, reply.outputs, outcome)
+            else:
                 reply = inference_pb2.PredictResponse(model=batch.model, output=outcome, worker_id=self.id, path=path)
-                await self.bus.publish(item.reply_to, reply.SerializeToString())
+            await publish(reply_to, reply.SerializeToString())
+        ack.failed = failed
+        ack.succeeded = len(outcomes) - failed
         return ack.SerializeToString()
 
     async def on_close(self) -> None:
-        for engine in self.engines.values():
-            await engine.unload()
-        self.engines.clear()
+        await self.models.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)

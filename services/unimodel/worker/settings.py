@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pathlib import Path
+
+from pydantic import Field, ValidationInfo, field_validator
 
 from unimodel.core.settings import CommonSettings, register_settings
 
@@ -9,19 +11,56 @@ from unimodel.core.settings import CommonSettings, register_settings
 class WorkerSettings(CommonSettings):
     service = "gpu-worker"
 
-    models: str = Field("echo", description="built-in models to host, comma separated")
+    models: str = Field("echo", description="built-in models to host, comma separated (pinned)")
+    model_repository: str = Field("", description="model repository folder (<repo>/<model>/config.yaml + files)")
+    load: str = Field("", description="models of the repository to load at start, comma separated (pinned)")
     max_concurrent_batches: int = Field(8, ge=1, le=4096, description="batches run at once on this worker")
+    processing_threads: int = Field(2, ge=1, le=256, description="threads for pre/post-processing (decode, tokenize)")
 
     @field_validator("models")
     @classmethod
     def _models(cls, v: str) -> str:
-        from unimodel.worker.engines import BUILTIN_ENGINES
+        from unimodel.worker.models import BUILTIN_MODELS
 
         for name in cls._split(v):
-            if name not in BUILTIN_ENGINES:
-                raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN_ENGINES))}")
+            if name not in BUILTIN_MODELS:
+                raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+        return v
+
+    @field_validator("model_repository")
+    @classmethod
+    def _repository(cls, v: str) -> str:
+        if v and not Path(v).is_dir():
+            raise ValueError(f"{v!r} is not a folder")
+        return str(Path(v).resolve()) if v else v
+
+    @field_validator("load")
+    @classmethod
+    def _load(cls, v: str, info: ValidationInfo) -> str:
+        names = cls._split(v)
+        if not names:
+            return v
+        repo = info.data.get("model_repository")
+        if not repo:
+            raise ValueError("needs --model-repository (the folder the models are loaded from)")
+        from unimodel.core import errors, modelconfig
+
+        builtins = set(cls._split(info.data.get("models") or ""))
+        for name in names:
+            if name in builtins:
+                raise ValueError(f"{name!r} is also a built-in model (--models)")
+            try:
+                config = modelconfig.load(Path(repo) / name)
+            except errors.UnimodelError as exc:
+                raise ValueError(f"model {name!r}: {' '.join(exc.message.split())}") from None
+            if config.name != name:
+                raise ValueError(f"model folder {name!r} holds model {config.name!r}")
         return v
 
     @property
     def model_list(self) -> list[str]:
         return self._split(self.models)
+
+    @property
+    def load_list(self) -> list[str]:
+        return self._split(self.load)

@@ -1,0 +1,178 @@
+"""The hosted-model table: load / reload / unload state transitions, in-flight batches, errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_worker_onnx import identity_model
+
+from unimodel.core import errors, modelconfig
+from unimodel.v1 import model_pb2, registry_pb2
+from unimodel.worker.engines import Engine, create_engine
+from unimodel.worker.models import ModelTable, builtin_config
+
+S = registry_pb2.ModelStatus
+
+
+class Gated(Engine):
+    """Loads when the test opens its gate; records unloads."""
+
+    kind = "gated"
+    gates: dict[str, asyncio.Event] = {}
+    unloaded: list[str] = []
+
+    async def load(self) -> None:
+        if self.config.options.get("fail"):
+            raise errors.FailedPrecondition(self.config.options["fail"])
+        await self.gates.setdefault(self.config.version, asyncio.Event()).wait()
+
+    async def unload(self) -> None:
+        self.unloaded.append(self.config.version)
+
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        return {}
+
+
+def open_gate(version: str) -> None:
+    Gated.gates.setdefault(version, asyncio.Event()).set()
+
+
+def cfg(version: str = "1", **options: str) -> model_pb2.ModelConfig:
+    return modelconfig.parse({
+        "name": "m",
+        "engine": "delay",
+        "version": version,
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+        "max_batch_size": 4,
+        "options": options,
+    })
+
+
+@pytest.fixture
+def gated() -> ModelTable:
+    Gated.gates, Gated.unloaded = {}, []
+    return ModelTable(engine_factory=Gated)
+
+
+def state(table: ModelTable, name: str = "m") -> tuple[int, str]:
+    s = table.status(name)
+    return s.state, s.error
+
+
+async def test_load_answers_loading_then_becomes_ready(gated: ModelTable) -> None:
+    changes = []
+    gated.on_change = lambda: changes.append(state(gated))
+    reply = gated.load(cfg())
+    assert reply.state == S.LOADING and state(gated) == (S.LOADING, "")
+    assert gated.ready() == []
+    with pytest.raises(errors.Unavailable, match="is loading") as info:
+        gated.acquire("m")
+    assert info.value.retry_after_s == 1
+    open_gate("1")
+    await gated.settle()
+    assert state(gated) == (S.READY, "") and gated.ready() == ["m"]
+    assert changes == [(S.LOADING, ""), (S.READY, "")]
+    # the same config again is a no-op
+    assert gated.load(cfg()).state == S.READY
+    assert not gated._tasks
+
+
+async def test_unknown_and_failed_models(gated: ModelTable) -> None:
+    with pytest.raises(errors.NotFound, match="'m' is not loaded"):
+        gated.acquire("m")
+    gated.load(cfg(fail="no such file"))
+    await gated.settle()
+    assert state(gated) == (S.FAILED, "no such file")
+    with pytest.raises(errors.Unavailable, match="failed to load on this worker: no such file"):
+        gated.acquire("m")
+    # a command for the same config retries the load
+    assert gated.load(cfg(fail="no such file")).state == S.LOADING
+    await gated.settle()
+    assert state(gated)[0] == S.FAILED
+    assert gated.unload("other") == registry_pb2.ModelStatus(name="other")
+
+
+async def test_reload_keeps_the_old_version_serving_until_the_new_one_is_ready(gated: ModelTable) -> None:
+    open_gate("1")
+    await gated.load_now(cfg("1"))
+    old = gated.acquire("m")
+    assert gated.load(cfg("2")).state == S.LOADING
+    await asyncio.sleep(0.01)
+    assert state(gated)[0] == S.READY and gated.acquire("m") is old  # still the old one
+    gated.release(old)
+    open_gate("2")
+    await asyncio.sleep(0.01)
+    new = gated.acquire("m")
+    assert new is not old and new.config.version == "2"
+    assert Gated.unloaded == []  # the old version still runs a batch
+    assert gated.status("m").inflight == 1
+    gated.release(old)
+    await gated.settle()
+    assert Gated.unloaded == ["1"]
+    gated.release(new)
+
+
+async def test_unload_waits_for_inflight_batches(gated: ModelTable) -> None:
+    open_gate("1")
+    await gated.load_now(cfg(), pinned=True)
+    assert gated.status("m").pinned and gated.pinned() == ["m"]
+    batches = [gated.acquire("m"), gated.acquire("m")]
+    assert gated.status("m").inflight == 2 and gated.inflight() == (("m", 2),)
+    reply = gated.unload("m")
+    assert reply.state == S.UNLOADING and reply.inflight == 2
+    with pytest.raises(errors.Unavailable, match="is unloading"):
+        gated.acquire("m")
+    gated.release(batches[0])
+    await asyncio.sleep(0.01)
+    assert Gated.unloaded == [] and "m" in gated
+    gated.release(batches[1])
+    await gated.settle()
+    assert Gated.unloaded == ["1"] and "m" not in gated and gated.states() == []
+
+
+async def test_unload_during_load_discards_the_load(gated: ModelTable) -> None:
+    gated.load(cfg())
+    await asyncio.sleep(0)
+    gated.unload("m")
+    open_gate("1")
+    await gated.settle()
+    assert "m" not in gated and Gated.unloaded == ["1"]
+
+
+async def test_load_after_unload_hosts_the_model_again(gated: ModelTable) -> None:
+    open_gate("1")
+    await gated.load_now(cfg())
+    gated.unload("m")
+    assert gated.load(cfg()).state == S.LOADING
+    await gated.settle()
+    assert state(gated) == (S.READY, "") and Gated.unloaded == ["1"]
+
+
+async def test_real_engines_load_and_close(tmp_path: Path) -> None:
+    table = ModelTable(owner="w-1")
+    await table.load_now(builtin_config("echo"), pinned=True)
+    table.load(identity_model(tmp_path))
+    broken = identity_model(tmp_path, name="broken")
+    (Path(broken.path) / "model.onnx").unlink()
+    table.load(broken)
+    await table.settle()
+    states = {s.name: (s.state, s.error) for s in table.states()}
+    assert states["echo"] == (S.READY, "") and states["identity"] == (S.READY, "")
+    assert states["broken"][0] == S.FAILED and "model.onnx does not exist" in states["broken"][1]
+    assert table.ready() == ["echo", "identity"]
+    engine = table.get("identity")
+    assert engine is not None
+    await table.close()
+    assert table.states() == [] and engine.engine._sessions is None  # type: ignore[attr-defined]
+
+
+def test_builtin_config() -> None:
+    config = builtin_config("echo")
+    assert config.engine == "echo" and create_engine(config).takes_values
+    with pytest.raises(errors.InvalidArgument, match="unknown built-in model"):
+        builtin_config("nope")
