@@ -194,7 +194,7 @@ def test_folder_without_stamp_or_with_an_old_recipe_is_rebuilt(tmp_path: Path, m
     assert not (repo / "identity" / "junk.bin").exists()
     assert is_prepared(repo, CATALOG["identity"])
 
-    monkeypatch.setitem(prep.CATALOG, "mlp", dataclasses.replace(CATALOG["mlp"], recipe="2"))
+    monkeypatch.setitem(prep.CATALOG, "mlp", dataclasses.replace(CATALOG["mlp"], recipe=CATALOG["mlp"].recipe + "-next"))
     assert not is_prepared(repo, prep.CATALOG["mlp"])
     report, _ = _prepare(repo, "mlp")
     assert report.names("built") == ["mlp"]
