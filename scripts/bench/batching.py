@@ -78,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, list[dict[str, object]]] = {m: [] for m in models}
 
-    raw = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench" / "raw_onnxruntime.py"), "--repository", str(repository),
-         "--models", ",".join(models), "--seq-len", str(args.seq_len), "--json", "/dev/stdout"],
-        capture_output=True, text=True, check=True,
-    )
-    raw_report = json.loads(raw.stdout[raw.stdout.index("{"):])
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_json = Path(tmp) / "raw.json"
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "bench" / "raw_onnxruntime.py"), "--repository", str(repository),
+             "--models", ",".join(models), "--seq-len", str(args.seq_len), "--json", str(raw_json)],
+            check=True,
+        )
+        raw_report = json.loads(raw_json.read_text())
 
     with tempfile.TemporaryDirectory() as tmp:
         log = open(Path(tmp) / "cluster.log", "w")  # noqa: SIM115
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary: dict[str, object] = {}
     for model in models:
-        raw32 = next(r for r in raw_report["models"][model]["results"] if r["batch"] == 32)["items_per_s"]
+        raw32 = next(r for r in raw_report["models"][model] if r["batch"] == 32)["items_per_s"]
         c16 = next((r for r in results[model] if r["concurrency"] == 16), None)
         if c16 is not None:
             summary[model] = {
