@@ -7,6 +7,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Iterator
+from typing import TypeVar
 
 import uvicorn
 from google.protobuf import struct_pb2
@@ -25,6 +26,9 @@ from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.settings import GatewaySettings
 from unimodel.gateway.statistics import ModelStatistics
 from unimodel.v1 import inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
+
+
+Reply = TypeVar("Reply", inference_pb2.PredictResponse, inference_pb2.InferResponse)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -148,39 +152,30 @@ class GatewayService(Service):
         self, model: str, value: struct_pb2.Value, parameters: dict[str, str], ctx: RequestContext, api: str = "http"
     ) -> inference_pb2.PredictResponse:
         """UniModel predict: hand one input to the batcher, wait for its worker's answer; records metrics."""
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            self.require_ready(model)
-            item = inference_pb2.BatchItem(input=value, parameters=parameters, rows=1)
-            raw = await self._send(model, item, ctx)
-            reply = inference_pb2.PredictResponse.FromString(raw)
-            reply.path.insert(0, self.id)
-            return reply
-        except errors.UnimodelError as exc:
-            code = exc.code_name
-            raise
-        except Exception:
-            code = "INTERNAL"
-            raise
-        finally:
-            self._observe(api, model, code, started)
+        item = inference_pb2.BatchItem(input=value, parameters=parameters, rows=1)
+        return await self._call(model, item, ctx, api, inference_pb2.PredictResponse, tensors=False)
 
     async def infer(
         self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str = "http"
     ) -> inference_pb2.InferResponse:
         """KServe v2 infer: check the tensors against the model's config, batch, wait for the answer."""
+        return await self._call(model, item, ctx, api, inference_pb2.InferResponse, tensors=True)
+
+    async def _call(
+        self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str, reply_type: type[Reply],
+        *, tensors: bool,
+    ) -> Reply:
+        """The one request path of both APIs: readiness, (tensor checks), batcher, the worker's answer;
+        records the request metrics, and for tensor requests the KServe model statistics."""
         started = time.perf_counter()
         code = "OK"
-        rows = 0
         try:
             self.require_ready(model)
             config = self._configs.get(model)
-            if config is not None:
-                rows = check_inputs(config, item)
-                item.rows = rows
+            if tensors and config is not None:
+                item.rows = check_inputs(config, item)
             raw = await self._send(model, item, ctx)
-            reply = inference_pb2.InferResponse.FromString(raw)
+            reply = reply_type.FromString(raw)
             reply.path.insert(0, self.id)
             return reply
         except errors.UnimodelError as exc:
@@ -191,8 +186,9 @@ class GatewayService(Service):
             raise
         finally:
             self._observe(api, model, code, started)
-            if model in self._models:
-                self.model_stats.record(model, code == "OK", int((time.perf_counter() - started) * 1e9), rows or 1)
+            if tensors and model in self._models:
+                elapsed_ns = int((time.perf_counter() - started) * 1e9)
+                self.model_stats.record(model, code == "OK", elapsed_ns, item.rows or 1)
 
     async def _send(self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> bytes:
         return await self.bus.request(
