@@ -169,8 +169,11 @@ class Service:
         stop_wait = asyncio.create_task(self._stop_requested.wait())
         try:
             await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if not start.done():
+            # Python 3.11's wait_for can swallow a cancel that races with the awaited future finishing
+            # (nats-py's connect retry loop then goes on), so cancel until the start task has really ended.
+            while not start.done():
                 start.cancel()
+                await asyncio.wait({start}, timeout=0.5)
             await asyncio.gather(start, return_exceptions=True)
             if not start.cancelled() and start.exception() is not None:
                 raise start.exception()  # type: ignore[misc]
