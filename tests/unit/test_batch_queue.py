@@ -383,6 +383,23 @@ async def test_max_inflight_batches_caps_dispatch_and_queued_work_follows() -> N
     assert rec.batches == [[0], [1], [2, 3], [4, 5]]
 
 
+async def test_raising_max_inflight_sends_queued_work_at_once() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    s = scheduler(BatchPolicy(max_rows=1), rec, max_inflight=1)
+    for i in range(3):
+        s.submit(item(i))
+    await asyncio.sleep(0.01)
+    assert rec.batches == [[0]] and len(s.queue) == 2
+    s.set_max_inflight(3)  # the router's ack says the model's instances run 3 batches at once
+    await asyncio.sleep(0.01)
+    assert rec.batches == [[0], [1], [2]] and s.inflight == 3
+    s.set_max_inflight(0)  # never below one
+    assert s.max_inflight == 1
+    rec.gate.set()
+    await settle(s)
+
+
 async def test_a_request_that_expires_while_queued_is_answered_when_it_expires() -> None:
     rec = Recorder()
     rec.gate.clear()  # the one batch slot stays busy: the second request can only wait

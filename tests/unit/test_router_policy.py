@@ -61,3 +61,18 @@ def test_suspended_instances_are_used_when_nothing_else_is_left() -> None:
     t.suspend("a", 60)
     assert t.pick("m") == "a"
     assert t.suspend("unknown", 1) is False
+
+
+def test_capacity_sums_the_concurrency_of_ready_unsuspended_instances() -> None:
+    t = WorkerTable(random.Random(7), clock=lambda: 100.0)
+    S = registry_pb2.ModelStatus
+    t.upsert(registry_pb2.InstanceInfo(id="a", models=["m"], model_states=[S(name="m", state=S.READY, concurrency=2)]))
+    t.upsert(registry_pb2.InstanceInfo(id="b", models=["m"], model_states=[S(name="m", state=S.READY, concurrency=3)]))
+    t.upsert(registry_pb2.InstanceInfo(id="c", models=["m"]))  # reports no concurrency: counts as 1
+    t.upsert(registry_pb2.InstanceInfo(id="d", model_states=[S(name="m", state=S.LOADING, concurrency=4)]))
+    assert t.capacity("m") == 6
+    assert t.capacity("other") == 0
+    t.suspend("b", 5.0)
+    assert t.capacity("m") == 3
+    t.remove("a")
+    assert t.capacity("m") == 1

@@ -154,7 +154,7 @@ async def test_load_after_unload_hosts_the_model_again(gated: ModelTable) -> Non
 
 
 async def test_real_engines_load_and_close(tmp_path: Path) -> None:
-    table = ModelTable(owner="w-1")
+    table = ModelTable(owner="w-1", max_concurrent=3)
     await table.load_now(builtin_config("echo"), pinned=True)
     table.load(identity_model(tmp_path))
     broken = identity_model(tmp_path, name="broken")
@@ -165,6 +165,9 @@ async def test_real_engines_load_and_close(tmp_path: Path) -> None:
     assert states["echo"] == (S.READY, "") and states["identity"] == (S.READY, "")
     assert states["broken"][0] == S.FAILED and "model.onnx does not exist" in states["broken"][1]
     assert table.ready() == ["echo", "identity"]
+    # batches run at once: the ONNX engine's session count (instance_count 1); echo has no limit of its own
+    concurrency = {s.name: s.concurrency for s in table.states()}
+    assert concurrency == {"echo": 3, "identity": 1, "broken": 0}
     engine = table.get("identity")
     assert engine is not None
     await table.close()

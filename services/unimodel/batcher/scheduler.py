@@ -75,6 +75,15 @@ class Scheduler:
         elif self._timer is None or (item.expires and item.expires < self._timer_at):
             self._arm(now)
 
+    def set_max_inflight(self, n: int) -> None:
+        """Batches dispatched at once from now on (at least 1); a raise sends what may go now."""
+        n = max(1, n)
+        raised = n > self.max_inflight
+        self.max_inflight = n
+        if raised and not self._soon and self.queue.count:
+            self._soon = True
+            self._loop.call_soon(self._pump)
+
     def set_policy(self, policy: BatchPolicy) -> None:
         """A new policy applies from the next batch on."""
         dropped = self.queue.set_policy(policy)

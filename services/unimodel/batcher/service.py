@@ -85,6 +85,7 @@ class BatcherService(Service):
         # batch ids: this instance's random prefix and a counter (no urandom call per batch)
         self._batch_ids = (f"{uuid.uuid4().hex[:16]}{n:08x}" for n in itertools.count())
         self._replies: set[asyncio.Task[None]] = set()
+        self._capacity: dict[str, int] = {}  # model -> the router's last BatchAck.capacity
 
     async def on_start(self) -> None:
         self.models.start()
@@ -133,7 +134,8 @@ class BatcherService(Service):
             ModelQueue(model, self.policy(model)),
             functools.partial(self._dispatch, state),
             functools.partial(self._reject, state),
-            self.settings.max_inflight_batches,
+            # until the router's first ack says how many batches the model's instances run at once
+            min(self._capacity.get(model, 1), self.settings.max_inflight_batches),
         )
         self.queues[subject] = state
         return state
@@ -201,7 +203,7 @@ class BatcherService(Service):
         first: Item = batch[0].payload  # type: ignore[assignment]
         ctx = RequestContext(batch_id, deadline, first.traceparent, first.tracestate)
         try:
-            await self.bus.request(
+            raw = await self.bus.request(
                 subjects.route(state.model),
                 wire.batch_request(batch_id, state.model, self._path, parts),
                 ctx,
@@ -216,6 +218,10 @@ class BatcherService(Service):
                 await self.bus.publish_error(pending.payload.reply_to, err)  # type: ignore[attr-defined]
             return
         series.batches_ok += 1
+        capacity = inference_pb2.BatchAck.FromString(raw).capacity
+        if capacity > 0:  # keep as many batches in flight as the model's instances run at once
+            self._capacity[state.model] = capacity
+            state.scheduler.set_max_inflight(min(capacity, self.settings.max_inflight_batches))
 
     def _reject(self, state: ModelState, batch: list[Pending], err: errors.UnimodelError) -> None:
         """Answer requests that leave the queue without running (one task for all of them)."""

@@ -19,5 +19,10 @@ class BatcherSettings(CommonSettings):
         0.0, ge=0, le=60000, description="max wait after the first request for more to join its batch"
     )
     max_queue_size: int = Field(1024, ge=1, description="requests queued per model before answering 429")
-    max_inflight_batches: int = Field(4, ge=1, le=1024, description="batches of one model dispatched at once")
+    max_inflight_batches: int = Field(
+        64, ge=1, le=4096,
+        description="most batches of one model dispatched at once; below it, the router's BatchAck.capacity "
+        "(batches the model's instances run at once) sets the number, so under load batches fill while "
+        "every instance is busy",
+    )
     queue_idle_s: float = Field(60.0, gt=0, description="an empty model queue is dropped after this long")

@@ -24,6 +24,7 @@ class WorkerTable:
         self.suspended: dict[str, float] = {}  # instance id -> suspended until (clock time)
         self.clock = clock
         self._by_model: dict[str, list[str]] = {}
+        self._concurrency: dict[tuple[str, str], int] = {}  # (instance, model) -> batches it runs at once
         self.rng = rng or random.Random()
 
     def upsert(self, info: registry_pb2.InstanceInfo) -> None:
@@ -56,10 +57,15 @@ class WorkerTable:
 
     def _reindex(self) -> None:
         by_model: dict[str, list[str]] = {}
+        concurrency: dict[tuple[str, str], int] = {}
         for iid in sorted(self.instances):
-            for model in self.instances[iid].models:
+            info = self.instances[iid]
+            for model in info.models:
                 by_model.setdefault(model, []).append(iid)
+            for status in info.model_states:
+                concurrency[(iid, status.name)] = status.concurrency
         self._by_model = by_model
+        self._concurrency = concurrency
 
     def models(self) -> dict[str, list[str]]:
         return {m: list(ids) for m, ids in self._by_model.items()}
@@ -69,6 +75,11 @@ class WorkerTable:
         hosts = [iid for iid in self._by_model.get(model, ()) if iid not in exclude]
         healthy = [iid for iid in hosts if not self.is_suspended(iid)]
         return healthy or hosts
+
+    def capacity(self, model: str) -> int:
+        """Batches of `model` its instances run at once (each READY, unsuspended instance's concurrency;
+        an instance that does not report one counts as 1); 0 when no instance hosts it."""
+        return sum(max(1, self._concurrency.get((iid, model), 1)) for iid in self.candidates(model))
 
     def pick(self, model: str, exclude: Collection[str] = ()) -> str | None:
         cands = self.candidates(model, exclude)

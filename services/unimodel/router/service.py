@@ -149,10 +149,14 @@ class RouterService(Service):
                 break
             tried.append(worker_id)
             try:
-                return await self._send(worker_id, batch, ctx)
+                raw = await self._send(worker_id, batch, ctx)
             except (WorkerLost, errors.Unavailable) as exc:
                 if self.table.suspend(worker_id, self.settings.suspend_s):
                     self.log.warning("%s did not answer (%s); suspended for %.1fs", worker_id, exc, self.settings.suspend_s)
+                continue
+            ack = inference_pb2.BatchAck.FromString(raw)
+            ack.capacity = self.table.capacity(model)
+            return ack.SerializeToString()
         if tried:
             raise errors.Unavailable(
                 f"no instance of {model!r} could run the batch (tried {', '.join(tried)})", retry_after_s=1, model=model

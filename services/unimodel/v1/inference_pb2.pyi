@@ -106,16 +106,18 @@ class BatchRequest(_message.Message):
     def __init__(self, batch_id: _Optional[str] = ..., model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchAck(_message.Message):
-    __slots__ = ("batch_id", "worker_id", "succeeded", "failed")
+    __slots__ = ("batch_id", "worker_id", "succeeded", "failed", "capacity")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     worker_id: str
     succeeded: int
     failed: int
-    def __init__(self, batch_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
+    capacity: int
+    def __init__(self, batch_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "instances", "ready")

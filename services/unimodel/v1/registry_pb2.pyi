@@ -42,7 +42,7 @@ class InstanceInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., version: _Optional[str] = ..., host: _Optional[str] = ..., grpc_address: _Optional[str] = ..., nats_subject: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., started_unix_ms: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., engines: _Optional[_Iterable[str]] = ..., model_states: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "state", "error", "inflight", "pinned")
+    __slots__ = ("name", "state", "error", "inflight", "pinned", "concurrency")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[ModelStatus.State]
@@ -60,12 +60,14 @@ class ModelStatus(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: ModelStatus.State
     error: str
     inflight: int
     pinned: bool
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelStatus.State, str]] = ..., error: _Optional[str] = ..., inflight: _Optional[int] = ..., pinned: bool = ...) -> None: ...
+    concurrency: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelStatus.State, str]] = ..., error: _Optional[str] = ..., inflight: _Optional[int] = ..., pinned: bool = ..., concurrency: _Optional[int] = ...) -> None: ...
 
 class ModelCommand(_message.Message):
     __slots__ = ("load", "unload")

@@ -34,6 +34,11 @@ class Engine(abc.ABC):
         self.config = config
         self.model = config.name
 
+    @property
+    def concurrency(self) -> int:
+        """Batches the engine runs at once; 0 = no limit of its own (the worker's slots apply)."""
+        return 0
+
     async def load(self) -> None:
         """Load weights / create sessions (off the event loop when it blocks)."""
 

@@ -91,8 +91,10 @@ class ModelTable:
         executor: concurrent.futures.Executor | None = None,
         owner: str = "this worker",
         engine_factory: Callable[[model_pb2.ModelConfig], Engine] = create_engine,
+        max_concurrent: int = 8,
     ) -> None:
         self.on_change = on_change
+        self.max_concurrent = max_concurrent
         self.engine_factory = engine_factory
         self.executor = executor
         self.owner = owner
@@ -249,9 +251,15 @@ class ModelTable:
         entry = self._entries.get(name)
         if entry is None:
             return registry_pb2.ModelStatus(name=name)
-        inflight = entry.current.inflight if entry.current is not None else 0
+        current = entry.current
+        inflight = current.inflight if current is not None else 0
+        concurrency = 0
+        if current is not None:
+            own = current.engine.concurrency
+            concurrency = min(own, self.max_concurrent) if own > 0 else self.max_concurrent
         return registry_pb2.ModelStatus(
-            name=name, state=entry.state, error=entry.error, inflight=inflight, pinned=entry.pinned  # type: ignore[arg-type]
+            name=name, state=entry.state, error=entry.error, inflight=inflight, pinned=entry.pinned,  # type: ignore[arg-type]
+            concurrency=concurrency,
         )
 
     def states(self) -> list[registry_pb2.ModelStatus]:

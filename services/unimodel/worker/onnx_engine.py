@@ -112,6 +112,10 @@ class OnnxEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own pybind error types
             raise errors.FailedPrecondition(f"model {self.model!r}: cannot load {self.file}: {_one_line(exc)}") from None
 
+    @property
+    def concurrency(self) -> int:
+        return self.instances  # one batch per session at a time
+
     async def load(self) -> None:
         if not self.file.is_file():
             raise errors.FailedPrecondition(f"model {self.model!r}: {self.file} does not exist")

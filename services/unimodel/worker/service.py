@@ -46,7 +46,9 @@ class WorkerService(Service):
         self.control_subject = subjects.worker_control(self.id)
         self._slots = asyncio.Semaphore(settings.max_concurrent_batches)
         self._executor = concurrent.futures.ThreadPoolExecutor(settings.processing_threads, thread_name_prefix="processing")
-        self.models = ModelTable(self._models_changed, executor=self._executor, owner=self.id)
+        self.models = ModelTable(
+            self._models_changed, executor=self._executor, owner=self.id, max_concurrent=settings.max_concurrent_batches
+        )
         self._reported: tuple[tuple[str, int], ...] = ()
 
     async def on_start(self) -> None:
