@@ -128,20 +128,55 @@ async def test_request_id_deadline_and_trace_context_cross_every_hop(cluster: Se
     finally:
         await nc.close()
 
+    # gateway -> batcher: request id and deadline travel in the item (no headers to encode and parse);
+    # the trace context too, and in headers so the batch message carries it on.
     (batch_msg,) = seen["batch"]
-    assert batch_msg.headers[Header.REQUEST_ID] == "req-42"
+    sent = inference_pb2.BatchItem.FromString(batch_msg.data)
+    assert sent.request_id == "req-42" and sent.deadline_unix_ms > 0
+    assert sent.trace_context["traceparent"] == traceparent
     assert batch_msg.headers[Header.TRACEPARENT] == traceparent
-    assert int(batch_msg.headers[Header.DEADLINE]) > 0
+    assert sent.reply_to == batch_msg.reply and sent.reply_group.endswith(".batch")
     for hop in ("route", "worker"):
         (msg,) = seen[hop]
         assert msg.headers[Header.TRACEPARENT] == traceparent
-        assert int(msg.headers[Header.DEADLINE]) >= int(batch_msg.headers[Header.DEADLINE])
+        assert int(msg.headers[Header.DEADLINE]) >= sent.deadline_unix_ms
         item = inference_pb2.BatchRequest.FromString(msg.data).items[0]
         assert item.request_id == "req-42"
         assert item.trace_context["traceparent"] == traceparent
-        assert item.deadline_unix_ms == int(batch_msg.headers[Header.DEADLINE])
-        assert item.reply_to == batch_msg.reply
+        assert item.deadline_unix_ms == sent.deadline_unix_ms
+        assert item.reply_to == batch_msg.reply and item.reply_group == sent.reply_group
 
 
 async def _append(out: list[object], msg: object) -> None:
     out.append(msg)
+
+
+async def test_a_batch_answers_each_gateway_with_one_reply_batch(cluster: Services) -> None:
+    """The worker answers the items of a batch that came from one gateway in one ReplyBatch message
+    (BatchItem.reply_group), and every request still gets its own answer."""
+    import asyncio
+
+    import httpx
+    import nats
+
+    batches: list[inference_pb2.ReplyBatch] = []
+    nc = await nats.connect(cluster.infra.nats.url)
+
+    async def on_batch(msg: nats.aio.msg.Msg) -> None:
+        batches.append(inference_pb2.ReplyBatch.FromString(msg.data))
+
+    try:
+        await nc.subscribe("unimodel.v1.reply.*.batch", cb=on_batch)
+        await nc.flush()
+        async with httpx.AsyncClient(timeout=30) as client:
+            responses = await asyncio.gather(
+                *(client.post(f"{cluster.url}/v1/models/echo:predict", json={"input": i}) for i in range(32))
+            )
+        await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+    assert [r.json()["output"] for r in responses] == list(range(32))
+    answers = [reply for batch in batches for reply in batch.replies]
+    assert len(answers) == 32 and len({a.reply_to for a in answers}) == 32
+    assert all(a.WhichOneof("result") == "response" for a in answers)
+    assert len(batches) < 32  # several answers per message

@@ -163,7 +163,7 @@ class BatcherService(Service):
         # The item goes on as received plus the fields it lacks (protobuf: appended fields are merged).
         # The gateway sets request_id and trace_context itself; the headers fill them in otherwise.
         added = wire.item_fields(
-            reply_to,
+            "" if item.reply_to == reply_to else reply_to,
             deadline_ms if deadline_ms != item.deadline_unix_ms else 0,
             "" if item.request_id else request_id,
             ctx.trace_headers() if ctx.traceparent and not item.trace_context else None,

@@ -106,7 +106,8 @@ class Bus:
         if self.on_state:
             self.on_state(True)
 
-    def _client(self) -> NatsClient:
+    def client(self) -> NatsClient:
+        """The connected NATS client; Unavailable when there is none."""
         if self.nc is None or self.nc.is_closed:
             raise errors.Unavailable("not connected to NATS", retry_after_s=1)
         return self.nc
@@ -114,7 +115,7 @@ class Bus:
     # request side -----------------------------------------------------------------------------
     async def request(self, subject: str, payload: bytes, ctx: RequestContext, *, timeout_s: float) -> bytes:
         """Send a request and return the reply payload; error replies raise their UnimodelError."""
-        nc = self._client()
+        nc = self.client()
         try:
             msg = await nc.request(subject, payload, timeout=ctx.timeout(timeout_s), headers=ctx.to_headers())
         except nats.errors.NoRespondersError:
@@ -128,12 +129,17 @@ class Bus:
         raise_for_error_headers(msg)
         return msg.data
 
+    async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> Subscription:
+        """A plain subscription (e.g. for answers) that `stop_serving` leaves open: in-flight requests
+        still get their replies while the service drains. It ends with the connection."""
+        return await self.client().subscribe(subject, cb=cb, pending_msgs_limit=65536)
+
     # serving side -----------------------------------------------------------------------------
     async def serve(self, subject: str, handler: Handler, *, queue: str = "", inline: bool = False) -> Subscription:
         """Handle messages on `subject`. `inline=True` runs the handler in the subscription's own loop
         instead of a task per message: only for handlers that never wait on I/O (they would hold up the
         next message); saves a task switch per message."""
-        nc = self._client()
+        nc = self.client()
 
         async def on_message(msg: Msg) -> None:
             if inline:
@@ -157,7 +163,7 @@ class Bus:
             ctx.check()
             reply = await handler(msg, ctx)
             if msg.reply and reply is not None:
-                await self._client().publish(msg.reply, reply)
+                await self.client().publish(msg.reply, reply)
         except errors.UnimodelError as exc:
             await self._reply_error(msg, exc)
         except asyncio.CancelledError:
@@ -175,7 +181,7 @@ class Bus:
 
     async def publish(self, subject: str, payload: bytes) -> None:
         """One-way message (e.g. a result sent straight to a caller's inbox)."""
-        await self._client().publish(subject, payload)
+        await self.client().publish(subject, payload)
 
     async def publish_error(self, subject: str, err: errors.UnimodelError) -> None:
         """Answer a caller's inbox with an error; logged, never raised, if NATS is down."""
@@ -201,7 +207,7 @@ class Bus:
         self._subs.clear()
         if self.connected:
             try:
-                await self._client().flush(timeout=1)
+                await self.client().flush(timeout=1)
             except Exception as exc:
                 log.debug("flush failed: %s", exc)
 

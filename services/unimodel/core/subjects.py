@@ -55,6 +55,19 @@ def worker_control(instance_id: str) -> str:
     return f"{ROOT}.worker.{instance_id}.control"
 
 
+def replies(instance_id: str) -> str:
+    """Answers to one instance's requests: `<replies>.<token>` is one request's inbox (its reply_to)."""
+    return f"{ROOT}.reply.{instance_id}"
+
+
+REPLY_BATCH_TOKEN = "batch"
+"""`<replies>.batch` (subjects.reply_batch) takes ReplyBatch messages: several answers in one message."""
+
+
+def reply_batch(instance_id: str) -> str:
+    return f"{replies(instance_id)}.{REPLY_BATCH_TOKEN}"
+
+
 def model_of(subject: str) -> str:
     """The model name of a batch/route subject."""
     return model_from_token(subject.rsplit(".", 1)[-1])

@@ -15,6 +15,7 @@ from google.protobuf import struct_pb2
 from unimodel.core import errors, subjects, tensors
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
+from unimodel.core.replies import ReplyMux
 from unimodel.core.registry import Discovery, instances_prefix, model_key, models_prefix
 from unimodel.core.store import StoreError
 from unimodel.gateway import catalog, registration
@@ -22,6 +23,7 @@ from unimodel.gateway.api_grpc import InferenceApi
 from unimodel.gateway.api_http import BodyLimit, FastRoutes, build_app
 from unimodel.gateway.api_kserve_grpc import add_kserve_grpc
 from unimodel.gateway.api_kserve_http import register_kserve_routes
+from unimodel.gateway.http_protocol import CoalescingHttpToolsProtocol
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.settings import GatewaySettings
 from unimodel.gateway.statistics import ModelStatistics
@@ -45,6 +47,7 @@ class GatewayService(Service):
 
     def __init__(self, settings: GatewaySettings, **kw) -> None:  # type: ignore[no-untyped-def]
         super().__init__(settings, **kw)
+        self.replies = ReplyMux(self.bus, self.id)  # answers of batch-path requests, singly or in ReplyBatches
         self.instances: Discovery[registry_pb2.InstanceInfo] = Discovery(
             self.store, instances_prefix(settings.etcd_prefix), registry_pb2.InstanceInfo.FromString,
             on_change=self._on_instance_change,
@@ -191,9 +194,7 @@ class GatewayService(Service):
                 self.model_stats.record(model, code == "OK", elapsed_ns, item.rows or 1)
 
     async def _send(self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> bytes:
-        return await self.bus.request(
-            subjects.batch(model), item.SerializeToString(), ctx, timeout_s=self.settings.request_timeout_s
-        )
+        return await self.replies.request_item(subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s)
 
     def _observe(self, api: str, model: str, code: str, started: float) -> None:
         label = model if model in self._models else UNKNOWN_MODEL
@@ -201,6 +202,7 @@ class GatewayService(Service):
 
     # lifecycle --------------------------------------------------------------------------------------
     async def on_start(self) -> None:
+        await self.replies.start()
         self.instances.start()
         self.registered.start()
         if self.settings.load_models:
@@ -216,7 +218,9 @@ class GatewayService(Service):
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, lifespan="off", http="httptools", loop="none",
+            self.app, log_level="warning", access_log=False, lifespan="off", loop="none",
+            http=CoalescingHttpToolsProtocol,  # httptools, one write per response
+            proxy_headers=False, server_header=False,
             timeout_graceful_shutdown=int(self.settings.drain_timeout_s),
         )
         self._http = _EmbeddedServer(config)

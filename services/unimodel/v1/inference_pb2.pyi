@@ -1,4 +1,5 @@
 from google.protobuf import struct_pb2 as _struct_pb2
+from unimodel.v1 import errors_pb2 as _errors_pb2
 from unimodel.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -38,7 +39,7 @@ class PredictResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., worker_id: _Optional[str] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchItem(_message.Message):
-    __slots__ = ("request_id", "input", "deadline_unix_ms", "parameters", "reply_to", "trace_context", "inputs", "outputs", "priority", "rows", "id")
+    __slots__ = ("request_id", "input", "deadline_unix_ms", "parameters", "reply_to", "trace_context", "inputs", "outputs", "priority", "rows", "id", "reply_group")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +65,7 @@ class BatchItem(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    REPLY_GROUP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input: _struct_pb2.Value
     deadline_unix_ms: int
@@ -75,7 +77,24 @@ class BatchItem(_message.Message):
     priority: int
     rows: int
     id: str
-    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., reply_to: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., rows: _Optional[int] = ..., id: _Optional[str] = ...) -> None: ...
+    reply_group: str
+    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., reply_to: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., rows: _Optional[int] = ..., id: _Optional[str] = ..., reply_group: _Optional[str] = ...) -> None: ...
+
+class ReplyBatch(_message.Message):
+    __slots__ = ("replies",)
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[ItemReply]
+    def __init__(self, replies: _Optional[_Iterable[_Union[ItemReply, _Mapping]]] = ...) -> None: ...
+
+class ItemReply(_message.Message):
+    __slots__ = ("reply_to", "response", "error")
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    reply_to: str
+    response: bytes
+    error: _errors_pb2.ErrorDetail
+    def __init__(self, reply_to: _Optional[str] = ..., response: _Optional[bytes] = ..., error: _Optional[_Union[_errors_pb2.ErrorDetail, _Mapping]] = ...) -> None: ...
 
 class InferResponse(_message.Message):
     __slots__ = ("model", "model_version", "id", "outputs", "worker_id", "path")

@@ -128,11 +128,19 @@ class WorkerService(Service):
         publish = self.bus.publish
         infer_base: inference_pb2.InferResponse | None = None
         layout = model.layout
+        # Callers that take ReplyBatch messages (BatchItem.reply_group) get one per batch with all of
+        # their answers; the others one message per item at reply_to.
+        groups: dict[str, inference_pb2.ReplyBatch] = {}
         for item, outcome in zip(batch.items, outcomes, strict=True):
             reply_to = item.reply_to
+            group = item.reply_group
             if isinstance(outcome, errors.UnimodelError):
                 failed += 1
-                if reply_to:
+                if group and reply_to:
+                    groups.setdefault(group, inference_pb2.ReplyBatch()).replies.add(
+                        reply_to=reply_to, error=outcome.to_proto()
+                    )
+                elif reply_to:
                     await self.bus.publish_error(reply_to, outcome)
                 continue
             if not reply_to:
@@ -149,7 +157,14 @@ class WorkerService(Service):
                 add_tensors(layout, reply.outputs, outcome)
             else:
                 reply = inference_pb2.PredictResponse(model=batch.model, output=outcome, worker_id=self.id, path=path)
-            await publish(reply_to, reply.SerializeToString())
+            if group:
+                groups.setdefault(group, inference_pb2.ReplyBatch()).replies.add(
+                    reply_to=reply_to, response=reply.SerializeToString()
+                )
+            else:
+                await publish(reply_to, reply.SerializeToString())
+        for group, replies in groups.items():
+            await publish(group, replies.SerializeToString())
         ack.failed = failed
         ack.succeeded = len(outcomes) - failed
         return ack.SerializeToString()

@@ -1,0 +1,103 @@
+"""ReplyMux: answers one by one (with error headers, no responders) and in ReplyBatch messages."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from unimodel.core import errors
+from unimodel.core.context import RequestContext
+from unimodel.core.replies import ReplyMux
+from unimodel.core.subjects import Header
+from unimodel.v1 import inference_pb2
+
+
+@dataclass
+class FakeMsg:
+    subject: str
+    data: bytes = b""
+    headers: dict[str, str] | None = None
+
+
+@dataclass
+class FakeNats:
+    published: list[tuple[str, bytes, str, Any]] = field(default_factory=list)
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "", headers: Any = None) -> None:
+        self.published.append((subject, payload, reply, headers))
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.nc = FakeNats()
+        self.subscribed: list[str] = []
+
+    def client(self) -> FakeNats:
+        return self.nc
+
+    async def subscribe(self, subject: str, cb: Any) -> object:
+        self.subscribed.append(subject)
+        return object()
+
+
+async def _sent(bus: FakeBus, n: int) -> list[inference_pb2.BatchItem]:
+    for _ in range(100):
+        if len(bus.nc.published) >= n:
+            break
+        await asyncio.sleep(0.001)
+    return [inference_pb2.BatchItem.FromString(p[1]) for p in bus.nc.published]
+
+
+async def test_items_carry_inbox_group_id_and_deadline_and_batches_answer_many() -> None:
+    bus = FakeBus()
+    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]
+    await mux.start()
+    assert bus.subscribed == ["unimodel.v1.reply.gw-1.*"]
+    ctx = RequestContext.new(5, request_id="r1")
+    calls = [
+        asyncio.create_task(mux.request_item("unimodel.v1.batch.m", inference_pb2.BatchItem(rows=1), ctx, timeout_s=5))
+        for _ in range(3)
+    ]
+    items = await _sent(bus, 3)
+    assert [p[2] for p in bus.nc.published] == [i.reply_to for i in items]  # inbox = NATS reply subject
+    assert len({i.reply_to for i in items}) == 3
+    assert all(i.reply_group == "unimodel.v1.reply.gw-1.batch" for i in items)
+    assert all(i.request_id == "r1" and i.deadline_unix_ms == ctx.deadline_ms for i in items)
+    assert all(p[3] is None for p in bus.nc.published)  # no trace: no headers
+
+    batch = inference_pb2.ReplyBatch()
+    batch.replies.add(reply_to=items[0].reply_to, response=b"zero")
+    batch.replies.add(reply_to=items[2].reply_to, error=errors.ResourceExhausted("full", retry_after_s=2).to_proto())
+    batch.replies.add(reply_to="unimodel.v1.reply.gw-1.999", response=b"nobody waits")  # dropped
+    await mux._on_message(FakeMsg(mux.group, batch.SerializeToString()))  # type: ignore[arg-type]
+    await mux._on_message(FakeMsg(items[1].reply_to, b"one"))  # type: ignore[arg-type]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert results[:2] == [b"zero", b"one"]
+    assert isinstance(results[2], errors.ResourceExhausted) and results[2].retry_after_s == 2
+    assert mux.pending == 0
+
+
+async def test_error_headers_no_responders_and_timeouts() -> None:
+    bus = FakeBus()
+    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]
+    ctx = RequestContext.new(5)
+    first = asyncio.create_task(mux.request_item("s.a", inference_pb2.BatchItem(), ctx, timeout_s=5))
+    second = asyncio.create_task(mux.request_item("s.b", inference_pb2.BatchItem(), ctx, timeout_s=5))
+    a, b = await _sent(bus, 2)
+    await mux._on_message(FakeMsg(a.reply_to, headers={"Status": "503"}))  # type: ignore[arg-type]
+    await mux._on_message(
+        FakeMsg(b.reply_to, headers={Header.ERROR_CODE: "NOT_FOUND", Header.ERROR_MESSAGE: "no model"})  # type: ignore[arg-type]
+    )
+    with pytest.raises(errors.Unavailable, match="no instance is serving s.a"):
+        await first
+    with pytest.raises(errors.NotFound, match="no model"):
+        await second
+    with pytest.raises(errors.Unavailable, match="no reply on s.c in time"):
+        await mux.request_item("s.c", inference_pb2.BatchItem(), ctx, timeout_s=0.05)
+    with pytest.raises(errors.DeadlineExceeded):
+        await mux.request_item("s.d", inference_pb2.BatchItem(), RequestContext.new(0.05), timeout_s=5)
+    await mux._on_message(FakeMsg(mux.group, b"\xff\xff"))  # type: ignore[arg-type]  # not a ReplyBatch: dropped
+    assert mux.pending == 0
