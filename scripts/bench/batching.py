@@ -3,7 +3,7 @@
 onnxruntime, with Triton's perf_analyzer as the client for both servers.
 
     scripts/bench/setup_peers.sh                       # once: perf_analyzer + PyTriton in .venv-peers
-    .venv/bin/python scripts/bench/batching.py [--protocol grpc] [--concurrency 1,4,16,64]
+    .venv/bin/python scripts/bench/batching.py [--protocol http|grpc] [--concurrency 1,4,16,64]
         [--models mlp,all-minilm-l6-v2] [--json docs/benchmarks/batching.json]
 
 One run, one machine, interleaved: for each model and concurrency, perf_analyzer measures UniModel's
@@ -61,13 +61,15 @@ def start_pytriton(repository: Path, models: list[str], log: Path) -> tuple[subp
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    p.add_argument("--protocol", choices=["grpc", "http"], default="http", help="perf_analyzer's -i (its default: http)")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--models", default="mlp,all-minilm-l6-v2")
     p.add_argument("--interval-ms", type=int, default=4000)
     p.add_argument("--seq-len", type=int, default=32, help="MiniLM tokens per request (2 cores: 128 takes minutes)")
-    p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "batching.json"))
+    p.add_argument("--json", help="default: docs/benchmarks/batching.json (http), batching-grpc.json (grpc)")
     args = p.parse_args(argv)
+    if not args.json:
+        args.json = str(ROOT / "docs" / "benchmarks" / ("batching.json" if args.protocol == "http" else "batching-grpc.json"))
     from modelrepo import prepared_repository
 
     from unimodel.local.cluster import ClusterConfig, LocalCluster

@@ -138,6 +138,12 @@ def test_tritonclient_grpc(cluster: Services, mlp_reference: ort.InferenceSessio
 
         stats = client.get_inference_statistics("mlp").model_stats[0]
         assert stats.inference_count >= 5 and stats.inference_stats.success.count >= 1
+        # queue and compute times come from the batcher and the worker (Triton's server-side breakdown)
+        success = stats.inference_stats.success
+        assert stats.inference_stats.queue.count == success.count and stats.inference_stats.queue.ns > 0
+        assert stats.inference_stats.compute_infer.count == success.count
+        assert 0 < stats.inference_stats.compute_infer.ns < success.ns
+        assert stats.batch_stats and stats.execution_count >= 1
     finally:
         client.close()
 

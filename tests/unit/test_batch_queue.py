@@ -518,6 +518,10 @@ def test_batch_request_bytes_parse_as_the_generated_message() -> None:
     raw = wire.batch_request("b1", "org/model.v2", ["batcher-1"], [i.SerializeToString() for i in items])
     expected = inference_pb2.BatchRequest(batch_id="b1", model="org/model.v2", items=items, path=["batcher-1"])
     assert inference_pb2.BatchRequest.FromString(raw) == expected
+    queue_ns = [0, 127, 300_000, 2**40]
+    raw = wire.batch_request("b1", "m", [], [i.SerializeToString() for i in items], queue_ns)
+    expected = inference_pb2.BatchRequest(batch_id="b1", model="m", items=items, queue_ns=queue_ns)
+    assert inference_pb2.BatchRequest.FromString(raw) == expected
 
 
 # --- metrics ------------------------------------------------------------------------------------

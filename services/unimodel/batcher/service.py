@@ -189,6 +189,7 @@ class BatcherService(Service):
         series = state.series
         wait = series.queue_wait
         parts = []
+        waits = []
         rows = deadline = 0
         for pending in batch:
             item: Item = pending.payload  # type: ignore[assignment]
@@ -196,7 +197,9 @@ class BatcherService(Service):
             rows += pending.rows
             if item.deadline_ms > deadline:
                 deadline = item.deadline_ms
-            wait.observe(now - pending.enqueued)
+            waited = now - pending.enqueued
+            wait.observe(waited)
+            waits.append(int(waited * 1e9))
         series.batch_rows.observe(rows)
         series.fill_ratio.observe(rows / state.scheduler.queue.policy.max_rows)
         batch_id = next(self._batch_ids)
@@ -205,7 +208,7 @@ class BatcherService(Service):
         try:
             raw = await self.bus.request(
                 subjects.route(state.model),
-                wire.batch_request(batch_id, state.model, self._path, parts),
+                wire.batch_request(batch_id, state.model, self._path, parts, waits),
                 ctx,
                 timeout_s=self.settings.request_timeout_s,
             )

@@ -20,6 +20,7 @@ _BATCH_ID = b"\x0a"  # BatchRequest.batch_id = 1
 _BATCH_MODEL = b"\x12"  # BatchRequest.model = 2
 _BATCH_ITEM = b"\x1a"  # BatchRequest.items = 3
 _BATCH_PATH = b"\x22"  # BatchRequest.path = 4
+_BATCH_QUEUE_NS = b"\x2a"  # BatchRequest.queue_ns = 5 (packed varints)
 
 _ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
@@ -59,8 +60,10 @@ def _string(tag: bytes, value: bytes) -> bytes:
     return tag + varint(len(value)) + value
 
 
-def batch_request(batch_id: str, model: str, path: Iterable[str], items: Iterable[bytes]) -> bytes:
-    """An encoded BatchRequest whose items are the given encoded BatchItems."""
+def batch_request(
+    batch_id: str, model: str, path: Iterable[str], items: Iterable[bytes], queue_ns: Iterable[int] = ()
+) -> bytes:
+    """An encoded BatchRequest whose items are the given encoded BatchItems (and their queue times)."""
     parts = [_string(_BATCH_ID, batch_id.encode()), _string(_BATCH_MODEL, model.encode())]
     for hop in path:
         parts.append(_string(_BATCH_PATH, hop.encode()))
@@ -68,4 +71,7 @@ def batch_request(batch_id: str, model: str, path: Iterable[str], items: Iterabl
         parts.append(_BATCH_ITEM)
         parts.append(varint(len(item)))
         parts.append(item)
+    packed = b"".join(varint(max(0, int(ns))) for ns in queue_ns)
+    if packed:
+        parts.append(_string(_BATCH_QUEUE_NS, packed))
     return b"".join(parts)

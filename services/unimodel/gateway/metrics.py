@@ -25,6 +25,18 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
         )
 
+        # labelled children by label values: labels() costs a lock and a tuple build per call
+        self._counts: dict[tuple[str, str, str], Counter] = {}
+        self._latencies: dict[tuple[str, str], Histogram] = {}
+
     def observe(self, api: str, model: str, code: str, seconds: float) -> None:
-        self.requests.labels(api, model, code).inc()
-        self.latency.labels(api, model).observe(seconds)
+        key = (api, model, code)
+        count = self._counts.get(key)
+        if count is None:
+            count = self._counts[key] = self.requests.labels(api, model, code)
+        count.inc()
+        latency = self._latencies.get(key[:2])
+        if latency is None:
+            latency = self._latencies[key[:2]] = self.latency.labels(api, model)
+        latency.observe(seconds)
+

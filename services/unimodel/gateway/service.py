@@ -172,6 +172,7 @@ class GatewayService(Service):
         records the request metrics, and for tensor requests the KServe model statistics."""
         started = time.perf_counter()
         code = "OK"
+        reply = None
         try:
             self.require_ready(model)
             config = self._configs.get(model)
@@ -191,7 +192,13 @@ class GatewayService(Service):
             self._observe(api, model, code, started)
             if tensors and model in self._models:
                 elapsed_ns = int((time.perf_counter() - started) * 1e9)
-                self.model_stats.record(model, code == "OK", elapsed_ns, item.rows or 1)
+                if isinstance(reply, inference_pb2.InferResponse):  # the worker's queue and compute times
+                    self.model_stats.record(
+                        model, True, elapsed_ns, item.rows or 1,
+                        queue_ns=reply.queue_ns, compute_ns=reply.compute_ns, batch_rows=reply.batch_rows,
+                    )
+                else:
+                    self.model_stats.record(model, code == "OK", elapsed_ns, item.rows or 1)
 
     async def _send(self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> bytes:
         return await self.replies.request_item(subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s)

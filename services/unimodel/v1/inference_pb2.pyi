@@ -97,32 +97,40 @@ class ItemReply(_message.Message):
     def __init__(self, reply_to: _Optional[str] = ..., response: _Optional[bytes] = ..., error: _Optional[_Union[_errors_pb2.ErrorDetail, _Mapping]] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("model", "model_version", "id", "outputs", "worker_id", "path")
+    __slots__ = ("model", "model_version", "id", "outputs", "worker_id", "path", "queue_ns", "compute_ns", "batch_rows")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     id: str
     outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     worker_id: str
     path: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., worker_id: _Optional[str] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
+    queue_ns: int
+    compute_ns: int
+    batch_rows: int
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., worker_id: _Optional[str] = ..., path: _Optional[_Iterable[str]] = ..., queue_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
-    __slots__ = ("batch_id", "model", "items", "path")
+    __slots__ = ("batch_id", "model", "items", "path", "queue_ns")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     model: str
     items: _containers.RepeatedCompositeFieldContainer[BatchItem]
     path: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, batch_id: _Optional[str] = ..., model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
+    queue_ns: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, batch_id: _Optional[str] = ..., model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., path: _Optional[_Iterable[str]] = ..., queue_ns: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BatchAck(_message.Message):
     __slots__ = ("batch_id", "worker_id", "succeeded", "failed", "capacity")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
@@ -117,11 +118,16 @@ class WorkerService(Service):
     async def _on_batch(self, msg: Msg, ctx: RequestContext) -> bytes:
         batch = inference_pb2.BatchRequest.FromString(msg.data)
         model = self.models.acquire(batch.model)
+        arrived = time.perf_counter_ns()
         try:
             async with self._slots:
+                started = time.perf_counter_ns()
                 outcomes = await run_batch(model, batch, self._executor)
+                compute_ns = time.perf_counter_ns() - started
         finally:
             self.models.release(model)
+        slot_wait_ns = started - arrived
+        queue_ns = batch.queue_ns if len(batch.queue_ns) == len(batch.items) else None
         path = [*batch.path, self.id]
         ack = inference_pb2.BatchAck(batch_id=batch.batch_id, worker_id=self.id)
         failed = 0
@@ -131,7 +137,7 @@ class WorkerService(Service):
         # Callers that take ReplyBatch messages (BatchItem.reply_group) get one per batch with all of
         # their answers; the others one message per item at reply_to.
         groups: dict[str, inference_pb2.ReplyBatch] = {}
-        for item, outcome in zip(batch.items, outcomes, strict=True):
+        for index, (item, outcome) in enumerate(zip(batch.items, outcomes, strict=True)):
             reply_to = item.reply_to
             group = item.reply_group
             if isinstance(outcome, errors.UnimodelError):
@@ -148,12 +154,16 @@ class WorkerService(Service):
             if isinstance(outcome, dict):
                 if infer_base is None:  # the fields every answer of the batch shares, built once
                     infer_base = inference_pb2.InferResponse(
-                        model=batch.model, model_version=model.config.version, worker_id=self.id, path=path
+                        model=batch.model, model_version=model.config.version, worker_id=self.id, path=path,
+                        compute_ns=compute_ns, batch_rows=sum(max(1, i.rows) for i in batch.items),
+                        queue_ns=slot_wait_ns,
                     )
                 reply = inference_pb2.InferResponse()
                 reply.CopyFrom(infer_base)
                 if item.id:
                     reply.id = item.id
+                if queue_ns is not None:
+                    reply.queue_ns = slot_wait_ns + queue_ns[index]
                 add_tensors(layout, reply.outputs, outcome)
             else:
                 reply = inference_pb2.PredictResponse(model=batch.model, output=outcome, worker_id=self.id, path=path)
