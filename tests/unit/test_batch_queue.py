@@ -560,3 +560,24 @@ def test_metrics_declare_the_batcher_series_and_read_queue_depth_at_scrape() -> 
     text = generate_latest(registry).decode()
     assert "# TYPE unimodel_batcher_queue_wait_seconds histogram" in text
     assert "# TYPE unimodel_batcher_batches_total counter" in text
+
+
+# --- in-flight cap of the batcher service ---------------------------------------------------------
+async def test_batcher_keeps_as_many_batches_in_flight_as_the_instances_run() -> None:
+    from unimodel.batcher.service import BatcherService
+    from unimodel.batcher.settings import BatcherSettings
+    from unimodel.core import subjects
+
+    service = BatcherService(BatcherSettings(instance_id="batcher-t", max_inflight_batches=16))
+    service.policies["mlp"] = BatchPolicy(max_rows=64)
+    service.policies["single"] = BatchPolicy(max_rows=1)
+    mlp = service._open(subjects.batch("mlp"))
+    single = service._open(subjects.batch("single"))
+    assert mlp.scheduler.max_inflight == 1  # until the router's first ack
+    assert single.scheduler.max_inflight == 16  # one row per batch: nothing to fill, overlap the hops
+    service._capacity["mlp"] = 3
+    assert service._inflight_cap(mlp) == 3
+    service._capacity["mlp"] = 40
+    assert service._inflight_cap(mlp) == 16  # bounded by max_inflight_batches
+    for state in (mlp, single):
+        state.scheduler.close()

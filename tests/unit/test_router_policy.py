@@ -76,3 +76,18 @@ def test_capacity_sums_the_concurrency_of_ready_unsuspended_instances() -> None:
     assert t.capacity("m") == 3
     t.remove("a")
     assert t.capacity("m") == 1
+
+
+def test_an_instance_with_a_free_slot_is_preferred_to_busy_ones() -> None:
+    S = registry_pb2.ModelStatus
+    t = WorkerTable(random.Random(7))
+    for wid in "abcd":
+        t.upsert(registry_pb2.InstanceInfo(id=wid, models=["m"], model_states=[S(name="m", state=S.READY, concurrency=1)]))
+    for wid in "abc":
+        t.begin(wid)  # busy: one batch each, they run one at a time
+    assert Counter(t.pick("m") for _ in range(200)) == {"d": 200}
+    t.begin("d")
+    t.begin("d")  # all busy: two random choices among all, the less loaded of the two wins
+    assert "d" not in Counter(t.pick("m") for _ in range(200))
+    t.end("a")  # a finished its batch: it gets the next one
+    assert Counter(t.pick("m") for _ in range(200)) == {"a": 200}

@@ -134,11 +134,21 @@ class BatcherService(Service):
             ModelQueue(model, self.policy(model)),
             functools.partial(self._dispatch, state),
             functools.partial(self._reject, state),
-            # until the router's first ack says how many batches the model's instances run at once
-            min(self._capacity.get(model, 1), self.settings.max_inflight_batches),
+            1,
         )
+        state.scheduler.max_inflight = self._inflight_cap(state)
         self.queues[subject] = state
         return state
+
+    def _inflight_cap(self, state: ModelState) -> int:
+        """Batches of the model to keep in flight. A model that batches: as many as its instances run at
+        once (the router's last BatchAck.capacity; 1 until the first ack), so under load the next batch
+        fills while they are busy. A model that takes one row per batch gains nothing from waiting: up to
+        max_inflight_batches, so the hops of one request overlap another's execution."""
+        limit = self.settings.max_inflight_batches
+        if state.scheduler.queue.policy.max_rows <= 1:
+            return limit
+        return min(self._capacity.get(state.model, 1), limit)
 
     async def _on_item(self, msg: Msg, ctx: RequestContext) -> None:
         reply_to = msg.reply
@@ -222,9 +232,9 @@ class BatcherService(Service):
             return
         series.batches_ok += 1
         capacity = inference_pb2.BatchAck.FromString(raw).capacity
-        if capacity > 0:  # keep as many batches in flight as the model's instances run at once
+        if capacity > 0:
             self._capacity[state.model] = capacity
-            state.scheduler.set_max_inflight(min(capacity, self.settings.max_inflight_batches))
+        state.scheduler.set_max_inflight(self._inflight_cap(state))
 
     def _reject(self, state: ModelState, batch: list[Pending], err: errors.UnimodelError) -> None:
         """Answer requests that leave the queue without running (one task for all of them)."""

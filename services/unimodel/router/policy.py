@@ -2,7 +2,9 @@
 
 Least outstanding work with the power of two choices: sample two candidates, take the one with fewer
 batches in flight (ties broken at random). Cheap, and avoids the herd effect of always taking the
-global minimum from a stale view.
+global minimum from a stale view. Candidates with a free slot (outstanding below the concurrency they
+announce for the model) are sampled first, so a batch never waits behind a busy instance while another
+idles.
 
 An instance that failed to answer (its NATS subscription is gone, e.g. the process died and its lease
 has not expired yet) is suspended for a cool-down: it gets traffic only if no other candidate exists.
@@ -85,6 +87,13 @@ class WorkerTable:
         cands = self.candidates(model, exclude)
         if not cands:
             return None
+        # Instances with a free slot (fewer batches outstanding than they run at once) come first: with a
+        # few workers, two random choices would otherwise often queue a batch behind a busy instance
+        # while another one idles.
+        outstanding, concurrency = self.outstanding, self._concurrency
+        free = [c for c in cands if outstanding.get(c, 0) < max(1, concurrency.get((c, model), 1))]
+        if free:
+            cands = free
         if len(cands) == 1:
             return cands[0]
         a, b = self.rng.sample(cands, 2)
