@@ -101,3 +101,54 @@ async def test_error_headers_no_responders_and_timeouts() -> None:
         await mux.request_item("s.d", inference_pb2.BatchItem(), RequestContext.new(0.05), timeout_s=5)
     await mux._on_message(FakeMsg(mux.group, b"\xff\xff"))  # type: ignore[arg-type]  # not a ReplyBatch: dropped
     assert mux.pending == 0
+
+
+async def test_requests_of_one_iteration_leave_as_one_bundle() -> None:
+    from unimodel.core import protowire
+
+    bus = FakeBus()
+    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]
+    ctx = RequestContext.new(5)
+
+    def call(rows: int) -> asyncio.Task[bytes]:
+        return asyncio.create_task(
+            mux.request_item("b.m", inference_pb2.BatchItem(rows=rows), ctx, timeout_s=5, bundle_subject="u.m")
+        )
+
+    calls = [call(r) for r in (1, 2, 3)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    ((subject, payload, reply, headers),) = bus.nc.published
+    bundle = inference_pb2.ItemBundle.FromString(payload)
+    assert subject == "u.m" and [i.rows for i in bundle.items] == [1, 2, 3] and headers is None
+    assert reply == bundle.items[0].reply_to  # "no responders" reaches the first request's inbox
+    assert [i.SerializeToString() for i in bundle.items] == protowire.bundle_items(payload)
+    # no batcher: NATS answers the bundle's reply subject with status 503, which fails all three
+    await mux._on_message(FakeMsg(reply, headers={"Status": "503"}))  # type: ignore[arg-type]
+    for task in calls:
+        with pytest.raises(errors.Unavailable, match="no instance is serving b.m"):
+            await task
+
+    alone = call(4)  # alone in its iteration: a plain BatchItem on the batch subject
+    for _ in range(5):
+        await asyncio.sleep(0)
+    subject, payload, reply, _ = bus.nc.published[-1]
+    assert subject == "b.m" and inference_pb2.BatchItem.FromString(payload).reply_to == reply
+    await mux._on_message(FakeMsg(reply, b"ok"))  # type: ignore[arg-type]
+    assert await alone == b"ok" and mux.pending == 0
+
+
+def test_bundle_bytes_match_the_generated_code_and_bad_bytes_are_refused() -> None:
+    from unimodel.core import protowire
+
+    items = [inference_pb2.BatchItem(request_id=f"r{i}", reply_to=f"x.{i}") for i in range(3)]
+    big = inference_pb2.BatchItem(request_id="big")
+    big.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 50000], contents=b"\x00" * 200_000)
+    items.append(big)
+    raw = protowire.bundle(i.SerializeToString() for i in items)
+    assert inference_pb2.ItemBundle.FromString(raw) == inference_pb2.ItemBundle(items=items)
+    assert protowire.bundle_items(raw) == [i.SerializeToString() for i in items]
+    assert protowire.bundle_items(b"") == []
+    for bad in (b"\x12\x00", b"\x0a\x05ab", b"\x0a\xff"):
+        with pytest.raises(ValueError):
+            protowire.bundle_items(bad)

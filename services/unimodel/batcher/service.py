@@ -30,7 +30,7 @@ from unimodel.batcher.metrics import EXPIRED, INVALID, OTHER_MODEL, QUEUE_FULL, 
 from unimodel.batcher.queue import BatchPolicy, ModelQueue, Pending
 from unimodel.batcher.scheduler import Scheduler
 from unimodel.batcher.settings import BatcherSettings
-from unimodel.core import errors, subjects
+from unimodel.core import errors, protowire, subjects
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import Service
 from unimodel.core.registry import Discovery, model_key
@@ -92,6 +92,7 @@ class BatcherService(Service):
         self.spawn(self._sweep_idle(), name="idle queue sweep")
         # The handler only enqueues (never waits), so it runs inline: no task per request.
         await self.bus.serve(subjects.BATCH_ALL, self._on_item, queue=subjects.QUEUE_BATCHER, inline=True)
+        await self.bus.serve(subjects.BUNDLE_ALL, self._on_bundle, queue=subjects.QUEUE_BATCHER, inline=True)
 
     # model configs ------------------------------------------------------------------------------
     def policy(self, model: str) -> BatchPolicy:
@@ -160,6 +161,39 @@ class BatcherService(Service):
         except DecodeError:
             self.stats.reject(state.label, INVALID)
             raise errors.InvalidArgument("batch subject payload is not a BatchItem", model=state.model) from None
+        # errors go back to the bus, which answers the caller with them (429 + Retry-After, ...)
+        self._enqueue(state, msg.data, item, reply_to, ctx, has_deadline_header=bool(msg.headers and Header.DEADLINE in msg.headers))
+        return None
+
+    async def _on_bundle(self, msg: Msg, ctx: RequestContext) -> None:
+        """An ItemBundle: each item as if it had come alone on the model's batch subject, answered at its
+        own reply_to when it cannot be queued."""
+        batch_subject = subjects.batch(subjects.model_of(msg.subject))
+        state = self.queues.get(batch_subject) or self._open(batch_subject)
+        try:
+            parts = protowire.bundle_items(msg.data)
+        except ValueError:
+            self.stats.reject(state.label, INVALID)
+            raise errors.InvalidArgument("bundle subject payload is not an ItemBundle", model=state.model) from None
+        for data in parts:
+            try:
+                item = inference_pb2.BatchItem.FromString(data)
+            except DecodeError:
+                self.stats.reject(state.label, INVALID)
+                continue  # no reply_to to answer at
+            if not item.reply_to:
+                continue
+            try:
+                self._enqueue(state, data, item, item.reply_to, ctx, has_deadline_header=False)
+            except errors.UnimodelError as exc:
+                await self.bus.publish_error(item.reply_to, exc)
+        return None
+
+    def _enqueue(
+        self, state: ModelState, data: bytes, item: inference_pb2.BatchItem, reply_to: str, ctx: RequestContext,
+        *, has_deadline_header: bool,
+    ) -> None:
+        """Queue one item under its model's policy; raises the queue's errors (counted here)."""
         scheduler = state.scheduler
         deadline_ms = item.deadline_unix_ms
         expires = deadline_ms / 1000.0
@@ -167,7 +201,7 @@ class BatcherService(Service):
             deadline_ms = ctx.deadline_ms  # the header's deadline, else this hop's default timeout
             expires = deadline_ms / 1000.0
             timeout = scheduler.queue.policy.default_timeout_s
-            if timeout and not (msg.headers and Header.DEADLINE in msg.headers):
+            if timeout and not has_deadline_header:
                 expires = min(expires, time.time() + timeout)  # the model's queue timeout
         request_id = item.request_id or ctx.request_id
         # The item goes on as received plus the fields it lacks (protobuf: appended fields are merged).
@@ -180,19 +214,18 @@ class BatcherService(Service):
         )
         pending = Pending(
             request_id,
-            Item(msg.data + added, reply_to, deadline_ms, ctx.traceparent, ctx.tracestate),
+            Item(data + added, reply_to, deadline_ms, ctx.traceparent, ctx.tracestate),
             rows=item.rows,
             priority=item.priority,
             expires=expires,
         )
         try:
             scheduler.submit(pending)
-        except errors.UnimodelError as exc:  # the bus answers the caller with it (429 + Retry-After, ...)
+        except errors.UnimodelError as exc:
             reason = _REASONS.get(type(exc))
             if reason:
                 self.stats.reject(state.label, reason)
             raise
-        return None
 
     async def _dispatch(self, state: ModelState, batch: list[Pending]) -> None:
         now = time.time()

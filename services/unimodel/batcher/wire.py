@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from unimodel.core.protowire import varint
+
 # tag bytes: (field number << 3) | wire type (0 varint, 2 length-delimited)
 _ITEM_REQUEST_ID = b"\x0a"  # BatchItem.request_id = 1
 _ITEM_DEADLINE = b"\x18"  # BatchItem.deadline_unix_ms = 3
@@ -21,22 +23,6 @@ _BATCH_MODEL = b"\x12"  # BatchRequest.model = 2
 _BATCH_ITEM = b"\x1a"  # BatchRequest.items = 3
 _BATCH_PATH = b"\x22"  # BatchRequest.path = 4
 _BATCH_QUEUE_NS = b"\x2a"  # BatchRequest.queue_ns = 5 (packed varints)
-
-_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
-
-
-def varint(n: int) -> bytes:
-    """Base-128 varint of a non-negative int (the fast paths cover lengths and small values)."""
-    if n < 0x80:
-        return _ONE_BYTE[n]
-    if n < 0x4000:
-        return bytes(((n & 0x7F) | 0x80, n >> 7))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def item_fields(

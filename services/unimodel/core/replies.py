@@ -7,8 +7,14 @@ ReplyBatch messages, each holding the answers to several of its requests (BatchI
 message per caller and batch instead of one per item: fewer publishes for the worker, fewer messages
 for NATS to route and for the caller to parse.
 
-Requests are published with the inbox as reply subject, so NATS still answers "no responders" (status
-503) at once when no batcher listens. Errors come as error headers on the inbox (batcher, worker) or as
+Requests for one model made in the same event-loop iteration leave together, as one ItemBundle on the
+model's bundle subject (a single request goes alone on its batch subject): one message for NATS to route
+and the batcher to take instead of one per request. Requests with a trace context go alone (their trace
+travels in headers).
+
+Requests are published with the inbox as reply subject (a bundle: its first request's inbox), so NATS
+still answers "no responders" (status 503) at once when no batcher listens; for a bundle that answer fails
+every request in it. Errors come as error headers on the inbox (batcher, worker) or as
 ErrorDetail in a ReplyBatch. An answer for a request that already ended (timed out, or a batch retried
 after a worker answered part of it) is dropped.
 """
@@ -24,7 +30,7 @@ from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from unimodel.core import errors, subjects
+from unimodel.core import errors, protowire, subjects
 from unimodel.core.bus import Bus
 from unimodel.core.context import RequestContext
 from unimodel.core.subjects import Header
@@ -44,6 +50,10 @@ class ReplyMux:
         self._pending: dict[str, tuple[asyncio.Future[bytes], str]] = {}
         self._numbers = itertools.count(1)
         self._sub: Subscription | None = None
+        # what leaves at the end of this loop iteration: (batch subject, bundle subject) -> [(item, inbox)]
+        self._outbox: dict[tuple[str, str], list[tuple[bytes, str]]] = {}
+        self._bundles: dict[str, list[str]] = {}  # a sent bundle's reply inbox (its first) -> every inbox
+        self._flushes: set[asyncio.Task[None]] = set()
 
     @property
     def pending(self) -> int:
@@ -56,9 +66,16 @@ class ReplyMux:
             self._sub = await self.bus.subscribe(f"{self.prefix}.*", self._on_message)
 
     async def request_item(
-        self, subject: str, item: inference_pb2.BatchItem, ctx: RequestContext, *, timeout_s: float
+        self,
+        subject: str,
+        item: inference_pb2.BatchItem,
+        ctx: RequestContext,
+        *,
+        timeout_s: float,
+        bundle_subject: str = "",
     ) -> bytes:
-        """Publish `item` on `subject` and wait for its answer (the encoded response); error answers
+        """Publish `item` on `subject` (with others of this loop iteration as one ItemBundle on
+        `bundle_subject`, when given) and wait for its answer (the encoded response); error answers
         raise their UnimodelError. Sets the item's reply_to, reply_group, request id and deadline."""
         nc = self.bus.client()
         if self._sub is None:
@@ -75,7 +92,10 @@ class ReplyMux:
         try:
             # Request id, deadline and trace context travel in the item; headers only for a trace,
             # so the batcher's batch message carries it on.
-            await nc.publish(subject, item.SerializeToString(), reply=inbox, headers=ctx.trace_headers() or None)
+            if bundle_subject and not ctx.traceparent:
+                self._queue(subject, bundle_subject, item.SerializeToString(), inbox)
+            else:
+                await nc.publish(subject, item.SerializeToString(), reply=inbox, headers=ctx.trace_headers() or None)
             return await asyncio.wait_for(future, ctx.timeout(timeout_s))
         except TimeoutError:
             if ctx.remaining_s() <= 0:
@@ -85,6 +105,36 @@ class ReplyMux:
             raise errors.Unavailable("NATS connection is down", retry_after_s=1) from None
         finally:
             self._pending.pop(inbox, None)
+            self._bundles.pop(inbox, None)
+
+    # bundles ------------------------------------------------------------------------------------
+    def _queue(self, subject: str, bundle_subject: str, data: bytes, inbox: str) -> None:
+        if not self._outbox:
+            task = asyncio.get_running_loop().create_task(self._flush())  # runs after this iteration's callers
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+        self._outbox.setdefault((subject, bundle_subject), []).append((data, inbox))
+
+    async def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for (subject, bundle_subject), entries in outbox.items():
+            inboxes = [inbox for _data, inbox in entries]
+            try:
+                nc = self.bus.client()
+                if len(entries) == 1:
+                    await nc.publish(subject, entries[0][0], reply=inboxes[0])
+                else:
+                    self._bundles[inboxes[0]] = inboxes
+                    await nc.publish(bundle_subject, protowire.bundle(d for d, _i in entries), reply=inboxes[0])
+            except Exception as exc:  # not sent: each request fails now rather than at its deadline
+                err = errors.Unavailable(f"NATS connection is down ({type(exc).__name__})", retry_after_s=1)
+                for inbox in inboxes:
+                    self._fail(inbox, err)
+
+    def _fail(self, inbox: str, err: errors.UnimodelError) -> None:
+        entry = self._pending.get(inbox)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(err)
 
     async def _on_message(self, msg: Msg) -> None:
         if msg.subject == self.group:
@@ -97,7 +147,9 @@ class ReplyMux:
         headers = msg.headers
         if headers:
             if headers.get(_STATUS) == _NO_RESPONDERS:
-                future.set_exception(errors.Unavailable(f"no instance is serving {subject}", retry_after_s=1))
+                err = errors.Unavailable(f"no instance is serving {subject}", retry_after_s=1)
+                for inbox in self._bundles.pop(msg.subject, None) or (msg.subject,):
+                    self._fail(inbox, err)
                 return
             code = headers.get(Header.ERROR_CODE)
             if code:

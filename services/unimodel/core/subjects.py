@@ -37,6 +37,14 @@ def batch(model: str) -> str:
 BATCH_ALL = f"{ROOT}.batch.*"
 
 
+def bundle(model: str) -> str:
+    """gateway -> batcher: an ItemBundle, several BatchItems for `model` (queue group QUEUE_BATCHER)."""
+    return f"{ROOT}.bundle.{model_token(model)}"
+
+
+BUNDLE_ALL = f"{ROOT}.bundle.*"
+
+
 def route(model: str) -> str:
     """batcher -> router: one BatchRequest for `model` (queue group QUEUE_ROUTER)."""
     return f"{ROOT}.route.{model_token(model)}"

@@ -201,7 +201,9 @@ class GatewayService(Service):
                     self.model_stats.record(model, code == "OK", elapsed_ns, item.rows or 1)
 
     async def _send(self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> bytes:
-        return await self.replies.request_item(subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s)
+        return await self.replies.request_item(
+            subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s, bundle_subject=subjects.bundle(model)
+        )
 
     def _observe(self, api: str, model: str, code: str, started: float) -> None:
         label = model if model in self._models else UNKNOWN_MODEL
