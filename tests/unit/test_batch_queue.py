@@ -576,8 +576,8 @@ async def test_batcher_keeps_as_many_batches_in_flight_as_the_instances_run() ->
     assert mlp.scheduler.max_inflight == 1  # until the router's first ack
     assert single.scheduler.max_inflight == 16  # one row per batch: nothing to fill, overlap the hops
     service._capacity["mlp"] = 3
-    assert service._inflight_cap(mlp) == 3
+    assert service._inflight_cap("mlp", mlp.scheduler.queue.policy) == 3
     service._capacity["mlp"] = 40
-    assert service._inflight_cap(mlp) == 16  # bounded by max_inflight_batches
+    assert service._inflight_cap("mlp", mlp.scheduler.queue.policy) == 16  # bounded by max_inflight_batches
     for state in (mlp, single):
         state.scheduler.close()

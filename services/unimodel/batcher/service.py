@@ -131,25 +131,25 @@ class BatcherService(Service):
         model = subjects.model_of(subject)
         label = self._label(model)
         state = ModelState(model, subject, label, self.stats.series(label))
+        policy = self.policy(model)
         state.scheduler = Scheduler(
-            ModelQueue(model, self.policy(model)),
+            ModelQueue(model, policy),
             functools.partial(self._dispatch, state),
             functools.partial(self._reject, state),
-            1,
+            self._inflight_cap(model, policy),
         )
-        state.scheduler.max_inflight = self._inflight_cap(state)
         self.queues[subject] = state
         return state
 
-    def _inflight_cap(self, state: ModelState) -> int:
+    def _inflight_cap(self, model: str, policy: BatchPolicy) -> int:
         """Batches of the model to keep in flight. A model that batches: as many as its instances run at
         once (the router's last BatchAck.capacity; 1 until the first ack), so under load the next batch
         fills while they are busy. A model that takes one row per batch gains nothing from waiting: up to
         max_inflight_batches, so the hops of one request overlap another's execution."""
         limit = self.settings.max_inflight_batches
-        if state.scheduler.queue.policy.max_rows <= 1:
+        if policy.max_rows <= 1:
             return limit
-        return min(self._capacity.get(state.model, 1), limit)
+        return min(self._capacity.get(model, 1), limit)
 
     async def _on_item(self, msg: Msg, ctx: RequestContext) -> None:
         reply_to = msg.reply
@@ -267,7 +267,7 @@ class BatcherService(Service):
         capacity = inference_pb2.BatchAck.FromString(raw).capacity
         if capacity > 0:
             self._capacity[state.model] = capacity
-        state.scheduler.set_max_inflight(self._inflight_cap(state))
+        state.scheduler.set_max_inflight(self._inflight_cap(state.model, state.scheduler.queue.policy))
 
     def _reject(self, state: ModelState, batch: list[Pending], err: errors.UnimodelError) -> None:
         """Answer requests that leave the queue without running (one task for all of them)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import nats
 import nats.errors
@@ -41,12 +41,40 @@ def error_headers(err: errors.UnimodelError) -> dict[str, str]:
     return h
 
 
+def error_from_headers(headers: Mapping[str, str] | None) -> errors.UnimodelError | None:
+    """The error an answer's headers carry (error_headers), or None for a plain answer."""
+    code = headers.get(Header.ERROR_CODE) if headers else None
+    if not code:
+        return None
+    retry = headers.get(Header.RETRY_AFTER, "0")  # type: ignore[union-attr]
+    return errors.from_code(code, headers.get(Header.ERROR_MESSAGE, ""), retry_after_s=float(retry or 0))  # type: ignore[union-attr]
+
+
 def raise_for_error_headers(msg: Msg) -> None:
-    headers = msg.headers or {}
-    code = headers.get(Header.ERROR_CODE)
-    if code:
-        retry = headers.get(Header.RETRY_AFTER, "0")
-        raise errors.from_code(code, headers.get(Header.ERROR_MESSAGE, ""), retry_after_s=float(retry or 0))
+    err = error_from_headers(msg.headers)
+    if err is not None:
+        raise err
+
+
+CONNECTION_ERRORS = (
+    nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError
+)
+"""nats-py errors of a send when the connection is down: answered UNAVAILABLE (connection_down())."""
+
+
+def connection_down() -> errors.Unavailable:
+    return errors.Unavailable("NATS connection is down", retry_after_s=1)
+
+
+def no_reply(subject: str, ctx: RequestContext) -> errors.UnimodelError:
+    """The error for a request that got no answer in time: its deadline passed, or nobody answered."""
+    if ctx.remaining_s() <= 0:
+        return errors.DeadlineExceeded("deadline exceeded", request_id=ctx.request_id)
+    return errors.Unavailable(f"no reply on {subject} in time", retry_after_s=1)
+
+
+def no_responders(subject: str) -> errors.Unavailable:
+    return errors.Unavailable(f"no instance is serving {subject}", retry_after_s=1)
 
 
 class Bus:
@@ -119,13 +147,11 @@ class Bus:
         try:
             msg = await nc.request(subject, payload, timeout=ctx.timeout(timeout_s), headers=ctx.to_headers())
         except nats.errors.NoRespondersError:
-            raise errors.Unavailable(f"no instance is serving {subject}", retry_after_s=1) from None
+            raise no_responders(subject) from None
         except nats.errors.TimeoutError:
-            if ctx.remaining_s() <= 0:
-                raise errors.DeadlineExceeded("deadline exceeded", request_id=ctx.request_id) from None
-            raise errors.Unavailable(f"no reply on {subject} in time", retry_after_s=1) from None
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError):
-            raise errors.Unavailable("NATS connection is down", retry_after_s=1) from None
+            raise no_reply(subject, ctx) from None
+        except CONNECTION_ERRORS:
+            raise connection_down() from None
         raise_for_error_headers(msg)
         return msg.data
 

@@ -25,15 +25,13 @@ import asyncio
 import itertools
 import logging
 
-import nats.errors
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from unimodel.core import errors, protowire, subjects
-from unimodel.core.bus import Bus
+from unimodel.core.bus import CONNECTION_ERRORS, Bus, connection_down, error_from_headers, no_reply, no_responders
 from unimodel.core.context import RequestContext
-from unimodel.core.subjects import Header
 from unimodel.v1 import inference_pb2
 
 log = logging.getLogger("unimodel.replies")
@@ -98,11 +96,9 @@ class ReplyMux:
                 await nc.publish(subject, item.SerializeToString(), reply=inbox, headers=ctx.trace_headers() or None)
             return await asyncio.wait_for(future, ctx.timeout(timeout_s))
         except TimeoutError:
-            if ctx.remaining_s() <= 0:
-                raise errors.DeadlineExceeded("deadline exceeded", request_id=ctx.request_id) from None
-            raise errors.Unavailable(f"no reply on {subject} in time", retry_after_s=1) from None
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError):
-            raise errors.Unavailable("NATS connection is down", retry_after_s=1) from None
+            raise no_reply(subject, ctx) from None
+        except CONNECTION_ERRORS:
+            raise connection_down() from None
         finally:
             self._pending.pop(inbox, None)
             self._bundles.pop(inbox, None)
@@ -147,16 +143,13 @@ class ReplyMux:
         headers = msg.headers
         if headers:
             if headers.get(_STATUS) == _NO_RESPONDERS:
-                err = errors.Unavailable(f"no instance is serving {subject}", retry_after_s=1)
+                err = no_responders(subject)
                 for inbox in self._bundles.pop(msg.subject, None) or (msg.subject,):
                     self._fail(inbox, err)
                 return
-            code = headers.get(Header.ERROR_CODE)
-            if code:
-                retry = headers.get(Header.RETRY_AFTER, "0")
-                future.set_exception(
-                    errors.from_code(code, headers.get(Header.ERROR_MESSAGE, ""), retry_after_s=float(retry or 0))
-                )
+            err = error_from_headers(headers)
+            if err is not None:
+                future.set_exception(err)
                 return
         future.set_result(msg.data)
 

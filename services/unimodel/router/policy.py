@@ -78,10 +78,13 @@ class WorkerTable:
         healthy = [iid for iid in hosts if not self.is_suspended(iid)]
         return healthy or hosts
 
+    def slots(self, instance_id: str, model: str) -> int:
+        """Batches of `model` the instance runs at once (its ModelStatus.concurrency; 1 if it reports none)."""
+        return max(1, self._concurrency.get((instance_id, model), 1))
+
     def capacity(self, model: str) -> int:
-        """Batches of `model` its instances run at once (each READY, unsuspended instance's concurrency;
-        an instance that does not report one counts as 1); 0 when no instance hosts it."""
-        return sum(max(1, self._concurrency.get((iid, model), 1)) for iid in self.candidates(model))
+        """Batches of `model` its READY, unsuspended instances run at once; 0 when no instance hosts it."""
+        return sum(self.slots(iid, model) for iid in self.candidates(model))
 
     def pick(self, model: str, exclude: Collection[str] = ()) -> str | None:
         cands = self.candidates(model, exclude)
@@ -90,8 +93,8 @@ class WorkerTable:
         # Instances with a free slot (fewer batches outstanding than they run at once) come first: with a
         # few workers, two random choices would otherwise often queue a batch behind a busy instance
         # while another one idles.
-        outstanding, concurrency = self.outstanding, self._concurrency
-        free = [c for c in cands if outstanding.get(c, 0) < max(1, concurrency.get((c, model), 1))]
+        outstanding = self.outstanding
+        free = [c for c in cands if outstanding.get(c, 0) < self.slots(c, model)]
         if free:
             cands = free
         if len(cands) == 1:
