@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from unimodel.gateway.auth import ApiKeys
 from unimodel.core import errors, modelconfig, tensors
 from unimodel.core.context import RequestContext
 from unimodel.gateway.statistics import ModelStatistics
@@ -59,6 +60,7 @@ class KServeDouble:
         self.log = logging.getLogger("kserve-double")
         self.model_stats = ModelStatistics()
         self.id = "gateway-double"
+        self.auth = ApiKeys({})  # auth off, as in the local cluster
 
     def configs(self) -> dict[str, model_pb2.ModelConfig]:
         return self.configs_by_name

@@ -33,10 +33,14 @@ class RequestContext:
     deadline_ms: int = 0
     traceparent: str = ""
     tracestate: str = ""
+    # The caller's tenant (its API key's; empty when auth is off): set on every item it sends.
+    tenant: str = ""
 
     @classmethod
-    def new(cls, timeout_s: float, request_id: str = "", traceparent: str = "", tracestate: str = "") -> RequestContext:
-        return cls(request_id or new_request_id(), now_ms() + int(timeout_s * 1000), traceparent, tracestate)
+    def new(
+        cls, timeout_s: float, request_id: str = "", traceparent: str = "", tracestate: str = "", tenant: str = ""
+    ) -> RequestContext:
+        return cls(request_id or new_request_id(), now_ms() + int(timeout_s * 1000), traceparent, tracestate, tenant)
 
     def remaining_s(self) -> float:
         """Seconds left before the deadline (inf without one)."""
@@ -84,7 +88,11 @@ class RequestContext:
     # gRPC metadata -----------------------------------------------------------------------------
     @classmethod
     def from_grpc(
-        cls, metadata: Iterable[tuple[str, str | bytes]] | None, time_remaining: float | None, default_timeout_s: float
+        cls,
+        metadata: Iterable[tuple[str, str | bytes]] | None,
+        time_remaining: float | None,
+        default_timeout_s: float,
+        tenant: str = "",
     ) -> RequestContext:
         md = {k.lower(): (v.decode() if isinstance(v, bytes) else v) for k, v in (metadata or ())}
         timeout = default_timeout_s if time_remaining is None else min(time_remaining, default_timeout_s)
@@ -93,4 +101,5 @@ class RequestContext:
             request_id=md.get("x-request-id", ""),
             traceparent=md.get("traceparent", ""),
             tracestate=md.get("tracestate", ""),
+            tenant=tenant,
         )

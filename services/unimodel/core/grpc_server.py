@@ -48,10 +48,17 @@ def maps_errors(method: F) -> F:
 
 
 class GrpcServer:
-    def __init__(self, host: str, port: int, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+    ) -> None:
         self.host, self.requested_port = host, port
         self.port = 0
         self.server = grpc.aio.server(
+            interceptors=interceptors or None,
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", max_message_bytes),

@@ -16,6 +16,8 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, ClassVar
 
+import grpc
+
 from unimodel import __version__
 from unimodel.core.bus import Bus
 from unimodel.core.grpc_server import GrpcServer
@@ -50,7 +52,8 @@ class Service:
         )
         self.store: KeyValueStore = store or EtcdStore(settings.etcd_endpoint_list)
         self.grpc = GrpcServer(
-            settings.host, settings.grpc_port, int(getattr(settings, "max_body_bytes", 64 * 1024 * 1024))
+            settings.host, settings.grpc_port, int(getattr(settings, "max_body_bytes", 64 * 1024 * 1024)),
+            interceptors=self.grpc_interceptors(),
         )
         self.metrics = Metrics()
         self.registration: Registration | None = None
@@ -61,6 +64,11 @@ class Service:
         self._fatal: BaseException | None = None
 
     # hooks for subclasses -----------------------------------------------------------------------
+    def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Interceptors of the service's gRPC server (e.g. the gateway's API keys); called in __init__,
+        after `self.settings` is set."""
+        return []
+
     async def on_start(self) -> None:
         """Subscribe, start discovery, load engines. NATS is connected; etcd may not be yet."""
 

@@ -26,7 +26,9 @@ CONFIG_FILE = "config.yaml"
 DATATYPES = frozenset(
     {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"}
 )
-ENGINES = frozenset({"onnx", "delay", "echo"})
+GENERATIVE_ENGINES = frozenset({"llamacpp", "vllm", "openai"})
+"""Text-generation engines: no tensors; GenerateRequests in, token streams out (LlmConfig)."""
+ENGINES = frozenset({"onnx", "delay", "echo"}) | GENERATIVE_ENGINES
 PROCESSING_KINDS = frozenset({"none", "text-embedding", "image-classification", "tabular"})
 EXECUTION_PROVIDERS = frozenset({"auto", "cuda", "cpu"})
 
@@ -94,6 +96,8 @@ def apply_defaults(config: model_pb2.ModelConfig) -> None:
         config.engine = "onnx"
     if not config.file and config.engine == "onnx":
         config.file = "model.onnx"
+    if not config.file and config.engine == "llamacpp":
+        config.file = "model.gguf"
     if not config.version:
         config.version = "1"
     if config.instance_count <= 0:
@@ -120,8 +124,18 @@ def validate(config: model_pb2.ModelConfig, *, source: str = "config") -> None:
         raise bad("max_batch_size", "must be >= 0")
     if config.replicas < 0:
         raise bad("replicas", "must be >= 0")
+    generative = is_generative(config)
+    if generative:
+        llm = config.llm
+        for name in ("context_length", "max_prompt_tokens", "max_tokens", "default_max_tokens", "max_sequences"):
+            if getattr(llm, name) < 0:
+                raise bad(f"llm.{name}", "must be >= 0")
+        if llm.context_length and llm.max_prompt_tokens > llm.context_length:
+            raise bad("llm.max_prompt_tokens", f"is over llm.context_length ({llm.context_length})")
+        if config.engine == "openai" and not llm.upstream_url.startswith(("http://", "https://")):
+            raise bad("llm.upstream_url", "the openai engine needs the upstream's base URL (http://host:port/v1)")
     for kind, specs in (("inputs", config.inputs), ("outputs", config.outputs)):
-        if not specs:
+        if not specs and not generative:
             raise bad(kind, "at least one tensor is required")
         seen: set[str] = set()
         for i, spec in enumerate(specs):
@@ -149,6 +163,11 @@ def validate(config: model_pb2.ModelConfig, *, source: str = "config") -> None:
         raise bad("batching.priority_levels", "must be >= 0")
     if b.default_priority_level < 0 or b.default_priority_level > max(1, b.priority_levels):
         raise bad("batching.default_priority_level", f"must be within 1..priority_levels ({max(1, b.priority_levels)})")
+
+
+def is_generative(config: model_pb2.ModelConfig) -> bool:
+    """A text-generation model (chat / completions) rather than a tensor model."""
+    return config.engine in GENERATIVE_ENGINES
 
 
 def levels(config: model_pb2.ModelConfig) -> int:

@@ -12,6 +12,10 @@ model's bundle subject (a single request goes alone on its batch subject): one m
 and the batcher to take instead of one per request. Requests with a trace context go alone (their trace
 travels in headers).
 
+Streamed answers (text generation) use an inbox too: `open_stream` publishes the item alone and
+returns a ReplyStream that yields every message arriving at that inbox, in order, until the caller
+closes it.
+
 Requests are published with the inbox as reply subject (a bundle: its first request's inbox), so NATS
 still answers "no responders" (status 503) at once when no batcher listens; for a bundle that answer fails
 every request in it. Errors come as error headers on the inbox (batcher, worker) or as
@@ -52,10 +56,11 @@ class ReplyMux:
         self._outbox: dict[tuple[str, str], list[tuple[bytes, str]]] = {}
         self._bundles: dict[str, list[str]] = {}  # a sent bundle's reply inbox (its first) -> every inbox
         self._flushes: set[asyncio.Task[None]] = set()
+        self._streams: dict[str, ReplyStream] = {}
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._streams)
 
     async def start(self) -> None:
         """Subscribe (after the bus connected). Not one of the bus's served subjects: answers keep
@@ -83,6 +88,8 @@ class ReplyMux:
         item.reply_group = self.group
         item.request_id = ctx.request_id
         item.deadline_unix_ms = ctx.deadline_ms
+        if ctx.tenant:
+            item.tenant = ctx.tenant
         if ctx.traceparent:
             item.trace_context.update(ctx.trace_headers())
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -102,6 +109,29 @@ class ReplyMux:
         finally:
             self._pending.pop(inbox, None)
             self._bundles.pop(inbox, None)
+
+    async def open_stream(self, subject: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> ReplyStream:
+        """Publish `item` on `subject` and return the stream of messages its inbox receives (the
+        caller reads it with `next()` and must `close()` it). Sets reply_to, request id and deadline."""
+        nc = self.bus.client()
+        if self._sub is None:
+            await self.start()
+        inbox = f"{self.prefix}.{next(self._numbers)}"
+        item.reply_to = inbox
+        item.request_id = ctx.request_id
+        item.deadline_unix_ms = ctx.deadline_ms
+        if ctx.tenant:
+            item.tenant = ctx.tenant
+        if ctx.traceparent:
+            item.trace_context.update(ctx.trace_headers())
+        stream = ReplyStream(self, inbox, subject, ctx)
+        self._streams[inbox] = stream
+        try:
+            await nc.publish(subject, item.SerializeToString(), reply=inbox, headers=ctx.trace_headers() or None)
+        except CONNECTION_ERRORS:
+            stream.close()
+            raise connection_down() from None
+        return stream
 
     # bundles ------------------------------------------------------------------------------------
     def _queue(self, subject: str, bundle_subject: str, data: bytes, inbox: str) -> None:
@@ -136,6 +166,10 @@ class ReplyMux:
         if msg.subject == self.group:
             self._on_batch(msg.data)
             return
+        stream = self._streams.get(msg.subject)
+        if stream is not None:
+            stream._deliver(msg)
+            return
         entry = self._pending.get(msg.subject)
         if entry is None or entry[0].done():
             return
@@ -168,3 +202,49 @@ class ReplyMux:
                 entry[0].set_exception(errors.from_proto(reply.error))
             else:
                 entry[0].set_result(reply.response)
+
+
+class ReplyStream:
+    """The messages arriving at one inbox, in arrival order (NATS keeps one publisher's order)."""
+
+    __slots__ = ("_mux", "inbox", "subject", "ctx", "_queue", "_closed")
+
+    def __init__(self, mux: ReplyMux, inbox: str, subject: str, ctx: RequestContext) -> None:
+        self._mux = mux
+        self.inbox = inbox
+        self.subject = subject
+        self.ctx = ctx
+        self._queue: asyncio.Queue[bytes | errors.UnimodelError] = asyncio.Queue()
+        self._closed = False
+
+    def _deliver(self, msg: Msg) -> None:
+        headers = msg.headers
+        if headers:
+            if headers.get(_STATUS) == _NO_RESPONDERS:
+                self._queue.put_nowait(no_responders(self.subject))
+                return
+            err = error_from_headers(headers)
+            if err is not None:
+                self._queue.put_nowait(err)
+                return
+        self._queue.put_nowait(msg.data)
+
+    async def next(self, timeout_s: float) -> bytes:
+        """The next message's data; its error raised; DEADLINE_EXCEEDED when none comes within
+        `timeout_s` (or the request's deadline, whichever is first)."""
+        queue = self._queue
+        if queue.empty():
+            try:
+                item = await asyncio.wait_for(queue.get(), min(timeout_s, self.ctx.timeout(timeout_s)))
+            except TimeoutError:
+                raise no_reply(self.subject, self.ctx) from None
+        else:
+            item = queue.get_nowait()
+        if isinstance(item, errors.UnimodelError):
+            raise item
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._mux._streams.pop(self.inbox, None)

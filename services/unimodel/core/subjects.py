@@ -63,6 +63,10 @@ def worker_control(instance_id: str) -> str:
     return f"{ROOT}.worker.{instance_id}.control"
 
 
+ABORT = f"{ROOT}.abort"
+"""gateway -> every worker (plain subscription, no queue group): an AbortRequest, generations to stop."""
+
+
 def replies(instance_id: str) -> str:
     """Answers to one instance's requests: `<replies>.<token>` is one request's inbox (its reply_to)."""
     return f"{ROOT}.reply.{instance_id}"

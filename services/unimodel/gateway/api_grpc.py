@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from unimodel.core import errors
 from unimodel.core.context import RequestContext
-from unimodel.core.grpc_server import maps_errors
-from unimodel.v1 import inference_pb2, services_pb2_grpc
+from unimodel.core.grpc_server import maps_errors, status_trailers
+from unimodel.v1 import generate_pb2, inference_pb2, services_pb2_grpc
 
 if TYPE_CHECKING:
     from unimodel.gateway.service import GatewayService
@@ -18,13 +19,67 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
     def __init__(self, gw: GatewayService) -> None:
         self.gw = gw
 
+    def _context(self, context: grpc.aio.ServicerContext, timeout_s: float) -> RequestContext:
+        metadata = context.invocation_metadata()
+        tenant = self.gw.auth.tenant_from_metadata(metadata)
+        return RequestContext.from_grpc(metadata, context.time_remaining(), timeout_s, tenant=tenant)
+
+    async def _start(
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ):  # type: ignore[no-untyped-def]
+        ctx = self._context(context, self.gw.settings.generate_timeout_s)
+        if not request.session:
+            for key, value in context.invocation_metadata() or ():
+                if key.lower() == "x-session-id":
+                    request.session = value if isinstance(value, str) else value.decode()
+        request.id = ""  # the gateway's request id names the generation
+        gen = await self.gw.generate(request, ctx, api="grpc", tenant=ctx.tenant)
+        return ctx, gen
+
+    async def Generate(  # noqa: N802
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ):  # type: ignore[no-untyped-def]
+        """Server-streaming generation: seq 0 (accepted, with the path), then the chunks. A cancelled
+        call closes the generation, which aborts it on the worker."""
+        try:
+            ctx, gen = await self._start(request, context)
+        except errors.UnimodelError as err:
+            await context.abort(err.grpc_status, err.message, trailing_metadata=status_trailers(err))
+            return
+        await context.send_initial_metadata((("x-request-id", ctx.request_id),))
+        try:
+            first = generate_pb2.GenerateChunk()
+            first.CopyFrom(gen.first)
+            first.path.insert(0, self.gw.id)
+            yield first
+            try:
+                async for chunk in gen:
+                    yield chunk
+            except errors.UnimodelError as err:
+                await context.abort(err.grpc_status, err.message, trailing_metadata=status_trailers(err))
+        finally:
+            await gen.close("the gRPC call ended")
+
+    @maps_errors
+    async def GenerateUnary(  # noqa: N802
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> generate_pb2.GenerateResponse:
+        ctx, gen = await self._start(request, context)
+        try:
+            text = await gen.text()
+        finally:
+            await gen.close("the gRPC call ended")
+        context.set_trailing_metadata((("x-request-id", ctx.request_id),))
+        return generate_pb2.GenerateResponse(
+            id=ctx.request_id, model=request.model, text=text, finish_reason=gen.finish_reason, usage=gen.usage,
+            worker_id=gen.first.worker_id, path=[self.gw.id, *gen.first.path],
+        )
+
     @maps_errors
     async def Predict(  # noqa: N802
         self, request: inference_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.PredictResponse:
-        ctx = RequestContext.from_grpc(
-            context.invocation_metadata(), context.time_remaining(), self.gw.settings.request_timeout_s
-        )
+        ctx = self._context(context, self.gw.settings.request_timeout_s)
         reply = await self.gw.predict(request.model, request.input, dict(request.parameters), ctx, api="grpc")
         # Trailing metadata travels with the status: no extra send operation per call.
         context.set_trailing_metadata((("x-request-id", ctx.request_id),))

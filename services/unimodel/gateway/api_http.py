@@ -20,6 +20,7 @@ from unimodel.core import errors, modelconfig
 from unimodel.core.context import RequestContext
 from unimodel.core.values import from_value, to_value
 from unimodel.gateway import catalog
+from unimodel.gateway.auth import TENANT_HEADER
 from unimodel.gateway.api_kserve_http import error_result as kserve_error_result
 from unimodel.gateway.api_kserve_http import infer_asgi, match_infer
 
@@ -44,7 +45,9 @@ class ModelCard(BaseModel):
     ready: bool
     state: str = Field(..., description="READY, LOADING, FAILED or UNAVAILABLE")
     instances: int = Field(..., description="worker instances that serve the model now")
-    engine: str = Field("", description="engine of a registered model (onnx, delay, echo); empty for built-ins")
+    engine: str = Field("", description="engine of a registered model (onnx, llamacpp, vllm, openai, delay, echo); empty for built-ins")
+    created: int = Field(0, description="Unix time the gateway first saw the model (OpenAI's field)")
+    generative: bool = Field(False, description="a text-generation model: /v1/chat/completions and /v1/completions")
 
 
 class ModelList(BaseModel):
@@ -178,6 +181,7 @@ async def run_predict(
             request_id=header("x-request-id"),
             traceparent=header("traceparent"),
             tracestate=header("tracestate"),
+            tenant=header(TENANT_HEADER),
         )
         reply = await gw.predict(name, to_value(body.input), body.parameters, ctx)
     except errors.UnimodelError as err:
@@ -296,6 +300,8 @@ def build_app(gw: GatewayService) -> FastAPI:
                 ModelCard(
                     id=m.name, ready=bool(m.instances), state=m.state, instances=len(m.instances),
                     engine=m.config.engine if m.config is not None else "",
+                    generative=m.config is not None and modelconfig.is_generative(m.config),
+                    created=gw.first_seen(m.name),
                 )
                 for m in gw.models().values()
             ]

@@ -124,7 +124,10 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         config = gw.configs().get(model)
         kserve.check_version(config, model, request.model_version)
         call = kserve.parse_grpc_infer(request)
-        ctx = RequestContext.from_grpc(context.invocation_metadata(), context.time_remaining(), gw.settings.request_timeout_s)
+        metadata = context.invocation_metadata()
+        ctx = RequestContext.from_grpc(
+            metadata, context.time_remaining(), gw.settings.request_timeout_s, tenant=gw.auth.tenant_from_metadata(metadata)
+        )
         if call.timeout_s is not None:
             deadline = now_ms() + int(call.timeout_s * 1000)
             if deadline < ctx.deadline_ms:

@@ -28,6 +28,7 @@ from unimodel import __version__
 from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext
 from unimodel.gateway import kserve
+from unimodel.gateway.auth import TENANT_HEADER
 
 if TYPE_CHECKING:
     from unimodel.gateway.service import GatewayService
@@ -38,7 +39,7 @@ HEADER_LENGTH = "inference-header-content-length"
 Headers = list[tuple[bytes, bytes]]
 _JSON = b"application/json"
 _OCTETS = b"application/octet-stream"
-_WANTED = frozenset({HEADER_LENGTH, "content-encoding", "x-request-id", "traceparent", "tracestate"})
+_WANTED = frozenset({HEADER_LENGTH, "content-encoding", "x-request-id", "traceparent", "tracestate", TENANT_HEADER})
 
 
 def match_infer(path: str) -> tuple[str, str] | None:
@@ -125,7 +126,8 @@ async def run_infer(
         if call.timeout_s is not None:
             timeout_s = min(timeout_s, call.timeout_s)
         ctx = RequestContext.new(
-            timeout_s, request_id=header("x-request-id"), traceparent=header("traceparent"), tracestate=header("tracestate")
+            timeout_s, request_id=header("x-request-id"), traceparent=header("traceparent"), tracestate=header("tracestate"),
+            tenant=header(TENANT_HEADER),
         )
         reply = await gw.infer(model, call.item, ctx, API)
         payload, header_length = kserve.render_rest_infer(reply, call, model, kserve.model_version(config))

@@ -9,10 +9,11 @@ import time
 from collections.abc import Iterator
 from typing import TypeVar
 
+import grpc
 import uvicorn
 from google.protobuf import struct_pb2
 
-from unimodel.core import errors, subjects, tensors
+from unimodel.core import errors, generation, modelconfig, subjects, tensors
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.replies import ReplyMux
@@ -23,11 +24,14 @@ from unimodel.gateway.api_grpc import InferenceApi
 from unimodel.gateway.api_http import BodyLimit, FastRoutes, build_app
 from unimodel.gateway.api_kserve_grpc import add_kserve_grpc
 from unimodel.gateway.api_kserve_http import register_kserve_routes
+from unimodel.gateway.api_openai import register_openai_routes
+from unimodel.gateway.auth import ApiKeys, AuthMiddleware, GrpcAuthInterceptor
 from unimodel.gateway.http_protocol import CoalescingHttpToolsProtocol
+from unimodel.gateway.generation import Generation
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.settings import GatewaySettings
 from unimodel.gateway.statistics import ModelStatistics
-from unimodel.v1 import inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
+from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
 
 Reply = TypeVar("Reply", inference_pb2.PredictResponse, inference_pb2.InferResponse)
@@ -58,12 +62,16 @@ class GatewayService(Service):
         )
         self._models: dict[str, catalog.ModelEntry] = {}
         self._configs: dict[str, model_pb2.ModelConfig] = {}
+        self._first_seen: dict[str, int] = {}
         self.stats = GatewayMetrics(self.metrics.registry)
         self.model_stats = ModelStatistics()  # KServe v2 model statistics
         self.api = build_app(self)  # FastAPI: every route, OpenAPI
         register_kserve_routes(self.api, self)
-        # What uvicorn serves: the body limit, then the hot route, then FastAPI for the rest.
-        self.app = BodyLimit(FastRoutes(self.api, self), settings.max_body_bytes)
+        register_openai_routes(self.api, self)
+        self.auth = ApiKeys(settings.api_keys)
+        # What uvicorn serves: API keys (when configured), the body limit, the hot routes, FastAPI for the rest.
+        app = BodyLimit(FastRoutes(self.api, self), settings.max_body_bytes)
+        self.app = AuthMiddleware(app, self.auth) if self.auth.enabled else app
         self.http_port = 0
         self._http: _EmbeddedServer | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -74,10 +82,18 @@ class GatewayService(Service):
         )
         add_kserve_grpc(self.grpc, self)
 
+    def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        keys = ApiKeys(self.settings.api_keys)
+        return [GrpcAuthInterceptor(keys)] if keys.enabled else []
+
     # cluster view ------------------------------------------------------------------------------
     def _on_instance_change(self, key: str, old: object, new: object) -> None:
         self._configs = {c.name: c for c in self.registered.items.values()}
         self._models = catalog.models(self.instances.items, self._configs)
+
+    def first_seen(self, name: str) -> int:
+        """Unix time this gateway first saw model `name` (OpenAI's `created`)."""
+        return self._first_seen.setdefault(name, int(time.time()))
 
     def models(self) -> dict[str, catalog.ModelEntry]:
         """Registered and hosted models (recomputed on every etcd change, not per request)."""
@@ -199,6 +215,44 @@ class GatewayService(Service):
                     )
                 else:
                     self.model_stats.record(model, code == "OK", elapsed_ns, item.rows or 1)
+
+    async def generate(
+        self, request: generate_pb2.GenerateRequest, ctx: RequestContext, api: str = "http", tenant: str = ""
+    ) -> Generation:
+        """Text generation: check the request and the model's limits, hand it to the batcher, wait until
+        a worker accepted it (chunk seq 0) and return the running Generation (the caller iterates and
+        closes it). Refusals (unknown model, limits, queue full) raise before anything streams."""
+        model = request.model
+        started = time.perf_counter()
+        try:
+            self.require_ready(model)
+            generation.validate(request)
+            config = self._configs.get(model)
+            if config is not None:
+                if not modelconfig.is_generative(config):
+                    raise errors.InvalidArgument(
+                        f"model {model!r} does not generate text (engine {config.engine}): use "
+                        f"/v1/models/{model}:predict or /v2/models/{model}/infer", model=model, field="model",
+                    )
+                generation.check_max_tokens(config, request.sampling.max_tokens)
+            if not request.session:
+                request.session = generation.session_key(request)
+            item = inference_pb2.BatchItem(generate=request, rows=1, tenant=tenant)
+            stream = await self.replies.open_stream(subjects.batch(model), item, ctx)
+        except errors.UnimodelError as exc:
+            self._observe(api, model, exc.code_name, started)
+            raise
+        gen = Generation(
+            model, stream, chunk_timeout_s=self.settings.request_timeout_s, abort=self._abort_generation,
+            on_end=lambda g: self._observe(api, model, g.code, g.started_at),
+        )
+        await gen.start()
+        return gen
+
+    async def _abort_generation(self, request_id: str, reason: str) -> None:
+        await self.bus.publish(
+            subjects.ABORT, generate_pb2.AbortRequest(request_ids=[request_id], reason=reason).SerializeToString()
+        )
 
     async def _send(self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> bytes:
         return await self.replies.request_item(

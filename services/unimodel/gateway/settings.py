@@ -22,3 +22,11 @@ class GatewaySettings(CommonSettings):
     load_models: str = Field(
         "", description="models of the repository to register at start: comma separated names, or 'all'"
     )
+    generate_timeout_s: float = Field(
+        600.0, gt=0, le=86400, description="deadline of a text generation (chat / completions), queueing included"
+    )
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="API keys -> tenant names; when set, every route but /health/* and /chat needs "
+        "Authorization: Bearer <key> (401 otherwise). Env: UNIMODEL_GATEWAY_API_KEYS='{\"sk-...\": \"team-a\"}'",
+    )

@@ -6,12 +6,20 @@ global minimum from a stale view. Candidates with a free slot (outstanding below
 announce for the model) are sampled first, so a batch never waits behind a busy instance while another
 idles.
 
+Generation batches (LLM models) are split per item: each conversation has a home instance, the
+highest-ranked by rendezvous hashing of its affinity key (session), and goes there while the home has a
+free sequence slot, or while every instance is full and the home is not much busier than the least
+loaded one; otherwise to the least loaded instance. Load there is sequences generating (the worker's
+BatchAck.load and its registration), not batches in flight: a worker acknowledges a generation batch as
+soon as it started it.
+
 An instance that failed to answer (its NATS subscription is gone, e.g. the process died and its lease
 has not expired yet) is suspended for a cool-down: it gets traffic only if no other candidate exists.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable, Collection
@@ -27,11 +35,17 @@ class WorkerTable:
         self.clock = clock
         self._by_model: dict[str, list[str]] = {}
         self._concurrency: dict[tuple[str, str], int] = {}  # (instance, model) -> batches it runs at once
+        self.sequences: dict[tuple[str, str], int] = {}  # (instance, model) -> generations running (LLM models)
         self.rng = rng or random.Random()
 
-    def upsert(self, info: registry_pb2.InstanceInfo) -> None:
+    def upsert(self, info: registry_pb2.InstanceInfo, generative: Collection[str] = ()) -> None:
+        """Add or update an instance; for the `generative` models its reported in-flight count becomes
+        its sequence load (until the next ack or report)."""
         self.instances[info.id] = info
         self.outstanding.setdefault(info.id, 0)
+        for status in info.model_states:
+            if status.name in generative:
+                self.sequences[(info.id, status.name)] = status.inflight
         self._reindex()
 
     def remove(self, instance_id: str) -> None:
@@ -68,6 +82,8 @@ class WorkerTable:
                 concurrency[(iid, status.name)] = status.concurrency
         self._by_model = by_model
         self._concurrency = concurrency
+        live = set(self.instances)
+        self.sequences = {k: v for k, v in self.sequences.items() if k[0] in live}
 
     def models(self) -> dict[str, list[str]]:
         return {m: list(ids) for m, ids in self._by_model.items()}
@@ -105,6 +121,47 @@ class WorkerTable:
             return self.rng.choice((a, b))
         return a if la < lb else b
 
+    # generation (LLM) batches -------------------------------------------------------------------
+    def load(self, instance_id: str, model: str) -> int:
+        """Sequences of `model` generating on the instance (router's latest view)."""
+        return self.sequences.get((instance_id, model), 0)
+
+    def set_load(self, instance_id: str, model: str, sequences: int) -> None:
+        if instance_id in self.instances:
+            self.sequences[(instance_id, model)] = max(0, sequences)
+
+    def add_load(self, instance_id: str, model: str, n: int) -> None:
+        if instance_id in self.instances:
+            key = (instance_id, model)
+            self.sequences[key] = max(0, self.sequences.get(key, 0) + n)
+
+    def pick_affine(self, model: str, key: str, exclude: Collection[str] = ()) -> str | None:
+        """The instance for one generation with affinity key `key` (see the module doc)."""
+        cands = self.candidates(model, exclude)
+        if not cands:
+            return None
+        if len(cands) == 1:
+            return cands[0]
+        load = self.load
+        if key:
+            home = max(cands, key=lambda c: _weight(key, c))
+            home_load, home_slots = load(home, model), self.slots(home, model)
+            if home_load < home_slots:
+                return home
+            least = min(load(c, model) for c in cands)
+            any_free = any(load(c, model) < self.slots(c, model) for c in cands)
+            if not any_free and home_load - least <= max(1, home_slots // 4):
+                return home
+        free = [c for c in cands if load(c, model) < self.slots(c, model)]
+        pool = free or cands
+        if len(pool) == 1:
+            return pool[0]
+        a, b = self.rng.sample(pool, 2)
+        la, lb = load(a, model) / self.slots(a, model), load(b, model) / self.slots(b, model)
+        if la == lb:
+            return self.rng.choice((a, b))
+        return a if la < lb else b
+
     def begin(self, instance_id: str) -> None:
         if instance_id in self.outstanding:
             self.outstanding[instance_id] += 1
@@ -112,3 +169,8 @@ class WorkerTable:
     def end(self, instance_id: str) -> None:
         if self.outstanding.get(instance_id, 0) > 0:
             self.outstanding[instance_id] -= 1
+
+
+def _weight(key: str, instance_id: str) -> int:
+    """Rendezvous-hash weight of (affinity key, instance): the key's home is the instance with the highest."""
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{instance_id}".encode(), digest_size=8).digest(), "big")

@@ -10,7 +10,7 @@ import asyncio
 
 from nats.aio.msg import Msg
 
-from unimodel.core import errors, subjects
+from unimodel.core import errors, modelconfig, subjects
 from unimodel.core.context import RequestContext
 from unimodel.core.grpc_server import maps_errors
 from unimodel.core.lifecycle import Service
@@ -50,6 +50,7 @@ class RouterService(Service):
         )
         self.planner = Planner(retry_failed_s=max(5.0, 5 * settings.reconcile_interval_s))
         self._placement_changed = asyncio.Event()
+        self.generative: set[str] = set()  # registered text-generation models (batches split per item)
         self.grpc.add(
             services_pb2_grpc.add_RouterServiceServicer_to_server,
             _RouterApi(self),
@@ -59,6 +60,7 @@ class RouterService(Service):
     def _on_model_change(
         self, key: str, old: model_pb2.ModelConfig | None, new: model_pb2.ModelConfig | None
     ) -> None:
+        self.generative = {c.name for c in self.models.items.values() if modelconfig.is_generative(c)}
         if new is None and old is not None:
             self.log.info("model %s unregistered", old.name)
         elif new is not None:
@@ -72,7 +74,7 @@ class RouterService(Service):
         if new is not None:
             if old is None:
                 self.log.info("worker %s joined with models %s", new.id, ",".join(new.models) or "-")
-            self.table.upsert(new)
+            self.table.upsert(new, self.generative)
             return
         assert old is not None
         self.log.info("worker %s left", old.id)
@@ -141,6 +143,8 @@ class RouterService(Service):
     async def _on_batch(self, msg: Msg, ctx: RequestContext) -> bytes:
         batch = inference_pb2.BatchRequest.FromString(msg.data)
         batch.path.append(self.id)
+        if batch.model in self.generative:
+            return await self._route_generation(batch, ctx)
         model = batch.model
         tried: list[str] = []
         for _attempt in range(self.settings.retries + 1):
@@ -155,6 +159,68 @@ class RouterService(Service):
                     self.log.warning("%s did not answer (%s); suspended for %.1fs", worker_id, exc, self.settings.suspend_s)
                 continue
             ack = inference_pb2.BatchAck.FromString(raw)
+            ack.capacity = self.table.capacity(model)
+            return ack.SerializeToString()
+        if tried:
+            raise errors.Unavailable(
+                f"no instance of {model!r} could run the batch (tried {', '.join(tried)})", retry_after_s=1, model=model
+            )
+        if self.table.instances or self.workers.synced.is_set():
+            raise errors.NotFound(f"model {model!r} is not served by any worker", model=model)
+        raise errors.Unavailable("router has not discovered workers yet", retry_after_s=1)
+
+    async def _route_generation(self, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
+        """A generation batch: each item to its conversation's home worker while load allows (policy
+        pick_affine), the parts sent side by side, one ack for the batcher."""
+        model = batch.model
+        parts: dict[str, inference_pb2.BatchRequest] = {}
+        for index, item in enumerate(batch.items):
+            worker_id = self.table.pick_affine(model, item.generate.session)
+            if worker_id is None:
+                return await self._route_batch(batch, ctx)  # no instance known: the plain path's errors
+            part = parts.get(worker_id)
+            if part is None:
+                part = parts[worker_id] = inference_pb2.BatchRequest(batch_id=batch.batch_id, model=model, path=batch.path)
+            part.items.append(item)
+            if len(batch.queue_ns) == len(batch.items):
+                part.queue_ns.append(batch.queue_ns[index])
+            self.table.add_load(worker_id, model, 1)  # seen by the next item's choice
+        if len(parts) == 1:
+            ((worker_id, part),) = parts.items()
+            return await self._route_batch(part, ctx, first=worker_id)
+        acks = await asyncio.gather(*(self._route_batch(p, ctx, first=w) for w, p in parts.items()), return_exceptions=True)
+        merged = inference_pb2.BatchAck(batch_id=batch.batch_id, capacity=self.table.capacity(model))
+        first_error: BaseException | None = None
+        for (worker_id, part), ack in zip(parts.items(), acks, strict=True):
+            if isinstance(ack, BaseException):
+                first_error = first_error or ack
+                merged.failed += len(part.items)
+                continue
+            a = inference_pb2.BatchAck.FromString(ack)
+            merged.succeeded += a.succeeded
+            merged.failed += a.failed
+            merged.worker_id = merged.worker_id or a.worker_id
+        if first_error is not None and merged.succeeded == 0 and merged.failed == len(batch.items):
+            raise first_error
+        return merged.SerializeToString()
+
+    async def _route_batch(self, batch: inference_pb2.BatchRequest, ctx: RequestContext, first: str = "") -> bytes:
+        """Send a (part of a) generation batch to `first`, retrying on another worker if it is lost."""
+        model = batch.model
+        tried: list[str] = []
+        for attempt in range(self.settings.retries + 1):
+            worker_id = first if attempt == 0 and first else self.table.pick_affine(model, "", exclude=tried)
+            if worker_id is None:
+                break
+            tried.append(worker_id)
+            try:
+                raw = await self._send(worker_id, batch, ctx)
+            except (WorkerLost, errors.Unavailable) as exc:
+                if self.table.suspend(worker_id, self.settings.suspend_s):
+                    self.log.warning("%s did not answer (%s); suspended for %.1fs", worker_id, exc, self.settings.suspend_s)
+                continue
+            ack = inference_pb2.BatchAck.FromString(raw)
+            self.table.set_load(worker_id, model, ack.load)
             ack.capacity = self.table.capacity(model)
             return ack.SerializeToString()
         if tried:

@@ -1,5 +1,6 @@
 from google.protobuf import struct_pb2 as _struct_pb2
 from unimodel.v1 import errors_pb2 as _errors_pb2
+from unimodel.v1 import generate_pb2 as _generate_pb2
 from unimodel.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -39,7 +40,7 @@ class PredictResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., worker_id: _Optional[str] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchItem(_message.Message):
-    __slots__ = ("request_id", "input", "deadline_unix_ms", "parameters", "reply_to", "trace_context", "inputs", "outputs", "priority", "rows", "id", "reply_group")
+    __slots__ = ("request_id", "input", "deadline_unix_ms", "parameters", "reply_to", "trace_context", "inputs", "outputs", "priority", "rows", "id", "reply_group", "generate", "tenant")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +67,8 @@ class BatchItem(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     REPLY_GROUP_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input: _struct_pb2.Value
     deadline_unix_ms: int
@@ -78,7 +81,9 @@ class BatchItem(_message.Message):
     rows: int
     id: str
     reply_group: str
-    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., reply_to: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., rows: _Optional[int] = ..., id: _Optional[str] = ..., reply_group: _Optional[str] = ...) -> None: ...
+    generate: _generate_pb2.GenerateRequest
+    tenant: str
+    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., reply_to: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., rows: _Optional[int] = ..., id: _Optional[str] = ..., reply_group: _Optional[str] = ..., generate: _Optional[_Union[_generate_pb2.GenerateRequest, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ItemBundle(_message.Message):
     __slots__ = ("items",)
@@ -139,18 +144,20 @@ class BatchRequest(_message.Message):
     def __init__(self, batch_id: _Optional[str] = ..., model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., path: _Optional[_Iterable[str]] = ..., queue_ns: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BatchAck(_message.Message):
-    __slots__ = ("batch_id", "worker_id", "succeeded", "failed", "capacity")
+    __slots__ = ("batch_id", "worker_id", "succeeded", "failed", "capacity", "load")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     worker_id: str
     succeeded: int
     failed: int
     capacity: int
-    def __init__(self, batch_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+    load: int
+    def __init__(self, batch_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., capacity: _Optional[int] = ..., load: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "instances", "ready")

@@ -48,7 +48,7 @@ class Processing(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
-    __slots__ = ("name", "engine", "path", "file", "version", "inputs", "outputs", "max_batch_size", "batching", "instance_count", "execution_provider", "processing", "replicas", "options")
+    __slots__ = ("name", "engine", "path", "file", "version", "inputs", "outputs", "max_batch_size", "batching", "instance_count", "execution_provider", "processing", "replicas", "options", "llm")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class ModelConfig(_message.Message):
     PROCESSING_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    LLM_FIELD_NUMBER: _ClassVar[int]
     name: str
     engine: str
     path: str
@@ -84,4 +85,27 @@ class ModelConfig(_message.Message):
     processing: Processing
     replicas: int
     options: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., path: _Optional[str] = ..., file: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., instance_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., processing: _Optional[_Union[Processing, _Mapping]] = ..., replicas: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    llm: LlmConfig
+    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., path: _Optional[str] = ..., file: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., instance_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., processing: _Optional[_Union[Processing, _Mapping]] = ..., replicas: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., llm: _Optional[_Union[LlmConfig, _Mapping]] = ...) -> None: ...
+
+class LlmConfig(_message.Message):
+    __slots__ = ("context_length", "max_prompt_tokens", "max_tokens", "default_max_tokens", "chat_template", "max_sequences", "upstream_url", "upstream_model", "upstream_api_key_env")
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_URL_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_API_KEY_ENV_FIELD_NUMBER: _ClassVar[int]
+    context_length: int
+    max_prompt_tokens: int
+    max_tokens: int
+    default_max_tokens: int
+    chat_template: str
+    max_sequences: int
+    upstream_url: str
+    upstream_model: str
+    upstream_api_key_env: str
+    def __init__(self, context_length: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., chat_template: _Optional[str] = ..., max_sequences: _Optional[int] = ..., upstream_url: _Optional[str] = ..., upstream_model: _Optional[str] = ..., upstream_api_key_env: _Optional[str] = ...) -> None: ...

@@ -22,25 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from unimodel.v1 import generate_pb2 as unimodel_dot_v1_dot_generate__pb2
 from unimodel.v1 import inference_pb2 as unimodel_dot_v1_dot_inference__pb2
 from unimodel.v1 import registry_pb2 as unimodel_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aunimodel/v1/services.proto\x12\x0bunimodel.v1\x1a\x1bunimodel/v1/inference.proto\x1a\x1aunimodel/v1/registry.proto\"$\n\x14ListInstancesRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\"M\n\rInstanceState\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.unimodel.v1.InstanceInfo\x12\x13\n\x0boutstanding\x18\x02 \x01(\x05\"F\n\x15ListInstancesResponse\x12-\n\tinstances\x18\x01 \x03(\x0b\x32\x1a.unimodel.v1.InstanceState2\xa7\x01\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.unimodel.v1.PredictRequest\x1a\x1c.unimodel.v1.PredictResponse\x12M\n\nListModels\x12\x1e.unimodel.v1.ListModelsRequest\x1a\x1f.unimodel.v1.ListModelsResponse2g\n\rRouterService\x12V\n\rListInstances\x12!.unimodel.v1.ListInstancesRequest\x1a\".unimodel.v1.ListInstancesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aunimodel/v1/services.proto\x12\x0bunimodel.v1\x1a\x1aunimodel/v1/generate.proto\x1a\x1bunimodel/v1/inference.proto\x1a\x1aunimodel/v1/registry.proto\"$\n\x14ListInstancesRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\"M\n\rInstanceState\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.unimodel.v1.InstanceInfo\x12\x13\n\x0boutstanding\x18\x02 \x01(\x05\"F\n\x15ListInstancesResponse\x12-\n\tinstances\x18\x01 \x03(\x0b\x32\x1a.unimodel.v1.InstanceState2\xbd\x02\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.unimodel.v1.PredictRequest\x1a\x1c.unimodel.v1.PredictResponse\x12M\n\nListModels\x12\x1e.unimodel.v1.ListModelsRequest\x1a\x1f.unimodel.v1.ListModelsResponse\x12\x46\n\x08Generate\x12\x1c.unimodel.v1.GenerateRequest\x1a\x1a.unimodel.v1.GenerateChunk0\x01\x12L\n\rGenerateUnary\x12\x1c.unimodel.v1.GenerateRequest\x1a\x1d.unimodel.v1.GenerateResponse2g\n\rRouterService\x12V\n\rListInstances\x12!.unimodel.v1.ListInstancesRequest\x1a\".unimodel.v1.ListInstancesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'unimodel.v1.services_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=100
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=136
-  _globals['_INSTANCESTATE']._serialized_start=138
-  _globals['_INSTANCESTATE']._serialized_end=215
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=217
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=287
-  _globals['_INFERENCESERVICE']._serialized_start=290
-  _globals['_INFERENCESERVICE']._serialized_end=457
-  _globals['_ROUTERSERVICE']._serialized_start=459
-  _globals['_ROUTERSERVICE']._serialized_end=562
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=128
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=164
+  _globals['_INSTANCESTATE']._serialized_start=166
+  _globals['_INSTANCESTATE']._serialized_end=243
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=245
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=315
+  _globals['_INFERENCESERVICE']._serialized_start=318
+  _globals['_INFERENCESERVICE']._serialized_end=635
+  _globals['_ROUTERSERVICE']._serialized_start=637
+  _globals['_ROUTERSERVICE']._serialized_end=740
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from unimodel.v1 import generate_pb2 as _generate_pb2
 from unimodel.v1 import inference_pb2 as _inference_pb2
 from unimodel.v1 import registry_pb2 as _registry_pb2
 from google.protobuf.internal import containers as _containers

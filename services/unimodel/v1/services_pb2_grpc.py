@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from unimodel.v1 import generate_pb2 as unimodel_dot_v1_dot_generate__pb2
 from unimodel.v1 import inference_pb2 as unimodel_dot_v1_dot_inference__pb2
 from unimodel.v1 import services_pb2 as unimodel_dot_v1_dot_services__pb2
 
@@ -46,6 +47,16 @@ class InferenceServiceStub(object):
                 request_serializer=unimodel_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=unimodel_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/unimodel.v1.InferenceService/Generate',
+                request_serializer=unimodel_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=unimodel_dot_v1_dot_generate__pb2.GenerateChunk.FromString,
+                _registered_method=True)
+        self.GenerateUnary = channel.unary_unary(
+                '/unimodel.v1.InferenceService/GenerateUnary',
+                request_serializer=unimodel_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=unimodel_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer(object):
@@ -66,6 +77,22 @@ class InferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """POST /v1/chat/completions (stream): chunks as the worker makes them; seq 0 carries no text (the
+        request was accepted), the last one finish_reason and usage. Cancelling the call aborts the
+        generation in the engine. Metadata: authorization (Bearer key, when auth is on), x-session-id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateUnary(self, request, context):
+        """The same, answered once with the whole text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +105,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=unimodel_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=unimodel_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=unimodel_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
+                    response_serializer=unimodel_dot_v1_dot_generate__pb2.GenerateChunk.SerializeToString,
+            ),
+            'GenerateUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateUnary,
+                    request_deserializer=unimodel_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
+                    response_serializer=unimodel_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +172,60 @@ class InferenceService(object):
             '/unimodel.v1.InferenceService/ListModels',
             unimodel_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             unimodel_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/unimodel.v1.InferenceService/Generate',
+            unimodel_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+            unimodel_dot_v1_dot_generate__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/unimodel.v1.InferenceService/GenerateUnary',
+            unimodel_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+            unimodel_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

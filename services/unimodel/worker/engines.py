@@ -29,6 +29,8 @@ class Engine(abc.ABC):
     kind: ClassVar[str] = "engine"
     # True: predict-API values go to `infer_values` as they are, with no pre/post-processing.
     takes_values: ClassVar[bool] = False
+    # True: a text-generation engine (llm.GenerativeEngine): batches of GenerateRequests, streamed answers.
+    generative: ClassVar[bool] = False
 
     def __init__(self, config: model_pb2.ModelConfig) -> None:
         self.config = config
@@ -102,13 +104,26 @@ class DelayEngine(Engine):
         return _first_to_first(self.config, inputs, outputs)
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 @functools.cache
 def _available() -> tuple[str, ...]:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return ("delay", "echo")
-    return ("onnx", "delay", "echo")
+    kinds = []
+    if _importable("onnxruntime"):
+        kinds.append("onnx")
+    if _importable("llama_cpp"):
+        kinds.append("llamacpp")
+    if _importable("vllm"):
+        kinds.append("vllm")
+    kinds.append("openai")  # an upstream server over HTTP (httpx): always available
+    return (*kinds, "delay", "echo")
 
 
 @functools.cache
@@ -138,4 +153,18 @@ def create_engine(config: model_pb2.ModelConfig) -> Engine:
         from unimodel.worker.onnx_engine import OnnxEngine
 
         return OnnxEngine(config)
-    raise errors.InvalidArgument(f"unknown engine {config.engine!r}; known: onnx, delay, echo")
+    if config.engine in ("llamacpp", "vllm", "openai"):
+        if config.engine not in available_engines():
+            raise errors.FailedPrecondition(f"the {config.engine} engine is not available here (its package is not installed)")
+        if config.engine == "llamacpp":
+            from unimodel.worker.llamacpp_engine import LlamaCppEngine
+
+            return LlamaCppEngine(config)
+        if config.engine == "vllm":
+            from unimodel.worker.vllm_engine import VllmEngine
+
+            return VllmEngine(config)
+        from unimodel.worker.upstream_engine import UpstreamEngine
+
+        return UpstreamEngine(config)
+    raise errors.InvalidArgument(f"unknown engine {config.engine!r}; known: {', '.join(available_engines())}")

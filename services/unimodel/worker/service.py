@@ -16,14 +16,16 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from prometheus_client import Counter
 
 from unimodel.core import errors, modelconfig, subjects
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
-from unimodel.v1 import inference_pb2, model_pb2, registry_pb2
+from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2
 from unimodel.worker.batching import add_tensors
 from unimodel.worker.engines import available_engines, cuda_available
-from unimodel.worker.models import ModelTable, builtin_config
+from unimodel.worker.generation import Generations
+from unimodel.worker.models import LoadedModel, ModelTable, builtin_config
 from unimodel.worker.runner import run_batch
 from unimodel.worker.settings import WorkerSettings
 
@@ -51,6 +53,15 @@ class WorkerService(Service):
             self._models_changed, executor=self._executor, owner=self.id, max_concurrent=settings.max_concurrent_batches
         )
         self._reported: tuple[tuple[str, int], ...] = ()
+        self.generations = Generations(self.bus.publish, self.bus.publish_error, self.id, on_finish=self._generation_done)
+        registry = self.metrics.registry
+        self._gen_total = Counter(
+            "unimodel_worker_generations", "Generations ended, by model and finish reason (stop, length, abort, error)",
+            ["model", "finish_reason"], registry=registry,
+        )
+        self._gen_tokens = Counter(
+            "unimodel_worker_generated_tokens", "Completion tokens generated, by model", ["model"], registry=registry
+        )
 
     async def on_start(self) -> None:
         for name in self.settings.model_list:
@@ -64,6 +75,7 @@ class WorkerService(Service):
             self.models.load(config, pinned=True)
         await self.bus.serve(self.subject, self._on_batch)
         await self.bus.serve(self.control_subject, self._on_control)
+        await self.bus.subscribe(subjects.ABORT, self._on_abort)
         self.spawn(self._report_inflight(), "report in-flight batches")
 
     def instance_info(self) -> registry_pb2.InstanceInfo:
@@ -115,9 +127,46 @@ class WorkerService(Service):
         return status.SerializeToString()
 
     # batches ------------------------------------------------------------------------------------
+    async def _on_abort(self, msg: Msg) -> None:
+        try:
+            request = generate_pb2.AbortRequest.FromString(msg.data)
+        except DecodeError:
+            return
+        hits = self.generations.abort(list(request.request_ids))
+        if hits:
+            self.log.debug("aborted %d generation(s): %s", hits, request.reason or "no reason given")
+
+    def _generation_done(self, model: str, reason: str, tokens: int) -> None:
+        self._gen_total.labels(model, reason).inc()
+        if tokens:
+            self._gen_tokens.labels(model).inc(tokens)
+
+    async def _on_generate(self, model: LoadedModel, batch: inference_pb2.BatchRequest) -> bytes:
+        """A batch of GenerateRequests: start them all (each holds the model in flight until it ends), ack."""
+        arrived = time.perf_counter_ns()
+        path = [*batch.path, self.id]
+        # one in-flight count per item, taken now (the batch's own is given back once they started)
+        for _ in batch.items:
+            self.models.acquire(batch.model)
+        started = 0
+        try:
+            started, refused = await self.generations.start_batch(
+                model.engine, batch, path, release=lambda: self.models.release(model), arrived_ns=arrived,  # type: ignore[arg-type]
+            )
+        finally:
+            for _ in range(len(batch.items) - started):
+                self.models.release(model)
+            self.models.release(model)
+        ack = inference_pb2.BatchAck(
+            batch_id=batch.batch_id, worker_id=self.id, succeeded=started, failed=refused, load=model.inflight
+        )
+        return ack.SerializeToString()
+
     async def _on_batch(self, msg: Msg, ctx: RequestContext) -> bytes:
         batch = inference_pb2.BatchRequest.FromString(msg.data)
         model = self.models.acquire(batch.model)
+        if model.engine.generative:
+            return await self._on_generate(model, batch)
         arrived = time.perf_counter_ns()
         try:
             async with self._slots:
@@ -179,6 +228,10 @@ class WorkerService(Service):
         ack.succeeded = len(outcomes) - failed
         return ack.SerializeToString()
 
+    async def on_drain(self, timeout_s: float) -> None:
+        await self.generations.wait_idle(timeout_s)
+
     async def on_close(self) -> None:
+        await self.generations.close()
         await self.models.close()
         self._executor.shutdown(wait=False, cancel_futures=True)

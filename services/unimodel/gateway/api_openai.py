@@ -1,0 +1,331 @@
+"""OpenAI-compatible text generation on the gateway (protocol translation only):
+
+    POST /v1/chat/completions    chat, blocking or streamed (SSE chunks ending with `data: [DONE]`)
+    POST /v1/completions         plain completion, the same way
+
+Bodies follow OpenAI's API (the official `openai` SDK works unchanged); errors use OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, with the HTTP status of the error. A streamed answer
+starts only once a worker accepted the request, so refusals (limits, unknown model, queue full) are
+plain 4xx/5xx answers. A client that goes away mid-stream aborts the generation in the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from unimodel.core import errors
+from unimodel.core.context import RequestContext
+from unimodel.gateway.auth import TENANT_HEADER
+from unimodel.gateway.generation import Generation
+from unimodel.v1 import generate_pb2
+
+if TYPE_CHECKING:
+    from unimodel.gateway.service import GatewayService
+
+_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+    409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+}
+_CODES = {"NOT_FOUND": "model_not_found", "UNAUTHENTICATED": "invalid_api_key"}
+
+
+def openai_error(err: errors.UnimodelError) -> Response:
+    status = err.http_status
+    meta = err.metadata
+    body = {
+        "error": {
+            "message": err.message,
+            "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "param": meta.get("field") or None,
+            "code": meta.get("limit") or _CODES.get(err.code_name) or err.code_name.lower(),
+        }
+    }
+    headers = {}
+    retry = err.retry_after_s
+    if retry:
+        headers["retry-after"] = str(max(1, round(retry)))
+    return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
+
+
+# request bodies (OpenAPI documents them; extra fields are ignored, as OpenAI's server does) ---------------
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    role: str = Field(..., description="system, developer, user or assistant")
+    content: str | list[TextPart] | None = Field(..., description="text, or a list of text parts")
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    temperature: float | None = Field(None, description="0 to 2; 0 = greedy")
+    top_p: float | None = Field(None, description="greater than 0, at most 1")
+    max_tokens: int | None = Field(None, description="tokens to generate at most (default: the model's)")
+    stop: str | list[str] | None = Field(None, description="up to 4 stop sequences")
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_k: int | None = Field(None, description="extension: sample among the k most likely tokens")
+    n: int | None = Field(None, description="only 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="end-user id: also the affinity key (one conversation, one worker)")
+
+
+class ChatCompletionBody(_Sampling):
+    messages: list[ChatMessageIn] = Field(..., description="the conversation")
+    max_completion_tokens: int | None = Field(None, description="alias of max_tokens")
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str] = Field(..., description="the prompt (a list of one string is accepted)")
+    echo: bool = False
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "none"})
+
+
+def _parse(raw: bytes, kind: type[_Sampling]) -> Any:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise errors.InvalidArgument("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise errors.InvalidArgument("the body must be a JSON object")
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [p for p in first.get("loc", ()) if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
+        message = first.get("msg", "invalid value")
+        if loc and loc[-1] == "content":
+            message = "must be a string or a list of text parts"
+        raise errors.InvalidArgument(f"{where}: {message}", field=where) from None
+
+
+def _sampling(body: _Sampling, max_tokens: int | None) -> generate_pb2.SamplingParams:
+    if body.n not in (None, 1):
+        raise errors.InvalidArgument(f"n {body.n} is not supported (only 1)", field="n")
+    s = generate_pb2.SamplingParams()
+    if body.temperature is not None:
+        s.temperature = body.temperature
+    if body.top_p is not None:
+        s.top_p = body.top_p
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise errors.InvalidArgument(f"max_tokens {max_tokens} must be at least 1", field="max_tokens")
+        s.max_tokens = min(max_tokens, 1 << 30)
+    if body.stop is not None:
+        s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    if body.seed is not None:
+        s.seed = body.seed
+    s.presence_penalty = body.presence_penalty or 0.0
+    s.frequency_penalty = body.frequency_penalty or 0.0
+    if body.top_k is not None:
+        s.top_k = body.top_k
+    return s
+
+
+def chat_request(body: ChatCompletionBody, session: str) -> generate_pb2.GenerateRequest:
+    request = generate_pb2.GenerateRequest(model=body.model, session=session or body.user or "")
+    if not body.messages:
+        raise errors.InvalidArgument("messages must not be empty", field="messages")
+    for i, m in enumerate(body.messages):
+        content = m.content
+        if content is None:
+            if m.role != "assistant":
+                raise errors.InvalidArgument(f"messages[{i}].content is required", field=f"messages[{i}].content")
+            content = ""
+        elif isinstance(content, list):
+            content = "".join(part.text for part in content)
+        request.messages.add(role=m.role, content=content, name=m.name or "")
+    max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+    request.sampling.CopyFrom(_sampling(body, max_tokens))
+    return request
+
+
+def completion_request(body: CompletionBody, session: str) -> generate_pb2.GenerateRequest:
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise errors.InvalidArgument("prompt: a list must hold exactly one string (batched prompts are not supported)", field="prompt")
+        prompt = prompt[0]
+    if not prompt:
+        raise errors.InvalidArgument("prompt must not be empty", field="prompt")
+    if body.echo:
+        raise errors.InvalidArgument("echo is not supported", field="echo")
+    request = generate_pb2.GenerateRequest(model=body.model, prompt=prompt, session=session or body.user or "")
+    request.sampling.CopyFrom(_sampling(body, body.max_tokens))
+    return request
+
+
+# answers -------------------------------------------------------------------------------------------
+def _usage(usage: generate_pb2.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+
+
+class _Shape:
+    """What differs between chat and completions answers."""
+
+    def __init__(self, chat: bool, rid: str, model: str) -> None:
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + rid
+        self.model = model
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+    def whole(self, text: str, finish: str, usage: generate_pb2.Usage) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish or "stop", "logprobs": None}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {
+            "id": self.id, "object": self.object, "created": self.created, "model": self.model,
+            "choices": [choice], "usage": _usage(usage), "system_fingerprint": None,
+        }
+
+    def chunk(self, text: str | None, finish: str | None, *, role: bool = False, usage: Any = None) -> bytes:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        doc = {
+            "id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+            "choices": [choice], "system_fingerprint": None,
+        }
+        if usage is not None:
+            doc["usage"] = usage
+        return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+    def usage_chunk(self, usage: generate_pb2.Usage) -> bytes:
+        doc = {
+            "id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+            "choices": [], "usage": _usage(usage), "system_fingerprint": None,
+        }
+        return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+def _error_event(err: errors.UnimodelError) -> bytes:
+    body = orjson.loads(openai_error(err).body)
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def _stream(gen: Generation, shape: _Shape, include_usage: bool) -> Any:
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
+    try:
+        if shape.chat:
+            yield shape.chunk("", None, role=True, **extra)
+        async for chunk in gen:
+            if chunk.finish_reason:
+                if chunk.text:
+                    yield shape.chunk(chunk.text, None, **extra)
+                yield shape.chunk(None if shape.chat else "", chunk.finish_reason, **extra)
+                if include_usage:
+                    yield shape.usage_chunk(gen.usage)
+                break
+            if chunk.text:
+                yield shape.chunk(chunk.text, None, **extra)
+    except errors.UnimodelError as err:  # failed after the stream began: an error event, then the end
+        yield _error_event(err)
+    finally:
+        await gen.close("the client went away")  # a no-op when it finished; else the worker aborts it
+    yield b"data: [DONE]\n\n"
+
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def _generate(gw: GatewayService, request: Request, chat: bool) -> Response:
+    try:
+        raw = await request.body()
+        if chat:
+            body = _parse(raw, ChatCompletionBody)
+            req = chat_request(body, request.headers.get("x-session-id", ""))
+        else:
+            body = _parse(raw, CompletionBody)
+            req = completion_request(body, request.headers.get("x-session-id", ""))
+        header = request.headers.get
+        ctx = RequestContext.new(
+            gw.settings.generate_timeout_s, request_id=header("x-request-id", ""),
+            traceparent=header("traceparent", ""), tracestate=header("tracestate", ""),
+            tenant=header(TENANT_HEADER, ""),
+        )
+        gen = await gw.generate(req, ctx, api="openai", tenant=ctx.tenant)
+    except errors.UnimodelError as err:
+        return openai_error(err)
+    shape = _Shape(chat, ctx.request_id, req.model)
+    headers = {
+        "x-request-id": ctx.request_id,
+        "x-unimodel-worker": gen.first.worker_id,
+        "x-unimodel-path": ",".join([gw.id, *gen.first.path]),
+    }
+    if body.stream:
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(gen, shape, include), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+        )
+    try:
+        text = await gen.text()
+    except errors.UnimodelError as err:
+        return openai_error(err)
+    finally:
+        await gen.close()
+    return Response(orjson.dumps(shape.whole(text, gen.finish_reason, gen.usage)), 200, headers=headers, media_type="application/json")
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the completion (JSON), or with stream=true a text/event-stream of chunks ending with `data: [DONE]`"},
+    400: {"description": "invalid request or over a model limit (OpenAI error shape; `code` names the limit)"},
+    401: {"description": "missing or wrong API key (when keys are configured)"},
+    404: {"description": "unknown model"},
+    429: {"description": "the model's queue is full (Retry-After)"},
+    503: {"description": "the model is loading or no worker serves it (Retry-After)"},
+    504: {"description": "deadline exceeded"},
+}
+
+
+def register_openai_routes(app: FastAPI, gw: GatewayService) -> None:
+    @app.post(
+        "/v1/chat/completions", tags=["openai"], summary="Chat completion (OpenAI-compatible; stream=true for SSE)",
+        openapi_extra=_body_doc(ChatCompletionBody), responses=_RESPONSES,
+    )
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(gw, request, chat=True)
+
+    @app.post(
+        "/v1/completions", tags=["openai"], summary="Text completion (OpenAI-compatible; stream=true for SSE)",
+        openapi_extra=_body_doc(CompletionBody), responses=_RESPONSES,
+    )
+    async def completions(request: Request) -> Response:
+        return await _generate(gw, request, chat=False)

@@ -1,0 +1,129 @@
+"""One text generation as the gateway sees it: the worker's chunks, checked and in order.
+
+`Generation.start()` waits for chunk seq 0 (the worker accepted the request: prompt tokens, worker,
+path) or the error that refused it, so an API can still answer a plain 4xx/5xx before it commits to a
+stream. Iterating then yields the chunks with text, ending with the one that has finish_reason. Every
+chunk's sequence number is checked: a repeated one is dropped, a gap (a lost message) ends the
+generation with an error instead of returning a text with a hole. `close()` before the end (client
+went away, call cancelled) publishes an AbortRequest so the worker stops the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from unimodel.core import errors
+from unimodel.core.replies import ReplyStream
+from unimodel.v1 import generate_pb2
+
+log = logging.getLogger("unimodel.gateway.generation")
+
+
+class Generation:
+    def __init__(
+        self,
+        model: str,
+        stream: ReplyStream,
+        *,
+        chunk_timeout_s: float,
+        abort: Callable[[str, str], Awaitable[None]],
+        on_end: Callable[[Generation], None] = lambda g: None,
+    ) -> None:
+        self.model = model
+        self.stream = stream
+        self.request_id = stream.ctx.request_id
+        self.chunk_timeout_s = chunk_timeout_s
+        self._abort = abort
+        self._on_end = on_end
+        self.first = generate_pb2.GenerateChunk()
+        self.usage = generate_pb2.Usage()
+        self.finish_reason = ""
+        self.code = "OK"  # error code name when it failed (metrics)
+        self.started_at = time.perf_counter()
+        self.first_token_at = 0.0
+        self._expected = 0
+        self._done = False
+        self._closed = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    async def start(self) -> generate_pb2.GenerateChunk:
+        """Wait for the worker to accept the request (chunk seq 0); its refusal raises."""
+        try:
+            self.first = await self._next()
+        except errors.UnimodelError as exc:
+            self.code = exc.code_name
+            await self.close()
+            raise
+        except BaseException:
+            await self.close()
+            raise
+        self.usage.prompt_tokens = self.first.usage.prompt_tokens
+        return self.first
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> generate_pb2.GenerateChunk:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._next()
+        except errors.UnimodelError as exc:
+            self._done = True
+            self.code = exc.code_name
+            await self.close()
+            raise
+        if chunk.text and not self.first_token_at:
+            self.first_token_at = time.perf_counter()
+        if chunk.finish_reason:
+            self._done = True
+            self.finish_reason = chunk.finish_reason
+            self.usage.CopyFrom(chunk.usage)
+            if chunk.HasField("error"):
+                err = errors.from_proto(chunk.error)
+                self.code = err.code_name
+                await self.close()
+                raise err
+            await self.close()
+        return chunk
+
+    async def _next(self) -> generate_pb2.GenerateChunk:
+        while True:
+            raw = await self.stream.next(self.chunk_timeout_s)
+            chunk = generate_pb2.GenerateChunk.FromString(raw)
+            if chunk.seq < self._expected:
+                log.warning("generation %s: dropped repeated chunk %d", self.request_id, chunk.seq)
+                continue
+            if chunk.seq > self._expected:
+                raise errors.Internal(
+                    f"generation {self.request_id}: chunks {self._expected}..{chunk.seq - 1} were lost on the way"
+                )
+            self._expected += 1
+            return chunk
+
+    async def text(self) -> str:
+        """The rest of the generation as one text (unary answers)."""
+        parts = [chunk.text async for chunk in self]
+        return "".join(parts)
+
+    async def close(self, reason: str = "") -> None:
+        """End the generation here; before its end the worker is told to abort it."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stream.close()
+        if not self._done:
+            self._done = True
+            self.finish_reason = self.finish_reason or "abort"
+            if self.code == "OK":
+                self.code = "CANCELLED"
+            try:
+                await self._abort(self.request_id, reason or "the caller went away")
+            except Exception as exc:  # NATS down: the worker's deadline ends the generation
+                log.warning("could not abort generation %s: %s", self.request_id, exc)
+        self._on_end(self)

@@ -1,0 +1,246 @@
+"""Generations on a worker: take a batch of GenerateRequests, stream each one's chunks, abort on demand.
+
+Plain logic over two callables (`publish(subject, data)`, `publish_error(subject, err)`), so it runs the
+same under NATS and in tests.
+
+A batch's items are prepared together (prompt rendered and counted, limits checked) and the ones that
+pass start generating at once, side by side; the batch is then acknowledged while they run. Each item
+answers at its reply_to: refused before it starts -> an error (NATS error headers); started -> chunk
+seq 0 (accepted: prompt tokens, worker, path), then one chunk per delta, the last with finish_reason and
+usage (or an error). Sequence numbers let the caller see that none is lost or repeated.
+
+Aborts come by request id (the caller went away). A running generation is cancelled, which closes the
+engine's iteration (the engine stops and frees its slot); an id that has not arrived yet is remembered
+for a while so its item is dropped when it comes. Deadlines stop a generation with DEADLINE_EXCEEDED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from unimodel.core import errors
+from unimodel.core.context import now_ms
+from unimodel.v1 import generate_pb2, inference_pb2
+from unimodel.worker.llm import FINISH_ABORT, FINISH_ERROR, GenerativeEngine, Prompt
+
+log = logging.getLogger("unimodel.gpu-worker.generation")
+
+ABORT_MEMORY = 4096
+"""Aborted request ids remembered (for items still on their way); the oldest are forgotten first."""
+ABORT_MEMORY_S = 300.0
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+PublishError = Callable[[str, errors.UnimodelError], Awaitable[None]]
+
+
+@dataclass(slots=True, eq=False)
+class Running:
+    request_id: str
+    model: str
+    task: asyncio.Task[None] | None = None
+    aborted: bool = False
+
+
+@dataclass(eq=False)
+class GenerationStats:
+    """Counters the service exports as metrics (kept here so tests read them without a registry)."""
+
+    started: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # finish_reason -> count
+    aborted: int = 0
+    tokens: int = 0
+
+
+class Generations:
+    def __init__(
+        self,
+        publish: Publish,
+        publish_error: PublishError,
+        worker_id: str,
+        *,
+        on_finish: Callable[[str, str, int], None] = lambda model, reason, tokens: None,
+    ) -> None:
+        self.publish = publish
+        self.publish_error = publish_error
+        self.worker_id = worker_id
+        self.on_finish = on_finish
+        self.running: dict[str, Running] = {}
+        self.stats = GenerationStats()
+        self._aborted: OrderedDict[str, float] = OrderedDict()  # request id -> when
+
+    # aborts -------------------------------------------------------------------------------------
+    def abort(self, request_ids: list[str] | tuple[str, ...]) -> int:
+        """Stop these generations; returns how many were running here."""
+        hits = 0
+        now = time.monotonic()
+        for rid in request_ids:
+            if not rid:
+                continue
+            run = self.running.get(rid)
+            if run is not None and run.task is not None and not run.aborted:
+                run.aborted = True
+                run.task.cancel()
+                hits += 1
+            else:
+                self._aborted[rid] = now
+                self._aborted.move_to_end(rid)
+        while self._aborted and (len(self._aborted) > ABORT_MEMORY or now - next(iter(self._aborted.values())) > ABORT_MEMORY_S):
+            self._aborted.popitem(last=False)
+        return hits
+
+    # batches ------------------------------------------------------------------------------------
+    async def start_batch(
+        self,
+        engine: GenerativeEngine,
+        batch: inference_pb2.BatchRequest,
+        path: list[str],
+        *,
+        release: Callable[[], None],
+        arrived_ns: int = 0,
+    ) -> tuple[int, int]:
+        """Prepare every item, start those that pass; (started, refused). `release` is called once per
+        started item when its generation ends (the model's in-flight count)."""
+        now = now_ms()
+        items: list[tuple[int, inference_pb2.BatchItem]] = []
+        refused = 0
+        for index, item in enumerate(batch.items):
+            if item.request_id and self._aborted.pop(item.request_id, None) is not None:
+                refused += 1  # the caller left before its request got here: nothing to answer
+                continue
+            if item.deadline_unix_ms and item.deadline_unix_ms <= now:
+                refused += 1
+                await self._refuse(item, errors.DeadlineExceeded("deadline passed before generation started"))
+                continue
+            if not item.HasField("generate"):
+                refused += 1
+                await self._refuse(item, errors.InvalidArgument(
+                    f"model {batch.model!r} generates text: the request holds no GenerateRequest", model=batch.model
+                ))
+                continue
+            items.append((index, item))
+        prepared = await asyncio.gather(
+            *(engine.prepare(item.generate, item.request_id) for _i, item in items), return_exceptions=True
+        )
+        queue_ns = list(batch.queue_ns) if len(batch.queue_ns) == len(batch.items) else None
+        waited = time.perf_counter_ns() - arrived_ns if arrived_ns else 0
+        started = 0
+        for (index, item), prompt in zip(items, prepared, strict=True):
+            if isinstance(prompt, BaseException):
+                refused += 1
+                await self._refuse(item, _as_error(prompt, batch.model))
+                continue
+            if item.request_id and item.request_id in self._aborted:  # aborted while it was prepared
+                self._aborted.pop(item.request_id, None)
+                refused += 1
+                continue
+            first = generate_pb2.GenerateChunk(
+                seq=0, worker_id=self.worker_id, path=path,
+                queue_ns=(queue_ns[index] if queue_ns else 0) + waited,
+            )
+            first.usage.prompt_tokens = prompt.prompt_tokens
+            await self.publish(item.reply_to, first.SerializeToString())
+            run = Running(item.request_id, batch.model)
+            run.task = asyncio.create_task(
+                self._generate(engine, item, prompt, run, release), name=f"generate {item.request_id}"
+            )
+            if item.request_id:
+                self.running[item.request_id] = run
+            started += 1
+            self.stats.started += 1
+        return started, refused
+
+    async def _refuse(self, item: inference_pb2.BatchItem, err: errors.UnimodelError) -> None:
+        if item.reply_to:
+            await self.publish_error(item.reply_to, err)
+
+    async def _generate(
+        self,
+        engine: GenerativeEngine,
+        item: inference_pb2.BatchItem,
+        prompt: Prompt,
+        run: Running,
+        release: Callable[[], None],
+    ) -> None:
+        reply_to = item.reply_to
+        seq = 1
+        completion = 0
+        reason = FINISH_ERROR
+        final = generate_pb2.GenerateChunk()
+        try:
+            timeout = None
+            if item.deadline_unix_ms:
+                timeout = max(0.0, (item.deadline_unix_ms - now_ms()) / 1000.0)
+            async with asyncio.timeout(timeout):
+                async for delta in engine.generate(prompt):
+                    completion += delta.tokens
+                    chunk = generate_pb2.GenerateChunk(seq=seq, text=delta.text, tokens=delta.tokens)
+                    if delta.finish_reason:
+                        reason = delta.finish_reason
+                        tokens = delta.completion_tokens or completion
+                        prompt_tokens = getattr(delta, "prompt_tokens", 0) or prompt.prompt_tokens
+                        chunk.finish_reason = reason
+                        chunk.usage.prompt_tokens = prompt_tokens
+                        chunk.usage.completion_tokens = tokens
+                        chunk.usage.total_tokens = prompt_tokens + tokens
+                        completion = tokens
+                        await self.publish(reply_to, chunk.SerializeToString())
+                        return
+                    await self.publish(reply_to, chunk.SerializeToString())
+                    seq += 1
+            raise errors.Internal(f"model {item.generate.model or '?'}: the engine ended without a finish reason")
+        except asyncio.CancelledError:
+            if not run.aborted:
+                raise  # the service is stopping
+            reason = FINISH_ABORT
+            self.stats.aborted += 1
+            final = generate_pb2.GenerateChunk(seq=seq, finish_reason=FINISH_ABORT)
+            final.error.CopyFrom(errors.Cancelled("the caller cancelled the generation").to_proto())
+        except TimeoutError:
+            reason = FINISH_ERROR
+            final = generate_pb2.GenerateChunk(seq=seq, finish_reason=FINISH_ERROR)
+            final.error.CopyFrom(errors.DeadlineExceeded("deadline passed during generation").to_proto())
+        except Exception as exc:
+            reason = FINISH_ERROR
+            err = _as_error(exc, run.model)
+            final = generate_pb2.GenerateChunk(seq=seq, finish_reason=FINISH_ERROR)
+            final.error.CopyFrom(err.to_proto())
+        finally:
+            self.running.pop(run.request_id, None)
+            release()
+            self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+            self.stats.tokens += completion
+            self.on_finish(run.model, reason, completion)
+        final.usage.prompt_tokens = prompt.prompt_tokens
+        final.usage.completion_tokens = completion
+        final.usage.total_tokens = prompt.prompt_tokens + completion
+        try:
+            await self.publish(reply_to, final.SerializeToString())
+        except Exception as exc:  # NATS down: the caller's own deadline ends its wait
+            log.warning("could not send the end of generation %s: %s", run.request_id, exc)
+
+    async def close(self) -> None:
+        """Cancel every running generation (service stop after the drain)."""
+        tasks = [r.task for r in self.running.values() if r.task is not None]
+        for run in self.running.values():
+            run.aborted = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait_idle(self, timeout_s: float) -> None:
+        """Drain: let running generations finish, up to `timeout_s`."""
+        tasks = [r.task for r in self.running.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+
+def _as_error(exc: BaseException, model: str) -> errors.UnimodelError:
+    if isinstance(exc, errors.UnimodelError):
+        return exc
+    log.error("model %s: generation failed", model, exc_info=exc)
+    return errors.Internal(f"model {model!r}: the engine failed ({type(exc).__name__})")
