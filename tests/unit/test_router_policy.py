@@ -91,3 +91,52 @@ def test_an_instance_with_a_free_slot_is_preferred_to_busy_ones() -> None:
     assert "d" not in Counter(t.pick("m") for _ in range(200))
     t.end("a")  # a finished its batch: it gets the next one
     assert Counter(t.pick("m") for _ in range(200)) == {"a": 200}
+
+
+def _llm_table(slots: int, workers: str = "abc") -> WorkerTable:
+    S = registry_pb2.ModelStatus
+    t = WorkerTable(random.Random(7))
+    for wid in workers:
+        t.upsert(
+            registry_pb2.InstanceInfo(id=wid, models=["llm"], model_states=[S(name="llm", state=S.READY, concurrency=slots)]),
+            generative={"llm"},
+        )
+    return t
+
+
+def test_a_session_keeps_its_home_worker_while_it_has_room() -> None:
+    t = _llm_table(slots=4)
+    home = t.pick_affine("llm", "session-1")
+    assert {t.pick_affine("llm", "session-1") for _ in range(50)} == {home}
+    # sessions spread: many keys land on every worker
+    assert {t.pick_affine("llm", f"s{i}") for i in range(60)} == {"a", "b", "c"}
+    # the home fills up while another worker has room: the conversation moves there (load allows no more)
+    t.set_load(home, "llm", 4)
+    moved = t.pick_affine("llm", "session-1")
+    assert moved != home and t.load(moved, "llm") < 4
+    # everyone full and the home no busier than the rest: stay home (its prefix cache is warm)
+    for wid in "abc":
+        t.set_load(wid, "llm", 4)
+    assert t.pick_affine("llm", "session-1") == home
+    # home far busier than the least loaded: go elsewhere
+    t.set_load(home, "llm", 9)
+    assert t.pick_affine("llm", "session-1") != home
+
+
+def test_generation_load_comes_from_acks_sends_and_reports() -> None:
+    S = registry_pb2.ModelStatus
+    t = _llm_table(slots=1, workers="ab")
+    t.add_load("a", "llm", 1)  # a batch item just went to a
+    assert t.pick_affine("llm", "") == "b"  # no key: the free instance
+    t.set_load("a", "llm", 0)  # a's ack: its generation already ended
+    t.add_load("b", "llm", 1)
+    assert t.pick_affine("llm", "") == "a"
+    # a registration report sets the load too (sequences running on the worker)
+    t.upsert(
+        registry_pb2.InstanceInfo(id="a", models=["llm"], model_states=[S(name="llm", state=S.READY, concurrency=1, inflight=3)]),
+        generative={"llm"},
+    )
+    assert t.load("a", "llm") == 3
+    t.remove("a")
+    assert t.load("a", "llm") == 0 and t.pick_affine("llm", "x") == "b"
+    assert t.pick_affine("nothing", "x") is None

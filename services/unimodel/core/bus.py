@@ -38,6 +38,8 @@ def error_headers(err: errors.UnimodelError) -> dict[str, str]:
     h = {Header.ERROR_CODE: err.code_name, Header.ERROR_MESSAGE: _header_safe(err.message)}
     if err.retry_after_s:
         h[Header.RETRY_AFTER] = f"{err.retry_after_s:g}"
+    for key, value in err.metadata.items():  # e.g. the field or limit a 400 names
+        h[Header.ERROR_META + key] = _header_safe(value)
     return h
 
 
@@ -46,8 +48,11 @@ def error_from_headers(headers: Mapping[str, str] | None) -> errors.UnimodelErro
     code = headers.get(Header.ERROR_CODE) if headers else None
     if not code:
         return None
-    retry = headers.get(Header.RETRY_AFTER, "0")  # type: ignore[union-attr]
-    return errors.from_code(code, headers.get(Header.ERROR_MESSAGE, ""), retry_after_s=float(retry or 0))  # type: ignore[union-attr]
+    assert headers is not None
+    retry = headers.get(Header.RETRY_AFTER, "0")
+    prefix = Header.ERROR_META
+    meta = {k[len(prefix):]: v for k, v in headers.items() if k.startswith(prefix)} if len(headers) > 2 else {}
+    return errors.from_code(code, headers.get(Header.ERROR_MESSAGE, ""), retry_after_s=float(retry or 0), **meta)
 
 
 def raise_for_error_headers(msg: Msg) -> None:

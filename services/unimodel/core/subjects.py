@@ -94,5 +94,7 @@ class Header:
     ERROR_CODE = "Um-Error-Code"
     ERROR_MESSAGE = "Um-Error-Message"
     RETRY_AFTER = "Um-Retry-After"
+    # Prefix of headers carrying an error's metadata (Um-Error-Meta-field: max_tokens).
+    ERROR_META = "Um-Error-Meta-"
     TRACEPARENT = "traceparent"
     TRACESTATE = "tracestate"

@@ -73,8 +73,7 @@ class Generation:
             raise StopAsyncIteration
         try:
             chunk = await self._next()
-        except errors.UnimodelError as exc:
-            self._done = True
+        except errors.UnimodelError as exc:  # lost chunks, silence, NATS: the worker is told to stop
             self.code = exc.code_name
             await self.close()
             raise

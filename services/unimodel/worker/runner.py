@@ -50,6 +50,10 @@ async def run_batch(
         deadline = item.deadline_unix_ms
         if deadline and deadline <= now:
             outcomes[i] = errors.DeadlineExceeded("deadline passed before execution")
+        elif item.HasField("generate"):
+            outcomes[i] = errors.InvalidArgument(
+                f"model {model.name!r} does not generate text (engine {model.engine.kind})", model=model.name, field="model"
+            )
         elif item.inputs:
             tensor_items.append(i)
         else:
