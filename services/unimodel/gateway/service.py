@@ -243,7 +243,7 @@ class GatewayService(Service):
             self._observe(api, model, exc.code_name, started)
             raise
         gen = Generation(
-            model, stream, chunk_timeout_s=self.settings.request_timeout_s, abort=self._abort_generation,
+            model, stream, chunk_timeout_s=self.settings.generate_timeout_s, abort=self._abort_generation,
             on_end=lambda g: self._observe(api, model, g.code, g.started_at),
         )
         await gen.start()
