@@ -21,7 +21,8 @@ from unimodel.core import errors
 
 TENANT_HEADER = "x-unimodel-tenant"
 _TENANT = TENANT_HEADER.encode()
-OPEN_PATHS = ("/health/", "/chat")
+OPEN_PATHS = ("/health/",)
+OPEN_PAGES = frozenset({"/chat", "/chat/"})
 OPEN_GRPC = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
@@ -66,7 +67,8 @@ class AuthMiddleware:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.keys.enabled or scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
+        path = scope.get("path", "")
+        if not self.keys.enabled or scope["type"] != "http" or path.startswith(OPEN_PATHS) or path in OPEN_PAGES:
             await self.app(scope, receive, send)
             return
         authorization = api_key = ""

@@ -26,6 +26,7 @@ from unimodel.gateway.api_kserve_grpc import add_kserve_grpc
 from unimodel.gateway.api_kserve_http import register_kserve_routes
 from unimodel.gateway.api_openai import register_openai_routes
 from unimodel.gateway.auth import ApiKeys, AuthMiddleware, GrpcAuthInterceptor
+from unimodel.gateway.chat_page import register_chat_page
 from unimodel.gateway.http_protocol import CoalescingHttpToolsProtocol
 from unimodel.gateway.generation import Generation
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
@@ -68,6 +69,7 @@ class GatewayService(Service):
         self.api = build_app(self)  # FastAPI: every route, OpenAPI
         register_kserve_routes(self.api, self)
         register_openai_routes(self.api, self)
+        register_chat_page(self.api)
         self.auth = ApiKeys(settings.api_keys)
         # What uvicorn serves: API keys (when configured), the body limit, the hot routes, FastAPI for the rest.
         app = BodyLimit(FastRoutes(self.api, self), settings.max_body_bytes)

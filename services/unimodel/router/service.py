@@ -191,7 +191,7 @@ class RouterService(Service):
         acks = await asyncio.gather(*(self._route_batch(p, ctx, first=w) for w, p in parts.items()), return_exceptions=True)
         merged = inference_pb2.BatchAck(batch_id=batch.batch_id, capacity=self.table.capacity(model))
         first_error: BaseException | None = None
-        for (worker_id, part), ack in zip(parts.items(), acks, strict=True):
+        for part, ack in zip(parts.values(), acks, strict=True):
             if isinstance(ack, BaseException):
                 first_error = first_error or ack
                 merged.failed += len(part.items)
