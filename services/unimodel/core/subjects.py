@@ -67,6 +67,10 @@ ABORT = f"{ROOT}.abort"
 """gateway -> every worker (plain subscription, no queue group): an AbortRequest, generations to stop."""
 
 
+LOAD = f"{ROOT}.load"
+"""worker -> every router (plain subscription): a ModelLoad when a generation ends."""
+
+
 def replies(instance_id: str) -> str:
     """Answers to one instance's requests: `<replies>.<token>` is one request's inbox (its reply_to)."""
     return f"{ROOT}.reply.{instance_id}"

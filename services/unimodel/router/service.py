@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
 from unimodel.core import errors, modelconfig, subjects
@@ -86,6 +87,7 @@ class RouterService(Service):
         self.workers.start()
         self.models.start()
         await self.bus.serve(subjects.ROUTE_ALL, self._on_batch, queue=subjects.QUEUE_ROUTER)
+        await self.bus.subscribe(subjects.LOAD, self._on_load)
         self.spawn(self._reconcile_loop(), name="placement")
 
     async def on_close(self) -> None:
@@ -168,6 +170,14 @@ class RouterService(Service):
         if self.table.instances or self.workers.synced.is_set():
             raise errors.NotFound(f"model {model!r} is not served by any worker", model=model)
         raise errors.Unavailable("router has not discovered workers yet", retry_after_s=1)
+
+    async def _on_load(self, msg: Msg) -> None:
+        """A worker's generation ended: its sequence count for the model, as it is now."""
+        try:
+            load = registry_pb2.ModelLoad.FromString(msg.data)
+        except DecodeError:
+            return
+        self.table.set_load(load.worker_id, load.model, load.sequences)
 
     async def _route_generation(self, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
         """A generation batch: each item to its conversation's home worker while load allows (policy

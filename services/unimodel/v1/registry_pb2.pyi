@@ -76,3 +76,13 @@ class ModelCommand(_message.Message):
     load: _model_pb2.ModelConfig
     unload: str
     def __init__(self, load: _Optional[_Union[_model_pb2.ModelConfig, _Mapping]] = ..., unload: _Optional[str] = ...) -> None: ...
+
+class ModelLoad(_message.Message):
+    __slots__ = ("worker_id", "model", "sequences")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    model: str
+    sequences: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., sequences: _Optional[int] = ...) -> None: ...

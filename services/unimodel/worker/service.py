@@ -53,6 +53,7 @@ class WorkerService(Service):
             self._models_changed, executor=self._executor, owner=self.id, max_concurrent=settings.max_concurrent_batches
         )
         self._reported: tuple[tuple[str, int], ...] = ()
+        self._reports: set[asyncio.Task[None]] = set()
         self.generations = Generations(self.bus.publish, self.bus.publish_error, self.id, on_finish=self._generation_done)
         registry = self.metrics.registry
         self._gen_total = Counter(
@@ -140,6 +141,18 @@ class WorkerService(Service):
         self._gen_total.labels(model, reason).inc()
         if tokens:
             self._gen_tokens.labels(model).inc(tokens)
+        # Routers learn at once that a sequence slot freed up (the model was released already).
+        loaded = self.models.get(model)
+        load = registry_pb2.ModelLoad(worker_id=self.id, model=model, sequences=loaded.inflight if loaded else 0)
+        task = asyncio.create_task(self._publish_quietly(subjects.LOAD, load.SerializeToString()))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _publish_quietly(self, subject: str, data: bytes) -> None:
+        try:
+            await self.bus.publish(subject, data)
+        except Exception as exc:  # NATS down: the registration's in-flight count catches up later
+            self.log.debug("could not publish on %s: %s", subject, exc)
 
     async def _on_generate(self, model: LoadedModel, batch: inference_pb2.BatchRequest) -> bytes:
         """A batch of GenerateRequests: start them all (each holds the model in flight until it ends), ack."""
