@@ -83,15 +83,8 @@ class ReplyMux:
         nc = self.bus.client()
         if self._sub is None:
             await self.start()
-        inbox = f"{self.prefix}.{next(self._numbers)}"
-        item.reply_to = inbox
+        inbox = self._address(item, ctx)
         item.reply_group = self.group
-        item.request_id = ctx.request_id
-        item.deadline_unix_ms = ctx.deadline_ms
-        if ctx.tenant:
-            item.tenant = ctx.tenant
-        if ctx.traceparent:
-            item.trace_context.update(ctx.trace_headers())
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[inbox] = (future, subject)
         try:
@@ -110,12 +103,9 @@ class ReplyMux:
             self._pending.pop(inbox, None)
             self._bundles.pop(inbox, None)
 
-    async def open_stream(self, subject: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> ReplyStream:
-        """Publish `item` on `subject` and return the stream of messages its inbox receives (the
-        caller reads it with `next()` and must `close()` it). Sets reply_to, request id and deadline."""
-        nc = self.bus.client()
-        if self._sub is None:
-            await self.start()
+    def _address(self, item: inference_pb2.BatchItem, ctx: RequestContext) -> str:
+        """A new inbox of ours as the item's reply_to, and the request's id, deadline, tenant and trace
+        context in the item; returns the inbox."""
         inbox = f"{self.prefix}.{next(self._numbers)}"
         item.reply_to = inbox
         item.request_id = ctx.request_id
@@ -124,6 +114,15 @@ class ReplyMux:
             item.tenant = ctx.tenant
         if ctx.traceparent:
             item.trace_context.update(ctx.trace_headers())
+        return inbox
+
+    async def open_stream(self, subject: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> ReplyStream:
+        """Publish `item` on `subject` and return the stream of messages its inbox receives (the
+        caller reads it with `next()` and must `close()` it). Sets reply_to, request id and deadline."""
+        nc = self.bus.client()
+        if self._sub is None:
+            await self.start()
+        inbox = self._address(item, ctx)
         stream = ReplyStream(self, inbox, subject, ctx)
         self._streams[inbox] = stream
         try:

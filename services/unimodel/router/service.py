@@ -7,6 +7,7 @@ worker's load (outstanding batches) and whether the batch must go to another ins
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
@@ -148,9 +149,23 @@ class RouterService(Service):
         if batch.model in self.generative:
             return await self._route_generation(batch, ctx)
         model = batch.model
+        return await self._dispatch(batch, ctx, lambda _attempt, tried: self.table.pick(model, exclude=tried))
+
+    async def _dispatch(
+        self,
+        batch: inference_pb2.BatchRequest,
+        ctx: RequestContext,
+        choose: Callable[[int, list[str]], str | None],
+        *,
+        track_load: bool = False,
+    ) -> bytes:
+        """Send `batch` to the worker `choose(attempt, tried)` names; a worker that is lost or does not
+        answer is suspended and the next choice tried, up to `retries` more times. The ack carries the
+        model's capacity; with `track_load`, the worker's reported load is recorded (generations)."""
+        model = batch.model
         tried: list[str] = []
-        for _attempt in range(self.settings.retries + 1):
-            worker_id = self.table.pick(model, exclude=tried)
+        for attempt in range(self.settings.retries + 1):
+            worker_id = choose(attempt, tried)
             if worker_id is None:
                 break
             tried.append(worker_id)
@@ -161,6 +176,8 @@ class RouterService(Service):
                     self.log.warning("%s did not answer (%s); suspended for %.1fs", worker_id, exc, self.settings.suspend_s)
                 continue
             ack = inference_pb2.BatchAck.FromString(raw)
+            if track_load:
+                self.table.set_load(worker_id, model, ack.load)
             ack.capacity = self.table.capacity(model)
             return ack.SerializeToString()
         if tried:
@@ -217,29 +234,11 @@ class RouterService(Service):
     async def _route_batch(self, batch: inference_pb2.BatchRequest, ctx: RequestContext, first: str = "") -> bytes:
         """Send a (part of a) generation batch to `first`, retrying on another worker if it is lost."""
         model = batch.model
-        tried: list[str] = []
-        for attempt in range(self.settings.retries + 1):
-            worker_id = first if attempt == 0 and first else self.table.pick_affine(model, "", exclude=tried)
-            if worker_id is None:
-                break
-            tried.append(worker_id)
-            try:
-                raw = await self._send(worker_id, batch, ctx)
-            except (WorkerLost, errors.Unavailable) as exc:
-                if self.table.suspend(worker_id, self.settings.suspend_s):
-                    self.log.warning("%s did not answer (%s); suspended for %.1fs", worker_id, exc, self.settings.suspend_s)
-                continue
-            ack = inference_pb2.BatchAck.FromString(raw)
-            self.table.set_load(worker_id, model, ack.load)
-            ack.capacity = self.table.capacity(model)
-            return ack.SerializeToString()
-        if tried:
-            raise errors.Unavailable(
-                f"no instance of {model!r} could run the batch (tried {', '.join(tried)})", retry_after_s=1, model=model
-            )
-        if self.table.instances or self.workers.synced.is_set():
-            raise errors.NotFound(f"model {model!r} is not served by any worker", model=model)
-        raise errors.Unavailable("router has not discovered workers yet", retry_after_s=1)
+
+        def choose(attempt: int, tried: list[str]) -> str | None:
+            return first if attempt == 0 and first else self.table.pick_affine(model, "", exclude=tried)
+
+        return await self._dispatch(batch, ctx, choose, track_load=True)
 
     async def _send(self, worker_id: str, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
         """Request/reply with one worker, in the handler's own task (no extra task per batch): if the
