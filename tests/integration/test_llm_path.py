@@ -8,6 +8,8 @@ A second gateway with API keys joins the same cluster for the auth tests.
 from __future__ import annotations
 
 import asyncio
+import io
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import nats
 import openai
 import pytest
+import yaml
 from support import Infra, Services
 
-from unimodel.local.procs import free_port, http_ok, wait_until
+from unimodel.local.procs import ManagedProcess, free_port, http_ok, wait_until
 from unimodel.v1 import generate_pb2, inference_pb2, services_pb2_grpc
 
 MODEL = "smollm2-135m-instruct"
@@ -33,6 +36,7 @@ class Cluster:
         self.url = services.url
         self.auth_url = ""
         self.auth_grpc = ""
+        self.models_root = Path()
 
     def client(self, **kw) -> openai.OpenAI:  # type: ignore[no-untyped-def]
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60, **kw)
@@ -60,13 +64,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         for i, port in enumerate(ports):
             services.start("gpu-worker", "--instance-id", f"worker-{i}", "--metrics-port", str(port), name=f"worker-{i}")
         services.http_port, services.grpc_port = free_port(), free_port()
+        models_root = tmp_path_factory.mktemp("models-root")  # folders registered by path (upstream model)
         gw = services.start(
             "gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port),
-            "--model-repository", str(model_repository), "--load-models", MODEL,
+            "--model-repository", str(model_repository), "--load-models", MODEL, "--models-root", str(models_root),
         )
         wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
         services.wait_models([MODEL], instances=2)
         c = Cluster(infra, services, ports)
+        c.models_root = models_root
         # the gateway with API keys (same cluster): keys and tenants from its config file
         config = tmp_path_factory.mktemp("auth") / "gateway.yaml"
         config.write_text("api_keys:\n  sk-team-a: team-a\n  sk-team-b: team-b\n")
@@ -274,6 +280,62 @@ def test_grpc_generate_streamed_unary_cancelled_and_deadline(cluster: Cluster) -
         stub.GenerateUnary(bad, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in caught.value.details()
     channel.close()
+
+
+# an upstream OpenAI-compatible server as a model of ours ---------------------------------------------
+UPSTREAM_SERVER = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "llama_cpp_server.py"
+
+
+def test_an_upstream_server_registered_as_a_model_streams_through_the_cluster(cluster: Cluster, model_repository: Path) -> None:
+    """llama-cpp-python's own OpenAI server on the demo GGUF, registered with POST /v1/models as an `openai`
+    engine model: the openai SDK streams from it through gateway, batcher, router and worker."""
+    gguf = (model_repository / MODEL / "model.gguf").resolve()
+    port = free_port()
+    upstream = ManagedProcess("upstream", [
+        sys.executable, str(UPSTREAM_SERVER), "--model", str(gguf), "--model_alias", "smol-upstream",
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
+        "--n_threads_batch", "1", "--interrupt_requests", "False", "--verbose", "False",
+    ], sink=io.StringIO())  # fmt: skip
+    folder = cluster.models_root / "upstream"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "name": "upstream-smollm2", "engine": "openai", "max_batch_size": 8,
+        "llm": {"upstream_url": f"http://127.0.0.1:{port}/v1", "upstream_model": "smol-upstream",
+                "max_tokens": 512, "max_sequences": 4},
+    }))  # fmt: skip
+    try:
+        upstream.start()
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v1/models"), 120, "llama_cpp.server", upstream)
+        r = httpx.post(f"{cluster.url}/v1/models", json={"path": "upstream"}, timeout=30)
+        assert r.status_code == 202, r.text  # accepted: the workers load it
+        cluster.services.wait_models(["upstream-smollm2"], instances=2)
+        assert "upstream-smollm2" in {m.id for m in cluster.client().models.list()}
+        direct = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+            "messages": CHAT, "max_tokens": 16, "temperature": 0})  # fmt: skip
+        assert direct.status_code == 200, direct.text
+        ours = cluster.client().chat.completions.create(
+            model="upstream-smollm2", messages=CHAT, max_tokens=16, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(ours)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text and text == direct.json()["choices"][0]["message"]["content"]
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finishes == [direct.json()["choices"][0]["finish_reason"]]
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens == direct.json()["usage"]["completion_tokens"]
+        # over the model's own cap: refused by us, before the upstream is asked
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            cluster.client().chat.completions.create(model="upstream-smollm2", messages=CHAT, max_tokens=600)
+        # the upstream goes away: 503 in OpenAI's shape, never a 500
+        upstream.stop()
+        r = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=60, json={
+            "model": "upstream-smollm2", "messages": CHAT, "max_tokens": 4})  # fmt: skip
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["message"] and "retry-after" in r.headers
+    finally:
+        upstream.stop()
+        httpx.delete(f"{cluster.url}/v1/models/upstream-smollm2", timeout=30)
 
 
 # routing -------------------------------------------------------------------------------------------
