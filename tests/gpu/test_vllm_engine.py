@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from generation import chat, check_stream
 
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import generate_pb2
@@ -61,24 +62,9 @@ async def engine(config) -> AsyncIterator[VllmEngine]:  # type: ignore[no-untype
         await engine.unload()
 
 
-def chat(*turns: tuple[str, str], **sampling: object) -> generate_pb2.GenerateRequest:
-    return generate_pb2.GenerateRequest(
-        messages=[generate_pb2.ChatMessage(role=r, content=c) for r, c in turns],
-        sampling=generate_pb2.SamplingParams(**sampling),
-    )
-
-
 async def run(engine: VllmEngine, request: generate_pb2.GenerateRequest) -> tuple[llm.Prompt, list[llm.Delta]]:
     prompt = await engine.prepare(request, "req")
     return prompt, [d async for d in engine.generate(prompt)]
-
-
-def check_stream(deltas: list[llm.Delta]) -> llm.Delta:
-    last = deltas[-1]
-    assert last.finish_reason in (llm.FINISH_STOP, llm.FINISH_LENGTH)
-    assert all(not d.finish_reason for d in deltas[:-1])
-    assert sum(d.tokens for d in deltas) == last.completion_tokens
-    return last
 
 
 async def test_vllm_chat_greedy_counts_stop_and_abort(engine: VllmEngine) -> None:

