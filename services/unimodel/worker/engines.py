@@ -14,13 +14,49 @@ import abc
 import asyncio
 import functools
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from google.protobuf import struct_pb2
 
 from unimodel.core import errors
 from unimodel.v1 import model_pb2
+
+
+_KIND_NAMES = {int: "an integer", float: "a number"}
+
+
+def engine_option(
+    config: model_pb2.ModelConfig,
+    key: str,
+    kind: type,
+    default: Any,
+    *,
+    minimum: float | None = None,
+    positive: bool = False,
+) -> Any:
+    """``options.<key>`` of the model as ``kind`` (int, float, str, or bool written "0"/"1"/"true"/"false"),
+    ``default`` when unset or empty; a value that does not parse or is out of range is an InvalidArgument
+    naming the option. ``minimum``: the value must be >= it; ``positive``: > 0."""
+    raw = config.options.get(key, "")
+    if not raw:
+        return default
+    where = f"model {config.name!r}: options.{key}"
+    if kind is bool:
+        if raw not in ("0", "1", "true", "false"):
+            raise errors.InvalidArgument(f"{where} must be 0 or 1")
+        return raw in ("1", "true")
+    if kind is str:
+        return raw
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise errors.InvalidArgument(f"{where} {raw!r} is not {_KIND_NAMES.get(kind, kind.__name__)}") from None
+    if minimum is not None and value < minimum:
+        raise errors.InvalidArgument(f"{where} must be >= {minimum}")
+    if positive and value <= 0:
+        raise errors.InvalidArgument(f"{where} must be > 0")
+    return value
 
 
 class Engine(abc.ABC):
@@ -90,11 +126,7 @@ class DelayEngine(Engine):
 
     def __init__(self, config: model_pb2.ModelConfig) -> None:
         super().__init__(config)
-        raw = config.options.get("delay_ms", "0")
-        try:
-            self.delay_s = float(raw) / 1000.0
-        except ValueError:
-            raise errors.InvalidArgument(f"model {config.name!r}: options.delay_ms {raw!r} is not a number") from None
+        self.delay_s = engine_option(config, "delay_ms", float, 0.0) / 1000.0
         if not 0 <= self.delay_s <= 3600:
             raise errors.InvalidArgument(f"model {config.name!r}: options.delay_ms must be within 0..3600000")
 

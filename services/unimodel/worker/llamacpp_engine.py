@@ -56,6 +56,7 @@ from typing import Any
 from unimodel.core import errors, generation
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker import llm
+from unimodel.worker.engines import engine_option
 from unimodel.worker.llm import Delta, GenerativeEngine, Prompt
 
 log = logging.getLogger(__name__)
@@ -186,19 +187,6 @@ def _quiet_native() -> Iterator[None]:
 # --- options ---------------------------------------------------------------------------------------
 
 
-def _option(config: model_pb2.ModelConfig, key: str, kind: type, default: Any, minimum: float) -> Any:
-    raw = config.options.get(key, "")
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise errors.InvalidArgument(f"model {config.name!r}: options.{key} {raw!r} is not a number") from None
-    if value < minimum:
-        raise errors.InvalidArgument(f"model {config.name!r}: options.{key} must be >= {minimum}")
-    return value
-
-
 def seed_for(sampling: generate_pb2.SamplingParams) -> int:
     """The sampler seed: the request's (any int64, mapped into llama.cpp's range), else a random one."""
     if sampling.HasField("seed"):
@@ -233,10 +221,10 @@ class LlamaCppEngine(GenerativeEngine):
         self.context = llm.context_length(config, DEFAULT_CONTEXT)
         self.instance_count = max(1, config.instance_count)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.n_threads = _option(config, "n_threads", int, max(1, cpus // self.instance_count), 1)
-        self.n_batch = min(self.context, _option(config, "n_batch", int, 512, 1))
-        self.default_top_k = _option(config, "top_k", int, DEFAULT_TOP_K, 0)
-        self.default_min_p = _option(config, "min_p", float, DEFAULT_MIN_P, 0.0)
+        self.n_threads = engine_option(config, "n_threads", int, max(1, cpus // self.instance_count), minimum=1)
+        self.n_batch = min(self.context, engine_option(config, "n_batch", int, 512, minimum=1))
+        self.default_top_k = engine_option(config, "top_k", int, DEFAULT_TOP_K, minimum=0)
+        self.default_min_p = engine_option(config, "min_p", float, DEFAULT_MIN_P, minimum=0.0)
         self.extra_buffers = config.options.get("extra_buffers", "") or "auto"
         if self.extra_buffers not in ("auto", "0", "1"):
             raise errors.InvalidArgument(f"model {config.name!r}: options.extra_buffers must be auto, 0 or 1")

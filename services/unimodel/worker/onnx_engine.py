@@ -22,7 +22,7 @@ import onnxruntime as ort
 from unimodel.core import errors
 from unimodel.core.tensors import ONNX_TYPES
 from unimodel.v1 import model_pb2
-from unimodel.worker.engines import Engine
+from unimodel.worker.engines import Engine, engine_option
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -40,19 +40,6 @@ def providers_for(execution_provider: str, available: Sequence[str] | None = Non
     if execution_provider == "auto" and CUDA in available:
         return [CUDA, CPU]
     return [CPU]
-
-
-def _int_option(config: model_pb2.ModelConfig, key: str, default: int) -> int:
-    raw = config.options.get(key, "")
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise errors.InvalidArgument(f"model {config.name!r}: options.{key} {raw!r} is not an integer") from None
-    if value < 0:
-        raise errors.InvalidArgument(f"model {config.name!r}: options.{key} must be >= 0")
-    return value
 
 
 def check_signature(config: model_pb2.ModelConfig, session: Any) -> None:
@@ -92,7 +79,7 @@ class OnnxEngine(Engine):
         super().__init__(config)
         self.file = Path(config.path) / (config.file or "model.onnx")
         self.instances = max(1, config.instance_count)
-        self.intra_op_threads = _int_option(config, "intra_op_threads", 0)
+        self.intra_op_threads = engine_option(config, "intra_op_threads", int, 0, minimum=0)
         self.allow_spinning = config.options.get("allow_spinning", "0") == "1"
         self.providers: list[str] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None

@@ -36,6 +36,7 @@ import httpx
 from unimodel.core import errors, generation
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker import llm
+from unimodel.worker.engines import engine_option
 from unimodel.worker.llm import Delta, GenerativeEngine, Prompt
 
 log = logging.getLogger(__name__)
@@ -44,19 +45,6 @@ DEFAULT_SEQUENCES = 64
 DEFAULT_RETRY_AFTER_S = 1.0
 _MESSAGE_LIMIT = 500
 _FINISH = {"stop": llm.FINISH_STOP, "length": llm.FINISH_LENGTH, "abort": llm.FINISH_ABORT}
-
-
-def _float_option(config: model_pb2.ModelConfig, key: str, default: float) -> float:
-    raw = config.options.get(key, "")
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise errors.InvalidArgument(f"model {config.name!r}: options.{key} {raw!r} is not a number") from None
-    if value <= 0:
-        raise errors.InvalidArgument(f"model {config.name!r}: options.{key} must be > 0")
-    return value
 
 
 def upstream_message(response: httpx.Response) -> str:
@@ -103,8 +91,8 @@ class UpstreamEngine(GenerativeEngine):
             )
         self.upstream_model = llm_config.upstream_model or config.name
         self.context = llm.context_length(config, 0)  # 0: the upstream's (learned from /models when it says)
-        self.read_timeout_s = _float_option(config, "timeout_s", 600.0)
-        self.connect_timeout_s = _float_option(config, "connect_timeout_s", 5.0)
+        self.read_timeout_s = engine_option(config, "timeout_s", float, 600.0, positive=True)
+        self.connect_timeout_s = engine_option(config, "connect_timeout_s", float, 5.0, positive=True)
         self._client: httpx.AsyncClient | None = None
         self._usage_source = ""
 

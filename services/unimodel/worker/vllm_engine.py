@@ -34,6 +34,7 @@ from typing import Any
 from unimodel.core import errors, generation
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker import llm
+from unimodel.worker.engines import engine_option
 from unimodel.worker.llm import Delta, GenerativeEngine, Prompt
 
 log = logging.getLogger(__name__)
@@ -41,20 +42,6 @@ log = logging.getLogger(__name__)
 DEFAULT_SEQUENCES = 256
 INLINE_CHARS = 2048  # inputs up to this size are tokenized on the event loop
 _FINISH = {"stop": llm.FINISH_STOP, "length": llm.FINISH_LENGTH, "abort": llm.FINISH_ABORT}
-
-
-def _option(config: model_pb2.ModelConfig, key: str, kind: type, default: Any) -> Any:
-    raw = config.options.get(key, "")
-    if not raw:
-        return default
-    if kind is bool:
-        if raw not in ("0", "1", "true", "false"):
-            raise errors.InvalidArgument(f"model {config.name!r}: options.{key} must be 0 or 1")
-        return raw in ("1", "true")
-    try:
-        return kind(raw)
-    except ValueError:
-        raise errors.InvalidArgument(f"model {config.name!r}: options.{key} {raw!r} is not a {kind.__name__}") from None
 
 
 def model_source(config: model_pb2.ModelConfig) -> str:
@@ -128,11 +115,11 @@ class VllmEngine(GenerativeEngine):
             raise errors.FailedPrecondition(f"model {config.name!r}: no model folder or file for vLLM")
         kwargs: dict[str, Any] = {
             "model": source,
-            "gpu_memory_utilization": _option(config, "gpu_memory_utilization", float, 0.9),
-            "tensor_parallel_size": _option(config, "tensor_parallel_size", int, 1),
-            "dtype": _option(config, "dtype", str, "auto"),
-            "enforce_eager": _option(config, "enforce_eager", bool, False),
-            "trust_remote_code": _option(config, "trust_remote_code", bool, False),
+            "gpu_memory_utilization": engine_option(config, "gpu_memory_utilization", float, 0.9),
+            "tensor_parallel_size": engine_option(config, "tensor_parallel_size", int, 1),
+            "dtype": engine_option(config, "dtype", str, "auto"),
+            "enforce_eager": engine_option(config, "enforce_eager", bool, False),
+            "trust_remote_code": engine_option(config, "trust_remote_code", bool, False),
             "disable_log_stats": True,
         }
         if config.llm.context_length:
@@ -140,7 +127,7 @@ class VllmEngine(GenerativeEngine):
         if config.llm.max_sequences:
             kwargs["max_num_seqs"] = config.llm.max_sequences
         if "enable_prefix_caching" in config.options:
-            kwargs["enable_prefix_caching"] = _option(config, "enable_prefix_caching", bool, True)
+            kwargs["enable_prefix_caching"] = engine_option(config, "enable_prefix_caching", bool, True)
         if tokenizer := config.options.get("tokenizer"):
             kwargs["tokenizer"] = tokenizer
         try:
