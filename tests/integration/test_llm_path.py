@@ -259,8 +259,12 @@ def test_grpc_generate_streamed_unary_cancelled_and_deadline(cluster: Cluster) -
     assert unary.usage.completion_tokens == chunks[-1].usage.completion_tokens
     # a cancelled call aborts the generation
     before = cluster.worker_metric("unimodel_worker_generations_total", finish_reason="abort")
-    long = generate_pb2.GenerateRequest(model=MODEL, messages=[generate_pb2.ChatMessage(role="user", content="Tell a long story.")])
+    # greedy on this prompt: ~1500 tokens (~30 s here), so neither the cancel nor the 1 s deadline below can
+    # race with the model's own end of sequence (a sampled "Tell a long story." sometimes ended within 1 s)
+    long = generate_pb2.GenerateRequest(model=MODEL, messages=[
+        generate_pb2.ChatMessage(role="user", content="Write a very long story about a dragon, with many chapters.")])
     long.sampling.max_tokens = 900
+    long.sampling.temperature = 0
     call = stub.Generate(long, timeout=60)
     for i, _chunk in enumerate(call):
         if i >= 3:
