@@ -381,14 +381,7 @@ class LlamaCppEngine(GenerativeEngine):
         sampling = request.sampling
         generation.validate(request)  # the gateway's rules, again: the worker may be reached directly
         size = len(request.prompt) + sum(len(m.content) + len(m.role) for m in request.messages)
-        encoded = None
-        if size <= INLINE_CHARS and self._vocab_lock.acquire(blocking=False):
-            try:
-                encoded = self._encode(request)
-            finally:
-                self._vocab_lock.release()
-        if encoded is None:
-            encoded = await asyncio.to_thread(self._encode_locked, request)
+        encoded = await llm.under_lock(self._vocab_lock, lambda: self._encode(request), inline=size <= INLINE_CHARS)
         count = len(encoded.tokens)
         llm.check_prompt_tokens(self.config, count, self.context)
         max_tokens = llm.resolve_max_tokens(self.config, sampling, count, self.context)
@@ -401,10 +394,6 @@ class LlamaCppEngine(GenerativeEngine):
             stop=list(dict.fromkeys(s for s in [*sampling.stop, *encoded.stops] if s)),
             tokens=encoded.tokens,
         )
-
-    def _encode_locked(self, request: generate_pb2.GenerateRequest) -> _Encoded:
-        with self._vocab_lock:
-            return self._encode(request)
 
     def _encode(self, request: generate_pb2.GenerateRequest) -> _Encoded:
         """(text, tokens, template stops) — the caller holds the vocabulary lock."""

@@ -19,9 +19,11 @@ Engines: ``llamacpp`` (llama-cpp-python, GGUF on CPU), ``vllm`` (in-process Asyn
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -34,6 +36,8 @@ from unimodel.core.generation import (  # noqa: F401  (re-exported for the engin
 )
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker.engines import Engine
+
+T = TypeVar("T")
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -88,6 +92,23 @@ class GenerativeEngine(Engine):
             f"model {self.config.name!r} generates text: use /v1/chat/completions or /v1/completions",
             model=self.config.name,
         )
+
+
+async def under_lock(lock: threading.Lock, fn: Callable[[], T], *, inline: bool) -> T:
+    """``fn()`` holding ``lock`` (a tokenizer that must not run in two threads at once). With ``inline``
+    (a short input: well under a millisecond) and the lock free at once, on the event loop; otherwise in
+    a thread, which waits for the lock there, so the loop never blocks."""
+    if inline and lock.acquire(blocking=False):
+        try:
+            return fn()
+        finally:
+            lock.release()
+
+    def locked() -> T:
+        with lock:
+            return fn()
+
+    return await asyncio.to_thread(locked)
 
 
 # limits: one rule for every engine and the gateway (core.generation) --------------------------------

@@ -201,15 +201,7 @@ class VllmEngine(GenerativeEngine):
         sampling = request.sampling
         generation.validate(request)  # the gateway's rules, again: the worker may be reached directly
         size = len(request.prompt) + sum(len(m.content) for m in request.messages)
-        encoded = None
-        if size <= INLINE_CHARS and self._tokenizer_lock.acquire(blocking=False):
-            try:
-                encoded = self._encode(request)
-            finally:
-                self._tokenizer_lock.release()
-        if encoded is None:
-            encoded = await asyncio.to_thread(self._encode_locked, request)
-        text, tokens = encoded
+        text, tokens = await llm.under_lock(self._tokenizer_lock, lambda: self._encode(request), inline=size <= INLINE_CHARS)
         llm.check_prompt_tokens(self.config, len(tokens), self.context)
         max_tokens = llm.resolve_max_tokens(self.config, sampling, len(tokens), self.context)
         return Prompt(
@@ -221,10 +213,6 @@ class VllmEngine(GenerativeEngine):
             stop=[s for s in sampling.stop if s],
             tokens=tokens,
         )
-
-    def _encode_locked(self, request: generate_pb2.GenerateRequest) -> tuple[str, list[int]]:
-        with self._tokenizer_lock:
-            return self._encode(request)
 
     def _encode(self, request: generate_pb2.GenerateRequest) -> tuple[str, list[int]]:
         tokenizer = self._tokenizer
