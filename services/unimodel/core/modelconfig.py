@@ -125,6 +125,8 @@ def validate(config: model_pb2.ModelConfig, *, source: str = "config") -> None:
     if config.replicas < 0:
         raise bad("replicas", "must be >= 0")
     generative = is_generative(config)
+    if config.cache and not generative:
+        raise bad("cache", "only text-generation models (llamacpp, vllm, openai) have a chat cache")
     if generative:
         llm = config.llm
         for name in ("context_length", "max_prompt_tokens", "max_tokens", "default_max_tokens", "max_sequences"):

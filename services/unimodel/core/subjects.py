@@ -9,6 +9,7 @@ ROOT = "unimodel.v1"
 # Queue groups: replicas of one service share a subject's load.
 QUEUE_BATCHER = "batcher"
 QUEUE_ROUTER = "router"
+QUEUE_CACHE = "cache"
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\-]{0,127}$")
 _TOKEN_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -69,6 +70,16 @@ ABORT = f"{ROOT}.abort"
 
 LOAD = f"{ROOT}.load"
 """worker -> every router (plain subscription): a ModelLoad when a generation ends."""
+
+
+CACHE_QUERY = f"{ROOT}.cache.query"
+"""gateway -> cache (queue group QUEUE_CACHE): CacheQueryRequest -> CacheQueryResponse."""
+CACHE_INSERT = f"{ROOT}.cache.insert"
+"""gateway -> cache: CacheInsertRequest -> CacheInsertResponse (all entries stored, or none)."""
+CACHE_REMOVE = f"{ROOT}.cache.remove"
+"""gateway -> cache: CacheRemoveRequest -> CacheRemoveResponse."""
+CACHE_LOG = f"{ROOT}.cache.log"
+"""gateway -> cache: CacheLogRequest -> CacheLogResponse (the scope's most recent lookups)."""
 
 
 def replies(instance_id: str) -> str:

@@ -48,7 +48,7 @@ class Processing(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
-    __slots__ = ("name", "engine", "path", "file", "version", "inputs", "outputs", "max_batch_size", "batching", "instance_count", "execution_provider", "processing", "replicas", "options", "llm")
+    __slots__ = ("name", "engine", "path", "file", "version", "inputs", "outputs", "max_batch_size", "batching", "instance_count", "execution_provider", "processing", "replicas", "options", "llm", "cache")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class ModelConfig(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     LLM_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     name: str
     engine: str
     path: str
@@ -86,7 +87,8 @@ class ModelConfig(_message.Message):
     replicas: int
     options: _containers.ScalarMap[str, str]
     llm: LlmConfig
-    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., path: _Optional[str] = ..., file: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., instance_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., processing: _Optional[_Union[Processing, _Mapping]] = ..., replicas: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., llm: _Optional[_Union[LlmConfig, _Mapping]] = ...) -> None: ...
+    cache: bool
+    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., path: _Optional[str] = ..., file: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., instance_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., processing: _Optional[_Union[Processing, _Mapping]] = ..., replicas: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., llm: _Optional[_Union[LlmConfig, _Mapping]] = ..., cache: bool = ...) -> None: ...
 
 class LlmConfig(_message.Message):
     __slots__ = ("context_length", "max_prompt_tokens", "max_tokens", "default_max_tokens", "chat_template", "max_sequences", "upstream_url", "upstream_model", "upstream_api_key_env")
