@@ -1,11 +1,241 @@
-"""cache runtime: joins the cluster (etcd lease, NATS, gRPC health) and drains on stop."""
+"""cache runtime: the semantic cache (semantic.py) on the cache subjects, with its stores and its
+embedding path.
+
+Subjects (queue group "cache", so replicas share the load): subjects.CACHE_QUERY, CACHE_INSERT,
+CACHE_REMOVE, CACHE_LOG take the cache.proto requests and answer the matching response, or error headers
+(InvalidArgument for bad input, Unavailable when Milvus or the embedding path is down).
+
+Embeddings go through the batcher like every other request (subjects.batch(<embedding model>)): texts are
+batched with the other callers' and run on an embedding-worker. Milvus is reached through pymilvus
+(settings.milvus: a Milvus Lite file, the Milvus Lite server of `unimodel up`, or a standalone Milvus);
+the entries and the hit log live in SQLite.
+"""
 
 from __future__ import annotations
 
-from unimodel.core.lifecycle import Service
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge, Histogram
+
+from unimodel.cache.entries import EntryStore
+from unimodel.cache.querytext import Turn
+from unimodel.cache.semantic import Limits, Scope, SemanticCache
 from unimodel.cache.settings import CacheSettings
+from unimodel.cache.vectors import VectorIndex, VectorStoreError
+from unimodel.core import errors, subjects
+from unimodel.core.context import RequestContext
+from unimodel.core.lifecycle import FatalError, Service
+from unimodel.core.replies import ReplyMux
+from unimodel.core.value_arrays import numeric_array
+from unimodel.v1 import cache_pb2, generate_pb2, inference_pb2
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def turns_of(messages: Sequence[generate_pb2.ChatMessage]) -> list[Turn]:
+    return [Turn(m.role, m.content) for m in messages]
 
 
 class CacheService(Service):
     kind = "cache"
     settings: CacheSettings
+
+    def __init__(self, settings: CacheSettings, **kw) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(settings, **kw)
+        self.replies = ReplyMux(self.bus, self.id)
+        registry = self.metrics.registry
+        self.m_queries = Counter(
+            "unimodel_cache_queries", "Cache lookups by result (exact_hit, semantic_hit, miss, error)",
+            ["result"], registry=registry,
+        )
+        self.m_inserts = Counter("unimodel_cache_inserted_entries", "Entries stored", registry=registry)
+        self.m_evictions = Counter(
+            "unimodel_cache_evictions", "Entries evicted, by reason (ttl, max_entries_per_scope, max_entries)",
+            ["reason"], registry=registry,
+        )
+        self.m_guard = Counter(
+            "unimodel_cache_guard_rejections", "Candidates above the threshold refused by the guard", registry=registry
+        )
+        self.m_entries = Gauge("unimodel_cache_entries", "Entries stored (all scopes)", registry=registry)
+        self.m_stage = Histogram(
+            "unimodel_cache_stage_seconds", "Time of a lookup's stages (embed, search, total)", ["stage"],
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.cache: SemanticCache | None = None
+
+    async def on_start(self) -> None:
+        s = self.settings
+        limits = Limits(
+            threshold_short=s.threshold_short, threshold_long=s.threshold_long, top_k=s.top_k, ttl_s=s.ttl_s,
+            max_entries_per_scope=s.max_entries_per_scope, max_entries=s.max_entries,
+            max_answer_bytes=s.max_answer_bytes, max_query_chars=s.max_query_chars,
+            max_insert_entries=s.max_insert_entries, hit_log_keep=s.hit_log_keep, guard=s.guard,
+        )
+        try:
+            entries = EntryStore(s.sqlite_file)
+        except Exception as exc:
+            raise FatalError(f"cannot open the cache store {s.sqlite_file}: {exc}") from None
+        vectors = VectorIndex(s.milvus, s.milvus_collection, s.embedding_dim, token=s.milvus_token, index_type=s.milvus_index)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, vectors.connect)
+        except VectorStoreError as exc:  # serve anyway: queries answer Unavailable until Milvus is back
+            self.log.warning("%s; retrying on the next request", exc)
+        self.cache = SemanticCache(
+            entries, vectors, self._embed, limits, on_evict=lambda reason, n: self.m_evictions.labels(reason).inc(n)
+        )
+        self.m_entries.set(await self.cache.count())
+        await self.replies.start()
+        await self.bus.serve(subjects.CACHE_QUERY, self._on_query, queue=subjects.QUEUE_CACHE)
+        await self.bus.serve(subjects.CACHE_INSERT, self._on_insert, queue=subjects.QUEUE_CACHE)
+        await self.bus.serve(subjects.CACHE_REMOVE, self._on_remove, queue=subjects.QUEUE_CACHE)
+        await self.bus.serve(subjects.CACHE_LOG, self._on_log, queue=subjects.QUEUE_CACHE)
+        self.spawn(self._housekeeping(), "cache housekeeping")
+        self.log.info("cache on Milvus %s (collection %s), store %s", s.milvus, s.milvus_collection, s.sqlite_file)
+
+    # embeddings --------------------------------------------------------------------------------------
+    async def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 [len(texts), dim], L2-normalised, from the embedding model through the batcher."""
+        s = self.settings
+        chunks = [texts[i : i + s.embedding_batch] for i in range(0, len(texts), s.embedding_batch)]
+        parts = await asyncio.gather(*(self._embed_chunk(c) for c in chunks))
+        vectors = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if vectors.shape != (len(texts), s.embedding_dim):
+            raise errors.FailedPrecondition(
+                f"embedding model {s.embedding_model!r} gave vectors of shape {list(vectors.shape)}; the cache "
+                f"expects {s.embedding_dim} dimensions (set embedding_dim)"
+            )
+        return vectors
+
+    async def _embed_chunk(self, texts: Sequence[str]) -> np.ndarray:
+        s = self.settings
+        value = struct_pb2.Value()
+        value.list_value.values.extend(struct_pb2.Value(string_value=t) for t in texts)
+        item = inference_pb2.BatchItem(input=value, rows=len(texts))
+        ctx = RequestContext.new(s.embedding_timeout_s)
+        try:
+            raw = await self.replies.request_item(
+                subjects.batch(s.embedding_model), item, ctx, timeout_s=s.embedding_timeout_s,
+                bundle_subject=subjects.bundle(s.embedding_model),
+            )
+        except errors.UnimodelError as exc:
+            raise errors.Unavailable(
+                f"embedding model {s.embedding_model!r}: {exc.message}", retry_after_s=exc.retry_after_s or 1
+            ) from None
+        reply = inference_pb2.PredictResponse.FromString(raw)
+        fields = reply.output.struct_value.fields
+        if "embeddings" not in fields:
+            raise errors.FailedPrecondition(f"model {s.embedding_model!r} is not a text-embedding model")
+        return numeric_array(fields["embeddings"], np.dtype(np.float32), "embeddings")
+
+    # handlers ----------------------------------------------------------------------------------------
+    def _ready(self) -> SemanticCache:
+        if self.cache is None:
+            raise errors.Unavailable("the cache is starting", retry_after_s=1)
+        return self.cache
+
+    @staticmethod
+    def _scope(scope: cache_pb2.CacheScope) -> Scope:
+        if not scope.model:
+            raise errors.InvalidArgument("scope.model is required", field="scope")
+        if not subjects.is_valid_model_name(scope.model):
+            raise errors.InvalidArgument(f"invalid scope.model {scope.model!r}", field="scope")
+        return Scope(scope.model, scope.tenant)
+
+    @staticmethod
+    def _parse(message_type, data: bytes):  # type: ignore[no-untyped-def]
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            raise errors.InvalidArgument(f"not a {message_type.DESCRIPTOR.name}") from None
+
+    async def _on_query(self, msg: Msg, ctx: RequestContext) -> bytes:
+        request = self._parse(cache_pb2.CacheQueryRequest, msg.data)
+        cache = self._ready()
+        try:
+            result = await cache.query(
+                self._scope(request.scope), turns_of(request.messages), threshold_short=request.threshold_short,
+                threshold_long=request.threshold_long, exact_only=request.exact_only,
+            )
+        except errors.UnimodelError as exc:
+            if not isinstance(exc, errors.InvalidArgument):
+                self.m_queries.labels("error").inc()
+            raise
+        self.m_queries.labels("exact_hit" if result.exact else "semantic_hit" if result.hit else "miss").inc()
+        if result.rejected_by_guard:
+            self.m_guard.inc(result.rejected_by_guard)
+        if result.embed_ns:
+            self.m_stage.labels("embed").observe(result.embed_ns / 1e9)
+            self.m_stage.labels("search").observe(result.search_ns / 1e9)
+        self.m_stage.labels("total").observe(result.total_ns / 1e9)
+        reply = cache_pb2.CacheQueryResponse(
+            hit=result.hit, exact=result.exact, similarity=result.similarity, best_similarity=result.best_similarity,
+            embed_ns=result.embed_ns, search_ns=result.search_ns, total_ns=result.total_ns,
+        )
+        if result.entry is not None:
+            reply.entry_id, reply.hit_query, reply.answer = result.entry.id, result.entry.query, result.entry.answer
+        return reply.SerializeToString()
+
+    async def _on_insert(self, msg: Msg, ctx: RequestContext) -> bytes:
+        request = self._parse(cache_pb2.CacheInsertRequest, msg.data)
+        cache = self._ready()
+        scope = self._scope(request.scope)
+        result = await cache.insert(scope, [(turns_of(e.messages), e.answer) for e in request.entries])
+        self.m_inserts.inc(len(result.ids))
+        self.m_entries.set(await cache.count())
+        return cache_pb2.CacheInsertResponse(ids=result.ids, evicted=result.evicted).SerializeToString()
+
+    async def _on_remove(self, msg: Msg, ctx: RequestContext) -> bytes:
+        request = self._parse(cache_pb2.CacheRemoveRequest, msg.data)
+        cache = self._ready()
+        scope = self._scope(request.scope)
+        if not request.truncate and not request.ids:
+            raise errors.InvalidArgument("nothing to remove: give ids, or truncate", field="id_list")
+        removed = await cache.remove(scope, truncate=request.truncate, ids=list(request.ids))
+        self.m_entries.set(await cache.count())
+        return cache_pb2.CacheRemoveResponse(removed=removed).SerializeToString()
+
+    async def _on_log(self, msg: Msg, ctx: RequestContext) -> bytes:
+        request = self._parse(cache_pb2.CacheLogRequest, msg.data)
+        cache = self._ready()
+        records = await cache.log(self._scope(request.scope), min(max(request.limit or 100, 1), 10_000))
+        reply = cache_pb2.CacheLogResponse()
+        for r in records:
+            reply.records.add(
+                time=r.time, hit=r.hit, exact=r.exact, similarity=r.similarity, entry_id=r.entry_id,
+                query=r.query, latency_ms=r.latency_ms, model=r.model,
+            )
+        return reply.SerializeToString()
+
+    # housekeeping ------------------------------------------------------------------------------------
+    async def _housekeeping(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + s.sweep_interval_s
+        while True:
+            await asyncio.sleep(s.flush_interval_s)
+            cache = self.cache
+            if cache is None:
+                continue
+            try:
+                await cache.flush()
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + s.sweep_interval_s
+                    if await cache.expire():
+                        self.m_entries.set(await cache.count())
+            except errors.UnimodelError as exc:  # Milvus down: try again next time
+                self.log.warning("cache housekeeping: %s", exc.message)
+
+    async def on_close(self) -> None:
+        if self.cache is not None:
+            try:
+                await self.cache.flush()
+            except Exception as exc:
+                self.log.warning("could not write the last hit log records: %s", exc)
+            self.cache.close()
+            self.cache.vectors.close()
+            self.cache.entries.close()

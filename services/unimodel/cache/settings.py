@@ -1,8 +1,50 @@
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field
+
 from unimodel.core.settings import CommonSettings, register_settings
 
 
 @register_settings
 class CacheSettings(CommonSettings):
+    """The semantic cache. Thresholds are cosine similarities of all-MiniLM-L6-v2 embeddings, chosen on
+    the evaluation sets in docs/benchmarks.md (cache quality)."""
+
     service = "cache"
+
+    data_dir: str = Field(".unimodel/cache", description="folder of the SQLite store (and of Milvus Lite's file)")
+    sqlite_path: str = Field("", description="SQLite file of entries and hit log (default <data-dir>/cache.sqlite)")
+    milvus_uri: str = Field(
+        "", description="Milvus: http://host:19530 (standalone / Milvus Lite server) or a .db file for Milvus Lite "
+        "in-process (default <data-dir>/milvus.db)",
+    )
+    milvus_token: str = Field("", description="Milvus token (user:password), if it has auth on")
+    milvus_collection: str = Field("unimodel_cache", description="Milvus collection holding the cache vectors")
+    milvus_index: str = Field("AUTOINDEX", description="Milvus index type of the vectors (AUTOINDEX, FLAT, HNSW, IVF_FLAT)")
+    embedding_model: str = Field("all-minilm-l6-v2", description="text-embedding model the cache embeds with")
+    embedding_dim: int = Field(384, ge=1, le=65536, description="dimension of the embedding model's vectors")
+    embedding_timeout_s: float = Field(5.0, gt=0, le=600, description="deadline of one embedding call")
+    embedding_batch: int = Field(32, ge=1, le=4096, description="texts per embedding request on inserts")
+    threshold_short: float = Field(0.86, gt=0, le=1, description="similarity a hit needs, texts of <= 256 characters")
+    threshold_long: float = Field(0.9, gt=0, le=1, description="similarity a hit needs, longer texts")
+    top_k: int = Field(4, ge=1, le=100, description="nearest entries a query considers")
+    guard: bool = Field(True, description="refuse hits whose numbers or negation differ from the query's")
+    ttl_s: float = Field(7 * 86400, ge=0, description="entries expire this long after insertion; 0 = never")
+    max_entries_per_scope: int = Field(200_000, ge=1, description="entries per scope before LRU eviction")
+    max_entries: int = Field(2_000_000, ge=1, description="entries in all scopes before LRU eviction")
+    max_answer_bytes: int = Field(256 * 1024, ge=1, description="largest answer stored")
+    max_query_chars: int = Field(32 * 1024, ge=1, description="longest query text (all messages)")
+    max_insert_entries: int = Field(10_000, ge=1, description="entries in one insert request")
+    hit_log_keep: int = Field(100_000, ge=0, description="hit log rows kept (oldest dropped)")
+    flush_interval_s: float = Field(1.0, gt=0, le=3600, description="hit log and LRU times are written this often")
+    sweep_interval_s: float = Field(60.0, gt=0, le=86400, description="expired entries are dropped this often")
+
+    @property
+    def sqlite_file(self) -> Path:
+        return Path(self.sqlite_path) if self.sqlite_path else Path(self.data_dir) / "cache.sqlite"
+
+    @property
+    def milvus(self) -> str:
+        return self.milvus_uri or str(Path(self.data_dir).resolve() / "milvus.db")

@@ -1,0 +1,88 @@
+"""The text a conversation is cached under, free of transports.
+
+A conversation (system prompt, earlier turns, last user message) becomes:
+  - `spliced`: ModelCache's concatenation, `role###content|||role###content` (its query_multi_splicing):
+    what ModelCache stores and returns as `hit_query`, and what the exact-match key is computed over;
+  - `embedding_text`: the contents joined by newlines (roles add the same tokens to every text and only
+    blur the vectors), what the embedding model sees;
+  - `exact_key`: a hash of the spliced text normalised (Unicode NFKC, case folded, whitespace collapsed,
+    trailing punctuation dropped), so "What is X?" and "what  is x" share one entry without a vector search.
+
+Thresholds: ModelCache applies `similarity_threshold` to texts of up to 256 characters and
+`similarity_threshold_long` to longer ones; `threshold_for` does the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+LONG_TEXT_CHARS = 256
+"""ModelCache's boundary between short and long query texts (characters of the embedded text)."""
+
+ROLE_SEP = "###"
+TURN_SEP = "|||"
+_SPACE = re.compile(r"\s+")
+_TRAILING = re.compile(r"[\s.!?。！？]+$")
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+class QueryTextError(ValueError):
+    """The conversation cannot be cached (empty, unknown role); the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueryText:
+    spliced: str
+    embedding_text: str
+    exact_key: str
+
+    @property
+    def long(self) -> bool:
+        return len(self.embedding_text) > LONG_TEXT_CHARS
+
+
+def normalise(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = _SPACE.sub(" ", text).strip()
+    return _TRAILING.sub("", text)
+
+
+def splice(turns: Iterable[Turn]) -> str:
+    return TURN_SEP.join(f"{t.role}{ROLE_SEP}{t.content}" for t in turns)
+
+
+def query_text(turns: Sequence[Turn]) -> QueryText:
+    if not turns:
+        raise QueryTextError("the query holds no messages")
+    for i, t in enumerate(turns):
+        if t.role not in _ROLES:
+            raise QueryTextError(f"message {i}: unknown role {t.role!r} (system, user, assistant)")
+    if not any(t.content.strip() for t in turns if t.role != "assistant"):
+        raise QueryTextError("the query is empty (no system or user text)")
+    spliced = splice(turns)
+    embedding_text = "\n".join(t.content.strip() for t in turns if t.content.strip())
+    key = hashlib.blake2b(
+        TURN_SEP.join(f"{'system' if t.role == 'developer' else t.role}{ROLE_SEP}{normalise(t.content)}" for t in turns).encode(),
+        digest_size=16,
+    ).hexdigest()
+    return QueryText(spliced, embedding_text, key)
+
+
+def threshold_for(text: QueryText, short: float, long: float) -> float:
+    return long if text.long else short
+
+
+def scope_key(model: str, tenant: str) -> str:
+    """One token per scope (tenant and model), stored with every entry and filtered on in every search:
+    a hex digest, so it is safe inside a Milvus filter expression whatever the names hold."""
+    return hashlib.blake2b(f"{tenant}\0{model}".encode(), digest_size=16).hexdigest()

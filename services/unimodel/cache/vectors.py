@@ -1,0 +1,123 @@
+"""The cache's vectors in Milvus, through pymilvus's MilvusClient: one code path for Milvus Lite (a local
+`.db` file, or the Milvus Lite server `unimodel up` starts) and a standalone or distributed Milvus
+(`http://host:19530`, as in compose).
+
+One collection holds every scope: `id` (the entry id of the scalar store), `scope` (querytext.scope_key)
+and the L2-normalised `vector`, searched by inner product (= cosine similarity). Every search filters on
+the scope, so an entry of another scope is never a candidate, whatever its similarity.
+
+Blocking calls: the service runs them off the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+log = logging.getLogger("unimodel.cache.vectors")
+
+SCOPE_CHARS = 64
+
+
+class VectorStoreError(Exception):
+    """Milvus is unreachable or refused the operation; the message says which."""
+
+
+class VectorIndex:
+    def __init__(
+        self, uri: str, collection: str, dim: int, *, token: str = "", index_type: str = "AUTOINDEX",
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.uri, self.collection, self.dim = uri, collection, dim
+        self.token, self.index_type, self.timeout_s = token, index_type, timeout_s
+        self._client = None
+
+    @property
+    def client(self):  # type: ignore[no-untyped-def]
+        if self._client is None:
+            self.connect()
+        return self._client
+
+    def connect(self) -> None:
+        from pymilvus import MilvusClient
+
+        try:
+            self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout_s)
+            self._ensure()
+        except Exception as exc:
+            self._client = None
+            raise VectorStoreError(f"Milvus at {self.uri}: {_short(exc)}") from None
+
+    def _ensure(self) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        client: MilvusClient = self._client  # type: ignore[assignment]
+        if client.has_collection(self.collection):
+            described = client.describe_collection(self.collection)
+            for field in described.get("fields", []):
+                if field.get("name") == "vector":
+                    dim = int(field.get("params", {}).get("dim", self.dim))
+                    if dim != self.dim:
+                        raise VectorStoreError(
+                            f"collection {self.collection!r} holds {dim}-dim vectors, the embedding model gives "
+                            f"{self.dim} (use another collection name)"
+                        )
+            client.load_collection(self.collection)
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("scope", DataType.VARCHAR, max_length=SCOPE_CHARS)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        index = client.prepare_index_params()
+        index.add_index(field_name="vector", index_type=self.index_type, metric_type="IP")
+        client.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong")
+        log.info("created Milvus collection %s (%d dims, %s index)", self.collection, self.dim, self.index_type)
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
+            self._client = None
+
+    def _call(self, what: str, fn, *args, **kw):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args, **kw)
+        except VectorStoreError:
+            raise
+        except Exception as exc:
+            self.close()  # reconnect on the next call
+            raise VectorStoreError(f"Milvus {what} failed: {_short(exc)}") from None
+
+    def insert(self, ids: Sequence[int], scope: str, vectors: np.ndarray) -> None:
+        rows = [{"id": int(i), "scope": scope, "vector": v.tolist()} for i, v in zip(ids, vectors, strict=True)]
+        self._call("insert", lambda: self.client.insert(self.collection, rows))
+
+    def search(self, scope: str, vector: np.ndarray, limit: int) -> list[tuple[int, float]]:
+        """The `limit` nearest entries of `scope`: (id, cosine similarity), best first."""
+        result = self._call(
+            "search",
+            lambda: self.client.search(
+                self.collection, data=[vector.tolist()], limit=limit, filter=f'scope == "{scope}"',
+                output_fields=[], search_params={"metric_type": "IP"},
+            ),
+        )
+        hits = result[0] if result else []
+        return [(int(h["id"]), float(h["distance"])) for h in hits]
+
+    def delete(self, ids: Sequence[int]) -> None:
+        if ids:
+            self._call("delete", lambda: self.client.delete(self.collection, ids=[int(i) for i in ids]))
+
+    def delete_scope(self, scope: str) -> None:
+        self._call("delete", lambda: self.client.delete(self.collection, filter=f'scope == "{scope}"'))
+
+    def ping(self) -> None:
+        self._call("ping", lambda: self.client.has_collection(self.collection))
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
