@@ -1,1 +1,1 @@
-"""embedding-worker: text embeddings on ONNX Runtime; its engine arrives with the cache/embedding issue."""
+"""embedding-worker: text embeddings on ONNX Runtime (the worker runtime, text-embedding models only)."""

@@ -1,8 +1,16 @@
 from __future__ import annotations
 
-from unimodel.core.settings import CommonSettings, register_settings
+from pydantic import Field
+
+from unimodel.core.settings import register_settings
+from unimodel.worker.settings import WorkerSettings
 
 
 @register_settings
-class EmbedderSettings(CommonSettings):
+class EmbedderSettings(WorkerSettings):
+    """An embedding-worker is a worker that hosts text-embedding models only (ONNX Runtime); the router
+    places registered `processing: text-embedding` models on embedding-workers when there are any."""
+
     service = "embedding-worker"
+
+    models: str = Field("", description="built-in models to host, comma separated (pinned)")

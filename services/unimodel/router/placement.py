@@ -1,7 +1,8 @@
 """Model placement, free of transports: which workers should host each registered model, and which
 load / unload commands bring the workers there.
 
-Every capable worker hosts a model by default; with `replicas: n` the n workers ranked highest by
+Every capable worker hosts a model by default (text-embedding models: every capable embedding-worker,
+when there is one; an embedding-worker hosts nothing else); with `replicas: n` the n workers ranked highest by
 rendezvous hashing (highest random weight) of (model, worker) do. The ranking needs no coordination:
 every router replica computes the same placement from the same etcd view, and when a worker leaves only
 its models move (to the next-ranked worker). Commands are idempotent on the worker, so two routers
@@ -19,8 +20,14 @@ from unimodel.v1 import model_pb2, registry_pb2
 State = registry_pb2.ModelStatus.State
 
 
+EMBEDDING_WORKER = "embedding-worker"
+EMBEDDING = "text-embedding"
+
+
 def capable(config: model_pb2.ModelConfig, worker: registry_pb2.InstanceInfo) -> bool:
     if config.engine not in worker.engines:
+        return False
+    if worker.kind == EMBEDDING_WORKER and config.processing.kind != EMBEDDING:
         return False
     if config.execution_provider == "cuda":
         return worker.labels.get("cuda") == "true"
@@ -38,6 +45,9 @@ def place(
     desired: dict[str, set[str]] = {wid: set() for wid in workers}
     for name, config in configs.items():
         hosts = [wid for wid, info in workers.items() if capable(config, info)]
+        if config.processing.kind == EMBEDDING:  # on embedding-workers when there are any
+            dedicated = [wid for wid in hosts if workers[wid].kind == EMBEDDING_WORKER]
+            hosts = dedicated or hosts
         if config.replicas > 0:
             hosts = sorted(hosts, key=lambda wid: _weight(name, wid), reverse=True)[: config.replicas]
         for wid in hosts:

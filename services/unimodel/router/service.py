@@ -22,7 +22,13 @@ from unimodel.router.policy import WorkerTable
 from unimodel.router.settings import RouterSettings
 from unimodel.v1 import inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
-WORKER_KIND = "gpu-worker"
+WORKER_KINDS = ("gpu-worker", "embedding-worker")
+
+
+def _worker_info(raw: bytes) -> registry_pb2.InstanceInfo | None:
+    """A worker's registration; None (ignored by Discovery) for the other services' instances."""
+    info = registry_pb2.InstanceInfo.FromString(raw)
+    return info if info.kind in WORKER_KINDS else None
 
 
 class WorkerLost(Exception):
@@ -43,8 +49,8 @@ class RouterService(Service):
         self._inflight: dict[str, set[asyncio.Task[object]]] = {}
         self.workers = Discovery(
             self.store,
-            instances_prefix(settings.etcd_prefix, WORKER_KIND),
-            registry_pb2.InstanceInfo.FromString,
+            instances_prefix(settings.etcd_prefix),
+            _worker_info,
             self._on_worker_change,
         )
         self.models = Discovery(

@@ -89,6 +89,12 @@ class WorkerService(Service):
             info.labels["cuda"] = "true"
         return info
 
+    def refusal(self, config: model_pb2.ModelConfig) -> str:
+        """Why this worker cannot host `config` ("" when it can)."""
+        if config.engine not in available_engines():
+            return f"{self.id} cannot run the {config.engine} engine (engines: {', '.join(available_engines())})"
+        return ""
+
     def _models_changed(self) -> None:
         self._reported = self.models.inflight()
         self.update_registration()
@@ -114,10 +120,9 @@ class WorkerService(Service):
             config.CopyFrom(command.load)
             modelconfig.apply_defaults(config)
             modelconfig.validate(config, source=f"model {config.name!r}")
-            if config.engine not in available_engines():
-                raise errors.FailedPrecondition(
-                    f"{self.id} cannot run the {config.engine} engine (engines: {', '.join(available_engines())})"
-                )
+            refusal = self.refusal(config)
+            if refusal:
+                raise errors.FailedPrecondition(refusal)
             self.log.info("command: load model %s (version %s)", config.name, config.version)
             status = self.models.load(config)
         elif which == "unload":
