@@ -12,6 +12,7 @@ plain 4xx/5xx answers. A client that goes away mid-stream aborts the generation 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -22,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.gateway.auth import TENANT_HEADER
+from unimodel.gateway.cache_client import BYPASSED, HIT, MISS, Lookup
 from unimodel.gateway.generation import Generation
-from unimodel.v1 import generate_pb2
+from unimodel.v1 import cache_pb2, generate_pb2
 
 if TYPE_CHECKING:
     from unimodel.gateway.service import GatewayService
@@ -90,6 +92,9 @@ class _Sampling(BaseModel):
 class ChatCompletionBody(_Sampling):
     messages: list[ChatMessageIn] = Field(..., description="the conversation")
     max_completion_tokens: int | None = Field(None, description="alias of max_tokens")
+    cache: bool | None = Field(
+        None, description="extension: use the semantic cache for this request (default: the model's `cache` setting)"
+    )
 
 
 class CompletionBody(_Sampling):
@@ -237,18 +242,25 @@ def _error_event(err: errors.UnimodelError) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-async def _stream(gen: Generation, shape: _Shape, include_usage: bool) -> Any:
+async def _stream(
+    gen: Generation, shape: _Shape, include_usage: bool, on_done: Callable[[str, str], None] | None = None
+) -> Any:
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
+    parts: list[str] = []
     try:
         if shape.chat:
             yield shape.chunk("", None, role=True, **extra)
         async for chunk in gen:
+            if chunk.text:
+                parts.append(chunk.text)
             if chunk.finish_reason:
                 if chunk.text:
                     yield shape.chunk(chunk.text, None, **extra)
                 yield shape.chunk(None if shape.chat else "", chunk.finish_reason, **extra)
                 if include_usage:
                     yield shape.usage_chunk(gen.usage)
+                if on_done is not None:
+                    on_done("".join(parts), chunk.finish_reason)
                 break
             if chunk.text:
                 yield shape.chunk(chunk.text, None, **extra)
@@ -277,6 +289,14 @@ async def _generate(gw: GatewayService, request: Request, chat: bool) -> Respons
             traceparent=header("traceparent", ""), tracestate=header("tracestate", ""),
             tenant=header(TENANT_HEADER, ""),
         )
+        lookup: Lookup | None = None
+        scope = None
+        if chat and _cache_wanted(gw, req.model, body.cache, header("x-unimodel-cache", "")):
+            scope = cache_pb2.CacheScope(model=req.model, tenant=ctx.tenant)
+            lookup = await gw.cache.lookup(scope, list(req.messages), ctx)
+            gw.stats.cache(req.model, lookup.outcome)
+            if lookup.outcome == HIT:
+                return _cached(body, lookup, _Shape(chat, ctx.request_id, req.model), ctx.request_id)
         gen = await gw.generate(req, ctx, api="openai", tenant=ctx.tenant)
     except errors.UnimodelError as err:
         return openai_error(err)
@@ -286,10 +306,20 @@ async def _generate(gw: GatewayService, request: Request, chat: bool) -> Respons
         "x-unimodel-worker": gen.first.worker_id,
         "x-unimodel-path": ",".join([gw.id, *gen.first.path]),
     }
+    on_done = None
+    if lookup is not None:
+        headers.update(_cache_headers(lookup))
+        if lookup.outcome == MISS and scope is not None:
+            messages = list(req.messages)
+
+            def on_done(text: str, finish: str) -> None:
+                if finish == "stop" and text.strip():  # only whole answers are worth serving again
+                    gw.cache.write_back(scope, messages, text)
+
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(gen, shape, include), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+            _stream(gen, shape, include, on_done), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
         )
     try:
         text = await gen.text()
@@ -297,7 +327,65 @@ async def _generate(gw: GatewayService, request: Request, chat: bool) -> Respons
         return openai_error(err)
     finally:
         await gen.close()
+    if on_done is not None:
+        on_done(text, gen.finish_reason)
     return Response(orjson.dumps(shape.whole(text, gen.finish_reason, gen.usage)), 200, headers=headers, media_type="application/json")
+
+
+_SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+
+
+def _cache_wanted(gw: GatewayService, model: str, in_body: bool | None, in_header: str) -> bool:
+    """The request's choice (header, then body), else the model's `cache` setting. Only registered
+    text-generation models have a cache scope."""
+    config = gw.configs().get(model)
+    if in_header:
+        choice = _SWITCH.get(in_header.strip().lower())
+        if choice is None:
+            raise errors.InvalidArgument(
+                f"X-UniModel-Cache must be on or off, not {in_header!r}", field="x-unimodel-cache"
+            )
+        wanted = choice
+    elif in_body is not None:
+        wanted = in_body
+    else:
+        wanted = config is not None and config.cache
+    if wanted:
+        gw.require_ready(model)  # an unknown model is a 404, never a cache hit
+    return wanted and config is not None
+
+
+def _cache_headers(lookup: Lookup) -> dict[str, str]:
+    headers = {"x-unimodel-cache": lookup.outcome}
+    if lookup.reply is not None and lookup.outcome == HIT:
+        headers["x-unimodel-cache-similarity"] = f"{lookup.reply.similarity:.4f}"
+        headers["x-unimodel-cache-entry"] = str(lookup.reply.entry_id)
+        headers["x-unimodel-cache-match"] = "exact" if lookup.reply.exact else "semantic"
+    elif lookup.outcome == BYPASSED:
+        headers["x-unimodel-cache-reason"] = " ".join(lookup.reason.split())[:200].encode("ascii", "replace").decode()
+    return headers
+
+
+def _cached(body: ChatCompletionBody, lookup: Lookup, shape: _Shape, request_id: str) -> Response:
+    """A cache hit in the normal response shape: no tokens were computed (usage is zero)."""
+    assert lookup.reply is not None
+    answer = lookup.reply.answer
+    usage = generate_pb2.Usage()
+    headers = {"x-request-id": request_id, **_cache_headers(lookup)}
+    if not body.stream:
+        return Response(orjson.dumps(shape.whole(answer, "stop", usage)), 200, headers=headers, media_type="application/json")
+    include = bool(body.stream_options and body.stream_options.include_usage)
+    extra: dict[str, Any] = {"usage": None} if include else {}
+
+    async def events() -> Any:
+        yield shape.chunk("", None, role=True, **extra)
+        yield shape.chunk(answer, None, **extra)
+        yield shape.chunk(None, "stop", **extra)
+        if include:
+            yield shape.usage_chunk(usage)
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
 
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:

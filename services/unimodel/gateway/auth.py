@@ -68,7 +68,10 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if not self.keys.enabled or scope["type"] != "http" or path.startswith(OPEN_PATHS) or path in OPEN_PAGES:
+        if (
+            not self.keys.enabled or scope["type"] not in ("http", "websocket")
+            or path.startswith(OPEN_PATHS) or path in OPEN_PAGES
+        ):
             await self.app(scope, receive, send)
             return
         authorization = api_key = ""
@@ -84,6 +87,9 @@ class AuthMiddleware:
         try:
             tenant = self.keys.tenant(authorization, api_key)
         except errors.UnimodelError as err:
+            if scope["type"] == "websocket":  # refused before the handshake completes: HTTP 403 to the client
+                await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
+                return
             body = unauthenticated_body(err)
             await send({
                 "type": "http.response.start", "status": 401,

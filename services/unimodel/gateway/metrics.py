@@ -25,6 +25,13 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
         )
 
+        self.cache_lookups = Counter(
+            "unimodel_gateway_cache_lookups_total",
+            "Semantic cache outcomes at the gateway by model: hit, miss, bypassed (cache unavailable or too slow)",
+            ["model", "outcome"],
+            registry=registry,
+        )
+
         # labelled children by label values: labels() costs a lock and a tuple build per call
         self._counts: dict[tuple[str, str, str], Counter] = {}
         self._latencies: dict[tuple[str, str], Histogram] = {}
@@ -40,3 +47,6 @@ class GatewayMetrics:
             latency = self._latencies[key[:2]] = self.latency.labels(api, model)
         latency.observe(seconds)
 
+
+    def cache(self, model: str, outcome: str) -> None:
+        self.cache_lookups.labels(model or UNKNOWN_MODEL, outcome).inc()

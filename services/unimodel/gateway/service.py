@@ -24,6 +24,9 @@ from unimodel.gateway.api_grpc import InferenceApi
 from unimodel.gateway.api_http import BodyLimit, FastRoutes, build_app
 from unimodel.gateway.api_kserve_grpc import add_kserve_grpc
 from unimodel.gateway.api_kserve_http import register_kserve_routes
+from unimodel.gateway.api_embeddings import register_embedding_routes
+from unimodel.gateway.api_modelcache import register_modelcache_routes
+from unimodel.gateway.cache_client import CacheClient
 from unimodel.gateway.api_openai import register_openai_routes
 from unimodel.gateway.auth import ApiKeys, AuthMiddleware, GrpcAuthInterceptor
 from unimodel.gateway.chat_page import register_chat_page
@@ -53,6 +56,7 @@ class GatewayService(Service):
     def __init__(self, settings: GatewaySettings, **kw) -> None:  # type: ignore[no-untyped-def]
         super().__init__(settings, **kw)
         self.replies = ReplyMux(self.bus, self.id)  # answers of batch-path requests, singly or in ReplyBatches
+        self.cache = CacheClient(self.bus, settings.cache_timeout_s)
         self.instances: Discovery[registry_pb2.InstanceInfo] = Discovery(
             self.store, instances_prefix(settings.etcd_prefix), registry_pb2.InstanceInfo.FromString,
             on_change=self._on_instance_change,
@@ -69,6 +73,8 @@ class GatewayService(Service):
         self.api = build_app(self)  # FastAPI: every route, OpenAPI
         register_kserve_routes(self.api, self)
         register_openai_routes(self.api, self)
+        register_embedding_routes(self.api, self)
+        register_modelcache_routes(self.api, self)
         register_chat_page(self.api)
         self.auth = ApiKeys(settings.api_keys)
         # What uvicorn serves: API keys (when configured), the body limit, the hot routes, FastAPI for the rest.
@@ -306,6 +312,7 @@ class GatewayService(Service):
             except TimeoutError:
                 self._http.force_exit = True
                 await asyncio.gather(self._http_task, return_exceptions=True)
+        await self.cache.wait_writes(min(timeout_s, 5.0))  # cache write-backs of answers already sent
 
     async def on_close(self) -> None:
         await self.instances.stop()

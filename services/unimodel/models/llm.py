@@ -52,6 +52,7 @@ def config_smollm2() -> model_pb2.ModelConfig:
             "batching": {"max_queue_delay_ms": 1.0},
             "instance_count": 1,
             "execution_provider": "auto",
+            "cache": True,  # the semantic cache answers repeated and paraphrased questions
             "llm": {
                 "context_length": 2048,
                 "max_prompt_tokens": 1536,

@@ -1,0 +1,155 @@
+"""OpenAI's embeddings API on the gateway (protocol translation only): `POST /v1/embeddings`.
+
+    {"model": "all-minilm-l6-v2", "input": "text" | ["text", ...], "encoding_format": "float" | "base64"}
+ -> {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [...] | "<base64>"}],
+     "model": ..., "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+Any registered text-embedding model serves it (processing kind text-embedding; the demo's
+all-minilm-l6-v2 runs on the embedding-workers). The texts go through the batcher as predict requests
+(at most the model's max_batch_size texts per request; longer lists are split and sent together), so
+they share batches with the cache's and other clients' texts. base64 is the little-endian float32 bytes,
+as OpenAI sends them (the openai SDK asks for it by default and decodes it). Errors use OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from google.protobuf import struct_pb2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from unimodel.core import errors
+from unimodel.core.context import RequestContext
+from unimodel.core.value_arrays import numeric_array
+from unimodel.gateway.api_openai import openai_error
+from unimodel.gateway.auth import TENANT_HEADER
+
+if TYPE_CHECKING:
+    from unimodel.gateway.service import GatewayService
+
+MAX_INPUTS = 2048  # OpenAI's limit of texts per request
+EMBEDDING = "text-embedding"
+
+
+class EmbeddingBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]] = Field(..., description="a text or a list of texts")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="must equal the model's dimension when given")
+    user: str | None = None
+
+
+def _parse(raw: bytes) -> EmbeddingBody:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise errors.InvalidArgument("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise errors.InvalidArgument("the body must be a JSON object")
+    try:
+        return EmbeddingBody.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = str(first.get("loc", ("body",))[0])
+        raise errors.InvalidArgument(f"{where}: {first.get('msg', 'invalid value')}", field=where) from None
+
+
+def _texts(body: EmbeddingBody) -> list[str]:
+    value = body.input
+    texts = [value] if isinstance(value, str) else value
+    if not texts:
+        raise errors.InvalidArgument("input must not be empty", field="input")
+    if not all(isinstance(t, str) for t in texts):
+        raise errors.InvalidArgument("input: token arrays are not supported; send text", field="input")
+    if len(texts) > MAX_INPUTS:
+        raise errors.InvalidArgument(f"input has {len(texts)} texts; at most {MAX_INPUTS}", field="input")
+    for i, t in enumerate(texts):
+        if not t:
+            raise errors.InvalidArgument(f"input[{i}] is an empty string", field="input")
+    return texts  # type: ignore[return-value]
+
+
+def _check_model(gw: GatewayService, name: str) -> int:
+    """The model's max batch size; refuses a model that is not a text-embedding model."""
+    gw.require_ready(name)
+    config = gw.configs().get(name)
+    if config is not None and config.processing.kind != EMBEDDING:
+        served = sorted(c.name for c in gw.configs().values() if c.processing.kind == EMBEDDING)
+        raise errors.InvalidArgument(
+            f"model {name!r} is not a text-embedding model (embedding models: {', '.join(served) or 'none'})",
+            field="model", model=name,
+        )
+    return config.max_batch_size if config is not None and config.max_batch_size > 0 else 32
+
+
+async def embed(gw: GatewayService, body: EmbeddingBody, ctx: RequestContext) -> tuple[np.ndarray, int]:
+    """float32 [n, dim] and the prompt tokens."""
+    texts = _texts(body)
+    per_request = _check_model(gw, body.model)
+
+    async def part(chunk: list[str]) -> tuple[np.ndarray, int]:
+        value = struct_pb2.Value()
+        value.list_value.values.extend(struct_pb2.Value(string_value=t) for t in chunk)
+        reply = await gw.predict(body.model, value, {}, ctx, api="openai")
+        fields = reply.output.struct_value.fields
+        if "embeddings" not in fields:
+            raise errors.InvalidArgument(f"model {body.model!r} is not a text-embedding model", field="model")
+        tokens = numeric_array(fields["tokens"], np.dtype(np.int64), "tokens") if "tokens" in fields else np.zeros(1)
+        return numeric_array(fields["embeddings"], np.dtype(np.float32), "embeddings"), int(tokens.sum())
+
+    chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
+    parts = await asyncio.gather(*(part(c) for c in chunks))
+    vectors = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+    if body.dimensions is not None and body.dimensions != vectors.shape[1]:
+        raise errors.InvalidArgument(
+            f"dimensions {body.dimensions}: model {body.model!r} gives {vectors.shape[1]}-dim vectors only",
+            field="dimensions",
+        )
+    return vectors, sum(p[1] for p in parts)
+
+
+def response_body(model: str, vectors: np.ndarray, tokens: int, encoding: str) -> bytes:
+    if encoding == "base64":
+        items: list[Any] = [
+            {"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
+            for i, v in enumerate(vectors)
+        ]
+    else:
+        items = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+    doc = {"object": "list", "data": items, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def register_embedding_routes(app: FastAPI, gw: GatewayService) -> None:
+    @app.post(
+        "/v1/embeddings", tags=["openai"], summary="Text embeddings (OpenAI-compatible)",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": EmbeddingBody.model_json_schema()}}}},
+        responses={
+            200: {"description": "the embeddings, in input order"},
+            400: {"description": "invalid input, or not a text-embedding model (OpenAI error shape)"},
+            404: {"description": "unknown model"},
+            503: {"description": "the model is loading or no worker serves it (Retry-After)"},
+        },
+    )
+    async def embeddings(request: Request) -> Response:
+        header = request.headers.get
+        try:
+            body = _parse(await request.body())
+            ctx = RequestContext.new(
+                gw.settings.request_timeout_s, request_id=header("x-request-id", ""),
+                traceparent=header("traceparent", ""), tracestate=header("tracestate", ""),
+                tenant=header(TENANT_HEADER, ""),
+            )
+            vectors, tokens = await embed(gw, body, ctx)
+        except errors.UnimodelError as err:
+            return openai_error(err)
+        payload = response_body(body.model, vectors, tokens, body.encoding_format)
+        return Response(payload, 200, headers={"x-request-id": ctx.request_id}, media_type="application/json")

@@ -1,0 +1,87 @@
+"""The gateway's calls to the cache service (NATS request/reply on the cache subjects), and the chat
+path's fail-open lookup: whatever goes wrong with the cache (service down, Milvus down, embedding model
+not loaded, too slow), a chat request goes on to the model, marked "bypassed"."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from unimodel.core import errors, subjects
+from unimodel.core.bus import Bus
+from unimodel.core.context import RequestContext
+from unimodel.v1 import cache_pb2, generate_pb2
+
+log = logging.getLogger("unimodel.gateway.cache")
+
+HIT, MISS, BYPASSED = "hit", "miss", "bypassed"
+
+
+@dataclass(slots=True)
+class Lookup:
+    outcome: str  # HIT, MISS or BYPASSED
+    reply: cache_pb2.CacheQueryResponse | None = None
+    reason: str = ""  # why it was bypassed
+
+
+class CacheClient:
+    def __init__(self, bus: Bus, timeout_s: float) -> None:
+        self.bus = bus
+        self.timeout_s = timeout_s
+        self._writes: set[asyncio.Task[None]] = set()
+
+    async def _call(self, subject: str, request, reply_type, ctx: RequestContext, timeout_s: float):  # type: ignore[no-untyped-def]
+        raw = await self.bus.request(subject, request.SerializeToString(), ctx, timeout_s=timeout_s)
+        return reply_type.FromString(raw)
+
+    async def query(
+        self, request: cache_pb2.CacheQueryRequest, ctx: RequestContext, timeout_s: float | None = None
+    ) -> cache_pb2.CacheQueryResponse:
+        return await self._call(
+            subjects.CACHE_QUERY, request, cache_pb2.CacheQueryResponse, ctx, timeout_s or self.timeout_s
+        )
+
+    async def insert(self, request: cache_pb2.CacheInsertRequest, ctx: RequestContext) -> cache_pb2.CacheInsertResponse:
+        # Inserts embed every entry: a bulk insert takes longer than a query.
+        return await self._call(subjects.CACHE_INSERT, request, cache_pb2.CacheInsertResponse, ctx, ctx.timeout(600.0))
+
+    async def remove(self, request: cache_pb2.CacheRemoveRequest, ctx: RequestContext) -> cache_pb2.CacheRemoveResponse:
+        return await self._call(subjects.CACHE_REMOVE, request, cache_pb2.CacheRemoveResponse, ctx, ctx.timeout(60.0))
+
+    async def log(self, request: cache_pb2.CacheLogRequest, ctx: RequestContext) -> cache_pb2.CacheLogResponse:
+        return await self._call(subjects.CACHE_LOG, request, cache_pb2.CacheLogResponse, ctx, self.timeout_s)
+
+    # the chat path ------------------------------------------------------------------------------------
+    async def lookup(
+        self, scope: cache_pb2.CacheScope, messages: list[generate_pb2.ChatMessage], ctx: RequestContext
+    ) -> Lookup:
+        """Never raises: a failure of any kind is a bypass."""
+        request = cache_pb2.CacheQueryRequest(scope=scope, messages=messages)
+        try:
+            reply = await self.query(request, RequestContext.new(self.timeout_s, request_id=ctx.request_id))
+        except errors.UnimodelError as exc:
+            return Lookup(BYPASSED, reason=f"{exc.code_name}: {exc.message}")
+        except Exception as exc:  # never let the cache break a chat request
+            log.warning("cache lookup failed: %s", exc)
+            return Lookup(BYPASSED, reason=type(exc).__name__)
+        return Lookup(HIT if reply.hit else MISS, reply)
+
+    def write_back(self, scope: cache_pb2.CacheScope, messages: list[generate_pb2.ChatMessage], answer: str) -> None:
+        """Store a completed answer in the background (the response does not wait for it)."""
+        request = cache_pb2.CacheInsertRequest(scope=scope)
+        request.entries.add(messages=messages, answer=answer)
+
+        async def write() -> None:
+            try:
+                await self.insert(request, RequestContext.new(30.0))
+            except Exception as exc:
+                log.info("cache write-back skipped: %s", getattr(exc, "message", exc))
+
+        task = asyncio.create_task(write())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def wait_writes(self, timeout_s: float) -> None:
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=timeout_s)
