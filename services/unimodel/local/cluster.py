@@ -1,6 +1,6 @@
-"""`unimodel up`: nats-server, etcd and the six services as child processes of one supervisor.
+"""`unimodel up`: nats-server, etcd, Milvus Lite and the six services as child processes of one supervisor.
 
-State (NATS JetStream store, etcd data) lives under one directory. Every child's log line is
+State (NATS JetStream store, etcd data, Milvus Lite's file, the cache's SQLite store) lives under one directory. Every child's log line is
 prefixed with its name. Ctrl-C or SIGTERM stops the services (they drain), then etcd and NATS; any
 child still alive after its timeout is killed, so no process is left behind. If a service exits on its
 own, the cluster stops and `up` exits non-zero naming it.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from unimodel.local.binaries import BinaryNotFound
-from unimodel.local.procs import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok, port_in_use, wait_until
+from unimodel.local.procs import EtcdServer, ManagedProcess, MilvusLiteServer, NatsServer, free_port, http_ok, port_in_use, wait_until
 
 # (CLI name, module) in start order; the gateway last so it is ready when the rest is.
 SERVICES: list[tuple[str, str]] = [
@@ -45,6 +45,8 @@ class ClusterConfig:
     nats_port: int = 4222
     etcd_port: int = 2379
     workers: int = 1
+    embedding_workers: int = 1
+    milvus_port: int = 0  # 0 = a free port
     config: str | None = None
     log_level: str = "info"
     lease_ttl_s: int | None = None
@@ -61,6 +63,7 @@ class LocalCluster:
         self.sink = sink if sink is not None else sys.stdout
         self.nats: NatsServer | None = None
         self.etcd: EtcdServer | None = None
+        self.milvus: MilvusLiteServer | None = None
         self.services: list[ManagedProcess] = []
         self._color = 0
 
@@ -103,6 +106,9 @@ class LocalCluster:
         try:
             self.nats = NatsServer(c.nats_port, c.state_dir / "nats", host=c.host, sink=self.sink, color=0)
             self.etcd = EtcdServer(c.etcd_port, free_port(c.host), c.state_dir, host=c.host, sink=self.sink, color=1)
+            self.milvus = MilvusLiteServer(
+                c.milvus_port or free_port(c.host), c.state_dir / "milvus", host=c.host, sink=self.sink, color=3
+            )
         except BinaryNotFound as exc:
             raise ClusterError(str(exc)) from None
         repository = self.repository()
@@ -110,6 +116,7 @@ class LocalCluster:
             self._prepare_models(repository)
         self.nats.start_and_wait()
         self.etcd.start_and_wait()
+        self.milvus.start_and_wait()
         for name, module in SERVICES:
             if name == "gateway":
                 self._service(
@@ -120,6 +127,14 @@ class LocalCluster:
             elif name == "gpu-worker":
                 for i in range(c.workers):
                     self._service(name, module, [], label=f"gpu-worker-{i}" if c.workers > 1 else name)
+            elif name == "embedding-worker":
+                for i in range(c.embedding_workers):
+                    self._service(name, module, [], label=f"embedding-worker-{i}" if c.embedding_workers > 1 else name)
+            elif name == "cache":
+                self._service(
+                    name, module,
+                    ["--data-dir", str((c.state_dir / "cache").resolve()), "--milvus-uri", self.milvus.uri],
+                )
             else:
                 self._service(name, module, [])
         gateway = self.services[-1]
@@ -152,14 +167,15 @@ class LocalCluster:
                 f"  HTTP   http://{c.host}:{c.http_port}   (GET /v1/models, POST /v1/models/<model>:predict, /v2 KServe, /docs)",
                 f"  gRPC   {c.host}:{c.grpc_port}   (unimodel.v1.InferenceService, inference.GRPCInferenceService, health)",
                 f"  models {self.repository()}",
-                f"  NATS   {self.nats.url if self.nats else '-'}   etcd {self.etcd.endpoint if self.etcd else '-'}",
+                f"  NATS   {self.nats.url if self.nats else '-'}   etcd {self.etcd.endpoint if self.etcd else '-'}"
+                f"   Milvus Lite {self.milvus.uri if self.milvus else '-'}",
                 f"  state  {c.state_dir.resolve()}",
                 "Press Ctrl-C to stop.",
             ]
         )
 
     def failed_service(self) -> ManagedProcess | None:
-        for proc in [*self.services, *(p for p in (self.nats, self.etcd) if p)]:
+        for proc in [*self.services, *(p for p in (self.nats, self.etcd, self.milvus) if p)]:
             if not proc.alive():
                 return proc
         return None
@@ -171,7 +187,7 @@ class LocalCluster:
             t.start()
         for t in threads:
             t.join()
-        for infra in (self.etcd, self.nats):
+        for infra in (self.milvus, self.etcd, self.nats):
             if infra is not None:
                 infra.stop(10.0)
 
@@ -185,6 +201,8 @@ def parse_args(argv: list[str] | None) -> ClusterConfig:
     p.add_argument("--nats-port", type=int, default=4222)
     p.add_argument("--etcd-port", type=int, default=2379)
     p.add_argument("--workers", type=int, default=1, help="number of gpu-workers (default 1)")
+    p.add_argument("--embedding-workers", type=int, default=1, help="number of embedding-workers (default 1)")
+    p.add_argument("--milvus-port", type=int, default=0, help="Milvus Lite gRPC port (default: a free port)")
     p.add_argument("--config", help="YAML settings file passed to every service")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--lease-ttl-s", type=int, default=None, help="etcd lease TTL of every service")
@@ -196,12 +214,15 @@ def parse_args(argv: list[str] | None) -> ClusterConfig:
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error("--workers must be at least 1")
+    if a.embedding_workers < 0:
+        p.error("--embedding-workers must be 0 or more (0: the gpu-workers embed)")
     for name in ("http_port", "grpc_port", "nats_port", "etcd_port"):
         if not 0 < getattr(a, name) < 65536:
             p.error(f"--{name.replace('_', '-')} must be a port number (1-65535)")
     return ClusterConfig(
         state_dir=Path(a.state_dir), host=a.host, http_port=a.http_port, grpc_port=a.grpc_port,
         nats_port=a.nats_port, etcd_port=a.etcd_port, workers=a.workers, config=a.config,
+        embedding_workers=a.embedding_workers, milvus_port=a.milvus_port,
         log_level=a.log_level, lease_ttl_s=a.lease_ttl_s,
         model_repository=Path(a.model_repository) if a.model_repository else None,
         prepare_models=not a.no_prepare, load_models=a.load_models,

@@ -254,3 +254,25 @@ class EtcdServer(ManagedProcess):
     def start_and_wait(self, timeout: float = 30) -> None:
         self.start()
         wait_until(lambda: http_ok(f"http://{self.host}:{self.port}/health"), timeout, f"etcd on port {self.port}", self)
+
+
+class MilvusLiteServer(ManagedProcess):
+    """Milvus Lite (package milvus-lite: Milvus's engine as one binary) serving its gRPC API on host:port,
+    so the cache reaches it at http://host:port exactly as it reaches a standalone Milvus."""
+
+    def __init__(self, port: int, data_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:  # type: ignore[no-untyped-def]
+        self.host, self.port = host, port
+        data_dir.mkdir(parents=True, exist_ok=True)
+        binary, lib = binaries.milvus_lite()
+        env = dict(kw.pop("env", None) or os.environ)
+        env["LD_LIBRARY_PATH"] = f"{lib}:{env.get('LD_LIBRARY_PATH', '')}".rstrip(":")
+        argv = [binary, str(data_dir / "milvus.db"), f"{host}:{port}", "ERROR"]
+        super().__init__("milvus", argv, env=env, cwd=data_dir, **kw)
+
+    @property
+    def uri(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start_and_wait(self, timeout: float = 60) -> None:
+        self.start()
+        wait_until(lambda: tcp_open(self.host, self.port), timeout, f"Milvus Lite on port {self.port}", self)
