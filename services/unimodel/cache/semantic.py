@@ -9,8 +9,11 @@ A query:
   1. the conversation's text (querytext.query_text): ModelCache's splice, the text to embed, the exact key;
   2. exact-match fast path: the normalised text's hash in SQLite -> hit, similarity 1, no embedding;
   3. embed the text, search the scope's nearest `top_k` vectors in Milvus;
-  4. the best candidate at or above the threshold (short or long text) that still exists, is not expired,
-     and passes the guard (guard.py: a question and its opposite, other numbers) is the hit.
+  4. the candidates at or above the threshold (short or long text) that still exist, are not expired and
+     pass the guard (guard.py: a question and its opposite, other numbers or names, swapped sides);
+  5. the best of them is the hit, unless another one with a different answer is within
+     `ambiguity_margin` of it: two entries that match equally well but answer differently is a guess,
+     so it is a miss (near-duplicate questions with different answers are common in real caches).
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ Embed = Callable[[Sequence[str]], Awaitable[np.ndarray]]
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    threshold_short: float = 0.86
-    threshold_long: float = 0.9
+    threshold_short: float = 0.94
+    threshold_long: float = 0.87
+    long_text_chars: int = 80
+    ambiguity_margin: float = 0.02
     top_k: int = 4
     ttl_s: float = 0.0  # 0 = entries never expire
     max_entries_per_scope: int = 200_000
@@ -68,6 +73,7 @@ class QueryResult:
     search_ns: int = 0
     total_ns: int = 0
     rejected_by_guard: int = 0
+    ambiguous: bool = False
 
 
 @dataclass(slots=True)
@@ -142,12 +148,14 @@ class SemanticCache:
             candidates = await self._vector(self.vectors.search, key, vector, self.limits.top_k)
             result.embed_ns, result.search_ns = t1 - t0, time.perf_counter_ns() - t1
             threshold = threshold_for(
-                text, threshold_short or self.limits.threshold_short, threshold_long or self.limits.threshold_long
+                text, threshold_short or self.limits.threshold_short, threshold_long or self.limits.threshold_long,
+                self.limits.long_text_chars,
             )
             passing = [(i, s) for i, s in candidates if s >= threshold]
             result.best_similarity = candidates[0][1] if candidates else 0.0
             if passing:
                 found = await self._sqlite(self.entries.get, key, [i for i, _ in passing], not_before)
+                matches: list[tuple[Entry, float]] = []
                 for entry_id, similarity in passing:
                     candidate = found.get(entry_id)
                     if candidate is None:
@@ -155,8 +163,14 @@ class SemanticCache:
                     if self.limits.guard and not guard.compatible(text.embedding_text, _embedded_text(candidate.query)):
                         result.rejected_by_guard += 1
                         continue
-                    result.hit, result.similarity, result.entry = True, similarity, candidate
-                    break
+                    matches.append((candidate, similarity))
+                if matches:
+                    best, similarity = matches[0]
+                    rival = next((m for m in matches[1:] if m[0].answer != best.answer), None)
+                    if rival is not None and similarity - rival[1] < self.limits.ambiguity_margin:
+                        result.ambiguous = True
+                    else:
+                        result.hit, result.similarity, result.entry = True, similarity, best
         result.total_ns = time.perf_counter_ns() - started
         now = self.clock()
         if result.entry is not None:

@@ -61,6 +61,10 @@ class CacheService(Service):
         self.m_guard = Counter(
             "unimodel_cache_guard_rejections", "Candidates above the threshold refused by the guard", registry=registry
         )
+        self.m_ambiguous = Counter(
+            "unimodel_cache_ambiguous_misses", "Misses because two entries with different answers matched alike",
+            registry=registry,
+        )
         self.m_entries = Gauge("unimodel_cache_entries", "Entries stored (all scopes)", registry=registry)
         self.m_stage = Histogram(
             "unimodel_cache_stage_seconds", "Time of a lookup's stages (embed, search, total)", ["stage"],
@@ -71,7 +75,8 @@ class CacheService(Service):
     async def on_start(self) -> None:
         s = self.settings
         limits = Limits(
-            threshold_short=s.threshold_short, threshold_long=s.threshold_long, top_k=s.top_k, ttl_s=s.ttl_s,
+            threshold_short=s.threshold_short, threshold_long=s.threshold_long, long_text_chars=s.long_text_chars,
+            ambiguity_margin=s.ambiguity_margin, top_k=s.top_k, ttl_s=s.ttl_s,
             max_entries_per_scope=s.max_entries_per_scope, max_entries=s.max_entries,
             max_answer_bytes=s.max_answer_bytes, max_query_chars=s.max_query_chars,
             max_insert_entries=s.max_insert_entries, hit_log_keep=s.hit_log_keep, guard=s.guard,
@@ -80,7 +85,10 @@ class CacheService(Service):
             entries = EntryStore(s.sqlite_file)
         except Exception as exc:
             raise FatalError(f"cannot open the cache store {s.sqlite_file}: {exc}") from None
-        vectors = VectorIndex(s.milvus, s.milvus_collection, s.embedding_dim, token=s.milvus_token, index_type=s.milvus_index)
+        vectors = VectorIndex(
+            s.milvus, s.milvus_collection, s.embedding_dim, token=s.milvus_token, index_type=s.milvus_index,
+            nlist=s.milvus_nlist, nprobe=s.milvus_nprobe,
+        )
         try:
             await asyncio.get_running_loop().run_in_executor(None, vectors.connect)
         except VectorStoreError as exc:  # serve anyway: queries answer Unavailable until Milvus is back
@@ -168,6 +176,8 @@ class CacheService(Service):
         self.m_queries.labels("exact_hit" if result.exact else "semantic_hit" if result.hit else "miss").inc()
         if result.rejected_by_guard:
             self.m_guard.inc(result.rejected_by_guard)
+        if result.ambiguous:
+            self.m_ambiguous.inc()
         if result.embed_ns:
             self.m_stage.labels("embed").observe(result.embed_ns / 1e9)
             self.m_stage.labels("search").observe(result.search_ns / 1e9)

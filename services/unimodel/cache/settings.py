@@ -22,13 +22,21 @@ class CacheSettings(CommonSettings):
     )
     milvus_token: str = Field("", description="Milvus token (user:password), if it has auth on")
     milvus_collection: str = Field("unimodel_cache", description="Milvus collection holding the cache vectors")
-    milvus_index: str = Field("AUTOINDEX", description="Milvus index type of the vectors (AUTOINDEX, FLAT, HNSW, IVF_FLAT)")
+    milvus_index: str = Field(
+        "IVF_FLAT", description="Milvus index type of the vectors (IVF_FLAT, FLAT, AUTOINDEX; HNSW on a standalone Milvus)"
+    )
+    milvus_nlist: int = Field(128, ge=1, le=65536, description="IVF clusters of the index (when it is IVF_*)")
+    milvus_nprobe: int = Field(16, ge=1, le=65536, description="IVF clusters a search visits")
     embedding_model: str = Field("all-minilm-l6-v2", description="text-embedding model the cache embeds with")
     embedding_dim: int = Field(384, ge=1, le=65536, description="dimension of the embedding model's vectors")
     embedding_timeout_s: float = Field(5.0, gt=0, le=600, description="deadline of one embedding call")
     embedding_batch: int = Field(32, ge=1, le=4096, description="texts per embedding request on inserts")
-    threshold_short: float = Field(0.86, gt=0, le=1, description="similarity a hit needs, texts of <= 256 characters")
-    threshold_long: float = Field(0.9, gt=0, le=1, description="similarity a hit needs, longer texts")
+    threshold_short: float = Field(0.94, gt=0, le=1, description="similarity a hit needs, texts of <= long_text_chars")
+    threshold_long: float = Field(0.87, gt=0, le=1, description="similarity a hit needs, longer texts")
+    long_text_chars: int = Field(80, ge=1, description="texts longer than this use threshold_long (ModelCache: 256)")
+    ambiguity_margin: float = Field(
+        0.02, ge=0, le=1, description="a miss when two entries with different answers are within this similarity",
+    )
     top_k: int = Field(4, ge=1, le=100, description="nearest entries a query considers")
     guard: bool = Field(True, description="refuse hits whose numbers or negation differ from the query's")
     ttl_s: float = Field(7 * 86400, ge=0, description="entries expire this long after insertion; 0 = never")

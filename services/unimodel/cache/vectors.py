@@ -2,6 +2,10 @@
 `.db` file, or the Milvus Lite server `unimodel up` starts) and a standalone or distributed Milvus
 (`http://host:19530`, as in compose).
 
+The default index is IVF_FLAT (nlist 128, nprobe 16): Milvus Lite offers FLAT, IVF_FLAT and AUTOINDEX
+(= FLAT there); with 100,000 vectors FLAT takes 25 ms a search on one core, IVF_FLAT 3-5 ms
+(docs/benchmarks.md). A standalone Milvus can use HNSW (settings.milvus_index).
+
 One collection holds every scope: `id` (the entry id of the scalar store), `scope` (querytext.scope_key)
 and the L2-normalised `vector`, searched by inner product (= cosine similarity). Every search filters on
 the scope, so an entry of another scope is never a candidate, whatever its similarity.
@@ -27,11 +31,12 @@ class VectorStoreError(Exception):
 
 class VectorIndex:
     def __init__(
-        self, uri: str, collection: str, dim: int, *, token: str = "", index_type: str = "AUTOINDEX",
-        timeout_s: float = 5.0,
+        self, uri: str, collection: str, dim: int, *, token: str = "", index_type: str = "IVF_FLAT",
+        nlist: int = 128, nprobe: int = 16, timeout_s: float = 5.0,
     ) -> None:
         self.uri, self.collection, self.dim = uri, collection, dim
         self.token, self.index_type, self.timeout_s = token, index_type, timeout_s
+        self.nlist, self.nprobe = nlist, nprobe
         self._client = None
 
     @property
@@ -71,7 +76,8 @@ class VectorIndex:
         schema.add_field("scope", DataType.VARCHAR, max_length=SCOPE_CHARS)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
         index = client.prepare_index_params()
-        index.add_index(field_name="vector", index_type=self.index_type, metric_type="IP")
+        params = {"nlist": self.nlist} if self.index_type.startswith("IVF") else {}
+        index.add_index(field_name="vector", index_type=self.index_type, metric_type="IP", params=params)
         client.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong")
         log.info("created Milvus collection %s (%d dims, %s index)", self.collection, self.dim, self.index_type)
 
@@ -102,7 +108,7 @@ class VectorIndex:
             "search",
             lambda: self.client.search(
                 self.collection, data=[vector.tolist()], limit=limit, filter=f'scope == "{scope}"',
-                output_fields=[], search_params={"metric_type": "IP"},
+                output_fields=[], search_params={"metric_type": "IP", "params": {"nprobe": self.nprobe}},
             ),
         )
         hits = result[0] if result else []

@@ -11,7 +11,8 @@ A `query` may also be a plain string (one user message). The scope is the model 
 has API keys, the caller's tenant: entries are never shared across tenants.
 
 Responses carry ModelCache's fields (errorCode 0 = success; `cacheHit`, `delta_time`, `hit_query`,
-`answer`; `writeStatus`), plus `similarity`, `exact` and `entry_id` on hits and `ids` on inserts. Errors
+`answer`; `writeStatus`), plus `similarity`, `exact` and `entry_id` on hits, `timing` (embed_ms,
+search_ms, cache_ms) on queries and `ids` on inserts. Errors
 use ModelCache's codes (103 bad request, 202 query failed, 301/303 insert failed, 402 remove failed) with
 an HTTP status saying the same (400, 503), never a 500.
 
@@ -153,6 +154,11 @@ async def handle(gw: GatewayService, raw: bytes | str, tenant: str, request_id: 
             }
             if reply.hit:
                 result.update(similarity=round(float(reply.similarity), 6), exact=reply.exact, entry_id=reply.entry_id)
+            # where the time went inside the cache service (milliseconds): query embedding, vector search, all
+            result["timing"] = {
+                "embed_ms": round(reply.embed_ns / 1e6, 3), "search_ms": round(reply.search_ns / 1e6, 3),
+                "cache_ms": round(reply.total_ns / 1e6, 3),
+            }
             gw.stats.cache(data["scope"]["model"] if data["scope"]["model"] in gw.models() else "", "hit" if reply.hit else "miss")
             return 200, result
         if kind == "insert":
