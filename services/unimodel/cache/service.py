@@ -89,10 +89,6 @@ class CacheService(Service):
             s.milvus, s.milvus_collection, s.embedding_dim, token=s.milvus_token, index_type=s.milvus_index,
             nlist=s.milvus_nlist, nprobe=s.milvus_nprobe,
         )
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, vectors.connect)
-        except VectorStoreError as exc:  # serve anyway: queries answer Unavailable until Milvus is back
-            self.log.warning("%s; retrying on the next request", exc)
         self.cache = SemanticCache(
             entries, vectors, self._embed, limits, on_evict=lambda reason, n: self.m_evictions.labels(reason).inc(n)
         )
@@ -103,7 +99,15 @@ class CacheService(Service):
         await self.bus.serve(subjects.CACHE_REMOVE, self._on_remove, queue=subjects.QUEUE_CACHE)
         await self.bus.serve(subjects.CACHE_LOG, self._on_log, queue=subjects.QUEUE_CACHE)
         self.spawn(self._housekeeping(), "cache housekeeping")
+        self.spawn(self._connect(vectors), "connect to Milvus")
         self.log.info("cache on Milvus %s (collection %s), store %s", s.milvus, s.milvus_collection, s.sqlite_file)
+
+    async def _connect(self, vectors: VectorIndex) -> None:
+        """Reach Milvus once at start (the stores connect on first use anyway): an early warning."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, vectors.connect)
+        except VectorStoreError as exc:  # serve anyway: lookups answer Unavailable until Milvus is back
+            self.log.warning("%s; retrying on the next request", exc)
 
     # embeddings --------------------------------------------------------------------------------------
     async def _embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -16,6 +16,7 @@ Blocking calls: the service runs them off the event loop.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,27 +39,35 @@ class VectorIndex:
         self.token, self.index_type, self.timeout_s = token, index_type, timeout_s
         self.nlist, self.nprobe = nlist, nprobe
         self._client = None
+        self._lock = threading.Lock()
 
     @property
     def client(self):  # type: ignore[no-untyped-def]
-        if self._client is None:
+        client = self._client
+        if client is None:
             self.connect()
-        return self._client
+            client = self._client
+        return client
 
     def connect(self) -> None:
+        """Connect and make sure the collection exists (idempotent; one thread at a time)."""
         from pymilvus import MilvusClient
 
-        try:
-            self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout_s)
-            self._ensure()
-        except Exception as exc:
-            self._client = None
-            raise VectorStoreError(f"Milvus at {self.uri}: {_short(exc)}") from None
+        with self._lock:
+            if self._client is not None:
+                return
+            try:
+                client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout_s)
+                self._ensure(client)
+            except VectorStoreError:
+                raise
+            except Exception as exc:
+                raise VectorStoreError(f"Milvus at {self.uri}: {_short(exc)}") from None
+            self._client = client
 
-    def _ensure(self) -> None:
+    def _ensure(self, client) -> None:  # type: ignore[no-untyped-def]
         from pymilvus import DataType, MilvusClient
 
-        client: MilvusClient = self._client  # type: ignore[assignment]
         if client.has_collection(self.collection):
             described = client.describe_collection(self.collection)
             for field in described.get("fields", []):
