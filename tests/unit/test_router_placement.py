@@ -81,3 +81,15 @@ def test_a_command_that_did_not_reach_the_worker_is_sent_again() -> None:
     planner.sent(cmd, 0)
     planner.failed(cmd)
     assert len(planner.plan(configs, workers, now=0.5)) == 1
+
+
+def test_text_embedding_models_go_to_embedding_workers_when_there_are_any() -> None:
+    embedder = registry_pb2.InstanceInfo(id="e", kind="embedding-worker", engines=["onnx"])
+    emb = config("minilm")
+    emb.processing.kind = "text-embedding"
+    other = config("mlp")
+    workers = {w.id: w for w in (worker("a"), embedder)}
+    assert place({"minilm": emb, "mlp": other}, workers) == {"a": {"mlp"}, "e": {"minilm"}}
+    # no embedding-worker: the gpu-workers embed
+    assert place({"minilm": emb}, {"a": worker("a")}) == {"a": {"minilm"}}
+    assert not capable(other, embedder)

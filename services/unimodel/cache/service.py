@@ -113,9 +113,17 @@ class CacheService(Service):
     async def _embed(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [len(texts), dim], L2-normalised, from the embedding model through the batcher."""
         s = self.settings
-        chunks = [texts[i : i + s.embedding_batch] for i in range(0, len(texts), s.embedding_batch)]
+        # Texts of similar length share a request: a batch is padded to its longest text, so sorting by
+        # length first spares the model most of the padding of a bulk insert.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if len(texts) > s.embedding_batch else None
+        ordered = [texts[i] for i in order] if order is not None else list(texts)
+        chunks = [ordered[i : i + s.embedding_batch] for i in range(0, len(ordered), s.embedding_batch)]
         parts = await asyncio.gather(*(self._embed_chunk(c) for c in chunks))
         vectors = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if order is not None and vectors.shape[0] == len(texts):
+            restored = np.empty_like(vectors)
+            restored[np.asarray(order)] = vectors
+            vectors = restored
         if vectors.shape != (len(texts), s.embedding_dim):
             raise errors.FailedPrecondition(
                 f"embedding model {s.embedding_model!r} gave vectors of shape {list(vectors.shape)}; the cache "
@@ -128,10 +136,11 @@ class CacheService(Service):
         value = struct_pb2.Value()
         value.list_value.values.extend(struct_pb2.Value(string_value=t) for t in texts)
         item = inference_pb2.BatchItem(input=value, rows=len(texts))
-        ctx = RequestContext.new(s.embedding_timeout_s)
+        timeout_s = s.embedding_timeout_s * max(1.0, len(texts) / 8)  # a bulk chunk queues behind others
+        ctx = RequestContext.new(timeout_s)
         try:
             raw = await self.replies.request_item(
-                subjects.batch(s.embedding_model), item, ctx, timeout_s=s.embedding_timeout_s,
+                subjects.batch(s.embedding_model), item, ctx, timeout_s=timeout_s,
                 bundle_subject=subjects.bundle(s.embedding_model),
             )
         except errors.UnimodelError as exc:

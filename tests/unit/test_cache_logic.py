@@ -1,0 +1,137 @@
+"""The cache's plain logic: query text and keys, the guard, the SQLite store (real SQLite, in a temp dir)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from unimodel.cache import guard
+from unimodel.cache.entries import EntryStore, LogRecord, NewEntry
+from unimodel.cache.querytext import QueryTextError, Turn, query_text, scope_key, threshold_for
+
+
+def user(text: str) -> list[Turn]:
+    return [Turn("user", text)]
+
+
+# query text ------------------------------------------------------------------------------------------
+def test_splice_is_modelcache_s_and_the_embedded_text_drops_roles() -> None:
+    t = query_text([Turn("system", "You are terse."), Turn("user", "Hi there"), Turn("assistant", "Hello"), Turn("user", "Bye")])
+    assert t.spliced == "system###You are terse.|||user###Hi there|||assistant###Hello|||user###Bye"
+    assert t.embedding_text == "You are terse.\nHi there\nHello\nBye"
+
+
+def test_exact_key_ignores_case_spacing_and_trailing_punctuation_only() -> None:
+    a = query_text(user("What is the capital of France?")).exact_key
+    assert a == query_text(user("  what is the   CAPITAL of france ")).exact_key
+    assert a != query_text(user("What is the capital of Spain?")).exact_key
+    # the role and the system prompt are part of the key
+    assert a != query_text([Turn("system", "Answer in French."), Turn("user", "What is the capital of France?")]).exact_key
+    assert query_text([Turn("developer", "x"), Turn("user", "y")]).exact_key == query_text([Turn("system", "x"), Turn("user", "y")]).exact_key
+
+
+@pytest.mark.parametrize(
+    ("turns", "fragment"),
+    [([], "no messages"), (user("   "), "empty"), ([Turn("assistant", "only me")], "empty"), ([Turn("wizard", "x")], "role")],
+)
+def test_uncacheable_queries(turns: list[Turn], fragment: str) -> None:
+    with pytest.raises(QueryTextError, match=fragment):
+        query_text(turns)
+
+
+def test_thresholds_by_length() -> None:
+    short, long = query_text(user("Short question?")), query_text(user("x" * 81))
+    assert threshold_for(short, 0.94, 0.87) == 0.94 and threshold_for(long, 0.94, 0.87) == 0.87
+    assert threshold_for(long, 0.94, 0.87, boundary=256) == 0.94  # ModelCache's own boundary
+
+
+def test_scope_keys_separate_models_and_tenants() -> None:
+    keys = {scope_key("m", ""), scope_key("m", "team-a"), scope_key("m2", ""), scope_key("m", "team-b")}
+    assert len(keys) == 4 and all(k.isalnum() and len(k) == 32 for k in keys)
+
+
+# guard ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("How do I boil an egg?", "How do I boil 12 eggs?"),
+        ("Best phone of 2019?", "Best phone of 2021?"),
+        ("How do I enable dark mode?", "How do I not enable dark mode?"),
+        ("Why can't I log in?", "Why can I log in?"),
+        ("How is Messi better than Ronaldo?", "How is Ronaldo better than Messi?"),
+        ("How do you convert liters to kilograms?", "How do you convert kilograms to liters?"),
+        ("Is there a rehab center in San Francisco County?", "Is there a rehab center in San Mateo County?"),
+        ("Salary for T3 L1 at SAP?", "Salary for T1 L3 at SAP?"),
+    ],
+)
+def test_guard_refuses_different_questions(a: str, b: str) -> None:
+    assert not guard.compatible(a, b) and not guard.compatible(b, a)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("How do I reset my password?", "How can I reset my password?"),
+        ("The `load_dataset` function retrieves a dataset from the Hub.", "The `load_dataset` function loads a dataset from the Hub."),
+        ("Which was the first novel?", "What was the first novel?"),
+        ("Is jailbreaking iphone 6s worth it?", "Is it worth jailbreaking the iPhone 6s?"),
+        ("Should I buy a car or a bike?", "Should I buy a car or a bike right now?"),
+    ],
+)
+def test_guard_lets_paraphrases_through(a: str, b: str) -> None:
+    assert guard.compatible(a, b)
+
+
+# the SQLite store ----------------------------------------------------------------------------------------
+@pytest.fixture
+def store(tmp_path: Path) -> EntryStore:
+    s = EntryStore(tmp_path / "cache.sqlite")
+    yield s
+    s.close()
+
+
+def _new(text: str, answer: str = "a") -> NewEntry:
+    q = query_text(user(text))
+    return NewEntry(q.exact_key, q.spliced, answer)
+
+
+def test_insert_commit_and_rollback(store: EntryStore) -> None:
+    ids = store.begin_insert("s1", "m", "", [_new("one"), _new("two")], now=100.0)
+    store.commit()
+    assert store.count("s1") == 2 and len(ids) == 2
+    store.begin_insert("s1", "m", "", [_new("three")], now=101.0)
+    store.rollback()  # e.g. Milvus refused the vectors: nothing of it stays
+    assert store.count("s1") == 2 and store.count() == 2
+
+
+def test_exact_and_get_stay_in_their_scope_and_ttl(store: EntryStore) -> None:
+    [old] = store.begin_insert("s1", "m", "", [_new("question", "first")], now=100.0)
+    store.commit()
+    [new] = store.begin_insert("s1", "m", "", [_new("question", "second")], now=200.0)
+    store.commit()
+    key = query_text(user("question")).exact_key
+    hit = store.exact("s1", key, not_before=0)
+    assert hit is not None and hit.id == new and hit.answer == "second"
+    assert store.exact("s2", key, not_before=0) is None
+    assert store.exact("s1", key, not_before=300.0) is None  # expired
+    assert set(store.get("s1", [old, new], not_before=150.0)) == {new}
+    assert store.get("s2", [old, new], not_before=0) == {}
+    assert store.ids_of("s2", [old]) == [] and store.expired(before=150.0) == [old]
+
+
+def test_least_recently_used_order_follows_hits(store: EntryStore) -> None:
+    ids = store.begin_insert("s", "m", "", [_new(f"q{i}") for i in range(4)], now=10.0)
+    store.commit()
+    store.touch({ids[0]: (50.0, 3), ids[1]: (40.0, 1)})
+    assert store.least_recent("s", 2) == [ids[2], ids[3]]
+    assert store.least_recent_overall(3)[-1] == (ids[1], "s")
+    assert store.delete(ids[:2]) == 2 and store.count("s") == 2
+
+
+def test_hit_log_keeps_the_newest(store: EntryStore) -> None:
+    records = [LogRecord(float(i), "s", "m", f"q{i}", i % 2 == 0, False, 0.9, i, 1.5) for i in range(10)]
+    store.log(records, keep=5)
+    recent = store.recent_log("s", 100)
+    assert [r.query for r in recent] == ["q9", "q8", "q7", "q6", "q5"]
+    assert recent[0].hit is False and recent[1].hit is True and store.recent_log("other", 10) == []
