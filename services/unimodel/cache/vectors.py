@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,6 +54,10 @@ class VectorIndex:
         """Connect and make sure the collection exists (idempotent; one thread at a time)."""
         from pymilvus import MilvusClient
 
+        if "://" not in self.uri:  # a local file: pymilvus runs Milvus Lite, whose package warns on import
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+                import milvus_lite.server_manager  # noqa: F401
         with self._lock:
             if self._client is not None:
                 return

@@ -198,7 +198,8 @@ async def run_predict(
 
 
 class FastRoutes:
-    """Serves the hot inference route straight from ASGI, in front of the FastAPI app.
+    """Serves the hot routes (predict, KServe infer, POST /modelcache) straight from ASGI, in front of the
+    FastAPI app.
 
     FastAPI's middleware stack cost about a quarter of the gateway's CPU per echo request (py-spy,
     docs/benchmarks.md); this layer calls the same handler (run_predict) and gives the same error bodies.
@@ -212,6 +213,9 @@ class FastRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = self.PREDICT.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if match is None and scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/modelcache":
+            await self._modelcache(scope, receive, send)
+            return
         if match is None:
             infer = match_infer(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
             if infer is not None:
@@ -227,6 +231,27 @@ class FastRoutes:
         else:
             result = await run_predict(self.gw, match.group(1), raw, lambda k: headers.get(k, ""))
         status, payload, extra = result
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *extra],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _modelcache(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /modelcache straight from ASGI (cache lookups are the millisecond path)."""
+        from unimodel.gateway.api_modelcache import handle
+
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            raw = await self._body(receive)
+        except errors.UnimodelError as err:
+            status, payload, extra = _error_result(err)
+        else:
+            status, result = await handle(self.gw, raw, headers.get(TENANT_HEADER, ""), headers.get("x-request-id", ""))
+            payload, extra = orjson.dumps(result), []
         await send(
             {
                 "type": "http.response.start",
