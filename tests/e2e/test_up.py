@@ -59,11 +59,14 @@ def test_up_serves_demo_models_then_ctrl_c_leaves_nothing(tmp_path: Path, model_
         wait_until(lambda: http_ok(f"http://127.0.0.1:{http}/health/ready"), 90, "cluster ready")
         wait_until(lambda: "UniModel is up" in Path(log.name).read_text(), 10, "endpoints printed")
         base = f"http://127.0.0.1:{http}"
-        demo = ["all-minilm-l6-v2", "efficientnet-lite0", "iris-classifier", "mlp", "identity", "delay"]
+        demo = ["efficientnet-lite0", "iris-classifier", "mlp", "identity", "delay"]
 
         def all_ready() -> bool:
             data = {m["id"]: m for m in httpx.get(f"{base}/v1/models").json()["data"]}
-            return all(data.get(m, {}).get("instances") == 2 for m in demo)
+            # the embedding model runs on the embedding-worker alone, the rest on both gpu-workers
+            return all(data.get(m, {}).get("instances") == 2 for m in demo) and (
+                data.get("all-minilm-l6-v2", {}).get("instances") == 1
+            )
 
         wait_until(all_ready, 120, "demo models ready on 2 workers")
         r = httpx.post(f"{base}/v1/models/all-minilm-l6-v2:predict", json={"input": "a cat sits on the mat"})
@@ -78,10 +81,16 @@ def test_up_serves_demo_models_then_ctrl_c_leaves_nothing(tmp_path: Path, model_
         assert r.status_code == 200 and r.json()["output"]["label"] == "setosa", r.text
         r = httpx.post(f"{base}/v1/models/echo:predict", json={"input": "hi"})
         assert r.status_code == 200 and r.json()["output"] == "hi"
+        # the cache on the Milvus Lite server `up` started
+        scope = {"model": "up-test"}
+        insert = {"type": "insert", "scope": scope, "chat_info": [{"query": "What colour is the sky?", "answer": "Blue."}]}
+        wait_until(lambda: httpx.post(f"{base}/modelcache", json=insert, timeout=30).json()["errorCode"] == 0, 60, "cache insert")
+        hit = httpx.post(f"{base}/modelcache", json={"type": "query", "scope": scope, "query": "What color is the sky?"}, timeout=30)
+        assert hit.json()["cacheHit"] is True and hit.json()["answer"] == "Blue.", hit.text
 
         children = descendants(up.pid)
-        # nats-server, etcd, router, batcher, cache, embedding-worker, 2 gpu-workers, gateway
-        assert len(children) >= 9, children
+        # nats-server, etcd, Milvus Lite, router, batcher, cache, embedding-worker, 2 gpu-workers, gateway
+        assert len(children) >= 10, children
 
         up.send_signal(signal.SIGINT)
         assert up.wait(60) == 0
