@@ -22,12 +22,12 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from google.protobuf import struct_pb2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.core.value_arrays import numeric_array
-from unimodel.gateway.api_openai import openai_error
+from unimodel.gateway.api_openai import openai_error, parse_body
 from unimodel.gateway.auth import TENANT_HEADER
 
 if TYPE_CHECKING:
@@ -48,18 +48,7 @@ class EmbeddingBody(BaseModel):
 
 
 def _parse(raw: bytes) -> EmbeddingBody:
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise errors.InvalidArgument("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise errors.InvalidArgument("the body must be a JSON object")
-    try:
-        return EmbeddingBody.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = str(first.get("loc", ("body",))[0])
-        raise errors.InvalidArgument(f"{where}: {first.get('msg', 'invalid value')}", field=where) from None
+    return parse_body(raw, EmbeddingBody)
 
 
 def _texts(body: EmbeddingBody) -> list[str]:

@@ -105,7 +105,8 @@ class CompletionBody(_Sampling):
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "none"})
 
 
-def _parse(raw: bytes, kind: type[_Sampling]) -> Any:
+def parse_body(raw: bytes, kind: type[BaseModel]) -> Any:
+    """An OpenAI request body: JSON object validated by `kind`; InvalidArgument naming the field."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -278,10 +279,10 @@ async def _generate(gw: GatewayService, request: Request, chat: bool) -> Respons
     try:
         raw = await request.body()
         if chat:
-            body = _parse(raw, ChatCompletionBody)
+            body = parse_body(raw, ChatCompletionBody)
             req = chat_request(body, request.headers.get("x-session-id", ""))
         else:
-            body = _parse(raw, CompletionBody)
+            body = parse_body(raw, CompletionBody)
             req = completion_request(body, request.headers.get("x-session-id", ""))
         header = request.headers.get
         ctx = RequestContext.new(
