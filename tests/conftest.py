@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The test process holds gRPC channels and starts servers with subprocess (fork, then exec). With gRPC's
+# fork support on, the forked child restarts gRPC's poller before exec; when Popen has already closed the
+# poller's epoll fd, the child aborts ("epoll_wait error: Bad file descriptor", grpc/grpc#43055) and the
+# service never starts. Seen once in a fresh-clone run. The children exec at once and need no gRPC state.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 HERE = Path(__file__).parent
 
