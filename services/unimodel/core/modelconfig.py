@@ -29,7 +29,8 @@ DATATYPES = frozenset(
 GENERATIVE_ENGINES = frozenset({"llamacpp", "vllm", "openai"})
 """Text-generation engines: no tensors; GenerateRequests in, token streams out (LlmConfig)."""
 ENGINES = frozenset({"onnx", "delay", "echo"}) | GENERATIVE_ENGINES
-PROCESSING_KINDS = frozenset({"none", "text-embedding", "image-classification", "tabular"})
+TEXT_EMBEDDING = "text-embedding"
+PROCESSING_KINDS = frozenset({"none", TEXT_EMBEDDING, "image-classification", "tabular"})
 EXECUTION_PROVIDERS = frozenset({"auto", "cuda", "cpu"})
 
 

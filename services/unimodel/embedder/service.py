@@ -6,6 +6,8 @@ the cache scale by adding embedding-worker processes; the batcher groups their r
 
 from __future__ import annotations
 
+from unimodel.core.kinds import EMBEDDING_WORKER
+from unimodel.core.modelconfig import TEXT_EMBEDDING
 from unimodel.embedder.settings import EmbedderSettings
 from unimodel.v1 import model_pb2, registry_pb2
 from unimodel.worker.service import WorkerService
@@ -14,7 +16,7 @@ ENGINES = ("onnx",)
 
 
 class EmbedderService(WorkerService):
-    kind = "embedding-worker"
+    kind = EMBEDDING_WORKER
     settings: EmbedderSettings
 
     def instance_info(self) -> registry_pb2.InstanceInfo:
@@ -25,6 +27,6 @@ class EmbedderService(WorkerService):
         return info
 
     def refusal(self, config: model_pb2.ModelConfig) -> str:
-        if config.processing.kind != "text-embedding" or config.engine not in ENGINES:
+        if config.processing.kind != TEXT_EMBEDDING or config.engine not in ENGINES:
             return f"{self.id} is an embedding-worker: it hosts text-embedding models on onnx only"
         return super().refusal(config)

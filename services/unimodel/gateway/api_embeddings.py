@@ -25,6 +25,7 @@ from google.protobuf import struct_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
 from unimodel.core import errors
+from unimodel.core.modelconfig import TEXT_EMBEDDING
 from unimodel.core.context import RequestContext
 from unimodel.core.value_arrays import numeric_array
 from unimodel.gateway.api_openai import openai_error, parse_body
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from unimodel.gateway.service import GatewayService
 
 MAX_INPUTS = 2048  # OpenAI's limit of texts per request
-EMBEDDING = "text-embedding"
 
 
 class EmbeddingBody(BaseModel):
@@ -70,8 +70,8 @@ def _check_model(gw: GatewayService, name: str) -> int:
     """The model's max batch size; refuses a model that is not a text-embedding model."""
     gw.require_ready(name)
     config = gw.configs().get(name)
-    if config is not None and config.processing.kind != EMBEDDING:
-        served = sorted(c.name for c in gw.configs().values() if c.processing.kind == EMBEDDING)
+    if config is not None and config.processing.kind != TEXT_EMBEDDING:
+        served = sorted(c.name for c in gw.configs().values() if c.processing.kind == TEXT_EMBEDDING)
         raise errors.InvalidArgument(
             f"model {name!r} is not a text-embedding model (embedding models: {', '.join(served) or 'none'})",
             field="model", model=name,

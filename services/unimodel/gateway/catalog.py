@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from unimodel.core.kinds import WORKER_KINDS
 from unimodel.v1 import model_pb2, registry_pb2
 
-WORKER_KINDS = ("gpu-worker", "embedding-worker")
 REQUIRED_KINDS = ("router", "batcher")
 State = registry_pb2.ModelStatus.State
 

@@ -15,19 +15,17 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from unimodel.core.kinds import EMBEDDING_WORKER
+from unimodel.core.modelconfig import TEXT_EMBEDDING
 from unimodel.v1 import model_pb2, registry_pb2
 
 State = registry_pb2.ModelStatus.State
 
 
-EMBEDDING_WORKER = "embedding-worker"
-EMBEDDING = "text-embedding"
-
-
 def capable(config: model_pb2.ModelConfig, worker: registry_pb2.InstanceInfo) -> bool:
     if config.engine not in worker.engines:
         return False
-    if worker.kind == EMBEDDING_WORKER and config.processing.kind != EMBEDDING:
+    if worker.kind == EMBEDDING_WORKER and config.processing.kind != TEXT_EMBEDDING:
         return False
     if config.execution_provider == "cuda":
         return worker.labels.get("cuda") == "true"
@@ -45,7 +43,7 @@ def place(
     desired: dict[str, set[str]] = {wid: set() for wid in workers}
     for name, config in configs.items():
         hosts = [wid for wid, info in workers.items() if capable(config, info)]
-        if config.processing.kind == EMBEDDING:  # on embedding-workers when there are any
+        if config.processing.kind == TEXT_EMBEDDING:  # on embedding-workers when there are any
             dedicated = [wid for wid in hosts if workers[wid].kind == EMBEDDING_WORKER]
             hosts = dedicated or hosts
         if config.replicas > 0:

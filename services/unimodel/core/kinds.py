@@ -1,0 +1,6 @@
+"""Service kinds that other services tell apart (InstanceInfo.kind, etcd instance keys), in one place."""
+
+GPU_WORKER = "gpu-worker"
+EMBEDDING_WORKER = "embedding-worker"
+WORKER_KINDS = (GPU_WORKER, EMBEDDING_WORKER)
+"""The kinds that host models (their InstanceInfo lists models, engines and model states)."""
