@@ -8,7 +8,7 @@ import pytest
 
 from unimodel.cache import guard
 from unimodel.cache.entries import EntryStore, LogRecord, NewEntry
-from unimodel.cache.querytext import QueryTextError, Turn, query_text, scope_key, threshold_for
+from unimodel.cache.querytext import QueryTextError, Turn, embedding_text_of, query_text, scope_key, threshold_for
 
 
 def user(text: str) -> list[Turn]:
@@ -20,6 +20,7 @@ def test_splice_is_modelcache_s_and_the_embedded_text_drops_roles() -> None:
     t = query_text([Turn("system", "You are terse."), Turn("user", "Hi there"), Turn("assistant", "Hello"), Turn("user", "Bye")])
     assert t.spliced == "system###You are terse.|||user###Hi there|||assistant###Hello|||user###Bye"
     assert t.embedding_text == "You are terse.\nHi there\nHello\nBye"
+    assert embedding_text_of(t.spliced) == t.embedding_text  # what the guard compares a stored entry by
 
 
 def test_exact_key_ignores_case_spacing_and_trailing_punctuation_only() -> None:

@@ -62,6 +62,16 @@ def splice(turns: Iterable[Turn]) -> str:
     return TURN_SEP.join(f"{t.role}{ROLE_SEP}{t.content}" for t in turns)
 
 
+def _joined(contents: Iterable[str]) -> str:
+    """The text to embed: the non-empty contents, stripped, one per line."""
+    return "\n".join(c.strip() for c in contents if c.strip())
+
+
+def embedding_text_of(spliced: str) -> str:
+    """The embedded text of a stored entry, from its spliced query (the entry keeps only that)."""
+    return _joined(turn.partition(ROLE_SEP)[2] for turn in spliced.split(TURN_SEP))
+
+
 def query_text(turns: Sequence[Turn]) -> QueryText:
     if not turns:
         raise QueryTextError("the query holds no messages")
@@ -71,7 +81,7 @@ def query_text(turns: Sequence[Turn]) -> QueryText:
     if not any(t.content.strip() for t in turns if t.role != "assistant"):
         raise QueryTextError("the query is empty (no system or user text)")
     spliced = splice(turns)
-    embedding_text = "\n".join(t.content.strip() for t in turns if t.content.strip())
+    embedding_text = _joined(t.content for t in turns)
     key = hashlib.blake2b(
         TURN_SEP.join(f"{'system' if t.role == 'developer' else t.role}{ROLE_SEP}{normalise(t.content)}" for t in turns).encode(),
         digest_size=16,

@@ -28,7 +28,9 @@ import numpy as np
 
 from unimodel.cache import guard
 from unimodel.cache.entries import Entry, EntryStore, LogRecord, NewEntry
-from unimodel.cache.querytext import QueryText, QueryTextError, Turn, query_text, scope_key, threshold_for
+from unimodel.cache.querytext import (
+    QueryText, QueryTextError, Turn, embedding_text_of, query_text, scope_key, threshold_for,
+)
 from unimodel.cache.vectors import VectorIndex, VectorStoreError
 from unimodel.core import errors
 
@@ -160,7 +162,7 @@ class SemanticCache:
                     candidate = found.get(entry_id)
                     if candidate is None:
                         continue  # removed or expired since it was indexed
-                    if self.limits.guard and not guard.compatible(text.embedding_text, _embedded_text(candidate.query)):
+                    if self.limits.guard and not guard.compatible(text.embedding_text, embedding_text_of(candidate.query)):
                         result.rejected_by_guard += 1
                         continue
                     matches.append((candidate, similarity))
@@ -289,14 +291,3 @@ class SemanticCache:
         self._milvus.shutdown(wait=True, cancel_futures=True)
         self._sql.shutdown(wait=True, cancel_futures=True)
 
-
-def _embedded_text(spliced: str) -> str:
-    """The embedded text of a stored entry (its spliced query without roles)."""
-    from unimodel.cache.querytext import ROLE_SEP, TURN_SEP
-
-    parts = []
-    for turn in spliced.split(TURN_SEP):
-        _, _, content = turn.partition(ROLE_SEP)
-        if content.strip():
-            parts.append(content.strip())
-    return "\n".join(parts)
