@@ -111,7 +111,8 @@ def test_max_entries_overall(make) -> None:  # type: ignore[no-untyped-def]
     async def go() -> None:
         for i, model in enumerate(["a", "b", "c"]):
             clock.now += 1
-            await cache.insert(Scope(model), [(q(f"Question number {i} about rivers"), str(i))])
+            result = await cache.insert(Scope(model), [(q(f"Question number {i} about rivers"), str(i))])
+            assert result.entries == min(i + 1, 2) and result.evicted == (1 if i == 2 else 0)
         assert await cache.count() == 2
         assert not (await cache.query(Scope("a"), q("Question number 0 about rivers"))).hit
 

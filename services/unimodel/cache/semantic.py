@@ -82,6 +82,7 @@ class QueryResult:
 class InsertResult:
     ids: list[int] = field(default_factory=list)
     evicted: int = 0
+    entries: int = 0  # entries stored in all scopes afterwards
 
 
 class SemanticCache:
@@ -223,23 +224,25 @@ class SemanticCache:
                 await self._sqlite(self.entries.rollback)
                 raise
             await self._sqlite(self.entries.commit)
-            evicted = await self._evict_over_limit(key)
-        return InsertResult(ids, evicted)
+            evicted, entries = await self._evict_over_limit(key)
+        return InsertResult(ids, evicted, entries)
 
-    async def _evict_over_limit(self, key: str) -> int:
+    async def _evict_over_limit(self, key: str) -> tuple[int, int]:
+        """Evict least recently used entries over the limits; (evicted, entries left in all scopes)."""
         limits = self.limits
+        in_scope, total = await self._sqlite(lambda: (self.entries.count(key), self.entries.count()))
         evicted = 0
-        over = await self._sqlite(lambda: self.entries.count(key) - limits.max_entries_per_scope)
+        over = in_scope - limits.max_entries_per_scope
         if over > 0:
             ids = await self._sqlite(self.entries.least_recent, key, over)
             evicted += await self._drop(ids)
             self.on_evict("max_entries_per_scope", len(ids))
-        over = await self._sqlite(lambda: self.entries.count() - limits.max_entries)
+        over = total - evicted - limits.max_entries
         if over > 0:
             pairs = await self._sqlite(self.entries.least_recent_overall, over)
             evicted += await self._drop([i for i, _ in pairs])
             self.on_evict("max_entries", len(pairs))
-        return evicted
+        return evicted, total - evicted
 
     async def _drop(self, ids: Sequence[int]) -> int:
         """Vectors first (a vector without its entry is skipped by queries), then the entries."""

@@ -209,7 +209,7 @@ class CacheService(Service):
         scope = self._scope(request.scope)
         result = await cache.insert(scope, [(turns_of(e.messages), e.answer) for e in request.entries])
         self.m_inserts.inc(len(result.ids))
-        self.m_entries.set(await cache.count())
+        self.m_entries.set(result.entries)
         return cache_pb2.CacheInsertResponse(ids=result.ids, evicted=result.evicted).SerializeToString()
 
     async def _on_remove(self, msg: Msg, ctx: RequestContext) -> bytes:
