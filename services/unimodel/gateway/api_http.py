@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -212,46 +212,41 @@ class FastRoutes:
         self.app, self.gw = app, gw
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = self.PREDICT.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if match is None and scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/modelcache":
-            await self._modelcache(scope, receive, send)
+        post = scope["type"] == "http" and scope["method"] == "POST"
+        match = self.PREDICT.match(scope["path"]) if post else None
+        if match is not None:
+            name = match.group(1)
+            await self._json_route(
+                scope, receive, send, lambda raw, headers: run_predict(self.gw, name, raw, lambda k: headers.get(k, ""))
+            )
             return
-        if match is None:
-            infer = match_infer(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-            if infer is not None:
-                await infer_asgi(self.gw, infer[0], infer[1], scope, receive, send)
-                return
-            await self.app(scope, receive, send)
+        if post and scope["path"] == "/modelcache":  # cache lookups are the millisecond path too
+            await self._json_route(scope, receive, send, self._modelcache)
             return
+        infer = match_infer(scope["path"]) if post else None
+        if infer is not None:
+            await infer_asgi(self.gw, infer[0], infer[1], scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _modelcache(self, raw: bytes, headers: dict[str, str]) -> tuple[int, bytes, Headers]:
+        from unimodel.gateway.api_modelcache import handle
+
+        status, result = await handle(self.gw, raw, headers.get(TENANT_HEADER, ""), headers.get("x-request-id", ""))
+        return status, orjson.dumps(result), []
+
+    async def _json_route(
+        self, scope: Scope, receive: Receive, send: Send,
+        handler: Callable[[bytes, dict[str, str]], Awaitable[tuple[int, bytes, Headers]]],
+    ) -> None:
+        """Read the body, `handler(body, headers)` -> (status, JSON payload, extra headers), send the answer."""
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             raw = await self._body(receive)
         except errors.UnimodelError as err:  # PayloadTooLarge from BodyLimit, or the client left
-            result = _error_result(err)
-        else:
-            result = await run_predict(self.gw, match.group(1), raw, lambda k: headers.get(k, ""))
-        status, payload, extra = result
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *extra],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
-
-    async def _modelcache(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """POST /modelcache straight from ASGI (cache lookups are the millisecond path)."""
-        from unimodel.gateway.api_modelcache import handle
-
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            raw = await self._body(receive)
-        except errors.UnimodelError as err:
             status, payload, extra = _error_result(err)
         else:
-            status, result = await handle(self.gw, raw, headers.get(TENANT_HEADER, ""), headers.get("x-request-id", ""))
-            payload, extra = orjson.dumps(result), []
+            status, payload, extra = await handler(raw, headers)
         await send(
             {
                 "type": "http.response.start",
