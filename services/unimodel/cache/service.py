@@ -17,7 +17,6 @@ import asyncio
 from collections.abc import Sequence
 
 import numpy as np
-from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge, Histogram
@@ -31,7 +30,7 @@ from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.replies import ReplyMux
-from unimodel.core.value_arrays import numeric_array
+from unimodel.core.value_arrays import embeddings_of, texts_value
 from unimodel.v1 import cache_pb2, generate_pb2, inference_pb2
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -133,9 +132,7 @@ class CacheService(Service):
 
     async def _embed_chunk(self, texts: Sequence[str]) -> np.ndarray:
         s = self.settings
-        value = struct_pb2.Value()
-        value.list_value.values.extend(struct_pb2.Value(string_value=t) for t in texts)
-        item = inference_pb2.BatchItem(input=value, rows=len(texts))
+        item = inference_pb2.BatchItem(input=texts_value(texts), rows=len(texts))
         timeout_s = s.embedding_timeout_s * max(1.0, len(texts) / 8)  # a bulk chunk queues behind others
         ctx = RequestContext.new(timeout_s)
         try:
@@ -147,11 +144,10 @@ class CacheService(Service):
             raise errors.Unavailable(
                 f"embedding model {s.embedding_model!r}: {exc.message}", retry_after_s=exc.retry_after_s or 1
             ) from None
-        reply = inference_pb2.PredictResponse.FromString(raw)
-        fields = reply.output.struct_value.fields
-        if "embeddings" not in fields:
+        found = embeddings_of(inference_pb2.PredictResponse.FromString(raw).output)
+        if found is None:
             raise errors.FailedPrecondition(f"model {s.embedding_model!r} is not a text-embedding model")
-        return numeric_array(fields["embeddings"], np.dtype(np.float32), "embeddings")
+        return found[0]
 
     # handlers ----------------------------------------------------------------------------------------
     def _ready(self) -> SemanticCache:

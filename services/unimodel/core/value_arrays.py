@@ -8,6 +8,7 @@ API and the cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -101,3 +102,21 @@ def numeric_array(value: struct_pb2.Value, dtype: np.dtype, what: str) -> np.nda
     if arr.dtype.kind not in "biuf" or (arr.dtype.kind == "b" and dtype.kind != "b"):
         raise errors.InvalidArgument(f"{what}: expected numbers")
     return arr.astype(dtype, copy=False)
+
+
+def texts_value(texts: Sequence[str]) -> struct_pb2.Value:
+    """A list of strings as a Value: the input of a text-embedding model's predict request."""
+    value = struct_pb2.Value()
+    value.list_value.values.extend(struct_pb2.Value(string_value=t) for t in texts)
+    return value
+
+
+def embeddings_of(output: struct_pb2.Value) -> tuple[np.ndarray, np.ndarray] | None:
+    """(float32 vectors [n, dim], token counts [n]) from a text-embedding model's answer to a list of
+    texts; None when the answer is not one (the caller says why in its own terms)."""
+    fields = output.struct_value.fields
+    if "embeddings" not in fields:
+        return None
+    vectors = numeric_array(fields["embeddings"], np.dtype(np.float32), "embeddings")
+    tokens = numeric_array(fields["tokens"], np.dtype(np.int64), "tokens") if "tokens" in fields else np.zeros(1, np.int64)
+    return vectors, tokens

@@ -21,13 +21,12 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from google.protobuf import struct_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
 from unimodel.core import errors
 from unimodel.core.modelconfig import TEXT_EMBEDDING
 from unimodel.core.context import RequestContext
-from unimodel.core.value_arrays import numeric_array
+from unimodel.core.value_arrays import embeddings_of, texts_value
 from unimodel.gateway.api_openai import openai_error, parse_body
 from unimodel.gateway.auth import TENANT_HEADER
 
@@ -85,14 +84,11 @@ async def embed(gw: GatewayService, body: EmbeddingBody, ctx: RequestContext) ->
     per_request = _check_model(gw, body.model)
 
     async def part(chunk: list[str]) -> tuple[np.ndarray, int]:
-        value = struct_pb2.Value()
-        value.list_value.values.extend(struct_pb2.Value(string_value=t) for t in chunk)
-        reply = await gw.predict(body.model, value, {}, ctx, api="openai")
-        fields = reply.output.struct_value.fields
-        if "embeddings" not in fields:
+        reply = await gw.predict(body.model, texts_value(chunk), {}, ctx, api="openai")
+        found = embeddings_of(reply.output)
+        if found is None:
             raise errors.InvalidArgument(f"model {body.model!r} is not a text-embedding model", field="model")
-        tokens = numeric_array(fields["tokens"], np.dtype(np.int64), "tokens") if "tokens" in fields else np.zeros(1)
-        return numeric_array(fields["embeddings"], np.dtype(np.float32), "embeddings"), int(tokens.sum())
+        return found[0], int(found[1].sum())
 
     chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
     parts = await asyncio.gather(*(part(c) for c in chunks))
