@@ -24,17 +24,19 @@ from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from opentelemetry.trace import Span
 
 from unimodel.batcher import wire
 from unimodel.batcher.metrics import EXPIRED, INVALID, OTHER_MODEL, QUEUE_FULL, BatcherMetrics, ModelSeries
 from unimodel.batcher.queue import BatchPolicy, ModelQueue, Pending
 from unimodel.batcher.scheduler import Scheduler
 from unimodel.batcher.settings import BatcherSettings
-from unimodel.core import errors, protowire, subjects
+from unimodel.core import errors, protowire, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import Service
 from unimodel.core.registry import Discovery, model_key
 from unimodel.core.subjects import Header
+from unimodel.core.tracing import Attr
 from unimodel.v1 import inference_pb2, model_pb2
 
 _REASONS: dict[type[errors.UnimodelError], str] = {
@@ -50,8 +52,9 @@ class Item(NamedTuple):
     data: bytes  # the BatchItem as received, with reply_to (and deadline) appended: never re-encoded
     reply_to: str  # the caller's inbox: the worker answers there
     deadline_ms: int
-    traceparent: str
+    traceparent: str  # the caller's (its span's) trace context
     tracestate: str
+    span: Span | None  # "batcher queue", while tracing is on: from arrival to dispatch
 
 
 @dataclass(slots=True, eq=False)
@@ -206,15 +209,22 @@ class BatcherService(Service):
         request_id = item.request_id or ctx.request_id
         # The item goes on as received plus the fields it lacks (protobuf: appended fields are merged).
         # The gateway sets request_id and trace_context itself; the headers fill them in otherwise.
+        carried = item.trace_context
+        traceparent = carried.get(Header.TRACEPARENT, "") or ctx.traceparent
+        tracestate = carried.get(Header.TRACESTATE, "") if carried else ctx.tracestate
         added = wire.item_fields(
             "" if item.reply_to == reply_to else reply_to,
             deadline_ms if deadline_ms != item.deadline_unix_ms else 0,
             "" if item.request_id else request_id,
-            ctx.trace_headers() if ctx.traceparent and not item.trace_context else None,
+            ctx.trace_headers() if ctx.traceparent and not carried else None,
         )
+        span = tracing.start(
+            tracing.Name.BATCHER_QUEUE, traceparent, tracing.CONSUMER,
+            {Attr.MODEL: state.model, Attr.REQUEST_ID: request_id, Attr.INSTANCE: self.id},
+        ) if tracing.enabled() else None
         pending = Pending(
             request_id,
-            Item(data + added, reply_to, deadline_ms, ctx.traceparent, ctx.tracestate),
+            Item(data + added, reply_to, deadline_ms, traceparent, tracestate, span),
             rows=item.rows,
             priority=item.priority,
             expires=expires,
@@ -222,6 +232,7 @@ class BatcherService(Service):
         try:
             scheduler.submit(pending)
         except errors.UnimodelError as exc:
+            tracing.finish(span, exc)
             reason = _REASONS.get(type(exc))
             if reason:
                 self.stats.reject(state.label, reason)
@@ -248,6 +259,9 @@ class BatcherService(Service):
         batch_id = next(self._batch_ids)
         first: Item = batch[0].payload  # type: ignore[assignment]
         ctx = RequestContext(batch_id, deadline, first.traceparent, first.tracestate)
+        span = None
+        if tracing.enabled():
+            span, ctx = self._trace_batch(state, batch, batch_id, rows, waits, ctx)
         try:
             raw = await self.bus.request(
                 subjects.route(state.model),
@@ -260,17 +274,48 @@ class BatcherService(Service):
             if not isinstance(exc, errors.UnimodelError):
                 self.log.exception("dispatch of a %s batch failed", state.model)
             series.batches_failed += 1
+            tracing.finish(span, err)
             for pending in batch:
                 await self.bus.publish_error(pending.payload.reply_to, err)  # type: ignore[attr-defined]
             return
+        tracing.finish(span)
         series.batches_ok += 1
         capacity = inference_pb2.BatchAck.FromString(raw).capacity
         if capacity > 0:
             self._capacity[state.model] = capacity
         state.scheduler.set_max_inflight(self._inflight_cap(state.model, state.scheduler.queue.policy))
 
+    def _trace_batch(
+        self, state: ModelState, batch: list[Pending], batch_id: str, rows: int, waits: list[int], ctx: RequestContext
+    ) -> tuple[Span | None, RequestContext]:
+        """End each request's queue span (its wait, the batch it joined) and start the batch's dispatch
+        span in the first request's trace, linked to every request's queue span and linked from them."""
+        queued = [p.payload.span for p in batch]  # type: ignore[attr-defined]
+        span, ctx = tracing.start_in(tracing.Name.BATCHER_DISPATCH, ctx, tracing.PRODUCER, {
+            Attr.MODEL: state.model, Attr.BATCH_ID: batch_id, Attr.BATCH_SIZE: len(batch), Attr.BATCH_ROWS: rows,
+            Attr.MESSAGING_SYSTEM: "nats", Attr.MESSAGING_DESTINATION: subjects.route(state.model),
+        })
+        if span is not None:
+            for queue_span in queued:
+                if queue_span is not None:
+                    span.add_link(queue_span.get_span_context())
+        dispatched = span.get_span_context() if span is not None else None
+        for queue_span, waited_ns in zip(queued, waits, strict=True):
+            if queue_span is None:
+                continue
+            queue_span.set_attribute(Attr.BATCH_SIZE, len(batch))
+            queue_span.set_attribute(Attr.BATCH_ROWS, rows)
+            queue_span.set_attribute(Attr.BATCH_ID, batch_id)
+            queue_span.set_attribute(Attr.QUEUE_WAIT_MS, waited_ns / 1e6)
+            if dispatched is not None:
+                queue_span.add_link(dispatched)
+            queue_span.end()
+        return span, ctx
+
     def _reject(self, state: ModelState, batch: list[Pending], err: errors.UnimodelError) -> None:
         """Answer requests that leave the queue without running (one task for all of them)."""
+        for pending in batch:
+            tracing.finish(pending.payload.span, err)  # type: ignore[attr-defined]
         reason = _REASONS.get(type(err))
         if reason:
             self.stats.reject(state.label, reason, len(batch))

@@ -73,6 +73,7 @@ class QueryResult:
     entry: Entry | None = None
     embed_ns: int = 0
     search_ns: int = 0
+    search_at_ns: int = 0  # perf_counter_ns() when the vector search began (for its span)
     total_ns: int = 0
     rejected_by_guard: int = 0
     ambiguous: bool = False
@@ -150,6 +151,7 @@ class SemanticCache:
             t1 = time.perf_counter_ns()
             candidates = await self._vector(self.vectors.search, key, vector, self.limits.top_k)
             result.embed_ns, result.search_ns = t1 - t0, time.perf_counter_ns() - t1
+            result.search_at_ns = t1
             threshold = threshold_for(
                 text, threshold_short or self.limits.threshold_short, threshold_long or self.limits.threshold_long,
                 self.limits.long_text_chars,

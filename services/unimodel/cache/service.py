@@ -14,26 +14,31 @@ the entries and the hit log live in SQLite.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import time
 from collections.abc import Sequence
 
 import numpy as np
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from prometheus_client import Counter, Gauge, Histogram
 
 from unimodel.cache.entries import EntryStore
+from unimodel.cache.metrics import CacheMetrics
 from unimodel.cache.querytext import Turn
 from unimodel.cache.semantic import Limits, Scope, SemanticCache
 from unimodel.cache.settings import CacheSettings
 from unimodel.cache.vectors import VectorIndex, VectorStoreError
-from unimodel.core import errors, subjects
+from unimodel.core import errors, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.replies import ReplyMux
+from unimodel.core.tracing import Attr
 from unimodel.core.value_arrays import embeddings_of, texts_value
 from unimodel.v1 import cache_pb2, generate_pb2, inference_pb2
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
+_traceparent: contextvars.ContextVar[str] = contextvars.ContextVar("cache_traceparent", default="")
+"""The traceparent of the query being served (the embedding it needs is its child span)."""
+
 
 
 def turns_of(messages: Sequence[generate_pb2.ChatMessage]) -> list[Turn]:
@@ -47,28 +52,7 @@ class CacheService(Service):
     def __init__(self, settings: CacheSettings, **kw) -> None:  # type: ignore[no-untyped-def]
         super().__init__(settings, **kw)
         self.replies = ReplyMux(self.bus, self.id)
-        registry = self.metrics.registry
-        self.m_queries = Counter(
-            "unimodel_cache_queries", "Cache lookups by result (exact_hit, semantic_hit, miss, error)",
-            ["result"], registry=registry,
-        )
-        self.m_inserts = Counter("unimodel_cache_inserted_entries", "Entries stored", registry=registry)
-        self.m_evictions = Counter(
-            "unimodel_cache_evictions", "Entries evicted, by reason (ttl, max_entries_per_scope, max_entries)",
-            ["reason"], registry=registry,
-        )
-        self.m_guard = Counter(
-            "unimodel_cache_guard_rejections", "Candidates above the threshold refused by the guard", registry=registry
-        )
-        self.m_ambiguous = Counter(
-            "unimodel_cache_ambiguous_misses", "Misses because two entries with different answers matched alike",
-            registry=registry,
-        )
-        self.m_entries = Gauge("unimodel_cache_entries", "Entries stored (all scopes)", registry=registry)
-        self.m_stage = Histogram(
-            "unimodel_cache_stage_seconds", "Time of a lookup's stages (embed, search, total)", ["stage"],
-            buckets=_LATENCY_BUCKETS, registry=registry,
-        )
+        self.m = CacheMetrics(self.metrics.registry)
         self.cache: SemanticCache | None = None
 
     async def on_start(self) -> None:
@@ -89,9 +73,9 @@ class CacheService(Service):
             nlist=s.milvus_nlist, nprobe=s.milvus_nprobe,
         )
         self.cache = SemanticCache(
-            entries, vectors, self._embed, limits, on_evict=lambda reason, n: self.m_evictions.labels(reason).inc(n)
+            entries, vectors, self._embed, limits, on_evict=lambda reason, n: self.m.evictions.labels(reason).inc(n)
         )
-        self.m_entries.set(await self.cache.count())
+        self.m.entries.set(await self.cache.count())
         await self.replies.start()
         await self.bus.serve(subjects.CACHE_QUERY, self._on_query, queue=subjects.QUEUE_CACHE)
         await self.bus.serve(subjects.CACHE_INSERT, self._on_insert, queue=subjects.QUEUE_CACHE)
@@ -134,16 +118,21 @@ class CacheService(Service):
         s = self.settings
         item = inference_pb2.BatchItem(input=texts_value(texts), rows=len(texts))
         timeout_s = s.embedding_timeout_s * max(1.0, len(texts) / 8)  # a bulk chunk queues behind others
-        ctx = RequestContext.new(timeout_s)
+        span, ctx = tracing.start_in(
+            tracing.Name.CACHE_EMBED, RequestContext.new(timeout_s, traceparent=_traceparent.get()), tracing.CLIENT,
+            {Attr.MODEL: s.embedding_model, Attr.BATCH_ROWS: len(texts)},
+        )
         try:
             raw = await self.replies.request_item(
                 subjects.batch(s.embedding_model), item, ctx, timeout_s=timeout_s,
                 bundle_subject=subjects.bundle(s.embedding_model),
             )
         except errors.UnimodelError as exc:
+            tracing.finish(span, exc)
             raise errors.Unavailable(
                 f"embedding model {s.embedding_model!r}: {exc.message}", retry_after_s=exc.retry_after_s or 1
             ) from None
+        tracing.finish(span)
         found = embeddings_of(inference_pb2.PredictResponse.FromString(raw).output)
         if found is None:
             raise errors.FailedPrecondition(f"model {s.embedding_model!r} is not a text-embedding model")
@@ -173,24 +162,41 @@ class CacheService(Service):
     async def _on_query(self, msg: Msg, ctx: RequestContext) -> bytes:
         request = self._parse(cache_pb2.CacheQueryRequest, msg.data)
         cache = self._ready()
+        span, ctx = tracing.start_in(tracing.Name.CACHE_QUERY, ctx, tracing.SERVER, {Attr.MODEL: request.scope.model})
+        token = _traceparent.set(ctx.traceparent)  # the embedding request is the query span's child
+        wall_ns, perf_ns = time.time_ns(), time.perf_counter_ns()
         try:
             result = await cache.query(
                 self._scope(request.scope), turns_of(request.messages), threshold_short=request.threshold_short,
                 threshold_long=request.threshold_long, exact_only=request.exact_only,
             )
         except errors.UnimodelError as exc:
+            tracing.finish(span, exc)
             if not isinstance(exc, errors.InvalidArgument):
-                self.m_queries.labels("error").inc()
+                self.m.queries.labels("error").inc()
             raise
-        self.m_queries.labels("exact_hit" if result.exact else "semantic_hit" if result.hit else "miss").inc()
+        finally:
+            _traceparent.reset(token)
+        if span is not None:
+            outcome = "exact_hit" if result.exact else "semantic_hit" if result.hit else "miss"
+            span.set_attribute(Attr.CACHE_OUTCOME, outcome)
+            span.set_attribute(Attr.CACHE_SIMILARITY, result.best_similarity)
+            if result.search_at_ns:  # the vector search, from the times the query measured
+                begin = wall_ns + result.search_at_ns - perf_ns
+                search = tracing.start(tracing.Name.CACHE_SEARCH, ctx.traceparent, tracing.CLIENT, {
+                    "db.system.name": "milvus", "db.operation.name": "search",
+                }, start_ns=begin)
+                tracing.finish(search, end_ns=begin + result.search_ns)
+            tracing.finish(span)
+        self.m.queries.labels("exact_hit" if result.exact else "semantic_hit" if result.hit else "miss").inc()
         if result.rejected_by_guard:
-            self.m_guard.inc(result.rejected_by_guard)
+            self.m.guard.inc(result.rejected_by_guard)
         if result.ambiguous:
-            self.m_ambiguous.inc()
+            self.m.ambiguous.inc()
         if result.embed_ns:
-            self.m_stage.labels("embed").observe(result.embed_ns / 1e9)
-            self.m_stage.labels("search").observe(result.search_ns / 1e9)
-        self.m_stage.labels("total").observe(result.total_ns / 1e9)
+            self.m.stage.labels("embed").observe(result.embed_ns / 1e9)
+            self.m.stage.labels("search").observe(result.search_ns / 1e9)
+        self.m.stage.labels("total").observe(result.total_ns / 1e9)
         reply = cache_pb2.CacheQueryResponse(
             hit=result.hit, exact=result.exact, similarity=result.similarity, best_similarity=result.best_similarity,
             embed_ns=result.embed_ns, search_ns=result.search_ns, total_ns=result.total_ns,
@@ -204,8 +210,8 @@ class CacheService(Service):
         cache = self._ready()
         scope = self._scope(request.scope)
         result = await cache.insert(scope, [(turns_of(e.messages), e.answer) for e in request.entries])
-        self.m_inserts.inc(len(result.ids))
-        self.m_entries.set(result.entries)
+        self.m.inserts.inc(len(result.ids))
+        self.m.entries.set(result.entries)
         return cache_pb2.CacheInsertResponse(ids=result.ids, evicted=result.evicted).SerializeToString()
 
     async def _on_remove(self, msg: Msg, ctx: RequestContext) -> bytes:
@@ -215,7 +221,7 @@ class CacheService(Service):
         if not request.truncate and not request.ids:
             raise errors.InvalidArgument("nothing to remove: give ids, or truncate", field="id_list")
         removed = await cache.remove(scope, truncate=request.truncate, ids=list(request.ids))
-        self.m_entries.set(await cache.count())
+        self.m.entries.set(await cache.count())
         return cache_pb2.CacheRemoveResponse(removed=removed).SerializeToString()
 
     async def _on_log(self, msg: Msg, ctx: RequestContext) -> bytes:
@@ -245,7 +251,7 @@ class CacheService(Service):
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + s.sweep_interval_s
                     if await cache.expire():
-                        self.m_entries.set(await cache.count())
+                        self.m.entries.set(await cache.count())
             except errors.UnimodelError as exc:  # Milvus down: try again next time
                 self.log.warning("cache housekeeping: %s", exc.message)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import time
 import uuid
@@ -15,6 +16,10 @@ from unimodel.core.subjects import Header
 def now_ms() -> int:
     return int(time.time() * 1000)
 
+
+grpc_traceparent: contextvars.ContextVar[str] = contextvars.ContextVar("grpc_traceparent", default="")
+"""The traceparent of the gateway's gRPC server span around the current call (gateway.traces), which
+replaces the caller's own in from_grpc."""
 
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ID_NUMBERS = itertools.count(1)
@@ -58,6 +63,11 @@ class RequestContext:
         self.check()
         return min(cap_s, self.remaining_s())
 
+    @property
+    def trace_id(self) -> str:
+        """The trace id (32 hex digits) of the traceparent, "" without one."""
+        return self.traceparent[3:35] if len(self.traceparent) == 55 else ""
+
     # NATS headers ------------------------------------------------------------------------------
     def trace_headers(self) -> dict[str, str]:
         """The W3C trace context (tracestate only travels with a traceparent)."""
@@ -99,7 +109,7 @@ class RequestContext:
         return cls.new(
             timeout,
             request_id=md.get("x-request-id", ""),
-            traceparent=md.get("traceparent", ""),
+            traceparent=grpc_traceparent.get() or md.get("traceparent", ""),
             tracestate=md.get("tracestate", ""),
             tenant=tenant,
         )

@@ -24,7 +24,7 @@ from unimodel.core.grpc_server import GrpcServer
 from unimodel.core.registry import Registration, instance_key
 from unimodel.core.settings import CommonSettings, SettingsError, load_settings
 from unimodel.core.store import EtcdStore, KeyValueStore
-from unimodel.core.telemetry import Metrics, setup_logging, setup_tracing
+from unimodel.core.telemetry import Metrics, ServiceState, setup_logging, setup_tracing
 from unimodel.v1 import registry_pb2
 
 log = logging.getLogger("unimodel.lifecycle")
@@ -57,6 +57,10 @@ class Service:
         )
         self.metrics = Metrics()
         self.registration: Registration | None = None
+        self.metrics.registry.register(ServiceState(
+            self.kind, self.id, __version__, lambda: self.bus.connected,
+            lambda: self.registration is not None and self.registration.registered.is_set(), lambda: self.bus.inflight,
+        ))
         self.started_ms = int(time.time() * 1000)
         self._stop_requested = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
@@ -211,7 +215,7 @@ def run_service(service_cls: type[Service], settings_cls: type[CommonSettings], 
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings_cls.service, settings.instance_id, settings.log_level, settings.log_format)
-    setup_tracing(
+    provider = setup_tracing(
         settings_cls.service, settings.instance_id, settings.otel_exporter, settings.otel_endpoint,
         settings.otel_sample_ratio,
     )
@@ -232,4 +236,7 @@ def run_service(service_cls: type[Service], settings_cls: type[CommonSettings], 
         return 1
     except KeyboardInterrupt:
         return 0
+    finally:
+        if provider is not None:
+            provider.shutdown()  # export the spans still buffered
     return 0

@@ -88,9 +88,9 @@ class ReplyMux:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[inbox] = (future, subject)
         try:
-            # Request id, deadline and trace context travel in the item; headers only for a trace,
-            # so the batcher's batch message carries it on.
-            if bundle_subject and not ctx.traceparent:
+            # Request id, deadline and trace context travel in the item (the batcher reads them there), so
+            # traced requests are bundled like the others.
+            if bundle_subject:
                 self._queue(subject, bundle_subject, item.SerializeToString(), inbox)
             else:
                 await nc.publish(subject, item.SerializeToString(), reply=inbox, headers=ctx.trace_headers() or None)

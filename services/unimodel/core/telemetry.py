@@ -6,15 +6,19 @@ import contextvars
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, start_http_server
-from opentelemetry import trace
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from unimodel.core import tracing
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -87,13 +91,48 @@ class Metrics:
             self._server = None
 
 
+class ServiceState(Collector):
+    """The series every service exports, read when Prometheus scrapes: which instance this is, whether
+    its NATS connection and etcd registration are up, and the requests its bus handlers hold."""
+
+    def __init__(
+        self, service: str, instance: str, version: str,
+        nats_up: Callable[[], bool], etcd_up: Callable[[], bool], inflight: Callable[[], int],
+    ) -> None:
+        self.labels = [service, instance, version]
+        self.nats_up, self.etcd_up, self.inflight = nats_up, etcd_up, inflight
+
+    def _families(self) -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily(
+                "unimodel_service_info", "Always 1: the service, instance id and version of this process",
+                labels=["service", "instance", "version"],
+            ),
+            GaugeMetricFamily("unimodel_nats_connected", "1 while the NATS connection is up"),
+            GaugeMetricFamily("unimodel_etcd_connected", "1 while the instance is registered in etcd (lease alive)"),
+            GaugeMetricFamily("unimodel_inflight_requests", "Requests the service's NATS handlers are working on"),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        info, nats_up, etcd_up, inflight = self._families()
+        info.add_metric(self.labels, 1)
+        nats_up.add_metric([], 1 if self.nats_up() else 0)
+        etcd_up.add_metric([], 1 if self.etcd_up() else 0)
+        inflight.add_metric([], self.inflight())
+        yield from (info, nats_up, etcd_up, inflight)
+
+
 def setup_tracing(
     service: str, instance_id: str, exporter: str, endpoint: str = "", sample_ratio: float = 1.0
 ) -> TracerProvider | None:
     """Install a tracer provider when an exporter is configured; tracing stays a no-op otherwise.
 
     Trace context is propagated across hops either way (W3C headers), so traces stay whole when only
-    some services export.
+    some services export. The provider's `shutdown()` sends the spans still buffered (run_service calls
+    it on exit).
     """
     if exporter == "none":
         return None
@@ -113,5 +152,7 @@ def setup_tracing(
         sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
     )
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
-    trace.set_tracer_provider(provider)
+    # Our spans only (core.tracing), not installed as the global provider: libraries that trace on their
+    # own once one is set (FastAPI's native telemetry adds three spans per request) stay quiet.
+    tracing.enable(provider)
     return provider

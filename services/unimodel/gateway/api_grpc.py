@@ -9,6 +9,7 @@ import grpc
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.core.grpc_server import maps_errors, status_trailers
+from unimodel.gateway.traces import reply_metadata
 from unimodel.v1 import generate_pb2, inference_pb2, services_pb2_grpc
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
         except errors.UnimodelError as err:
             await context.abort(err.grpc_status, err.message, trailing_metadata=status_trailers(err))
             return
-        await context.send_initial_metadata((("x-request-id", ctx.request_id),))
+        await context.send_initial_metadata(reply_metadata(ctx))
         try:
             first = generate_pb2.GenerateChunk()
             first.CopyFrom(gen.first)
@@ -69,7 +70,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
             text = await gen.text()
         finally:
             await gen.close("the gRPC call ended")
-        context.set_trailing_metadata((("x-request-id", ctx.request_id),))
+        context.set_trailing_metadata(reply_metadata(ctx))
         return generate_pb2.GenerateResponse(
             id=ctx.request_id, model=request.model, text=text, finish_reason=gen.finish_reason, usage=gen.usage,
             worker_id=gen.first.worker_id, path=[self.gw.id, *gen.first.path],
@@ -82,7 +83,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
         ctx = self._context(context, self.gw.settings.request_timeout_s)
         reply = await self.gw.predict(request.model, request.input, dict(request.parameters), ctx, api="grpc")
         # Trailing metadata travels with the status: no extra send operation per call.
-        context.set_trailing_metadata((("x-request-id", ctx.request_id),))
+        context.set_trailing_metadata(reply_metadata(ctx))
         return reply
 
     @maps_errors

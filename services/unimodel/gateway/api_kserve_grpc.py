@@ -10,6 +10,7 @@ UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext, now_ms
 from unimodel.core.grpc_server import GrpcServer, maps_errors
 from unimodel.gateway import kserve
+from unimodel.gateway.traces import reply_metadata
 
 if TYPE_CHECKING:
     from unimodel.gateway.service import GatewayService
@@ -131,10 +133,10 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         if call.timeout_s is not None:
             deadline = now_ms() + int(call.timeout_s * 1000)
             if deadline < ctx.deadline_ms:
-                ctx = RequestContext(ctx.request_id, deadline, ctx.traceparent, ctx.tracestate)
+                ctx = dataclasses.replace(ctx, deadline_ms=deadline)  # keeps the tenant and trace context
         reply = await gw.infer(model, call.item, ctx, API)
         # Trailing metadata travels with the status: no extra send operation per call.
-        context.set_trailing_metadata((("x-request-id", ctx.request_id),))
+        context.set_trailing_metadata(reply_metadata(ctx))
         return kserve.render_grpc_infer(reply, call, model, kserve.model_version(config))
 
     # not offered -----------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from unimodel.core import errors, subjects
+from unimodel.core import errors, subjects, tracing
 from unimodel.core.bus import Bus
 from unimodel.core.context import RequestContext
+from unimodel.core.tracing import Attr
 from unimodel.v1 import cache_pb2, generate_pb2
 
 log = logging.getLogger("unimodel.gateway.cache")
@@ -58,14 +59,30 @@ class CacheClient:
     ) -> Lookup:
         """Never raises: a failure of any kind is a bypass."""
         request = cache_pb2.CacheQueryRequest(scope=scope, messages=messages)
+        # its own (short) deadline, the request's id and trace
+        lookup_ctx = RequestContext.new(
+            self.timeout_s, request_id=ctx.request_id, traceparent=ctx.traceparent, tracestate=ctx.tracestate
+        )
+        span, lookup_ctx = tracing.start_in(
+            tracing.Name.CACHE_LOOKUP, lookup_ctx, tracing.CLIENT,
+            {Attr.MODEL: scope.model, Attr.MESSAGING_SYSTEM: "nats", Attr.MESSAGING_DESTINATION: subjects.CACHE_QUERY},
+        )
         try:
-            reply = await self.query(request, RequestContext.new(self.timeout_s, request_id=ctx.request_id))
+            reply = await self.query(request, lookup_ctx)
         except errors.UnimodelError as exc:
-            return Lookup(BYPASSED, reason=f"{exc.code_name}: {exc.message}")
+            result = Lookup(BYPASSED, reason=f"{exc.code_name}: {exc.message}")
         except Exception as exc:  # never let the cache break a chat request
             log.warning("cache lookup failed: %s", exc)
-            return Lookup(BYPASSED, reason=type(exc).__name__)
-        return Lookup(HIT if reply.hit else MISS, reply)
+            result = Lookup(BYPASSED, reason=type(exc).__name__)
+        else:
+            result = Lookup(HIT if reply.hit else MISS, reply)
+        if span is not None:
+            span.set_attribute(Attr.CACHE_OUTCOME, result.outcome)
+            if result.reply is not None and result.outcome == HIT:
+                span.set_attribute(Attr.CACHE_SIMILARITY, result.reply.similarity)
+                span.set_attribute(Attr.CACHE_MATCH, "exact" if result.reply.exact else "semantic")
+            tracing.finish(span)
+        return result
 
     def write_back(self, scope: cache_pb2.CacheScope, messages: list[generate_pb2.ChatMessage], answer: str) -> None:
         """Store a completed answer in the background (the response does not wait for it)."""

@@ -13,12 +13,26 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from unimodel.core import errors
+from opentelemetry.trace import Span
+
+from unimodel.core import errors, tracing
 from unimodel.core.replies import ReplyStream
+from unimodel.core.tracing import Attr
 from unimodel.v1 import generate_pb2
 
 log = logging.getLogger("unimodel.gateway.generation")
+
+
+class TokenMetrics(Protocol):
+    """What the gateway measures of a generation as its client sees it (GatewayMetrics)."""
+
+    def first_token(self, model: str, seconds: float) -> None: ...
+
+    def inter_token(self, model: str, seconds: float) -> None: ...
+
+    def output_tokens(self, model: str, n: int) -> None: ...
 
 
 class Generation:
@@ -30,6 +44,7 @@ class Generation:
         chunk_timeout_s: float,
         abort: Callable[[str, str], Awaitable[None]],
         on_end: Callable[[Generation], None] = lambda g: None,
+        metrics: TokenMetrics | None = None,
     ) -> None:
         self.model = model
         self.stream = stream
@@ -43,6 +58,10 @@ class Generation:
         self.code = "OK"  # error code name when it failed (metrics)
         self.started_at = time.perf_counter()
         self.first_token_at = 0.0
+        self.last_token_at = 0.0
+        self.chunks = 0
+        self.metrics = metrics
+        self.span: Span | None = None  # "stream {model}" while tracing is on: acceptance to the end
         self._expected = 0
         self._done = False
         self._closed = False
@@ -63,6 +82,10 @@ class Generation:
             await self.close()
             raise
         self.usage.prompt_tokens = self.first.usage.prompt_tokens
+        if tracing.enabled():
+            self.span = tracing.start(tracing.Name.stream(self.model), self.stream.ctx.traceparent, tracing.INTERNAL, {
+                Attr.MODEL: self.model, Attr.REQUEST_ID: self.request_id, Attr.WORKER_ID: self.first.worker_id,
+            })
         return self.first
 
     def __aiter__(self) -> Generation:
@@ -77,8 +100,16 @@ class Generation:
             self.code = exc.code_name
             await self.close()
             raise
-        if chunk.text and not self.first_token_at:
-            self.first_token_at = time.perf_counter()
+        if chunk.text:
+            now = time.perf_counter()
+            self.chunks += 1
+            if not self.first_token_at:
+                self.first_token_at = now
+                if self.metrics is not None:
+                    self.metrics.first_token(self.model, now - self.started_at)
+            elif self.metrics is not None:
+                self.metrics.inter_token(self.model, now - self.last_token_at)
+            self.last_token_at = now
         if chunk.finish_reason:
             self._done = True
             self.finish_reason = chunk.finish_reason
@@ -125,4 +156,18 @@ class Generation:
                 await self._abort(self.request_id, reason or "the caller went away")
             except Exception as exc:  # NATS down: the worker's deadline ends the generation
                 log.warning("could not abort generation %s: %s", self.request_id, exc)
+        if self.metrics is not None and self.usage.completion_tokens:
+            self.metrics.output_tokens(self.model, self.usage.completion_tokens)
+        if self.span is not None:
+            self._end_span()
         self._on_end(self)
+
+    def _end_span(self) -> None:
+        span = self.span
+        assert span is not None
+        span.set_attribute(Attr.STREAM_CHUNKS, self.chunks)
+        span.set_attribute(Attr.GENAI_OUTPUT_TOKENS, self.usage.completion_tokens)
+        span.set_attribute(Attr.GENAI_FINISH_REASONS, [self.finish_reason])
+        if self.first_token_at:
+            span.set_attribute(Attr.GENAI_TTFT, self.first_token_at - self.started_at)
+        tracing.finish(span, None if self.code == "OK" else self.code)

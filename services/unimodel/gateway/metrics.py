@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 UNKNOWN_MODEL = "_unknown"
 """Label for model names the cluster does not serve: client input must not grow label cardinality."""
 
@@ -32,6 +34,21 @@ class GatewayMetrics:
             registry=registry,
         )
 
+        self.ttft = Histogram(
+            "unimodel_gateway_time_to_first_token_seconds",
+            "From a generation request's arrival at the gateway to its first output token, by model",
+            ["model"], registry=registry, buckets=TTFT_BUCKETS,
+        )
+        self.itl = Histogram(
+            "unimodel_gateway_inter_token_latency_seconds",
+            "Time between two chunks of output tokens as the gateway forwards them, by model",
+            ["model"], registry=registry, buckets=ITL_BUCKETS,
+        )
+        self.tokens = Counter(
+            "unimodel_gateway_output_tokens", "Completion tokens streamed or returned to clients, by model",
+            ["model"], registry=registry,
+        )
+
         # labelled children by label values: labels() costs a lock and a tuple build per call
         self._counts: dict[tuple[str, str, str], Counter] = {}
         self._latencies: dict[tuple[str, str], Histogram] = {}
@@ -47,6 +64,15 @@ class GatewayMetrics:
             latency = self._latencies[key[:2]] = self.latency.labels(api, model)
         latency.observe(seconds)
 
-
     def cache(self, model: str, outcome: str) -> None:
         self.cache_lookups.labels(model or UNKNOWN_MODEL, outcome).inc()
+
+    # generations (models the gateway serves: labels stay bounded) ---------------------------------------
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(model).observe(seconds)
+
+    def inter_token(self, model: str, seconds: float) -> None:
+        self.itl.labels(model).observe(seconds)
+
+    def output_tokens(self, model: str, n: int) -> None:
+        self.tokens.labels(model).inc(n)

@@ -13,7 +13,7 @@ import grpc
 import uvicorn
 from google.protobuf import struct_pb2
 
-from unimodel.core import errors, generation, modelconfig, subjects, tensors
+from unimodel.core import errors, generation, modelconfig, subjects, tensors, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.replies import ReplyMux
@@ -35,6 +35,7 @@ from unimodel.gateway.generation import Generation
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.settings import GatewaySettings
 from unimodel.gateway.statistics import ModelStatistics
+from unimodel.gateway.traces import GrpcTracingInterceptor, TracingMiddleware
 from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
 
@@ -79,7 +80,8 @@ class GatewayService(Service):
         self.auth = ApiKeys(settings.api_keys)
         # What uvicorn serves: API keys (when configured), the body limit, the hot routes, FastAPI for the rest.
         app = BodyLimit(FastRoutes(self.api, self), settings.max_body_bytes)
-        self.app = AuthMiddleware(app, self.auth) if self.auth.enabled else app
+        app = AuthMiddleware(app, self.auth) if self.auth.enabled else app
+        self.app = TracingMiddleware(app)  # server spans (a flag check per request while tracing is off)
         self.http_port = 0
         self._http: _EmbeddedServer | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -92,7 +94,9 @@ class GatewayService(Service):
 
     def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         keys = ApiKeys(self.settings.api_keys)
-        return [GrpcAuthInterceptor(keys)] if keys.enabled else []
+        # tracing is set up before the service is built (run_service): no interceptor at all while it is off
+        tracing_interceptor: list[grpc.aio.ServerInterceptor] = [GrpcTracingInterceptor()] if tracing.enabled() else []
+        return [GrpcAuthInterceptor(keys), *tracing_interceptor] if keys.enabled else tracing_interceptor
 
     # cluster view ------------------------------------------------------------------------------
     def _on_instance_change(self, key: str, old: object, new: object) -> None:
@@ -252,7 +256,7 @@ class GatewayService(Service):
             raise
         gen = Generation(
             model, stream, chunk_timeout_s=self.settings.generate_timeout_s, abort=self._abort_generation,
-            on_end=lambda g: self._observe(api, model, g.code, g.started_at),
+            on_end=lambda g: self._observe(api, model, g.code, g.started_at), metrics=self.stats,
         )
         await gen.start()
         return gen

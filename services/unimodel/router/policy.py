@@ -88,6 +88,10 @@ class WorkerTable:
     def models(self) -> dict[str, list[str]]:
         return {m: list(ids) for m, ids in self._by_model.items()}
 
+    def serves(self, model: str) -> bool:
+        """Whether some known instance hosts `model`."""
+        return model in self._by_model
+
     def candidates(self, model: str, exclude: Collection[str] = ()) -> list[str]:
         """Instances hosting `model`, minus `exclude`; suspended ones only when nothing else is left."""
         hosts = [iid for iid in self._by_model.get(model, ()) if iid not in exclude]

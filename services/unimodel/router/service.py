@@ -7,17 +7,20 @@ worker's load (outstanding batches) and whether the batch must go to another ins
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
-from unimodel.core import errors, modelconfig, subjects
+from unimodel.core import errors, modelconfig, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.grpc_server import maps_errors
 from unimodel.core.kinds import WORKER_KINDS
 from unimodel.core.lifecycle import Service
+from unimodel.core.tracing import Attr
 from unimodel.core.registry import Discovery, instances_prefix, models_prefix
+from unimodel.router.metrics import NO_WORKER, NOT_SERVED, OK, OTHER_MODEL, RETRIED, RouterMetrics
 from unimodel.router.placement import Command, Planner
 from unimodel.router.policy import WorkerTable
 from unimodel.router.settings import RouterSettings
@@ -44,6 +47,7 @@ class RouterService(Service):
     def __init__(self, settings: RouterSettings, **kw) -> None:  # type: ignore[no-untyped-def]
         super().__init__(settings, **kw)
         self.table = WorkerTable()
+        self.stats = RouterMetrics(self.metrics.registry, self._worker_states)
         self._inflight: dict[str, set[asyncio.Task[object]]] = {}
         self.workers = Discovery(
             self.store,
@@ -62,6 +66,13 @@ class RouterService(Service):
             _RouterApi(self),
             services_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
         )
+
+    def _worker_states(self) -> dict[str, int]:
+        # Called from the metrics server's thread: reads copies, changes nothing (is_suspended would).
+        ids = list(self.table.instances)
+        until, now = dict(self.table.suspended), self.table.clock()
+        suspended = sum(1 for i in ids if until.get(i, 0.0) > now)
+        return {"ready": len(ids) - suspended, "suspended": suspended}
 
     def _on_model_change(
         self, key: str, old: model_pb2.ModelConfig | None, new: model_pb2.ModelConfig | None
@@ -150,6 +161,23 @@ class RouterService(Service):
     async def _on_batch(self, msg: Msg, ctx: RequestContext) -> bytes:
         batch = inference_pb2.BatchRequest.FromString(msg.data)
         batch.path.append(self.id)
+        if not tracing.enabled():
+            return await self._route(batch, ctx)
+        span, ctx = tracing.start_in(tracing.Name.ROUTER_ROUTE, ctx, tracing.SERVER, {
+            Attr.MODEL: batch.model, Attr.BATCH_ID: batch.batch_id, Attr.BATCH_SIZE: len(batch.items),
+            Attr.INSTANCE: self.id,
+        })
+        try:
+            raw = await self._route(batch, ctx)
+        except BaseException as exc:
+            tracing.finish(span, exc)
+            raise
+        if span is not None:
+            span.set_attribute(Attr.WORKER_ID, inference_pb2.BatchAck.FromString(raw).worker_id)
+            tracing.finish(span)
+        return raw
+
+    async def _route(self, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
         if batch.model in self.generative:
             return await self._route_generation(batch, ctx)
         model = batch.model
@@ -167,9 +195,13 @@ class RouterService(Service):
         answer is suspended and the next choice tried, up to `retries` more times. The ack carries the
         model's capacity; with `track_load`, the worker's reported load is recorded (generations)."""
         model = batch.model
+        label = model if self.table.serves(model) else OTHER_MODEL
+        arrived = time.perf_counter()
         tried: list[str] = []
         for attempt in range(self.settings.retries + 1):
+            before = time.perf_counter()
             worker_id = choose(attempt, tried)
+            self.stats.decision.observe(time.perf_counter() - before)
             if worker_id is None:
                 break
             tried.append(worker_id)
@@ -183,13 +215,17 @@ class RouterService(Service):
             if track_load:
                 self.table.set_load(worker_id, model, ack.load)
             ack.capacity = self.table.capacity(model)
+            self.stats.batch(label, RETRIED if attempt else OK, time.perf_counter() - arrived)
             return ack.SerializeToString()
         if tried:
+            self.stats.batch(label, NO_WORKER, time.perf_counter() - arrived)
             raise errors.Unavailable(
                 f"no instance of {model!r} could run the batch (tried {', '.join(tried)})", retry_after_s=1, model=model
             )
         if self.table.instances or self.workers.synced.is_set():
+            self.stats.batch(label, NOT_SERVED, time.perf_counter() - arrived)
             raise errors.NotFound(f"model {model!r} is not served by any worker", model=model)
+        self.stats.batch(label, NO_WORKER, time.perf_counter() - arrived)
         raise errors.Unavailable("router has not discovered workers yet", retry_after_s=1)
 
     async def _on_load(self, msg: Msg) -> None:

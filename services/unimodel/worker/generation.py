@@ -22,9 +22,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from unimodel.core import errors
+from opentelemetry.trace import Span
+
+from unimodel.core import errors, tracing
 from unimodel.core.context import now_ms
+from unimodel.core.tracing import Attr
 from unimodel.v1 import generate_pb2, inference_pb2
 from unimodel.worker.llm import FINISH_ABORT, FINISH_ERROR, GenerativeEngine, Prompt
 
@@ -44,6 +48,18 @@ class Running:
     model: str
     task: asyncio.Task[None] | None = None
     aborted: bool = False
+    arrived_ns: int = 0  # perf_counter_ns() when its batch arrived here (time to first token)
+    span: Span | None = None  # "chat {model}" / "text_completion {model}" while tracing is on
+
+
+class GenerationMetrics(Protocol):
+    """What a generation reports as it runs (the worker's Prometheus series)."""
+
+    def first_token(self, model: str, seconds: float) -> None: ...
+
+    def inter_token(self, model: str, seconds: float) -> None: ...
+
+    def generation_done(self, model: str, reason: str, tokens: int, decode_s: float) -> None: ...
 
 
 @dataclass(eq=False)
@@ -64,11 +80,13 @@ class Generations:
         worker_id: str,
         *,
         on_finish: Callable[[str, str, int], None] = lambda model, reason, tokens: None,
+        metrics: GenerationMetrics | None = None,
     ) -> None:
         self.publish = publish
         self.publish_error = publish_error
         self.worker_id = worker_id
         self.on_finish = on_finish
+        self.metrics = metrics
         self.running: dict[str, Running] = {}
         self.stats = GenerationStats()
         self._aborted: OrderedDict[str, float] = OrderedDict()  # request id -> when
@@ -144,7 +162,9 @@ class Generations:
             )
             first.usage.prompt_tokens = prompt.prompt_tokens
             await self.publish(item.reply_to, first.SerializeToString())
-            run = Running(item.request_id, batch.model)
+            run = Running(item.request_id, batch.model, arrived_ns=arrived_ns or time.perf_counter_ns())
+            if tracing.enabled():
+                run.span = self._span(batch.model, item, prompt, arrived_ns)
             run.task = asyncio.create_task(
                 self._generate(engine, item, prompt, run, release), name=f"generate {item.request_id}"
             )
@@ -153,6 +173,29 @@ class Generations:
             started += 1
             self.stats.started += 1
         return started, refused
+
+    def _span(self, model: str, item: inference_pb2.BatchItem, prompt: Prompt, arrived_ns: int) -> Span | None:
+        """The generation's span (OpenTelemetry GenAI conventions), from its batch's arrival here."""
+        request = item.generate
+        operation = "chat" if request.messages else "text_completion"
+        attributes: dict[str, object] = {
+            Attr.GENAI_OPERATION: operation, Attr.GENAI_PROVIDER: tracing.PROVIDER, Attr.GENAI_REQUEST_MODEL: model,
+            Attr.GENAI_INPUT_TOKENS: prompt.prompt_tokens, Attr.REQUEST_ID: item.request_id, Attr.WORKER_ID: self.worker_id,
+        }
+        if request.id:
+            attributes[Attr.GENAI_RESPONSE_ID] = request.id
+        sampling = request.sampling
+        if sampling.max_tokens:
+            attributes[Attr.GENAI_MAX_TOKENS] = sampling.max_tokens
+        if sampling.HasField("temperature"):
+            attributes[Attr.GENAI_TEMPERATURE] = sampling.temperature
+        if sampling.HasField("top_p"):
+            attributes[Attr.GENAI_TOP_P] = sampling.top_p
+        start_ns = time.time_ns() - (time.perf_counter_ns() - arrived_ns) if arrived_ns else None
+        return tracing.start(
+            tracing.Name.generation(operation, model), item.trace_context.get("traceparent", ""), tracing.INTERNAL,
+            attributes, start_ns=start_ns,
+        )
 
     async def _refuse(self, item: inference_pb2.BatchItem, err: errors.UnimodelError) -> None:
         if item.reply_to:
@@ -171,12 +214,24 @@ class Generations:
         completion = 0
         reason = FINISH_ERROR
         final = generate_pb2.GenerateChunk()
+        metrics = self.metrics
+        first_ns = last_ns = 0
+        error: errors.UnimodelError | None = None
         try:
             timeout = None
             if item.deadline_unix_ms:
                 timeout = max(0.0, (item.deadline_unix_ms - now_ms()) / 1000.0)
             async with asyncio.timeout(timeout):
                 async for delta in engine.generate(prompt):
+                    if delta.tokens:
+                        now = time.perf_counter_ns()
+                        if not first_ns:
+                            first_ns = now
+                            if metrics is not None:
+                                metrics.first_token(run.model, (now - run.arrived_ns) / 1e9)
+                        elif metrics is not None:
+                            metrics.inter_token(run.model, (now - last_ns) / 1e9)
+                        last_ns = now
                     completion += delta.tokens
                     chunk = generate_pb2.GenerateChunk(seq=seq, text=delta.text, tokens=delta.tokens)
                     if delta.finish_reason:
@@ -202,19 +257,25 @@ class Generations:
             final.error.CopyFrom(errors.Cancelled("the caller cancelled the generation").to_proto())
         except TimeoutError:
             reason = FINISH_ERROR
+            error = errors.DeadlineExceeded("deadline passed during generation")
             final = generate_pb2.GenerateChunk(seq=seq, finish_reason=FINISH_ERROR)
-            final.error.CopyFrom(errors.DeadlineExceeded("deadline passed during generation").to_proto())
+            final.error.CopyFrom(error.to_proto())
         except Exception as exc:
             reason = FINISH_ERROR
-            err = _as_error(exc, run.model)
+            error = _as_error(exc, run.model)
             final = generate_pb2.GenerateChunk(seq=seq, finish_reason=FINISH_ERROR)
-            final.error.CopyFrom(err.to_proto())
+            final.error.CopyFrom(error.to_proto())
         finally:
             self.running.pop(run.request_id, None)
             release()
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
             self.stats.tokens += completion
+            decode_s = (last_ns - first_ns) / 1e9
+            if metrics is not None:
+                metrics.generation_done(run.model, reason, completion, decode_s)
             self.on_finish(run.model, reason, completion)
+            if run.span is not None:
+                _end_span(run, reason, completion, first_ns, decode_s, error)
         final.usage.prompt_tokens = prompt.prompt_tokens
         final.usage.completion_tokens = completion
         final.usage.total_tokens = prompt.prompt_tokens + completion
@@ -237,6 +298,21 @@ class Generations:
         tasks = [r.task for r in self.running.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
+
+
+def _end_span(
+    run: Running, reason: str, tokens: int, first_ns: int, decode_s: float, error: errors.UnimodelError | None
+) -> None:
+    span = run.span
+    assert span is not None
+    span.set_attribute(Attr.GENAI_RESPONSE_MODEL, run.model)
+    span.set_attribute(Attr.GENAI_OUTPUT_TOKENS, tokens)
+    span.set_attribute(Attr.GENAI_FINISH_REASONS, [reason])
+    if first_ns:
+        span.set_attribute(Attr.GENAI_TTFT, (first_ns - run.arrived_ns) / 1e9)
+    if tokens > 1 and decode_s > 0:
+        span.set_attribute(Attr.GENAI_TIME_PER_TOKEN, decode_s / (tokens - 1))
+    tracing.finish(span, error)
 
 
 def _as_error(exc: BaseException, model: str) -> errors.UnimodelError:

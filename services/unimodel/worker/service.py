@@ -16,15 +16,18 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from prometheus_client import Counter
+from opentelemetry.trace import Link, Span
 
-from unimodel.core import errors, modelconfig, subjects
+from unimodel.core import errors, modelconfig, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
+from unimodel.core.subjects import Header
+from unimodel.core.tracing import Attr
 from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2
 from unimodel.worker.batching import add_tensors
 from unimodel.worker.engines import available_engines, cuda_available
 from unimodel.worker.generation import Generations
+from unimodel.worker.metrics import WorkerMetrics
 from unimodel.worker.models import LoadedModel, ModelTable, builtin_config
 from unimodel.worker.runner import run_batch
 from unimodel.worker.settings import WorkerSettings
@@ -54,14 +57,9 @@ class WorkerService(Service):
         )
         self._reported: tuple[tuple[str, int], ...] = ()
         self._reports: set[asyncio.Task[None]] = set()
-        self.generations = Generations(self.bus.publish, self.bus.publish_error, self.id, on_finish=self._generation_done)
-        registry = self.metrics.registry
-        self._gen_total = Counter(
-            "unimodel_worker_generations", "Generations ended, by model and finish reason (stop, length, abort, error)",
-            ["model", "finish_reason"], registry=registry,
-        )
-        self._gen_tokens = Counter(
-            "unimodel_worker_generated_tokens", "Completion tokens generated, by model", ["model"], registry=registry
+        self.stats = WorkerMetrics(self.metrics.registry, self._model_loads)
+        self.generations = Generations(
+            self.bus.publish, self.bus.publish_error, self.id, on_finish=self._generation_done, metrics=self.stats
         )
 
     async def on_start(self) -> None:
@@ -142,10 +140,14 @@ class WorkerService(Service):
         if hits:
             self.log.debug("aborted %d generation(s): %s", hits, request.reason or "no reason given")
 
+    def _model_loads(self) -> list[tuple[str, str, int, int]]:
+        # Called from the metrics server's thread: reads plain ints of the table.
+        return [
+            (m.name, registry_pb2.ModelStatus.State.Name(m.state), m.inflight, m.concurrency)
+            for m in self.models.states()
+        ]
+
     def _generation_done(self, model: str, reason: str, tokens: int) -> None:
-        self._gen_total.labels(model, reason).inc()
-        if tokens:
-            self._gen_tokens.labels(model).inc(tokens)
         # Routers learn at once that a sequence slot freed up (the model was released already).
         loaded = self.models.get(model)
         load = registry_pb2.ModelLoad(worker_id=self.id, model=model, sequences=loaded.inflight if loaded else 0)
@@ -183,16 +185,31 @@ class WorkerService(Service):
     async def _on_batch(self, msg: Msg, ctx: RequestContext) -> bytes:
         batch = inference_pb2.BatchRequest.FromString(msg.data)
         model = self.models.acquire(batch.model)
+        span, arrived_wall = None, 0
+        if tracing.enabled():
+            span = tracing.start(tracing.Name.worker_batch(batch.model), ctx.traceparent, tracing.SERVER, {
+                Attr.MODEL: batch.model, Attr.BATCH_ID: batch.batch_id, Attr.BATCH_SIZE: len(batch.items),
+                Attr.INSTANCE: self.id,
+            })
+            arrived_wall = time.time_ns()
         if model.engine.generative:
-            return await self._on_generate(model, batch)
+            try:
+                return await self._on_generate(model, batch)  # acked once every generation started
+            finally:
+                tracing.finish(span)
         arrived = time.perf_counter_ns()
         try:
             async with self._slots:
                 started = time.perf_counter_ns()
                 outcomes = await run_batch(model, batch, self._executor)
                 compute_ns = time.perf_counter_ns() - started
+        except BaseException as exc:
+            tracing.finish(span, exc)
+            raise
         finally:
             self.models.release(model)
+        if span is not None:
+            self._trace_items(span, batch, outcomes, arrived_wall, compute_ns)
         slot_wait_ns = started - arrived
         queue_ns = batch.queue_ns if len(batch.queue_ns) == len(batch.items) else None
         path = [*batch.path, self.id]
@@ -244,7 +261,27 @@ class WorkerService(Service):
             await publish(group, replies.SerializeToString())
         ack.failed = failed
         ack.succeeded = len(outcomes) - failed
+        self.stats.batch(batch.model, compute_ns / 1e9, failed, len(outcomes))
         return ack.SerializeToString()
+
+    def _trace_items(
+        self, span: Span, batch: inference_pb2.BatchRequest, outcomes: list[object], arrived_wall_ns: int, compute_ns: int
+    ) -> None:
+        """End the batch's span, and give each request an "infer" span in its own trace (from the batch's
+        arrival here to now), linked to the batch's."""
+        span.set_attribute(Attr.COMPUTE_MS, compute_ns / 1e6)
+        span.set_attribute(Attr.BATCH_ROWS, sum(max(1, i.rows) for i in batch.items))
+        tracing.finish(span)
+        link = [Link(span.get_span_context())]
+        name = tracing.Name.infer(batch.model)
+        for item, outcome in zip(batch.items, outcomes, strict=True):
+            item_span = tracing.start(
+                name, item.trace_context.get(Header.TRACEPARENT, ""), tracing.INTERNAL,
+                {Attr.MODEL: batch.model, Attr.REQUEST_ID: item.request_id, Attr.WORKER_ID: self.id,
+                 Attr.COMPUTE_MS: compute_ns / 1e6, Attr.BATCH_SIZE: len(batch.items)},
+                links=link, start_ns=arrived_wall_ns,
+            )
+            tracing.finish(item_span, outcome if isinstance(outcome, errors.UnimodelError) else None)
 
     async def on_drain(self, timeout_s: float) -> None:
         await self.generations.wait_idle(timeout_s)

@@ -1,0 +1,32 @@
+"""Metric names and labels of the cache service, declared in one place."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class CacheMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.queries = Counter(
+            "unimodel_cache_queries", "Cache lookups by result (exact_hit, semantic_hit, miss, error)",
+            ["result"], registry=registry,
+        )
+        self.inserts = Counter("unimodel_cache_inserted_entries", "Entries stored", registry=registry)
+        self.evictions = Counter(
+            "unimodel_cache_evictions", "Entries evicted, by reason (ttl, max_entries_per_scope, max_entries)",
+            ["reason"], registry=registry,
+        )
+        self.guard = Counter(
+            "unimodel_cache_guard_rejections", "Candidates above the threshold refused by the guard", registry=registry
+        )
+        self.ambiguous = Counter(
+            "unimodel_cache_ambiguous_misses", "Misses because two entries with different answers matched alike",
+            registry=registry,
+        )
+        self.entries = Gauge("unimodel_cache_entries", "Entries stored (all scopes)", registry=registry)
+        self.stage = Histogram(
+            "unimodel_cache_stage_seconds", "Time of a lookup's stages (embed, search, total)", ["stage"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
