@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from opentelemetry.trace import Span
 
 from unimodel.batcher import wire
 from unimodel.batcher.metrics import EXPIRED, INVALID, OTHER_MODEL, QUEUE_FULL, BatcherMetrics, ModelSeries
@@ -36,7 +35,7 @@ from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import Service
 from unimodel.core.registry import Discovery, model_key
 from unimodel.core.subjects import Header
-from unimodel.core.tracing import Attr
+from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import inference_pb2, model_pb2
 
 _REASONS: dict[type[errors.UnimodelError], str] = {

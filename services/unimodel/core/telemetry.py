@@ -1,4 +1,4 @@
-"""Telemetry hooks: structured logs carrying the request id, a Prometheus registry, an OTel tracer provider."""
+"""Telemetry hooks: structured logs carrying the request id, a Prometheus registry, span export."""
 
 from __future__ import annotations
 
@@ -13,12 +13,8 @@ import orjson
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-
-from unimodel.core import tracing
+from unimodel import __version__
+from unimodel.core import otlp, tracing
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -127,32 +123,17 @@ class ServiceState(Collector):
 
 def setup_tracing(
     service: str, instance_id: str, exporter: str, endpoint: str = "", sample_ratio: float = 1.0
-) -> TracerProvider | None:
-    """Install a tracer provider when an exporter is configured; tracing stays a no-op otherwise.
+) -> otlp.SpanExporter | None:
+    """Start recording spans when an exporter is configured; tracing stays a no-op otherwise.
 
     Trace context is propagated across hops either way (W3C headers), so traces stay whole when only
-    some services export. The provider's `shutdown()` sends the spans still buffered (run_service calls
+    some services export. The exporter's `shutdown()` sends the spans still queued (run_service calls
     it on exit).
     """
     if exporter == "none":
         return None
-    span_exporter: SpanExporter
-    if exporter == "console":
-        span_exporter = ConsoleSpanExporter()
-    elif exporter == "otlp-grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
-        span_exporter = GrpcExporter(endpoint=endpoint or None, insecure=True)
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
-        span_exporter = HttpExporter(endpoint=endpoint or None)
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": f"unimodel-{service}", "service.instance.id": instance_id}),
-        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
-    )
-    provider.add_span_processor(BatchSpanProcessor(span_exporter))
-    # Our spans only (core.tracing), not installed as the global provider: libraries that trace on their
-    # own once one is set (FastAPI's native telemetry adds three spans per request) stay quiet.
-    tracing.enable(provider)
-    return provider
+    resource = {"service.name": f"unimodel-{service}", "service.instance.id": instance_id,
+                "service.version": __version__, "telemetry.sdk.name": "unimodel", "telemetry.sdk.language": "python"}
+    span_exporter = otlp.exporter(exporter, endpoint, resource)
+    tracing.enable(tracing.Tracer(span_exporter.add, sample_ratio))
+    return span_exporter

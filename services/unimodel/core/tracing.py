@@ -23,17 +23,17 @@ belong to its first request's trace and are linked from every request's own span
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
-
-from opentelemetry import trace
-from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+import os
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from unimodel.core.context import RequestContext
 
-SERVER, CLIENT, INTERNAL, PRODUCER, CONSUMER = (
-    SpanKind.SERVER, SpanKind.CLIENT, SpanKind.INTERNAL, SpanKind.PRODUCER, SpanKind.CONSUMER
-)
+INTERNAL, SERVER, CLIENT, PRODUCER, CONSUMER = 1, 2, 3, 4, 5
+"""Span kinds, as OTLP numbers them (opentelemetry.proto.trace.v1.Span.SpanKind)."""
+STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
 
 TRACE_ID_HEADER = "x-unimodel-trace-id"
 """Response header (HTTP) and initial metadata key (gRPC) with the request's trace id."""
@@ -117,13 +117,88 @@ class Attr:
 PROVIDER = "unimodel"
 """gen_ai.provider.name of our own LLM spans."""
 
-_tracer: trace.Tracer | None = None
+
+class SpanContext(NamedTuple):
+    trace_id: int
+    span_id: int
+    sampled: bool
 
 
-def enable(provider: trace.TracerProvider) -> None:
-    """Start making spans with `provider` (telemetry.setup_tracing)."""
+class Span:
+    """A span being recorded: plain slots, ended spans go to the exporter (core.otlp) as they are."""
+
+    __slots__ = ("name", "trace_id", "span_id", "parent_id", "kind", "start_ns", "end_ns", "attributes", "links",
+                 "status", "message", "_sink")
+
+    def __init__(
+        self, name: str, trace_id: int, span_id: int, parent_id: int, kind: int, start_ns: int,
+        attributes: dict[str, Any], links: list[SpanContext], sink: Callable[[Span], None] | None,
+    ) -> None:
+        self.name, self.trace_id, self.span_id, self.parent_id, self.kind = name, trace_id, span_id, parent_id, kind
+        self.start_ns, self.end_ns = start_ns, 0
+        self.attributes, self.links = attributes, links
+        self.status, self.message = STATUS_UNSET, ""
+        self._sink = sink  # None: not sampled (kept for its ids: the trace goes on unsampled)
+
+    @property
+    def recording(self) -> bool:
+        return self._sink is not None
+
+    def get_span_context(self) -> SpanContext:
+        return SpanContext(self.trace_id, self.span_id, self._sink is not None)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if self._sink is not None:
+            self.attributes[key] = value
+
+    def add_link(self, context: SpanContext) -> None:
+        if self._sink is not None:
+            self.links.append(context)
+
+    def set_error(self, message: str) -> None:
+        self.status, self.message = STATUS_ERROR, message
+
+    def end(self, end_ns: int | None = None) -> None:
+        """Record the end (once); a sampled span is handed to the exporter."""
+        if self.end_ns:
+            return
+        self.end_ns = end_ns or time.time_ns()
+        if self._sink is not None:
+            self._sink(self)
+
+
+class Tracer:
+    """Makes spans: W3C trace context parents, parent-based sampling with a trace-id ratio for new
+    traces (as OpenTelemetry's ParentBased(TraceIdRatioBased)), ended spans to `sink`."""
+
+    def __init__(self, sink: Callable[[Span], None], sample_ratio: float = 1.0) -> None:
+        self.sink = sink
+        self.bound = round(max(0.0, min(1.0, sample_ratio)) * (1 << 64))
+        self._bits = random.Random(os.urandom(16)).getrandbits
+
+    def start(
+        self, name: str, parent: SpanContext | None, kind: int, attributes: Mapping[str, Any] | None,
+        links: Sequence[SpanContext], start_ns: int | None,
+    ) -> Span:
+        bits = self._bits
+        if parent is not None:
+            trace_id, parent_id, sampled = parent.trace_id, parent.span_id, parent.sampled
+        else:
+            trace_id, parent_id = bits(128) or 1, 0
+            sampled = (trace_id & 0xFFFFFFFFFFFFFFFF) < self.bound
+        return Span(
+            name, trace_id, bits(64) or 1, parent_id, kind, start_ns or time.time_ns(),
+            dict(attributes) if attributes else {}, list(links), self.sink if sampled else None,
+        )
+
+
+_tracer: Tracer | None = None
+
+
+def enable(tracer: Tracer) -> None:
+    """Start making spans with `tracer` (telemetry.setup_tracing)."""
     global _tracer
-    _tracer = provider.get_tracer("unimodel")
+    _tracer = tracer
 
 
 def disable() -> None:
@@ -135,9 +210,9 @@ def enabled() -> bool:
     return _tracer is not None
 
 
-def parent_context(traceparent: str) -> Any:
-    """The OTel context whose current span is the remote parent `traceparent` names (None if invalid)."""
-    # version 00: 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
+def parse_traceparent(traceparent: str) -> SpanContext | None:
+    """The remote parent a W3C `traceparent` names (version 00), None if it is not a valid one."""
+    # 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
     if len(traceparent) != 55 or traceparent[2] != "-" or traceparent[35] != "-" or traceparent[52] != "-":
         return None
     try:
@@ -146,44 +221,35 @@ def parent_context(traceparent: str) -> Any:
         return None
     if not trace_id or not span_id:
         return None
-    parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & 0x01))
-    return trace.set_span_in_context(NonRecordingSpan(parent))
+    return SpanContext(trace_id, span_id, bool(flags & 0x01))
 
 
 def traceparent_of(span: Span) -> str:
-    sc = span.get_span_context()
-    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+    return f"00-{span.trace_id:032x}-{span.span_id:016x}-{'01' if span.recording else '00'}"
 
 
 def trace_id_of(span: Span) -> str:
-    return f"{span.get_span_context().trace_id:032x}"
-
-
-def link_to(traceparent: str) -> Link | None:
-    ctx = parent_context(traceparent)
-    return Link(trace.get_current_span(ctx).get_span_context()) if ctx is not None else None
+    return f"{span.trace_id:032x}"
 
 
 def start(
     name: str,
     traceparent: str = "",
-    kind: SpanKind = INTERNAL,
+    kind: int = INTERNAL,
     attributes: Mapping[str, Any] | None = None,
     *,
-    links: Sequence[Link] = (),
+    links: Sequence[SpanContext] = (),
     start_ns: int | None = None,
 ) -> Span | None:
     """A new span, child of `traceparent` (a new trace without one); None while tracing is off."""
     tracer = _tracer
     if tracer is None:
         return None
-    return tracer.start_span(
-        name, parent_context(traceparent) if traceparent else None, kind, attributes, links, start_time=start_ns
-    )
+    return tracer.start(name, parse_traceparent(traceparent) if traceparent else None, kind, attributes, links, start_ns)
 
 
 def start_in(
-    name: str, ctx: RequestContext, kind: SpanKind = INTERNAL, attributes: Mapping[str, Any] | None = None
+    name: str, ctx: RequestContext, kind: int = INTERNAL, attributes: Mapping[str, Any] | None = None
 ) -> tuple[Span | None, RequestContext]:
     """A span child of the request's trace context, and the context for the next hop (its traceparent)."""
     span = start(name, ctx.traceparent, kind, attributes)
@@ -199,5 +265,5 @@ def finish(span: Span | None, error: BaseException | str | None = None, end_ns: 
     if error is not None:
         code = getattr(error, "code_name", None) or (error if isinstance(error, str) else type(error).__name__)
         span.set_attribute(Attr.ERROR_TYPE, code)
-        span.set_status(Status(StatusCode.ERROR, getattr(error, "message", "") or str(code)))
+        span.set_error(getattr(error, "message", "") or str(code))
     span.end(end_ns)

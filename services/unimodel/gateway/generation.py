@@ -15,11 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from opentelemetry.trace import Span
-
 from unimodel.core import errors, tracing
 from unimodel.core.replies import ReplyStream
-from unimodel.core.tracing import Attr
+from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import generate_pb2
 
 log = logging.getLogger("unimodel.gateway.generation")

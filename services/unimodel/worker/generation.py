@@ -24,11 +24,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from opentelemetry.trace import Span
-
 from unimodel.core import errors, tracing
 from unimodel.core.context import now_ms
-from unimodel.core.tracing import Attr
+from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import generate_pb2, inference_pb2
 from unimodel.worker.llm import FINISH_ABORT, FINISH_ERROR, GenerativeEngine, Prompt
 

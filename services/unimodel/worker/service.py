@@ -16,13 +16,12 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from opentelemetry.trace import Link, Span
 
 from unimodel.core import errors, modelconfig, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.subjects import Header
-from unimodel.core.tracing import Attr
+from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2
 from unimodel.worker.batching import add_tensors
 from unimodel.worker.engines import available_engines, cuda_available
@@ -272,7 +271,7 @@ class WorkerService(Service):
         span.set_attribute(Attr.COMPUTE_MS, compute_ns / 1e6)
         span.set_attribute(Attr.BATCH_ROWS, sum(max(1, i.rows) for i in batch.items))
         tracing.finish(span)
-        link = [Link(span.get_span_context())]
+        link = [span.get_span_context()]
         name = tracing.Name.infer(batch.model)
         for item, outcome in zip(batch.items, outcomes, strict=True):
             item_span = tracing.start(
