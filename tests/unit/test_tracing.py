@@ -147,11 +147,11 @@ def test_the_exporter_sends_in_batches_drops_when_full_and_flushes_on_shutdown(
     sent: list[list[str]] = []
     gate = threading.Event()
 
-    def send(batch: list[tracing.Span]) -> None:
+    def send(batch: list[bytes]) -> None:
         gate.wait(5)
-        sent.append([s.name for s in batch])
+        sent.append([b.decode() for b in batch])
 
-    exporter = otlp.SpanExporter({"service.name": "t"}, send)
+    exporter = otlp.SpanExporter({"service.name": "t"}, lambda s: s.name.encode(), send)
     made = [tracing.start(f"s{i}") for i in range(7)]
     for s in made:
         s.end()  # type: ignore[union-attr]
@@ -164,10 +164,10 @@ def test_the_exporter_sends_in_batches_drops_when_full_and_flushes_on_shutdown(
 
 
 def test_a_failing_export_drops_its_batch_and_never_raises(caplog: pytest.LogCaptureFixture, spans: list[tracing.Span]) -> None:
-    def send(batch: list[tracing.Span]) -> None:
+    def send(batch: list[bytes]) -> None:
         raise ConnectionError("collector down")
 
-    exporter = otlp.SpanExporter({}, send)
+    exporter = otlp.SpanExporter({}, otlp.encoded_span, send)
     span = tracing.start("x")
     span.end()  # type: ignore[union-attr]
     exporter.add(span)  # type: ignore[arg-type]

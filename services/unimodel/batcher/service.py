@@ -258,9 +258,11 @@ class BatcherService(Service):
         batch_id = next(self._batch_ids)
         first: Item = batch[0].payload  # type: ignore[assignment]
         ctx = RequestContext(batch_id, deadline, first.traceparent, first.tracestate)
-        span = None
-        if tracing.enabled():
-            span, ctx = self._trace_batch(state, batch, batch_id, rows, waits, ctx)
+        span, dispatched_ns = None, 0
+        traced = tracing.enabled()
+        if traced:
+            span, ctx = self._trace_batch(state, batch, batch_id, rows, ctx)
+            dispatched_ns = time.time_ns()
         try:
             raw = await self.bus.request(
                 subjects.route(state.model),
@@ -273,11 +275,15 @@ class BatcherService(Service):
             if not isinstance(exc, errors.UnimodelError):
                 self.log.exception("dispatch of a %s batch failed", state.model)
             series.batches_failed += 1
-            tracing.finish(span, err)
+            if traced:
+                self._end_queue_spans(batch, batch_id, rows, waits, span, dispatched_ns)
+                tracing.finish(span, err)
             for pending in batch:
                 await self.bus.publish_error(pending.payload.reply_to, err)  # type: ignore[attr-defined]
             return
-        tracing.finish(span)
+        if traced:  # after the ack: the requests' answers are on their way already
+            self._end_queue_spans(batch, batch_id, rows, waits, span, dispatched_ns)
+            tracing.finish(span)
         series.batches_ok += 1
         capacity = inference_pb2.BatchAck.FromString(raw).capacity
         if capacity > 0:
@@ -285,21 +291,29 @@ class BatcherService(Service):
         state.scheduler.set_max_inflight(self._inflight_cap(state.model, state.scheduler.queue.policy))
 
     def _trace_batch(
-        self, state: ModelState, batch: list[Pending], batch_id: str, rows: int, waits: list[int], ctx: RequestContext
+        self, state: ModelState, batch: list[Pending], batch_id: str, rows: int, ctx: RequestContext
     ) -> tuple[Span | None, RequestContext]:
-        """End each request's queue span (its wait, the batch it joined) and start the batch's dispatch
-        span in the first request's trace, linked to every request's queue span and linked from them."""
-        queued = [p.payload.span for p in batch]  # type: ignore[attr-defined]
+        """The batch's dispatch span, in the first request's trace, linked to every request's queue span."""
         span, ctx = tracing.start_in(tracing.Name.BATCHER_DISPATCH, ctx, tracing.PRODUCER, {
             Attr.MODEL: state.model, Attr.BATCH_ID: batch_id, Attr.BATCH_SIZE: len(batch), Attr.BATCH_ROWS: rows,
             Attr.MESSAGING_SYSTEM: "nats", Attr.MESSAGING_DESTINATION: subjects.route(state.model),
         })
         if span is not None:
-            for queue_span in queued:
+            for pending in batch:
+                queue_span = pending.payload.span  # type: ignore[attr-defined]
                 if queue_span is not None:
                     span.add_link(queue_span.get_span_context())
-        dispatched = span.get_span_context() if span is not None else None
-        for queue_span, waited_ns in zip(queued, waits, strict=True):
+        return span, ctx
+
+    @staticmethod
+    def _end_queue_spans(
+        batch: list[Pending], batch_id: str, rows: int, waits: list[int], dispatch: Span | None, end_ns: int
+    ) -> None:
+        """End each request's queue span at its dispatch (`end_ns`): its wait and the batch it joined.
+        Called once the batch was acknowledged, so the batch does not wait for it."""
+        dispatched = dispatch.get_span_context() if dispatch is not None else None
+        for pending, waited_ns in zip(batch, waits, strict=True):
+            queue_span = pending.payload.span  # type: ignore[attr-defined]
             if queue_span is None:
                 continue
             queue_span.set_attribute(Attr.BATCH_SIZE, len(batch))
@@ -308,8 +322,7 @@ class BatcherService(Service):
             queue_span.set_attribute(Attr.QUEUE_WAIT_MS, waited_ns / 1e6)
             if dispatched is not None:
                 queue_span.add_link(dispatched)
-            queue_span.end()
-        return span, ctx
+            queue_span.end(end_ns)
 
     def _reject(self, state: ModelState, batch: list[Pending], err: errors.UnimodelError) -> None:
         """Answer requests that leave the queue without running (one task for all of them)."""

@@ -134,12 +134,27 @@ def encode_span(span: Span) -> bytes:
     return b"".join(parts)
 
 
-def encode_request(resource: Mapping[str, Any], spans: list[Span]) -> bytes:
-    """opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest with one ResourceSpans."""
-    scope = _field(1, b"\x0a" + _varint(8) + b"unimodel" + _field(2, __version__.encode()))  # InstrumentationScope
-    scope_spans = scope + b"".join(_field(2, encode_span(s)) for s in spans)  # ScopeSpans {scope = 1, spans = 2}
-    resource_spans = _field(1, _key_values(resource, 1)) + _field(2, scope_spans)  # {resource = 1, scope_spans = 2}
+def encoded_span(span: Span) -> bytes:
+    """The span as ScopeSpans.spans (field 2) carries it."""
+    return _field(2, encode_span(span))
+
+
+def request_head(resource: Mapping[str, Any]) -> tuple[bytes, bytes]:
+    """The parts of an export request that do not change: the Resource and the InstrumentationScope."""
+    scope = _field(1, b"\x0a" + _varint(8) + b"unimodel" + _field(2, __version__.encode()))  # ScopeSpans.scope = 1
+    return _field(1, _key_values(resource, 1)), scope  # ResourceSpans.resource = 1
+
+
+def request_of(head: tuple[bytes, bytes], spans: list[bytes]) -> bytes:
+    """opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest with one ResourceSpans, from
+    encoded_span() parts."""
+    resource, scope = head
+    resource_spans = resource + _field(2, scope + b"".join(spans))  # ResourceSpans.scope_spans = 2
     return _field(1, resource_spans)  # resource_spans = 1
+
+
+def encode_request(resource: Mapping[str, Any], spans: list[Span]) -> bytes:
+    return request_of(request_head(resource), [encoded_span(s) for s in spans])
 
 
 # --- transports --------------------------------------------------------------------------------------
@@ -192,10 +207,21 @@ def _env_int(name: str, default: int) -> int:
 
 
 class SpanExporter:
-    """Queue of ended spans, sent in batches by a daemon thread (`add` is what the Tracer calls)."""
+    """Queue of ended spans, sent in batches by a daemon thread (`add` is what the Tracer calls).
 
-    def __init__(self, resource: Mapping[str, Any], send: Callable[[list[Span]], None]) -> None:
+    `add` only queues the span (a deque append, no lock): the request path pays for making and ending
+    its spans, not for encoding them. The thread encodes a batch a few dozen spans at a time and lets go
+    of the GIL in between, so it runs in the event loop's idle time instead of stalling it for the
+    milliseconds a whole batch takes.
+    """
+
+    ENCODE_CHUNK = 32
+
+    def __init__(
+        self, resource: Mapping[str, Any], encode: Callable[[Span], bytes], send: Callable[[list[bytes]], None]
+    ) -> None:
         self.resource = dict(resource)
+        self._encode = encode
         self._send = send
         self.delay_s = _env_int("OTEL_BSP_SCHEDULE_DELAY", 1000) / 1000.0
         self.max_batch = _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
@@ -227,9 +253,14 @@ class SpanExporter:
     def _drain(self) -> None:
         queue = self._queue
         while queue:
-            batch = []
+            batch: list[bytes] = []
+            encode = self._encode
             while queue and len(batch) < self.max_batch:
-                batch.append(queue.popleft())
+                for _ in range(self.ENCODE_CHUNK):
+                    if not queue or len(batch) >= self.max_batch:
+                        break
+                    batch.append(encode(queue.popleft()))
+                time.sleep(0)  # let the event loop's thread have the GIL between chunks
             try:
                 self._send(batch)
                 self.exported += len(batch)
@@ -256,10 +287,11 @@ def exporter(kind: str, endpoint: str, resource: Mapping[str, Any]) -> SpanExpor
     if kind == "console":
         out = sys.stdout.buffer
 
-        def to_console(spans: list[Span]) -> None:
-            out.write(b"".join(console_line(resource, s) for s in spans))
+        def to_console(lines: list[bytes]) -> None:
+            out.write(b"".join(lines))
             out.flush()
 
-        return SpanExporter(resource, to_console)
+        return SpanExporter(resource, lambda span: console_line(resource, span), to_console)
     send = grpc_sender(endpoint or DEFAULT_GRPC) if kind == "otlp-grpc" else http_sender(endpoint or DEFAULT_HTTP)
-    return SpanExporter(resource, lambda spans: send(encode_request(resource, spans)))
+    head = request_head(resource)
+    return SpanExporter(resource, encoded_span, lambda spans: send(request_of(head, spans)))

@@ -53,7 +53,7 @@ class ReplyMux:
         self._numbers = itertools.count(1)
         self._sub: Subscription | None = None
         # what leaves at the end of this loop iteration: (batch subject, bundle subject) -> [(item, inbox)]
-        self._outbox: dict[tuple[str, str], list[tuple[bytes, str]]] = {}
+        self._outbox: dict[tuple[str, str], list[tuple[bytes, str, dict[str, str] | None]]] = {}
         self._bundles: dict[str, list[str]] = {}  # a sent bundle's reply inbox (its first) -> every inbox
         self._flushes: set[asyncio.Task[None]] = set()
         self._streams: dict[str, ReplyStream] = {}
@@ -91,7 +91,7 @@ class ReplyMux:
             # Request id, deadline and trace context travel in the item (the batcher reads them there), so
             # traced requests are bundled like the others.
             if bundle_subject:
-                self._queue(subject, bundle_subject, item.SerializeToString(), inbox)
+                self._queue(subject, bundle_subject, item.SerializeToString(), inbox, ctx.trace_headers() or None)
             else:
                 await nc.publish(subject, item.SerializeToString(), reply=inbox, headers=ctx.trace_headers() or None)
             return await asyncio.wait_for(future, ctx.timeout(timeout_s))
@@ -133,24 +133,25 @@ class ReplyMux:
         return stream
 
     # bundles ------------------------------------------------------------------------------------
-    def _queue(self, subject: str, bundle_subject: str, data: bytes, inbox: str) -> None:
+    def _queue(self, subject: str, bundle_subject: str, data: bytes, inbox: str, headers: dict[str, str] | None) -> None:
         if not self._outbox:
             task = asyncio.get_running_loop().create_task(self._flush())  # runs after this iteration's callers
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
-        self._outbox.setdefault((subject, bundle_subject), []).append((data, inbox))
+        self._outbox.setdefault((subject, bundle_subject), []).append((data, inbox, headers))
 
     async def _flush(self) -> None:
         outbox, self._outbox = self._outbox, {}
         for (subject, bundle_subject), entries in outbox.items():
-            inboxes = [inbox for _data, inbox in entries]
+            inboxes = [inbox for _data, inbox, _headers in entries]
             try:
                 nc = self.bus.client()
-                if len(entries) == 1:
-                    await nc.publish(subject, entries[0][0], reply=inboxes[0])
-                else:
+                if len(entries) == 1:  # a lone item goes as itself, with its trace context in headers too
+                    data, inbox, headers = entries[0]
+                    await nc.publish(subject, data, reply=inbox, headers=headers)
+                else:  # each bundled item carries its own trace context (BatchItem.trace_context)
                     self._bundles[inboxes[0]] = inboxes
-                    await nc.publish(bundle_subject, protowire.bundle(d for d, _i in entries), reply=inboxes[0])
+                    await nc.publish(bundle_subject, protowire.bundle(d for d, _i, _h in entries), reply=inboxes[0])
             except Exception as exc:  # not sent: each request fails now rather than at its deadline
                 err = errors.Unavailable(f"NATS connection is down ({type(exc).__name__})", retry_after_s=1)
                 for inbox in inboxes:

@@ -22,7 +22,6 @@ belong to its first request's trace and are linked from every request's own span
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import time
@@ -255,7 +254,7 @@ def start_in(
     span = start(name, ctx.traceparent, kind, attributes)
     if span is None:
         return None, ctx
-    return span, dataclasses.replace(ctx, traceparent=traceparent_of(span))
+    return span, RequestContext(ctx.request_id, ctx.deadline_ms, traceparent_of(span), ctx.tracestate, ctx.tenant)
 
 
 def finish(span: Span | None, error: BaseException | str | None = None, end_ns: int | None = None) -> None:

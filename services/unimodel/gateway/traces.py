@@ -50,6 +50,40 @@ def http_route(path: str) -> tuple[str, str] | None:
     return None
 
 
+class _ServerSpan:
+    """One request's span and the `send` that ends it with the response's last body chunk."""
+
+    __slots__ = ("span", "send", "trace_id", "status", "ended")
+
+    def __init__(self, span: tracing.Span, send: Send) -> None:
+        self.span, self.send = span, send
+        self.trace_id = tracing.trace_id_of(span).encode()
+        self.status = 0
+        self.ended = False
+
+    async def traced_send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+            message = {**message, "headers": [*message.get("headers", ()), (_TRACE_ID, self.trace_id)]}
+            await self.send(message)
+            return
+        await self.send(message)
+        if kind == "http.response.body" and not message.get("more_body", False):
+            self.end()
+
+    def end(self, error: BaseException | str | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        status = self.status
+        if status:
+            self.span.set_attribute(Attr.HTTP_STATUS, status)
+        if error is None and status >= 500:
+            error = str(status)
+        tracing.finish(self.span, error)
+
+
 class TracingMiddleware:
     """ASGI: a SERVER span around each traced HTTP request (nothing at all while tracing is off)."""
 
@@ -68,45 +102,23 @@ class TracingMiddleware:
         for key, value in headers:
             if key == _TRACEPARENT:
                 parent = value.decode("latin-1")
+                headers = [(k, v) for k, v in headers if k != _TRACEPARENT]
+                break
         attributes = {Attr.HTTP_METHOD: method, Attr.HTTP_ROUTE: template, Attr.URL_PATH: scope["path"]}
         if model:
             attributes[Attr.MODEL] = model
         span = tracing.start(f"{method} {template}", parent, tracing.SERVER, attributes)
         assert span is not None
-        scope = dict(scope)
-        scope["headers"] = [(k, v) for k, v in headers if k != _TRACEPARENT]
-        scope["headers"].append((_TRACEPARENT, tracing.traceparent_of(span).encode()))
-        trace_id = tracing.trace_id_of(span).encode()
-        state = {"status": 0, "ended": False}
-
-        def end(error: BaseException | str | None = None) -> None:
-            if state["ended"]:
-                return
-            state["ended"] = True
-            status = state["status"]
-            if status:
-                span.set_attribute(Attr.HTTP_STATUS, status)
-            if error is None and status >= 500:
-                error = str(status)
-            tracing.finish(span, error)
-
-        async def traced_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                state["status"] = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), (_TRACE_ID, trace_id)]}
-                await send(message)
-                return
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                end()
-
+        # the handlers read the traceparent header: from here on it names the server span
+        scope["headers"] = [*headers, (_TRACEPARENT, tracing.traceparent_of(span).encode())]
+        server = _ServerSpan(span, send)
         try:
-            await self.app(scope, receive, traced_send)
+            await self.app(scope, receive, server.traced_send)
         except BaseException as exc:
-            end(exc)
+            server.end(exc)
             raise
         finally:
-            end()
+            server.end()
 
 
 class GrpcTracingInterceptor(grpc.aio.ServerInterceptor):

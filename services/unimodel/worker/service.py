@@ -207,8 +207,7 @@ class WorkerService(Service):
             raise
         finally:
             self.models.release(model)
-        if span is not None:
-            self._trace_items(span, batch, outcomes, arrived_wall, compute_ns)
+        computed_wall = time.time_ns() if span is not None else 0
         slot_wait_ns = started - arrived
         queue_ns = batch.queue_ns if len(batch.queue_ns) == len(batch.items) else None
         path = [*batch.path, self.id]
@@ -261,13 +260,16 @@ class WorkerService(Service):
         ack.failed = failed
         ack.succeeded = len(outcomes) - failed
         self.stats.batch(batch.model, compute_ns / 1e9, failed, len(outcomes))
+        if span is not None:  # after the answers went out
+            self._trace_items(span, batch, outcomes, arrived_wall, computed_wall, compute_ns)
         return ack.SerializeToString()
 
     def _trace_items(
-        self, span: Span, batch: inference_pb2.BatchRequest, outcomes: list[object], arrived_wall_ns: int, compute_ns: int
+        self, span: Span, batch: inference_pb2.BatchRequest, outcomes: list[object], arrived_wall_ns: int,
+        computed_wall_ns: int, compute_ns: int,
     ) -> None:
         """End the batch's span, and give each request an "infer" span in its own trace (from the batch's
-        arrival here to now), linked to the batch's."""
+        arrival here to the end of its computation), linked to the batch's."""
         span.set_attribute(Attr.COMPUTE_MS, compute_ns / 1e6)
         span.set_attribute(Attr.BATCH_ROWS, sum(max(1, i.rows) for i in batch.items))
         tracing.finish(span)
@@ -280,7 +282,7 @@ class WorkerService(Service):
                  Attr.COMPUTE_MS: compute_ns / 1e6, Attr.BATCH_SIZE: len(batch.items)},
                 links=link, start_ns=arrived_wall_ns,
             )
-            tracing.finish(item_span, outcome if isinstance(outcome, errors.UnimodelError) else None)
+            tracing.finish(item_span, outcome if isinstance(outcome, errors.UnimodelError) else None, computed_wall_ns)
 
     async def on_drain(self, timeout_s: float) -> None:
         await self.generations.wait_idle(timeout_s)
