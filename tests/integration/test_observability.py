@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from deploy_checks import dashboard_metric_names
 from otlp_receiver import OtlpReceiver, Span
 from support import Infra, Services
 
@@ -108,8 +110,14 @@ def one(spans: list[Span], name: str, service: str = "", **attributes: object) -
     return found[0]
 
 
+BATCH_PATH = ("batcher queue", "batcher dispatch", "router route")  # check_batch_path's spans
+
+
 def has(*names: str) -> object:
-    return lambda spans: all(any(s.name == n for s in spans) for n in names)
+    """Every one of `names` among the spans, as often as it is named (spans end, and are exported, at
+    different times in different services)."""
+    want = Counter(names)
+    return lambda spans: not want - Counter(s.name for s in spans)
 
 
 def check_batch_path(spans: list[Span], parent: Span, model: str, worker_service: str) -> tuple[Span, Span]:
@@ -177,7 +185,7 @@ def test_predict_over_grpc_returns_the_trace_id_and_is_traced(cluster: Cluster) 
             metadata=(("traceparent", traceparent),),
         )
     assert dict(call.trailing_metadata())["x-unimodel-trace-id"] == trace_id
-    spans = cluster.receiver.wait_trace(trace_id, has("unimodel.v1.InferenceService/Predict", "infer echo", "worker batch echo"))
+    spans = cluster.receiver.wait_trace(trace_id, has("unimodel.v1.InferenceService/Predict", "infer echo", "worker batch echo", *BATCH_PATH))
     server = one(spans, "unimodel.v1.InferenceService/Predict", "unimodel-gateway")
     assert server.parent_id == client_span and server.kind == SERVER
     assert server.attributes["rpc.system"] == "grpc" and server.attributes["rpc.method"] == "Predict"
@@ -199,7 +207,7 @@ def test_streamed_chat_with_the_cache_is_one_trace_across_every_hop(cluster: Clu
     chat_name, stream_name = f"chat {LLM}", f"stream {LLM}"
     spans = cluster.receiver.wait_trace(trace_id, has(
         "POST /v1/chat/completions", "cache lookup", "cache query", "cache embed", "cache search",
-        f"infer {EMBEDDER}", f"worker batch {LLM}", chat_name, stream_name,
+        f"infer {EMBEDDER}", f"worker batch {LLM}", chat_name, stream_name, *BATCH_PATH, *BATCH_PATH,
     ))
     server = one(spans, "POST /v1/chat/completions", "unimodel-gateway")
     assert server.parent_id == client_span and server.attributes["http.response.status_code"] == 200
@@ -237,7 +245,7 @@ def test_streamed_chat_with_the_cache_is_one_trace_across_every_hop(cluster: Clu
 def test_embeddings_request_is_traced(cluster: Cluster) -> None:
     r = httpx.post(f"{cluster.url}/v1/embeddings", json={"model": EMBEDDER, "input": ["a", "b"]}, timeout=30)
     assert r.status_code == 200, r.text
-    spans = cluster.receiver.wait_trace(r.headers["x-unimodel-trace-id"], has("POST /v1/embeddings", f"infer {EMBEDDER}"))
+    spans = cluster.receiver.wait_trace(r.headers["x-unimodel-trace-id"], has("POST /v1/embeddings", f"infer {EMBEDDER}", *BATCH_PATH))
     server = one(spans, "POST /v1/embeddings", "unimodel-gateway")
     check_batch_path(spans, server, EMBEDDER, "unimodel-embedding-worker")
 
@@ -279,6 +287,16 @@ def samples(text: str) -> dict[str, list[str]]:
     return out
 
 
+def declared(text: str) -> set[str]:
+    """Sample names a /metrics page declares (a labelled series with no child yet has only its # TYPE)."""
+    names = set(samples(text))
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            names.update([name, *(f"{name}{suffix}" for suffix in ("_bucket", "_sum", "_count") if kind == "histogram")])
+    return names
+
+
 def test_every_service_serves_its_metrics_after_one_request_of_each_kind(cluster: Cluster) -> None:
     # the requests above ran (predict, gRPC predict, streamed chat with the cache, embeddings)
     for service, names in EXPECTED.items():
@@ -297,3 +315,6 @@ def test_every_service_serves_its_metrics_after_one_request_of_each_kind(cluster
     router = samples(cluster.scrape("router"))
     assert any('outcome="ok"' in line for line in router["unimodel_router_routed_total"])
     assert any('state="ready"' in line and line.endswith(" 2.0") for line in router["unimodel_router_workers"])
+    # every metric the Grafana dashboard charts is one the services really export
+    exported = set().union(*(declared(cluster.scrape(service)) for service in EXPECTED))
+    assert dashboard_metric_names() - exported == set()

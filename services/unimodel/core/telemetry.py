@@ -102,7 +102,7 @@ class ServiceState(Collector):
         return (
             GaugeMetricFamily(
                 "unimodel_service_info", "Always 1: the service, instance id and version of this process",
-                labels=["service", "instance", "version"],
+                labels=["service", "instance_id", "version"],
             ),
             GaugeMetricFamily("unimodel_nats_connected", "1 while the NATS connection is up"),
             GaugeMetricFamily("unimodel_etcd_connected", "1 while the instance is registered in etcd (lease alive)"),
