@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "embedding-worker": "unimodel.embedder.__main__",
     "gpu-worker": "unimodel.worker.__main__",
     "models": "unimodel.models.__main__",
+    "status": "unimodel.status.__main__",
 }
 ALIASES = {"embedder": "embedding-worker", "worker": "gpu-worker"}
 
@@ -28,6 +29,7 @@ commands:
   embedding-worker   text embeddings                   (python -m unimodel.embedder)
   gpu-worker         hosts models on engines           (python -m unimodel.worker)
   models             prepare | list the model repository  (python -m unimodel.models)
+  status             services, workers, models and queues as etcd and the services see them [--json]
 
 `unimodel <command> --help` lists a command's options; every option has a UNIMODEL_* env var."""
 

@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
 from unimodel.batcher import wire
+from unimodel.batcher.api import BatcherApi
 from unimodel.batcher.metrics import EXPIRED, INVALID, OTHER_MODEL, QUEUE_FULL, BatcherMetrics, ModelSeries
 from unimodel.batcher.queue import BatchPolicy, ModelQueue, Pending
 from unimodel.batcher.scheduler import Scheduler
@@ -36,7 +37,7 @@ from unimodel.core.lifecycle import Service
 from unimodel.core.registry import Discovery, model_key
 from unimodel.core.subjects import Header
 from unimodel.core.tracing import Attr, Span
-from unimodel.v1 import inference_pb2, model_pb2
+from unimodel.v1 import inference_pb2, model_pb2, services_pb2, services_pb2_grpc
 
 _REASONS: dict[type[errors.UnimodelError], str] = {
     errors.ResourceExhausted: QUEUE_FULL,
@@ -88,6 +89,11 @@ class BatcherService(Service):
         self._batch_ids = (f"{uuid.uuid4().hex[:16]}{n:08x}" for n in itertools.count())
         self._replies: set[asyncio.Task[None]] = set()
         self._capacity: dict[str, int] = {}  # model -> the router's last BatchAck.capacity
+        self.grpc.add(
+            services_pb2_grpc.add_BatcherServiceServicer_to_server,
+            BatcherApi(self),
+            services_pb2.DESCRIPTOR.services_by_name["BatcherService"].full_name,
+        )
 
     async def on_start(self) -> None:
         self.models.start()

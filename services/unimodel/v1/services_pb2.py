@@ -27,7 +27,7 @@ from unimodel.v1 import inference_pb2 as unimodel_dot_v1_dot_inference__pb2
 from unimodel.v1 import registry_pb2 as unimodel_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aunimodel/v1/services.proto\x12\x0bunimodel.v1\x1a\x1aunimodel/v1/generate.proto\x1a\x1bunimodel/v1/inference.proto\x1a\x1aunimodel/v1/registry.proto\"$\n\x14ListInstancesRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\"M\n\rInstanceState\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.unimodel.v1.InstanceInfo\x12\x13\n\x0boutstanding\x18\x02 \x01(\x05\"F\n\x15ListInstancesResponse\x12-\n\tinstances\x18\x01 \x03(\x0b\x32\x1a.unimodel.v1.InstanceState2\xbd\x02\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.unimodel.v1.PredictRequest\x1a\x1c.unimodel.v1.PredictResponse\x12M\n\nListModels\x12\x1e.unimodel.v1.ListModelsRequest\x1a\x1f.unimodel.v1.ListModelsResponse\x12\x46\n\x08Generate\x12\x1c.unimodel.v1.GenerateRequest\x1a\x1a.unimodel.v1.GenerateChunk0\x01\x12L\n\rGenerateUnary\x12\x1c.unimodel.v1.GenerateRequest\x1a\x1d.unimodel.v1.GenerateResponse2g\n\rRouterService\x12V\n\rListInstances\x12!.unimodel.v1.ListInstancesRequest\x1a\".unimodel.v1.ListInstancesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aunimodel/v1/services.proto\x12\x0bunimodel.v1\x1a\x1aunimodel/v1/generate.proto\x1a\x1bunimodel/v1/inference.proto\x1a\x1aunimodel/v1/registry.proto\"$\n\x14ListInstancesRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\"M\n\rInstanceState\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.unimodel.v1.InstanceInfo\x12\x13\n\x0boutstanding\x18\x02 \x01(\x05\"F\n\x15ListInstancesResponse\x12-\n\tinstances\x18\x01 \x03(\x0b\x32\x1a.unimodel.v1.InstanceState\"\"\n\x11ListQueuesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xc3\x01\n\nQueueState\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\x18\n\x10inflight_batches\x18\x03 \x01(\x05\x12\x1c\n\x14max_inflight_batches\x18\x04 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\x05\x12\x1a\n\x12max_queue_delay_ms\x18\x06 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x07 \x01(\x05\x12\x12\n\nregistered\x18\x08 \x01(\x08\"R\n\x12ListQueuesResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x06queues\x18\x02 \x03(\x0b\x32\x17.unimodel.v1.QueueState2\xbd\x02\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.unimodel.v1.PredictRequest\x1a\x1c.unimodel.v1.PredictResponse\x12M\n\nListModels\x12\x1e.unimodel.v1.ListModelsRequest\x1a\x1f.unimodel.v1.ListModelsResponse\x12\x46\n\x08Generate\x12\x1c.unimodel.v1.GenerateRequest\x1a\x1a.unimodel.v1.GenerateChunk0\x01\x12L\n\rGenerateUnary\x12\x1c.unimodel.v1.GenerateRequest\x1a\x1d.unimodel.v1.GenerateResponse2g\n\rRouterService\x12V\n\rListInstances\x12!.unimodel.v1.ListInstancesRequest\x1a\".unimodel.v1.ListInstancesResponse2_\n\x0e\x42\x61tcherService\x12M\n\nListQueues\x12\x1e.unimodel.v1.ListQueuesRequest\x1a\x1f.unimodel.v1.ListQueuesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INSTANCESTATE']._serialized_end=243
   _globals['_LISTINSTANCESRESPONSE']._serialized_start=245
   _globals['_LISTINSTANCESRESPONSE']._serialized_end=315
-  _globals['_INFERENCESERVICE']._serialized_start=318
-  _globals['_INFERENCESERVICE']._serialized_end=635
-  _globals['_ROUTERSERVICE']._serialized_start=637
-  _globals['_ROUTERSERVICE']._serialized_end=740
+  _globals['_LISTQUEUESREQUEST']._serialized_start=317
+  _globals['_LISTQUEUESREQUEST']._serialized_end=351
+  _globals['_QUEUESTATE']._serialized_start=354
+  _globals['_QUEUESTATE']._serialized_end=549
+  _globals['_LISTQUEUESRESPONSE']._serialized_start=551
+  _globals['_LISTQUEUESRESPONSE']._serialized_end=633
+  _globals['_INFERENCESERVICE']._serialized_start=636
+  _globals['_INFERENCESERVICE']._serialized_end=953
+  _globals['_ROUTERSERVICE']._serialized_start=955
+  _globals['_ROUTERSERVICE']._serialized_end=1058
+  _globals['_BATCHERSERVICE']._serialized_start=1060
+  _globals['_BATCHERSERVICE']._serialized_end=1155
 # @@protoc_insertion_point(module_scope)

@@ -28,3 +28,37 @@ class ListInstancesResponse(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[InstanceState]
     def __init__(self, instances: _Optional[_Iterable[_Union[InstanceState, _Mapping]]] = ...) -> None: ...
+
+class ListQueuesRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class QueueState(_message.Message):
+    __slots__ = ("model", "queued", "inflight_batches", "max_inflight_batches", "max_batch_size", "max_queue_delay_ms", "max_queue_size", "registered")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    queued: int
+    inflight_batches: int
+    max_inflight_batches: int
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_queue_size: int
+    registered: bool
+    def __init__(self, model: _Optional[str] = ..., queued: _Optional[int] = ..., inflight_batches: _Optional[int] = ..., max_inflight_batches: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., registered: bool = ...) -> None: ...
+
+class ListQueuesResponse(_message.Message):
+    __slots__ = ("instance_id", "queues")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    queues: _containers.RepeatedCompositeFieldContainer[QueueState]
+    def __init__(self, instance_id: _Optional[str] = ..., queues: _Optional[_Iterable[_Union[QueueState, _Mapping]]] = ...) -> None: ...

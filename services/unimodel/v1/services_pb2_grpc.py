@@ -310,3 +310,78 @@ class RouterService(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class BatcherServiceStub(object):
+    """A batcher's queues (one per model that had traffic within queue_idle_s), as it batches.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListQueues = channel.unary_unary(
+                '/unimodel.v1.BatcherService/ListQueues',
+                request_serializer=unimodel_dot_v1_dot_services__pb2.ListQueuesRequest.SerializeToString,
+                response_deserializer=unimodel_dot_v1_dot_services__pb2.ListQueuesResponse.FromString,
+                _registered_method=True)
+
+
+class BatcherServiceServicer(object):
+    """A batcher's queues (one per model that had traffic within queue_idle_s), as it batches.
+    """
+
+    def ListQueues(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BatcherServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListQueues': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueues,
+                    request_deserializer=unimodel_dot_v1_dot_services__pb2.ListQueuesRequest.FromString,
+                    response_serializer=unimodel_dot_v1_dot_services__pb2.ListQueuesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'unimodel.v1.BatcherService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('unimodel.v1.BatcherService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class BatcherService(object):
+    """A batcher's queues (one per model that had traffic within queue_idle_s), as it batches.
+    """
+
+    @staticmethod
+    def ListQueues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/unimodel.v1.BatcherService/ListQueues',
+            unimodel_dot_v1_dot_services__pb2.ListQueuesRequest.SerializeToString,
+            unimodel_dot_v1_dot_services__pb2.ListQueuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
