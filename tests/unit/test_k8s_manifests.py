@@ -27,7 +27,7 @@ from unimodel.local.cluster import SERVICES
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu", "dev")
-DOC = ROOT / "docs" / "operations-kubernetes.md"
+DOC = ROOT / "docs" / "operations.md"
 # The oldest Kubernetes still commonly run and the newest whose schemas kubernetes-validate bundles.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 INTERNAL = ("router", "batcher", "cache", "embedding-worker", "gpu-worker")
