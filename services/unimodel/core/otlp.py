@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from unimodel import __version__
+from unimodel.core import protowire
 from unimodel.core.tracing import Span
 
 log = logging.getLogger("unimodel.otlp")
@@ -40,15 +41,7 @@ DEFAULT_HTTP = "http://localhost:4318"
 
 
 # --- protobuf wire format ---------------------------------------------------------------------------
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+_varint = protowire.varint  # the same base-128 varint as the services' own wire helpers
 
 
 def _field(number: int, payload: bytes) -> bytes:
