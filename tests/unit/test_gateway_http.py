@@ -117,7 +117,15 @@ async def test_readiness_names_failing_checks(client: httpx.AsyncClient) -> None
     assert r.status_code == 503
     checks = r.json()["checks"]
     assert checks["models"] is True and checks["nats"] is False and checks["router"] is False
+    assert checks["accepting"] is True
     assert (await client.get("/health/live")).status_code == 200
+
+
+async def test_readiness_fails_once_a_stop_begins(gateway: GatewayService, client: httpx.AsyncClient) -> None:
+    gateway.request_stop()
+    checks = (await client.get("/health/ready")).json()["checks"]
+    assert checks["accepting"] is False
+    assert (await client.get("/health/live")).status_code == 200  # still alive while it drains
 
 
 async def test_streamed_body_over_the_limit_is_413_on_every_route(client: httpx.AsyncClient) -> None:

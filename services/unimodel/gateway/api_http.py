@@ -305,7 +305,7 @@ def build_app(gw: GatewayService) -> FastAPI:
     @app.get(
         "/health/ready",
         tags=["health"],
-        summary="200 once the cluster can serve (NATS, etcd, router, batcher, a model); 503 otherwise",
+        summary="200 once the cluster can serve (NATS, etcd, router, batcher, a model); 503 otherwise and while the gateway stops",
         responses={503: {"description": "not ready; the body lists the failing checks"}},
     )
     async def ready() -> JsonResponse:

@@ -140,7 +140,10 @@ class GatewayService(Service):
         return None
 
     def readiness(self) -> dict[str, bool]:
-        return catalog.readiness(self.instances.items, self.bus.connected, self.instances.synced.is_set())
+        checks = catalog.readiness(self.instances.items, self.bus.connected, self.instances.synced.is_set())
+        # 503 from the moment a stop begins, so load balancers take the gateway out while it drains
+        checks["accepting"] = not self._stop_requested.is_set()
+        return checks
 
     # model registration ---------------------------------------------------------------------------
     async def register_model(self, body: object) -> model_pb2.ModelConfig:

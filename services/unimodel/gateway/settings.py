@@ -28,7 +28,7 @@ class GatewaySettings(CommonSettings):
     api_keys: dict[str, str] = Field(
         default_factory=dict,
         description="API keys -> tenant names; when set, every route but /health/* and /chat needs "
-        "Authorization: Bearer <key> (401 otherwise). Env: UNIMODEL_GATEWAY_API_KEYS='{\"sk-...\": \"team-a\"}'",
+        "Authorization: Bearer <key> (401 otherwise). Env: UNIMODEL_API_KEYS='{\"sk-...\": \"team-a\"}'",
     )
     cache_timeout_s: float = Field(
         0.5, gt=0, le=60, description="longest a chat request waits for the cache lookup before going to the model "
