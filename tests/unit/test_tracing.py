@@ -50,11 +50,13 @@ def test_a_child_span_continues_the_callers_trace(spans: list[tracing.Span]) -> 
     assert spans == [span] and span.end_ns >= span.start_ns
 
 
-def test_without_a_parent_a_new_trace_starts(spans: list[tracing.Span]) -> None:
-    a, b = tracing.start("a"), tracing.start("b", "garbage")
+def test_without_a_parent_a_new_trace_starts_only_where_requests_enter(spans: list[tracing.Span]) -> None:
+    a, b = tracing.start("a", root=True), tracing.start("b", "garbage", root=True)
     assert a is not None and b is not None
     assert a.parent_id == 0 and b.parent_id == 0 and a.trace_id != b.trace_id
     assert len(tracing.trace_id_of(a)) == 32
+    # the services behind the gateway never start traces of their own
+    assert tracing.start("inner") is None and tracing.start("inner", "garbage") is None
 
 
 @pytest.mark.parametrize("bad", ["", "00-abc", "00-" + "0" * 32 + "-b7ad6b7169203331-01",
@@ -69,20 +71,15 @@ def test_sampling_new_traces_by_ratio_and_children_by_their_parent() -> None:
     ended: list[tracing.Span] = []
     tracing.enable(tracing.Tracer(ended.append, 0.0))
     try:
-        root = tracing.start("root")
-        assert root is not None and not root.recording
-        tp = tracing.traceparent_of(root)
-        assert tp.endswith("-00")  # the trace goes on, unsampled
-        child = tracing.start("child", tp)
-        assert child is not None and not child.recording and child.trace_id == root.trace_id
-        child.set_attribute("x", 1)
-        tracing.finish(child)
+        assert tracing.start("root", root=True) is None  # sampled out: no span, nothing to pass on
+        unsampled = PARENT[:-2] + "00"
+        assert tracing.start("child", unsampled) is None and tracing.start("child", unsampled, root=True) is None
         sampled_parent = tracing.start("kept", PARENT)  # the caller sampled it: kept despite the ratio 0
         assert sampled_parent is not None and sampled_parent.recording
         tracing.finish(sampled_parent)
         assert ended == [sampled_parent]
         tracing.enable(tracing.Tracer(ended.append, 0.5))
-        kept = sum(1 for _ in range(4000) if tracing.start("r").recording)  # type: ignore[union-attr]
+        kept = sum(1 for _ in range(4000) if tracing.start("r", root=True) is not None)
         assert 1700 < kept < 2300
     finally:
         tracing.disable()
@@ -91,16 +88,16 @@ def test_sampling_new_traces_by_ratio_and_children_by_their_parent() -> None:
 def test_errors_set_the_status_and_error_type(spans: list[tracing.Span]) -> None:
     from unimodel.core import errors
 
-    a = tracing.start("a")
+    a = tracing.start("a", root=True)
     tracing.finish(a, errors.Unavailable("no worker"))
-    b = tracing.start("b")
+    b = tracing.start("b", root=True)
     tracing.finish(b, ValueError("x"))
     assert (a.status, a.message, a.attributes["error.type"]) == (tracing.STATUS_ERROR, "no worker", "UNAVAILABLE")  # type: ignore[union-attr]
     assert b.attributes["error.type"] == "ValueError"  # type: ignore[union-attr]
 
 
 def test_the_otlp_encoding_is_what_opentelemetry_proto_decodes(spans: list[tracing.Span]) -> None:
-    link_to = tracing.start("other")
+    link_to = tracing.start("other", root=True)
     assert link_to is not None
     span = tracing.start("batcher queue", PARENT, tracing.CONSUMER, {
         "s": "text é", "i": 7, "neg": -3, "f": 0.25, "b": True, "no": False, "list": ["stop", "length"],
@@ -132,7 +129,7 @@ def test_the_otlp_encoding_is_what_opentelemetry_proto_decodes(spans: list[traci
     assert link.trace_id == link_to.trace_id.to_bytes(16, "big") and link.span_id == link_to.span_id.to_bytes(8, "big")
     assert s.status.code == trace_pb2.Status.STATUS_CODE_ERROR and s.status.message == "DEADLINE_EXCEEDED"
     assert s.flags & 0xFF == 1
-    root = tracing.start("root")
+    root = tracing.start("root", root=True)
     tracing.finish(root)
     (r,) = trace_service_pb2.ExportTraceServiceRequest.FromString(otlp.encode_request({}, [root])).resource_spans[0].scope_spans[0].spans  # type: ignore[list-item]
     assert r.parent_span_id == b"" and not r.HasField("status") or r.status.code == 0
@@ -152,7 +149,7 @@ def test_the_exporter_sends_in_batches_drops_when_full_and_flushes_on_shutdown(
         sent.append([b.decode() for b in batch])
 
     exporter = otlp.SpanExporter({"service.name": "t"}, lambda s: s.name.encode(), send)
-    made = [tracing.start(f"s{i}") for i in range(7)]
+    made = [tracing.start(f"s{i}", root=True) for i in range(7)]
     for s in made:
         s.end()  # type: ignore[union-attr]
         exporter.add(s)  # type: ignore[arg-type]
@@ -168,7 +165,7 @@ def test_a_failing_export_drops_its_batch_and_never_raises(caplog: pytest.LogCap
         raise ConnectionError("collector down")
 
     exporter = otlp.SpanExporter({}, otlp.encoded_span, send)
-    span = tracing.start("x")
+    span = tracing.start("x", root=True)
     span.end()  # type: ignore[union-attr]
     exporter.add(span)  # type: ignore[arg-type]
     exporter.shutdown()
@@ -235,4 +232,11 @@ def test_the_http_middleware_makes_the_server_span_and_hands_its_context_to_the_
 def test_the_http_middleware_leaves_untraced_routes_alone() -> None:
     seen, sent, ended = _call("/health/ready", [(b"traceparent", PARENT.encode())])
     assert ended == [] and seen["headers"][b"traceparent"] == PARENT.encode()  # type: ignore[index]
+    assert all(k != b"x-unimodel-trace-id" for k, _ in sent[0]["headers"])  # type: ignore[union-attr]
+
+
+def test_the_http_middleware_passes_unsampled_requests_through() -> None:
+    unsampled = PARENT[:-2] + "00"  # the caller decided not to sample
+    seen, sent, ended = _call("/v1/chat/completions", [(b"traceparent", unsampled.encode())])
+    assert ended == [] and seen["headers"][b"traceparent"] == unsampled.encode()  # type: ignore[index]
     assert all(k != b"x-unimodel-trace-id" for k, _ in sent[0]["headers"])  # type: ignore[union-attr]

@@ -239,12 +239,27 @@ def start(
     *,
     links: Sequence[SpanContext] = (),
     start_ns: int | None = None,
+    root: bool = False,
 ) -> Span | None:
-    """A new span, child of `traceparent` (a new trace without one); None while tracing is off."""
+    """A new span, child of `traceparent`; None while tracing is off and for a request that is not
+    sampled. Without a traceparent a new trace starts only where requests enter (`root`: the gateway's
+    server spans, sampled by the ratio); the services behind it record spans only for sampled traces, so
+    a request left out by sampling costs them nothing (it carries no trace context past the gateway)."""
     tracer = _tracer
     if tracer is None:
         return None
-    return tracer.start(name, parse_traceparent(traceparent) if traceparent else None, kind, attributes, links, start_ns)
+    if traceparent:
+        parent = parse_traceparent(traceparent)
+        if parent is not None and not parent.sampled:
+            return None
+        if parent is None and not root:
+            return None
+    elif not root:
+        return None
+    else:
+        parent = None
+    span = tracer.start(name, parent, kind, attributes, links, start_ns)
+    return span if span.recording else None
 
 
 def start_in(

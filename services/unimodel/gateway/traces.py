@@ -107,8 +107,10 @@ class TracingMiddleware:
         attributes = {Attr.HTTP_METHOD: method, Attr.HTTP_ROUTE: template, Attr.URL_PATH: scope["path"]}
         if model:
             attributes[Attr.MODEL] = model
-        span = tracing.start(f"{method} {template}", parent, tracing.SERVER, attributes)
-        assert span is not None
+        span = tracing.start(f"{method} {template}", parent, tracing.SERVER, attributes, root=True)
+        if span is None:  # not sampled: the request goes on as it came
+            await self.app(scope, receive, send)
+            return
         # the handlers read the traceparent header: from here on it names the server span
         scope["headers"] = [*headers, (_TRACEPARENT, tracing.traceparent_of(span).encode())]
         server = _ServerSpan(span, send)
@@ -142,11 +144,12 @@ class GrpcTracingInterceptor(grpc.aio.ServerInterceptor):
         attributes = {Attr.RPC_SYSTEM: "grpc", Attr.RPC_SERVICE: service, Attr.RPC_METHOD: name}
 
         def begin() -> tuple[Any, Any]:
-            span = tracing.start(method[1:], parent, tracing.SERVER, attributes)
-            assert span is not None
-            return span, grpc_traceparent.set(tracing.traceparent_of(span))
+            span = tracing.start(method[1:], parent, tracing.SERVER, attributes, root=True)
+            return span, grpc_traceparent.set(tracing.traceparent_of(span) if span is not None else parent)
 
         def end(span: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+            if span is None:
+                return
             code = context.code() if hasattr(context, "code") else None
             if code is not None and not isinstance(code, int):
                 span.set_attribute(Attr.RPC_GRPC_STATUS, code.value[0])
@@ -195,7 +198,8 @@ class GrpcTracingInterceptor(grpc.aio.ServerInterceptor):
 
 
 def reply_metadata(ctx: RequestContext) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata of an answer: the request id, and the trace id while tracing is on."""
-    if tracing.enabled() and ctx.traceparent:
+    """gRPC metadata of an answer: the request id, and the trace id of a sampled request."""
+    parent = tracing.parse_traceparent(ctx.traceparent) if ctx.traceparent and tracing.enabled() else None
+    if parent is not None and parent.sampled:
         return (("x-request-id", ctx.request_id), (tracing.TRACE_ID_HEADER, ctx.trace_id))
     return (("x-request-id", ctx.request_id),)
