@@ -248,16 +248,9 @@ def start(
     tracer = _tracer
     if tracer is None:
         return None
-    if traceparent:
-        parent = parse_traceparent(traceparent)
-        if parent is not None and not parent.sampled:
-            return None
-        if parent is None and not root:
-            return None
-    elif not root:
+    parent = parse_traceparent(traceparent) if traceparent else None
+    if (parent is None and not root) or (parent is not None and not parent.sampled):
         return None
-    else:
-        parent = None
     span = tracer.start(name, parent, kind, attributes, links, start_ns)
     return span if span.recording else None
 
