@@ -18,9 +18,10 @@ READY, LOADING, FAILED = registry_pb2.ModelStatus.READY, registry_pb2.ModelStatu
 
 
 def instance(kind: str, iid: str, *models: registry_pb2.ModelStatus) -> registry_pb2.InstanceInfo:
-    return registry_pb2.InstanceInfo(
+    return registry_pb2.InstanceInfo(  # as a worker registers: `models` lists those it serves now (READY)
         id=iid, kind=kind, version="0.1.0", grpc_address=f"10.0.0.1:{9000 + len(iid)}", started_unix_ms=1_000,
         engines=["onnx", "echo"] if models else [], model_states=list(models),
+        models=[m.name for m in models if m.state == READY],
     )
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from unimodel.core.kinds import SERVICE_KINDS, WORKER_KINDS
+from unimodel.gateway import catalog
 from unimodel.v1 import model_pb2, registry_pb2, services_pb2
 
 # Health of an instance as its gRPC health service answers (or UNREACHABLE when it does not)
@@ -50,7 +51,7 @@ class ModelRow:
     version: str
     max_batch_size: int
     replicas: int
-    ready_on: list[str]  # worker ids with the model READY
+    ready_on: list[str]  # worker ids that serve the model now (READY)
     loading_on: list[str]
     failed_on: list[str]
 
@@ -115,15 +116,16 @@ def build(
                     for m in sorted(info.model_states, key=lambda m: m.name)
                 ],
             ))
-    for config in sorted(models, key=lambda c: c.name):
-        row = ModelRow(config.name, config.engine, config.version, config.max_batch_size, config.replicas, [], [], [])
-        for worker in view.workers:
-            for hosted in worker.models:
-                if hosted.name == config.name:
-                    {"READY": row.ready_on, "LOADING": row.loading_on, "FAILED": row.failed_on}.get(
-                        hosted.state, []
-                    ).append(worker.id)
-        view.models.append(row)
+    # registered models and where they stand: the gateway's own aggregation of the workers' registrations
+    entries = catalog.models({i.id: i for i in instances}, {c.name: c for c in models})
+    for entry in entries.values():
+        config = entry.config
+        if config is None:
+            continue  # a worker's built-in model: listed under its worker
+        view.models.append(ModelRow(
+            config.name, config.engine, config.version, config.max_batch_size, config.replicas, list(entry.instances),
+            [s.id for s in entry.states if s.state == "LOADING"], [s.id for s in entry.states if s.state == "FAILED"],
+        ))
     for batcher_id, answer in sorted(queues.items()):
         if isinstance(answer, str):
             continue  # reported with the batcher's health below
