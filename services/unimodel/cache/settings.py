@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from unimodel.core.settings import CommonSettings, register_settings
+from unimodel.core.settings import CommonSettings, LocalPath, absolute_path, register_settings
 
 
 @register_settings
@@ -14,8 +14,8 @@ class CacheSettings(CommonSettings):
 
     service = "cache"
 
-    data_dir: str = Field(".unimodel/cache", description="folder of the SQLite store (and of Milvus Lite's file)")
-    sqlite_path: str = Field("", description="SQLite file of entries and hit log (default <data-dir>/cache.sqlite)")
+    data_dir: LocalPath = Field(".unimodel/cache", description="folder of the SQLite store (and of Milvus Lite's file)")
+    sqlite_path: LocalPath = Field("", description="SQLite file of entries and hit log (default <data-dir>/cache.sqlite)")
     milvus_uri: str = Field(
         "", description="Milvus: http://host:19530 (standalone / Milvus Lite server) or a .db file for Milvus Lite "
         "in-process (default <data-dir>/milvus.db)",
@@ -49,10 +49,15 @@ class CacheSettings(CommonSettings):
     flush_interval_s: float = Field(1.0, gt=0, le=3600, description="hit log and LRU times are written this often")
     sweep_interval_s: float = Field(60.0, gt=0, le=86400, description="expired entries are dropped this often")
 
+    @field_validator("milvus_uri")
+    @classmethod
+    def _milvus_uri(cls, v: str) -> str:
+        return v if "://" in v else absolute_path(v)  # a Milvus Lite file is a local path
+
     @property
     def sqlite_file(self) -> Path:
         return Path(self.sqlite_path) if self.sqlite_path else Path(self.data_dir) / "cache.sqlite"
 
     @property
     def milvus(self) -> str:
-        return self.milvus_uri or str(Path(self.data_dir).resolve() / "milvus.db")
+        return self.milvus_uri or str(Path(self.data_dir) / "milvus.db")

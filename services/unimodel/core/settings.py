@@ -14,15 +14,25 @@ import socket
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "UNIMODEL_"
 LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def absolute_path(value: str) -> str:
+    """A local path made absolute against the working directory the service started in (empty stays
+    empty), so a child process or a library that changes directory sees the same file."""
+    return str(Path(value).expanduser().resolve()) if value else value
+
+
+LocalPath = Annotated[str, AfterValidator(absolute_path)]
+"""A file or folder setting: resolved to an absolute path once, when the settings are read."""
 
 
 class SettingsError(Exception):

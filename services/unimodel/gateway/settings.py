@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from unimodel.core.settings import CommonSettings, register_settings
+from unimodel.core.settings import CommonSettings, LocalPath, register_settings
 
 
 @register_settings
@@ -13,10 +13,10 @@ class GatewaySettings(CommonSettings):
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (REST, /metrics); 0 = any free port")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (InferenceService, health); 0 = any")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above)")
-    model_repository: str = Field(
+    model_repository: LocalPath = Field(
         "", description="model repository folder: POST /v1/models {\"name\": ...} registers <repository>/<name>"
     )
-    models_root: str = Field(
+    models_root: LocalPath = Field(
         "", description="folder under which POST /v1/models may register a model by path (default: the repository)"
     )
     load_models: str = Field(

@@ -31,11 +31,11 @@ def _out(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    repository = args.repository or default_repository()
+    repository = (args.repository or default_repository()).resolve()
     if args.action == "list":
         rows = listing(repository)
         width = max(len(r.name) for r in rows)
-        print(f"repository: {repository.absolute()}")
+        print(f"repository: {repository}")
         for r in rows:
             state = "prepared" if r.prepared else "not prepared"
             print(f"{r.name:<{width}}  {r.engine:<5}  {state:<12}  in: {r.inputs}  out: {r.outputs}")

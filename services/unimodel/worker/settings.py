@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from unimodel.core.settings import CommonSettings, register_settings
+from unimodel.core.settings import CommonSettings, LocalPath, register_settings
 
 
 @register_settings
@@ -12,7 +12,7 @@ class WorkerSettings(CommonSettings):
     service = "gpu-worker"
 
     models: str = Field("echo", description="built-in models to host, comma separated (pinned)")
-    model_repository: str = Field("", description="model repository folder (<repo>/<model>/config.yaml + files)")
+    model_repository: LocalPath = Field("", description="model repository folder (<repo>/<model>/config.yaml + files)")
     load: str = Field("", description="models of the repository to load at start, comma separated (pinned)")
     max_concurrent_batches: int = Field(8, ge=1, le=4096, description="batches run at once on this worker")
     processing_threads: int = Field(2, ge=1, le=256, description="threads for pre/post-processing (decode, tokenize)")
@@ -32,7 +32,7 @@ class WorkerSettings(CommonSettings):
     def _repository(cls, v: str) -> str:
         if v and not Path(v).is_dir():
             raise ValueError(f"{v!r} is not a folder")
-        return str(Path(v).resolve()) if v else v
+        return v
 
     @field_validator("load")
     @classmethod
