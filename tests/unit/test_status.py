@@ -20,6 +20,7 @@ READY, LOADING, FAILED = registry_pb2.ModelStatus.READY, registry_pb2.ModelStatu
 def instance(kind: str, iid: str, *models: registry_pb2.ModelStatus) -> registry_pb2.InstanceInfo:
     return registry_pb2.InstanceInfo(  # as a worker registers: `models` lists those it serves now (READY)
         id=iid, kind=kind, version="0.1.0", grpc_address=f"10.0.0.1:{9000 + len(iid)}", started_unix_ms=1_000,
+        host="node-a", pid=4000 + len(iid),
         engines=["onnx", "echo"] if models else [], model_states=list(models),
         models=[m.name for m in models if m.state == READY],
     )
@@ -39,9 +40,10 @@ MLP = model_pb2.ModelConfig(name="mlp", engine="onnx", version="1", max_batch_si
 
 def healthy_view():  # type: ignore[no-untyped-def]
     workers = [
-        instance("gpu-worker", "w0", registry_pb2.ModelStatus(name="mlp", state=READY, inflight=2, concurrency=1),
-                 registry_pb2.ModelStatus(name="echo", state=READY, pinned=True, concurrency=8)),
-        instance("gpu-worker", "w1", registry_pb2.ModelStatus(name="echo", state=READY, pinned=True, concurrency=8)),
+        instance("gpu-worker", "w0", registry_pb2.ModelStatus(name="mlp", engine="onnx", state=READY, inflight=2, concurrency=1),
+                 registry_pb2.ModelStatus(name="echo", engine="echo", state=READY, pinned=True, concurrency=8)),
+        instance("gpu-worker", "w1",
+                 registry_pb2.ModelStatus(name="echo", engine="echo", state=READY, pinned=True, concurrency=8)),
     ]
     infos = cluster(*workers)
     health = {i.id: SERVING for i in infos}
@@ -92,11 +94,16 @@ def test_text_output_is_aligned_tables_and_a_verdict() -> None:
     lines = text.splitlines()
     assert lines[0] == "etcd etcd:2379: 7 instances, 1 registered model"
     header = lines[lines.index("WORKERS") + 1]
-    assert header.split() == ["ID", "KIND", "ENGINES", "OUTSTANDING", "MODEL", "STATE", "INFLIGHT", "CONCURRENCY"]
+    assert header.split() == [
+        "ID", "KIND", "ENGINES", "OUTSTANDING", "MODEL", "ENGINE", "STATE", "INFLIGHT", "CONCURRENCY"
+    ]
     w0, second = lines[lines.index("WORKERS") + 3], lines[lines.index("WORKERS") + 4]
-    assert w0.split() == ["w0", "gpu-worker", "onnx,echo", "2", "echo", "READY", "(pinned)", "0", "8"]
-    assert second.split() == ["mlp", "READY", "2", "1"] and second.index("mlp") == header.index("MODEL")
-    assert "2m05s" in lines[lines.index("SERVICES") + 2]
+    assert w0.split() == ["w0", "gpu-worker", "onnx,echo", "2", "echo", "echo", "READY", "(pinned)", "0", "8"]
+    assert second.split() == ["mlp", "onnx", "READY", "2", "1"] and second.index("mlp") == header.index("MODEL")
+    services = lines[lines.index("SERVICES") + 1:lines.index("SERVICES") + 3]
+    assert services[0].split() == ["KIND", "ID", "GRPC", "HOST", "PID", "VERSION", "UP", "HEALTH"]
+    assert services[1].split()[3:5] == ["node-a", str(4000 + len(services[1].split()[1]))]
+    assert "2m05s" in services[1]
     assert lines[-1].startswith("healthy: ")
 
 
@@ -111,8 +118,10 @@ def test_json_output_is_the_whole_view() -> None:
     assert set(data) == {"etcd", "services", "workers", "models", "queues", "problems", "healthy"}
     assert data["healthy"] is True and data["queues"][0]["max_queue_delay_ms"] == 2.0
     assert data["workers"][1]["models"][0] == {
-        "name": "echo", "state": "READY", "inflight": 0, "concurrency": 8, "pinned": True, "error": "",
+        "name": "echo", "engine": "echo", "state": "READY", "inflight": 0, "concurrency": 8, "pinned": True, "error": "",
     }
+    gateway = data["services"][0]
+    assert gateway["kind"] == "gateway" and gateway["host"] == "node-a" and gateway["pid"] == 4000 + len(gateway["id"])
 
 
 @pytest.mark.parametrize(("started", "now", "shown"), [

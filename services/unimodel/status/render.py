@@ -33,19 +33,22 @@ def render_text(view: ClusterView, now_ms: int) -> str:
     lines = [f"etcd {view.etcd}: {n} instance{'s' * (n != 1)}, {m} registered model{'s' * (m != 1)}", ""]
     lines.append("SERVICES")
     lines += table(
-        ("KIND", "ID", "GRPC", "VERSION", "UP", "HEALTH"),
-        [(s.kind, s.id, s.grpc_address, s.version, uptime(s.started_unix_ms, now_ms), s.health) for s in view.services],
+        ("KIND", "ID", "GRPC", "HOST", "PID", "VERSION", "UP", "HEALTH"),
+        [
+            (s.kind, s.id, s.grpc_address, s.host, s.pid or "-", s.version, uptime(s.started_unix_ms, now_ms), s.health)
+            for s in view.services
+        ],
     )
     lines += ["", "WORKERS"]
     rows: list[tuple[object, ...]] = []
     for w in view.workers:
         first = (w.id, w.kind, ",".join(w.engines) or "-", w.outstanding)
         if not w.models:
-            rows.append((*first, "-", "-", "-", "-"))
+            rows.append((*first, "-", "-", "-", "-", "-"))
         for i, m in enumerate(w.models):
             state = m.state + (" (pinned)" if m.pinned else "") + (f": {m.error}" if m.error else "")
-            rows.append((*(first if i == 0 else ("", "", "", "")), m.name, state, m.inflight, m.concurrency))
-    lines += table(("ID", "KIND", "ENGINES", "OUTSTANDING", "MODEL", "STATE", "INFLIGHT", "CONCURRENCY"), rows)
+            rows.append((*(first if i == 0 else ("", "", "", "")), m.name, m.engine or "-", state, m.inflight, m.concurrency))
+    lines += table(("ID", "KIND", "ENGINES", "OUTSTANDING", "MODEL", "ENGINE", "STATE", "INFLIGHT", "CONCURRENCY"), rows)
     lines += ["", "MODELS"]
     lines += table(
         ("NAME", "ENGINE", "VERSION", "MAX_BATCH", "REPLICAS", "READY ON", "LOADING ON", "FAILED ON"),

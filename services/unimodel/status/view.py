@@ -21,6 +21,8 @@ class ServiceRow:
     id: str
     version: str
     grpc_address: str
+    host: str  # the machine (container, pod) the process runs on
+    pid: int  # its process id there (0: an instance too old to report it)
     started_unix_ms: int
     health: str  # SERVING, NOT_SERVING, UNREACHABLE (…: why)
 
@@ -28,6 +30,7 @@ class ServiceRow:
 @dataclass
 class HostedModel:
     name: str
+    engine: str
     state: str  # LOADING, READY, FAILED, UNLOADING
     inflight: int
     concurrency: int
@@ -105,14 +108,14 @@ def build(
     for info in sorted(instances, key=lambda i: (_kind_order(i.kind), i.id)):
         view.services.append(ServiceRow(
             kind=info.kind, id=info.id, version=info.version, grpc_address=info.grpc_address,
-            started_unix_ms=info.started_unix_ms, health=health.get(info.id, UNREACHABLE),
+            host=info.host, pid=info.pid, started_unix_ms=info.started_unix_ms, health=health.get(info.id, UNREACHABLE),
         ))
         if info.kind in WORKER_KINDS:
             view.workers.append(WorkerRow(
                 id=info.id, kind=info.kind, engines=list(info.engines),
                 outstanding=None if outstanding is None else outstanding.get(info.id, 0),
                 models=[
-                    HostedModel(m.name, _state_name(m.state), m.inflight, m.concurrency, m.pinned, m.error)
+                    HostedModel(m.name, m.engine, _state_name(m.state), m.inflight, m.concurrency, m.pinned, m.error)
                     for m in sorted(info.model_states, key=lambda m: m.name)
                 ],
             ))

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("id", "kind", "version", "host", "grpc_address", "nats_subject", "models", "started_unix_ms", "labels", "engines", "model_states")
+    __slots__ = ("id", "kind", "version", "host", "grpc_address", "nats_subject", "models", "started_unix_ms", "labels", "engines", "model_states", "pid")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class InstanceInfo(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ENGINES_FIELD_NUMBER: _ClassVar[int]
     MODEL_STATES_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     version: str
@@ -39,10 +40,11 @@ class InstanceInfo(_message.Message):
     labels: _containers.ScalarMap[str, str]
     engines: _containers.RepeatedScalarFieldContainer[str]
     model_states: _containers.RepeatedCompositeFieldContainer[ModelStatus]
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., version: _Optional[str] = ..., host: _Optional[str] = ..., grpc_address: _Optional[str] = ..., nats_subject: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., started_unix_ms: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., engines: _Optional[_Iterable[str]] = ..., model_states: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
+    pid: int
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., version: _Optional[str] = ..., host: _Optional[str] = ..., grpc_address: _Optional[str] = ..., nats_subject: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., started_unix_ms: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., engines: _Optional[_Iterable[str]] = ..., model_states: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "state", "error", "inflight", "pinned", "concurrency")
+    __slots__ = ("name", "state", "error", "inflight", "pinned", "concurrency", "engine")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[ModelStatus.State]
@@ -61,13 +63,15 @@ class ModelStatus(_message.Message):
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: ModelStatus.State
     error: str
     inflight: int
     pinned: bool
     concurrency: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelStatus.State, str]] = ..., error: _Optional[str] = ..., inflight: _Optional[int] = ..., pinned: bool = ..., concurrency: _Optional[int] = ...) -> None: ...
+    engine: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelStatus.State, str]] = ..., error: _Optional[str] = ..., inflight: _Optional[int] = ..., pinned: bool = ..., concurrency: _Optional[int] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class ModelCommand(_message.Message):
     __slots__ = ("load", "unload")
