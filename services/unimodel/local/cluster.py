@@ -1,14 +1,19 @@
 """`unimodel up`: nats-server, etcd, Milvus Lite and the six services as child processes of one supervisor.
 
-State (NATS JetStream store, etcd data, Milvus Lite's file, the cache's SQLite store) lives under one directory. Every child's log line is
-prefixed with its name. Ctrl-C or SIGTERM stops the services (they drain), then etcd and NATS; any
-child still alive after its timeout is killed, so no process is left behind. If a service exits on its
-own, the cluster stops and `up` exits non-zero naming it.
+State (NATS JetStream store, etcd data, Milvus Lite's file, the cache's SQLite store) lives under one
+directory, resolved to an absolute path at the start (children get absolute paths only) and locked, so a
+second `up` on the same state directory is refused. Every child's log line is prefixed with its name.
+A child that exits on its own is logged with its exit code and started again after a backoff
+(local/supervisor.py), as compose's restart policy does; the cluster stops only on Ctrl-C / SIGTERM, or
+when a child fails repeatedly (or refuses its settings), naming it. Stopping stops the services (they
+drain), then Milvus, etcd and NATS; any child still alive after its timeout is killed, so no process is
+left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import sys
@@ -19,7 +24,8 @@ from pathlib import Path
 from typing import IO
 
 from unimodel.local.binaries import BinaryNotFound
-from unimodel.local.procs import EtcdServer, ManagedProcess, MilvusLiteServer, NatsServer, free_port, http_ok, port_in_use, wait_until
+from unimodel.local.procs import EtcdServer, ManagedProcess, MilvusLiteServer, NatsServer, free_port, http_ok, port_in_use
+from unimodel.local.supervisor import GiveUp, RestartPolicy, Supervisor
 
 # (CLI name, module) in start order; the gateway last so it is ready when the rest is.
 SERVICES: list[tuple[str, str]] = [
@@ -30,6 +36,26 @@ SERVICES: list[tuple[str, str]] = [
     ("gpu-worker", "unimodel.worker"),
     ("gateway", "unimodel.gateway"),
 ]
+
+
+LOCK_FILE = "up.lock"
+"""In the state directory: flock-ed by the `unimodel up` that uses it, holding its pid."""
+
+
+def state_dir_holder(state_dir: Path) -> int | None:
+    """The pid of the `unimodel up` that holds `state_dir` (0 if it wrote none), or None when none does."""
+    try:
+        lock = (state_dir / LOCK_FILE).open("r")
+    except FileNotFoundError:
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = lock.read().strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
 
 
 class ClusterError(Exception):
@@ -55,6 +81,15 @@ class ClusterConfig:
     prepare_models: bool = True
     load_models: str = "all"
     extra_env: dict[str, str] = field(default_factory=dict)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+
+    def __post_init__(self) -> None:
+        # Once, here: every child gets absolute paths, whatever directory it runs in.
+        self.state_dir = Path(self.state_dir).expanduser().resolve()
+        if self.model_repository is not None:
+            self.model_repository = Path(self.model_repository).expanduser().resolve()
+        if self.config:
+            self.config = str(Path(self.config).expanduser().resolve())
 
 
 class LocalCluster:
@@ -65,12 +100,34 @@ class LocalCluster:
         self.etcd: EtcdServer | None = None
         self.milvus: MilvusLiteServer | None = None
         self.services: list[ManagedProcess] = []
+        self.stopping = threading.Event()  # Ctrl-C / SIGTERM: start() gives up waiting
+        self.supervisor = Supervisor(cfg.restart, say=self._warn)
+        self._lock: IO[str] | None = None
         self._color = 0
 
     # ----------------------------------------------------------------------------------------------
     def _say(self, text: str) -> None:
         self.sink.write(text + "\n")
         self.sink.flush()
+
+    def _warn(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def _lock_state_dir(self) -> None:
+        """One `up` per state directory: two would share etcd's data and the cache's files."""
+        lock = (self.cfg.state_dir / LOCK_FILE).open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise ClusterError(
+                f"state directory {self.cfg.state_dir} is in use by another `unimodel up` "
+                f"(pid {state_dir_holder(self.cfg.state_dir) or '?'}); stop it or choose another --state-dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
 
     def _check_ports(self) -> None:
         c = self.cfg
@@ -86,7 +143,7 @@ class LocalCluster:
         env["UNIMODEL_ETCD_ENDPOINTS"] = self.etcd.endpoint if self.etcd else ""
         env["PYTHONUNBUFFERED"] = "1"
         if self.cfg.config:
-            env["UNIMODEL_CONFIG"] = str(Path(self.cfg.config).resolve())
+            env["UNIMODEL_CONFIG"] = self.cfg.config
         return env
 
     def _service(self, name: str, module: str, args: list[str], label: str | None = None) -> ManagedProcess:
@@ -97,12 +154,14 @@ class LocalCluster:
         proc = ManagedProcess(label or name, argv, env=self._env(), sink=self.sink, color=self._color)
         proc.start()
         self.services.append(proc)
+        self.supervisor.watch(proc)
         return proc
 
     def start(self) -> None:
         c = self.cfg
-        self._check_ports()
         c.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()
+        self._check_ports()
         try:
             self.nats = NatsServer(c.nats_port, c.state_dir / "nats", host=c.host, sink=self.sink, color=0)
             self.etcd = EtcdServer(c.etcd_port, free_port(c.host), c.state_dir, host=c.host, sink=self.sink, color=1)
@@ -114,9 +173,12 @@ class LocalCluster:
         repository = self.repository()
         if c.prepare_models:
             self._prepare_models(repository)
-        self.nats.start_and_wait()
-        self.etcd.start_and_wait()
-        self.milvus.start_and_wait()
+        for infra in (self.nats, self.etcd, self.milvus):
+            try:
+                infra.start_and_wait()
+            except (RuntimeError, TimeoutError) as exc:
+                raise ClusterError(str(exc)) from None
+            self.supervisor.watch(infra)
         for name, module in SERVICES:
             if name == "gateway":
                 self._service(
@@ -137,15 +199,21 @@ class LocalCluster:
                 )
             else:
                 self._service(name, module, [])
-        gateway = self.services[-1]
         ready_url = f"http://{c.host}:{c.http_port}/health/ready"
+        deadline = time.monotonic() + c.ready_timeout_s
+        while not http_ok(ready_url):
+            self.supervise()
+            if self.stopping.wait(0.1):
+                raise ClusterError("interrupted while starting")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"timed out after {c.ready_timeout_s:.0f}s waiting for the gateway to report ready")
+
+    def supervise(self) -> None:
+        """Restart children that exited (ClusterError when one fails too often)."""
         try:
-            wait_until(lambda: http_ok(ready_url), c.ready_timeout_s, "the gateway to report ready", gateway)
-        except (RuntimeError, TimeoutError) as exc:
+            self.supervisor.poll()
+        except GiveUp as exc:
             raise ClusterError(str(exc)) from None
-        for proc in self.services:
-            if not proc.alive():
-                raise ClusterError(f"{proc.name} exited with code {proc.returncode()}")
 
     def repository(self) -> Path:
         return (self.cfg.model_repository or self.cfg.state_dir / "models").resolve()
@@ -155,7 +223,12 @@ class LocalCluster:
         argv = [sys.executable, "-m", "unimodel.cli", "models", "prepare", "--repository", str(repository)]
         proc = ManagedProcess("models", argv, env=self._env(), sink=self.sink, color=2)
         proc.start()
-        code = proc.wait(1800.0)
+        code = None
+        while code is None:
+            if self.stopping.is_set():
+                proc.stop(10.0)
+                raise ClusterError("interrupted while preparing the demo models")
+            code = proc.wait(0.2)
         if code != 0:
             raise ClusterError(f"preparing the demo models failed (exit {code}); see the lines above")
 
@@ -174,12 +247,6 @@ class LocalCluster:
             ]
         )
 
-    def failed_service(self) -> ManagedProcess | None:
-        for proc in [*self.services, *(p for p in (self.nats, self.etcd, self.milvus) if p)]:
-            if not proc.alive():
-                return proc
-        return None
-
     def stop(self) -> None:
         """Stop services (in parallel, they drain), then etcd and NATS. Idempotent; leaves no process."""
         threads = [threading.Thread(target=p.stop, args=(30.0,)) for p in reversed(self.services)]
@@ -190,6 +257,9 @@ class LocalCluster:
         for infra in (self.milvus, self.etcd, self.nats):
             if infra is not None:
                 infra.stop(10.0)
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
 
 def parse_args(argv: list[str] | None) -> ClusterConfig:
@@ -231,20 +301,15 @@ def parse_args(argv: list[str] | None) -> ClusterConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
     cluster = LocalCluster(cfg)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: cluster.stopping.set())
     code = 0
     try:
         cluster.start()
         print(cluster.endpoints(), flush=True)
-        while not stop.wait(0.5):
-            failed = cluster.failed_service()
-            if failed is not None:
-                print(f"unimodel up: error: {failed.name} exited with code {failed.returncode()}; stopping", file=sys.stderr)
-                code = 1
-                break
+        while not cluster.stopping.wait(0.2):
+            cluster.supervise()
     except ClusterError as exc:
         print(f"unimodel up: error: {exc}", file=sys.stderr)
         code = 1

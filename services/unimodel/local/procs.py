@@ -114,6 +114,7 @@ class ManagedProcess:
         return self.proc.pid if self.proc else None
 
     def start(self) -> None:
+        self.lines = []
         self.proc = subprocess.Popen(
             self.argv,
             stdout=subprocess.PIPE,
@@ -140,6 +141,20 @@ class ManagedProcess:
                     self.sink.flush()
                 except (ValueError, OSError):
                     pass
+
+    def restart(self) -> None:
+        """Start the same command again, once the previous run has exited."""
+        if self.alive():
+            raise RuntimeError(f"{self.name} is still running")
+        self._release()
+        self.start()
+
+    def _release(self) -> None:
+        """The exited run's log reader and pipe."""
+        if self._reader is not None:
+            self._reader.join(2)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -178,8 +193,7 @@ class ManagedProcess:
             if self.wait(timeout) is None:
                 self.signal(signal.SIGKILL)
                 self.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self._release()
         return self.proc.returncode
 
 
@@ -215,6 +229,7 @@ def http_ok(url: str) -> bool:
 class NatsServer(ManagedProcess):
     def __init__(self, port: int, store_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:  # type: ignore[no-untyped-def]
         self.host, self.port = host, port
+        store_dir = store_dir.resolve()
         store_dir.mkdir(parents=True, exist_ok=True)
         argv = [binaries.nats_server(), "-a", host, "-p", str(port), "-js", "-sd", str(store_dir), "-n", f"unimodel-{port}"]
         super().__init__("nats", argv, **kw)
@@ -231,6 +246,7 @@ class NatsServer(ManagedProcess):
 class EtcdServer(ManagedProcess):
     def __init__(self, port: int, peer_port: int, data_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:  # type: ignore[no-untyped-def]
         self.host, self.port, self.peer_port = host, port, peer_port
+        data_dir = data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         client = f"http://{host}:{port}"
         peer = f"http://{host}:{peer_port}"
@@ -262,6 +278,7 @@ class MilvusLiteServer(ManagedProcess):
 
     def __init__(self, port: int, data_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:  # type: ignore[no-untyped-def]
         self.host, self.port = host, port
+        data_dir = data_dir.resolve()  # the server runs in data_dir: a relative path would be taken from there
         data_dir.mkdir(parents=True, exist_ok=True)
         binary, lib = binaries.milvus_lite()
         env = dict(kw.pop("env", None) or os.environ)
