@@ -160,6 +160,17 @@ class Bus:
         raise_for_error_headers(msg)
         return msg.data
 
+    async def responds(self, subject: str, timeout_s: float) -> bool | None:
+        """Whether anyone answers on `subject`: True (an answer), False (NATS: no responders), None
+        (no answer in time, or NATS itself unreachable: nothing is known)."""
+        try:
+            await self.client().request(subject, b"", timeout=timeout_s)
+        except nats.errors.NoRespondersError:
+            return False
+        except (nats.errors.TimeoutError, errors.Unavailable, *CONNECTION_ERRORS):
+            return None
+        return True
+
     async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> Subscription:
         """A plain subscription (e.g. for answers) that `stop_serving` leaves open: in-flight requests
         still get their replies while the service drains. It ends with the connection."""

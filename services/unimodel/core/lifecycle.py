@@ -8,7 +8,9 @@ connections. Signal handlers only set state. `stop()` is idempotent and safe to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -17,8 +19,10 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, ClassVar
 
 import grpc
+from nats.aio.msg import Msg
 
 from unimodel import __version__
+from unimodel.core import subjects
 from unimodel.core.bus import Bus
 from unimodel.core.grpc_server import GrpcServer
 from unimodel.core.registry import Registration, instance_key
@@ -90,7 +94,14 @@ class Service:
             host=socket.gethostname(),
             grpc_address=f"{self.settings.advertise_host}:{self.grpc.port}",
             started_unix_ms=self.started_ms,
+            pid=os.getpid(),
         )
+
+    @staticmethod
+    async def _on_alive(msg: Msg) -> None:
+        if msg.reply:
+            with contextlib.suppress(Exception):  # the caller gave up or NATS went away: nothing to do
+                await msg.respond(b"")
 
     def update_registration(self) -> None:
         if self.registration is not None:
@@ -125,6 +136,9 @@ class Service:
                 raise FatalError(f"cannot serve metrics on port {self.settings.metrics_port}: {exc}") from None
         self.log.info("starting %s (gRPC %s:%d)", self.id, self.settings.host, self.grpc.port)
         await self.bus.connect()
+        # Answered until the process is gone (not a served subject: draining keeps it), so a caller
+        # waiting on this instance can tell a dead process (no responders) from a slow one.
+        await self.bus.subscribe(subjects.alive(self.id), self._on_alive)
         await self.on_start()
         key = instance_key(self.settings.etcd_prefix, self.kind, self.id)
         self.registration = Registration(

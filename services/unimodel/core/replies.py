@@ -244,6 +244,11 @@ class ReplyStream:
             raise item
         return item
 
+    def fail(self, err: errors.UnimodelError) -> None:
+        """End the stream with `err` after what has arrived (the sender is known to be gone)."""
+        if not self._closed:
+            self._queue.put_nowait(err)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -64,6 +64,12 @@ def worker_control(instance_id: str) -> str:
     return f"{ROOT}.worker.{instance_id}.control"
 
 
+def alive(instance_id: str) -> str:
+    """anyone -> one instance of any kind: an empty request it answers for as long as its process is
+    connected (draining included). NATS's "no responders" on it means the process is gone."""
+    return f"{ROOT}.alive.{instance_id}"
+
+
 ABORT = f"{ROOT}.abort"
 """gateway -> every worker (plain subscription, no queue group): an AbortRequest, generations to stop."""
 

@@ -58,6 +58,7 @@ class Generation:
         self.first_token_at = 0.0
         self.last_token_at = 0.0
         self.chunks = 0
+        self.last_seen = self.started_at  # the last message from the worker (gateway.stream_watch)
         self.metrics = metrics
         self.span: Span | None = None  # "stream {model}" while tracing is on: acceptance to the end
         self._expected = 0
@@ -67,6 +68,15 @@ class Generation:
     @property
     def done(self) -> bool:
         return self._done
+
+    @property
+    def worker_id(self) -> str:
+        """The worker that accepted the generation (after start())."""
+        return self.first.worker_id
+
+    def worker_lost(self, reason: str) -> None:
+        """The worker's process is gone: the generation ends with UNAVAILABLE after the chunks that came."""
+        self.stream.fail(errors.Unavailable(reason, retry_after_s=1, model=self.model))
 
     async def start(self) -> generate_pb2.GenerateChunk:
         """Wait for the worker to accept the request (chunk seq 0); its refusal raises."""
@@ -123,6 +133,7 @@ class Generation:
     async def _next(self) -> generate_pb2.GenerateChunk:
         while True:
             raw = await self.stream.next(self.chunk_timeout_s)
+            self.last_seen = time.perf_counter()
             chunk = generate_pb2.GenerateChunk.FromString(raw)
             if chunk.seq < self._expected:
                 log.warning("generation %s: dropped repeated chunk %d", self.request_id, chunk.seq)

@@ -15,6 +15,7 @@ from google.protobuf import struct_pb2
 
 from unimodel.core import errors, generation, modelconfig, subjects, tensors, tracing
 from unimodel.core.context import RequestContext
+from unimodel.core.kinds import WORKER_KINDS
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.replies import ReplyMux
 from unimodel.core.registry import Discovery, instances_prefix, model_key, models_prefix
@@ -35,9 +36,14 @@ from unimodel.gateway.generation import Generation
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.settings import GatewaySettings
 from unimodel.gateway.statistics import ModelStatistics
+from unimodel.gateway.stream_watch import StreamWatch
 from unimodel.gateway.traces import GrpcTracingInterceptor, TracingMiddleware
 from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
+
+STREAM_SILENCE_S = 1.0
+"""A worker none of whose generations sent anything for this long is asked whether it is alive."""
+STREAM_PROBE_TIMEOUT_S = 1.0
 
 Reply = TypeVar("Reply", inference_pb2.PredictResponse, inference_pb2.InferResponse)
 
@@ -69,6 +75,8 @@ class GatewayService(Service):
         self._models: dict[str, catalog.ModelEntry] = {}
         self._configs: dict[str, model_pb2.ModelConfig] = {}
         self._first_seen: dict[str, int] = {}
+        self.streams = StreamWatch(STREAM_SILENCE_S)  # running generations by worker, for the liveness probe
+        self._probe_now = asyncio.Event()
         self.stats = GatewayMetrics(self.metrics.registry)
         self.model_stats = ModelStatistics()  # KServe v2 model statistics
         self.api = build_app(self)  # FastAPI: every route, OpenAPI
@@ -102,6 +110,8 @@ class GatewayService(Service):
     def _on_instance_change(self, key: str, old: object, new: object) -> None:
         self._configs = {c.name: c for c in self.registered.items.values()}
         self._models = catalog.models(self.instances.items, self._configs)
+        if new is None and isinstance(old, registry_pb2.InstanceInfo) and old.kind in WORKER_KINDS:
+            self._probe_now.set()  # a worker left: check at once whether its generations lost it
 
     def first_seen(self, name: str) -> int:
         """Unix time this gateway first saw model `name` (OpenAI's `created`)."""
@@ -257,12 +267,32 @@ class GatewayService(Service):
         except errors.UnimodelError as exc:
             self._observe(api, model, exc.code_name, started)
             raise
+        def on_end(g: Generation) -> None:
+            self.streams.discard(g)
+            self._observe(api, model, g.code, g.started_at)
+
         gen = Generation(
             model, stream, chunk_timeout_s=self.settings.generate_timeout_s, abort=self._abort_generation,
-            on_end=lambda g: self._observe(api, model, g.code, g.started_at), metrics=self.stats,
+            on_end=on_end, metrics=self.stats,
         )
         await gen.start()
+        if not gen.done:
+            self.streams.add(gen)
         return gen
+
+    async def _watch_streams(self) -> None:
+        """End the generations of a worker whose process is gone (NATS: no responders on its liveness
+        subject) instead of letting their clients wait for the deadline. Only workers whose generations
+        all fell silent are asked (a streaming worker proves itself with every chunk)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_now.wait(), STREAM_SILENCE_S / 2)
+            force = self._probe_now.is_set()
+            self._probe_now.clear()
+            for worker in self.streams.workers() if force else self.streams.silent_workers():
+                if await self.bus.responds(subjects.alive(worker), STREAM_PROBE_TIMEOUT_S) is False:
+                    n = self.streams.lost(worker, f"worker {worker} stopped while generating (its process is gone)")
+                    self.log.warning("worker %s is gone: ended its %d running generation(s)", worker, n)
 
     async def _abort_generation(self, request_id: str, reason: str) -> None:
         await self.bus.publish(
@@ -281,6 +311,7 @@ class GatewayService(Service):
     # lifecycle --------------------------------------------------------------------------------------
     async def on_start(self) -> None:
         await self.replies.start()
+        self.spawn(self._watch_streams(), "watch streams")
         self.instances.start()
         self.registered.start()
         if self.settings.load_models:

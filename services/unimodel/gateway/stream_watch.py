@@ -1,0 +1,61 @@
+"""Which workers the gateway's running generations depend on, and which of them to check.
+
+A generation is acknowledged by its worker once (chunk seq 0), then only its chunks say the worker is
+alive. If the worker's process dies, nothing else arrives: without a check the client would wait for
+the generation's deadline. So the gateway keeps the running generations by worker and, for a worker
+whose generations have all been silent for `silence_s` (or whose registration left etcd), asks NATS
+whether the worker is still subscribed: "no responders" means its connection is gone, and its
+generations end at once with an error that says so (an SSE error event, a gRPC status). A worker that
+answers, or is only slow to, keeps its generations. Plain logic: the probe is injected.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+
+class Watched(Protocol):
+    worker_id: str
+    last_seen: float  # perf_counter() of its last message from the worker
+
+    def worker_lost(self, reason: str) -> None: ...
+
+
+class StreamWatch:
+    def __init__(self, silence_s: float = 1.0, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.silence_s = silence_s
+        self.clock = clock
+        self._by_worker: dict[str, set[Watched]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._by_worker.values())
+
+    def add(self, gen: Watched) -> None:
+        if gen.worker_id:
+            self._by_worker.setdefault(gen.worker_id, set()).add(gen)
+
+    def discard(self, gen: Watched) -> None:
+        gens = self._by_worker.get(gen.worker_id)
+        if gens is not None:
+            gens.discard(gen)
+            if not gens:
+                del self._by_worker[gen.worker_id]
+
+    def workers(self) -> list[str]:
+        return list(self._by_worker)
+
+    def silent_workers(self) -> list[str]:
+        """Workers none of whose generations has heard from them for `silence_s`: worth a probe."""
+        limit = self.clock() - self.silence_s
+        return [w for w, gens in self._by_worker.items() if all(g.last_seen <= limit for g in gens)]
+
+    def lost(self, worker_id: str, reason: str) -> int:
+        """End every generation on `worker_id` with `reason`; returns how many."""
+        gens: Iterable[Watched] = self._by_worker.pop(worker_id, set())
+        n = 0
+        for gen in list(gens):
+            gen.worker_lost(reason)
+            n += 1
+        return n
