@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from unimodel.core import errors
-from unimodel.gateway import api_embeddings, api_modelcache as mc
+from unimodel.gateway import api_embeddings, api_modelcache as mc, json_body
 
 
 def test_modelcache_accepts_a_json_string_body_and_plain_json() -> None:
@@ -65,8 +65,12 @@ def test_modelcache_bad_fields(fn, data: dict, fragment: str) -> None:  # type: 
         fn(data, "")
 
 
+def _embedding_body(raw: bytes) -> api_embeddings.EmbeddingBody:
+    return json_body.parse_model(raw, api_embeddings.EmbeddingBody)
+
+
 def test_embeddings_request_checks() -> None:
-    body = api_embeddings._parse(b'{"model": "e", "input": ["a", "b"]}')
+    body = _embedding_body(b'{"model": "e", "input": ["a", "b"]}')
     assert api_embeddings._texts(body) == ["a", "b"]
     for raw, fragment in [
         (b'{"model": "e", "input": []}', "empty"),
@@ -74,9 +78,9 @@ def test_embeddings_request_checks() -> None:
         (b'{"model": "e", "input": ["ok", ""]}', r"input\[1\] is an empty string"),
     ]:
         with pytest.raises(errors.InvalidArgument, match=fragment):
-            api_embeddings._texts(api_embeddings._parse(raw))
+            api_embeddings._texts(_embedding_body(raw))
     with pytest.raises(errors.InvalidArgument, match="encoding_format"):
-        api_embeddings._parse(b'{"model": "e", "input": "x", "encoding_format": "int8"}')
+        _embedding_body(b'{"model": "e", "input": "x", "encoding_format": "int8"}')
 
 
 def test_embeddings_response_float_and_base64() -> None:

@@ -60,7 +60,7 @@ async def test_models_lists_echo(client: httpx.AsyncClient) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "status", "needle"),
     [
-        ("/v1/models/echo:predict", b'{"input": ', 400, "malformed JSON"),
+        ("/v1/models/echo:predict", b'{"input": ', 400, "the body is not valid JSON"),
         ("/v1/models/echo:predict", b"[1, 2]", 400, "JSON object"),
         ("/v1/models/echo:predict", b"{}", 400, "input is required"),
         ("/v1/models/echo:predict", b'{"input": 1, "extra": 2}', 400, "unknown field"),

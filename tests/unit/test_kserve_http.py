@@ -241,7 +241,7 @@ def _fp_input(shape: list[int], datatype: str = "FP32", name: str = "INPUT0") ->
         ("/v2/models/identity/infer", {"inputs": [_fp_input([1, 2], "FP64")]}, {}, 400, "datatype FP64, expected FP32"),
         ("/v2/models/identity/infer", {"inputs": [{**_fp_input([1, 3]), "data": [1, 2]}]}, {}, 400,
          "input 'INPUT0': 2 values in data, the shape holds 3"),
-        ("/v2/models/identity/infer", b'{"inputs": [', {}, 400, "malformed JSON"),
+        ("/v2/models/identity/infer", b'{"inputs": [', {}, 400, "the body is not valid JSON"),
         ("/v2/models/identity/infer", b'{"inputs": []}', {"Inference-Header-Content-Length": "999"}, 400,
          "Inference-Header-Content-Length 999 is outside"),
         ("/v2/models/identity/infer", b'{"inputs": []}', {"Inference-Header-Content-Length": "ten"}, 400,

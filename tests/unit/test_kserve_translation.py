@@ -119,7 +119,8 @@ X1 = {"name": "X", "datatype": "FP32", "shape": [1, 2]}
 @pytest.mark.parametrize(
     ("body", "header_length", "needle"),
     [
-        (b'{"inputs": [', None, "malformed JSON"),
+        (b'{"inputs": [', None, "the body is not valid JSON"),
+        (b'{"in\0\0\0\0', 4, "the body's JSON header is not valid JSON"),
         (b"[1, 2]", None, "JSON object"),
         (b'{"inputs": [], "extra": 1}', None, "unknown field(s) in the infer request: extra"),
         (b'{"inputs": []}', None, "inputs must be a non-empty list"),

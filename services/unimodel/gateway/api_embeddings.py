@@ -27,7 +27,8 @@ from unimodel.core import errors
 from unimodel.core.modelconfig import TEXT_EMBEDDING
 from unimodel.core.context import RequestContext
 from unimodel.core.value_arrays import embeddings_of, texts_value
-from unimodel.gateway.api_openai import openai_error, parse_body
+from unimodel.gateway import json_body
+from unimodel.gateway.api_openai import openai_error
 from unimodel.gateway.auth import TENANT_HEADER
 
 if TYPE_CHECKING:
@@ -44,10 +45,6 @@ class EmbeddingBody(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, description="must equal the model's dimension when given")
     user: str | None = None
-
-
-def _parse(raw: bytes) -> EmbeddingBody:
-    return parse_body(raw, EmbeddingBody)
 
 
 def _texts(body: EmbeddingBody) -> list[str]:
@@ -116,7 +113,7 @@ def response_body(model: str, vectors: np.ndarray, tokens: int, encoding: str) -
 def register_embedding_routes(app: FastAPI, gw: GatewayService) -> None:
     @app.post(
         "/v1/embeddings", tags=["openai"], summary="Text embeddings (OpenAI-compatible)",
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": EmbeddingBody.model_json_schema()}}}},
+        openapi_extra=json_body.openapi_body(EmbeddingBody),
         responses={
             200: {"description": "the embeddings, in input order"},
             400: {"description": "invalid input, or not a text-embedding model (OpenAI error shape)"},
@@ -127,7 +124,7 @@ def register_embedding_routes(app: FastAPI, gw: GatewayService) -> None:
     async def embeddings(request: Request) -> Response:
         header = request.headers.get
         try:
-            body = _parse(await request.body())
+            body = json_body.parse_model(await request.body(), EmbeddingBody)
             ctx = RequestContext.new(
                 gw.settings.request_timeout_s, request_id=header("x-request-id", ""),
                 traceparent=header("traceparent", ""), tracestate=header("tracestate", ""),

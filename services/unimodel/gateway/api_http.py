@@ -19,7 +19,7 @@ from unimodel import __version__
 from unimodel.core import errors, modelconfig
 from unimodel.core.context import RequestContext
 from unimodel.core.values import from_value, to_value
-from unimodel.gateway import catalog
+from unimodel.gateway import catalog, json_body
 from unimodel.gateway.auth import TENANT_HEADER
 from unimodel.gateway.api_kserve_http import error_result as kserve_error_result
 from unimodel.gateway.api_kserve_http import infer_asgi, match_infer
@@ -142,13 +142,8 @@ class BodyLimit:
 
 
 def parse_body(raw: bytes) -> PredictBody:
-    """The JSON body, whatever Content-Type the client sent (curl -d sends a form type)."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise errors.InvalidArgument("malformed JSON body") from None
-    if not isinstance(data, dict):
-        raise errors.InvalidArgument("the body must be a JSON object like {\"input\": ...}")
+    """The :predict body (checked by hand, not by pydantic: this is the hot path)."""
+    data = json_body.parse_object(raw, example=' like {"input": ...}')
     if "input" not in data:
         raise errors.InvalidArgument("input is required", field="input")
     params = data.get("parameters") or {}
@@ -282,9 +277,8 @@ def build_app(gw: GatewayService) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        # query and path parameters only: no route takes a FastAPI body parameter (bodies: json_body)
         first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return error_response(errors.InvalidArgument("malformed JSON body"))
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         return error_response(errors.InvalidArgument(f"{where}: {first.get('msg', 'invalid value')}", field=where))
 
@@ -334,8 +328,10 @@ def build_app(gw: GatewayService) -> FastAPI:
         status_code=202,
         response_model=ModelStatusReply,
         responses={400: {}, 403: {"description": "path outside the models root"}, 404: {}, 503: {}},
+        openapi_extra=json_body.openapi_body(RegisterBody),
     )
-    async def register_model(body: RegisterBody) -> ModelStatusReply:
+    async def register_model(request: Request) -> ModelStatusReply:
+        body = json_body.parse_model(await request.body(), RegisterBody)
         config = await gw.register_model(body.model_dump(exclude_none=True))
         entry = gw.models().get(config.name) or catalog.ModelEntry(config.name, (), config)
         return model_status(entry)
@@ -373,12 +369,7 @@ def build_app(gw: GatewayService) -> FastAPI:
         summary="Run one input through a model (batched with other requests)",
         response_model=PredictReply,
         responses={400: {}, 404: {}, 413: {}, 429: {}, 503: {}, 504: {}},
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": PredictBody.model_json_schema()}},
-            }
-        },
+        openapi_extra=json_body.openapi_body(PredictBody),
     )
     async def predict(name: str, request: Request) -> Response:
         # Served by FastRoutes in front of this app; kept here so OpenAPI documents it (and as fallback).

@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 from unimodel import __version__
 from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext
-from unimodel.gateway import kserve
+from unimodel.gateway import json_body, kserve
 from unimodel.gateway.auth import TENANT_HEADER
 
 if TYPE_CHECKING:
@@ -426,15 +426,9 @@ def register_kserve_routes(app: FastAPI, gw: GatewayService) -> None:
         ),
         "response_model": InferReply,
         "responses": _INFER_ERRORS,
-        "openapi_extra": {
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": _INFER_SCHEMA},
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                },
-            }
-        },
+        "openapi_extra": json_body.openapi_body(
+            _INFER_SCHEMA, {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+        ),
     }
 
     async def infer_route(request: Request, model: str, version: str) -> Response:

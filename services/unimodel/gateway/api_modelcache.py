@@ -34,6 +34,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
+from unimodel.gateway import json_body
 from unimodel.gateway.auth import TENANT_HEADER
 from unimodel.v1 import cache_pb2, generate_pb2
 
@@ -52,11 +53,11 @@ class BadRequest(Exception):
 
 def parse(raw: bytes | str) -> dict[str, Any]:
     try:
-        data = orjson.loads(raw)
+        data = json_body.parse(raw)
         if isinstance(data, str):  # json=json.dumps(data): a JSON string holding the JSON request
-            data = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body is not valid JSON") from None
+            data = json_body.parse(data, "the JSON string in the body")
+    except errors.InvalidArgument as exc:
+        raise BadRequest(exc.message) from None
     if not isinstance(data, dict):
         raise BadRequest("the request must be a JSON object (or a JSON string holding one)")
     kind = data.get("type")
@@ -222,16 +223,15 @@ async def _serve_socket(gw: GatewayService, ws: WebSocket) -> None:
             try:
                 if text is None or len(text) > MAX_FRAME_BYTES:
                     raise BadRequest("a frame must be JSON text of at most 16 MiB")
-                frame = orjson.loads(text)
+                frame = json_body.parse(text, "the frame")
                 if not isinstance(frame, dict):
                     raise BadRequest("a frame must be {\"requestId\": ..., \"payload\": {...}}")
                 request_id = frame.get("requestId")
                 payload = frame.get("payload")
                 if request_id in (None, "") or not payload:
                     raise BadRequest("a frame needs a requestId and a payload")
-            except (orjson.JSONDecodeError, BadRequest) as exc:
-                message_text = str(exc) if isinstance(exc, BadRequest) else "the frame is not valid JSON"
-                await reply(request_id, _query_error(WS_BAD_FRAME, f"bad request: {message_text}"))
+            except (errors.InvalidArgument, BadRequest) as exc:
+                await reply(request_id, _query_error(WS_BAD_FRAME, f"bad request: {exc}"))
                 continue
             task = asyncio.create_task(one(request_id, payload))
             tasks.add(task)
@@ -252,7 +252,7 @@ def register_modelcache_routes(app: FastAPI, gw: GatewayService) -> None:
             400: {"description": "not a ModelCache request (errorCode 103); nothing was written"},
             503: {"description": "the cache (Milvus, the embedding model) is unavailable; nothing was written"},
         },
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}},
+        openapi_extra=json_body.openapi_body({"type": ["object", "string"]}),
     )
     async def modelcache(request: Request) -> Response:
         raw = await request.body()

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
+from pydantic_core import PydanticCustomError
 
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
+from unimodel.gateway import json_body
 from unimodel.gateway.auth import TENANT_HEADER
 from unimodel.gateway.cache_client import BYPASSED, HIT, MISS, Lookup
 from unimodel.gateway.generation import Generation
@@ -66,6 +68,14 @@ class ChatMessageIn(BaseModel):
     content: str | list[TextPart] | None = Field(..., description="text, or a list of text parts")
     name: str | None = None
 
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:  # one message instead of one per member of the union
+            raise PydanticCustomError("content", "must be a string or a list of text parts") from None
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -100,29 +110,6 @@ class ChatCompletionBody(_Sampling):
 class CompletionBody(_Sampling):
     prompt: str | list[str] = Field(..., description="the prompt (a list of one string is accepted)")
     echo: bool = False
-
-
-_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "none"})
-
-
-def parse_body(raw: bytes, kind: type[BaseModel]) -> Any:
-    """An OpenAI request body: JSON object validated by `kind`; InvalidArgument naming the field."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise errors.InvalidArgument("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise errors.InvalidArgument("the body must be a JSON object")
-    try:
-        return kind.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = [p for p in first.get("loc", ()) if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
-        message = first.get("msg", "invalid value")
-        if loc and loc[-1] == "content":
-            message = "must be a string or a list of text parts"
-        raise errors.InvalidArgument(f"{where}: {message}", field=where) from None
 
 
 def _sampling(body: _Sampling, max_tokens: int | None) -> generate_pb2.SamplingParams:
@@ -279,10 +266,10 @@ async def _generate(gw: GatewayService, request: Request, chat: bool) -> Respons
     try:
         raw = await request.body()
         if chat:
-            body = parse_body(raw, ChatCompletionBody)
+            body = json_body.parse_model(raw, ChatCompletionBody)
             req = chat_request(body, request.headers.get("x-session-id", ""))
         else:
-            body = parse_body(raw, CompletionBody)
+            body = json_body.parse_model(raw, CompletionBody)
             req = completion_request(body, request.headers.get("x-session-id", ""))
         header = request.headers.get
         ctx = RequestContext.new(
@@ -389,10 +376,6 @@ def _cached(body: ChatCompletionBody, lookup: Lookup, shape: _Shape, request_id:
     return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
 
-def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
-
-
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the completion (JSON), or with stream=true a text/event-stream of chunks ending with `data: [DONE]`"},
     400: {"description": "invalid request or over a model limit (OpenAI error shape; `code` names the limit)"},
@@ -407,14 +390,14 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 def register_openai_routes(app: FastAPI, gw: GatewayService) -> None:
     @app.post(
         "/v1/chat/completions", tags=["openai"], summary="Chat completion (OpenAI-compatible; stream=true for SSE)",
-        openapi_extra=_body_doc(ChatCompletionBody), responses=_RESPONSES,
+        openapi_extra=json_body.openapi_body(ChatCompletionBody), responses=_RESPONSES,
     )
     async def chat_completions(request: Request) -> Response:
         return await _generate(gw, request, chat=True)
 
     @app.post(
         "/v1/completions", tags=["openai"], summary="Text completion (OpenAI-compatible; stream=true for SSE)",
-        openapi_extra=_body_doc(CompletionBody), responses=_RESPONSES,
+        openapi_extra=json_body.openapi_body(CompletionBody), responses=_RESPONSES,
     )
     async def completions(request: Request) -> Response:
         return await _generate(gw, request, chat=False)

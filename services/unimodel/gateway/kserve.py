@@ -28,6 +28,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 
 from unimodel.core import errors, tensors
 from unimodel.core.modelconfig import DATATYPES
+from unimodel.gateway import json_body
 from unimodel.gateway.statistics import Duration, ModelSnapshot
 from unimodel.v1 import inference_pb2, model_pb2, tensor_pb2
 
@@ -276,10 +277,7 @@ def parse_rest_infer(body: bytes | bytearray | memoryview, header_length: int | 
                 "Inference-Header-Content-Length",
             )
         header, binary = view[:header_length], view[header_length:]
-    try:
-        request = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
-        raise _bad(f"malformed JSON in the infer request: {exc}") from None
+    request = json_body.parse(header, "the body" if header_length is None else "the body's JSON header")
     if not isinstance(request, dict):
         raise _bad('the infer request must be a JSON object like {"inputs": [...]}')
     if not _REQUEST_FIELDS.issuperset(request):

@@ -1,0 +1,82 @@
+"""The one rule for JSON request bodies, on every route of the gateway.
+
+A body that parses as JSON is JSON, whatever its Content-Type says: `curl -d` labels it
+application/x-www-form-urlencoded, some clients send text/plain or nothing. A body that does not parse
+is `InvalidArgument("the body is not valid JSON (...)")`, which each route family renders in its own
+error shape (UniModel's, OpenAI's, Triton's `{"error": ...}`, ModelCache's errorCode 103): a 400, never
+a 500.
+
+Routes therefore read the raw bytes and call `parse`, `parse_object` or `parse_model` here, never a
+FastAPI body parameter (FastAPI refuses a JSON body labelled with another Content-Type);
+`openapi_body` documents such a body in the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from unimodel.core import errors
+
+Raw = bytes | bytearray | memoryview | str
+Model = TypeVar("Model", bound=BaseModel)
+
+# pydantic's names for the member of a union a value failed (`str`, `list[str]`, ...): not fields
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def parse(raw: Raw, what: str = "the body") -> Any:
+    """The JSON value in `raw`; InvalidArgument saying `what` is not valid JSON (and where) otherwise."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise errors.InvalidArgument(f"{what} is not valid JSON ({exc})") from None
+
+
+def parse_object(raw: Raw, what: str = "the body", example: str = "") -> dict[str, Any]:
+    """A JSON object; `example` (e.g. ' like {"input": ...}') completes the message for anything else."""
+    data = parse(raw, what)
+    if not isinstance(data, dict):
+        raise errors.InvalidArgument(f"{what} must be a JSON object{example}")
+    return data
+
+
+def parse_model(raw: Raw, kind: type[Model]) -> Model:
+    """A JSON object validated by the pydantic model `kind`; InvalidArgument naming the field at fault."""
+    data = parse_object(raw)
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_field(exc) from None
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """pydantic's error location as a path a client reads: `messages[0].content` ('body' when empty)."""
+    parts = [p for p in loc if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "body"
+
+
+def invalid_field(exc: ValidationError) -> errors.InvalidArgument:
+    """The first validation error as `<field>: <what is wrong>`."""
+    first = exc.errors()[0] if exc.errors() else {}
+    where = field_path(first.get("loc", ()))
+    return errors.InvalidArgument(f"{where}: {first.get('msg', 'invalid value')}", field=where)
+
+
+def openapi_body(
+    schema: type[BaseModel] | dict[str, Any], other_media: Mapping[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """`openapi_extra` documenting a JSON request body, plus `other_media` (media type -> its entry) when
+    the route takes those too (KServe's binary tensors)."""
+    if isinstance(schema, type):
+        schema = schema.model_json_schema()
+    return {
+        "requestBody": {
+            "required": True,
+            "description": "JSON, read as JSON whatever the Content-Type header says",
+            "content": {"application/json": {"schema": schema}, **(other_media or {})},
+        }
+    }
