@@ -9,6 +9,7 @@ import pytest
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
+from unimodel.core import modelconfig
 from unimodel.gateway.service import GatewayService
 from unimodel.gateway.settings import GatewaySettings
 from unimodel.v1 import registry_pb2
@@ -17,9 +18,11 @@ from unimodel.v1 import registry_pb2
 @pytest.fixture
 async def gateway() -> AsyncIterator[GatewayService]:
     gw = GatewayService(GatewaySettings(max_body_bytes=2048))
-    # The cluster view as discovery would fill it from etcd: one worker hosting echo.
+    # The cluster view as discovery would fill it from etcd: one worker hosting echo, as a worker registers.
+    echo = registry_pb2.ModelStatus(name="echo", state=registry_pb2.ModelStatus.READY, pinned=True, engine="echo")
     gw.instances.apply(  # as discovery applies a watch event from etcd
-        "/unimodel/v1/instances/gpu-worker/w1", registry_pb2.InstanceInfo(id="w1", kind="gpu-worker", models=["echo"])
+        "/unimodel/v1/instances/gpu-worker/w1",
+        registry_pb2.InstanceInfo(id="w1", kind="gpu-worker", models=["echo"], model_states=[echo]),
     )
     gw.instances.synced.set()
     gw.registered.synced.set()
@@ -53,8 +56,19 @@ async def test_models_lists_echo(client: httpx.AsyncClient) -> None:
     assert card.pop("created") > 1_700_000_000  # OpenAI's field: when the gateway first saw the model
     assert card == {
         "id": "echo", "object": "model", "owned_by": "unimodel", "ready": True, "state": "READY", "instances": 1,
-        "engine": "", "generative": False,
+        "engine": "echo", "generative": False,
     }
+
+
+async def test_models_show_a_registered_models_config_engine(gateway: GatewayService, client: httpx.AsyncClient) -> None:
+    config = modelconfig.parse({
+        "name": "tiny-llm", "engine": "llamacpp", "path": "/models/tiny-llm", "max_batch_size": 1,
+    })
+    gateway.registered.apply("/unimodel/v1/models/tiny-llm", config)  # registered, on no worker yet
+    cards = {c["id"]: c for c in (await client.get("/v1/models")).json()["data"]}
+    assert cards["echo"]["engine"] == "echo"
+    tiny = cards["tiny-llm"]
+    assert tiny["engine"] == "llamacpp" and tiny["state"] == "LOADING" and not tiny["ready"] and tiny["generative"]
 
 
 @pytest.mark.parametrize(

@@ -41,10 +41,10 @@ def open_gate(version: str) -> None:
     Gated.gates.setdefault(version, asyncio.Event()).set()
 
 
-def cfg(version: str = "1", **options: str) -> model_pb2.ModelConfig:
+def cfg(version: str = "1", engine: str = "delay", **options: str) -> model_pb2.ModelConfig:
     return modelconfig.parse({
         "name": "m",
-        "engine": "delay",
+        "engine": engine,
         "version": version,
         "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
         "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
@@ -117,6 +117,22 @@ async def test_reload_keeps_the_old_version_serving_until_the_new_one_is_ready(g
     gated.release(new)
 
 
+async def test_states_name_the_engine_of_the_version_that_serves(gated: ModelTable) -> None:
+    assert gated.load(cfg("1")).engine == "delay"  # loading: the engine asked for
+    open_gate("1")
+    await gated.settle()
+    assert gated.status("m").engine == "delay"
+    gated.load(cfg("2", engine="echo"))
+    await asyncio.sleep(0.01)
+    assert gated.status("m").state == S.READY and gated.status("m").engine == "delay"  # v1 still serves
+    open_gate("2")
+    await gated.settle()
+    assert gated.status("m").engine == "echo"
+    gated.load(cfg("3", fail="boom"))
+    await gated.settle()
+    assert state(gated) == (S.FAILED, "boom") and gated.status("m").engine == "delay"  # what failed to load
+
+
 async def test_unload_waits_for_inflight_batches(gated: ModelTable) -> None:
     open_gate("1")
     await gated.load_now(cfg(), pinned=True)
@@ -168,6 +184,7 @@ async def test_real_engines_load_and_close(tmp_path: Path) -> None:
     # batches run at once: the ONNX engine's session count (instance_count 1); echo has no limit of its own
     concurrency = {s.name: s.concurrency for s in table.states()}
     assert concurrency == {"echo": 3, "identity": 1, "broken": 0}
+    assert {s.name: s.engine for s in table.states()} == {"echo": "echo", "identity": "onnx", "broken": "onnx"}
     engine = table.get("identity")
     assert engine is not None
     await table.close()

@@ -45,7 +45,13 @@ class ModelCard(BaseModel):
     ready: bool
     state: str = Field(..., description="READY, LOADING, FAILED or UNAVAILABLE")
     instances: int = Field(..., description="worker instances that serve the model now")
-    engine: str = Field("", description="engine of a registered model (onnx, llamacpp, vllm, openai, delay, echo); empty for built-ins")
+    engine: str = Field(
+        "",
+        description=(
+            "engine the model runs on (onnx, llamacpp, vllm, openai, delay, echo): a registered model's config, "
+            "else what its workers report (built-ins such as echo); empty while no worker has said"
+        ),
+    )
     created: int = Field(0, description="Unix time the gateway first saw the model (OpenAI's field)")
     generative: bool = Field(False, description="a text-generation model: /v1/chat/completions and /v1/completions")
 
@@ -313,7 +319,7 @@ def build_app(gw: GatewayService) -> FastAPI:
             data=[
                 ModelCard(
                     id=m.name, ready=bool(m.instances), state=m.state, instances=len(m.instances),
-                    engine=m.config.engine if m.config is not None else "",
+                    engine=m.engine,
                     generative=m.config is not None and modelconfig.is_generative(m.config),
                     created=gw.first_seen(m.name),
                 )

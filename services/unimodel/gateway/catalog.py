@@ -19,6 +19,7 @@ class InstanceState:
     state: str  # LOADING / READY / FAILED / UNLOADING
     error: str = ""
     inflight: int = 0
+    engine: str = ""  # as the instance reports it ("" from a worker that does not say)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,17 @@ class ModelEntry:
             return "FAILED"
         return "LOADING" if self.registered else "UNAVAILABLE"
 
+    @property
+    def engine(self) -> str:
+        """The registered config's engine; for a worker's built-in model, the engine its instances report
+        (a READY instance's first); "" when none says."""
+        if self.config is not None:
+            return self.config.engine
+        for state in sorted(self.states, key=lambda s: s.state != "READY"):
+            if state.engine:
+                return state.engine
+        return ""
+
     def errors(self) -> list[str]:
         return sorted({s.error for s in self.states if s.state == "FAILED" and s.error})
 
@@ -64,7 +76,7 @@ def models(
             ready.setdefault(model, []).append(info.id)
         reported = {s.name for s in info.model_states}
         for s in info.model_states:
-            states.setdefault(s.name, []).append(InstanceState(info.id, State.Name(s.state), s.error, s.inflight))
+            states.setdefault(s.name, []).append(InstanceState(info.id, State.Name(s.state), s.error, s.inflight, s.engine))
         for model in info.models:  # a worker that reports no states still serves its models
             if model not in reported:
                 states.setdefault(model, []).append(InstanceState(info.id, "READY"))

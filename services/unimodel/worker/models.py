@@ -78,6 +78,7 @@ class _Entry:
     error: str = ""
     current: LoadedModel | None = None
     target: bytes = b""  # config_key of the config asked for last
+    engine: str = ""  # engine of the config asked for last (reported until a version of it is loaded)
     pinned: bool = False
     generation: int = 0  # bumped by every command; a stale background step gives way
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -137,6 +138,7 @@ class ModelTable:
         if entry is None:
             entry = self._entries[config.name] = _Entry(config.name)
         entry.target = key
+        entry.engine = config.engine
         entry.pinned = entry.pinned or pinned
         entry.generation += 1
         entry.error = ""
@@ -259,7 +261,7 @@ class ModelTable:
             concurrency = min(own, self.max_concurrent) if own > 0 else self.max_concurrent
         return registry_pb2.ModelStatus(
             name=name, state=entry.state, error=entry.error, inflight=inflight, pinned=entry.pinned,  # type: ignore[arg-type]
-            concurrency=concurrency,
+            concurrency=concurrency, engine=current.config.engine if current is not None else entry.engine,
         )
 
     def states(self) -> list[registry_pb2.ModelStatus]:
