@@ -87,3 +87,16 @@ def test_a_settings_error_is_not_restarted() -> None:
     with pytest.raises(GiveUp, match="gateway exited with code 2 .*a bad setting, not restarted"):
         sup.poll()
     proc.stop()
+
+
+def test_a_killed_child_is_named_by_its_signal() -> None:
+    clock, said = Clock(), []
+    sup = Supervisor(say=said.append, clock=clock)
+    proc = ManagedProcess("gpu-worker-0", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                          sink=io.StringIO())
+    proc.start()
+    proc.wait(30)
+    sup.watch(proc)
+    sup.poll()
+    assert said == ["unimodel up: gpu-worker-0 was killed by SIGKILL; restarting in 0.5s"]
+    proc.stop()

@@ -9,6 +9,7 @@ has run for a minute), and the cluster gives up on it when it failed `max_failur
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,6 +19,17 @@ from unimodel.local.procs import ManagedProcess
 
 CONFIG_ERROR_EXIT = 2
 """Exit code of a service that refused its settings (core.settings): fatal, never restarted."""
+
+
+def _why(code: int, lines: list[str]) -> str:
+    """How a child ended, in words: the signal that killed it, or its exit code and last log line."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    return f"exited with code {code}" + (f" ({last[:300]})" if last else "")
 
 
 class GiveUp(Exception):
@@ -82,9 +94,8 @@ class Supervisor:
             code = proc.returncode()
             if proc.proc is None or code is None:
                 continue
-            last = " / ".join(line for line in proc.lines[-3:] if line.strip())
-            why = f"exited with code {code}" + (f" ({last})" if last else "")
-            if code == CONFIG_ERROR_EXIT:
+            why = _why(code, proc.lines)
+            if code == CONFIG_ERROR_EXIT:  # core.settings printed the bad setting as the last line
                 raise GiveUp(f"{proc.name} {why}: a bad setting, not restarted")
             if now - child.started_at >= p.stable_after_s:
                 child.consecutive = 0
