@@ -3,63 +3,97 @@
 from __future__ import annotations
 
 import base64
+import collections
+import fcntl
+import json
 import os
 import signal
 import subprocess
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 import sklearn.datasets
 
+from process_tree import alive, descendants
 from unimodel.local.procs import free_port, http_ok, wait_until
 
 
-def descendants(pid: int) -> set[int]:
-    """Every process whose parent chain leads to `pid` (read from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        children = {p for p, ppid in parents.items() if ppid in frontier}
-        frontier = children - found
-        found |= children
-    return found
+class PredictLoad:
+    """Clients sending predict requests back to back (one model each); every answer's status counted."""
+
+    BODIES = {
+        "mlp": {"input": [[0.5] * 384]},
+        "iris-classifier": {"input": [5.1, 3.5, 1.4, 0.2]},
+        "echo": {"input": "hi"},
+        "identity": {"input": [[1.0, 2.0]]},
+    }
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.stop = threading.Event()
+        self.codes: collections.Counter[int | str] = collections.Counter()
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(m,), daemon=True) for m in self.BODIES]
+
+    def _run(self, model: str) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self.stop.is_set():
+                try:
+                    r = client.post(f"{self.base}/v1/models/{model}:predict", json=self.BODIES[model])
+                except httpx.HTTPError as exc:
+                    self.codes[type(exc).__name__] += 1
+                    continue
+                self.codes[r.status_code] += 1
+                if r.status_code != 200:
+                    self.errors.append(f"{model}: {r.status_code} {r.text[:200]}")
+
+    def __enter__(self) -> PredictLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+def status_json(etcd: int) -> dict:  # type: ignore[type-arg]
+    proc = subprocess.run(
+        [sys.executable, "-m", "unimodel.cli", "status", "--json", "--etcd-endpoints", f"127.0.0.1:{etcd}"],
+        capture_output=True, text=True, timeout=30,
+    )
+    return json.loads(proc.stdout)
 
 
-def test_up_serves_demo_models_then_ctrl_c_leaves_nothing(tmp_path: Path, model_repository: Path) -> None:
+@pytest.mark.timeout(420)
+def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_nothing(
+    tmp_path: Path, model_repository: Path
+) -> None:
     http, grpc_port, nats, etcd = free_port(), free_port(), free_port(), free_port()
-    # The repository the test suite prepared once: `up` runs prepare over it (all skipped) as a user's
+    # The default, relative state directory (.unimodel) in a new working directory; its models folder is
+    # the repository the suite prepared once, so `up` runs prepare over it (all skipped) as a user's
     # second start would, and registers every model in it.
+    (tmp_path / ".unimodel").mkdir()
+    (tmp_path / ".unimodel" / "models").symlink_to(model_repository)
     cmd = [
-        sys.executable, "-m", "unimodel.cli", "up", "--workers", "2", "--state-dir", str(tmp_path / "state"),
+        sys.executable, "-m", "unimodel.cli", "up", "--workers", "2",
         "--http-port", str(http), "--grpc-port", str(grpc_port), "--nats-port", str(nats), "--etcd-port", str(etcd),
-        "--model-repository", str(model_repository),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")}
     log = (tmp_path / "up.log").open("w+")
-    up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{http}/health/ready"), 90, "cluster ready")
         wait_until(lambda: "UniModel is up" in Path(log.name).read_text(), 10, "endpoints printed")
+        assert f"state  {tmp_path / '.unimodel'}" in Path(log.name).read_text()
         base = f"http://127.0.0.1:{http}"
-        demo = ["efficientnet-lite0", "iris-classifier", "mlp", "identity", "delay"]
+        demo = ["efficientnet-lite0", "iris-classifier", "mlp", "identity", "delay", "smollm2-135m-instruct"]
 
         def all_ready() -> bool:
             data = {m["id"]: m for m in httpx.get(f"{base}/v1/models").json()["data"]}
@@ -81,12 +115,52 @@ def test_up_serves_demo_models_then_ctrl_c_leaves_nothing(tmp_path: Path, model_
         assert r.status_code == 200 and r.json()["output"]["label"] == "setosa", r.text
         r = httpx.post(f"{base}/v1/models/echo:predict", json={"input": "hi"})
         assert r.status_code == 200 and r.json()["output"] == "hi"
-        # the cache on the Milvus Lite server `up` started
+        # the cache on the Milvus Lite server `up` started, with its database under the relative state dir
         scope = {"model": "up-test"}
         insert = {"type": "insert", "scope": scope, "chat_info": [{"query": "What colour is the sky?", "answer": "Blue."}]}
         wait_until(lambda: httpx.post(f"{base}/modelcache", json=insert, timeout=30).json()["errorCode"] == 0, 60, "cache insert")
         hit = httpx.post(f"{base}/modelcache", json={"type": "query", "scope": scope, "query": "What color is the sky?"}, timeout=30)
         assert hit.json()["cacheHit"] is True and hit.json()["answer"] == "Blue.", hit.text
+        assert (tmp_path / ".unimodel" / "milvus" / "milvus.db").exists()
+
+        # kill -9 of the gpu-worker that streams a generation, while 4 clients send predict requests
+        before = status_json(etcd)
+        assert {s["host"] for s in before["services"]} == {socket.gethostname()}
+        workers = {w["id"] for w in before["workers"] if w["kind"] == "gpu-worker"}
+        with PredictLoad(base) as load, httpx.Client(timeout=60) as client:
+            time.sleep(1)
+            chat = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 1000, "cache": False,
+                    "messages": [{"role": "user", "content": "Tell me a very long story about a dragon."}]}
+            with client.stream("POST", f"{base}/v1/chat/completions", json=chat) as stream:
+                assert stream.status_code == 200
+                victim = stream.headers["x-unimodel-worker"]
+                pid = next(s["pid"] for s in before["services"] if s["id"] == victim)
+                lines = stream.iter_lines()
+                assert next(lines).startswith("data: {")  # the stream runs
+                os.kill(pid, signal.SIGKILL)
+                killed = time.monotonic()
+                rest = [line for line in lines if line]
+            ended_s = time.monotonic() - killed
+            # an error event, then the end: never a silent cut, nor a wait for the deadline
+            assert rest[-1] == "data: [DONE]", rest[-3:]
+            error = json.loads(rest[-2].removeprefix("data: "))["error"]
+            assert error["code"] == "unavailable" and victim in error["message"], error
+            assert ended_s < 5, ended_s
+
+            def replaced() -> bool:
+                now = [w for w in status_json(etcd)["workers"] if w["kind"] == "gpu-worker"]
+                new = [w for w in now if w["id"] not in workers]
+                return bool(new) and {m["name"] for m in new[0]["models"] if m["state"] == "READY"} >= {*demo, "echo"}
+
+            wait_until(replaced, killed + 10 - time.monotonic(), "the restarted gpu-worker READY with every demo model")
+            back_s = time.monotonic() - killed
+            time.sleep(1)
+        sys.stderr.write(f"kill -9 {victim}: stream ended after {ended_s:.2f}s, worker back READY after {back_s:.2f}s, "
+                         f"predict answers {dict(load.codes)}\n")
+        assert load.codes[200] > 0 and set(load.codes) == {200}, (dict(load.codes), load.errors[:5])
+        text = Path(log.name).read_text()
+        assert "was killed by SIGKILL; restarting in 0.5s" in text
+        assert up.poll() is None  # the cluster stays up
 
         children = descendants(up.pid)
         # nats-server, etcd, Milvus Lite, router, batcher, cache, embedding-worker, 2 gpu-workers, gateway
@@ -107,6 +181,27 @@ def test_up_serves_demo_models_then_ctrl_c_leaves_nothing(tmp_path: Path, model_
     for prefix in ("nats |", "etcd |", "gateway |", "router |", "batcher |", "cache |", "embedding-worker |", "gpu-worker-1 |"):
         assert prefix in text, f"no log line prefixed {prefix!r}"
     assert "Traceback" not in text
+
+
+def test_a_second_up_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    from unimodel.local.cluster import LOCK_FILE, state_dir_holder
+
+    lock = (tmp_path / LOCK_FILE).open("a+")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write("4242\n")
+    lock.flush()
+    try:
+        assert state_dir_holder(tmp_path) == 4242
+        proc = subprocess.run(
+            [sys.executable, "-m", "unimodel.cli", "up", "--no-prepare"], capture_output=True, text=True, timeout=60,
+            cwd=tmp_path.parent, env={**os.environ, "UNIMODEL_STATE_DIR": str(tmp_path)},
+        )
+    finally:
+        lock.close()
+    assert proc.returncode == 1
+    assert f"state directory {tmp_path} is in use by another `unimodel up` (pid 4242)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert state_dir_holder(tmp_path) is None
 
 
 def test_up_reports_a_busy_port_in_one_line(tmp_path: Path) -> None:
