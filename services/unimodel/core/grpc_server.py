@@ -48,6 +48,18 @@ def maps_errors(method: F) -> F:
 
 
 class GrpcServer:
+    """A service's gRPC server: health, reflection and the servicers `add`ed to it.
+
+    The grpc.aio server itself is made when it is first needed (`start()`, or reading `server`), not when
+    the service is built. Making one initialises gRPC's asyncio layer (gRPC Core and its poller thread),
+    and one that never started cannot be stopped (stop() leaves it as it is) and its __dealloc__ logs
+    through grpc's module logger. A service built and never started (the unit tests build services
+    in process; module-level caches such as FastAPI's, which holds the gateway's route endpoints, keep
+    them alive to the end) was freed by the interpreter's last garbage collection at exit, after grpc's
+    module globals were cleared: that __dealloc__ then failed, and CPython, reporting it through a
+    sys.excepthook that was gone too, printed 'Error in sys.excepthook' at exit.
+    """
+
     def __init__(
         self,
         host: str,
@@ -57,28 +69,46 @@ class GrpcServer:
     ) -> None:
         self.host, self.requested_port = host, port
         self.port = 0
-        self.server = grpc.aio.server(
-            interceptors=interceptors or None,
-            options=[
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ]
-        )
+        self._interceptors = interceptors or None
+        self._options = [
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._servicers: list[tuple[Callable[[Any, grpc.aio.Server], None], Any]] = [
+            (health_pb2_grpc.add_HealthServicer_to_server, self.health)
+        ]
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
 
+    @property
+    def server(self) -> grpc.aio.Server:
+        """The grpc.aio server with every servicer added so far (made on first use, in the running loop)."""
+        if self._server is None:
+            server = grpc.aio.server(interceptors=self._interceptors, options=self._options)
+            for add_fn, servicer in self._servicers:
+                add_fn(servicer, server)
+            self._server = server
+        return self._server
+
     def add(self, add_fn: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str) -> None:
-        add_fn(servicer, self.server)
+        self._servicers.append((add_fn, servicer))
+        if self._server is not None:
+            add_fn(servicer, self._server)
         self._service_names.append(full_name)
 
     async def start(self) -> int:
-        reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC to {self.host}:{self.requested_port}")
-        await self.server.start()
+        server = self.server
+        try:
+            reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], server)
+            self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
+            if self.port == 0:
+                raise OSError(f"cannot bind gRPC to {self.host}:{self.requested_port}")
+        except BaseException:
+            self._server = None  # it never started: let it go now, while the interpreter is whole
+            raise
+        await server.start()
         await self.set_serving(False)
         return self.port
 
@@ -89,4 +119,5 @@ class GrpcServer:
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        if self._server is not None:  # None: never made (the service never started), nothing to stop
+            await self._server.stop(grace_s)
