@@ -147,14 +147,20 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
             assert error["code"] == "unavailable" and victim in error["message"], error
             assert ended_s < 5, ended_s
 
+            newcomer: list[str] = []
+
             def replaced() -> bool:
                 now = [w for w in status_json(etcd)["workers"] if w["kind"] == "gpu-worker"]
                 new = [w for w in now if w["id"] not in workers]
+                newcomer[:] = [w["id"] for w in new]
                 return bool(new) and {m["name"] for m in new[0]["models"] if m["state"] == "READY"} >= {*demo, "echo"}
 
             wait_until(replaced, killed + 10 - time.monotonic(), "the restarted gpu-worker READY with every demo model")
             back_s = time.monotonic() - killed
-            time.sleep(1)
+            # ... and takes traffic again
+            served = {httpx.post(f"{base}/v1/models/echo:predict", json={"input": i}).headers["x-unimodel-worker"]
+                      for i in range(40)}
+            assert newcomer[0] in served, (newcomer, served)
         sys.stderr.write(f"kill -9 {victim}: stream ended after {ended_s:.2f}s, worker back READY after {back_s:.2f}s, "
                          f"predict answers {dict(load.codes)}\n")
         assert load.codes[200] > 0 and set(load.codes) == {200}, (dict(load.codes), load.errors[:5])

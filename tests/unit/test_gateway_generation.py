@@ -108,3 +108,19 @@ async def test_closing_early_aborts_once_and_a_silent_worker_times_out() -> None
     with pytest.raises(errors.Unavailable):
         await asyncio.wait_for(gen.__anext__(), 2)
     assert aborts  # the worker is told to stop what nobody waits for any more
+
+
+async def test_a_lost_worker_ends_the_generation_after_the_chunks_that_came() -> None:
+    _bus, mux, gen, aborts, inbox = await open_generation()
+    first = generate_pb2.GenerateChunk(seq=0, worker_id="w1")
+    for data in (first.SerializeToString(), chunk(1, "a")):
+        await mux._on_message(FakeMsg(inbox, data))  # type: ignore[arg-type]
+    await gen.start()
+    assert gen.worker_id == "w1"
+    seen = gen.last_seen
+    assert (await gen.__anext__()).text == "a" and gen.last_seen >= seen
+    gen.worker_lost("worker w1 stopped while generating (its process is gone)")
+    with pytest.raises(errors.Unavailable, match="worker w1 stopped while generating"):
+        await gen.__anext__()
+    assert gen.code == "UNAVAILABLE" and gen.done and mux.pending == 0
+    assert aborts == [("req-1", "the caller went away")]  # harmless for a dead worker; a live one stops
