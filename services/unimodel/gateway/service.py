@@ -290,7 +290,12 @@ class GatewayService(Service):
             force = self._probe_now.is_set()
             self._probe_now.clear()
             for worker in self.streams.workers() if force else self.streams.silent_workers():
-                if await self.bus.responds(subjects.alive(worker), STREAM_PROBE_TIMEOUT_S) is False:
+                try:
+                    alive = await self.bus.responds(subjects.alive(worker), STREAM_PROBE_TIMEOUT_S)
+                except Exception as exc:  # a probe that fails says nothing; the watch goes on
+                    self.log.warning("could not probe worker %s: %s", worker, exc)
+                    continue
+                if alive is False:
                     n = self.streams.lost(worker, f"worker {worker} stopped while generating (its process is gone)")
                     self.log.warning("worker %s is gone: ended its %d running generation(s)", worker, n)
 
