@@ -224,3 +224,27 @@ def test_up_reports_a_busy_port_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"HTTP port {busy} on 127.0.0.1 is in use (choose another with --http-port)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_service_that_refuses_its_settings_stops_the_cluster_naming_it(tmp_path: Path) -> None:
+    """Exit code 2 (a bad setting) is not restarted: `up` says which service and why, stops every child and
+    exits 1."""
+    config = tmp_path / "unimodel.yaml"
+    config.write_text("gateway:\n  max_body_bytes: 10\n")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "unimodel.cli", "up", "--no-prepare", "--config", str(config), "--state-dir", "state",
+         "--http-port", str(free_port()), "--grpc-port", str(free_port()), "--nats-port", str(free_port()),
+         "--etcd-port", str(free_port())],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")},
+    )
+    seen: set[int] = set()
+    while up.poll() is None:  # its children, while they live
+        seen |= descendants(up.pid)
+        time.sleep(0.2)
+    out, err = up.communicate(timeout=60)
+    assert up.returncode == 1, err
+    assert "unimodel up: error: gateway exited with code 2 (" in err
+    assert "invalid setting max_body_bytes" in err and "a bad setting, not restarted" in err
+    assert "Traceback" not in out + err
+    assert len(seen) >= 4 and not [p for p in seen if alive(p)]

@@ -94,3 +94,20 @@ def test_cli_dispatch_and_unknown_command() -> None:
     assert proc.returncode == 2 and "unknown command 'frobnicate'" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "unimodel.cli", "gpu-worker", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "UNIMODEL_MAX_CONCURRENT_BATCHES" in proc.stdout
+
+
+def test_one_config_file_serves_every_service_in_a_process_that_runs_only_one(tmp_path: Path) -> None:
+    """The README's YAML (shared keys, then a section per service) passed to `unimodel up --config` reaches
+    every service: a router process, which imports no other service's settings, accepts the gateway's
+    section and keys instead of stopping with "unknown setting 'gateway'"."""
+    config = tmp_path / "unimodel.yaml"
+    config.write_text("lease_ttl_s: 7\nhttp_port: 9000\ngateway:\n  max_body_bytes: 2048\nbatcher:\n  max_batch_size: 4\n")
+    code = (
+        "from unimodel.core.settings import load_settings\n"
+        "from unimodel.router.settings import RouterSettings\n"
+        f"s = load_settings(RouterSettings, ['--config', {str(config)!r}])\n"
+        "print(s.lease_ttl_s)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "7"

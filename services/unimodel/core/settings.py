@@ -9,6 +9,7 @@ A bad value raises :class:`SettingsError` with one line naming the field.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import socket
 import uuid
@@ -160,6 +161,17 @@ def register_settings(cls: type[CommonSettings]) -> type[CommonSettings]:
     return cls
 
 
+_SETTINGS_MODULES = tuple(f"unimodel.{pkg}.settings" for pkg in ("gateway", "router", "batcher", "cache", "embedder", "worker"))
+"""Where each service's settings class is defined (imported on demand: a process runs one service)."""
+
+
+def _all_services() -> dict[str, type[CommonSettings]]:
+    """Every service's settings class, by service name, importing the modules this process has not."""
+    for module in _SETTINGS_MODULES:
+        importlib.import_module(module)
+    return dict(_SERVICE_CLASSES)
+
+
 def registered_settings() -> dict[str, type[CommonSettings]]:
     """Settings classes by service name (those imported so far)."""
     return dict(_SERVICE_CLASSES)
@@ -197,10 +209,11 @@ def _read_yaml(path: str, service: str, cls: type[CommonSettings]) -> dict[str, 
         raise SettingsError(f"config file {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise SettingsError(f"config file {path!r} must hold a mapping")
-    known_fields = set().union(*(c.model_fields for c in _SERVICE_CLASSES.values())) | set(cls.model_fields)
+    services = _all_services()  # one file serves every service: the others' sections and keys are valid here
+    known_fields = set().union(*(c.model_fields for c in services.values())) | set(cls.model_fields)
     data: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in _SERVICE_CLASSES or key == service:
+        if key in services or key == service:
             continue
         if key not in known_fields:
             raise SettingsError(f"config file {path!r}: unknown setting {key!r}")
