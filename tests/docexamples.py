@@ -112,6 +112,11 @@ def _commands(doc: str, first_line: int, block: list[str]) -> list[Example]:
     return out
 
 
+def yaml_blocks(doc: str) -> list[str]:
+    """The ```yaml blocks of a doc (settings files shown to users)."""
+    return re.findall(r"^```yaml\n(.*?)^```$", (REPO_ROOT / doc).read_text(), re.M | re.S)
+
+
 def with_ports(text: str, ports: dict[int, int]) -> str:
     """The example with the default ports replaced by the test cluster's (host names left alone)."""
     def swap(m: re.Match[str]) -> str:

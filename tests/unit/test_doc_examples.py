@@ -40,3 +40,16 @@ def test_only_the_default_ports_of_local_addresses_change() -> None:
 def test_python_blocks_are_one_example() -> None:
     (snippet,) = [ex for ex in examples("docs/api.md") if ex.lang == "python"]
     assert isinstance(snippet, Example) and "from openai import OpenAI" in snippet.text and snippet.line > 1
+
+
+def test_the_readme_settings_file_is_read_by_every_service(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from unimodel.core.settings import all_service_settings, load_settings
+
+    (block,) = docexamples.yaml_blocks("README.md")
+    config = tmp_path / "unimodel.yaml"
+    config.write_text(block)
+    services = all_service_settings()
+    assert len(services) >= 6
+    for cls in services.values():
+        settings = load_settings(cls, ["--config", str(config)])
+        assert settings.lease_ttl_s == 10 and settings.nats_url == "nats://127.0.0.1:4222"

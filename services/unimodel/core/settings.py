@@ -165,7 +165,7 @@ _SETTINGS_MODULES = tuple(f"unimodel.{pkg}.settings" for pkg in ("gateway", "rou
 """Where each service's settings class is defined (imported on demand: a process runs one service)."""
 
 
-def _all_services() -> dict[str, type[CommonSettings]]:
+def all_service_settings() -> dict[str, type[CommonSettings]]:
     """Every service's settings class, by service name, importing the modules this process has not."""
     for module in _SETTINGS_MODULES:
         importlib.import_module(module)
@@ -209,7 +209,7 @@ def _read_yaml(path: str, service: str, cls: type[CommonSettings]) -> dict[str, 
         raise SettingsError(f"config file {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise SettingsError(f"config file {path!r} must hold a mapping")
-    services = _all_services()  # one file serves every service: the others' sections and keys are valid here
+    services = all_service_settings()  # one file serves every service: the others' sections and keys are valid here
     known_fields = set().union(*(c.model_fields for c in services.values())) | set(cls.model_fields)
     data: dict[str, Any] = {}
     for key, value in raw.items():
