@@ -46,6 +46,7 @@ class Running:
     model: str
     task: asyncio.Task[None] | None = None
     aborted: bool = False
+    stopped: errors.UnimodelError | None = None  # why the worker ended it (stopping), not its caller
     arrived_ns: int = 0  # perf_counter_ns() when its batch arrived here (time to first token)
     span: Span | None = None  # "chat {model}" / "text_completion {model}" while tracing is on
 
@@ -252,7 +253,7 @@ class Generations:
             reason = FINISH_ABORT
             self.stats.aborted += 1
             final = generate_pb2.GenerateChunk(seq=seq, finish_reason=FINISH_ABORT)
-            final.error.CopyFrom(errors.Cancelled("the caller cancelled the generation").to_proto())
+            final.error.CopyFrom((run.stopped or errors.Cancelled("the caller cancelled the generation")).to_proto())
         except TimeoutError:
             reason = FINISH_ERROR
             error = errors.DeadlineExceeded("deadline passed during generation")
@@ -283,10 +284,14 @@ class Generations:
             log.warning("could not send the end of generation %s: %s", run.request_id, exc)
 
     async def close(self) -> None:
-        """Cancel every running generation (service stop after the drain)."""
+        """Cancel every running generation (service stop after the drain); each caller is told why."""
         tasks = [r.task for r in self.running.values() if r.task is not None]
         for run in self.running.values():
             run.aborted = True
+            run.stopped = errors.Unavailable(
+                f"worker {self.worker_id} is stopping: the generation did not finish within its drain timeout",
+                retry_after_s=1, model=run.model,
+            )
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

