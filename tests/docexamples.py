@@ -1,4 +1,4 @@
-"""The command examples of README.md and docs/api.md, as tests/e2e/test_docs.py runs them.
+"""The command examples of README.md and docs/*.md, as tests/e2e/test_docs.py runs them.
 
 `examples(path)` reads a Markdown file's ```bash and ```python blocks: a bash block gives one Example
 per shell command (a command goes on while a quote is open or a line ends with a backslash, as in a
@@ -20,16 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/api.md")
+DOCS = ("README.md", "docs/api.md", "docs/operations.md", "docs/architecture.md", "docs/benchmarks.md")
 
 NOT_RUN: dict[str, str] = {
     "./scripts/up": "starts the cluster itself: the test starts it the same way (`unimodel up`, defaults but ports)",
     "./scripts/test": "the test suite itself",
     "UNIMODEL_OTEL_EXPORTER=otlp-grpc": "starts a second cluster that exports to a collector; tests/integration/test_observability.py covers OTLP export",
     "docker compose": "needs a Docker engine (issue 18 runs the compose cluster under Docker)",
-    "kubectl apply": "needs a Kubernetes cluster; tests/unit/test_k8s_manifests.py validates the manifests",
+    "kubectl ": "needs a Kubernetes cluster; tests/unit/test_k8s_manifests.py validates the manifests",
+    "helm ": "installs Helm charts into a Kubernetes cluster",
     "unimodel router     --nats-url nats://nats:4222": "compose's service hostnames; tests/e2e/test_compose_topology.py runs these commands",
     "unimodel gpu-worker --nats-url nats://nats:4222": "compose's service hostnames; tests/e2e/test_compose_topology.py runs these commands",
+    ".venv/bin/python scripts/bench/": "a benchmark: minutes of load that rewrites docs/benchmarks/*.json; its figures are in docs/benchmarks.md",
+    "scripts/bench/setup_peers.sh": "installs the benchmark peers (perf_analyzer) for the benchmarks",
+    "UNIMODEL_VLLM_MODEL=": "the vllm engine's tests need an NVIDIA GPU",
 }
 
 _FAILS = re.compile(r"#\s*fails:\s*(\d{3})\s+([A-Z_]+)")

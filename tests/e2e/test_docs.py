@@ -1,4 +1,4 @@
-"""Every command example of README.md and docs/api.md, run unchanged (but for the ports) against a cluster
+"""Every command example of README.md and docs/*.md, run unchanged (but for the ports) against a cluster
 started the way the README says: `./scripts/up` from the repository root, its defaults but the ports.
 
 Shell commands run in bash with the venv's `unimodel` and `python` first on PATH, in a folder holding the
