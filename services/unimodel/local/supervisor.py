@@ -4,7 +4,8 @@
 started again after an exponential backoff (0.5 s, 1 s, 2 s, ... capped at 10 s; back to 0.5 s once it
 has run for a minute), and the cluster gives up on it when it failed `max_failures` times within
 `window_s`, or at once when it exited with code 2 (a bad setting: starting it again cannot help).
-`Supervisor` applies the rule to ManagedProcess objects; `unimodel up` polls it.
+`Supervisor` applies the rule to ManagedProcess objects; `unimodel up` polls it. A child that exited takes
+the rest of its process group with it (SIGKILL), so nothing it spawned outlives it.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Supervisor:
             code = proc.returncode()
             if proc.proc is None or code is None:
                 continue
+            proc.reap_group()  # what it spawned goes with it
             why = _why(code, proc.lines)
             if code == CONFIG_ERROR_EXIT:  # core.settings printed the bad setting as the last line
                 raise GiveUp(f"{proc.name} {why}: a bad setting, not restarted")

@@ -71,3 +71,59 @@ def build_smollm2(folder: Path) -> None:
         if f.read(4) != GGUF_MAGIC:
             raise ValueError(f"{source} is not a GGUF file")
     (folder / MODEL_FILE).symlink_to(source)
+
+
+# The same model as a Hugging Face folder for the vllm engine (vLLM's core reads no GGUF since 0.24) ------
+NAME_VLLM = "smollm2-135m-instruct-vllm"
+
+
+def config_smollm2_vllm() -> model_pb2.ModelConfig:
+    return modelconfig.parse(
+        {
+            "name": NAME_VLLM,
+            "engine": "vllm",
+            "version": "1",
+            # vLLM batches continuously: a batch is only the arrivals of one window, started together
+            "max_batch_size": 16,
+            "batching": {"max_queue_delay_ms": 1.0},
+            "instance_count": 1,
+            "llm": {
+                "context_length": 2048,
+                "max_prompt_tokens": 1536,
+                "max_tokens": 1024,
+                "default_max_tokens": 256,
+                "max_sequences": 16,
+            },
+            # on the CPU: no torch.compile at load (a minute here) and a KV cache of a fixed size
+            "options": {"enforce_eager": "1", "kv_cache_memory_gib": "1", "dtype": "float32"},
+        },
+        source=f"model {NAME_VLLM!r}",
+    )
+
+
+def build_smollm2_vllm(folder: Path) -> None:
+    """The packaged GGUF de-quantised by transformers into an fp32 Hugging Face folder: model.safetensors
+    (the tied lm_head left out, as the original), config.json without the GGUF's quantization_config,
+    the tokenizer with its chat template, generation_config.json. transformers refuses save_pretrained on
+    a GGUF-loaded model, so the weights are written with safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from unimodel.models.common import quiet
+
+    gguf = package_gguf().resolve()
+    hf_logging.disable_progress_bar()
+    with quiet():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)

@@ -52,6 +52,9 @@ class ModelSpec:
     requires: tuple[tuple[str, str], ...] = ()
     # bump when the builder's output changes: prepared folders stamped with another recipe are rebuilt
     recipe: str = "2"
+    # prepared when no model is named; False: only on request (`--only`), e.g. a model for an engine that
+    # needs a venv of its own
+    default: bool = True
 
 
 _ONNX = ("onnx", "onnx")
@@ -91,6 +94,16 @@ CATALOG: dict[str, ModelSpec] = {
             (_ONNX, ("sklearn", "scikit-learn"), ("skl2onnx", "skl2onnx")),
         ),
         ModelSpec(llm.NAME, llm.config_smollm2, llm.build_smollm2, ((llm.PACKAGE, llm.DISTRIBUTION),)),
+        ModelSpec(
+            llm.NAME_VLLM,
+            llm.config_smollm2_vllm,
+            llm.build_smollm2_vllm,
+            (
+                (llm.PACKAGE, llm.DISTRIBUTION), _TORCH, ("transformers", "transformers"), ("gguf", "gguf"),
+                ("accelerate", "accelerate"), ("safetensors", "safetensors"),
+            ),
+            default=False,
+        ),
         ModelSpec("identity", testmodels.config_identity, testmodels.build_identity, (_ONNX,)),
         ModelSpec("mlp", testmodels.config_mlp, testmodels.build_mlp, (_ONNX,)),
         ModelSpec("delay", testmodels.config_delay, testmodels.build_delay),
@@ -124,8 +137,9 @@ def default_repository() -> Path:
 
 
 def select(only: Sequence[str] | None) -> list[ModelSpec]:
+    """The specs named in `only`; with none, the default ones (every model but the opt-in ones)."""
     if not only:
-        return list(CATALOG.values())
+        return [spec for spec in CATALOG.values() if spec.default]
     unknown = [n for n in only if n not in CATALOG]
     if unknown:
         raise errors.InvalidArgument(
