@@ -47,6 +47,7 @@ CONTRACT = {
         256,
     ),
     "smollm2-135m-instruct": ("llamacpp", [], [], "none", 8),  # generates text: no tensors
+    "smollm2-135m-instruct-vllm": ("vllm", [], [], "none", 16),  # the same model as a Hugging Face folder
     "identity": ("onnx", [("INPUT0", "FP32", [-1])], [("OUTPUT0", "FP32", [-1])], "none", 64),
     "mlp": ("onnx", [("INPUT0", "FP32", [384])], [("OUTPUT0", "FP32", [10])], "none", 64),
     "delay": ("delay", [("INPUT0", "FP32", [-1])], [("OUTPUT0", "FP32", [-1])], "none", 64),
@@ -75,6 +76,18 @@ def test_catalog_matches_the_contract_table() -> None:
         assert config.execution_provider == "auto"
         assert config.batching.max_queue_delay_ms == (5.0 if name == "delay" else 1.0)
         assert config.file == {"onnx": "model.onnx", "llamacpp": "model.gguf"}.get(engine, "")
+
+
+def test_only_the_vllm_model_is_opt_in() -> None:
+    """Prepared only on request (its engine runs from a venv of its own): `prepare` with no names skips it."""
+    from unimodel.models.prepare import select
+
+    assert [n for n, spec in CATALOG.items() if not spec.default] == ["smollm2-135m-instruct-vllm"]
+    assert [s.name for s in select(None)] == [n for n in CATALOG if n != "smollm2-135m-instruct-vllm"]
+    assert [s.name for s in select(["smollm2-135m-instruct-vllm"])] == ["smollm2-135m-instruct-vllm"]
+    vllm = CATALOG["smollm2-135m-instruct-vllm"].config()
+    assert vllm.llm.context_length == 2048 and vllm.llm.max_sequences == 16
+    assert dict(vllm.options) == {"enforce_eager": "1", "kv_cache_memory_gib": "1", "dtype": "float32"}
 
 
 def test_processing_options() -> None:

@@ -189,6 +189,9 @@ class LocalCluster:
             except (RuntimeError, TimeoutError) as exc:
                 raise ClusterError(str(exc)) from None
             self.supervisor.watch(infra)
+        stale = self.etcd.revoke_leases()  # nothing of ours runs yet: any registration is a dead process's
+        if stale:
+            self._warn(f"unimodel up: removed {stale} registration(s) left in etcd by the last run's processes")
         for name, module in SERVICES:
             if name == "gateway":
                 self._service(

@@ -279,6 +279,17 @@ class EtcdServer(ManagedProcess):
         self.start()
         wait_until(lambda: http_ok(f"http://{self.host}:{self.port}/health"), timeout, f"etcd on port {self.port}", self)
 
+    def revoke_leases(self) -> int:
+        """Revoke every lease (and so delete the keys bound to it): in a data dir reused by a new cluster,
+        the instance registrations of the last run's processes, which would otherwise show for one more
+        TTL after a crash. Returns how many."""
+        ctl = [str(binaries.etcd().parent / "etcdctl"), "--endpoints", self.endpoint]
+        listed = subprocess.run([*ctl, "lease", "list"], capture_output=True, text=True, timeout=30, check=True)
+        leases = [w for w in listed.stdout.split() if all(c in "0123456789abcdef" for c in w) and len(w) >= 8]
+        for lease in leases:
+            subprocess.run([*ctl, "lease", "revoke", lease], capture_output=True, text=True, timeout=30)
+        return len(leases)
+
 
 class MilvusLiteServer(ManagedProcess):
     """Milvus Lite (package milvus-lite: Milvus's engine as one binary) serving its gRPC API on host:port,
