@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import pytest
 import sklearn.datasets
 
 from docexamples import REPO_ROOT, Example, all_examples, with_ports
-from process_tree import alive, descendants
+from up_process import ctrl_c, kill_if_running
 from unimodel.local.cluster import state_dir_holder
 from unimodel.local.procs import free_port, wait_until
 from unimodel.models import CATALOG, is_prepared
@@ -86,14 +85,9 @@ def readme_cluster(model_repository: Path, tmp_path_factory: pytest.TempPathFact
 
         wait_until(every_model_ready, 300, "every demo model READY")
         yield cluster
-        children = descendants(up.pid)
-        up.send_signal(signal.SIGINT)
-        assert up.wait(90) == 0
-        wait_until(lambda: not any(alive(p) for p in children), 10, "no process left behind")
+        ctrl_c(up, 90)
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait(10)
+        kill_if_running(up)
         log.close()
         sys.stderr.write(Path(log.name).read_text()[-20000:])
     text = Path(log.name).read_text()

@@ -20,6 +20,7 @@ import pytest
 import sklearn.datasets
 
 from process_tree import alive, descendants
+from up_process import ctrl_c, kill_if_running, status_json
 from unimodel.local.procs import free_port, http_ok, wait_until
 
 
@@ -61,14 +62,6 @@ class PredictLoad:
         self.stop.set()
         for t in self.threads:
             t.join(60)
-
-
-def status_json(etcd: int) -> dict:  # type: ignore[type-arg]
-    proc = subprocess.run(
-        [sys.executable, "-m", "unimodel.cli", "status", "--json", "--etcd-endpoints", f"127.0.0.1:{etcd}"],
-        capture_output=True, text=True, timeout=30,
-    )
-    return json.loads(proc.stdout)
 
 
 @pytest.mark.timeout(420)
@@ -168,20 +161,11 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
         assert "was killed by SIGKILL; restarting in 0.5s" in text
         assert up.poll() is None  # the cluster stays up
 
-        children = descendants(up.pid)
         # nats-server, etcd, Milvus Lite, router, batcher, cache, embedding-worker, 2 gpu-workers, gateway
-        assert len(children) >= 10, children
-
-        up.send_signal(signal.SIGINT)
-        assert up.wait(60) == 0
-        deadline = time.monotonic() + 5
-        while any(alive(p) for p in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [p for p in children if alive(p)]
+        assert len(descendants(up.pid)) >= 10
+        ctrl_c(up, 60)
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait(10)
+        kill_if_running(up)
         log.close()
     text = (tmp_path / "up.log").read_text()
     for prefix in ("nats |", "etcd |", "gateway |", "router |", "batcher |", "cache |", "embedding-worker |", "gpu-worker-1 |"):

@@ -7,12 +7,10 @@ with it and comes back; Ctrl-C leaves no process behind.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +18,7 @@ import openai
 import pytest
 
 from process_tree import alive, descendants
+from up_process import ctrl_c, kill_if_running, status_json
 from unimodel.local.procs import free_port, http_ok, wait_until
 
 VLLM_PYTHON = Path(sys.prefix).parent / ".venv-vllm" / "bin" / "python"
@@ -29,14 +28,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason=".venv-vllm is missing (scripts/setup makes it on x86-64 Linux)"),
 ]
-
-
-def status_json(etcd: int) -> dict:  # type: ignore[type-arg]
-    proc = subprocess.run(
-        [sys.executable, "-m", "unimodel.cli", "status", "--json", "--etcd-endpoints", f"127.0.0.1:{etcd}"],
-        capture_output=True, text=True, timeout=30,
-    )
-    return json.loads(proc.stdout)
 
 
 def vllm_worker(etcd: int) -> dict:  # type: ignore[type-arg]
@@ -123,14 +114,9 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
         again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
         assert again.choices[0].message.content == answer.choices[0].message.content
 
-        children = descendants(up.pid)
-        up.send_signal(signal.SIGINT)
-        assert up.wait(120) == 0
-        wait_until(lambda: not any(alive(p) for p in children), 15, "no process left behind")
+        ctrl_c(up, 120)
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait(10)
+        kill_if_running(up)
         log.close()
     text = (tmp_path / "up.log").read_text()
     assert "vllm-worker |" in text and "was killed by SIGKILL" in text

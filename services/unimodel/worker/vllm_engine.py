@@ -33,6 +33,7 @@ of the host's RAM), ``kv_cache_memory_gib`` (the KV cache's size, which then win
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import inspect
 import logging
@@ -169,9 +170,7 @@ class VllmEngine(GenerativeEngine):
         except (TypeError, ValueError) as exc:
             raise errors.FailedPrecondition(f"model {config.name!r}: vLLM refused the engine arguments: {exc}") from None
 
-        def build() -> Any:
-            return engine_class.from_engine_args(args)
-
+        build = functools.partial(engine_class.from_engine_args, args)
         try:
             try:
                 engine = await asyncio.to_thread(build)
@@ -221,6 +220,13 @@ class VllmEngine(GenerativeEngine):
         engine, self._engine = self._engine, None
         self._tokenizer = None
         if engine is not None:
+            # vLLM's shutdown stops the EngineCore first (up to its timeout, then SIGKILL) and its output
+            # handler task after: a handler still reading a core that goes away logs EngineDeadError with
+            # a traceback. It has nothing left to read once we unload: stop it first.
+            handler = getattr(engine, "output_handler", None)
+            if isinstance(handler, asyncio.Task) and not handler.done():
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
             await asyncio.to_thread(_shutdown, engine)
             del engine
             gc.collect()  # AsyncLLM's __del__ shuts down again: now, not at interpreter exit
