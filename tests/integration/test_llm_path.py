@@ -351,6 +351,12 @@ def test_one_conversation_keeps_its_worker(cluster: Cluster) -> None:
         assert r.status_code == 200, r.text
         return r.headers["x-unimodel-worker"]
 
+    def idle() -> bool:  # what earlier tests left running (an aborted long generation) has ended
+        r = httpx.get(f"{cluster.url}/v1/models/{MODEL}/status", timeout=5)
+        return r.status_code == 200 and all(i["inflight"] == 0 for i in r.json()["instances"])
+
+    # a home with no free sequence slot hands a turn to another worker (router/policy.py): start idle
+    wait_until(idle, 60, "both workers idle")
     homes = {worker_of("alice", CHAT) for _ in range(4)}
     assert len(homes) == 1  # one session, one worker
     # with no `user`, the conversation's start is the key: later turns go where the first one went
