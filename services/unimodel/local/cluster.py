@@ -16,6 +16,7 @@ import argparse
 import fcntl
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -189,7 +190,11 @@ class LocalCluster:
             except (RuntimeError, TimeoutError) as exc:
                 raise ClusterError(str(exc)) from None
             self.supervisor.watch(infra)
-        stale = self.etcd.revoke_leases()  # nothing of ours runs yet: any registration is a dead process's
+        try:
+            stale = self.etcd.revoke_leases()  # nothing of ours runs yet: any registration is a dead process's
+        except (OSError, subprocess.SubprocessError) as exc:
+            stale = 0
+            self._warn(f"unimodel up: could not clear the last run's registrations from etcd ({exc}); they expire with their TTL")
         if stale:
             self._warn(f"unimodel up: removed {stale} registration(s) left in etcd by the last run's processes")
         for name, module in SERVICES:
