@@ -341,6 +341,23 @@ def run_aiperf(args: list[str], artifacts: Path, timeout_s: float) -> tuple[dict
     return summary, records
 
 
+def measure(server: Server, aiperf_args: list[str], artifacts: Path, timeout_s: float, label: str) -> dict[str, Any]:
+    """One aiperf run against `server`: its figures (run_figures) with the server's CPU seconds during the
+    run; prints one line under `label`."""
+    before = server.cpu()
+    t0 = time.monotonic()
+    summary, records = run_aiperf(aiperf_args, artifacts, timeout_s)
+    after = server.cpu()
+    figures = run_figures(summary, records, {k: after[k] - before[k] for k in after})
+    print(
+        f"{label}: {fmt(figures['output_tokens_per_s'])} output tok/s, "
+        f"TTFT p50 {fmt(figures['ttft_p50_ms'], 0)} ms, ITL p50 {fmt(figures['itl_p50_ms'])} ms, "
+        f"{figures['requests']} requests ({figures['errors']} failed), {time.monotonic() - t0:.0f} s",
+        flush=True,
+    )
+    return figures
+
+
 def metric(record: dict[str, Any], name: str) -> float | None:
     value = record.get("metrics", {}).get(name)
     return float(value["value"]) if isinstance(value, dict) and value.get("value") is not None else None
@@ -524,18 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                     server = servers[w]
                     artifacts = base / f"c{c}-r{rnd}-{w}"
                     aiperf_args = workload.aiperf_args(server.url, c, requests, warmup, artifacts)
-                    before = server.cpu()
-                    t0 = time.monotonic()
-                    summary, records = run_aiperf(aiperf_args, artifacts, args.run_timeout_s)
-                    after = server.cpu()
-                    figures = run_figures(summary, records, {k: after[k] - before[k] for k in after})
-                    runs[(w, c)].append(figures)
-                    print(
-                        f"c={c} round {rnd + 1}/{args.rounds} {w}: {fmt(figures['output_tokens_per_s'])} output tok/s, "
-                        f"TTFT p50 {fmt(figures['ttft_p50_ms'], 0)} ms, ITL p50 {fmt(figures['itl_p50_ms'])} ms, "
-                        f"{figures['requests']} requests ({figures['errors']} failed), {time.monotonic() - t0:.0f} s",
-                        flush=True,
-                    )
+                    label = f"c={c} round {rnd + 1}/{args.rounds} {w}"
+                    runs[(w, c)].append(measure(server, aiperf_args, artifacts, args.run_timeout_s, label))
     finally:
         if peer_proc is not None:
             stop_process(peer_proc)

@@ -41,8 +41,8 @@ from typing import IO, Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llm_cpu  # noqa: E402
 from llm_cpu import (  # noqa: E402
-    ROOT, TOKENIZER_DIR, BenchError, Server, Workload, check_peers, compare, fmt, http_json, pooled, run_aiperf,
-    run_figures, stop_process, wait_for,
+    ROOT, TOKENIZER_DIR, BenchError, Server, Workload, check_peers, compare, http_json, measure, pooled,
+    stop_process, wait_for,
 )
 
 MODEL = "smollm2-135m-instruct-vllm"
@@ -192,20 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                 for w in SERVERS if rnd % 2 == 0 else SERVERS[::-1]:
                     server = servers[w]
                     artifacts = work / f"c{c}-r{rnd}-{w}"
-                    before = server.cpu()
-                    t0 = time.monotonic()
-                    summary, records = run_aiperf(
-                        workload.aiperf_args(server.url, c, requests, 2 * c, artifacts), artifacts, args.run_timeout_s
-                    )
-                    after = server.cpu()
-                    figures = run_figures(summary, records, {k: after[k] - before[k] for k in after})
-                    runs[(w, c)].append(figures)
-                    print(
-                        f"c={c} round {rnd + 1}/{args.rounds} {w}: {fmt(figures['output_tokens_per_s'])} output tok/s, "
-                        f"TTFT p50 {fmt(figures['ttft_p50_ms'], 0)} ms, ITL p50 {fmt(figures['itl_p50_ms'])} ms, "
-                        f"{figures['requests']} requests ({figures['errors']} failed), {time.monotonic() - t0:.0f} s",
-                        flush=True,
-                    )
+                    aiperf_args = workload.aiperf_args(server.url, c, requests, 2 * c, artifacts)
+                    label = f"c={c} round {rnd + 1}/{args.rounds} {w}"
+                    runs[(w, c)].append(measure(server, aiperf_args, artifacts, args.run_timeout_s, label))
     finally:
         if peer is not None:
             _stop_group(peer)
