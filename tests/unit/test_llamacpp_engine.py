@@ -210,6 +210,20 @@ async def test_max_tokens_finishes_with_length_and_exact_counts(make_engine: Fac
     assert prompt.max_tokens == 9
 
 
+async def test_min_tokens_and_ignore_eos_hold_off_the_end_of_sequence(make_engine: Factory) -> None:
+    engine = await make_engine()
+    _, free = await run(engine, chat(("user", WATER), temperature=0, max_tokens=64))
+    ended = check_stream(free)
+    assert ended.finish_reason == "stop" and ended.completion_tokens < 40  # one sentence, then end of sequence
+    _, held = await run(engine, chat(("user", WATER), temperature=0, max_tokens=64, min_tokens=ended.completion_tokens + 8))
+    last = check_stream(held)
+    assert last.completion_tokens >= ended.completion_tokens + 8
+    assert text_of(held).startswith(text_of(free))  # the same greedy text until the end was masked
+    _, fixed = await run(engine, chat(("user", WATER), temperature=0, max_tokens=48, ignore_eos=True))
+    last = check_stream(fixed)
+    assert last.finish_reason == "length" and last.completion_tokens == 48
+
+
 async def test_a_stop_string_stops_and_is_not_returned(make_engine: Factory) -> None:
     engine = await make_engine()
     # "7, 8" spans three tokens (" 7", ",", " 8"): the text before it is held until it is decided

@@ -54,6 +54,10 @@ def validate(request: generate_pb2.GenerateRequest) -> None:
             raise _bad(f"{name} {v:g} is out of range (-2 to 2)", name)
     if s.top_k < 0:
         raise _bad(f"top_k {s.top_k} must be >= 0", "top_k")
+    if s.min_tokens < 0:
+        raise _bad(f"min_tokens {s.min_tokens} must be >= 0", "min_tokens")
+    if s.max_tokens and s.min_tokens > s.max_tokens:
+        raise _bad(f"min_tokens {s.min_tokens} is more than max_tokens {s.max_tokens}", "min_tokens")
 
 
 def session_key(request: generate_pb2.GenerateRequest) -> str:

@@ -93,6 +93,8 @@ class _Sampling(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     top_k: int | None = Field(None, description="extension: sample among the k most likely tokens")
+    min_tokens: int | None = Field(None, description="extension (vLLM's): no end of sequence before this many tokens")
+    ignore_eos: bool = Field(False, description="extension (vLLM's): generate until max_tokens or a stop string")
     n: int | None = Field(None, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -132,6 +134,9 @@ def _sampling(body: _Sampling, max_tokens: int | None) -> generate_pb2.SamplingP
     s.frequency_penalty = body.frequency_penalty or 0.0
     if body.top_k is not None:
         s.top_k = body.top_k
+    if body.min_tokens is not None:
+        s.min_tokens = max(-1, min(body.min_tokens, 1 << 30))  # validate() names a negative one
+    s.ignore_eos = body.ignore_eos
     return s
 
 

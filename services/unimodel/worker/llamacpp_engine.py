@@ -14,6 +14,8 @@ object is only ever used by the thread that holds its lock, so it never runs in 
   temperature 0). The instance reuses the KV cache of the prompt prefix it shares with its previous
   sequence (multi-turn chat), except for requests with a seed or temperature 0: their whole prompt is
   evaluated, so that the same request gives the same text whatever ran before on the instance.
+  ``min_tokens`` and ``ignore_eos`` (vLLM's) mask the end-of-generation tokens' logits before sampling
+  until that many tokens (all of max_tokens) were generated.
 - Text goes to the event loop through ``call_soon_threadsafe`` into the sequence's queue (at most
   max_tokens + 1 items). UTF-8 split across tokens is held until complete (a sequence that ends inside a
   character drops its bytes: max_tokens is never exceeded to finish it). Stop strings (the request's and
@@ -45,6 +47,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import random
 import threading
@@ -238,6 +241,7 @@ class LlamaCppEngine(GenerativeEngine):
         self._template_source = "none"
         self._add_bos = False
         self._is_eog: Callable[[Any, int], bool] = lambda vocab, token: False  # llama_vocab_is_eog once loaded
+        self._eog_ids: list[int] = []  # the end-of-generation tokens, masked for min_tokens / ignore_eos
         self._active: set[threading.Event] = set()
         self._gguf: dict[str, str] = {}
 
@@ -306,6 +310,7 @@ class LlamaCppEngine(GenerativeEngine):
             log.warning("model %s: context_length %d is over the %d tokens it was trained with", self.model, self.context, trained)
 
         self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._eog_ids = [t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)]
         self._vocab = vocab
         self._formatter = formatter
         self._template_source = ("config" if self.config.llm.chat_template else "gguf") if formatter else "none"
@@ -517,6 +522,15 @@ class LlamaCppEngine(GenerativeEngine):
             # re-evaluates only its last token, whose logits then differ in the last bits, enough to
             # change a seeded sample (and, rarely, a greedy one).
             llama.reset()
+        generated = unsent = 0  # tokens sampled in all / not yet reported in a delta
+        min_tokens = prompt.max_tokens if s.ignore_eos else min(s.min_tokens, prompt.max_tokens)
+        eog_ids = self._eog_ids
+
+        def no_end_yet(_input_ids: Any, scores: Any) -> Any:
+            if generated < min_tokens:
+                scores[eog_ids] = -math.inf
+            return scores
+
         tokens = llama.generate(
             prompt.tokens,
             temp=s.temperature if s.HasField("temperature") else 1.0,
@@ -526,10 +540,10 @@ class LlamaCppEngine(GenerativeEngine):
             repeat_penalty=1.0,
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
+            logits_processor=[no_end_yet] if min_tokens and eog_ids else None,
         )
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         stops = StopScanner(prompt.stop)
-        generated = unsent = 0  # tokens sampled in all / not yet reported in a delta
         finish = llm.FINISH_LENGTH
         text = ""
         hit = False

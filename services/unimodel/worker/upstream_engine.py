@@ -238,6 +238,10 @@ class UpstreamEngine(GenerativeEngine):
             body["frequency_penalty"] = s.frequency_penalty
         if s.top_k > 0:
             body["top_k"] = s.top_k  # not OpenAI's: vLLM, llama.cpp, Ollama, LMDeploy take it
+        if s.min_tokens:
+            body["min_tokens"] = min(s.min_tokens, prompt.max_tokens)  # vLLM's, like ignore_eos
+        if s.ignore_eos:
+            body["ignore_eos"] = True
         if prompt.stop:
             body["stop"] = list(prompt.stop)
         return path, body

@@ -308,6 +308,10 @@ class VllmEngine(GenerativeEngine):
             kwargs["presence_penalty"] = s.presence_penalty
         if s.frequency_penalty:
             kwargs["frequency_penalty"] = s.frequency_penalty
+        if s.min_tokens:
+            kwargs["min_tokens"] = min(s.min_tokens, prompt.max_tokens)
+        if s.ignore_eos:
+            kwargs["ignore_eos"] = True
         if self._delta_kind is not None:
             kwargs["output_kind"] = self._delta_kind
         try:
