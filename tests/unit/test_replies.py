@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from google.protobuf.message import DecodeError
 
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
@@ -104,8 +105,6 @@ async def test_error_headers_no_responders_and_timeouts() -> None:
 
 
 async def test_requests_of_one_iteration_leave_as_one_bundle() -> None:
-    from unimodel.core import protowire
-
     bus = FakeBus()
     mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]
     ctx = RequestContext.new(5)
@@ -122,7 +121,7 @@ async def test_requests_of_one_iteration_leave_as_one_bundle() -> None:
     bundle = inference_pb2.ItemBundle.FromString(payload)
     assert subject == "u.m" and [i.rows for i in bundle.items] == [1, 2, 3] and headers is None
     assert reply == bundle.items[0].reply_to  # "no responders" reaches the first request's inbox
-    assert [i.SerializeToString() for i in bundle.items] == protowire.bundle_items(payload)
+    assert [i.SerializeToString() for i in bundle.items] == inference_pb2.EncodedItemBundle.FromString(payload).items
     # no batcher: NATS answers the bundle's reply subject with status 503, which fails all three
     await mux._on_message(FakeMsg(reply, headers={"Status": "503"}))  # type: ignore[arg-type]
     for task in calls:
@@ -138,17 +137,17 @@ async def test_requests_of_one_iteration_leave_as_one_bundle() -> None:
     assert await alone == b"ok" and mux.pending == 0
 
 
-def test_bundle_bytes_match_the_generated_code_and_bad_bytes_are_refused() -> None:
-    from unimodel.core import protowire
-
+def test_encoded_bundles_are_item_bundles_and_bad_bytes_are_refused() -> None:
     items = [inference_pb2.BatchItem(request_id=f"r{i}", reply_to=f"x.{i}") for i in range(3)]
-    big = inference_pb2.BatchItem(request_id="big")
+    big = inference_pb2.BatchItem(request_id="big")  # a length of three varint bytes
     big.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 50000], contents=b"\x00" * 200_000)
     items.append(big)
-    raw = protowire.bundle(i.SerializeToString() for i in items)
+    encoded = [i.SerializeToString() for i in items]
+    raw = inference_pb2.EncodedItemBundle(items=encoded).SerializeToString()
+    assert raw == inference_pb2.ItemBundle(items=items).SerializeToString()
     assert inference_pb2.ItemBundle.FromString(raw) == inference_pb2.ItemBundle(items=items)
-    assert protowire.bundle_items(raw) == [i.SerializeToString() for i in items]
-    assert protowire.bundle_items(b"") == []
-    for bad in (b"\x12\x00", b"\x0a\x05ab", b"\x0a\xff"):
-        with pytest.raises(ValueError):
-            protowire.bundle_items(bad)
+    assert inference_pb2.EncodedItemBundle.FromString(raw).items == encoded
+    assert inference_pb2.EncodedItemBundle.FromString(b"").items == []
+    for bad in (b"\x0a\x05ab", b"\x0a\xff", b"\x0f"):  # truncated item, truncated length, invalid wire type
+        with pytest.raises(DecodeError):
+            inference_pb2.EncodedItemBundle.FromString(bad)

@@ -31,7 +31,7 @@ from unimodel.batcher.metrics import EXPIRED, INVALID, OTHER_MODEL, QUEUE_FULL, 
 from unimodel.batcher.queue import BatchPolicy, ModelQueue, Pending
 from unimodel.batcher.scheduler import Scheduler
 from unimodel.batcher.settings import BatcherSettings
-from unimodel.core import errors, protowire, subjects, tracing
+from unimodel.core import errors, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import Service
 from unimodel.core.registry import Discovery, model_key
@@ -179,8 +179,8 @@ class BatcherService(Service):
         batch_subject = subjects.batch(subjects.model_of(msg.subject))
         state = self.queues.get(batch_subject) or self._open(batch_subject)
         try:
-            parts = protowire.bundle_items(msg.data)
-        except ValueError:
+            parts = inference_pb2.EncodedItemBundle.FromString(msg.data).items
+        except DecodeError:
             self.stats.reject(state.label, INVALID)
             raise errors.InvalidArgument("bundle subject payload is not an ItemBundle", model=state.model) from None
         for data in parts:

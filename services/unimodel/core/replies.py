@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from unimodel.core import errors, protowire, subjects
+from unimodel.core import errors, subjects
 from unimodel.core.bus import CONNECTION_ERRORS, Bus, connection_down, error_from_headers, no_reply, no_responders
 from unimodel.core.context import RequestContext
 from unimodel.v1 import inference_pb2
@@ -151,7 +151,8 @@ class ReplyMux:
                     await nc.publish(subject, data, reply=inbox, headers=headers)
                 else:  # each bundled item carries its own trace context (BatchItem.trace_context)
                     self._bundles[inboxes[0]] = inboxes
-                    await nc.publish(bundle_subject, protowire.bundle(d for d, _i, _h in entries), reply=inboxes[0])
+                    bundle = inference_pb2.EncodedItemBundle(items=[d for d, _i, _h in entries]).SerializeToString()
+                    await nc.publish(bundle_subject, bundle, reply=inboxes[0])
             except Exception as exc:  # not sent: each request fails now rather than at its deadline
                 err = errors.Unavailable(f"NATS connection is down ({type(exc).__name__})", retry_after_s=1)
                 for inbox in inboxes:

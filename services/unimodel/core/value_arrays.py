@@ -15,21 +15,10 @@ import numpy as np
 from google.protobuf import struct_pb2
 
 from unimodel.core import errors
+from unimodel.core.protowire import varint
 from unimodel.core.values import from_value, to_value
 
 _NUMBER = np.dtype([("tag", "u1"), ("len", "u1"), ("ntag", "u1"), ("v", "<f8")])
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def _number_records(arr: np.ndarray) -> np.ndarray:
@@ -49,16 +38,16 @@ def array_value(arr: np.ndarray) -> struct_pb2.Value:
             return struct_pb2.Value(number_value=float(arr))
         if arr.ndim == 1:
             body = _number_records(arr).tobytes()
-            return struct_pb2.Value.FromString(b"\x32" + _varint(len(body)) + body)
+            return struct_pb2.Value.FromString(b"\x32" + varint(len(body)) + body)
         rows, n = arr.shape
         row_body = 11 * n
-        row_value = b"\x32" + _varint(row_body)  # a row's Value: list_value tag + length
-        head = b"\x0a" + _varint(len(row_value) + row_body) + row_value  # as an element of the outer list
+        row_value = b"\x32" + varint(row_body)  # a row's Value: list_value tag + length
+        head = b"\x0a" + varint(len(row_value) + row_body) + row_value  # as an element of the outer list
         buf = np.empty((rows, len(head) + row_body), dtype=np.uint8)
         buf[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
         buf[:, len(head) :] = _number_records(arr).view(np.uint8).reshape(rows, row_body)
         body = buf.tobytes()
-        return struct_pb2.Value.FromString(b"\x32" + _varint(len(body)) + body)
+        return struct_pb2.Value.FromString(b"\x32" + varint(len(body)) + body)
     return to_value(_plain(arr.tolist()))
 
 

@@ -91,6 +91,12 @@ class ItemBundle(_message.Message):
     items: _containers.RepeatedCompositeFieldContainer[BatchItem]
     def __init__(self, items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ...) -> None: ...
 
+class EncodedItemBundle(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, items: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class ReplyBatch(_message.Message):
     __slots__ = ("replies",)
     REPLIES_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +148,20 @@ class BatchRequest(_message.Message):
     path: _containers.RepeatedScalarFieldContainer[str]
     queue_ns: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, batch_id: _Optional[str] = ..., model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., path: _Optional[_Iterable[str]] = ..., queue_ns: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EncodedBatchRequest(_message.Message):
+    __slots__ = ("batch_id", "model", "items", "path", "queue_ns")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    model: str
+    items: _containers.RepeatedScalarFieldContainer[bytes]
+    path: _containers.RepeatedScalarFieldContainer[str]
+    queue_ns: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, batch_id: _Optional[str] = ..., model: _Optional[str] = ..., items: _Optional[_Iterable[bytes]] = ..., path: _Optional[_Iterable[str]] = ..., queue_ns: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BatchAck(_message.Message):
     __slots__ = ("batch_id", "worker_id", "succeeded", "failed", "capacity", "load")
