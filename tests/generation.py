@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from unimodel.v1 import generate_pb2
-from unimodel.worker import llm
+from unimodel.worker.engines import generative
 
 
 def demo_gguf() -> Path | None:
@@ -31,10 +31,10 @@ def completion(prompt: str, **sampling: object) -> generate_pb2.GenerateRequest:
     return generate_pb2.GenerateRequest(prompt=prompt, sampling=generate_pb2.SamplingParams(**sampling))
 
 
-def check_stream(deltas: list[llm.Delta]) -> llm.Delta:
+def check_stream(deltas: list[generative.Delta]) -> generative.Delta:
     """Only the last delta finishes; the tokens of the deltas add up to completion_tokens."""
     last = deltas[-1]
-    assert last.finish_reason in (llm.FINISH_STOP, llm.FINISH_LENGTH)
+    assert last.finish_reason in (generative.FINISH_STOP, generative.FINISH_LENGTH)
     assert all(not d.finish_reason for d in deltas[:-1])
     assert sum(d.tokens for d in deltas) == last.completion_tokens
     return last

@@ -6,7 +6,7 @@ some Sapphire Rapids hosts (llama.cpp issue #20824); both servers then run the s
     python scripts/bench/llama_cpp_server.py --model FILE.gguf --port P ...   # llama_cpp.server's own flags
 
 UNIMODEL_LLAMACPP_EXTRA_BUFFERS=0|1 forces the choice. Runs in any venv with llama-cpp-python[server]
-(the peer venv cannot import unimodel, so the rule is restated here: worker/llamacpp_engine.py).
+(the peer venv cannot import unimodel, so the rule is restated here: worker/engines/llamacpp.py).
 """
 
 from __future__ import annotations

@@ -27,9 +27,8 @@ from generation import chat, check_stream, completion, demo_gguf
 from unimodel.core import errors, modelconfig
 from unimodel.local.procs import ManagedProcess, free_port, wait_until
 from unimodel.v1 import generate_pb2
-from unimodel.worker import llm
-from unimodel.worker.engines import create_engine
-from unimodel.worker.upstream_engine import UpstreamEngine, upstream_message
+from unimodel.worker.engines import create_engine, generative
+from unimodel.worker.engines.openai_upstream import UpstreamEngine, upstream_message
 
 MODEL = "smollm2-upstream"
 KEY_ENV = "UNIMODEL_TEST_UPSTREAM_KEY"
@@ -119,7 +118,7 @@ async def make_engine(upstream: str) -> AsyncIterator[Factory]:
             await engine.unload()
 
 
-async def run(engine: UpstreamEngine, request: generate_pb2.GenerateRequest) -> list[llm.Delta]:
+async def run(engine: UpstreamEngine, request: generate_pb2.GenerateRequest) -> list[generative.Delta]:
     prompt = await engine.prepare(request, "req-1")
     return [d async for d in engine.generate(prompt)]
 

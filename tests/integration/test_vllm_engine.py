@@ -21,8 +21,7 @@ from generation import chat, check_stream
 
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import generate_pb2
-from unimodel.worker import llm
-from unimodel.worker.engines import create_engine
+from unimodel.worker.engines import create_engine, generative
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -31,7 +30,7 @@ MODEL = os.environ.get("UNIMODEL_VLLM_MODEL", "")
 if not MODEL:
     pytest.skip("UNIMODEL_VLLM_MODEL is not set (a small model folder for vLLM)", allow_module_level=True)
 
-from unimodel.worker.vllm_engine import VllmEngine  # noqa: E402
+from unimodel.worker.engines.vllm import VllmEngine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ async def engine(config) -> AsyncIterator[VllmEngine]:  # type: ignore[no-untype
         await engine.unload()
 
 
-async def run(engine: VllmEngine, request: generate_pb2.GenerateRequest) -> tuple[llm.Prompt, list[llm.Delta]]:
+async def run(engine: VllmEngine, request: generate_pb2.GenerateRequest) -> tuple[generative.Prompt, list[generative.Delta]]:
     prompt = await engine.prepare(request, "req")
     return prompt, [d async for d in engine.generate(prompt)]
 
@@ -125,7 +124,7 @@ def test_vllm_errors_map_to_our_codes() -> None:
     from vllm.exceptions import QueueOverflowError, RetryableRequestError, VLLMValidationError
     from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-    from unimodel.worker.vllm_engine import _map_error
+    from unimodel.worker.engines.vllm import _map_error
 
     assert isinstance(_map_error(VLLMValidationError("top_k must be -1, 0 or at least 1"), "m"), errors.InvalidArgument)
     for busy in (QueueOverflowError(), RetryableRequestError()):

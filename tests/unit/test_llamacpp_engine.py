@@ -17,9 +17,8 @@ from generation import chat, check_stream, completion, demo_gguf
 
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import generate_pb2, model_pb2
-from unimodel.worker import llm
-from unimodel.worker.engines import create_engine
-from unimodel.worker.llamacpp_engine import LlamaCppEngine, StopScanner, extra_buffers_wanted, model_params
+from unimodel.worker.engines import create_engine, generative
+from unimodel.worker.engines.llamacpp import LlamaCppEngine, StopScanner, extra_buffers_wanted, model_params
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -77,13 +76,13 @@ def reference():  # type: ignore[no-untyped-def]
     ref.close()
 
 
-async def run(engine: LlamaCppEngine, request: generate_pb2.GenerateRequest) -> tuple[llm.Prompt, list[llm.Delta]]:
+async def run(engine: LlamaCppEngine, request: generate_pb2.GenerateRequest) -> tuple[generative.Prompt, list[generative.Delta]]:
     prompt = await engine.prepare(request, "req-1")
     deltas = [d async for d in engine.generate(prompt)]
     return prompt, deltas
 
 
-def text_of(deltas: list[llm.Delta]) -> str:
+def text_of(deltas: list[generative.Delta]) -> str:
     return "".join(d.text for d in deltas)
 
 
@@ -292,7 +291,7 @@ async def test_two_sequences_on_one_instance_run_one_after_the_other(make_engine
     assert engine.concurrency == 1
     events: list[tuple[str, str]] = []
 
-    async def go(tag: str, max_tokens: int) -> llm.Delta:
+    async def go(tag: str, max_tokens: int) -> generative.Delta:
         prompt = await engine.prepare(completion(COUNTING, temperature=0, max_tokens=max_tokens), tag)
         last = None
         async for delta in engine.generate(prompt):
@@ -342,7 +341,7 @@ async def test_two_instances_generate_at_once(make_engine: Factory) -> None:
     firsts: dict[str, int] = {}
     order: list[str] = []
 
-    async def go(tag: str) -> llm.Delta:
+    async def go(tag: str) -> generative.Delta:
         prompt = await engine.prepare(completion(COUNTING, temperature=0, max_tokens=24), tag)
         last = None
         async for delta in engine.generate(prompt):

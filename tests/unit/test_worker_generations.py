@@ -12,8 +12,8 @@ from generation import demo_gguf
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import generate_pb2, inference_pb2
 from unimodel.worker.engines import create_engine
+from unimodel.worker.engines.generative import GenerativeEngine
 from unimodel.worker.generation import Generations
-from unimodel.worker.llm import GenerativeEngine
 
 pytest.importorskip("llama_cpp")
 GGUF = demo_gguf()

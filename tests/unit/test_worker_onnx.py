@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import model_pb2
 from unimodel.worker.engines import available_engines, create_engine
-from unimodel.worker.onnx_engine import CPU, CUDA, OnnxEngine, providers_for
+from unimodel.worker.engines.onnx import CPU, CUDA, OnnxEngine, providers_for
 
 
 def save_model(folder: Path, nodes: list, inputs: list, outputs: list, weights: dict[str, np.ndarray] | None = None) -> None:

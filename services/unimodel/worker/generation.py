@@ -28,7 +28,7 @@ from unimodel.core import errors, tracing
 from unimodel.core.context import now_ms
 from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import generate_pb2, inference_pb2
-from unimodel.worker.llm import FINISH_ABORT, FINISH_ERROR, GenerativeEngine, Prompt
+from unimodel.worker.engines.generative import FINISH_ABORT, FINISH_ERROR, GenerativeEngine, Prompt
 
 log = logging.getLogger("unimodel.gpu-worker.generation")
 

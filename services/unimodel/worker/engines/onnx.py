@@ -22,7 +22,7 @@ import onnxruntime as ort
 from unimodel.core import errors
 from unimodel.core.tensors import ONNX_TYPES
 from unimodel.v1 import model_pb2
-from unimodel.worker.engines import Engine, engine_option
+from unimodel.worker.engines.engine import Engine, engine_option
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

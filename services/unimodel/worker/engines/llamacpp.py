@@ -36,7 +36,7 @@ included (llama.cpp issue #20824, still open). On a host whose cores are busy wi
 ``n_threads`` 1 can be many times faster: llama.cpp's threads meet at a barrier at every layer, and each
 one that waits for a core stalls them all.
 
-llama.cpp's own log lines go to the ``unimodel.worker.llamacpp_engine.native`` logger, not to stderr.
+llama.cpp's own log lines go to the ``unimodel.worker.engines.llamacpp.native`` logger, not to stderr.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ from typing import Any
 
 from unimodel.core import errors, generation
 from unimodel.v1 import generate_pb2, model_pb2
-from unimodel.worker import llm
-from unimodel.worker.engines import engine_option
-from unimodel.worker.llm import Delta, GenerativeEngine, Prompt
+from unimodel.worker.engines import generative
+from unimodel.worker.engines.engine import engine_option
+from unimodel.worker.engines.generative import Delta, GenerativeEngine, Prompt
 
 log = logging.getLogger(__name__)
 native_log = logging.getLogger(__name__ + ".native")
@@ -221,7 +221,7 @@ class LlamaCppEngine(GenerativeEngine):
 
     def __init__(self, config: model_pb2.ModelConfig) -> None:
         super().__init__(config)
-        self.context = llm.context_length(config, DEFAULT_CONTEXT)
+        self.context = generative.context_length(config, DEFAULT_CONTEXT)
         self.instance_count = max(1, config.instance_count)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.n_threads = engine_option(config, "n_threads", int, max(1, cpus // self.instance_count), minimum=1)
@@ -386,10 +386,10 @@ class LlamaCppEngine(GenerativeEngine):
         sampling = request.sampling
         generation.validate(request)  # the gateway's rules, again: the worker may be reached directly
         size = len(request.prompt) + sum(len(m.content) + len(m.role) for m in request.messages)
-        encoded = await llm.under_lock(self._vocab_lock, lambda: self._encode(request), inline=size <= INLINE_CHARS)
+        encoded = await generative.under_lock(self._vocab_lock, lambda: self._encode(request), inline=size <= INLINE_CHARS)
         count = len(encoded.tokens)
-        llm.check_prompt_tokens(self.config, count, self.context)
-        max_tokens = llm.resolve_max_tokens(self.config, sampling, count, self.context)
+        generative.check_prompt_tokens(self.config, count, self.context)
+        max_tokens = generative.resolve_max_tokens(self.config, sampling, count, self.context)
         return Prompt(
             request_id=request_id,
             text=encoded.text,
@@ -417,7 +417,7 @@ class LlamaCppEngine(GenerativeEngine):
                 model=self.config.name, field="messages",
             )
         try:
-            result = self._formatter(messages=llm.chat_messages(request))
+            result = self._formatter(messages=generative.chat_messages(request))
         except Exception as exc:  # the template's raise_exception (e.g. roles must alternate), jinja errors
             raise errors.InvalidArgument(
                 f"the chat template of model {self.config.name!r} refused the conversation: {exc}",
@@ -544,7 +544,7 @@ class LlamaCppEngine(GenerativeEngine):
         )
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         stops = StopScanner(prompt.stop)
-        finish = llm.FINISH_LENGTH
+        finish = generative.FINISH_LENGTH
         text = ""
         hit = False
         try:
@@ -552,14 +552,14 @@ class LlamaCppEngine(GenerativeEngine):
                 if cancel.is_set():
                     return
                 if is_eog(vocab, token):  # not counted, like llama-cpp-python's server
-                    finish = llm.FINISH_STOP
+                    finish = generative.FINISH_STOP
                     break
                 generated += 1
                 unsent += 1
                 piece, hit = stops.feed(decoder.decode(llama.detokenize([token])))
                 text += piece
                 if hit:
-                    finish = llm.FINISH_STOP
+                    finish = generative.FINISH_STOP
                     break
                 if generated >= prompt.max_tokens:
                     break

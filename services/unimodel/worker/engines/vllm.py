@@ -45,9 +45,9 @@ from typing import Any
 
 from unimodel.core import errors, generation
 from unimodel.v1 import generate_pb2, model_pb2
-from unimodel.worker import llm
-from unimodel.worker.engines import engine_option
-from unimodel.worker.llm import Delta, GenerativeEngine, Prompt
+from unimodel.worker.engines import generative
+from unimodel.worker.engines.engine import engine_option
+from unimodel.worker.engines.generative import Delta, GenerativeEngine, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ DEFAULT_SEQUENCES = 256
 CPU_KV_CACHE_GIB = 1.0
 INLINE_CHARS = 2048  # inputs up to this size are tokenized on the event loop
 _FINISH = {
-    "stop": llm.FINISH_STOP, "length": llm.FINISH_LENGTH, "abort": llm.FINISH_ABORT, "error": llm.FINISH_ERROR,
-    "repetition": llm.FINISH_STOP,  # vLLM's repetition detector ended it: OpenAI's clients know only stop
+    "stop": generative.FINISH_STOP, "length": generative.FINISH_LENGTH, "abort": generative.FINISH_ABORT, "error": generative.FINISH_ERROR,
+    "repetition": generative.FINISH_STOP,  # vLLM's repetition detector ended it: OpenAI's clients know only stop
 }
 _SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty")
 """Fields a request may leave out: then the model's generation_config.json defaults apply."""
@@ -249,9 +249,9 @@ class VllmEngine(GenerativeEngine):
         sampling = request.sampling
         generation.validate(request)  # the gateway's rules, again: the worker may be reached directly
         size = len(request.prompt) + sum(len(m.content) for m in request.messages)
-        text, tokens = await llm.under_lock(self._tokenizer_lock, lambda: self._encode(request), inline=size <= INLINE_CHARS)
-        llm.check_prompt_tokens(self.config, len(tokens), self.context)
-        max_tokens = llm.resolve_max_tokens(self.config, sampling, len(tokens), self.context)
+        text, tokens = await generative.under_lock(self._tokenizer_lock, lambda: self._encode(request), inline=size <= INLINE_CHARS)
+        generative.check_prompt_tokens(self.config, len(tokens), self.context)
+        max_tokens = generative.resolve_max_tokens(self.config, sampling, len(tokens), self.context)
         return Prompt(
             request_id=request_id,
             text=text,
@@ -273,7 +273,7 @@ class VllmEngine(GenerativeEngine):
             )
         try:
             text = tokenizer.apply_chat_template(
-                llm.chat_messages(request),
+                generative.chat_messages(request),
                 chat_template=self.config.llm.chat_template or None,
                 add_generation_prompt=True,
                 tokenize=False,
@@ -350,7 +350,7 @@ class VllmEngine(GenerativeEngine):
                 if out.finished:
                     # vLLM's stream ends right after its final output: read it to that end (leaving it
                     # open would abort the finished request again when it is collected)
-                    reason = _FINISH.get(choice.finish_reason or "stop", llm.FINISH_STOP)
+                    reason = _FINISH.get(choice.finish_reason or "stop", generative.FINISH_STOP)
                     final = Delta(text=text, tokens=tokens, finish_reason=reason, completion_tokens=completion)
                     continue
                 if text or tokens:
@@ -366,7 +366,7 @@ class VllmEngine(GenerativeEngine):
             raise _map_error(exc, self.config.name) from None
         if final is None:
             raise errors.Internal(f"model {self.config.name!r}: vLLM ended the request without finishing it")
-        if final.finish_reason == llm.FINISH_ERROR:
+        if final.finish_reason == generative.FINISH_ERROR:
             raise errors.Internal(
                 f"model {self.config.name!r}: vLLM ended the generation with an error", model=self.config.name
             )

@@ -35,16 +35,16 @@ import httpx
 
 from unimodel.core import errors, generation
 from unimodel.v1 import generate_pb2, model_pb2
-from unimodel.worker import llm
-from unimodel.worker.engines import engine_option
-from unimodel.worker.llm import Delta, GenerativeEngine, Prompt
+from unimodel.worker.engines import generative
+from unimodel.worker.engines.engine import engine_option
+from unimodel.worker.engines.generative import Delta, GenerativeEngine, Prompt
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SEQUENCES = 64
 DEFAULT_RETRY_AFTER_S = 1.0
 _MESSAGE_LIMIT = 500
-_FINISH = {"stop": llm.FINISH_STOP, "length": llm.FINISH_LENGTH, "abort": llm.FINISH_ABORT}
+_FINISH = {"stop": generative.FINISH_STOP, "length": generative.FINISH_LENGTH, "abort": generative.FINISH_ABORT}
 
 
 def upstream_message(response: httpx.Response) -> str:
@@ -90,7 +90,7 @@ class UpstreamEngine(GenerativeEngine):
                 field="llm.upstream_url",
             )
         self.upstream_model = llm_config.upstream_model or config.name
-        self.context = llm.context_length(config, 0)  # 0: the upstream's (learned from /models when it says)
+        self.context = generative.context_length(config, 0)  # 0: the upstream's (learned from /models when it says)
         self.read_timeout_s = engine_option(config, "timeout_s", float, 600.0, positive=True)
         self.connect_timeout_s = engine_option(config, "connect_timeout_s", float, 5.0, positive=True)
         self._client: httpx.AsyncClient | None = None
@@ -190,14 +190,14 @@ class UpstreamEngine(GenerativeEngine):
         sampling = request.sampling
         generation.validate(request)  # the gateway's rules, again: the worker may be reached directly
         asked = sampling.max_tokens
-        llm.check_max_tokens(self.config, asked, self.context)
+        generative.check_max_tokens(self.config, asked, self.context)
         if asked:
             max_tokens = asked
         else:
-            default = self.config.llm.default_max_tokens or llm.DEFAULT_MAX_TOKENS
-            max_tokens = min(default, llm.max_tokens_cap(self.config, self.context) or default)
+            default = self.config.llm.default_max_tokens or generative.DEFAULT_MAX_TOKENS
+            max_tokens = min(default, generative.max_tokens_cap(self.config, self.context) or default)
         if request.messages:
-            messages = llm.chat_messages(request)
+            messages = generative.chat_messages(request)
             text = ""
         else:
             messages = None
@@ -319,7 +319,7 @@ class UpstreamEngine(GenerativeEngine):
                             chunks += 1
                             yield Delta(text=text, tokens=1)
                         if choice.get("finish_reason"):
-                            finish = _FINISH.get(choice["finish_reason"], llm.FINISH_STOP)
+                            finish = _FINISH.get(choice["finish_reason"], generative.FINISH_STOP)
             if not finish:
                 raise self._failed("ended the stream before the generation finished")
             if usage is not None:

@@ -35,7 +35,7 @@ from unimodel.core.generation import (  # noqa: F401  (re-exported for the engin
     resolve_max_tokens,
 )
 from unimodel.v1 import generate_pb2, model_pb2
-from unimodel.worker.engines import Engine
+from unimodel.worker.engines.engine import Engine
 
 T = TypeVar("T")
 
