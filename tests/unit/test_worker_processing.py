@@ -14,11 +14,12 @@ from test_worker_onnx import VOCAB, identity_model, image_model, iris_like_model
 
 from unimodel.core import errors, modelconfig
 from unimodel.core.context import now_ms
+from unimodel.core.value_arrays import array_value, numbers, numeric_array
 from unimodel.core.values import from_value, to_value
 from unimodel.v1 import inference_pb2, model_pb2
 from unimodel.worker.batching import Layout
 from unimodel.worker.models import LoadedModel, ModelTable
-from unimodel.worker.processing import array_value, make_processor, numbers, numeric_array
+from unimodel.worker.processors import make_processor
 from unimodel.worker.runner import run_batch
 
 

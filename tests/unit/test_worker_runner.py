@@ -18,7 +18,7 @@ from unimodel.worker.batching import Layout
 from unimodel.worker.engines import Engine, create_engine
 from unimodel.worker.engines.builtin import DelayEngine, EchoEngine
 from unimodel.worker.models import LoadedModel, builtin_config
-from unimodel.worker.processing import make_processor
+from unimodel.worker.processors import make_processor
 from unimodel.worker.runner import run_batch
 
 
