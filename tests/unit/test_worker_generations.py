@@ -1,4 +1,4 @@
-"""A worker's running generations (worker/generation.py) on the real llamacpp engine: how a generation
+"""A worker's running generations (worker/running_generations.py) on the real llamacpp engine: how a generation
 that does not reach its end tells its caller why."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from unimodel.core import errors, modelconfig
 from unimodel.v1 import generate_pb2, inference_pb2
 from unimodel.worker.engines import create_engine
 from unimodel.worker.engines.generative import GenerativeEngine
-from unimodel.worker.generation import Generations
+from unimodel.worker.running_generations import Generations
 
 pytest.importorskip("llama_cpp")
 GGUF = demo_gguf()

@@ -17,10 +17,10 @@ from unimodel.core.context import now_ms
 from unimodel.core.value_arrays import array_value, numbers, numeric_array
 from unimodel.core.values import from_value, to_value
 from unimodel.v1 import inference_pb2, model_pb2
-from unimodel.worker.batching import Layout
 from unimodel.worker.models import LoadedModel, ModelTable
 from unimodel.worker.processors import make_processor
 from unimodel.worker.runner import run_batch
+from unimodel.worker.tensor_batches import Layout
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ from unimodel.core.context import now_ms
 from unimodel.core.tensors import from_numpy
 from unimodel.core.values import from_value, to_value
 from unimodel.v1 import inference_pb2, model_pb2
-from unimodel.worker.batching import Layout
 from unimodel.worker.engines import Engine, create_engine
 from unimodel.worker.engines.builtin import DelayEngine, EchoEngine
 from unimodel.worker.models import LoadedModel, builtin_config
 from unimodel.worker.processors import make_processor
 from unimodel.worker.runner import run_batch
+from unimodel.worker.tensor_batches import Layout
 
 
 def config(name: str = "m", engine: str = "echo", **data: object) -> model_pb2.ModelConfig:

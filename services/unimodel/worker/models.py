@@ -22,9 +22,9 @@ from typing import Any
 
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import model_pb2, registry_pb2
-from unimodel.worker.batching import Layout
 from unimodel.worker.engines import Engine, create_engine
 from unimodel.worker.processors import Processor, make_processor
+from unimodel.worker.tensor_batches import Layout
 
 log = logging.getLogger("unimodel.gpu-worker.models")
 

@@ -2,7 +2,7 @@
 
 Expired items are answered DEADLINE_EXCEEDED and never run. Tensor items (KServe) are checked against
 the config, predict-API values go through the model's processor; a bad item fails alone. The rest is
-concatenated along the batch dimension (batching.py), run once per shape group (in chunks of at most
+concatenated along the batch dimension (tensor_batches.py), run once per shape group (in chunks of at most
 max_batch_size rows), and split back per item. A failed engine call fails each of its live items with
 the cause.
 """
@@ -21,9 +21,9 @@ from google.protobuf import struct_pb2
 from unimodel.core import errors
 from unimodel.core.context import now_ms
 from unimodel.v1 import inference_pb2
-from unimodel.worker import batching
-from unimodel.worker.batching import Prepared
+from unimodel.worker import tensor_batches
 from unimodel.worker.models import LoadedModel
+from unimodel.worker.tensor_batches import Prepared
 
 log = logging.getLogger("unimodel.gpu-worker.runner")
 
@@ -74,14 +74,14 @@ async def _tensor_items(model: LoadedModel, items: Sequence[inference_pb2.BatchI
     layout = model.layout
     groups = None
     if layout.direct is not None:
-        prepared, bad, groups = batching.assemble_direct(layout, items, which)
+        prepared, bad, groups = tensor_batches.assemble_direct(layout, items, which)
         for i, exc in bad:
             outcomes[i] = exc
     else:
         prepared = []
         for i in which:
             try:
-                p = batching.prepare_tensor_item(layout, items[i])
+                p = tensor_batches.prepare_tensor_item(layout, items[i])
             except errors.UnimodelError as exc:
                 outcomes[i] = exc
                 continue
@@ -155,7 +155,7 @@ async def _value_items(
 
 
 async def execute(
-    model: LoadedModel, prepared: Sequence[Prepared], groups: Sequence[batching.Group] | None = None
+    model: LoadedModel, prepared: Sequence[Prepared], groups: Sequence[tensor_batches.Group] | None = None
 ) -> list[dict[str, np.ndarray] | errors.UnimodelError]:
     """Run prepared items on the engine: one call per shape group (groups run concurrently, so several
     engine instances share the work); each item's output rows, or the group's error. `groups`: the
@@ -166,9 +166,9 @@ async def execute(
     async def run_group(positions: list[int], joined: dict[str, np.ndarray] | None) -> None:
         members = [prepared[i] for i in positions]
         try:
-            inputs = joined if joined is not None else batching.concat(layout, members)
+            inputs = joined if joined is not None else tensor_batches.concat(layout, members)
             outputs = await _infer(model, members, inputs)
-            per_item: list[Any] = batching.split(layout, outputs, members)
+            per_item: list[Any] = tensor_batches.split(layout, outputs, members)
         except Exception as exc:
             per_item = [_as_error(exc, model)] * len(members)
         for i, r in zip(positions, per_item, strict=True):
@@ -177,7 +177,7 @@ async def execute(
     if not prepared:
         return []
     if groups is None:
-        groups = [(g, None) for g in batching.groups(layout, prepared)]  # type: ignore[misc]
+        groups = [(g, None) for g in tensor_batches.groups(layout, prepared)]  # type: ignore[misc]
     if len(groups) == 1:
         await run_group(*groups[0])
     else:
@@ -187,19 +187,19 @@ async def execute(
 
 async def _infer(model: LoadedModel, members: list[Prepared], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     layout, engine = model.layout, model.engine
-    names = batching.union_outputs(layout, members)
+    names = tensor_batches.union_outputs(layout, members)
     if not layout.batches:
         return await engine.infer(inputs, names)
     rows = sum(p.rows for p in members)
     limit = layout.rows_limit
     if rows <= limit:
         out = await engine.infer(inputs, names)
-        batching.check_rows(layout, out, rows)
+        tensor_batches.check_rows(layout, out, rows)
         return out
-    chunks = batching.row_chunks(rows, limit)
+    chunks = tensor_batches.row_chunks(rows, limit)
     parts = await asyncio.gather(*(engine.infer({n: a[s:e] for n, a in inputs.items()}, names) for s, e in chunks))
     for part, (s, e) in zip(parts, chunks, strict=True):
-        batching.check_rows(layout, part, e - s)
+        tensor_batches.check_rows(layout, part, e - s)
     return {n: np.concatenate([part[n] for part in parts]) for n in names}
 
 

@@ -23,13 +23,13 @@ from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.subjects import Header
 from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2
-from unimodel.worker.batching import add_tensors
 from unimodel.worker.engines import available_engines, cuda_available
-from unimodel.worker.generation import Generations
 from unimodel.worker.metrics import WorkerMetrics
 from unimodel.worker.models import LoadedModel, ModelTable, builtin_config
 from unimodel.worker.runner import run_batch
+from unimodel.worker.running_generations import Generations
 from unimodel.worker.settings import WorkerSettings
+from unimodel.worker.tensor_batches import add_tensors
 
 INFLIGHT_REPORT_S = 1.0
 """In-flight counts reach etcd at most this often (state changes go at once)."""

@@ -3,7 +3,7 @@
 
 An engine runs one model (one :class:`ModelConfig`) on a whole, already concatenated batch:
 ``infer({input name: array with the batch dimension}, [output names]) -> {output name: array}``.
-Checking, concatenating and splitting requests is the runner's job (worker/batching.py),
+Checking, concatenating and splitting requests is the runner's job (worker/tensor_batches.py),
 pre/post-processing the processors' (worker/processors/).
 """
 

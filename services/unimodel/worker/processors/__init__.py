@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from unimodel.core import errors
 from unimodel.v1 import model_pb2
-from unimodel.worker.batching import Layout
 from unimodel.worker.processors.image_classification import ImageClassification
 from unimodel.worker.processors.passthrough import PassThrough
 from unimodel.worker.processors.processor import Processor
 from unimodel.worker.processors.tabular import Tabular
 from unimodel.worker.processors.text_embedding import TextEmbedding
+from unimodel.worker.tensor_batches import Layout
 
 __all__ = ["PROCESSORS", "Processor", "make_processor"]
 

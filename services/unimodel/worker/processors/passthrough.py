@@ -10,8 +10,8 @@ from unimodel.core.tensors import numpy_dtype
 from unimodel.core.value_arrays import array_value, numeric_array
 from unimodel.core.values import from_value
 from unimodel.v1 import model_pb2
-from unimodel.worker.batching import Prepared
 from unimodel.worker.processors.processor import Processor
+from unimodel.worker.tensor_batches import Prepared
 
 
 class PassThrough(Processor):

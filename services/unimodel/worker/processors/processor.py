@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 
 from unimodel.core import errors
 from unimodel.v1 import model_pb2
-from unimodel.worker.batching import Layout, Prepared
+from unimodel.worker.tensor_batches import Layout, Prepared
 
 
 class Processor(abc.ABC):

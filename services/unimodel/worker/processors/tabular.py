@@ -12,8 +12,8 @@ from unimodel.core.tensors import numpy_dtype
 from unimodel.core.value_arrays import numeric_array
 from unimodel.core.values import to_value
 from unimodel.v1 import model_pb2
-from unimodel.worker.batching import Layout, Prepared
 from unimodel.worker.processors.processor import Processor
+from unimodel.worker.tensor_batches import Layout, Prepared
 
 
 class Tabular(Processor):

@@ -11,8 +11,8 @@ from unimodel.core import errors
 from unimodel.core.tensors import numpy_dtype
 from unimodel.core.value_arrays import array_value
 from unimodel.v1 import model_pb2
-from unimodel.worker.batching import Layout, Prepared
 from unimodel.worker.processors.processor import Processor
+from unimodel.worker.tensor_batches import Layout, Prepared
 
 
 class TextEmbedding(Processor):
