@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from unimodel.core import errors
-from unimodel.gateway import api_embeddings, api_modelcache as mc, json_body
+from unimodel.gateway import json_body
+from unimodel.gateway.modelcache import protocol as mc
+from unimodel.gateway.openai import embeddings as api_embeddings
 
 
 def test_modelcache_accepts_a_json_string_body_and_plain_json() -> None:

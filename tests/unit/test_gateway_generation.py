@@ -11,7 +11,7 @@ from unimodel.core import errors
 from unimodel.core.bus import error_headers
 from unimodel.core.context import RequestContext
 from unimodel.core.replies import ReplyMux
-from unimodel.gateway.generation import Generation
+from unimodel.gateway.generation_stream import Generation
 from unimodel.v1 import generate_pb2, inference_pb2
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from unimodel.core import errors, modelconfig
-from unimodel.gateway.registration import repository_models, resolve
+from unimodel.gateway.admin.registration import repository_models, resolve
 
 
 def make_model(folder: Path, name: str = "m", **extra: object) -> Path:

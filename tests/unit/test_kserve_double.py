@@ -2,7 +2,7 @@
 unit tests (test_kserve_http.py, test_kserve_grpc.py). The real service path is covered by
 tests/integration/test_kserve_clients.py.
 
-The double offers what api_kserve_http / api_kserve_grpc use of GatewayService: configs(),
+The double offers what kserve/http.py and kserve/grpc.py use of the gateway (ports.KServePorts): configs(),
 model_ready(), readiness(), model_stats, settings, log, and infer(). Its infer checks every input with
 the real unimodel.core.tensors.check_input and answers as an identity model would: output i holds input
 i's data (the "worker" is this object). Each call is kept in `calls` for the tests to inspect.

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from unimodel.core import errors
 from unimodel.core.grpc_server import GrpcServer
-from unimodel.gateway.api_kserve_grpc import API, SERVICE_NAME, add_kserve_grpc
+from unimodel.gateway.kserve.grpc import API, SERVICE_NAME, add_kserve_grpc
 
 FP = np.arange(6, dtype=np.float32).reshape(2, 3)
 

@@ -21,7 +21,7 @@ from test_kserve_double import KServeDouble
 from unimodel import __version__
 from unimodel.core import errors
 from unimodel.core.context import now_ms
-from unimodel.gateway.api_kserve_http import API, infer_asgi, match_infer, register_kserve_routes
+from unimodel.gateway.kserve.http import API, infer_asgi, match_infer, register_kserve_routes
 
 FP = np.arange(6, dtype=np.float32).reshape(2, 3)
 

@@ -1,4 +1,4 @@
-"""kserve.py: KServe v2 REST / gRPC tensors <-> unimodel Tensors, binary tensor extension, documents.
+"""kserve/codec.py and kserve/documents.py: KServe v2 REST / gRPC tensors <-> unimodel Tensors, binary tensor extension, documents.
 
 Request bodies are built and responses read with tritonclient's own code (generate_request_body,
 parse_response_body, grpc InferResult), so these tests check what the official client sends and reads.
@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
 from unimodel.core import errors, modelconfig, tensors
-from unimodel.gateway import kserve
+from unimodel.gateway.kserve import codec, documents
 from unimodel.gateway.statistics import ModelStatistics
 from unimodel.v1 import inference_pb2, tensor_pb2
 
@@ -26,9 +26,9 @@ def _input(name: str, array: np.ndarray, datatype: str, *, binary: bool = True) 
     return tensor
 
 
-def _parse_client_body(inputs: list[httpclient.InferInput], **kw: object) -> kserve.InferCall:
+def _parse_client_body(inputs: list[httpclient.InferInput], **kw: object) -> codec.InferCall:
     body, header_length = httpclient.InferenceServerClient.generate_request_body(inputs, **kw)
-    return kserve.parse_rest_infer(body, header_length)
+    return codec.parse_rest_infer(body, header_length)
 
 
 def _array(tensor: tensor_pb2.Tensor) -> np.ndarray:
@@ -71,7 +71,7 @@ def test_no_outputs_requested_means_all_outputs_in_binary_as_tritonclient_asks()
 )
 def test_json_data_flat_or_nested(data: list, shape: list[int]) -> None:
     body = orjson.dumps({"inputs": [{"name": "X", "datatype": "FP32", "shape": shape, "data": data}]})
-    (x,) = kserve.parse_rest_infer(body, None).item.inputs
+    (x,) = codec.parse_rest_infer(body, None).item.inputs
     np.testing.assert_array_equal(_array(x), np.asarray(data, dtype=np.float32).reshape(shape))
 
 
@@ -90,7 +90,7 @@ def test_json_data_flat_or_nested(data: list, shape: list[int]) -> None:
 )
 def test_json_data_of_every_datatype(datatype: str, data: list, expected: np.ndarray) -> None:
     body = orjson.dumps({"inputs": [{"name": "X", "datatype": datatype, "shape": [2], "data": data}]})
-    (x,) = kserve.parse_rest_infer(body, None).item.inputs
+    (x,) = codec.parse_rest_infer(body, None).item.inputs
     got = _array(x)
     assert got.dtype == (expected.dtype if datatype != "BYTES" else np.object_)
     assert got.tolist() == expected.tolist()
@@ -102,7 +102,7 @@ def test_request_parameters_priority_timeout_and_custom() -> None:
         "parameters": {"priority": 2, "timeout": 250000, "binary_data_output": True, "temperature": 0.5, "flag": False, "tag": "x"},
         "inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}],
     })
-    call = kserve.parse_rest_infer(body, None)
+    call = codec.parse_rest_infer(body, None)
     assert call.item.priority == 2 and call.timeout_s == 0.25 and call.binary_output is True
     assert dict(call.item.parameters) == {"temperature": "0.5", "flag": "false", "tag": "x"}
     assert call.item.id == "abc"
@@ -184,7 +184,7 @@ X1 = {"name": "X", "datatype": "FP32", "shape": [1, 2]}
 )
 def test_bad_rest_requests_are_invalid_argument_naming_the_culprit(body: bytes, header_length: int | None, needle: str) -> None:
     with pytest.raises(errors.InvalidArgument) as info:
-        kserve.parse_rest_infer(body, header_length)
+        codec.parse_rest_infer(body, header_length)
     assert needle in info.value.message
 
 
@@ -195,8 +195,8 @@ def _reply(*outputs: tensor_pb2.Tensor, model: str = "m", version: str = "") -> 
     return inference_pb2.InferResponse(model=model, model_version=version, outputs=outputs, worker_id="w")
 
 
-def _call(outputs: tuple[kserve.RequestedOutput, ...] = (), binary_output: bool = False, id: str = "") -> kserve.InferCall:
-    return kserve.InferCall(inference_pb2.BatchItem(id=id), outputs, binary_output, None)
+def _call(outputs: tuple[codec.RequestedOutput, ...] = (), binary_output: bool = False, id: str = "") -> codec.InferCall:
+    return codec.InferCall(inference_pb2.BatchItem(id=id), outputs, binary_output, None)
 
 
 OUT_F = tensors.from_numpy("F", np.array([[1.5, -2.0], [3.0, 4.25]], np.float32))
@@ -206,7 +206,7 @@ OUT_H = tensors.from_numpy("H", np.array([0.5, 1.0], np.float16))
 
 
 def test_json_response_has_flat_data_and_echoes_the_id() -> None:
-    body, header_length = kserve.render_rest_infer(_reply(OUT_F, OUT_S, OUT_B, OUT_H), _call(id="x1"), "m", "1")
+    body, header_length = codec.render_rest_infer(_reply(OUT_F, OUT_S, OUT_B, OUT_H), _call(id="x1"), "m", "1")
     assert header_length is None
     doc = orjson.loads(body)
     assert doc == {
@@ -224,8 +224,8 @@ def test_json_response_has_flat_data_and_echoes_the_id() -> None:
 
 
 def test_binary_response_is_read_by_tritonclient() -> None:
-    wanted = (kserve.RequestedOutput("S", True), kserve.RequestedOutput("F", None), kserve.RequestedOutput("B", False))
-    body, header_length = kserve.render_rest_infer(_reply(OUT_F, OUT_S, OUT_B), _call(wanted, binary_output=True), "m", "1")
+    wanted = (codec.RequestedOutput("S", True), codec.RequestedOutput("F", None), codec.RequestedOutput("B", False))
+    body, header_length = codec.render_rest_infer(_reply(OUT_F, OUT_S, OUT_B), _call(wanted, binary_output=True), "m", "1")
     assert header_length is not None
     header = orjson.loads(body[:header_length])
     assert [o["name"] for o in header["outputs"]] == ["S", "F", "B"]  # the requested order
@@ -238,14 +238,14 @@ def test_binary_response_is_read_by_tritonclient() -> None:
 
 def test_response_without_a_requested_output_is_internal() -> None:
     with pytest.raises(errors.Internal, match="no output 'Z'"):
-        kserve.render_rest_infer(_reply(OUT_F), _call((kserve.RequestedOutput("Z", None),)), "m", "1")
+        codec.render_rest_infer(_reply(OUT_F), _call((codec.RequestedOutput("Z", None),)), "m", "1")
 
 
 def test_non_utf8_bytes_output_needs_binary() -> None:
     raw = tensor_pb2.Tensor(name="S", datatype="BYTES", shape=[1], contents=b"\x02\0\0\0\xff\xfe")
     with pytest.raises(errors.InvalidArgument, match="binary_data"):
-        kserve.render_rest_infer(_reply(raw), _call(), "m", "1")
-    body, n = kserve.render_rest_infer(_reply(raw), _call(binary_output=True), "m", "1")
+        codec.render_rest_infer(_reply(raw), _call(), "m", "1")
+    body, n = codec.render_rest_infer(_reply(raw), _call(binary_output=True), "m", "1")
     assert body[n:] == raw.contents
 
 
@@ -269,7 +269,7 @@ def test_grpc_raw_input_contents() -> None:
     request.outputs.add(name="O")
     request.parameters["priority"].uint64_param = 1
     request.parameters["timeout"].int64_param = 1000
-    call = kserve.parse_grpc_infer(request)
+    call = codec.parse_grpc_infer(request)
     f, s = call.item.inputs
     assert f.contents == fp.tobytes() and list(f.shape) == [2, 3]
     assert _array(s).tolist() == [b"a", b"bc"]
@@ -291,7 +291,7 @@ def test_grpc_typed_contents(datatype: str, field: str, values: list) -> None:
     request = service_pb2.ModelInferRequest(model_name="m")
     tensor = request.inputs.add(name="X", datatype=datatype, shape=[2])
     getattr(tensor.contents, field).extend(values)
-    (x,) = kserve.parse_grpc_infer(request).item.inputs
+    (x,) = codec.parse_grpc_infer(request).item.inputs
     assert _array(x).tolist() == values
 
 
@@ -322,13 +322,13 @@ def test_bad_grpc_requests(build, needle: str) -> None:  # type: ignore[no-untyp
     request = service_pb2.ModelInferRequest(model_name="m")
     build(request)
     with pytest.raises(errors.InvalidArgument) as info:
-        kserve.parse_grpc_infer(request)
+        codec.parse_grpc_infer(request)
     assert needle in info.value.message
 
 
 def test_grpc_response_has_raw_output_contents_read_by_tritonclient() -> None:
-    call = _call((kserve.RequestedOutput("S", None), kserve.RequestedOutput("F", None)), id="g1")
-    reply = kserve.render_grpc_infer(_reply(OUT_F, OUT_S, version="2"), call, "m", "1")
+    call = _call((codec.RequestedOutput("S", None), codec.RequestedOutput("F", None)), id="g1")
+    reply = codec.render_grpc_infer(_reply(OUT_F, OUT_S, version="2"), call, "m", "1")
     assert (reply.model_name, reply.model_version, reply.id) == ("m", "2", "g1")
     assert [o.name for o in reply.outputs] == ["S", "F"] and len(reply.raw_output_contents) == 2
     result = grpcclient.InferResult(reply)
@@ -346,15 +346,15 @@ def _config(**kw: object) -> object:
 
 
 def test_metadata_adds_the_batch_dimension_only_when_the_model_batches() -> None:
-    assert kserve.model_metadata("m", _config(max_batch_size=16)) == {
+    assert documents.model_metadata("m", _config(max_batch_size=16)) == {
         "name": "m", "versions": ["1"], "platform": "onnxruntime_onnx",
         "inputs": [{"name": "I", "datatype": "INT64", "shape": [-1, -1, 3]}],
         "outputs": [{"name": "O", "datatype": "BYTES", "shape": [-1, 1]}],
     }
-    doc = kserve.model_metadata("m", _config(max_batch_size=0, engine="delay", version="7"))
+    doc = documents.model_metadata("m", _config(max_batch_size=0, engine="delay", version="7"))
     assert doc["inputs"][0]["shape"] == [-1, 3] and doc["versions"] == ["7"] and doc["platform"] == "unimodel_delay"
-    assert kserve.model_metadata("echo", None) == {"name": "echo", "versions": ["1"], "platform": "unimodel", "inputs": [], "outputs": []}
-    proto = kserve.model_metadata_proto("m", _config(max_batch_size=16))
+    assert documents.model_metadata("echo", None) == {"name": "echo", "versions": ["1"], "platform": "unimodel", "inputs": [], "outputs": []}
+    proto = documents.model_metadata_proto("m", _config(max_batch_size=16))
     assert list(proto.inputs[0].shape) == [-1, -1, 3] and proto.platform == "onnxruntime_onnx"
 
 
@@ -365,7 +365,7 @@ def test_model_config_in_triton_vocabulary() -> None:
                   "max_queue_size": 100, "default_timeout_ms": 40},
         processing={"kind": "tabular"},
     )
-    doc = kserve.model_config(config)
+    doc = documents.model_config(config)
     assert doc["name"] == "m" and doc["platform"] == "onnxruntime_onnx" and doc["backend"] == "onnxruntime"
     assert doc["max_batch_size"] == 32
     assert doc["input"][0] == {"name": "I", "data_type": "TYPE_INT64", "format": "FORMAT_NONE", "dims": [-1, 3],
@@ -380,24 +380,24 @@ def test_model_config_in_triton_vocabulary() -> None:
     assert doc["instance_group"] == [{"name": "m_0", "kind": "KIND_GPU", "count": 2}]
     assert doc["parameters"] == {"k": {"string_value": "v"}, "processing": {"string_value": "tabular"}}
     assert doc["model_transaction_policy"] == {"decoupled": False}
-    proto = kserve.model_config_proto(config)
+    proto = documents.model_config_proto(config)
     assert proto.dynamic_batching.max_queue_delay_microseconds == 2500 and list(proto.input[0].dims) == [-1, 3]
-    assert "dynamic_batching" not in kserve.model_config(_config(max_batch_size=0))
+    assert "dynamic_batching" not in documents.model_config(_config(max_batch_size=0))
 
 
 def test_versions() -> None:
-    assert kserve.model_version(_config(version="12")) == "12"
-    assert kserve.model_version(_config(version="v2")) == "1"  # perf_analyzer parses versions as integers
-    assert kserve.model_version(None) == "1"
-    kserve.check_version(_config(version="v2"), "m", "v2")
-    kserve.check_version(_config(version="v2"), "m", "1")
-    kserve.check_version(_config(), "m", "")
+    assert documents.model_version(_config(version="12")) == "12"
+    assert documents.model_version(_config(version="v2")) == "1"  # perf_analyzer parses versions as integers
+    assert documents.model_version(None) == "1"
+    documents.check_version(_config(version="v2"), "m", "v2")
+    documents.check_version(_config(version="v2"), "m", "1")
+    documents.check_version(_config(), "m", "")
     with pytest.raises(errors.NotFound, match="model 'm' has no version '2'; it serves version 1"):
-        kserve.check_version(_config(), "m", "2")
+        documents.check_version(_config(), "m", "2")
 
 
 def test_server_metadata_lists_the_extensions_implemented() -> None:
-    assert kserve.server_metadata("9.9") == {
+    assert documents.server_metadata("9.9") == {
         "name": "unimodel", "version": "9.9",
         "extensions": ["binary_tensor_data", "model_configuration", "schedule_policy", "statistics"],
     }
@@ -406,11 +406,11 @@ def test_server_metadata_lists_the_extensions_implemented() -> None:
 def test_statistics_entry_has_every_field_perf_analyzer_reads() -> None:
     stats = ModelStatistics(clock_ms=lambda: 1234)
     stats.record("m", True, 5000, 3)
-    entry = kserve.statistics_entry("m", "1", stats.snapshot("m"))
+    entry = documents.statistics_entry("m", "1", stats.snapshot("m"))
     assert entry["name"] == "m" and entry["version"] == "1" and entry["last_inference"] == 1234
     assert entry["inference_count"] == 3 and entry["execution_count"] == 1
     for key in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss"):
         assert set(entry["inference_stats"][key]) == {"count", "ns"}
     assert entry["inference_stats"]["success"] == {"count": 1, "ns": 5000}
-    proto = kserve.statistics_proto([entry])
+    proto = documents.statistics_proto([entry])
     assert proto.model_stats[0].inference_stats.success.ns == 5000

@@ -14,10 +14,10 @@ import hmac
 from collections.abc import Iterable, Mapping
 
 import grpc
-import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from unimodel.core import errors
+from unimodel.gateway.openai.errors import error_body
 
 TENANT_HEADER = "x-unimodel-tenant"
 _TENANT = TENANT_HEADER.encode()
@@ -55,11 +55,6 @@ class ApiKeys:
         return self.tenant(md.get("authorization", ""), md.get("x-api-key", ""))
 
 
-def unauthenticated_body(err: errors.UnimodelError) -> bytes:
-    """OpenAI's shape (what every OpenAI client parses), used on every route for auth errors."""
-    return orjson.dumps({"error": {"message": err.message, "type": "authentication_error", "param": None, "code": "invalid_api_key"}})
-
-
 class AuthMiddleware:
     """Outer ASGI layer: checks the key, rewrites x-unimodel-tenant to the key's tenant."""
 
@@ -90,7 +85,7 @@ class AuthMiddleware:
             if scope["type"] == "websocket":  # refused before the handshake completes: HTTP 403 to the client
                 await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
                 return
-            body = unauthenticated_body(err)
+            body = error_body(err)  # OpenAI's shape, what every OpenAI client parses, on every route
             await send({
                 "type": "http.response.start", "status": 401,
                 "headers": [

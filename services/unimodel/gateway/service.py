@@ -11,34 +11,30 @@ from typing import TypeVar
 
 import grpc
 import uvicorn
+from prometheus_client import CollectorRegistry
 from google.protobuf import struct_pb2
 
-from unimodel.core import errors, generation, modelconfig, subjects, tensors, tracing
+from unimodel.core import errors, generation, modelconfig, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.kinds import WORKER_KINDS
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.replies import ReplyMux
 from unimodel.core.registry import Discovery, instances_prefix, model_key, models_prefix
 from unimodel.core.store import StoreError
-from unimodel.gateway import catalog, registration
-from unimodel.gateway.api_grpc import InferenceApi
-from unimodel.gateway.api_http import BodyLimit, FastRoutes, build_app
-from unimodel.gateway.api_kserve_grpc import add_kserve_grpc
-from unimodel.gateway.api_kserve_http import register_kserve_routes
-from unimodel.gateway.api_embeddings import register_embedding_routes
-from unimodel.gateway.api_modelcache import register_modelcache_routes
+from unimodel.gateway import catalog
+from unimodel.gateway.admin import registration
+from unimodel.gateway.app import add_grpc_services, compose_http
+from unimodel.gateway.auth import ApiKeys, GrpcAuthInterceptor
 from unimodel.gateway.cache_client import CacheClient
-from unimodel.gateway.api_openai import register_openai_routes
-from unimodel.gateway.auth import ApiKeys, AuthMiddleware, GrpcAuthInterceptor
-from unimodel.gateway.chat_page import register_chat_page
+from unimodel.gateway.generation_stream import Generation
 from unimodel.gateway.http_protocol import CoalescingHttpToolsProtocol
-from unimodel.gateway.generation import Generation
+from unimodel.gateway.kserve.codec import check_inputs
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.settings import GatewaySettings
 from unimodel.gateway.statistics import ModelStatistics
 from unimodel.gateway.stream_watch import StreamWatch
-from unimodel.gateway.traces import GrpcTracingInterceptor, TracingMiddleware
-from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
+from unimodel.gateway.traces import GrpcTracingInterceptor
+from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2
 
 
 STREAM_SILENCE_S = 1.0
@@ -79,26 +75,18 @@ class GatewayService(Service):
         self._probe_now = asyncio.Event()
         self.stats = GatewayMetrics(self.metrics.registry)
         self.model_stats = ModelStatistics()  # KServe v2 model statistics
-        self.api = build_app(self)  # FastAPI: every route, OpenAPI
-        register_kserve_routes(self.api, self)
-        register_openai_routes(self.api, self)
-        register_embedding_routes(self.api, self)
-        register_modelcache_routes(self.api, self)
-        register_chat_page(self.api)
         self.auth = ApiKeys(settings.api_keys)
-        # What uvicorn serves: API keys (when configured), the body limit, the hot routes, FastAPI for the rest.
-        app = BodyLimit(FastRoutes(self.api, self), settings.max_body_bytes)
-        app = AuthMiddleware(app, self.auth) if self.auth.enabled else app
-        self.app = TracingMiddleware(app)  # server spans (a flag check per request while tracing is off)
+        http = compose_http(self)
+        self.api = http.api  # every documented route, OpenAPI
+        self.app = http.app  # what uvicorn serves
         self.http_port = 0
         self._http: _EmbeddedServer | None = None
         self._http_task: asyncio.Task[None] | None = None
-        self.grpc.add(
-            services_pb2_grpc.add_InferenceServiceServicer_to_server,
-            InferenceApi(self),
-            services_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
-        )
-        add_kserve_grpc(self.grpc, self)
+        add_grpc_services(self.grpc, self)
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.metrics.registry
 
     def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         keys = ApiKeys(self.settings.api_keys)
@@ -360,40 +348,3 @@ class GatewayService(Service):
     async def on_close(self) -> None:
         await self.instances.stop()
         await self.registered.stop()
-
-
-def check_inputs(config: model_pb2.ModelConfig, item: inference_pb2.BatchItem) -> int:
-    """Every input of the model present once, with the right datatype and shape, all with the same rows;
-    returns the rows. Errors name the tensor and what was expected."""
-    given = {t.name: t for t in item.inputs}
-    if len(given) != len(item.inputs):
-        raise errors.InvalidArgument(f"model {config.name!r}: an input tensor is given twice", model=config.name)
-    for name in given:
-        if not any(spec.name == name for spec in config.inputs):
-            expected = ", ".join(s.name for s in config.inputs)
-            raise errors.InvalidArgument(
-                f"model {config.name!r} has no input {name!r}; its inputs: {expected}", model=config.name, field=name
-            )
-    rows = 0
-    for spec in config.inputs:
-        tensor = given.get(spec.name)
-        if tensor is None:
-            raise errors.InvalidArgument(
-                f"input {spec.name!r} of model {config.name!r} is missing ({spec.datatype} {list(spec.dims)})",
-                model=config.name, field=spec.name,
-            )
-        r = tensors.check_input(spec, tensor, config.max_batch_size, config.name)
-        if rows and r != rows:
-            raise errors.InvalidArgument(
-                f"input {spec.name!r} of model {config.name!r}: batch size {r} differs from the other inputs' {rows}",
-                model=config.name, field=spec.name,
-            )
-        rows = r
-    outputs = {s.name for s in config.outputs}
-    for name in item.outputs:
-        if name not in outputs:
-            raise errors.InvalidArgument(
-                f"model {config.name!r} has no output {name!r}; its outputs: {', '.join(sorted(outputs))}",
-                model=config.name, field=name,
-            )
-    return rows

@@ -1,23 +1,21 @@
-"""gRPC InferenceService of the gateway (protocol translation only)."""
+"""UniModel's gRPC InferenceService on the gateway (protocol translation only): Predict, Generate
+(server-streaming), GenerateUnary, ListModels."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import grpc
 
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.core.grpc_server import maps_errors, status_trailers
+from unimodel.gateway.ports import UnifiedPorts
 from unimodel.gateway.traces import reply_metadata
 from unimodel.v1 import generate_pb2, inference_pb2, services_pb2_grpc
 
-if TYPE_CHECKING:
-    from unimodel.gateway.service import GatewayService
 
 
 class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, gw: GatewayService) -> None:
+    def __init__(self, gw: UnifiedPorts) -> None:
         self.gw = gw
 
     def _context(self, context: grpc.aio.ServicerContext, timeout_s: float) -> RequestContext:

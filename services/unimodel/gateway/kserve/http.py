@@ -8,15 +8,16 @@ our error tree (400 bad input, 404 unknown model, 413, 429 / 503 with Retry-Afte
   statistics, and infer as a fallback so OpenAPI shows it).
 * `infer_asgi(gw, model, version, scope, receive, send)` serves POST /v2/models/{m}[/versions/{v}]/infer
   straight from ASGI, without FastAPI (the gateway's fast path calls it; `match_infer(path)` finds it).
-Both infer entries share `run_infer`; the translation itself is in kserve.py.
+Both infer entries share `run_infer`; the translation itself is in codec.py, the documents in documents.py.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import zlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -26,18 +27,19 @@ from starlette.types import Receive, Scope, Send
 
 from unimodel import __version__
 from unimodel.core import errors, subjects
-from unimodel.core.context import RequestContext
-from unimodel.gateway import json_body, kserve
+from unimodel.core.modelconfig import DATATYPES
+from unimodel.gateway import json_body
+from unimodel.gateway.http_context import http_context
+from unimodel.gateway.kserve import codec, documents
+from unimodel.gateway.ports import KServePorts
+from unimodel.gateway.kserve.errors import JSON, Headers, error_response, error_result, response
 from unimodel.gateway.auth import TENANT_HEADER
 
-if TYPE_CHECKING:
-    from unimodel.gateway.service import GatewayService
 
+log = logging.getLogger(__name__)
 API = "kserve_http"  # the `api` label of the gateway's request metrics
 INFER_PATH = re.compile(r"^/v2/models/(?P<model>.+?)(?:/versions/(?P<version>[^/]+))?/infer$")
 HEADER_LENGTH = "inference-header-content-length"
-Headers = list[tuple[bytes, bytes]]
-_JSON = b"application/json"
 _OCTETS = b"application/octet-stream"
 _WANTED = frozenset({HEADER_LENGTH, "content-encoding", "x-request-id", "traceparent", "tracestate", TENANT_HEADER})
 
@@ -50,31 +52,8 @@ def match_infer(path: str) -> tuple[str, str] | None:
     return match.group("model"), match.group("version") or ""
 
 
-# errors -------------------------------------------------------------------------------------------
-
-
-def error_result(err: errors.UnimodelError) -> tuple[int, bytes, Headers]:
-    """Triton's error shape {"error": "<message>"} with our status and Retry-After."""
-    headers: Headers = []
-    if err.retry_after_s:
-        headers.append((b"retry-after", str(max(1, round(err.retry_after_s))).encode()))
-    return err.http_status, orjson.dumps({"error": err.message}), headers
-
-
-def _response(status: int, body: bytes, headers: Headers | None = None, content_type: bytes = _JSON) -> Response:
-    out = Response(body, status, media_type=content_type.decode())
-    for k, v in headers or ():
-        out.headers.append(k.decode(), v.decode())
-    return out
-
-
 def _json(status: int, doc: Any) -> Response:
-    return _response(status, orjson.dumps(doc))
-
-
-def _error(err: errors.UnimodelError) -> Response:
-    status, body, headers = error_result(err)
-    return _response(status, body, headers)
+    return response(status, orjson.dumps(doc))
 
 
 def _check_name(model: str) -> None:
@@ -113,28 +92,25 @@ def _header_length(value: str) -> int | None:
 
 
 async def run_infer(
-    gw: GatewayService, model: str, version: str, raw: bytes, header: Callable[[str], str]
+    gw: KServePorts, model: str, version: str, raw: bytes, header: Callable[[str], str]
 ) -> tuple[int, bytes, Headers]:
     """POST /v2/models/{model}[/versions/{version}]/infer: (status, body, headers). Never raises.
     `header(name)` reads a request header by lower-case name ("" when absent)."""
     try:
         config = gw.configs().get(model)
-        kserve.check_version(config, model, version)
+        documents.check_version(config, model, version)
         body = _decode_body(raw, header("content-encoding"), gw.settings.max_body_bytes)
-        call = kserve.parse_rest_infer(body, _header_length(header(HEADER_LENGTH)))
+        call = codec.parse_rest_infer(body, _header_length(header(HEADER_LENGTH)))
         timeout_s = gw.settings.request_timeout_s
         if call.timeout_s is not None:
             timeout_s = min(timeout_s, call.timeout_s)
-        ctx = RequestContext.new(
-            timeout_s, request_id=header("x-request-id"), traceparent=header("traceparent"), tracestate=header("tracestate"),
-            tenant=header(TENANT_HEADER),
-        )
+        ctx = http_context(header, timeout_s)
         reply = await gw.infer(model, call.item, ctx, API)
-        payload, header_length = kserve.render_rest_infer(reply, call, model, kserve.model_version(config))
+        payload, header_length = codec.render_rest_infer(reply, call, model, documents.model_version(config))
     except errors.UnimodelError as err:
         return error_result(err)
     except Exception as exc:
-        gw.log.error("KServe infer failed: %s", exc, exc_info=exc)
+        log.error("KServe infer failed: %s", exc, exc_info=exc)
         return error_result(errors.Internal("internal error"))
     headers: Headers = [
         (b"x-request-id", ctx.request_id.encode()),
@@ -142,7 +118,7 @@ async def run_infer(
         (b"x-unimodel-path", ",".join(reply.path).encode()),
     ]
     if header_length is None:
-        headers.append((b"content-type", _JSON))
+        headers.append((b"content-type", JSON))
     else:
         headers.append((b"content-type", _OCTETS))
         headers.append((b"inference-header-content-length", str(header_length).encode()))
@@ -160,7 +136,7 @@ async def _read_body(receive: Receive) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def infer_asgi(gw: GatewayService, model: str, version: str, scope: Scope, receive: Receive, send: Send) -> None:
+async def infer_asgi(gw: KServePorts, model: str, version: str, scope: Scope, receive: Receive, send: Send) -> None:
     """The lean infer route: ASGI in, ASGI out, no FastAPI."""
     wanted: dict[str, str] = {}
     for key, value in scope["headers"]:
@@ -174,7 +150,7 @@ async def infer_asgi(gw: GatewayService, model: str, version: str, scope: Scope,
     else:
         status, payload, headers = await run_infer(gw, model, version, raw, lambda k: wanted.get(k, ""))
     if status != 200:  # error results carry no content type; answers set their own
-        headers.append((b"content-type", _JSON))
+        headers.append((b"content-type", JSON))
     headers.append((b"content-length", str(len(payload)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
@@ -248,7 +224,7 @@ _TENSOR_SCHEMA = {
     "required": ["name", "datatype", "shape"],
     "properties": {
         "name": {"type": "string"},
-        "datatype": {"type": "string", "enum": sorted(kserve.DATATYPES)},
+        "datatype": {"type": "string", "enum": sorted(DATATYPES)},
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "data": {"type": "array", "items": {}, "description": "values, flat or nested, row-major"},
         "parameters": {
@@ -295,44 +271,44 @@ _INFER_ERRORS: dict[int | str, dict[str, Any]] = {
 # routes ---------------------------------------------------------------------------------------------
 
 
-def _model_entries(gw: GatewayService, model: str, version: str) -> list[dict[str, Any]]:
+def _model_entries(gw: KServePorts, model: str, version: str) -> list[dict[str, Any]]:
     configs = gw.configs()
     if model:
         _check_name(model)
         config = configs.get(model)
         if config is None and not gw.model_ready(model):
             raise errors.NotFound(f"model {model!r} not found", model=model)
-        kserve.check_version(config, model, version)
+        documents.check_version(config, model, version)
         names = [model]
     else:
         names = sorted(set(configs) | {m for m in gw.model_stats.models() if gw.model_ready(m)})
     return [
-        kserve.statistics_entry(name, kserve.model_version(configs.get(name)), gw.model_stats.snapshot(name))
+        documents.statistics_entry(name, documents.model_version(configs.get(name)), gw.model_stats.snapshot(name))
         for name in names
     ]
 
 
-def _metadata(gw: GatewayService, model: str, version: str) -> dict[str, Any]:
+def _metadata(gw: KServePorts, model: str, version: str) -> dict[str, Any]:
     _check_name(model)
     config = gw.configs().get(model)
     if config is None and not gw.model_ready(model):
         raise errors.NotFound(f"model {model!r} not found", model=model)
-    kserve.check_version(config, model, version)
-    return kserve.model_metadata(model, config)
+    documents.check_version(config, model, version)
+    return documents.model_metadata(model, config)
 
 
-def _config(gw: GatewayService, model: str, version: str) -> dict[str, Any]:
+def _config(gw: KServePorts, model: str, version: str) -> dict[str, Any]:
     _check_name(model)
     config = gw.configs().get(model)
     if config is None:
         if gw.model_ready(model):
             raise errors.NotFound(f"model {model!r} is built into its worker and has no configuration", model=model)
         raise errors.NotFound(f"model {model!r} not found", model=model)
-    kserve.check_version(config, model, version)
-    return kserve.model_config(config)
+    documents.check_version(config, model, version)
+    return documents.model_config(config)
 
 
-def _model_ready(gw: GatewayService, model: str, version: str) -> tuple[int, dict[str, Any]]:
+def _model_ready(gw: KServePorts, model: str, version: str) -> tuple[int, dict[str, Any]]:
     """200 when an instance serves the model; 400 while it is registered but not served (the KServe
     spec's 4xx for "not ready", as Triton answers); 404 for an unknown model or version."""
     _check_name(model)
@@ -340,11 +316,11 @@ def _model_ready(gw: GatewayService, model: str, version: str) -> tuple[int, dic
     ready = gw.model_ready(model)
     if config is None and not ready:
         raise errors.NotFound(f"model {model!r} not found", model=model)
-    kserve.check_version(config, model, version)
+    documents.check_version(config, model, version)
     return (200 if ready else 400), {"name": model, "ready": ready}
 
 
-def register_kserve_routes(app: FastAPI, gw: GatewayService) -> None:
+def register_kserve_routes(app: FastAPI, gw: KServePorts) -> None:
     """Add the KServe v2 routes to the gateway's FastAPI app (documented in its OpenAPI)."""
     tags = ["kserve v2"]
 
@@ -352,11 +328,11 @@ def register_kserve_routes(app: FastAPI, gw: GatewayService) -> None:
         try:
             return fn()
         except errors.UnimodelError as err:
-            return _error(err)
+            return error_response(err)
 
     @app.get("/v2", tags=tags, summary="Server metadata: name, version, protocol extensions", response_model=ServerMetadata)
     async def kserve_server_metadata() -> Response:
-        return _json(200, kserve.server_metadata(__version__))
+        return _json(200, documents.server_metadata(__version__))
 
     @app.get("/v2/health/live", tags=tags, summary="200 while the gateway process is up", response_model=Live)
     async def kserve_live() -> Response:
@@ -381,7 +357,7 @@ def register_kserve_routes(app: FastAPI, gw: GatewayService) -> None:
         responses=_ERRORS,
     )
     async def kserve_all_stats() -> Response:
-        return guarded(lambda: _json(200, kserve.statistics_document(_model_entries(gw, "", ""))))
+        return guarded(lambda: _json(200, documents.statistics_document(_model_entries(gw, "", ""))))
 
     def per_model(
         suffix: str, name: str, summary: str, build: Callable[[str, str], Response], **kw: Any
@@ -402,7 +378,7 @@ def register_kserve_routes(app: FastAPI, gw: GatewayService) -> None:
 
     per_model(
         "/stats", "kserve_model_stats", "Statistics of one model (Triton's format)",
-        lambda m, v: _json(200, kserve.statistics_document(_model_entries(gw, m, v))),
+        lambda m, v: _json(200, documents.statistics_document(_model_entries(gw, m, v))),
         response_model=ModelStatistics, responses=_ERRORS,
     )
     per_model(
@@ -436,10 +412,10 @@ def register_kserve_routes(app: FastAPI, gw: GatewayService) -> None:
         try:
             raw = await request.body()
         except errors.UnimodelError as err:
-            return _error(err)
+            return error_response(err)
         status, payload, headers = await run_infer(gw, model, version, raw, lambda k: request.headers.get(k, ""))
-        content_type = next((v for k, v in headers if k == b"content-type"), _JSON)
-        return _response(status, payload, [(k, v) for k, v in headers if k != b"content-type"], content_type)
+        content_type = next((v for k, v in headers if k == b"content-type"), JSON)
+        return response(status, payload, [(k, v) for k, v in headers if k != b"content-type"], content_type)
 
     async def infer_versioned(request: Request, model: str, version: str) -> Response:
         return await infer_route(request, model, version)

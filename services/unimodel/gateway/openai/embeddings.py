@@ -15,24 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from unimodel.core import errors
 from unimodel.core.modelconfig import TEXT_EMBEDDING
 from unimodel.core.context import RequestContext
 from unimodel.core.value_arrays import embeddings_of, texts_value
-from unimodel.gateway import json_body
-from unimodel.gateway.api_openai import openai_error
-from unimodel.gateway.auth import TENANT_HEADER
+from unimodel.gateway.ports import OpenAiPorts
 
-if TYPE_CHECKING:
-    from unimodel.gateway.service import GatewayService
 
 MAX_INPUTS = 2048  # OpenAI's limit of texts per request
 
@@ -62,7 +56,7 @@ def _texts(body: EmbeddingBody) -> list[str]:
     return texts  # type: ignore[return-value]
 
 
-def _check_model(gw: GatewayService, name: str) -> int:
+def _check_model(gw: OpenAiPorts, name: str) -> int:
     """The model's max batch size; refuses a model that is not a text-embedding model."""
     gw.require_ready(name)
     config = gw.configs().get(name)
@@ -75,7 +69,7 @@ def _check_model(gw: GatewayService, name: str) -> int:
     return config.max_batch_size if config is not None and config.max_batch_size > 0 else 32
 
 
-async def embed(gw: GatewayService, body: EmbeddingBody, ctx: RequestContext) -> tuple[np.ndarray, int]:
+async def embed(gw: OpenAiPorts, body: EmbeddingBody, ctx: RequestContext) -> tuple[np.ndarray, int]:
     """float32 [n, dim] and the prompt tokens."""
     texts = _texts(body)
     per_request = _check_model(gw, body.model)
@@ -108,30 +102,3 @@ def response_body(model: str, vectors: np.ndarray, tokens: int, encoding: str) -
         items = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
     doc = {"object": "list", "data": items, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def register_embedding_routes(app: FastAPI, gw: GatewayService) -> None:
-    @app.post(
-        "/v1/embeddings", tags=["openai"], summary="Text embeddings (OpenAI-compatible)",
-        openapi_extra=json_body.openapi_body(EmbeddingBody),
-        responses={
-            200: {"description": "the embeddings, in input order"},
-            400: {"description": "invalid input, or not a text-embedding model (OpenAI error shape)"},
-            404: {"description": "unknown model"},
-            503: {"description": "the model is loading or no worker serves it (Retry-After)"},
-        },
-    )
-    async def embeddings(request: Request) -> Response:
-        header = request.headers.get
-        try:
-            body = json_body.parse_model(await request.body(), EmbeddingBody)
-            ctx = RequestContext.new(
-                gw.settings.request_timeout_s, request_id=header("x-request-id", ""),
-                traceparent=header("traceparent", ""), tracestate=header("tracestate", ""),
-                tenant=header(TENANT_HEADER, ""),
-            )
-            vectors, tokens = await embed(gw, body, ctx)
-        except errors.UnimodelError as err:
-            return openai_error(err)
-        payload = response_body(body.model, vectors, tokens, body.encoding_format)
-        return Response(payload, 200, headers={"x-request-id": ctx.request_id}, media_type="application/json")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -21,11 +21,10 @@ from unimodel import __version__
 from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext, now_ms
 from unimodel.core.grpc_server import GrpcServer, maps_errors
-from unimodel.gateway import kserve
+from unimodel.gateway.kserve import codec, documents
+from unimodel.gateway.ports import KServePorts
 from unimodel.gateway.traces import reply_metadata
 
-if TYPE_CHECKING:
-    from unimodel.gateway.service import GatewayService
 
 API = "kserve_grpc"  # the `api` label of the gateway's request metrics
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -37,7 +36,7 @@ def _check_name(model: str) -> None:
 
 
 class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, gw: GatewayService) -> None:
+    def __init__(self, gw: KServePorts) -> None:
         self.gw = gw
 
     # health and metadata -------------------------------------------------------------------------
@@ -62,7 +61,7 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         if not name or not subjects.is_valid_model_name(name) or not self.gw.model_ready(name):
             return service_pb2.ModelReadyResponse(ready=False)
         try:
-            kserve.check_version(self.gw.configs().get(name), name, request.version)
+            documents.check_version(self.gw.configs().get(name), name, request.version)
         except errors.NotFound:
             return service_pb2.ModelReadyResponse(ready=False)
         return service_pb2.ModelReadyResponse(ready=True)
@@ -71,7 +70,7 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(  # noqa: N802
         self, request: service_pb2.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ServerMetadataResponse:
-        doc = kserve.server_metadata(__version__)
+        doc = documents.server_metadata(__version__)
         return service_pb2.ServerMetadataResponse(name=doc["name"], version=doc["version"], extensions=doc["extensions"])
 
     @maps_errors
@@ -82,8 +81,8 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         config = self.gw.configs().get(request.name)
         if config is None and not self.gw.model_ready(request.name):
             raise errors.NotFound(f"model {request.name!r} not found", model=request.name)
-        kserve.check_version(config, request.name, request.version)
-        return kserve.model_metadata_proto(request.name, config)
+        documents.check_version(config, request.name, request.version)
+        return documents.model_metadata_proto(request.name, config)
 
     @maps_errors
     async def ModelConfig(  # noqa: N802
@@ -93,8 +92,8 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         config = self.gw.configs().get(request.name)
         if config is None:
             raise errors.NotFound(f"model {request.name!r} not found", model=request.name)
-        kserve.check_version(config, request.name, request.version)
-        return service_pb2.ModelConfigResponse(config=kserve.model_config_proto(config))
+        documents.check_version(config, request.name, request.version)
+        return service_pb2.ModelConfigResponse(config=documents.model_config_proto(config))
 
     @maps_errors
     async def ModelStatistics(  # noqa: N802
@@ -107,14 +106,14 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
             config = configs.get(request.name)
             if config is None and not gw.model_ready(request.name):
                 raise errors.NotFound(f"model {request.name!r} not found", model=request.name)
-            kserve.check_version(config, request.name, request.version)
+            documents.check_version(config, request.name, request.version)
             names = [request.name]
         else:
             names = sorted(set(configs) | {m for m in gw.model_stats.models() if gw.model_ready(m)})
         entries = [
-            kserve.statistics_entry(n, kserve.model_version(configs.get(n)), gw.model_stats.snapshot(n)) for n in names
+            documents.statistics_entry(n, documents.model_version(configs.get(n)), gw.model_stats.snapshot(n)) for n in names
         ]
-        return kserve.statistics_proto(entries)
+        return documents.statistics_proto(entries)
 
     # inference -------------------------------------------------------------------------------------
     @maps_errors
@@ -124,8 +123,8 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         gw = self.gw
         model = request.model_name
         config = gw.configs().get(model)
-        kserve.check_version(config, model, request.model_version)
-        call = kserve.parse_grpc_infer(request)
+        documents.check_version(config, model, request.model_version)
+        call = codec.parse_grpc_infer(request)
         metadata = context.invocation_metadata()
         ctx = RequestContext.from_grpc(
             metadata, context.time_remaining(), gw.settings.request_timeout_s, tenant=gw.auth.tenant_from_metadata(metadata)
@@ -137,7 +136,7 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         reply = await gw.infer(model, call.item, ctx, API)
         # Trailing metadata travels with the status: no extra send operation per call.
         context.set_trailing_metadata(reply_metadata(ctx))
-        return kserve.render_grpc_infer(reply, call, model, kserve.model_version(config))
+        return codec.render_grpc_infer(reply, call, model, documents.model_version(config))
 
     # not offered -----------------------------------------------------------------------------------
     async def _unimplemented(self, what: str, context: grpc.aio.ServicerContext) -> Any:
@@ -182,7 +181,7 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         await self._unimplemented("log settings", context)
 
 
-def add_kserve_grpc(server: GrpcServer, gw: GatewayService) -> KServeGrpcApi:
+def add_kserve_grpc(server: GrpcServer, gw: KServePorts) -> KServeGrpcApi:
     """Serve inference.GRPCInferenceService on the gateway's gRPC server (health and reflection list it)."""
     api = KServeGrpcApi(gw)
     server.add(service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, api, SERVICE_NAME)

@@ -1,0 +1,1 @@
+"""Model administration: registration, status, unregistration, the cache's hit log."""

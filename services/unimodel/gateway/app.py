@@ -1,0 +1,62 @@
+"""The gateway's composition: the one place that knows every part.
+
+HTTP, outermost first: tracing (server spans), API keys (when configured), the body limit, the fast path
+(:predict, KServe infer, POST /modelcache straight from ASGI), then the FastAPI app with the routes of
+every API family — UniModel's own (unified/), model administration (admin/), KServe v2 (kserve/), OpenAI
+(openai/), ModelCache (modelcache/) — health, metrics and the /chat page. gRPC: UniModel's
+InferenceService and KServe's GRPCInferenceService. Each family sees only its ports (ports.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp
+
+from unimodel.core.grpc_server import GrpcServer
+from unimodel.gateway.admin.routes import register_admin_routes
+from unimodel.gateway.auth import AuthMiddleware
+from unimodel.gateway.body_limit import BodyLimit
+from unimodel.gateway.chat_page import register_chat_page
+from unimodel.gateway.fast_path import FastRoutes
+from unimodel.gateway.http_app import build_app
+from unimodel.gateway.kserve.grpc import add_kserve_grpc
+from unimodel.gateway.kserve.http import register_kserve_routes
+from unimodel.gateway.modelcache.routes import register_modelcache_routes
+from unimodel.gateway.openai.routes import register_openai_routes
+from unimodel.gateway.ports import GatewayPorts
+from unimodel.gateway.traces import TracingMiddleware
+from unimodel.gateway.unified.grpc import InferenceApi
+from unimodel.gateway.unified.http import register_unified_routes
+from unimodel.v1 import services_pb2, services_pb2_grpc
+
+
+@dataclass(frozen=True)
+class HttpSurface:
+    api: FastAPI
+    """Every documented route (and the OpenAPI document)."""
+    app: ASGIApp
+    """What uvicorn serves: api behind the fast path, the body limit, API keys and tracing."""
+
+
+def compose_http(gw: GatewayPorts) -> HttpSurface:
+    api = build_app(gw)
+    register_unified_routes(api, gw)
+    register_admin_routes(api, gw)
+    register_kserve_routes(api, gw)
+    register_openai_routes(api, gw)
+    register_modelcache_routes(api, gw)
+    register_chat_page(api)
+    app: ASGIApp = BodyLimit(FastRoutes(api, gw), gw.settings.max_body_bytes)
+    app = AuthMiddleware(app, gw.auth) if gw.auth.enabled else app
+    return HttpSurface(api, TracingMiddleware(app))  # a flag check per request while tracing is off
+
+
+def add_grpc_services(server: GrpcServer, gw: GatewayPorts) -> None:
+    server.add(
+        services_pb2_grpc.add_InferenceServiceServicer_to_server,
+        InferenceApi(gw),
+        services_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    )
+    add_kserve_grpc(server, gw)

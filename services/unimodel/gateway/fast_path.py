@@ -1,0 +1,91 @@
+"""The hot routes served straight from ASGI, in front of the FastAPI app."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from unimodel.core import errors
+from unimodel.gateway.auth import TENANT_HEADER
+from unimodel.gateway.kserve.http import infer_asgi, match_infer
+from unimodel.gateway.modelcache.serving import handle as modelcache
+from unimodel.gateway.ports import KServePorts, ModelCachePorts, UnifiedPorts
+from unimodel.gateway.unified.errors import Headers, error_result
+from unimodel.gateway.unified.http import run_predict
+
+
+class FastPorts(UnifiedPorts, KServePorts, ModelCachePorts):
+    """What the fast path serves: :predict, KServe infer, ModelCache."""
+
+
+class FastRoutes:
+    """Serves the hot routes (predict, KServe infer, POST /modelcache) straight from ASGI, in front of the
+    FastAPI app.
+
+    FastAPI's middleware stack cost about a quarter of the gateway's CPU per echo request (py-spy,
+    docs/benchmarks.md); this layer calls the same handler (run_predict) and gives the same error bodies.
+    Every other route, and the OpenAPI document, come from the FastAPI app behind it; BodyLimit wraps both.
+    """
+
+    PREDICT = re.compile(r"^/v1/models/([^/]+):predict$")
+
+    def __init__(self, app: ASGIApp, gw: FastPorts) -> None:
+        self.app, self.gw = app, gw
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        post = scope["type"] == "http" and scope["method"] == "POST"
+        match = self.PREDICT.match(scope["path"]) if post else None
+        if match is not None:
+            name = match.group(1)
+            await self._json_route(
+                scope, receive, send, lambda raw, headers: run_predict(self.gw, name, raw, lambda k: headers.get(k, ""))
+            )
+            return
+        if post and scope["path"] == "/modelcache":  # cache lookups are the millisecond path too
+            await self._json_route(scope, receive, send, self._modelcache)
+            return
+        infer = match_infer(scope["path"]) if post else None
+        if infer is not None:
+            await infer_asgi(self.gw, infer[0], infer[1], scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _modelcache(self, raw: bytes, headers: dict[str, str]) -> tuple[int, bytes, Headers]:
+        status, result = await modelcache(self.gw, raw, headers.get(TENANT_HEADER, ""), headers.get("x-request-id", ""))
+        return status, orjson.dumps(result), []
+
+    async def _json_route(
+        self, scope: Scope, receive: Receive, send: Send,
+        handler: Callable[[bytes, dict[str, str]], Awaitable[tuple[int, bytes, Headers]]],
+    ) -> None:
+        """Read the body, `handler(body, headers)` -> (status, JSON payload, extra headers), send the answer."""
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            raw = await self._body(receive)
+        except errors.UnimodelError as err:  # PayloadTooLarge from BodyLimit, or the client left
+            status, payload, extra = error_result(err)
+        else:
+            status, payload, extra = await handler(raw, headers)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *extra],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    @staticmethod
+    async def _body(receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise errors.Cancelled("client disconnected")
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+

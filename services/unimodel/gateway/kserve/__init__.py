@@ -1,0 +1,1 @@
+"""KServe v2 / Open Inference Protocol (Triton's flavour): codec, documents, REST and gRPC surfaces."""

@@ -1,0 +1,1 @@
+"""ModelCache-compatible cache API over the cache service."""

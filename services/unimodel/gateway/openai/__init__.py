@@ -1,0 +1,1 @@
+"""OpenAI-compatible API: chat, completions (with the semantic cache in front), embeddings."""

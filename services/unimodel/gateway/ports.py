@@ -1,0 +1,112 @@
+"""What the API families need from the gateway core, as small Protocols (ports).
+
+The API families (``openai/``, ``kserve/``, ``modelcache/``, ``admin/``, ``unified/``) translate a
+protocol into calls on the gateway core; each depends only on the ports it uses, never on
+:class:`~unimodel.gateway.service.GatewayService` itself. ``app.py`` hands them the service, which
+satisfies every port. Plain typing: nothing here runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from google.protobuf import struct_pb2
+    from prometheus_client import CollectorRegistry
+
+    from unimodel.core.context import RequestContext
+    from unimodel.gateway.auth import ApiKeys
+    from unimodel.gateway.cache_client import CacheClient
+    from unimodel.gateway.catalog import ModelEntry
+    from unimodel.gateway.generation_stream import Generation
+    from unimodel.gateway.metrics import GatewayMetrics
+    from unimodel.gateway.settings import GatewaySettings
+    from unimodel.gateway.statistics import ModelStatistics
+    from unimodel.v1 import generate_pb2, inference_pb2, model_pb2
+
+
+class Identity(Protocol):
+    """The gateway instance (the first hop of every request's path), its settings and API keys."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def settings(self) -> GatewaySettings: ...
+    @property
+    def auth(self) -> ApiKeys: ...
+
+
+class ModelView(Protocol):
+    """The cluster's models as this gateway sees them (etcd, recomputed on every change)."""
+
+    def models(self) -> dict[str, ModelEntry]: ...
+    def configs(self) -> dict[str, model_pb2.ModelConfig]: ...
+    def model_ready(self, name: str) -> bool: ...
+    def require_ready(self, name: str) -> ModelEntry | None: ...
+    def first_seen(self, name: str) -> int: ...
+    def readiness(self) -> dict[str, bool]: ...
+
+
+class Predictor(Protocol):
+    async def predict(
+        self, model: str, value: struct_pb2.Value, parameters: dict[str, str], ctx: RequestContext, api: str = "http"
+    ) -> inference_pb2.PredictResponse: ...
+
+
+class TensorInference(Protocol):
+    @property
+    def model_stats(self) -> ModelStatistics: ...
+
+    async def infer(
+        self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str = "http"
+    ) -> inference_pb2.InferResponse: ...
+
+
+class Generator(Protocol):
+    async def generate(
+        self, request: generate_pb2.GenerateRequest, ctx: RequestContext, api: str = "http", tenant: str = ""
+    ) -> Generation: ...
+
+
+class Caching(Protocol):
+    """The cache service's client and the gateway's cache metrics."""
+
+    @property
+    def cache(self) -> CacheClient: ...
+    @property
+    def stats(self) -> GatewayMetrics: ...
+
+
+class Registrar(Protocol):
+    async def register_model(self, body: object) -> model_pb2.ModelConfig: ...
+    async def unregister_model(self, name: str) -> None: ...
+
+
+class Metrics(Protocol):
+    @property
+    def metrics_registry(self) -> CollectorRegistry: ...
+
+
+# what each API family is handed ----------------------------------------------------------------------
+class UnifiedPorts(Identity, ModelView, Predictor, Generator, Protocol):
+    """UniModel's own API: :predict (HTTP, gRPC), Generate (gRPC), the model list."""
+
+
+class OpenAiPorts(Identity, ModelView, Predictor, Generator, Caching, Protocol):
+    """Chat, completions (the semantic cache in front) and embeddings (predict on an embedding model)."""
+
+
+class KServePorts(Identity, ModelView, TensorInference, Protocol):
+    """KServe v2 / Triton: infer, metadata, configuration, statistics."""
+
+
+class ModelCachePorts(Identity, ModelView, Caching, Protocol):
+    """ModelCache's API on the cache service."""
+
+
+class AdminPorts(Identity, ModelView, Registrar, Caching, Protocol):
+    """Model registration and status, the cache's hit log."""
+
+
+class GatewayPorts(UnifiedPorts, OpenAiPorts, KServePorts, ModelCachePorts, AdminPorts, Metrics, Protocol):
+    """Everything: what app.py composes the gateway's HTTP and gRPC surface from."""
