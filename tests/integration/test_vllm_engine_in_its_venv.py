@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from unimodel.models.llm import NAME_VLLM
+from unimodel.models.smollm2 import NAME_VLLM
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(sys.prefix).parent / ".venv-vllm" / "bin" / "python"

