@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from unimodel import __version__
 from unimodel.core import errors
 from unimodel.gateway.ports import Metrics, ModelView
-from unimodel.gateway.unified.errors import JsonResponse, error_response
+from unimodel.gateway.unified.errors import JsonResponse, error_response, routing_error_response
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,8 @@ def build_app(gw: HttpAppPorts) -> FastAPI:
         return error_response(errors.InvalidArgument(f"{where}: {first.get('msg', 'invalid value')}", field=where))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JsonResponse:
-        code = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT"}.get(exc.status_code, "INVALID_ARGUMENT")
-        return JsonResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        return routing_error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> Response:

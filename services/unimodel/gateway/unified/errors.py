@@ -35,3 +35,9 @@ def error_response(err: errors.UnimodelError) -> Response:
     status, body, headers = error_result(err)
     return Response(body, status, headers={k.decode(): v.decode() for k, v in headers}, media_type="application/json")
 
+
+
+def routing_error_response(status: int, detail: str) -> Response:
+    """Starlette's own 404 (no route) and 405 (method not allowed), in the same shape."""
+    code = "NOT_FOUND" if status == 404 else "INVALID_ARGUMENT"
+    return JsonResponse({"error": {"code": code, "message": detail}}, status_code=status)
