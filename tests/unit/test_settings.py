@@ -111,3 +111,45 @@ def test_one_config_file_serves_every_service_in_a_process_that_runs_only_one(tm
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "7"
+
+
+def test_help_lists_every_flag_with_its_env_var_and_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        load_settings(GatewaySettings, ["--help"], prog="unimodel gateway")
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert out.startswith("usage: unimodel gateway")
+    assert "--config FILE YAML settings file [env: UNIMODEL_CONFIG]" in out
+    for name in GatewaySettings.model_fields:
+        assert f"--{name.replace('_', '-')} " in out and f"[env: UNIMODEL_{name.upper()}]" in out
+    assert "(default: 8000) [env: UNIMODEL_HTTP_PORT]" in out
+    assert "(default: )" not in out and "\0" not in out  # empty and None defaults are left out
+
+
+def test_bad_flag_exits_2_with_argparse_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        load_settings(GatewaySettings, ["--no-such-flag", "1"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("unrecognized arguments: --no-such-flag 1")
+
+
+def test_flag_values_are_read_as_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flag takes what its variable takes (a JSON object for a map); "null" is a string like any other."""
+    s = load_settings(GatewaySettings, ["--api-keys", '{"sk-a": "team-a"}', "--load-models", "null"])
+    assert s.api_keys == {"sk-a": "team-a"} and s.load_models == "null"
+    monkeypatch.setenv("UNIMODEL_API_KEYS", "not json")
+    with pytest.raises(SettingsError, match=r'^invalid setting: error parsing value for field "api_keys"'):
+        load_settings(GatewaySettings, [])
+
+
+def test_a_yaml_file_is_read_by_its_own_call_only(tmp_path: Path) -> None:
+    cfg = tmp_path / "um.yaml"
+    cfg.write_text("lease_ttl_s: 20\ngateway:\n  http_port: 9000\n")
+    assert load_settings(GatewaySettings, ["--config", str(cfg)]).http_port == 9000
+    assert load_settings(GatewaySettings, []).http_port == 8000
+    assert GatewaySettings().lease_ttl_s == 10  # built directly: keyword arguments and env only
+
+
+def test_config_that_is_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="is not a file"):
+        load_settings(GatewaySettings, ["--config", str(tmp_path)])

@@ -15,12 +15,22 @@ import socket
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+from pydantic_settings import SettingsError as LibrarySettingsError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 ENV_PREFIX = "UNIMODEL_"
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -136,20 +146,9 @@ class CommonSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # CLI flags arrive as init kwargs; YAML values as the _yaml kwarg handled by _YamlSource.
-        return (init_settings, env_settings, _YamlSource(settings_cls))
-
-
-class _YamlSource(PydanticBaseSettingsSource):
-    """Lowest-priority source: values from the YAML file, set by :func:`load_settings`."""
-
-    data: ClassVar[dict[str, Any]] = {}
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self.data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.data.items() if k in self.settings_cls.model_fields}
+        # Built directly (tests, `unimodel status`): keyword arguments over UNIMODEL_* env. A service's
+        # settings come from load_settings, which lists its own sources (CLI flags, env, YAML file).
+        return (init_settings, env_settings)
 
 
 _SERVICE_CLASSES: dict[str, type[CommonSettings]] = {}
@@ -185,61 +184,100 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def build_parser(cls: type[CommonSettings], prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=f"Run the UniModel {cls.service} service.")
-    parser.add_argument("--config", metavar="FILE", help=f"YAML settings file (env {ENV_PREFIX}CONFIG)")
-    for name, field in cls.model_fields.items():
-        default = "" if field.default in ("", None) else f" (default: {field.default})"
-        parser.add_argument(
-            flag_name(name),
-            dest=name,
-            metavar=name.upper(),
-            default=None,
-            help=f"{field.description or name}{default}; env {env_name(name)}",
-        )
-    return parser
+class ServiceYamlSource(YamlConfigSettingsSource):
+    """The YAML file's values for one service: its shared top-level keys, overlaid by the service's section.
 
+    One file serves every service, so another service's section, and top-level keys that only other
+    services have, are valid and skipped; any other key is an error naming it."""
 
-def _read_yaml(path: str, service: str, cls: type[CommonSettings]) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise SettingsError(f"config file {path!r} does not exist") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise SettingsError(f"config file {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise SettingsError(f"config file {path!r} must hold a mapping")
-    services = all_service_settings()  # one file serves every service: the others' sections and keys are valid here
-    known_fields = set().union(*(c.model_fields for c in services.values())) | set(cls.model_fields)
-    data: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in services or key == service:
-            continue
-        if key not in known_fields:
-            raise SettingsError(f"config file {path!r}: unknown setting {key!r}")
-        if key in cls.model_fields:
+    def __init__(self, settings_cls: type[CommonSettings], yaml_file: str) -> None:
+        self._service_cls = settings_cls  # read by _read_file, which the base class calls on init
+        self._shown = yaml_file  # the path as given, for messages
+        path = Path(yaml_file).expanduser()
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
+            raise SettingsError(f"config file {yaml_file!r} {what}")
+        super().__init__(settings_cls, yaml_file=path)
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        try:
+            raw = super()._read_file(file_path)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise SettingsError(f"config file {self._shown!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise SettingsError(f"config file {self._shown!r} must hold a mapping")
+        return self._service_values(raw)
+
+    def _service_values(self, raw: dict[str, Any]) -> dict[str, Any]:
+        service, fields = self._service_cls.service, self._service_cls.model_fields
+        services = all_service_settings()
+        known_fields = set().union(*(c.model_fields for c in services.values())) | set(fields)
+        data: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in services or key == service:
+                continue
+            if key not in known_fields:
+                raise SettingsError(f"config file {self._shown!r}: unknown setting {key!r}")
+            if key in fields:
+                data[key] = value
+        section = raw.get(service) or {}
+        if not isinstance(section, dict):
+            raise SettingsError(f"config file {self._shown!r}: section {service!r} must be a mapping")
+        for key, value in section.items():
+            if key not in fields:
+                raise SettingsError(f"config file {self._shown!r}: unknown setting {service}.{key}")
             data[key] = value
-    section = raw.get(service) or {}
-    if not isinstance(section, dict):
-        raise SettingsError(f"config file {path!r}: section {service!r} must be a mapping")
-    for key, value in section.items():
-        if key not in cls.model_fields:
-            raise SettingsError(f"config file {path!r}: unknown setting {service}.{key}")
-        data[key] = value
-    return data
+        return data
+
+
+_NONE_ARG = "\0"
+"""The flag value that would mean None (pydantic-settings' default is "null"): argv cannot hold NUL, so no
+flag value does, and "null" is a string like any other."""
+
+
+def _add_argument(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> argparse.Action:
+    """``add_argument`` without the help's "(default: ...)" of an empty or None default: the description
+    says what unset means (e.g. "default: host")."""
+    if isinstance(kwargs.get("help"), str):
+        kwargs["help"] = kwargs["help"].replace(" (default: )", "").replace(f" (default: {_NONE_ARG})", "")
+    return parser.add_argument(*names, **kwargs)
+
+
+def _cli_source(cls: type[CommonSettings], prog: str) -> CliSettingsSource[argparse.ArgumentParser]:
+    """Every field of ``cls`` as a flag ``--foo-bar`` (help: description, default, env var), on a parser
+    that also takes ``--config``."""
+    parser = argparse.ArgumentParser(prog=prog, description=f"Run the UniModel {cls.service} service.")
+    parser.add_argument("--config", metavar="FILE", help=f"YAML settings file [env: {ENV_PREFIX}CONFIG]")
+    return CliSettingsSource(
+        cls,
+        root_parser=parser,
+        add_argument_method=_add_argument,
+        cli_kebab_case=True,
+        cli_show_env_vars=True,
+        cli_parse_none_str=_NONE_ARG,
+        cli_hide_none_type=True,
+    )
 
 
 def load_settings(
     cls: type[CommonSettings], argv: Sequence[str] | None = None, *, prog: str | None = None
 ) -> CommonSettings:
-    """Parse CLI flags, env and the YAML file into ``cls``; raise SettingsError on any bad value."""
-    parser = build_parser(cls, prog or f"unimodel {cls.service}")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    cli = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    """Parse CLI flags, env and the YAML file into ``cls``; raise SettingsError on any bad value.
+
+    The sources, highest first: CLI flags, ``UNIMODEL_*`` env, the YAML file (``--config`` /
+    ``UNIMODEL_CONFIG``); then the defaults. A bad flag (unknown, or missing its value) exits 2 with
+    argparse's usage and message.
+    """
+    cli = _cli_source(cls, prog or f"unimodel {cls.service}")
+    args = cli.root_parser.parse_args(list(argv) if argv is not None else None)
     config_path = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
-    _YamlSource.data = _read_yaml(config_path, cls.service, cls) if config_path else {}
     try:
-        return cls(**cli)
+        sources: tuple[PydanticBaseSettingsSource, ...] = (cli(parsed_args=args), EnvSettingsSource(cls))
+        if config_path:
+            sources += (ServiceYamlSource(cls, config_path),)
+        # The file to read is known only once the flags are parsed, so this call lists its sources
+        # itself (BaseSettings' `_build_sources`) instead of the class holding them between calls.
+        return cls(_build_sources=(sources, {}))
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
@@ -248,5 +286,7 @@ def load_settings(
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         msg = err["msg"].removeprefix("Value error, ")
         raise SettingsError(f"invalid setting {field} ({where}): {msg}{shown}") from None
-    finally:
-        _YamlSource.data = {}
+    except LibrarySettingsError as exc:  # a value pydantic-settings could not decode, e.g. bad JSON for a dict
+        message, cause = str(exc), str(exc.__cause__ or "")
+        message += f": {cause}" if cause and cause not in message else ""
+        raise SettingsError(f"invalid setting: {message.splitlines()[0]}") from None
