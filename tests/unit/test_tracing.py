@@ -144,7 +144,7 @@ def test_the_exporter_sends_in_batches_drops_when_full_and_flushes_on_shutdown(
     sent: list[list[str]] = []
     gate = threading.Event()
 
-    def send(batch: list[bytes]) -> None:
+    def send(batch: list[bytes], timeout_s: float) -> None:
         gate.wait(5)
         sent.append([b.decode() for b in batch])
 
@@ -153,7 +153,7 @@ def test_the_exporter_sends_in_batches_drops_when_full_and_flushes_on_shutdown(
     for s in made:
         s.end()  # type: ignore[union-attr]
         exporter.add(s)  # type: ignore[arg-type]
-    assert exporter.dropped == 2  # the queue holds 5; the sender is still blocked
+    assert exporter.dropped == exporter.queue_full == 2  # the queue holds 5; the sender is still blocked
     gate.set()
     exporter.shutdown()
     assert [n for batch in sent for n in batch] == [f"s{i}" for i in range(5)]
@@ -161,15 +161,17 @@ def test_the_exporter_sends_in_batches_drops_when_full_and_flushes_on_shutdown(
 
 
 def test_a_failing_export_drops_its_batch_and_never_raises(caplog: pytest.LogCaptureFixture, spans: list[tracing.Span]) -> None:
-    def send(batch: list[bytes]) -> None:
-        raise ConnectionError("collector down")
+    def send(batch: list[bytes], timeout_s: float) -> None:
+        raise ConnectionError("collector down")  # not an ExportError: not retried
 
     exporter = otlp.SpanExporter({}, otlp.encoded_span, send)
     span = tracing.start("x", root=True)
     span.end()  # type: ignore[union-attr]
     exporter.add(span)  # type: ignore[arg-type]
+    assert exporter.force_flush(5)
     exporter.shutdown()
-    assert exporter.dropped == 1 and "collector down" in caplog.text
+    exporter.shutdown()  # idempotent
+    assert (exporter.dropped, exporter.failed, exporter.retries) == (1, 1, 0) and "collector down" in caplog.text
 
 
 def test_the_console_exporter_writes_json_lines(spans: list[tracing.Span]) -> None:
@@ -240,3 +242,36 @@ def test_the_http_middleware_passes_unsampled_requests_through() -> None:
     seen, sent, ended = _call("/v1/chat/completions", [(b"traceparent", unsampled.encode())])
     assert ended == [] and seen["headers"][b"traceparent"] == unsampled.encode()  # type: ignore[index]
     assert all(k != b"x-unimodel-trace-id" for k, _ in sent[0]["headers"])  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("3", 3.0), ("0.5", 0.5), ("-4", 0.0), ("", None), (None, None), ("soon", None), ("nan", None),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: at once
+])
+def test_retry_after_in_seconds_or_as_an_http_date(value: str | None, seconds: float | None) -> None:
+    assert otlp.retry_after_s(value) == seconds
+
+
+def test_retry_after_as_a_future_http_date() -> None:
+    import email.utils
+    import time
+
+    wait = otlp.retry_after_s(email.utils.formatdate(time.time() + 30, usegmt=True))
+    assert wait is not None and 28 <= wait <= 30
+
+
+def test_an_export_that_keeps_failing_is_tried_max_attempts_times_then_dropped(spans: list[tracing.Span]) -> None:
+    tries: list[float] = []
+
+    def send(batch: list[bytes], timeout_s: float) -> None:
+        tries.append(timeout_s)
+        raise otlp.ExportError("HTTP 503", retryable=True)
+
+    exporter = otlp.SpanExporter({}, otlp.encoded_span, send, timeout_s=30, backoff_s=0.001)
+    span = tracing.start("x", root=True)
+    tracing.finish(span)
+    exporter.add(span)  # type: ignore[arg-type]
+    assert exporter.force_flush(5)
+    exporter.shutdown()
+    assert len(tries) == otlp.MAX_ATTEMPTS and exporter.retries == otlp.MAX_ATTEMPTS - 1 and exporter.failed == 1
+    assert all(t <= 30 for t in tries) and tries == sorted(tries, reverse=True)  # each try gets the time left

@@ -1,30 +1,51 @@
 """Span export over OTLP (gRPC or HTTP/protobuf), or to the console: a background thread sends what the
 services' tracer recorded, in batches.
 
-Why not the OpenTelemetry SDK's span processor and OTLP exporter: on this project's hot path they cost
+Why not the OpenTelemetry SDK's span processor and OTLP exporters: on this project's hot path they cost
 about 80 µs of CPU per span (26 µs to make and end it, 46 µs to encode it; scripts/bench/tracing.py
 measures both), which is 10-20% of a whole request at the batching benchmark's rates. Here a span is a
 slotted object and the protobuf is written directly (the OTLP schema's field numbers, checked against
-opentelemetry-proto's generated classes in tests/unit/test_tracing.py): a few µs each.
+opentelemetry-proto's generated classes in tests/unit/test_tracing.py): a few µs each. Handing our spans
+to the SDK's exporters only for sending would bring the 46 µs back: their public `export()` takes SDK
+`ReadableSpan`s and encodes them with the generated classes, in this process, under the GIL the event
+loop needs; only their private HTTP client takes bytes. So the sending is ours too, on libraries the
+services already use: httpx (TLS, HTTP/1.1) and grpcio (TLS, metadata, compression).
+
+What it does, as the OTLP exporter specification asks (telemetry.trace_setup reads the OTEL_EXPORTER_OTLP_*
+variables into ExportOptions): TLS for https:// endpoints, with a custom CA (and client certificate) file;
+headers (gRPC metadata); gzip; a timeout per export. A failure the spec calls transient (HTTP 429, 502,
+503, 504 and connection errors; gRPC UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE,
+DATA_LOSS, and RESOURCE_EXHAUSTED with RetryInfo) is retried after the receiver's Retry-After / RetryInfo
+delay or an exponential backoff with jitter (1 s, 2 s, 4 s, ...), at most MAX_ATTEMPTS tries and never
+past the export's timeout; shutdown cuts the waiting short.
 
 Batching follows the SDK's BatchSpanProcessor and its environment variables: a batch goes out every
 OTEL_BSP_SCHEDULE_DELAY ms (default 1000) or when OTEL_BSP_MAX_EXPORT_BATCH_SIZE spans (512) are waiting;
 at most OTEL_BSP_MAX_QUEUE_SIZE (2048) wait, newer ones are dropped and counted. `shutdown()` sends the
-rest. A failed export is logged (at most one line a minute) and its spans dropped: tracing never holds
-up or breaks a request.
+rest. A batch that cannot be sent is dropped and counted, and the drops are logged (at most one line a
+minute): tracing never holds up or breaks a request, and a collector that is down costs the services
+nothing but the export thread's tries.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
+import gzip
 import logging
+import math
 import os
+import random
+import ssl
 import struct
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import orjson
 
@@ -37,7 +58,7 @@ log = logging.getLogger("unimodel.otlp")
 GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 HTTP_PATH = "/v1/traces"
 DEFAULT_GRPC = "localhost:4317"
-DEFAULT_HTTP = "http://localhost:4318"
+DEFAULT_HTTP = "http://localhost:4318" + HTTP_PATH
 
 
 # --- protobuf wire format ---------------------------------------------------------------------------
@@ -57,7 +78,7 @@ def _any_value(v: Any) -> bytes:
     """opentelemetry.proto.common.v1.AnyValue."""
     t = type(v)
     if t is str:
-        b = v.encode()
+        b: bytes = v.encode()
         n = len(b)
         return (b"\x0a" + bytes((n,)) if n < 0x80 else b"\x0a" + _varint(n)) + b  # string_value = 1
     if t is bool:
@@ -151,33 +172,139 @@ def encode_request(resource: Mapping[str, Any], spans: list[Span]) -> bytes:
 
 
 # --- transports --------------------------------------------------------------------------------------
-def grpc_sender(endpoint: str, timeout_s: float = 10.0) -> Callable[[bytes], None]:
+@dataclass(frozen=True)
+class ExportOptions:
+    """Where and how OTLP requests go: our settings and the OTEL_EXPORTER_OTLP_* variables, resolved
+    (telemetry.trace_setup)."""
+
+    protocol: Literal["grpc", "http"] = "grpc"
+    endpoint: str = DEFAULT_GRPC
+    """gRPC: [http:// | https://]host:port; HTTP: the whole URL (…/v1/traces). https means TLS."""
+    headers: tuple[tuple[str, str], ...] = ()
+    compression: Literal["none", "gzip"] = "none"
+    timeout_s: float = 10.0
+    """One export, its retries included."""
+    certificate: str = ""
+    """PEM file of the CAs that TLS trusts ("": the system's)."""
+    client_key: str = ""
+    client_certificate: str = ""
+    insecure: bool | None = None
+    """A gRPC endpoint without a scheme: False uses TLS; True or None (not set) plaintext."""
+
+
+class ExportError(Exception):
+    """An export that failed: whether the OTLP spec lets it be retried, and after how long the receiver
+    asked (HTTP Retry-After, gRPC RetryInfo)."""
+
+    def __init__(self, message: str, retryable: bool, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable, self.retry_after_s = retryable, retry_after_s
+
+
+RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
+"""OTLP/HTTP: the statuses a client retries (and connection errors); any other failure is final."""
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """An HTTP Retry-After (seconds or an HTTP date) in seconds from now; None if absent or invalid."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+Sender = tuple[Callable[[bytes, float], None], Callable[[], None]]
+"""send(request, timeout_s), raising ExportError; close()."""
+
+
+def grpc_sender(options: ExportOptions) -> Sender:
+    """OTLP/gRPC: TLS for https:// (or insecure=False), headers as metadata, gzip as gRPC's own
+    compression."""
     import grpc
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
 
-    target = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/") or DEFAULT_GRPC
-    channel = grpc.insecure_channel(target)
+    retryable_codes = {  # OTLP/gRPC: transient; RESOURCE_EXHAUSTED only when the server says when to retry
+        grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+    }
+    scheme, sep, rest = options.endpoint.partition("://")
+    target = (rest if sep else options.endpoint).rstrip("/") or DEFAULT_GRPC
+    tls = scheme == "https" if sep else options.insecure is False
+    compression = grpc.Compression.Gzip if options.compression == "gzip" else None
+    if tls:
+        credentials = grpc.ssl_channel_credentials(
+            _read(options.certificate), _read(options.client_key), _read(options.client_certificate)
+        )
+        channel = grpc.secure_channel(target, credentials, compression=compression)
+    else:
+        channel = grpc.insecure_channel(target, compression=compression)
     export = channel.unary_unary(GRPC_METHOD, request_serializer=None, response_deserializer=None)
+    metadata = tuple((key.lower(), value) for key, value in options.headers)
 
-    def send(data: bytes) -> None:
-        export(data, timeout=timeout_s)
+    def retry_info_s(error: grpc.RpcError) -> float | None:
+        try:
+            status = rpc_status.from_call(error)  # a failed unary call is also its grpc.Call
+        except ValueError:
+            return None
+        for detail in status.details if status is not None else ():
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                return float(info.retry_delay.ToTimedelta().total_seconds())
+        return None
 
-    return send
+    def send(data: bytes, timeout_s: float) -> None:
+        try:
+            export(data, timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as exc:
+            code: grpc.StatusCode = exc.code()  # the failed call's status
+            delay = retry_info_s(exc)
+            retryable = code in retryable_codes or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and delay is not None)
+            raise ExportError(f"gRPC {code.name} from {target}: {exc.details()}", retryable, delay) from None
+
+    return send, channel.close
 
 
-def http_sender(endpoint: str, timeout_s: float = 10.0) -> Callable[[bytes], None]:
+def http_sender(options: ExportOptions) -> Sender:
+    """OTLP/HTTP (protobuf): TLS for https:// URLs, the headers, a gzip body."""
     import httpx
 
-    url = (endpoint or DEFAULT_HTTP).rstrip("/")
-    if not url.endswith(HTTP_PATH):
-        url += HTTP_PATH
-    client = httpx.Client(timeout=timeout_s)
+    url = options.endpoint
+    verify: ssl.SSLContext | bool = True
+    if url.startswith("https://"):
+        verify = ssl.create_default_context(cafile=options.certificate or None)
+        if options.client_certificate:
+            verify.load_cert_chain(options.client_certificate, options.client_key or None)
+    headers = {**dict(options.headers), "content-type": "application/x-protobuf"}
+    compress = options.compression == "gzip"
+    if compress:
+        headers["content-encoding"] = "gzip"
+    client = httpx.Client(verify=verify, headers=headers)
 
-    def send(data: bytes) -> None:
-        r = client.post(url, content=data, headers={"content-type": "application/x-protobuf"})
+    def send(data: bytes, timeout_s: float) -> None:
+        try:
+            r = client.post(url, content=gzip.compress(data, compresslevel=6) if compress else data, timeout=timeout_s)
+        except httpx.TransportError as exc:  # connection refused or reset, TLS, timeouts: retryable
+            raise ExportError(f"{type(exc).__name__} at {url}: {exc}", True) from None
         if r.status_code >= 300:
-            raise RuntimeError(f"HTTP {r.status_code} from {url}")
+            raise ExportError(
+                f"HTTP {r.status_code} from {url}", r.status_code in RETRYABLE_HTTP, retry_after_s(r.headers.get("retry-after"))
+            )
 
-    return send
+    return send, client.close
 
 
 def console_line(resource: Mapping[str, Any], span: Span) -> bytes:
@@ -199,84 +326,166 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+MAX_ATTEMPTS = 5
+"""Tries of one batch at most (all within ExportOptions.timeout_s)."""
+
+
 class SpanExporter:
     """Queue of ended spans, sent in batches by a daemon thread (`add` is what the Tracer calls).
 
     `add` only queues the span (a deque append, no lock): the request path pays for making and ending
-    its spans, not for encoding them. The thread encodes and sends one batch at a time.
+    its spans, not for encoding or sending them. The thread encodes and sends one batch at a time; `send`
+    gets the batch and the time left, and raises ExportError (or anything else: not retried); `close`
+    runs when the thread ends.
     """
 
     def __init__(
-        self, resource: Mapping[str, Any], encode: Callable[[Span], bytes], send: Callable[[list[bytes]], None]
+        self, resource: Mapping[str, Any], encode: Callable[[Span], bytes],
+        send: Callable[[list[bytes], float], None], *, close: Callable[[], None] | None = None,
+        timeout_s: float = 10.0, backoff_s: float = 1.0,
     ) -> None:
         self.resource = dict(resource)
         self._encode = encode
-        self._send = send
+        self._send, self._close = send, close
+        self.timeout_s, self.backoff_s = timeout_s, backoff_s
         self.delay_s = _env_int("OTEL_BSP_SCHEDULE_DELAY", 1000) / 1000.0
         self.max_batch = _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
         self.max_queue = _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
         self._queue: deque[Span] = deque()
         self._wake = threading.Event()
-        self._stopped = False
-        self.dropped = 0
+        self._stop = threading.Event()
+        self._handled = threading.Condition()
+        self._taken = self._done = 0  # spans the thread took from the queue / has sent or dropped
+        self.queue_full = 0
+        """Spans dropped by `add` (the queue was full): counted on the request path only."""
+        self.failed = 0
+        """Spans dropped by the thread: their batch could not be sent."""
         self.exported = 0
-        self._last_error_log = 0.0
+        self.retries = 0
+        self._logged = (0.0, 0)  # when the last warning went out, and `dropped` then
         self._thread = threading.Thread(target=self._run, name="otlp-export", daemon=True)
         self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        return self.queue_full + self.failed
 
     def add(self, span: Span) -> None:
         queue = self._queue
         if len(queue) >= self.max_queue:
-            self.dropped += 1
+            self.queue_full += 1
             return
         queue.append(span)  # deque.append is atomic: no lock on the request path
         if len(queue) >= self.max_batch:
             self._wake.set()
 
     def _run(self) -> None:
-        while not self._stopped:
+        while not self._stop.is_set():
             self._wake.wait(self.delay_s)
             self._wake.clear()
             self._drain()
+        self._drain(time.monotonic() + self.timeout_s)  # shutdown: what is left, once each, within the timeout
+        if self._close is not None:
+            self._close()
 
-    def _drain(self) -> None:
-        queue = self._queue
+    def _drain(self, deadline: float = math.inf) -> None:
+        queue, handled = self._queue, self._handled
         while queue:
-            # One batch at a time, encoded in this thread: the interpreter's switch interval shares the GIL
-            # with the event loop (yielding it more often, e.g. sleep(0) per chunk, costs more in handoffs).
-            encode, pop = self._encode, queue.popleft
-            batch = [encode(pop()) for _ in range(min(len(queue), self.max_batch))]
-            try:
-                self._send(batch)
-                self.exported += len(batch)
-            except Exception as exc:
-                self.dropped += len(batch)
-                now = time.monotonic()
-                if now - self._last_error_log >= 60:
-                    self._last_error_log = now
-                    log.warning("could not export %d spans (%s); dropped", len(batch), exc)
+            with handled:  # force_flush counts what the thread has taken
+                spans = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
+                self._taken += len(spans)
+            if time.monotonic() >= deadline:
+                self._failed(len(spans), "shutdown: out of time")
+            else:
+                # Encoded in this thread, one batch at a time: the interpreter's switch interval shares the GIL
+                # with the event loop (yielding it more often, e.g. sleep(0) per chunk, costs more in handoffs).
+                try:
+                    batch = [self._encode(span) for span in spans]
+                except Exception as exc:  # noqa: BLE001  # a span that cannot be encoded costs its batch, never the thread
+                    self._failed(len(spans), f"encoding: {exc!r}")
+                else:
+                    self._export(batch)
+            with handled:
+                self._done += len(spans)
+                handled.notify_all()
+        if self.queue_full:
+            self._warn("")
 
-    def force_flush(self) -> None:
-        self._drain()
+    def force_flush(self, timeout_s: float | None = None) -> bool:
+        """Have the spans queued now sent (retries included) and wait until they are sent or dropped;
+        False if `timeout_s` passed first."""
+        with self._handled:
+            target = self._taken + len(self._queue)
+            self._wake.set()
+            return self._handled.wait_for(lambda: self._done >= target, timeout_s)
+
+    def _export(self, batch: list[bytes]) -> None:
+        """Send one batch; a retryable failure is tried again after the receiver's delay (Retry-After,
+        RetryInfo) or an exponential backoff with jitter, while the timeout and MAX_ATTEMPTS allow and the
+        exporter is not shutting down. A batch that cannot be sent is dropped and counted."""
+        deadline = time.monotonic() + self.timeout_s
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                self._send(batch, max(deadline - time.monotonic(), 0.001))
+            except Exception as exc:  # noqa: BLE001  # whatever the transport raises: the batch, never the thread
+                why = str(exc)
+                if not isinstance(exc, ExportError) or not exc.retryable or attempt + 1 == MAX_ATTEMPTS:
+                    break
+                delay = exc.retry_after_s
+                if delay is None:
+                    delay = self.backoff_s * 2**attempt * random.uniform(0.8, 1.2)
+                if delay > deadline - time.monotonic():
+                    why += f" (a retry in {delay:.1f} s would pass the {self.timeout_s:g} s timeout)"
+                    break
+                self.retries += 1
+                if self._stop.wait(delay):
+                    why += " (shutting down)"
+                    break
+            else:
+                self.exported += len(batch)
+                return
+        self._failed(len(batch), why)
+
+    def _failed(self, n: int, why: str) -> None:
+        self.failed += n
+        self._warn(why)
+
+    def _warn(self, why: str) -> None:
+        """At most one line a minute: what was dropped since the last one, and the last cause."""
+        now, dropped = time.monotonic(), self.dropped
+        last, before = self._logged
+        if dropped > before and (now - last >= 60 or not last):
+            self._logged = (now, dropped)
+            full = f" ({self.queue_full} in all because the queue of {self.max_queue} was full)" if self.queue_full else ""
+            log.warning("dropped %d spans%s%s", dropped - before, full, f"; last export failure: {why}" if why else "")
 
     def shutdown(self) -> None:
-        """Send what is queued and stop the thread."""
-        self._stopped = True
+        """Send what is queued (once each, within the timeout) and stop the thread; idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=5)
-        self._drain()
+        self._thread.join(timeout=self.timeout_s + 1)
 
 
-def exporter(kind: str, endpoint: str, resource: Mapping[str, Any]) -> SpanExporter:
-    """The exporter of setting `otel_exporter` (console, otlp-grpc, otlp-http)."""
+def exporter(
+    kind: str, resource: Mapping[str, Any], options: ExportOptions | None = None, *, backoff_s: float = 1.0
+) -> SpanExporter:
+    """The exporter of setting `otel_exporter` (console, otlp-grpc, otlp-http); OTLP goes out as `options`
+    say (default: plaintext to the protocol's default endpoint)."""
     if kind == "console":
         out = sys.stdout.buffer
 
-        def to_console(lines: list[bytes]) -> None:
+        def to_console(lines: list[bytes], _timeout_s: float) -> None:
             out.write(b"".join(lines))
             out.flush()
 
         return SpanExporter(resource, lambda span: console_line(resource, span), to_console)
-    send = grpc_sender(endpoint or DEFAULT_GRPC) if kind == "otlp-grpc" else http_sender(endpoint or DEFAULT_HTTP)
+    if options is None:
+        options = ExportOptions("grpc", DEFAULT_GRPC) if kind == "otlp-grpc" else ExportOptions("http", DEFAULT_HTTP)
+    send, close = grpc_sender(options) if options.protocol == "grpc" else http_sender(options)
     head = request_head(resource)
-    return SpanExporter(resource, encoded_span, lambda spans: send(request_of(head, spans)))
+    return SpanExporter(
+        resource, encoded_span, lambda spans, timeout_s: send(request_of(head, spans), timeout_s),
+        close=close, timeout_s=options.timeout_s, backoff_s=backoff_s,
+    )

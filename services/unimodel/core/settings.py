@@ -71,11 +71,17 @@ class CommonSettings(BaseSettings):
     max_inflight: int = Field(1024, ge=1, description="requests handled at once before answering busy")
     log_level: LogLevel = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
-    otel_exporter: Literal["none", "console", "otlp-grpc", "otlp-http"] = Field(
-        "none", description="OpenTelemetry span exporter"
+    # Tracing: a value set here wins over the standard OTEL_* variables, which fill what is left unset
+    # (telemetry.trace_setup; docs/operations.md "Traces").
+    otel_exporter: Literal["none", "console", "otlp-grpc", "otlp-http"] | None = Field(
+        None, description="span exporter (default: OTEL_TRACES_EXPORTER, else none)"
     )
-    otel_endpoint: str = Field("", description="OTLP endpoint (default: the exporter's own)")
-    otel_sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description="fraction of new traces sampled")
+    otel_endpoint: str = Field(
+        "", description="OTLP endpoint (default: OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else the exporter's own)"
+    )
+    otel_sample_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="fraction of new traces sampled (default: OTEL_TRACES_SAMPLER(_ARG), else 1.0)"
+    )
 
     @field_validator("instance_id")
     @classmethod

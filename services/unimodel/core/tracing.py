@@ -1,8 +1,8 @@
 """Spans across hops: names and attribute keys in one place, and the few calls every service makes.
 
-Tracing is off unless a service was started with an exporter (`--otel-exporter`, telemetry.setup_tracing
-calls `enable()`): then every call here is a check of one flag and returns None, and requests carry the
-caller's W3C `traceparent` on unchanged. When it is on, each hop starts its span as a child of the
+Tracing is off unless a service was started with an exporter (`--otel-exporter` or OTEL_TRACES_EXPORTER;
+telemetry.setup_tracing calls `enable()`): until then every call here is a check of one flag and returns
+None, and requests carry the caller's W3C `traceparent` on unchanged. When it is on, each hop starts its span as a child of the
 `traceparent` it received (NATS header, BatchItem.trace_context, gRPC metadata, HTTP header) and sends
 the span's own `traceparent` to the next hop, so one request is one trace:
 
