@@ -24,6 +24,7 @@ from unimodel.gateway.http_app import build_app
 from unimodel.gateway.kserve.grpc import add_kserve_grpc
 from unimodel.gateway.kserve.http import register_kserve_routes
 from unimodel.gateway.modelcache.routes import register_modelcache_routes
+from unimodel.gateway.openai.errors import error_body as openai_error_body
 from unimodel.gateway.openai.routes import register_openai_routes
 from unimodel.gateway.ports import GatewayPorts
 from unimodel.gateway.traces import TracingMiddleware
@@ -49,7 +50,7 @@ def compose_http(gw: GatewayPorts) -> HttpSurface:
     register_modelcache_routes(api, gw)
     register_chat_page(api)
     app: ASGIApp = BodyLimit(FastRoutes(api, gw), gw.settings.max_body_bytes)
-    app = AuthMiddleware(app, gw.auth) if gw.auth.enabled else app
+    app = AuthMiddleware(app, gw.auth, openai_error_body) if gw.auth.enabled else app
     return HttpSurface(api, TracingMiddleware(app))  # a flag check per request while tracing is off
 
 

@@ -11,13 +11,12 @@ header, so every route reads the verified tenant from that header and it travels
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import grpc
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from unimodel.core import errors
-from unimodel.gateway.openai.errors import error_body
 
 TENANT_HEADER = "x-unimodel-tenant"
 _TENANT = TENANT_HEADER.encode()
@@ -56,10 +55,11 @@ class ApiKeys:
 
 
 class AuthMiddleware:
-    """Outer ASGI layer: checks the key, rewrites x-unimodel-tenant to the key's tenant."""
+    """Outer ASGI layer: checks the key, rewrites x-unimodel-tenant to the key's tenant. A refusal is
+    401 with `error_body(err)` (app.py gives OpenAI's shape, which every OpenAI client parses)."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
-        self.app, self.keys = app, keys
+    def __init__(self, app: ASGIApp, keys: ApiKeys, error_body: Callable[[errors.UnimodelError], bytes]) -> None:
+        self.app, self.keys, self.error_body = app, keys, error_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -85,7 +85,7 @@ class AuthMiddleware:
             if scope["type"] == "websocket":  # refused before the handshake completes: HTTP 403 to the client
                 await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
                 return
-            body = error_body(err)  # OpenAI's shape, what every OpenAI client parses, on every route
+            body = self.error_body(err)
             await send({
                 "type": "http.response.start", "status": 401,
                 "headers": [
