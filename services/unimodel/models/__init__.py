@@ -7,12 +7,12 @@
 Importing this package imports no torch, onnx or scikit-learn: the builders import them when they run.
 """
 
+from unimodel.models.common import MissingPackage
 from unimodel.models.prepare import (
     CATALOG,
     DEFAULT_REPOSITORY,
     ENV_REPOSITORY,
     STAMP_FILE,
-    MissingPackage,
     ModelSpec,
     Report,
     default_repository,

@@ -20,6 +20,10 @@ OPSET = 17
 IR_VERSION = 8
 
 
+class MissingPackage(errors.FailedPrecondition):
+    """A package a builder needs is not installed."""
+
+
 def tensor(name: str, datatype: str, dims: Sequence[int]) -> dict[str, object]:
     return {"name": name, "datatype": datatype, "dims": [int(d) for d in dims]}
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from unimodel.core import errors, modelconfig
 from unimodel.models import iris, smollm2, testmodels, text, vision
-from unimodel.models.common import check_onnx
+from unimodel.models.common import MissingPackage, check_onnx
 from unimodel.v1 import model_pb2
 
 STAMP_FILE = ".prepared"
@@ -109,10 +109,6 @@ CATALOG: dict[str, ModelSpec] = {
         ModelSpec("delay", testmodels.config_delay, testmodels.build_delay),
     )
 }
-
-
-class MissingPackage(errors.FailedPrecondition):
-    """A package a builder needs is not installed."""
 
 
 @dataclass

@@ -25,7 +25,7 @@ GGUF_MAGIC = b"GGUF"
 
 def package_gguf() -> Path:
     """The GGUF file inside the installed package (MissingPackage when it is not there)."""
-    from unimodel.models.prepare import MissingPackage
+    from unimodel.models.common import MissingPackage
 
     try:
         spec = importlib.util.find_spec(PACKAGE)
