@@ -74,6 +74,7 @@ class Received:
     headers: dict[str, str]  # lower-case names (HTTP headers, gRPC metadata)
     body_bytes: int  # as sent (compressed, for a gzip body)
     answer: int  # HTTP status, or gRPC status code number (0: OK)
+    services: frozenset[str] = frozenset()  # the service.name of the spans it carried
 
 
 @dataclass
@@ -104,6 +105,7 @@ class _Receiver:
         self._lock = threading.Lock()
 
     def _take(self, received: Received, spans: list[Span]) -> None:
+        received.services = frozenset(s.service for s in spans)
         with self._lock:
             self.requests.append(received)
             if not received.answer:

@@ -1,6 +1,7 @@
 """Traces and metrics of the six services end to end: real nats-server, etcd, Milvus Lite, all-MiniLM-L6-v2
 on an embedding-worker, SmolLM2 on llama.cpp on a gpu-worker, every service exporting spans over OTLP/gRPC
-to a receiver inside this test and serving /metrics.
+to a receiver inside this test and serving /metrics. The gateway is configured by its flags, the other
+services by the standard OTEL_* variables alone (exporter, protocol, endpoint, headers).
 
 The span trees of a predict request (HTTP and gRPC) and of a streamed chat request with the semantic
 cache on are checked hop by hop: names, parents, services, kinds and attributes. Then every service's
@@ -57,17 +58,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
     services = Services(infra)
     c = Cluster(infra, services, receiver)
     milvus = None
-    saved = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
-    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # the SDK's batch span processor: export within 0.2 s
+    env = {
+        "OTEL_BSP_SCHEDULE_DELAY": "200",  # as the SDK's batch span processor: export within 0.2 s
+        "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_EXPORTER_OTLP_HEADERS": "x-test-key=secret%20value",
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)  # the services started below inherit them
     try:
         infra.start()
         milvus = MilvusLiteServer(free_port(), tmp / "milvus", sink=infra.sink)
         milvus.start_and_wait()
-        tracing = ("--otel-exporter", "otlp-grpc", "--otel-endpoint", receiver.endpoint)
+        tracing = ("--otel-exporter", "otlp-grpc", "--otel-endpoint", receiver.endpoint)  # the gateway's flags
 
         def start(kind: str, *args: str) -> None:
             c.metrics_ports[kind] = free_port()
-            services.start(kind, *tracing, "--metrics-port", str(c.metrics_ports[kind]), *args)
+            services.start(kind, "--metrics-port", str(c.metrics_ports[kind]), *args)
 
         start("cache", "--data-dir", str(tmp / "cache"), "--milvus-uri", milvus.uri)
         start("router")
@@ -88,10 +94,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
             milvus.stop()
         infra.stop()
         receiver.stop()
-        if saved is None:
-            os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)
-        else:
-            os.environ["OTEL_BSP_SCHEDULE_DELAY"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def client_traceparent() -> tuple[str, str, str]:
@@ -160,6 +167,9 @@ def test_predict_over_http_is_one_trace_across_every_hop(cluster: Cluster) -> No
     assert infer.attributes["unimodel.request_id"] == r.headers["x-request-id"]
     assert server.start_ns <= infer.start_ns <= infer.end_ns <= server.end_ns
     assert {s.service for s in spans} == {"unimodel-gateway", "unimodel-batcher", "unimodel-router", "unimodel-gpu-worker"}
+    # the services but the gateway took exporter and endpoint from the OTEL_* variables alone; all sent the headers
+    sent_by = {name for r in cluster.receiver.requests if r.headers.get("x-test-key") == "secret value" for name in r.services}
+    assert {"unimodel-gateway", "unimodel-batcher", "unimodel-router", "unimodel-gpu-worker"} <= sent_by
 
 
 def test_a_request_without_traceparent_starts_its_own_trace(cluster: Cluster) -> None:
