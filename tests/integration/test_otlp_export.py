@@ -36,14 +36,21 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     return Tls.make(tmp_path_factory.mktemp("tls"))
 
 
-def export(environ: dict[str, str], names: tuple[str, ...] = ("a", "b"), *, exporter: str | None = None,
-           backoff_s: float = 0.05) -> otlp.SpanExporter:
-    """Trace as a service does with `environ` as its environment: spans `names` (one trace), sent (retries
-    included, force_flush), then the exporter's shutdown. Returns the exporter, shut down."""
-    setup = telemetry.trace_setup("router", "router-1", exporter, environ=environ)
+def start_exporter(environ: dict[str, str], exporter: str | None = None, endpoint: str = "", *,
+                   backoff_s: float = 0.05) -> otlp.SpanExporter:
+    """The exporter a service would start with `environ` as its environment and these settings; tracing on."""
+    setup = telemetry.trace_setup("router", "router-1", exporter, endpoint, environ=environ)
     assert setup.exporter != "none"
     span_exporter = otlp.exporter(setup.exporter, setup.resource, setup.options, backoff_s=backoff_s)
     tracing.enable(tracing.Tracer(span_exporter.add, setup.sample_ratio))
+    return span_exporter
+
+
+def export(environ: dict[str, str], names: tuple[str, ...] = ("a", "b"), *, exporter: str | None = None,
+           endpoint: str = "", backoff_s: float = 0.05) -> otlp.SpanExporter:
+    """Trace as a service does (start_exporter): spans `names` (one trace), sent (retries included,
+    force_flush), then the exporter's shutdown. Returns the exporter, shut down."""
+    span_exporter = start_exporter(environ, exporter, endpoint, backoff_s=backoff_s)
     try:
         parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         for name in names:
@@ -75,18 +82,9 @@ def test_otel_variables_choose_the_endpoint_headers_gzip_and_service_name(http_r
 
 def test_our_endpoint_setting_wins_over_the_otel_variable(http_receiver: OtlpHttpReceiver) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
-    setup = telemetry.trace_setup(
-        "router", "r", "otlp-http", http_receiver.endpoint, environ={"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": nowhere}
-    )
-    assert setup.options is not None and setup.options.endpoint == f"{http_receiver.endpoint}/v1/traces"
-    span_exporter = otlp.exporter(setup.exporter, setup.resource, setup.options)
-    tracing.enable(tracing.Tracer(span_exporter.add, 1.0))
-    try:
-        tracing.finish(tracing.start("ours", root=True))
-    finally:
-        tracing.disable()
-        span_exporter.shutdown()
-    assert [s.name for s in http_receiver.spans] == ["ours"] and span_exporter.exported == 1
+    exp = export({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": nowhere}, ("ours",), exporter="otlp-http",
+                 endpoint=http_receiver.endpoint)  # the base URL: /v1/traces is added
+    assert [s.name for s in http_receiver.spans] == ["ours"] and (exp.exported, exp.retries) == (1, 0)
 
 
 def test_a_503_is_retried_after_a_backoff_then_the_batch_goes_through(http_receiver: OtlpHttpReceiver) -> None:
@@ -150,9 +148,7 @@ def test_a_collector_that_is_down_costs_a_bounded_wait_and_counted_drops() -> No
 
 def test_shutdown_cuts_a_retry_wait_short(http_receiver: OtlpHttpReceiver) -> None:
     http_receiver.answers.append((503, {"retry-after": "5"}))
-    setup = telemetry.trace_setup("router", "r", "otlp-http", http_receiver.endpoint)
-    span_exporter = otlp.exporter(setup.exporter, setup.resource, setup.options)
-    tracing.enable(tracing.Tracer(span_exporter.add, 1.0))
+    span_exporter = start_exporter({}, "otlp-http", http_receiver.endpoint)
     try:
         tracing.finish(tracing.start("x", root=True))
     finally:
