@@ -184,7 +184,7 @@ class OtlpHttpReceiver(_Receiver):
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802  # http.server's name
+            def do_POST(self) -> None:  # http.server's name for it
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 if self.path != "/v1/traces" or headers.get("content-type") != "application/x-protobuf":
@@ -204,7 +204,7 @@ class OtlpHttpReceiver(_Receiver):
                 self.end_headers()
                 self.wfile.write(reply)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  # quiet
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
-from otlp_receiver import OtlpHttpReceiver, OtlpReceiver, Tls
 
+from otlp_receiver import OtlpHttpReceiver, OtlpReceiver, Tls
 from unimodel.core import otlp, telemetry, tracing
 from unimodel.local.procs import free_port
 

@@ -401,7 +401,7 @@ class SpanExporter:
                 # with the event loop (yielding it more often, e.g. sleep(0) per chunk, costs more in handoffs).
                 try:
                     batch = [self._encode(span) for span in spans]
-                except Exception as exc:  # noqa: BLE001  # a span that cannot be encoded costs its batch, never the thread
+                except Exception as exc:  # a span that cannot be encoded costs its batch, never the thread
                     self._failed(len(spans), f"encoding: {exc!r}")
                 else:
                     self._export(batch)
@@ -427,7 +427,7 @@ class SpanExporter:
         for attempt in range(MAX_ATTEMPTS):
             try:
                 self._send(batch, max(deadline - time.monotonic(), 0.001))
-            except Exception as exc:  # noqa: BLE001  # whatever the transport raises: the batch, never the thread
+            except Exception as exc:  # whatever the transport raises: the batch, never the thread
                 why = str(exc)
                 if not isinstance(exc, ExportError) or not exc.retryable or attempt + 1 == MAX_ATTEMPTS:
                     break

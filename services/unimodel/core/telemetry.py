@@ -19,6 +19,7 @@ import orjson
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
 from unimodel import __version__
 from unimodel.core import otlp, tracing
 
