@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import httpx
 
-from unimodel.core.registry import instances_prefix
+from unimodel.core.membership import instances_prefix
 from unimodel.core.store import EtcdStore
 from unimodel.v1 import registry_pb2, services_pb2, services_pb2_grpc
 from unimodel.local import binaries

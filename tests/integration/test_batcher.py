@@ -23,7 +23,7 @@ from support import Infra, Services
 
 from unimodel.core import errors, modelconfig, subjects
 from unimodel.core.bus import raise_for_error_headers
-from unimodel.core.registry import model_key
+from unimodel.core.membership import model_key
 from unimodel.core.store import EtcdStore
 from unimodel.core.subjects import Header
 from unimodel.core.values import to_value

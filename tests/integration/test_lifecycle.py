@@ -7,7 +7,7 @@ import time
 
 from support import Infra
 
-from unimodel.core.registry import instance_key
+from unimodel.core.membership import instance_key
 from unimodel.core.store import EtcdStore
 from unimodel.local.procs import free_port
 from unimodel.worker.service import WorkerService
@@ -54,7 +54,7 @@ async def test_stop_while_nats_is_unreachable_returns_promptly(infra: Infra) -> 
 async def test_frequent_updates_do_not_starve_the_lease_keepalive(infra: Infra) -> None:
     """A value updated faster than the keepalive interval still gets its lease refreshed (a put does not
     renew a lease), so the key outlives many TTLs."""
-    from unimodel.core.registry import Registration
+    from unimodel.core.membership import Registration
     from unimodel.core.store import EtcdStore
 
     store = EtcdStore([("127.0.0.1", infra.etcd.port)])

@@ -17,7 +17,7 @@ from support import Infra, Services
 from unimodel.core import modelconfig, subjects
 from unimodel.core.bus import raise_for_error_headers
 from unimodel.core.errors import InvalidArgument, NotFound, UnimodelError
-from unimodel.core.registry import instance_key
+from unimodel.core.membership import instance_key
 from unimodel.core.store import EtcdStore
 from unimodel.core.tensors import from_numpy, to_numpy
 from unimodel.core.values import from_value, to_value

@@ -34,7 +34,7 @@ from unimodel.batcher.settings import BatcherSettings
 from unimodel.core import errors, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import Service
-from unimodel.core.registry import Discovery, model_key
+from unimodel.core.membership import Discovery, model_key
 from unimodel.core.subjects import Header
 from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import inference_pb2, model_pb2, services_pb2, services_pb2_grpc

@@ -25,7 +25,7 @@ from unimodel import __version__
 from unimodel.core import subjects
 from unimodel.core.bus import Bus
 from unimodel.core.grpc_server import GrpcServer
-from unimodel.core.registry import Registration, instance_key
+from unimodel.core.membership import Registration, instance_key
 from unimodel.core.settings import CommonSettings, SettingsError, load_settings
 from unimodel.core.store import EtcdStore, KeyValueStore
 from unimodel.core.telemetry import Metrics, ServiceState, setup_logging, setup_tracing

@@ -14,12 +14,12 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from google.protobuf import struct_pb2
 
-from unimodel.core import errors, generation, modelconfig, subjects, tracing
+from unimodel.core import errors, generation_rules, modelconfig, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.kinds import WORKER_KINDS
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.replies import ReplyMux
-from unimodel.core.registry import Discovery, instances_prefix, model_key, models_prefix
+from unimodel.core.membership import Discovery, instances_prefix, model_key, models_prefix
 from unimodel.core.store import StoreError
 from unimodel.gateway import catalog
 from unimodel.gateway.admin import registration
@@ -239,7 +239,7 @@ class GatewayService(Service):
         started = time.perf_counter()
         try:
             self.require_ready(model)
-            generation.validate(request)
+            generation_rules.validate(request)
             config = self._configs.get(model)
             if config is not None:
                 if not modelconfig.is_generative(config):
@@ -247,9 +247,9 @@ class GatewayService(Service):
                         f"model {model!r} does not generate text (engine {config.engine}): use "
                         f"/v1/models/{model}:predict or /v2/models/{model}/infer", model=model, field="model",
                     )
-                generation.check_max_tokens(config, request.sampling.max_tokens)
+                generation_rules.check_max_tokens(config, request.sampling.max_tokens)
             if not request.session:
-                request.session = generation.session_key(request)
+                request.session = generation_rules.session_key(request)
             item = inference_pb2.BatchItem(generate=request, rows=1, tenant=tenant)
             stream = await self.replies.open_stream(subjects.batch(model), item, ctx)
         except errors.UnimodelError as exc:

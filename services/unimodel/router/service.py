@@ -19,7 +19,7 @@ from unimodel.core.grpc_server import maps_errors
 from unimodel.core.kinds import WORKER_KINDS
 from unimodel.core.lifecycle import Service
 from unimodel.core.tracing import Attr
-from unimodel.core.registry import Discovery, instances_prefix, models_prefix
+from unimodel.core.membership import Discovery, instances_prefix, models_prefix
 from unimodel.router.metrics import NO_WORKER, NOT_SERVED, OK, OTHER_MODEL, RETRIED, RouterMetrics
 from unimodel.router.placement import Command, Planner
 from unimodel.router.policy import WorkerTable

@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from unimodel.core.registry import instances_prefix, models_prefix
+from unimodel.core.membership import instances_prefix, models_prefix
 from unimodel.core.store import KeyValueStore
 from unimodel.status.view import UNREACHABLE, ClusterView, build
 from unimodel.v1 import model_pb2, registry_pb2, services_pb2, services_pb2_grpc

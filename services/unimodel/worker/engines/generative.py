@@ -28,12 +28,6 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from unimodel.core import errors
-from unimodel.core.generation import (  # noqa: F401  (re-exported for the engines)
-    DEFAULT_MAX_TOKENS,
-    check_max_tokens,
-    check_prompt_tokens,
-    resolve_max_tokens,
-)
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker.engines.engine import Engine
 
@@ -111,7 +105,7 @@ async def under_lock(lock: threading.Lock, fn: Callable[[], T], *, inline: bool)
     return await asyncio.to_thread(locked)
 
 
-# limits: one rule for every engine and the gateway (core.generation) --------------------------------
+# limits: the rules of every engine and the gateway are core.generation_rules's --------------------------------
 def context_length(config: model_pb2.ModelConfig, engine_default: int) -> int:
     return config.llm.context_length or engine_default
 

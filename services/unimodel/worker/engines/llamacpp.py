@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unimodel.core import errors, generation
+from unimodel.core import errors, generation_rules
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker.engines import generative
 from unimodel.worker.engines.engine import engine_option
@@ -384,12 +384,12 @@ class LlamaCppEngine(GenerativeEngine):
         if self._vocab is None:
             raise errors.FailedPrecondition(f"model {self.config.name!r} is not loaded")
         sampling = request.sampling
-        generation.validate(request)  # the gateway's rules, again: the worker may be reached directly
+        generation_rules.validate(request)  # the gateway's rules, again: the worker may be reached directly
         size = len(request.prompt) + sum(len(m.content) + len(m.role) for m in request.messages)
         encoded = await generative.under_lock(self._vocab_lock, lambda: self._encode(request), inline=size <= INLINE_CHARS)
         count = len(encoded.tokens)
-        generative.check_prompt_tokens(self.config, count, self.context)
-        max_tokens = generative.resolve_max_tokens(self.config, sampling, count, self.context)
+        generation_rules.check_prompt_tokens(self.config, count, self.context)
+        max_tokens = generation_rules.resolve_max_tokens(self.config, sampling, count, self.context)
         return Prompt(
             request_id=request_id,
             text=encoded.text,

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from unimodel.core import errors, generation
+from unimodel.core import errors, generation_rules
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker.engines import generative
 from unimodel.worker.engines.engine import engine_option
@@ -188,13 +188,13 @@ class UpstreamEngine(GenerativeEngine):
     async def prepare(self, request: generate_pb2.GenerateRequest, request_id: str) -> Prompt:
         """Limits that can be checked without the tokenizer; the prompt's own limits are the upstream's."""
         sampling = request.sampling
-        generation.validate(request)  # the gateway's rules, again: the worker may be reached directly
+        generation_rules.validate(request)  # the gateway's rules, again: the worker may be reached directly
         asked = sampling.max_tokens
-        generative.check_max_tokens(self.config, asked, self.context)
+        generation_rules.check_max_tokens(self.config, asked, self.context)
         if asked:
             max_tokens = asked
         else:
-            default = self.config.llm.default_max_tokens or generative.DEFAULT_MAX_TOKENS
+            default = self.config.llm.default_max_tokens or generation_rules.DEFAULT_MAX_TOKENS
             max_tokens = min(default, generative.max_tokens_cap(self.config, self.context) or default)
         if request.messages:
             messages = generative.chat_messages(request)

@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from unimodel.core import errors, generation
+from unimodel.core import errors, generation_rules
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker.engines import generative
 from unimodel.worker.engines.engine import engine_option
@@ -247,11 +247,11 @@ class VllmEngine(GenerativeEngine):
         if self._engine is None:
             raise errors.FailedPrecondition(f"model {self.config.name!r} is not loaded")
         sampling = request.sampling
-        generation.validate(request)  # the gateway's rules, again: the worker may be reached directly
+        generation_rules.validate(request)  # the gateway's rules, again: the worker may be reached directly
         size = len(request.prompt) + sum(len(m.content) for m in request.messages)
         text, tokens = await generative.under_lock(self._tokenizer_lock, lambda: self._encode(request), inline=size <= INLINE_CHARS)
-        generative.check_prompt_tokens(self.config, len(tokens), self.context)
-        max_tokens = generative.resolve_max_tokens(self.config, sampling, len(tokens), self.context)
+        generation_rules.check_prompt_tokens(self.config, len(tokens), self.context)
+        max_tokens = generation_rules.resolve_max_tokens(self.config, sampling, len(tokens), self.context)
         return Prompt(
             request_id=request_id,
             text=text,
