@@ -17,9 +17,9 @@ import httpx
 
 from unimodel.core.membership import instances_prefix
 from unimodel.core.store import EtcdStore
-from unimodel.v1 import registry_pb2, services_pb2, services_pb2_grpc
 from unimodel.local import binaries
 from unimodel.local.procs import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok, wait_until
+from unimodel.v1 import registry_pb2, services_pb2, services_pb2_grpc
 
 MODULES = {
     "gateway": "unimodel.gateway",

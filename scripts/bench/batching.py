@@ -45,7 +45,7 @@ def start_pytriton(repository: Path, models: list[str], log: Path) -> tuple[subp
             "--repository", str(repository), "--models", ",".join(models),
             "--http-port", str(http_port), "--grpc-port", str(grpc_port),
         ],
-        stdout=subprocess.PIPE, stderr=open(log, "w"),  # noqa: SIM115
+        stdout=subprocess.PIPE, stderr=open(log, "w"),
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 180
@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         args.json = str(ROOT / "docs" / "benchmarks" / ("batching.json" if args.protocol == "http" else "batching-grpc.json"))
     from modelrepo import prepared_repository
-
     from unimodel.local.cluster import ClusterConfig, LocalCluster
     from unimodel.local.procs import free_port, wait_until
 
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_report = json.loads(raw_json.read_text())
 
     with tempfile.TemporaryDirectory() as tmp:
-        log = open(Path(tmp) / "cluster.log", "w")  # noqa: SIM115
+        log = open(Path(tmp) / "cluster.log", "w")
         cfg = ClusterConfig(
             state_dir=Path(tmp) / "state", http_port=free_port(), grpc_port=free_port(), nats_port=free_port(),
             etcd_port=free_port(), log_level="warning", model_repository=repository, prepare_models=False,

@@ -38,11 +38,10 @@ EMBEDDER = "all-minilm-l6-v2"
 
 def start_cluster(tmp: Path):  # type: ignore[no-untyped-def]
     from modelrepo import prepared_repository
-
     from unimodel.local.cluster import ClusterConfig, LocalCluster
     from unimodel.local.procs import free_port, wait_until
 
-    log = open(tmp / "cluster.log", "w")  # noqa: SIM115
+    log = open(tmp / "cluster.log", "w")
     cfg = ClusterConfig(
         state_dir=tmp / "state", http_port=free_port(), grpc_port=free_port(), nats_port=free_port(),
         etcd_port=free_port(), log_level="warning", model_repository=prepared_repository(),

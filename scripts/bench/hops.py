@@ -235,7 +235,7 @@ def main() -> int:
     from unimodel.local.procs import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
-        log = open(Path(tmp) / "cluster.log", "w")  # noqa: SIM115
+        log = open(Path(tmp) / "cluster.log", "w")
         cfg = ClusterConfig(
             state_dir=Path(tmp) / "state", http_port=free_port(), grpc_port=free_port(), nats_port=free_port(),
             etcd_port=free_port(), log_level="warning", prepare_models=False, load_models="",

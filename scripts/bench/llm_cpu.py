@@ -207,7 +207,6 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 def our_repository() -> Path:
     """The test model repository (.cache/test-models) with the SmolLM2 model prepared (only that one)."""
     from modelrepo import CACHE, PREPARE_TIMEOUT_S, prepare_command
-
     from unimodel.models import CATALOG, is_prepared
 
     if MODEL not in CATALOG:
@@ -526,11 +525,11 @@ def main(argv: list[str] | None = None) -> int:
     logs = []
     try:
         if "unimodel" in who:
-            logs.append(open(base / "unimodel-cluster.log", "w"))  # noqa: SIM115
+            logs.append(open(base / "unimodel-cluster.log", "w"))
             print(f"starting the UniModel cluster with {MODEL} ...", flush=True)
             cluster, servers["unimodel"] = start_ours(args.threads, args.n_ctx, work / "state", logs[-1])
         if "llama_cpp_server" in who:
-            logs.append(open(base / "llama-cpp-server.log", "w"))  # noqa: SIM115
+            logs.append(open(base / "llama-cpp-server.log", "w"))
             print("starting llama_cpp.server ...", flush=True)
             peer_proc, servers["llama_cpp_server"] = start_llama_cpp_server(gguf, args.threads, args.n_ctx, logs[-1])
         for c in concurrencies:

@@ -40,10 +40,20 @@ from pathlib import Path
 from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import llm_cpu  # noqa: E402
-from llm_cpu import (  # noqa: E402
-    ROOT, TOKENIZER_DIR, BenchError, Server, Workload, check_peers, compare, http_json, measure, pooled,
-    stop_process, wait_for,
+import llm_cpu
+from llm_cpu import (
+    ROOT,
+    TOKENIZER_DIR,
+    BenchError,
+    Server,
+    Workload,
+    check_peers,
+    compare,
+    http_json,
+    measure,
+    pooled,
+    stop_process,
+    wait_for,
 )
 
 MODEL = "smollm2-135m-instruct-vllm"
@@ -55,7 +65,6 @@ ENGINE = {"max_model_len": 2048, "max_num_seqs": 16, "enforce_eager": True, "dty
 def our_repository() -> Path:
     """The test model repository (.cache/test-models) with the vllm demo model prepared."""
     from modelrepo import CACHE, PREPARE_TIMEOUT_S, prepare_command
-
     from unimodel.models import CATALOG, is_prepared
 
     if not is_prepared(CACHE, CATALOG[MODEL]):
@@ -181,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {(w, c): [] for w in SERVERS for c in concurrencies}
     servers: dict[str, Server] = {}
     peer = cluster = None
-    logs = [open(work / "unimodel-cluster.log", "w"), open(work / "vllm-serve.log", "w")]  # noqa: SIM115
+    logs = [open(work / "unimodel-cluster.log", "w"), open(work / "vllm-serve.log", "w")]
     try:
         print(f"starting the UniModel cluster with {MODEL} on a vllm worker ...", flush=True)
         cluster, servers["unimodel"] = start_ours(work / "state", logs[0])

@@ -39,7 +39,7 @@ def run_one(workers: int, args: argparse.Namespace, repository: Path) -> dict[st
     from unimodel.local.procs import free_port, wait_until
 
     with tempfile.TemporaryDirectory() as tmp:
-        log = open(Path(tmp) / "cluster.log", "w")  # noqa: SIM115
+        log = open(Path(tmp) / "cluster.log", "w")
         cfg = ClusterConfig(
             state_dir=Path(tmp) / "state", http_port=free_port(), grpc_port=free_port(), nats_port=free_port(),
             etcd_port=free_port(), workers=workers, log_level="warning", model_repository=repository,

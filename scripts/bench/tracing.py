@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "tracing.json"))
     args = p.parse_args(argv)
     from modelrepo import prepared_repository
-
     from unimodel.local.cluster import ClusterConfig, LocalCluster
     from unimodel.local.procs import free_port, wait_until
 
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         clusters: dict[str, tuple[LocalCluster, ClusterConfig]] = {}
-        log = open(Path(tmp) / "clusters.log", "w")  # noqa: SIM115
+        log = open(Path(tmp) / "clusters.log", "w")
         try:
             for mode in ("off", "on"):
                 env = {} if mode == "off" else {

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
-from support import Infra, Services
 
+from support import Infra, Services
 from unimodel.gateway.chat_page import load_page
 
 MODEL = "smollm2-135m-instruct"

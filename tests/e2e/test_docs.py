@@ -23,10 +23,10 @@ import pytest
 import sklearn.datasets
 
 from docexamples import REPO_ROOT, Example, all_examples, with_ports
-from up_process import ctrl_c, kill_if_running
 from unimodel.local.cluster import state_dir_holder
 from unimodel.local.procs import free_port, wait_until
 from unimodel.models import CATALOG, is_prepared
+from up_process import ctrl_c, kill_if_running
 
 STATUS = "@@http-status"
 RUNNABLE = [ex for ex in all_examples() if ex.not_run_reason() is None]

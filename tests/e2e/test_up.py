@@ -8,8 +8,8 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -20,8 +20,8 @@ import pytest
 import sklearn.datasets
 
 from process_tree import alive, descendants
-from up_process import ctrl_c, kill_if_running, status_json
 from unimodel.local.procs import free_port, http_ok, wait_until
+from up_process import ctrl_c, kill_if_running, status_json
 
 
 class PredictLoad:

@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from support import Infra, Services
 
+from support import Infra, Services
 from unimodel.local.procs import ManagedProcess, MilvusLiteServer, free_port, http_ok, wait_until
 
 EMBEDDER = "all-minilm-l6-v2"

@@ -19,9 +19,10 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
 from modelrepo import REPO_ROOT
 from support import Infra, Services
-from tritonclient.utils import InferenceServerException
 
 MODELS = "identity,mlp"
 PERF_ANALYZER = REPO_ROOT / ".venv-peers" / "bin" / "perf_analyzer"

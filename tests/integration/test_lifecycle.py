@@ -6,7 +6,6 @@ import asyncio
 import time
 
 from support import Infra
-
 from unimodel.core.membership import instance_key
 from unimodel.core.store import EtcdStore
 from unimodel.local.procs import free_port

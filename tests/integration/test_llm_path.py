@@ -16,13 +16,13 @@ from pathlib import Path
 
 import grpc
 import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 import nats
 import openai
 import pytest
 import yaml
-from support import Infra, Services
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from support import Infra, Services
 from unimodel.local.procs import ManagedProcess, free_port, http_ok, wait_until
 from unimodel.v1 import generate_pb2, inference_pb2, services_pb2_grpc
 

@@ -9,8 +9,8 @@ import time
 
 import httpx
 import pytest
-from support import Infra, Services, etcd_instances, router_view
 
+from support import Infra, Services, etcd_instances, router_view
 from unimodel.local.procs import wait_until
 
 ALL_KINDS = sorted(["gateway", "router", "batcher", "cache", "embedding-worker", "gpu-worker"])

@@ -19,8 +19,8 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from support import Services, router_view
 
+from support import Services, router_view
 from unimodel.local.procs import ManagedProcess, wait_until
 
 CONCURRENCY = 6

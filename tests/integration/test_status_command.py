@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import httpx
-from support import Infra, Services
 
+from support import Infra, Services
 from unimodel.core.kinds import SERVICE_KINDS
 from unimodel.local.procs import free_port
 

@@ -12,8 +12,8 @@ import nats
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from support import Infra, Services
 
+from support import Infra, Services
 from unimodel.core import modelconfig, subjects
 from unimodel.core.bus import raise_for_error_headers
 from unimodel.core.errors import InvalidArgument, NotFound, UnimodelError

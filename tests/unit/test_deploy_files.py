@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import promql_parser
 import pytest
 import yaml
+
 from deploy_checks import (
     COMPOSE_FILE,
     DASHBOARD_FILE,
@@ -44,7 +45,6 @@ from deploy_checks import (
     scrape_targets,
     unimodel_services,
 )
-
 from unimodel.cli import COMMANDS
 from unimodel.core.settings import CommonSettings, env_name, registered_settings
 from unimodel.local.cluster import SERVICES

@@ -18,9 +18,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_checks import K8S_DIR, KustomizeError, kustomize
 
 import unimodel
+from deploy_checks import K8S_DIR, KustomizeError, kustomize
 from unimodel.cli import COMMANDS
 from unimodel.core.settings import CommonSettings, env_name, load_settings, registered_settings
 from unimodel.local.cluster import SERVICES

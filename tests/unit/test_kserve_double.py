@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from unimodel.gateway.auth import ApiKeys
 from unimodel.core import errors, modelconfig, tensors
 from unimodel.core.context import RequestContext
+from unimodel.gateway.auth import ApiKeys
 from unimodel.gateway.statistics import ModelStatistics
 from unimodel.v1 import inference_pb2, model_pb2, tensor_pb2
 

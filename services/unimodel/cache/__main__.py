@@ -1,8 +1,8 @@
 import sys
 
-from unimodel.core.lifecycle import run_service
 from unimodel.cache.service import CacheService
 from unimodel.cache.settings import CacheSettings
+from unimodel.core.lifecycle import run_service
 
 
 def main(argv: list[str] | None = None) -> int:

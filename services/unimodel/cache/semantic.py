@@ -29,7 +29,13 @@ import numpy as np
 from unimodel.cache import guard
 from unimodel.cache.entries import Entry, EntryStore, LogRecord, NewEntry
 from unimodel.cache.querytext import (
-    QueryText, QueryTextError, Turn, embedding_text_of, query_text, scope_key, threshold_for,
+    QueryText,
+    QueryTextError,
+    Turn,
+    embedding_text_of,
+    query_text,
+    scope_key,
+    threshold_for,
 )
 from unimodel.cache.vectors import VectorIndex, VectorStoreError
 from unimodel.core import errors

@@ -11,15 +11,15 @@ from typing import TypeVar
 
 import grpc
 import uvicorn
-from prometheus_client import CollectorRegistry
 from google.protobuf import struct_pb2
+from prometheus_client import CollectorRegistry
 
 from unimodel.core import errors, generation_rules, modelconfig, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.kinds import WORKER_KINDS
 from unimodel.core.lifecycle import FatalError, Service
-from unimodel.core.replies import ReplyMux
 from unimodel.core.membership import Discovery, instances_prefix, model_key, models_prefix
+from unimodel.core.replies import ReplyMux
 from unimodel.core.store import StoreError
 from unimodel.gateway import catalog
 from unimodel.gateway.admin import registration
@@ -35,7 +35,6 @@ from unimodel.gateway.statistics import ModelStatistics
 from unimodel.gateway.stream_watch import StreamWatch
 from unimodel.gateway.traces import GrpcTracingInterceptor
 from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2
-
 
 STREAM_SILENCE_S = 1.0
 """A worker none of whose generations sent anything for this long is asked whether it is alive."""

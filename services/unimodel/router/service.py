@@ -18,13 +18,14 @@ from unimodel.core.context import RequestContext
 from unimodel.core.grpc_server import maps_errors
 from unimodel.core.kinds import WORKER_KINDS
 from unimodel.core.lifecycle import Service
-from unimodel.core.tracing import Attr
 from unimodel.core.membership import Discovery, instances_prefix, models_prefix
+from unimodel.core.tracing import Attr
 from unimodel.router.metrics import NO_WORKER, NOT_SERVED, OK, OTHER_MODEL, RETRIED, RouterMetrics
 from unimodel.router.placement import Command, Planner
 from unimodel.router.policy import WorkerTable
 from unimodel.router.settings import RouterSettings
 from unimodel.v1 import inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
+
 
 def _worker_info(raw: bytes) -> registry_pb2.InstanceInfo | None:
     """A worker's registration; None (ignored by Discovery) for the other services' instances."""

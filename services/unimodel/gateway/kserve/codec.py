@@ -29,7 +29,6 @@ from unimodel.core.modelconfig import DATATYPES
 from unimodel.gateway import json_body
 from unimodel.v1 import inference_pb2, model_pb2, tensor_pb2
 
-
 _U32 = struct.Struct("<I")
 _INT_KINDS = frozenset("iu")
 # gRPC InferTensorContents field holding each datatype's typed values (FP16 has none: raw only).

@@ -25,7 +25,6 @@ from unimodel.gateway.kserve import codec, documents
 from unimodel.gateway.ports import KServePorts
 from unimodel.gateway.traces import reply_metadata
 
-
 API = "kserve_grpc"  # the `api` label of the gateway's request metrics
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 

@@ -29,12 +29,11 @@ from unimodel import __version__
 from unimodel.core import errors, subjects
 from unimodel.core.modelconfig import DATATYPES
 from unimodel.gateway import json_body
+from unimodel.gateway.auth import TENANT_HEADER
 from unimodel.gateway.http_context import http_context
 from unimodel.gateway.kserve import codec, documents
-from unimodel.gateway.ports import KServePorts
 from unimodel.gateway.kserve.errors import JSON, Headers, error_response, error_result, response
-from unimodel.gateway.auth import TENANT_HEADER
-
+from unimodel.gateway.ports import KServePorts
 
 log = logging.getLogger(__name__)
 API = "kserve_http"  # the `api` label of the gateway's request metrics

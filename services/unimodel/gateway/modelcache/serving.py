@@ -37,8 +37,21 @@ from unimodel.core.context import RequestContext
 from unimodel.gateway import json_body
 from unimodel.gateway.auth import TENANT_HEADER
 from unimodel.gateway.modelcache.protocol import (
-    BAD_REQUEST, INSERT_ERROR, INSERT_FAILED, MAX_FRAME_BYTES, QUERY_FAILED, REMOVE_FAILED, WS_BAD_FRAME, BadRequest,
-    delta, failure, insert_request, parse, query_error, query_request, remove_request,
+    BAD_REQUEST,
+    INSERT_ERROR,
+    INSERT_FAILED,
+    MAX_FRAME_BYTES,
+    QUERY_FAILED,
+    REMOVE_FAILED,
+    WS_BAD_FRAME,
+    BadRequest,
+    delta,
+    failure,
+    insert_request,
+    parse,
+    query_error,
+    query_request,
+    remove_request,
 )
 from unimodel.gateway.ports import ModelCachePorts
 

@@ -22,11 +22,10 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from unimodel.core import errors
-from unimodel.core.modelconfig import TEXT_EMBEDDING
 from unimodel.core.context import RequestContext
+from unimodel.core.modelconfig import TEXT_EMBEDDING
 from unimodel.core.value_arrays import embeddings_of, texts_value
 from unimodel.gateway.ports import OpenAiPorts
-
 
 MAX_INPUTS = 2048  # OpenAI's limit of texts per request
 

@@ -26,7 +26,11 @@ from unimodel.gateway.generation_stream import Generation
 from unimodel.gateway.http_context import http_context, starlette_header
 from unimodel.gateway.openai.errors import error_event, openai_error
 from unimodel.gateway.openai.protocol import (
-    AnswerShape, ChatCompletionBody, CompletionBody, chat_request, completion_request,
+    AnswerShape,
+    ChatCompletionBody,
+    CompletionBody,
+    chat_request,
+    completion_request,
 )
 from unimodel.gateway.ports import OpenAiPorts
 from unimodel.v1 import cache_pb2, generate_pb2

@@ -13,7 +13,6 @@ from unimodel.gateway.traces import reply_metadata
 from unimodel.v1 import generate_pb2, inference_pb2, services_pb2_grpc
 
 
-
 class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
     def __init__(self, gw: UnifiedPorts) -> None:
         self.gw = gw

@@ -170,7 +170,7 @@ def _route_native_logs(llama_cpp: Any) -> None:
                 message = text.decode("utf-8", "replace").rstrip()
                 if message:
                     native_log.log(lvl, "%s", message)
-        except Exception:  # noqa: BLE001 - a log line must never break the native caller
+        except Exception:
             pass
 
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))

@@ -377,11 +377,11 @@ async def _abort(engine: Any, stream: Any, rid: str) -> None:
     """Close vLLM's stream and abort the request (its generate aborts on close too; abort is idempotent)."""
     try:
         await stream.aclose()
-    except Exception:  # noqa: BLE001 - best effort: the abort below is what frees the sequence
+    except Exception:
         pass
     try:
         await engine.abort(rid)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.warning("vLLM abort of %s failed: %s", rid, exc)
 
 
