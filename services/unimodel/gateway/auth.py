@@ -11,7 +11,8 @@ header, so every route reads the verified tenant from that header and it travels
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 import grpc
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -108,7 +109,11 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: ApiKeys) -> None:
         self.keys = keys
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
         if handler_call_details.method.startswith(OPEN_GRPC):
             return await continuation(handler_call_details)
         try:
@@ -121,10 +126,10 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
 def _deny(err: errors.UnimodelError, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     from unimodel.core.grpc_server import status_trailers
 
-    async def abort(request, context):  # type: ignore[no-untyped-def]
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, err.message, trailing_metadata=status_trailers(err))
 
-    async def abort_stream(request, context):  # type: ignore[no-untyped-def]
+    async def abort_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, err.message, trailing_metadata=status_trailers(err))
         yield  # pragma: no cover  (makes this an async generator for server-streaming methods)
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from unimodel.core import errors, subjects, tracing
 from unimodel.core.bus import Bus
@@ -17,6 +20,9 @@ from unimodel.v1 import cache_pb2, generate_pb2
 log = logging.getLogger("unimodel.gateway.cache")
 
 HIT, MISS, BYPASSED = "hit", "miss", "bypassed"
+
+
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(slots=True)
@@ -32,7 +38,7 @@ class CacheClient:
         self.timeout_s = timeout_s
         self._writes: set[asyncio.Task[None]] = set()
 
-    async def _call(self, subject: str, request, reply_type, ctx: RequestContext, timeout_s: float):  # type: ignore[no-untyped-def]
+    async def _call(self, subject: str, request: Message, reply_type: type[M], ctx: RequestContext, timeout_s: float) -> M:
         raw = await self.bus.request(subject, request.SerializeToString(), ctx, timeout_s=timeout_s)
         return reply_type.FromString(raw)
 

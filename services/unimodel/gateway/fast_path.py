@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -17,7 +18,7 @@ from unimodel.gateway.unified.errors import Headers, error_result
 from unimodel.gateway.unified.http import run_predict
 
 
-class FastPorts(UnifiedPorts, KServePorts, ModelCachePorts):
+class FastPorts(UnifiedPorts, KServePorts, ModelCachePorts, Protocol):
     """What the fast path serves: :predict, KServe infer, ModelCache."""
 
 

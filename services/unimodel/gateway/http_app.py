@@ -4,6 +4,7 @@ families do not answer themselves), health and metrics routes. The API families 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,7 +20,7 @@ from unimodel.gateway.unified.errors import JsonResponse, error_response, routin
 log = logging.getLogger(__name__)
 
 
-class HttpAppPorts(ModelView, Metrics):
+class HttpAppPorts(ModelView, Metrics, Protocol):
     """Readiness and the metrics registry."""
 
 

@@ -61,9 +61,11 @@ def field_path(loc: Sequence[int | str]) -> str:
 
 def invalid_field(exc: ValidationError) -> errors.InvalidArgument:
     """The first validation error as `<field>: <what is wrong>`."""
-    first = exc.errors()[0] if exc.errors() else {}
-    where = field_path(first.get("loc", ()))
-    return errors.InvalidArgument(f"{where}: {first.get('msg', 'invalid value')}", field=where)
+    details = exc.errors()
+    if not details:
+        return errors.InvalidArgument("body: invalid value", field="body")
+    where = field_path(details[0]["loc"])
+    return errors.InvalidArgument(f"{where}: {details[0]['msg']}", field=where)
 
 
 def openapi_body(

@@ -7,7 +7,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import uvicorn
@@ -55,7 +55,7 @@ class GatewayService(Service):
     kind = "gateway"
     settings: GatewaySettings
 
-    def __init__(self, settings: GatewaySettings, **kw) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, settings: GatewaySettings, **kw: Any) -> None:
         super().__init__(settings, **kw)
         self.replies = ReplyMux(self.bus, self.id)  # answers of batch-path requests, singly or in ReplyBatches
         self.cache = CacheClient(self.bus, settings.cache_timeout_s)

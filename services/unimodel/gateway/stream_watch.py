@@ -17,8 +17,11 @@ from typing import Protocol
 
 
 class Watched(Protocol):
-    worker_id: str
-    last_seen: float  # perf_counter() of its last message from the worker
+    @property
+    def worker_id(self) -> str: ...
+    @property
+    def last_seen(self) -> float:
+        """perf_counter() of its last message from the worker."""
 
     def worker_lost(self, reason: str) -> None: ...
 

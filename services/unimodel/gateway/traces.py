@@ -147,14 +147,14 @@ class GrpcTracingInterceptor(grpc.aio.ServerInterceptor):
             span = tracing.start(method[1:], parent, tracing.SERVER, attributes, root=True)
             return span, grpc_traceparent.set(tracing.traceparent_of(span) if span is not None else parent)
 
-        def end(span: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        def end(span: Any, context: grpc.aio.ServicerContext, error: BaseException | str | None) -> None:
             if span is None:
                 return
             code = context.code() if hasattr(context, "code") else None
             if code is not None and not isinstance(code, int):
                 span.set_attribute(Attr.RPC_GRPC_STATUS, code.value[0])
                 if code != grpc.StatusCode.OK and error is None:
-                    error = code.name  # type: ignore[assignment]
+                    error = code.name
             tracing.finish(span, error)
 
         if handler.unary_unary is not None:

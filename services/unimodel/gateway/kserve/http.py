@@ -17,6 +17,7 @@ import logging
 import re
 import zlib
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 import orjson
@@ -321,7 +322,7 @@ def _model_ready(gw: KServePorts, model: str, version: str) -> tuple[int, dict[s
 
 def register_kserve_routes(app: FastAPI, gw: KServePorts) -> None:
     """Add the KServe v2 routes to the gateway's FastAPI app (documented in its OpenAPI)."""
-    tags = ["kserve v2"]
+    tags: list[str | Enum] = ["kserve v2"]
 
     def guarded(fn: Callable[[], Response]) -> Response:
         try:

@@ -71,6 +71,7 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 async def generate(gw: OpenAiPorts, request: Request, chat: bool) -> Response:
     try:
         raw = await request.body()
+        body: ChatCompletionBody | CompletionBody
         if chat:
             body = json_body.parse_model(raw, ChatCompletionBody)
             req = chat_request(body, request.headers.get("x-session-id", ""))
@@ -81,7 +82,7 @@ async def generate(gw: OpenAiPorts, request: Request, chat: bool) -> Response:
         ctx = http_context(header, gw.settings.generate_timeout_s)
         lookup: Lookup | None = None
         scope = None
-        if chat and _cache_wanted(gw, req.model, body.cache, header("x-unimodel-cache")):
+        if isinstance(body, ChatCompletionBody) and _cache_wanted(gw, req.model, body.cache, header("x-unimodel-cache")):
             scope = cache_pb2.CacheScope(model=req.model, tenant=ctx.tenant)
             lookup = await gw.cache.lookup(scope, list(req.messages), ctx)
             gw.stats.cache(req.model, lookup.outcome)

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.core.grpc_server import maps_errors, status_trailers
+from unimodel.gateway.generation_stream import Generation
 from unimodel.gateway.ports import UnifiedPorts
 from unimodel.gateway.traces import reply_metadata
 from unimodel.v1 import generate_pb2, inference_pb2, services_pb2_grpc
@@ -24,7 +27,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
 
     async def _start(
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ):  # type: ignore[no-untyped-def]
+    ) -> tuple[RequestContext, Generation]:
         ctx = self._context(context, self.gw.settings.generate_timeout_s)
         if not request.session:
             for key, value in context.invocation_metadata() or ():
@@ -34,9 +37,9 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
         gen = await self.gw.generate(request, ctx, api="grpc", tenant=ctx.tenant)
         return ctx, gen
 
-    async def Generate(  # noqa: N802
+    async def Generate(  # noqa: N802  (gRPC method names are CamelCase)
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ):  # type: ignore[no-untyped-def]
+    ) -> AsyncIterator[generate_pb2.GenerateChunk]:
         """Server-streaming generation: seq 0 (accepted, with the path), then the chunks. A cancelled
         call closes the generation, which aborts it on the worker."""
         try:
@@ -59,7 +62,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
             await gen.close("the gRPC call ended")
 
     @maps_errors
-    async def GenerateUnary(  # noqa: N802
+    async def GenerateUnary(  # noqa: N802  (gRPC method names are CamelCase)
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generate_pb2.GenerateResponse:
         ctx, gen = await self._start(request, context)
@@ -74,7 +77,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
         )
 
     @maps_errors
-    async def Predict(  # noqa: N802
+    async def Predict(  # noqa: N802  (gRPC method names are CamelCase)
         self, request: inference_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.PredictResponse:
         ctx = self._context(context, self.gw.settings.request_timeout_s)
@@ -84,7 +87,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
         return reply
 
     @maps_errors
-    async def ListModels(  # noqa: N802
+    async def ListModels(  # noqa: N802  (gRPC method names are CamelCase)
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
         out = inference_pb2.ListModelsResponse()
