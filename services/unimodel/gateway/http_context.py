@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from unimodel.core.context import RequestContext
 from unimodel.gateway.auth import TENANT_HEADER
@@ -17,7 +17,6 @@ def http_context(header: Callable[[str], str], timeout_s: float) -> RequestConte
     )
 
 
-def starlette_header(headers: object) -> Callable[[str], str]:
+def starlette_header(headers: Mapping[str, str]) -> Callable[[str], str]:
     """`header` for a Starlette Headers mapping."""
-    get = headers.get  # type: ignore[attr-defined]
-    return lambda name: get(name, "")
+    return lambda name: headers.get(name, "")

@@ -58,5 +58,7 @@ class CoalescingTransport:
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+    # uvicorn types its parameter as asyncio.Transport (narrower than BaseProtocol's BaseTransport), and
+    # CoalescingTransport is a stand-in that delegates to one, not a subclass
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # see above
+        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]  # see above

@@ -40,19 +40,19 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # health and metadata -------------------------------------------------------------------------
     @maps_errors
-    async def ServerLive(  # noqa: N802
+    async def ServerLive(  # noqa: N802  (gRPC method names)
         self, request: service_pb2.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ServerLiveResponse:
         return service_pb2.ServerLiveResponse(live=True)
 
     @maps_errors
-    async def ServerReady(  # noqa: N802
+    async def ServerReady(  # noqa: N802  (gRPC method names)
         self, request: service_pb2.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ServerReadyResponse:
         return service_pb2.ServerReadyResponse(ready=all(self.gw.readiness().values()))
 
     @maps_errors
-    async def ModelReady(  # noqa: N802
+    async def ModelReady(  # noqa: N802  (gRPC method names)
         self, request: service_pb2.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ModelReadyResponse:
         # As Triton: an unknown model or version is simply not ready.
@@ -66,14 +66,14 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=True)
 
     @maps_errors
-    async def ServerMetadata(  # noqa: N802
+    async def ServerMetadata(  # noqa: N802  (gRPC method names)
         self, request: service_pb2.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ServerMetadataResponse:
         doc = documents.server_metadata(__version__)
         return service_pb2.ServerMetadataResponse(name=doc["name"], version=doc["version"], extensions=doc["extensions"])
 
     @maps_errors
-    async def ModelMetadata(  # noqa: N802
+    async def ModelMetadata(  # noqa: N802  (gRPC method names)
         self, request: service_pb2.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ModelMetadataResponse:
         _check_name(request.name)
@@ -84,7 +84,7 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         return documents.model_metadata_proto(request.name, config)
 
     @maps_errors
-    async def ModelConfig(  # noqa: N802
+    async def ModelConfig(  # noqa: N802  (gRPC method names)
         self, request: service_pb2.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ModelConfigResponse:
         _check_name(request.name)
@@ -95,7 +95,7 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelConfigResponse(config=documents.model_config_proto(config))
 
     @maps_errors
-    async def ModelStatistics(  # noqa: N802
+    async def ModelStatistics(  # noqa: N802  (gRPC method names)
         self, request: service_pb2.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ModelStatisticsResponse:
         gw = self.gw
@@ -116,7 +116,7 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # inference -------------------------------------------------------------------------------------
     @maps_errors
-    async def ModelInfer(  # noqa: N802
+    async def ModelInfer(  # noqa: N802  (gRPC method names)
         self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ModelInferResponse:
         gw = self.gw
@@ -141,42 +141,42 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _unimplemented(self, what: str, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported by the UniModel gateway")
 
-    async def ModelStreamInfer(  # noqa: N802
+    async def ModelStreamInfer(  # noqa: N802  (gRPC method names)
         self, request_iterator: AsyncIterator[service_pb2.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> Any:
         await self._unimplemented("streaming inference (ModelStreamInfer)", context)
 
-    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802  (gRPC method names)
         await self._unimplemented("the model repository extension", context)
 
-    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802  (gRPC method names)
         await self._unimplemented("the model repository extension (register models with POST /v1/models)", context)
 
-    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802  (gRPC method names)
         await self._unimplemented("the model repository extension", context)
 
-    async def SystemSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def SystemSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802  (gRPC method names)
         await self._unimplemented("system shared memory", context)
 
-    async def SystemSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def SystemSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802  (gRPC method names)
         await self._unimplemented("system shared memory", context)
 
-    async def SystemSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def SystemSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802  (gRPC method names)
         await self._unimplemented("system shared memory", context)
 
-    async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802  (gRPC method names)
         await self._unimplemented("CUDA shared memory", context)
 
-    async def CudaSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def CudaSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802  (gRPC method names)
         await self._unimplemented("CUDA shared memory", context)
 
-    async def CudaSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def CudaSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802  (gRPC method names)
         await self._unimplemented("CUDA shared memory", context)
 
-    async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802  (gRPC method names)
         await self._unimplemented("trace settings", context)
 
-    async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802  (gRPC method names)
         await self._unimplemented("log settings", context)
 
 

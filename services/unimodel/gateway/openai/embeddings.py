@@ -45,14 +45,15 @@ def _texts(body: EmbeddingBody) -> list[str]:
     texts = [value] if isinstance(value, str) else value
     if not texts:
         raise errors.InvalidArgument("input must not be empty", field="input")
-    if not all(isinstance(t, str) for t in texts):
+    strings = [t for t in texts if isinstance(t, str)]
+    if len(strings) != len(texts):
         raise errors.InvalidArgument("input: token arrays are not supported; send text", field="input")
     if len(texts) > MAX_INPUTS:
         raise errors.InvalidArgument(f"input has {len(texts)} texts; at most {MAX_INPUTS}", field="input")
-    for i, t in enumerate(texts):
+    for i, t in enumerate(strings):
         if not t:
             raise errors.InvalidArgument(f"input[{i}] is an empty string", field="input")
-    return texts  # type: ignore[return-value]
+    return strings
 
 
 def _check_model(gw: OpenAiPorts, name: str) -> int:
