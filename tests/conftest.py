@@ -25,6 +25,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def model_repository() -> Path:
     """The prepared test model repository (<repo>/.cache/test-models; built once per clone)."""
-    from modelrepo import prepared_repository
+    from helpers.modelrepo import prepared_repository
 
     return prepared_repository()

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.json:
         args.json = str(ROOT / "docs" / "benchmarks" / ("batching.json" if args.protocol == "http" else "batching-grpc.json"))
-    from modelrepo import prepared_repository
+    from helpers.modelrepo import prepared_repository
     from unimodel.local.cluster import ClusterConfig, LocalCluster
     from unimodel.local.procs import free_port, wait_until
 

@@ -195,7 +195,7 @@ def main() -> int:
     origins = [m["origin"] for m in mock]
     filler_base = [q["a"] for q in qqp] + [q["b"] for q in qqp]
     filler = [f"{filler_base[k % len(filler_base)]} (variant {k // len(filler_base)})" for k in range(args.entries - len(origins))]
-    from modelrepo import prepared_repository
+    from helpers.modelrepo import prepared_repository
 
     raw = RawOrt(prepared_repository())
     raw_single = raw.single([m["similar"] for m in mock[: args.queries]])

@@ -37,7 +37,7 @@ EMBEDDER = "all-minilm-l6-v2"
 
 
 def start_cluster(tmp: Path):  # type: ignore[no-untyped-def]
-    from modelrepo import prepared_repository
+    from helpers.modelrepo import prepared_repository
     from unimodel.local.cluster import ClusterConfig, LocalCluster
     from unimodel.local.procs import free_port, wait_until
 

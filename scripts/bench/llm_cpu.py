@@ -206,7 +206,7 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 def our_repository() -> Path:
     """The test model repository (.cache/test-models) with the SmolLM2 model prepared (only that one)."""
-    from modelrepo import CACHE, PREPARE_TIMEOUT_S, prepare_command
+    from helpers.modelrepo import CACHE, PREPARE_TIMEOUT_S, prepare_command
     from unimodel.models import CATALOG, is_prepared
 
     if MODEL not in CATALOG:

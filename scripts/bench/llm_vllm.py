@@ -64,7 +64,7 @@ ENGINE = {"max_model_len": 2048, "max_num_seqs": 16, "enforce_eager": True, "dty
 
 def our_repository() -> Path:
     """The test model repository (.cache/test-models) with the vllm demo model prepared."""
-    from modelrepo import CACHE, PREPARE_TIMEOUT_S, prepare_command
+    from helpers.modelrepo import CACHE, PREPARE_TIMEOUT_S, prepare_command
     from unimodel.models import CATALOG, is_prepared
 
     if not is_prepared(CACHE, CATALOG[MODEL]):
@@ -143,7 +143,7 @@ def start_vllm_serve(folder: Path, log: IO[str]) -> tuple[subprocess.Popen[bytes
 
 def _descendants(pid: int) -> list[int]:
     sys.path.insert(0, str(ROOT / "tests"))
-    from process_tree import descendants
+    from helpers.process_tree import descendants
 
     return sorted(descendants(pid))
 

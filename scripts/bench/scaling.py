@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval-ms", type=int, default=5000)
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "scaling.json"))
     args = p.parse_args(argv)
-    from modelrepo import prepared_repository
+    from helpers.modelrepo import prepared_repository
 
     repository = prepared_repository()
     counts = [int(n) for n in args.workers.split(",")]

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-ratio", type=float, default=1.0, help="UNIMODEL_OTEL_SAMPLE_RATIO of the traced cluster")
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "tracing.json"))
     args = p.parse_args(argv)
-    from modelrepo import prepared_repository
+    from helpers.modelrepo import prepared_repository
     from unimodel.local.cluster import ClusterConfig, LocalCluster
     from unimodel.local.procs import free_port, wait_until
 

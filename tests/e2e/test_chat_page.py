@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
 
-from support import Infra, Services
+from helpers.support import Infra, Services
 from unimodel.gateway.chat_page import load_page
 
 MODEL = "smollm2-135m-instruct"

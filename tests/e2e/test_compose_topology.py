@@ -30,9 +30,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy_checks import DOCKERFILES, compose, dockerfile_stages, environment, unimodel_services
-from otlp_receiver import OtlpReceiver
-from support import Infra
+from helpers.deploy_checks import DOCKERFILES, compose, dockerfile_stages, environment, unimodel_services
+from helpers.otlp_receiver import OtlpReceiver
+from helpers.support import Infra
 from unimodel.local.cluster import SERVICES
 from unimodel.local.procs import ManagedProcess, MilvusLiteServer, free_port, http_ok, wait_until
 

@@ -5,7 +5,7 @@ Shell commands run in bash with the venv's `unimodel` and `python` first on PATH
 `photo.jpg` the README's image example reads. curl's answers are checked through curl's own config file
 ($CURL_HOME/.curlrc adds a `--write-out` line with the HTTP status), so the commands stay as written.
 An example must succeed (HTTP 2xx, no error object, exit status 0) unless its comment says
-`# fails: <status> <CODE>`; then it must fail exactly so. tests/docexamples.py reads the docs.
+`# fails: <status> <CODE>`; then it must fail exactly so. tests/helpers/docexamples.py reads the docs.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import httpx
 import pytest
 import sklearn.datasets
 
-from docexamples import REPO_ROOT, Example, all_examples, with_ports
+from helpers.docexamples import REPO_ROOT, Example, all_examples, with_ports
+from helpers.up_process import ctrl_c, kill_if_running
 from unimodel.local.cluster import state_dir_holder
 from unimodel.local.procs import free_port, wait_until
 from unimodel.models import CATALOG, is_prepared
-from up_process import ctrl_c, kill_if_running
 
 STATUS = "@@http-status"
 RUNNABLE = [ex for ex in all_examples() if ex.not_run_reason() is None]

@@ -19,9 +19,9 @@ import httpx
 import pytest
 import sklearn.datasets
 
-from process_tree import alive, descendants
+from helpers.process_tree import alive, descendants
+from helpers.up_process import ctrl_c, kill_if_running, status_json
 from unimodel.local.procs import free_port, http_ok, wait_until
-from up_process import ctrl_c, kill_if_running, status_json
 
 
 class PredictLoad:

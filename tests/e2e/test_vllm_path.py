@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 
-from process_tree import alive, descendants
+from helpers.process_tree import alive, descendants
+from helpers.up_process import ctrl_c, kill_if_running, status_json
 from unimodel.local.procs import free_port, http_ok, wait_until
-from up_process import ctrl_c, kill_if_running, status_json
 
 VLLM_PYTHON = Path(sys.prefix).parent / ".venv-vllm" / "bin" / "python"
 MODEL = "smollm2-135m-instruct-vllm"

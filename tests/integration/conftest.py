@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Infra, Services
+from helpers.support import Infra, Services
 
 
 @pytest.fixture

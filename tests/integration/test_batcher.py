@@ -20,7 +20,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from support import Infra, Services
+from helpers.support import Infra, Services
 from unimodel.core import errors, modelconfig, subjects
 from unimodel.core.bus import raise_for_error_headers
 from unimodel.core.membership import model_key

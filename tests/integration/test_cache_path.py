@@ -21,7 +21,7 @@ import numpy as np
 import openai
 import pytest
 
-from support import Infra, Services
+from helpers.support import Infra, Services
 from unimodel.local.procs import ManagedProcess, MilvusLiteServer, free_port, http_ok, wait_until
 
 EMBEDDER = "all-minilm-l6-v2"

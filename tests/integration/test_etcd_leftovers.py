@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from support import Infra
+from helpers.support import Infra
 
 
 def test_revoking_the_leases_removes_the_dead_registrations_and_keeps_the_rest(tmp_path: Path) -> None:

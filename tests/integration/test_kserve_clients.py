@@ -21,8 +21,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from modelrepo import REPO_ROOT
-from support import Infra, Services
+from helpers.modelrepo import REPO_ROOT
+from helpers.support import Infra, Services
 
 MODELS = "identity,mlp"
 PERF_ANALYZER = REPO_ROOT / ".venv-peers" / "bin" / "perf_analyzer"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from support import Infra
+from helpers.support import Infra
 from unimodel.core.membership import instance_key
 from unimodel.core.store import EtcdStore
 from unimodel.local.procs import free_port

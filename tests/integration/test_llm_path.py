@@ -22,7 +22,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from support import Infra, Services
+from helpers.support import Infra, Services
 from unimodel.local.procs import ManagedProcess, free_port, http_ok, wait_until
 from unimodel.v1 import generate_pb2, inference_pb2, services_pb2_grpc
 

@@ -20,7 +20,7 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
-from modelrepo import REPO_ROOT, prepare_command
+from helpers.modelrepo import REPO_ROOT, prepare_command
 from unimodel.core import errors, modelconfig
 from unimodel.models import CATALOG, STAMP_FILE
 from unimodel.models.common import check_onnx, onnx_ops

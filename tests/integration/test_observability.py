@@ -20,9 +20,9 @@ import grpc
 import httpx
 import pytest
 
-from deploy_checks import dashboard_metric_names
-from otlp_receiver import OtlpReceiver, Span
-from support import Infra, Services
+from helpers.deploy_checks import dashboard_metric_names
+from helpers.otlp_receiver import OtlpReceiver, Span
+from helpers.support import Infra, Services
 from unimodel.core.values import to_value
 from unimodel.local.procs import MilvusLiteServer, free_port, http_ok, wait_until
 from unimodel.v1 import inference_pb2, services_pb2_grpc

@@ -1,4 +1,4 @@
-"""Span export against real OTLP receivers on local ports (tests/otlp_receiver.py): the standard OTEL_*
+"""Span export against real OTLP receivers on local ports (tests/helpers/otlp_receiver.py): the standard OTEL_*
 variables, headers, gzip, TLS with a custom CA, and the bounded retry (HTTP 429/502/503/504 and connection
 errors, Retry-After; gRPC UNAVAILABLE and RetryInfo). The export is driven as a service drives it:
 telemetry.setup_tracing, spans made with tracing.start, the exporter's shutdown sending what is queued."""
@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from otlp_receiver import OtlpHttpReceiver, OtlpReceiver, Tls
+from helpers.otlp_receiver import OtlpHttpReceiver, OtlpReceiver, Tls
 from unimodel.core import otlp, telemetry, tracing
 from unimodel.local.procs import free_port
 

@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from support import Services, etcd_instances, router_view
+from helpers.support import Services, etcd_instances, router_view
 from unimodel.core.values import from_value, to_value
 from unimodel.v1 import errors_pb2, inference_pb2, services_pb2_grpc
 

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from support import Infra, Services, etcd_instances, router_view
+from helpers.support import Infra, Services, etcd_instances, router_view
 from unimodel.local.procs import wait_until
 
 ALL_KINDS = sorted(["gateway", "router", "batcher", "cache", "embedding-worker", "gpu-worker"])

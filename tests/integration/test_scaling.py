@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from support import Services, router_view
+from helpers.support import Services, router_view
 from unimodel.local.procs import ManagedProcess, wait_until
 
 CONCURRENCY = 6

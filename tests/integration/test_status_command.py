@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from support import Infra, Services
+from helpers.support import Infra, Services
 from unimodel.core.kinds import SERVICE_KINDS
 from unimodel.local.procs import free_port
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from generation import chat, check_stream, completion, demo_gguf
+from helpers.generation import chat, check_stream, completion, demo_gguf
 from unimodel.core import errors, modelconfig
 from unimodel.local.procs import ManagedProcess, free_port, wait_until
 from unimodel.v1 import generate_pb2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from generation import chat, check_stream
+from helpers.generation import chat, check_stream
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import generate_pb2
 from unimodel.worker.engines import create_engine, generative

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from support import Infra, Services
+from helpers.support import Infra, Services
 from unimodel.core import modelconfig, subjects
 from unimodel.core.bus import raise_for_error_headers
 from unimodel.core.errors import InvalidArgument, NotFound, UnimodelError

@@ -26,7 +26,7 @@ import promql_parser
 import pytest
 import yaml
 
-from deploy_checks import (
+from helpers.deploy_checks import (
     COMPOSE_FILE,
     DASHBOARD_FILE,
     DOCKERFILES,

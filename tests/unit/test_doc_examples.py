@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import docexamples
-from docexamples import Example, all_examples, examples, with_ports
+from helpers import docexamples
+from helpers.docexamples import Example, all_examples, examples, with_ports
 
 
 def test_every_not_run_entry_matches_an_example_and_the_rest_run() -> None:

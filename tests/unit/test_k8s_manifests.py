@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import unimodel
-from deploy_checks import K8S_DIR, KustomizeError, kustomize
+from helpers.deploy_checks import K8S_DIR, KustomizeError, kustomize
 from unimodel.cli import COMMANDS
 from unimodel.core.settings import CommonSettings, env_name, load_settings, registered_settings
 from unimodel.local.cluster import SERVICES

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from generation import chat, check_stream, completion, demo_gguf
+from helpers.generation import chat, check_stream, completion, demo_gguf
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker.engines import create_engine, generative

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from process_tree import alive
+from helpers.process_tree import alive
 from unimodel.local.procs import ManagedProcess
 from unimodel.local.supervisor import GiveUp, RestartPolicy, Supervisor
 

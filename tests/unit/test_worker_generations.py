@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from generation import demo_gguf
+from helpers.generation import demo_gguf
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import generate_pb2, inference_pb2
 from unimodel.worker.engines import create_engine

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from unimodel.models import CATALOG, is_prepared
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE = REPO_ROOT / ".cache" / "test-models"
 PREPARE_TIMEOUT_S = 900
 

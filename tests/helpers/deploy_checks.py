@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
 PROMETHEUS_FILE = ROOT / "compose" / "prometheus" / "prometheus.yml"
 GRAFANA_DIR = ROOT / "compose" / "grafana"

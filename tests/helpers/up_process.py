@@ -8,7 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
-from process_tree import alive, descendants
+from helpers.process_tree import alive, descendants
 from unimodel.local.procs import wait_until
 
 

@@ -19,7 +19,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS = ("README.md", "docs/api.md", "docs/operations.md", "docs/architecture.md", "docs/benchmarks.md")
 
 NOT_RUN: dict[str, str] = {
