@@ -7,7 +7,7 @@ Anything else that escapes is reported as INTERNAL with a generic message: never
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import grpc
 
@@ -49,7 +49,7 @@ GRPC_STATUS: dict[int, grpc.StatusCode] = {
 class UnimodelError(Exception):
     """Base of the error tree. ``retryable`` errors may succeed when sent again."""
 
-    code: ClassVar[int] = Code.INTERNAL
+    code: ClassVar[errors_pb2.ErrorCode] = Code.INTERNAL
     retryable: ClassVar[bool] = False
 
     def __init__(self, message: str, *, retry_after_s: float = 0.0, **metadata: str) -> None:
@@ -60,7 +60,7 @@ class UnimodelError(Exception):
 
     @property
     def code_name(self) -> str:
-        return Code.Name(self.code)
+        return cast(str, Code.Name(self.code))  # protobuf ships no type information: its enum wrapper is Any
 
     @property
     def http_status(self) -> int:

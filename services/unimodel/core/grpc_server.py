@@ -44,7 +44,7 @@ def maps_errors(method: F) -> F:
             err = errors.Internal("internal error")
         await context.abort(err.grpc_status, err.message, trailing_metadata=status_trailers(err))
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps method's signature; mypy cannot see it is F
 
 
 class GrpcServer:

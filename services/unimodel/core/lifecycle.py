@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ClassVar
 
 import grpc
@@ -201,8 +201,9 @@ class Service:
                 start.cancel()
                 await asyncio.wait({start}, timeout=0.5)
             await asyncio.gather(start, return_exceptions=True)
-            if not start.cancelled() and start.exception() is not None:
-                raise start.exception()  # type: ignore[misc]
+            failure = None if start.cancelled() else start.exception()
+            if failure is not None:
+                raise failure
             await stop_wait
         finally:
             stop_wait.cancel()
@@ -233,6 +234,7 @@ def run_service(service_cls: type[Service], settings_cls: type[CommonSettings], 
         settings_cls.service, settings.instance_id, settings.otel_exporter, settings.otel_endpoint,
         settings.otel_sample_ratio,
     )
+    runner: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
 

@@ -117,13 +117,14 @@ class Registration:
 
 
 class Discovery(Generic[T]):
-    """Mirror of every key under `prefix`, decoded with `decode`; `on_change(key, old, new)` per change."""
+    """Mirror of every key under `prefix`, decoded with `decode` (a key it decodes to None is left out);
+    `on_change(key, old, new)` per change."""
 
     def __init__(
         self,
         store: KeyValueStore,
         prefix: str,
-        decode: Callable[[bytes], T],
+        decode: Callable[[bytes], T | None],
         on_change: Callable[[str, T | None, T | None], None] | None = None,
     ) -> None:
         self.store = store

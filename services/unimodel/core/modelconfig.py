@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 from google.protobuf import json_format
@@ -67,7 +68,7 @@ def load(folder: Path) -> model_pb2.ModelConfig:
 def to_dict(config: model_pb2.ModelConfig) -> dict[str, object]:
     """Plain dict with int64 fields as numbers (protobuf's JSON mapping quotes them) and map fields in
     key order, so config.yaml files and JSON bodies are stable."""
-    data = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    data: dict[str, Any] = json_format.MessageToDict(config, preserving_proto_field_name=True)
     for kind in ("inputs", "outputs"):
         for spec in data.get(kind, []):
             if "dims" in spec:

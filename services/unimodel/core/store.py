@@ -9,14 +9,17 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aetcd
 import aetcd.exceptions
 import grpc
 
 log = logging.getLogger("unimodel.store")
+
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -96,10 +99,10 @@ class EtcdStore(KeyValueStore):
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return StoreError(f"etcd {failed}: {detail}")
 
-    async def _call(self, coro_fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    async def _call(self, call: Callable[[aetcd.Client], Awaitable[T]]) -> T:
         try:
             client = await self._get_client()
-            return await asyncio.wait_for(coro_fn(client, *args, **kwargs), self.call_timeout_s)
+            return await asyncio.wait_for(call(client), self.call_timeout_s)
         except _ERRORS as exc:
             raise await self._fail(exc) from None
 

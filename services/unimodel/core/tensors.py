@@ -138,8 +138,8 @@ def check_input(spec: model_pb2.TensorSpec, tensor: tensor_pb2.Tensor, max_batch
             f"input {spec.name!r} of model {model!r}: datatype {tensor.datatype or '(none)'}, expected {spec.datatype}",
             model=model, field=spec.name,
         )
-    shape = list(tensor.shape)
-    dims = list(spec.dims)
+    shape: list[int] = list(tensor.shape)
+    dims: list[int] = list(spec.dims)
     expected = (["-1"] if max_batch_size > 0 else []) + [str(d) for d in dims]
     want = ([-1] if max_batch_size > 0 else []) + dims
     if len(shape) != len(want) or any(w != -1 and w != s for w, s in zip(want, shape, strict=True)):

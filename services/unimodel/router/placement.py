@@ -28,7 +28,8 @@ def capable(config: model_pb2.ModelConfig, worker: registry_pb2.InstanceInfo) ->
     if worker.kind == EMBEDDING_WORKER and config.processing.kind != TEXT_EMBEDDING:
         return False
     if config.execution_provider == "cuda":
-        return worker.labels.get("cuda") == "true"
+        cuda: str | None = worker.labels.get("cuda")  # a protobuf map (the runtime ships no type information)
+        return cuda == "true"
     return True
 
 
@@ -95,7 +96,7 @@ class Planner:
                     # Hosted before this router knew (restart, or another router placed it): trust the
                     # worker's idempotence and send once so a changed config reloads.
                     pass
-                elif status is not None and status.state in (State.READY, State.LOADING) and sent[0] == want:
+                elif status is not None and status.state in (State.READY, State.LOADING) and sent is not None and sent[0] == want:
                     continue
                 elif status is not None and status.state == State.FAILED and sent is not None and sent[0] == want:
                     if now - sent[1] < self.retry_failed_s:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import cast
 
+import grpc
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
@@ -19,6 +21,7 @@ from unimodel.core.grpc_server import maps_errors
 from unimodel.core.kinds import WORKER_KINDS
 from unimodel.core.lifecycle import Service
 from unimodel.core.membership import Discovery, instances_prefix, models_prefix
+from unimodel.core.store import KeyValueStore
 from unimodel.core.tracing import Attr
 from unimodel.router.metrics import NO_WORKER, NOT_SERVED, OK, OTHER_MODEL, RETRIED, RouterMetrics
 from unimodel.router.placement import Command, Planner
@@ -45,18 +48,18 @@ class RouterService(Service):
     kind = "router"
     settings: RouterSettings
 
-    def __init__(self, settings: RouterSettings, **kw) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(settings, **kw)
+    def __init__(self, settings: RouterSettings, store: KeyValueStore | None = None) -> None:
+        super().__init__(settings, store)
         self.table = WorkerTable()
         self.stats = RouterMetrics(self.metrics.registry, self._worker_states)
         self._inflight: dict[str, set[asyncio.Task[object]]] = {}
-        self.workers = Discovery(
+        self.workers: Discovery[registry_pb2.InstanceInfo] = Discovery(
             self.store,
             instances_prefix(settings.etcd_prefix),
             _worker_info,
             self._on_worker_change,
         )
-        self.models = Discovery(
+        self.models: Discovery[model_pb2.ModelConfig] = Discovery(
             self.store, models_prefix(settings.etcd_prefix), model_pb2.ModelConfig.FromString, self._on_model_change
         )
         self.planner = Planner(retry_failed_s=max(5.0, 5 * settings.reconcile_interval_s))
@@ -217,7 +220,7 @@ class RouterService(Service):
                 self.table.set_load(worker_id, model, ack.load)
             ack.capacity = self.table.capacity(model)
             self.stats.batch(label, RETRIED if attempt else OK, time.perf_counter() - arrived)
-            return ack.SerializeToString()
+            return cast(bytes, ack.SerializeToString())  # protobuf's runtime ships no type information
         if tried:
             self.stats.batch(label, NO_WORKER, time.perf_counter() - arrived)
             raise errors.Unavailable(
@@ -270,7 +273,7 @@ class RouterService(Service):
             merged.worker_id = merged.worker_id or a.worker_id
         if first_error is not None and merged.succeeded == 0 and merged.failed == len(batch.items):
             raise first_error
-        return merged.SerializeToString()
+        return cast(bytes, merged.SerializeToString())  # protobuf's runtime ships no type information
 
     async def _route_batch(self, batch: inference_pb2.BatchRequest, ctx: RequestContext, first: str = "") -> bytes:
         """Send a (part of a) generation batch to `first`, retrying on another worker if it is lost."""
@@ -308,7 +311,9 @@ class _RouterApi(services_pb2_grpc.RouterServiceServicer):
         self.router = router
 
     @maps_errors
-    async def ListInstances(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def ListInstances(  # noqa: N802  (gRPC method names are CamelCase)
+        self, request: services_pb2.ListInstancesRequest, context: grpc.aio.ServicerContext
+    ) -> services_pb2.ListInstancesResponse:
         out = services_pb2.ListInstancesResponse()
         for iid, info in sorted(self.router.table.instances.items()):
             if request.kind and info.kind != request.kind:
