@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -50,10 +51,11 @@ class LoopHistogram:
 
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative (le, count) pairs, +Inf last."""
-        total, out = 0, []
-        for bound, n in zip((*self.bounds, float("inf")), list(self.counts)):
+        total = 0
+        out: list[tuple[str, float]] = []
+        for bound, n in zip((*self.bounds, float("inf")), list(self.counts), strict=True):
             total += n
-            out.append((floatToGoString(bound), total))
+            out.append((floatToGoString(bound), total))  # type: ignore[no-untyped-call]  # prometheus_client.utils is unannotated
         return out
 
 
@@ -91,6 +93,15 @@ class BatcherMetrics:
         self.rejected.labels(label, reason).inc(n)
 
 
+class _Families(NamedTuple):
+    depth: GaugeMetricFamily
+    inflight: GaugeMetricFamily
+    batch_rows: HistogramMetricFamily
+    queue_wait: HistogramMetricFamily
+    fill_ratio: HistogramMetricFamily
+    batches: CounterMetricFamily
+
+
 class _ScrapeCollector(Collector):
     """Everything read at scrape time: queue depth, in-flight batches and the hot-path series."""
 
@@ -99,38 +110,38 @@ class _ScrapeCollector(Collector):
         self.series = series
 
     @staticmethod
-    def _families() -> dict[str, Metric]:
-        return {
-            "depth": GaugeMetricFamily(
+    def _families() -> _Families:
+        return _Families(
+            depth=GaugeMetricFamily(
                 "unimodel_batcher_queue_depth", "Requests waiting in the batcher's queues", labels=["model"]
             ),
-            "inflight": GaugeMetricFamily(
+            inflight=GaugeMetricFamily(
                 "unimodel_batcher_inflight_batches", "Batches dispatched and not yet acknowledged", labels=["model"]
             ),
-            "batch_rows": HistogramMetricFamily(
+            batch_rows=HistogramMetricFamily(
                 "unimodel_batcher_batch_rows",
                 "Rows per dispatched batch (each request adds its rows along the batch dimension)",
                 labels=["model"],
             ),
-            "queue_wait": HistogramMetricFamily(
+            queue_wait=HistogramMetricFamily(
                 "unimodel_batcher_queue_wait_seconds",
                 "Time a request waited in the batcher's queue before its batch was dispatched",
                 labels=["model"],
             ),
-            "fill_ratio": HistogramMetricFamily(
+            fill_ratio=HistogramMetricFamily(
                 "unimodel_batcher_batch_fill_ratio",
                 "Rows of a dispatched batch divided by the model's max_batch_size",
                 labels=["model"],
             ),
-            "batches": CounterMetricFamily(
+            batches=CounterMetricFamily(
                 "unimodel_batcher_batches",
                 "Batches dispatched to the router, by result (ok: acknowledged; failed: every request failed)",
                 labels=["model", "result"],
             ),
-        }
+        )
 
     def describe(self) -> Iterator[Metric]:
-        yield from self._families().values()
+        yield from self._families()
 
     def collect(self) -> Iterator[Metric]:
         f = self._families()
@@ -140,13 +151,12 @@ class _ScrapeCollector(Collector):
             depth[label] = depth.get(label, 0) + queued
             inflight[label] = inflight.get(label, 0) + batches
         for label, value in depth.items():
-            f["depth"].add_metric([label], value)
+            f.depth.add_metric([label], value)
         for label, value in inflight.items():
-            f["inflight"].add_metric([label], value)
+            f.inflight.add_metric([label], value)
         for label, s in list(self.series.items()):  # written by the event loop: copy first
-            for name in ("batch_rows", "queue_wait", "fill_ratio"):
-                hist: LoopHistogram = getattr(s, name)
-                f[name].add_metric([label], hist.buckets(), hist.sum)  # type: ignore[attr-defined]
-            f["batches"].add_metric([label, "ok"], s.batches_ok)  # type: ignore[attr-defined]
-            f["batches"].add_metric([label, "failed"], s.batches_failed)  # type: ignore[attr-defined]
-        yield from f.values()
+            for family, hist in ((f.batch_rows, s.batch_rows), (f.queue_wait, s.queue_wait), (f.fill_ratio, s.fill_ratio)):
+                family.add_metric([label], hist.buckets(), hist.sum)
+            f.batches.add_metric([label, "ok"], s.batches_ok)
+            f.batches.add_metric([label, "failed"], s.batches_failed)
+        yield from f

@@ -235,11 +235,11 @@ def http_ok(url: str) -> bool:
 
 
 class NatsServer(ManagedProcess):
-    def __init__(self, port: int, store_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, port: int, store_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:
         self.host, self.port = host, port
         store_dir = store_dir.resolve()
         store_dir.mkdir(parents=True, exist_ok=True)
-        argv = [binaries.nats_server(), "-a", host, "-p", str(port), "-js", "-sd", str(store_dir), "-n", f"unimodel-{port}"]
+        argv = [str(binaries.nats_server()), "-a", host, "-p", str(port), "-js", "-sd", str(store_dir), "-n", f"unimodel-{port}"]
         super().__init__("nats", argv, **kw)
 
     @property
@@ -252,14 +252,14 @@ class NatsServer(ManagedProcess):
 
 
 class EtcdServer(ManagedProcess):
-    def __init__(self, port: int, peer_port: int, data_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, port: int, peer_port: int, data_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:
         self.host, self.port, self.peer_port = host, port, peer_port
         data_dir = data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         client = f"http://{host}:{port}"
         peer = f"http://{host}:{peer_port}"
         argv = [
-            binaries.etcd(),
+            str(binaries.etcd()),
             "--name", "unimodel",
             "--data-dir", str(data_dir / "etcd"),
             "--listen-client-urls", client,
@@ -295,14 +295,14 @@ class MilvusLiteServer(ManagedProcess):
     """Milvus Lite (package milvus-lite: Milvus's engine as one binary) serving its gRPC API on host:port,
     so the cache reaches it at http://host:port exactly as it reaches a standalone Milvus."""
 
-    def __init__(self, port: int, data_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, port: int, data_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:
         self.host, self.port = host, port
         data_dir = data_dir.resolve()  # the server runs in data_dir: a relative path would be taken from there
         data_dir.mkdir(parents=True, exist_ok=True)
         binary, lib = binaries.milvus_lite()
         env = dict(kw.pop("env", None) or os.environ)
         env["LD_LIBRARY_PATH"] = f"{lib}:{env.get('LD_LIBRARY_PATH', '')}".rstrip(":")
-        argv = [binary, str(data_dir / "milvus.db"), f"{host}:{port}", "ERROR"]
+        argv = [str(binary), str(data_dir / "milvus.db"), f"{host}:{port}", "ERROR"]
         super().__init__("milvus", argv, env=env, cwd=data_dir, **kw)
 
     @property

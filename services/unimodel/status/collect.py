@@ -6,15 +6,18 @@ that does not answer is reported, not waited for."""
 from __future__ import annotations
 
 import asyncio
+from typing import TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from unimodel.core.membership import instances_prefix, models_prefix
 from unimodel.core.store import KeyValueStore
 from unimodel.status.view import UNREACHABLE, ClusterView, build
 from unimodel.v1 import model_pb2, registry_pb2, services_pb2, services_pb2_grpc
+
+M = TypeVar("M", bound=Message)
 
 
 async def read_registry(
@@ -27,8 +30,8 @@ async def read_registry(
     return _decode(raw_instances, registry_pb2.InstanceInfo), _decode(raw_models, model_pb2.ModelConfig)
 
 
-def _decode(raw: dict[bytes, bytes], message):  # type: ignore[no-untyped-def]
-    out = []
+def _decode(raw: dict[bytes, bytes], message: type[M]) -> list[M]:
+    out: list[M] = []
     for value in raw.values():
         try:
             out.append(message.FromString(value))

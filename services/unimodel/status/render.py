@@ -45,9 +45,10 @@ def render_text(view: ClusterView, now_ms: int) -> str:
         first = (w.id, w.kind, ",".join(w.engines) or "-", w.outstanding)
         if not w.models:
             rows.append((*first, "-", "-", "-", "-", "-"))
-        for i, m in enumerate(w.models):
-            state = m.state + (" (pinned)" if m.pinned else "") + (f": {m.error}" if m.error else "")
-            rows.append((*(first if i == 0 else ("", "", "", "")), m.name, m.engine or "-", state, m.inflight, m.concurrency))
+        for i, hosted in enumerate(w.models):
+            state = hosted.state + (" (pinned)" if hosted.pinned else "") + (f": {hosted.error}" if hosted.error else "")
+            lead = first if i == 0 else ("", "", "", "")
+            rows.append((*lead, hosted.name, hosted.engine or "-", state, hosted.inflight, hosted.concurrency))
     lines += table(("ID", "KIND", "ENGINES", "OUTSTANDING", "MODEL", "ENGINE", "STATE", "INFLIGHT", "CONCURRENCY"), rows)
     lines += ["", "MODELS"]
     lines += table(
