@@ -135,7 +135,8 @@ class EntryStore:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (scope, model, tenant, e.exact_key, e.query, e.answer, now, now),
                 )
-                ids.append(int(cur.lastrowid))  # type: ignore[arg-type]
+                assert cur.lastrowid is not None  # an INSERT sets it
+                ids.append(cur.lastrowid)
             return ids
         except BaseException:
             self.db.execute("ROLLBACK")

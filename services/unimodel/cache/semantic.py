@@ -23,6 +23,7 @@ import concurrent.futures
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar, TypeVarTuple
 
 import numpy as np
 
@@ -41,6 +42,8 @@ from unimodel.cache.vectors import VectorIndex, VectorStoreError
 from unimodel.core import errors
 
 Embed = Callable[[Sequence[str]], Awaitable[np.ndarray]]
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +115,10 @@ class SemanticCache:
         self._log: list[LogRecord] = []
         self._write_lock = asyncio.Lock()  # inserts, removals and evictions one at a time
 
-    async def _sqlite(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _sqlite(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._sql, fn, *args)
 
-    async def _vector(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _vector(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._milvus, fn, *args)
         except VectorStoreError as exc:

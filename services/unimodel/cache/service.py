@@ -17,9 +17,10 @@ import asyncio
 import contextvars
 import time
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
 
 from unimodel.cache.entries import EntryStore
@@ -32,6 +33,7 @@ from unimodel.core import errors, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.replies import ReplyMux
+from unimodel.core.store import KeyValueStore
 from unimodel.core.tracing import Attr
 from unimodel.core.value_arrays import embeddings_of, texts_value
 from unimodel.v1 import cache_pb2, generate_pb2, inference_pb2
@@ -39,6 +41,7 @@ from unimodel.v1 import cache_pb2, generate_pb2, inference_pb2
 _traceparent: contextvars.ContextVar[str] = contextvars.ContextVar("cache_traceparent", default="")
 """The traceparent of the query being served (the embedding it needs is its child span)."""
 
+M = TypeVar("M", bound=Message)
 
 
 def turns_of(messages: Sequence[generate_pb2.ChatMessage]) -> list[Turn]:
@@ -49,8 +52,8 @@ class CacheService(Service):
     kind = "cache"
     settings: CacheSettings
 
-    def __init__(self, settings: CacheSettings, **kw) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(settings, **kw)
+    def __init__(self, settings: CacheSettings, store: KeyValueStore | None = None) -> None:
+        super().__init__(settings, store)
         self.replies = ReplyMux(self.bus, self.id)
         self.m = CacheMetrics(self.metrics.registry)
         self.cache: SemanticCache | None = None
@@ -153,7 +156,7 @@ class CacheService(Service):
         return Scope(scope.model, scope.tenant)
 
     @staticmethod
-    def _parse(message_type, data: bytes):  # type: ignore[no-untyped-def]
+    def _parse(message_type: type[M], data: bytes) -> M:
         try:
             return message_type.FromString(data)
         except DecodeError:

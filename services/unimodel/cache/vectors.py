@@ -18,11 +18,16 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from pymilvus import MilvusClient  # for annotations: connect() imports pymilvus when it first connects
+
 log = logging.getLogger("unimodel.cache.vectors")
+T = TypeVar("T")
 
 SCOPE_CHARS = 64
 
@@ -39,11 +44,11 @@ class VectorIndex:
         self.uri, self.collection, self.dim = uri, collection, dim
         self.token, self.index_type, self.timeout_s = token, index_type, timeout_s
         self.nlist, self.nprobe = nlist, nprobe
-        self._client = None
+        self._client: MilvusClient | None = None
         self._lock = threading.Lock()
 
     @property
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> MilvusClient:
         client = self._client
         if client is None:
             self.connect()
@@ -70,7 +75,7 @@ class VectorIndex:
                 raise VectorStoreError(f"Milvus at {self.uri}: {_short(exc)}") from None
             self._client = client
 
-    def _ensure(self, client) -> None:  # type: ignore[no-untyped-def]
+    def _ensure(self, client: MilvusClient) -> None:
         from pymilvus import DataType, MilvusClient
 
         if client.has_collection(self.collection):
@@ -103,9 +108,9 @@ class VectorIndex:
                 pass
             self._client = None
 
-    def _call(self, what: str, fn, *args, **kw):  # type: ignore[no-untyped-def]
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
-            return fn(*args, **kw)
+            return fn()
         except VectorStoreError:
             raise
         except Exception as exc:
