@@ -74,7 +74,7 @@ class LoadedModel:
 @dataclass(eq=False)
 class _Entry:
     name: str
-    state: int = LOADING
+    state: registry_pb2.ModelStatus.State = LOADING
     error: str = ""
     current: LoadedModel | None = None
     target: bytes = b""  # config_key of the config asked for last
@@ -260,7 +260,7 @@ class ModelTable:
             own = current.engine.concurrency
             concurrency = min(own, self.max_concurrent) if own > 0 else self.max_concurrent
         return registry_pb2.ModelStatus(
-            name=name, state=entry.state, error=entry.error, inflight=inflight, pinned=entry.pinned,  # type: ignore[arg-type]
+            name=name, state=entry.state, error=entry.error, inflight=inflight, pinned=entry.pinned,
             concurrency=concurrency, engine=current.config.engine if current is not None else entry.engine,
         )
 

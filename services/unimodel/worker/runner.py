@@ -13,7 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 from google.protobuf import struct_pb2
@@ -27,7 +27,7 @@ from unimodel.worker.tensor_batches import Prepared
 
 log = logging.getLogger("unimodel.gpu-worker.runner")
 
-Outcome = dict[str, np.ndarray] | struct_pb2.Value | errors.UnimodelError
+Outcome: TypeAlias = dict[str, np.ndarray] | struct_pb2.Value | errors.UnimodelError
 """Tensor item: its output arrays by name (its rows, the outputs it asked for); value item: its output
 value; or the item's error."""
 
@@ -176,12 +176,13 @@ async def execute(
 
     if not prepared:
         return []
-    if groups is None:
-        groups = [(g, None) for g in tensor_batches.groups(layout, prepared)]  # type: ignore[misc]
-    if len(groups) == 1:
-        await run_group(*groups[0])
+    runs: Sequence[tuple[list[int], dict[str, np.ndarray] | None]] = (
+        groups if groups is not None else [(g, None) for g in tensor_batches.groups(layout, prepared)]
+    )
+    if len(runs) == 1:
+        await run_group(*runs[0])
     else:
-        await asyncio.gather(*(run_group(*g) for g in groups))
+        await asyncio.gather(*(run_group(*g) for g in runs))
     return results
 
 

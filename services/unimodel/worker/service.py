@@ -20,10 +20,12 @@ from nats.aio.msg import Msg
 from unimodel.core import errors, modelconfig, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
+from unimodel.core.store import KeyValueStore
 from unimodel.core.subjects import Header
 from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2
 from unimodel.worker.engines import available_engines, cuda_available
+from unimodel.worker.engines.generative import GenerativeEngine
 from unimodel.worker.metrics import WorkerMetrics
 from unimodel.worker.models import LoadedModel, ModelTable, builtin_config
 from unimodel.worker.runner import run_batch
@@ -45,8 +47,8 @@ class WorkerService(Service):
     kind = "gpu-worker"
     settings: WorkerSettings
 
-    def __init__(self, settings: WorkerSettings, **kw) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(settings, **kw)
+    def __init__(self, settings: WorkerSettings, store: KeyValueStore | None = None) -> None:
+        super().__init__(settings, store)
         self.subject = subjects.worker_infer(self.id)
         self.control_subject = subjects.worker_control(self.id)
         self._slots = asyncio.Semaphore(settings.max_concurrent_batches)
@@ -160,7 +162,7 @@ class WorkerService(Service):
         except Exception as exc:  # NATS down: the registration's in-flight count catches up later
             self.log.debug("could not publish on %s: %s", subject, exc)
 
-    async def _on_generate(self, model: LoadedModel, batch: inference_pb2.BatchRequest) -> bytes:
+    async def _on_generate(self, model: LoadedModel, engine: GenerativeEngine, batch: inference_pb2.BatchRequest) -> bytes:
         """A batch of GenerateRequests: start them all (each holds the model in flight until it ends), ack."""
         arrived = time.perf_counter_ns()
         path = [*batch.path, self.id]
@@ -170,7 +172,7 @@ class WorkerService(Service):
         started = 0
         try:
             started, refused = await self.generations.start_batch(
-                model.engine, batch, path, release=lambda: self.models.release(model), arrived_ns=arrived,  # type: ignore[arg-type]
+                engine, batch, path, release=lambda: self.models.release(model), arrived_ns=arrived,
             )
         finally:
             for _ in range(len(batch.items) - started):
@@ -191,9 +193,9 @@ class WorkerService(Service):
                 Attr.INSTANCE: self.id,
             })
             arrived_wall = time.time_ns()
-        if model.engine.generative:
+        if isinstance(model.engine, GenerativeEngine):  # the engines whose `generative` is True
             try:
-                return await self._on_generate(model, batch)  # acked once every generation started
+                return await self._on_generate(model, model.engine, batch)  # acked once every generation started
             finally:
                 tracing.finish(span)
         arrived = time.perf_counter_ns()

@@ -140,6 +140,12 @@ def prepare_tensor_item(layout: Layout, item: inference_pb2.BatchItem) -> Prepar
 Group = tuple[list[int], dict[str, np.ndarray]]
 """Positions of prepared items that run together, and their inputs already concatenated."""
 
+ShapeKey = tuple[tuple[int, ...], ...]
+"""Items join one group when their direct inputs have the same shapes: each input's dims after the batch
+dimension, in layout order; () for an input whose dims are fixed."""
+
+_FIXED: ShapeKey = ((),)
+
 
 def assemble_direct(
     layout: Layout, items: Sequence[inference_pb2.BatchItem], which: Sequence[int]
@@ -152,7 +158,7 @@ def assemble_direct(
     single = direct[0] if len(direct) == 1 else None
     prepared: list[Prepared] = []
     bad: list[tuple[int, errors.UnimodelError]] = []
-    by_key: dict[object, tuple[list[int], list[list[bytes]]]] = {}
+    by_key: dict[ShapeKey, tuple[list[int], list[list[bytes]]]] = {}
     for i in which:
         item = items[i]
         tensors = item.inputs
@@ -164,8 +170,7 @@ def assemble_direct(
                 bad.append((i, exc))
                 continue
             rows = p.rows
-            shapes = tuple(() if d.fixed else p.inputs[d.name].shape[1:] for d in direct)
-            key = shapes if single is None else shapes[0]
+            key = tuple(() if d.fixed else p.inputs[d.name].shape[1:] for d in direct)
             contents = [p.inputs[d.name].tobytes() for d in direct]
         else:
             rows, key, contents = checked
@@ -183,9 +188,8 @@ def assemble_direct(
         prepared.append(Prepared({}, rows, outputs, index=i))
     groups: list[Group] = []
     for key, (positions, parts) in by_key.items():
-        shapes: tuple = (key,) if single is not None else key  # type: ignore[assignment]
         joined = {
-            d.name: np.frombuffer(b"".join(parts[k]), dtype=d.dtype).reshape(-1, *(d.dims if d.fixed else shapes[k]))
+            d.name: np.frombuffer(b"".join(parts[k]), dtype=d.dtype).reshape(-1, *(d.dims if d.fixed else key[k]))
             for k, d in enumerate(direct)
         }
         groups.append((positions, joined))
@@ -194,7 +198,7 @@ def assemble_direct(
 
 def _direct_check(
     tensors: Sequence[tensor_pb2.Tensor], direct: tuple[_Direct, ...], single: _Direct | None, limit: int
-) -> tuple[int, object, list[bytes]] | None:
+) -> tuple[int, ShapeKey, list[bytes]] | None:
     """(rows, shape key, contents in layout order) of an item whose tensors match the layout; None
     when anything is off. Each `contents` is read once (the protobuf getter copies it)."""
     if len(tensors) != len(direct):
@@ -207,7 +211,7 @@ def _direct_check(
         inner = shape[1:]
         contents = t.contents
         rows = _shape_rows(single, shape, inner, len(contents), limit)
-        return None if rows < 0 else (rows, () if single.fixed else inner, [contents])
+        return None if rows < 0 else (rows, _FIXED if single.fixed else (inner,), [contents])
     rows = -1
     seen: dict[str, tuple[tuple[int, ...], bytes]] = {}
     for t in tensors:
@@ -231,7 +235,7 @@ def _shape_rows(spec: _Direct, shape: tuple[int, ...], inner: tuple[int, ...], s
     if spec.fixed:
         if inner != spec.dims:
             return -1
-    elif any(d != -1 and d != s or s < 0 for d, s in zip(spec.dims, inner)):
+    elif any(d != -1 and d != s or s < 0 for d, s in zip(spec.dims, inner, strict=True)):  # lengths checked above
         return -1
     n = shape[0]
     if n < 1 or n > limit or size != num_elements(shape) * spec.dtype.itemsize:
@@ -282,7 +286,7 @@ def concat(layout: Layout, items: Sequence[Prepared]) -> dict[str, np.ndarray]:
 
 def union_outputs(layout: Layout, items: Sequence[Prepared]) -> tuple[str, ...]:
     """Outputs any item of the group needs, in config order."""
-    wanted = set()
+    wanted: set[str] = set()
     for p in items:
         if p.outputs is layout.output_names:
             return layout.output_names

@@ -17,7 +17,8 @@ from unimodel.worker.engines.engine import Engine, engine_option
 
 def _first_to_first(config: model_pb2.ModelConfig, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
     """Input i returned as output i (echo-style engines)."""
-    pairs = {o.name: i.name for i, o in zip(config.inputs, config.outputs)}
+    # not strict: inputs and outputs may differ in number; an output with no input i fails below when asked for
+    pairs = {o.name: i.name for i, o in zip(config.inputs, config.outputs, strict=False)}
     out: dict[str, np.ndarray] = {}
     for name in outputs:
         source = pairs.get(name)

@@ -73,10 +73,10 @@ class Engine(abc.ABC):
         """Batches the engine runs at once; 0 = no limit of its own (the worker's slots apply)."""
         return 0
 
-    async def load(self) -> None:
+    async def load(self) -> None:  # noqa: B027  (optional hook: an engine with nothing to load keeps it)
         """Load weights / create sessions (off the event loop when it blocks)."""
 
-    async def unload(self) -> None:
+    async def unload(self) -> None:  # noqa: B027  (optional hook: an engine with nothing to free keeps it)
         """Release the model's resources. Called once no batch runs on the engine any more."""
 
     @abc.abstractmethod

@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
@@ -274,7 +274,7 @@ class UpstreamEngine(GenerativeEngine):
             raise self._error(response)
         return response
 
-    async def _events(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
         """The JSON events of the stream, read to the end of the body (not just to [DONE]: the
         connection then goes back to the pool)."""
         done = False
@@ -351,7 +351,7 @@ def _choice_text(choice: dict[str, Any]) -> str:
     return choice.get("text") or ""
 
 
-async def _sse_events(response: httpx.Response) -> AsyncIterator[str]:
+async def _sse_events(response: httpx.Response) -> AsyncGenerator[str, None]:
     """The data of each server-sent event (multi-line data joined with newlines)."""
     data: list[str] = []
     async for line in response.aiter_lines():

@@ -124,7 +124,9 @@ class VllmEngine(GenerativeEngine):
         except ImportError as exc:
             raise errors.FailedPrecondition(f"the vllm engine needs the vllm package: {exc}") from None
         try:
-            from vllm.v1.engine.async_llm import AsyncLLM as engine_class
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            engine_class = AsyncLLM
         except ImportError:
             engine_class = vllm.AsyncLLMEngine
         try:
@@ -203,8 +205,9 @@ class VllmEngine(GenerativeEngine):
         self.context = int(model_config.max_model_len)
         vllm_config = getattr(engine, "vllm_config", None)
         scheduler = getattr(vllm_config, "scheduler_config", None)
-        if not self._max_num_seqs and getattr(scheduler, "max_num_seqs", 0):
-            self._max_num_seqs = int(scheduler.max_num_seqs)
+        scheduler_seqs: int | None = getattr(scheduler, "max_num_seqs", 0)
+        if not self._max_num_seqs and scheduler_seqs:
+            self._max_num_seqs = int(scheduler_seqs)
         self._tokenizer = tokenizer
         diff = getattr(model_config, "get_diff_sampling_param", None)
         defaults = diff() if diff is not None else {}
