@@ -115,7 +115,7 @@ def check_onnx(folder: Path, config: model_pb2.ModelConfig) -> None:
                 raise errors.Internal(
                     f"{config.name}: {kind} {spec.name} has shape {arg.shape} in ONNX, dims {list(spec.dims)}"
                 )
-            for got, want in zip(shape, spec.dims):
+            for got, want in zip(shape, spec.dims, strict=True):  # lengths checked above
                 if want != -1 and isinstance(got, int) and got != want:
                     raise errors.Internal(
                         f"{config.name}: {kind} {spec.name} has shape {arg.shape} in ONNX, dims {list(spec.dims)}"

@@ -19,7 +19,7 @@ CLASSES = ("setosa", "versicolor", "virginica")
 FEATURES = ("sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)")
 
 
-def train():  # type: ignore[no-untyped-def]
+def train():
     """(fitted pipeline, X float32, y) — the same every run."""
     import numpy as np
     from sklearn.datasets import load_iris

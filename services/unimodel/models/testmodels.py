@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from unimodel.models.common import IR_VERSION, MODEL_FILE, OPSET, make_config, tensor
@@ -52,7 +53,7 @@ def build_mlp(folder: Path) -> None:
     nodes, inits = [], []
     x = "INPUT0"
     last = len(MLP_LAYERS) - 2
-    for i, (n_in, n_out) in enumerate(zip(MLP_LAYERS, MLP_LAYERS[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(MLP_LAYERS)):
         w = (rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)).astype(np.float32)
         b = (rng.standard_normal(n_out) * 0.01).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
@@ -88,7 +89,7 @@ def build_delay(folder: Path) -> None:
     """Config only: no model file."""
 
 
-def _save(graph, folder: Path, onnx) -> None:  # type: ignore[no-untyped-def]
+def _save(graph, folder: Path, onnx) -> None:
     from onnx import helper
 
     model = helper.make_model(

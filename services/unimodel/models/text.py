@@ -54,7 +54,7 @@ def config_minilm() -> model_pb2.ModelConfig:
     )
 
 
-def sentence_encoder(src: Path):  # type: ignore[no-untyped-def]
+def sentence_encoder(src: Path):
     """The package's BERT encoder + mean pooling + L2 normalisation as one torch module (eval mode).
 
     A plain torch re-statement of BertModel (absolute positions, post-LayerNorm, exact GELU, eager
@@ -68,7 +68,7 @@ def sentence_encoder(src: Path):  # type: ignore[no-untyped-def]
     import torch
     from safetensors.torch import load_file
     from torch import nn
-    from torch.nn import functional as F
+    from torch.nn import functional
 
     cfg = json.loads((src / "config.json").read_text())
     if (
@@ -98,9 +98,9 @@ def sentence_encoder(src: Path):  # type: ignore[no-untyped-def]
 
             q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
             scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + bias
-            ctx = (F.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, hidden)
+            ctx = (functional.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, hidden)
             x = self.attn_norm(x + self.attn_out(ctx))
-            return self.out_norm(x + self.out(F.gelu(self.intermediate(x))))
+            return self.out_norm(x + self.out(functional.gelu(self.intermediate(x))))
 
     class SentenceEncoder(nn.Module):
         def __init__(self) -> None:
@@ -121,7 +121,7 @@ def sentence_encoder(src: Path):  # type: ignore[no-untyped-def]
                 x = layer(x, bias)
             weights = mask.unsqueeze(-1)
             pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-            return F.normalize(pooled, p=2.0, dim=1)
+            return functional.normalize(pooled, p=2.0, dim=1)
 
     model = SentenceEncoder()
     weights = load_file(str(src / "model.safetensors"))

