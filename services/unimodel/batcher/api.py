@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import grpc
+
 from unimodel.core.grpc_server import maps_errors
 from unimodel.v1 import services_pb2, services_pb2_grpc
 
@@ -37,5 +39,7 @@ class BatcherApi(services_pb2_grpc.BatcherServiceServicer):
         self.batcher = batcher
 
     @maps_errors
-    async def ListQueues(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def ListQueues(  # noqa: N802  (gRPC method names are CamelCase)
+        self, request: services_pb2.ListQueuesRequest, context: grpc.aio.ServicerContext
+    ) -> services_pb2.ListQueuesResponse:
         return queue_states(self.batcher, request.model)

@@ -62,7 +62,7 @@ class VectorIndex:
         if "://" not in self.uri:  # a local file: pymilvus runs Milvus Lite, whose package warns on import
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-                import milvus_lite.server_manager  # noqa: F401
+                import milvus_lite.server_manager  # noqa: F401  (imported under the filter, so pymilvus finds it loaded and nothing warns)
         with self._lock:
             if self._client is not None:
                 return
