@@ -10,8 +10,8 @@ embedding-worker) starts on free ports. Then:
   1. inserts: --entries entries into one scope through POST /modelcache (ModelCache bulk inserts of 100,
      2 at a time): the 999 `origin` texts of gptcache_mock_data.json plus filler questions (QQP texts with a
      variant number). Entries/s over the whole fill.
-  2. (once Milvus has finished indexing: its process idle) semantic hits: each `similar` paraphrase queried one at a time (concurrency 1); latency at the
-     client for the queries that hit, and the cache service's own split (query embedding through the
+  2. (once Milvus has finished indexing: its process idle) semantic hits: each `similar` paraphrase queried one
+     at a time (concurrency 1); latency at the client for the queries that hit, and the cache service's own split (query embedding through the
      batcher and embedding-worker, Milvus search, whole lookup) from the reply's `timing`.
   3. exact hits: the `origin` texts queried (concurrency 1): the normalised-hash fast path, no embedding.
   4. embeddings: raw onnxruntime in this process (the worker's session options; batches of 32 texts,

@@ -426,8 +426,12 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "output_tokens_per_s_by_round": [r2(r["output_tokens_per_s"]) for r in runs],
         "ttft_ms": {"p50": r2(percentile(ttft, 50)), "p99": r2(percentile(ttft, 99)), "mean": r2(statistics.fmean(ttft)) if ttft else None},
         "ttft_p50_ms_by_round": [r2(r["ttft_p50_ms"]) for r in runs],
-        "itl_ms": {"p50": r2(percentile(itl, 50)), "p99": r2(percentile(itl, 99)), "mean": r2(statistics.fmean(itl)) if itl else None},
-        "output_tokens": {"total": tokens, "mean": r2(statistics.fmean(osl)) if osl else None, "min": min(osl, default=None), "max": max(osl, default=None)},
+        "itl_ms": {
+            "p50": r2(percentile(itl, 50)), "p99": r2(percentile(itl, 99)), "mean": r2(statistics.fmean(itl)) if itl else None,
+        },
+        "output_tokens": {
+            "total": tokens, "mean": r2(statistics.fmean(osl)) if osl else None, "min": min(osl, default=None), "max": max(osl, default=None),
+        },
         "input_tokens_mean": r2(statistics.fmean(isl)) if isl else None,
         "measured_s": r2(seconds),
         "cpu_s": cpu,  # during the aiperf runs, warm-up included
@@ -513,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
 
         versions["llama_cpp_python (ours)"] = version("llama_cpp_python")
     gguf = gguf_path()
-    workload = Workload(isl=args.isl, osl=args.osl, sampling={"temperature": args.temperature, "top_p": args.top_p, **SAMPLER_DEFAULTS}, seed=args.seed)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, **SAMPLER_DEFAULTS}
+    workload = Workload(isl=args.isl, osl=args.osl, sampling=sampling, seed=args.seed)
     keep = Path(args.artifacts).resolve() if args.artifacts else None
     work = Path(tempfile.mkdtemp(prefix="unimodel-llm-cpu-"))
     base = keep or work
@@ -575,7 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         "workload": {
             "input_tokens": args.isl, "max_tokens": args.osl, "sampling": workload.sampling, "seed": args.seed,
             "rounds": args.rounds, "requests_per_run": {str(c): args.requests * max(1, c // 2) for c in concurrencies},
-            "warmup_per_run": {str(c): args.warmup or 2 * c for c in concurrencies}, "order": "interleaved, alternating: " + ", ".join(" ".join(who if r % 2 == 0 else who[::-1]) for r in range(min(args.rounds, 2))) + ", ...",
+            "warmup_per_run": {str(c): args.warmup or 2 * c for c in concurrencies},
+            "order": "interleaved, alternating: "
+            + ", ".join(" ".join(who if r % 2 == 0 else who[::-1]) for r in range(min(args.rounds, 2))) + ", ...",
         },  # fmt: skip
         "servers": {w: servers[w].settings for w in who if w in servers},
         "results": results,

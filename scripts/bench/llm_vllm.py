@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "model": MODEL,
         "versions": versions,
-        "aiperf_command": " ".join(["aiperf", *workload.aiperf_args("http://127.0.0.1:PORT", concurrencies[0], args.requests, 2 * concurrencies[0], Path("DIR"))]).replace(str(TOKENIZER_DIR), ".cache/smollm2-tokenizer"),
+        "aiperf_command": " ".join(
+            ["aiperf", *workload.aiperf_args("http://127.0.0.1:PORT", concurrencies[0], args.requests, 2 * concurrencies[0], Path("DIR"))]
+        ).replace(str(TOKENIZER_DIR), ".cache/smollm2-tokenizer"),
         "workload": {"input_tokens": args.isl, "max_tokens": args.osl, "sampling": workload.sampling, "seed": args.seed, "rounds": args.rounds},
         "servers": {w: servers[w].settings for w in SERVERS if w in servers},
         "results": results,

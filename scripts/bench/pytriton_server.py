@@ -106,7 +106,7 @@ def bind_model(triton, config: dict, intra_op_threads: int) -> None:  # type: ig
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
         results = session.run(output_names, {name: inputs[name] for name in input_names})
-        return dict(zip(output_names, results))
+        return dict(zip(output_names, results, strict=True))  # one result per output asked for
 
     batching = config["max_batch_size"] > 0
     batcher = DynamicBatcher(

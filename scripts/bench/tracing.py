@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 order = ("off", "on") if rnd % 2 == 0 else ("on", "off")
                 row: dict[str, object] = {"round": rnd + 1}
 
-                def run(mode: str, row: dict[str, object] = row) -> None:
+                def run(mode: str, row: dict[str, object] = row, rnd: int = rnd) -> None:
                     cluster, cfg = clusters[mode]
                     pids = {p.name: p.pid for p in cluster.services if p.pid}
                     pids["otlp-receiver"] = receiver.pid  # type: ignore[assignment]

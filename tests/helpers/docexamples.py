@@ -25,7 +25,9 @@ DOCS = ("README.md", "docs/api.md", "docs/operations.md", "docs/architecture.md"
 NOT_RUN: dict[str, str] = {
     "./scripts/up": "starts the cluster itself: the test starts it the same way (`unimodel up`, defaults but ports)",
     "./scripts/test": "the test suite itself",
-    "UNIMODEL_OTEL_EXPORTER=otlp-grpc": "starts a second cluster that exports to a collector; tests/integration/test_observability.py covers OTLP export",
+    "UNIMODEL_OTEL_EXPORTER=otlp-grpc": (
+        "starts a second cluster that exports to a collector; tests/integration/test_observability.py covers OTLP export"
+    ),
     "docker compose": "needs a Docker engine (issue 18 runs the compose cluster under Docker)",
     "kubectl ": "needs a Kubernetes cluster; tests/unit/test_k8s_manifests.py validates the manifests",
     "helm ": "installs Helm charts into a Kubernetes cluster",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -138,7 +139,7 @@ def test_mlp_runs_and_is_deterministic(tmp_path: Path) -> None:
     from onnx import numpy_helper
 
     weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(a / "model.onnx")).graph.initializer}
-    assert [weights[f"w{i}"].shape for i in range(3)] == list(zip(MLP_LAYERS, MLP_LAYERS[1:]))
+    assert [weights[f"w{i}"].shape for i in range(3)] == list(itertools.pairwise(MLP_LAYERS))
     assert all(w.dtype == np.float32 for w in weights.values())
     session = _session(a / "model.onnx")
     for batch in (1, 7, 64):

@@ -26,7 +26,10 @@ def test_every_cross_process_message_is_in_protos() -> None:
         *errors_pb2.DESCRIPTOR.message_types_by_name,
         *services_pb2.DESCRIPTOR.message_types_by_name,
     }
-    for needed in ("PredictRequest", "PredictResponse", "BatchRequest", "BatchAck", "InstanceInfo", "ErrorDetail", "ListQueuesResponse", "QueueState"):
+    needed_messages = (
+        "PredictRequest", "PredictResponse", "BatchRequest", "BatchAck", "InstanceInfo", "ErrorDetail", "ListQueuesResponse", "QueueState",
+    )
+    for needed in needed_messages:
         assert needed in names
     assert set(services_pb2.DESCRIPTOR.services_by_name) == {"InferenceService", "RouterService", "BatcherService"}
 

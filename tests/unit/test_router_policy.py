@@ -65,11 +65,11 @@ def test_suspended_instances_are_used_when_nothing_else_is_left() -> None:
 
 def test_capacity_sums_the_concurrency_of_ready_unsuspended_instances() -> None:
     t = WorkerTable(random.Random(7), clock=lambda: 100.0)
-    S = registry_pb2.ModelStatus
-    t.upsert(registry_pb2.InstanceInfo(id="a", models=["m"], model_states=[S(name="m", state=S.READY, concurrency=2)]))
-    t.upsert(registry_pb2.InstanceInfo(id="b", models=["m"], model_states=[S(name="m", state=S.READY, concurrency=3)]))
+    status = registry_pb2.ModelStatus
+    t.upsert(registry_pb2.InstanceInfo(id="a", models=["m"], model_states=[status(name="m", state=status.READY, concurrency=2)]))
+    t.upsert(registry_pb2.InstanceInfo(id="b", models=["m"], model_states=[status(name="m", state=status.READY, concurrency=3)]))
     t.upsert(registry_pb2.InstanceInfo(id="c", models=["m"]))  # reports no concurrency: counts as 1
-    t.upsert(registry_pb2.InstanceInfo(id="d", model_states=[S(name="m", state=S.LOADING, concurrency=4)]))
+    t.upsert(registry_pb2.InstanceInfo(id="d", model_states=[status(name="m", state=status.LOADING, concurrency=4)]))
     assert t.capacity("m") == 6
     assert t.capacity("other") == 0
     t.suspend("b", 5.0)
@@ -79,10 +79,10 @@ def test_capacity_sums_the_concurrency_of_ready_unsuspended_instances() -> None:
 
 
 def test_an_instance_with_a_free_slot_is_preferred_to_busy_ones() -> None:
-    S = registry_pb2.ModelStatus
+    status = registry_pb2.ModelStatus
     t = WorkerTable(random.Random(7))
     for wid in "abcd":
-        t.upsert(registry_pb2.InstanceInfo(id=wid, models=["m"], model_states=[S(name="m", state=S.READY, concurrency=1)]))
+        t.upsert(registry_pb2.InstanceInfo(id=wid, models=["m"], model_states=[status(name="m", state=status.READY, concurrency=1)]))
     for wid in "abc":
         t.begin(wid)  # busy: one batch each, they run one at a time
     assert Counter(t.pick("m") for _ in range(200)) == {"d": 200}
@@ -94,11 +94,11 @@ def test_an_instance_with_a_free_slot_is_preferred_to_busy_ones() -> None:
 
 
 def _llm_table(slots: int, workers: str = "abc") -> WorkerTable:
-    S = registry_pb2.ModelStatus
+    status = registry_pb2.ModelStatus
     t = WorkerTable(random.Random(7))
     for wid in workers:
         t.upsert(
-            registry_pb2.InstanceInfo(id=wid, models=["llm"], model_states=[S(name="llm", state=S.READY, concurrency=slots)]),
+            registry_pb2.InstanceInfo(id=wid, models=["llm"], model_states=[status(name="llm", state=status.READY, concurrency=slots)]),
             generative={"llm"},
         )
     return t
@@ -124,7 +124,7 @@ def test_a_session_keeps_its_home_worker_while_it_has_room() -> None:
 
 
 def test_generation_load_comes_from_acks_sends_and_reports() -> None:
-    S = registry_pb2.ModelStatus
+    status = registry_pb2.ModelStatus
     t = _llm_table(slots=1, workers="ab")
     t.add_load("a", "llm", 1)  # a batch item just went to a
     assert t.pick_affine("llm", "") == "b"  # no key: the free instance
@@ -133,7 +133,7 @@ def test_generation_load_comes_from_acks_sends_and_reports() -> None:
     assert t.pick_affine("llm", "") == "a"
     # a registration report sets the load too (sequences running on the worker)
     t.upsert(
-        registry_pb2.InstanceInfo(id="a", models=["llm"], model_states=[S(name="llm", state=S.READY, concurrency=1, inflight=3)]),
+        registry_pb2.InstanceInfo(id="a", models=["llm"], model_states=[status(name="llm", state=status.READY, concurrency=1, inflight=3)]),
         generative={"llm"},
     )
     assert t.load("a", "llm") == 3

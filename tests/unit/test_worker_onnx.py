@@ -51,7 +51,9 @@ def identity_model(root: Path, name: str = "identity", **extra: object) -> model
     })
 
 
-def mlp_model(root: Path, name: str = "mlp", features: int = 6, hidden: int = 5, classes: int = 3, **extra: object) -> tuple[model_pb2.ModelConfig, list[np.ndarray]]:
+def mlp_model(
+    root: Path, name: str = "mlp", features: int = 6, hidden: int = 5, classes: int = 3, **extra: object
+) -> tuple[model_pb2.ModelConfig, list[np.ndarray]]:
     """INPUT0 FP32 [features] -> relu(x W1) W2 = OUTPUT0 FP32 [classes], plus SUM0 = row sums of x."""
     rng = np.random.default_rng(7)
     w1 = rng.standard_normal((features, hidden)).astype(np.float32)

@@ -125,7 +125,7 @@ async def test_tabular_rows_and_labels(tmp_path: Path) -> None:
         logits = np.array([5.0, 1.0, 0.0, 0.0], np.float32) @ w
         p = np.exp(logits - logits.max())
         p /= p.sum()
-        assert out[0]["scores"] == pytest.approx(dict(zip(["setosa", "versicolor", "virginica"], p.tolist())), rel=1e-5)
+        assert out[0]["scores"] == pytest.approx(dict(zip(["setosa", "versicolor", "virginica"], p.tolist(), strict=True)), rel=1e-5)
         assert [r["label"] for r in out[1]] == ["virginica", "versicolor"]
         assert "the row has 3 values, expected 4" in out[2].message
         assert "row 1 has 2 values, expected 4" in out[3].message
