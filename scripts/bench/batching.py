@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import perf  # noqa: E402
+import perf  # noqa: E402  (after the sys.path lines that make it importable)
 
 
 def start_pytriton(repository: Path, models: list[str], log: Path) -> tuple[subprocess.Popen[bytes], int, int]:
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                         row[who] = {k: m[k] for k in ("throughput", "p50_us", "p99_us", "stable")}
                         print(f"{model} c={c} {who}: {m['throughput']:.0f} infer/s p50 {m['p50_us']} p99 {m['p99_us']}",
                               flush=True)
-                    row["throughput_ratio"] = round(row["unimodel"]["throughput"] / row["pytriton"]["throughput"], 2)  # type: ignore[index]
-                    row["p99_ratio"] = round(row["unimodel"]["p99_us"] / row["pytriton"]["p99_us"], 2)  # type: ignore[index]
+                    row["throughput_ratio"] = round(row["unimodel"]["throughput"] / row["pytriton"]["throughput"], 2)  # type: ignore[index]  # row's per-server results are dicts (row: dict[str, object])
+                    row["p99_ratio"] = round(row["unimodel"]["p99_us"] / row["pytriton"]["p99_us"], 2)  # type: ignore[index]  # row's per-server results are dicts (row: dict[str, object])
                     results[model].append(row)
             (off,) = perf.measure(
                 "mlp-nobatch", ours_url, protocol=args.protocol, concurrencies=[16], measurement_interval_ms=args.interval_ms
@@ -150,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             summary[model] = {
                 "c16_throughput_vs_pytriton": c16["throughput_ratio"],
                 "c16_p99_vs_pytriton": c16["p99_ratio"],
-                "c16_throughput_vs_raw_batch32": round(c16["unimodel"]["throughput"] / raw32, 3),  # type: ignore[index]
+                "c16_throughput_vs_raw_batch32": round(c16["unimodel"]["throughput"] / raw32, 3),  # type: ignore[index]  # row's per-server results are dicts (row: dict[str, object])
             }
     on16 = next((r for r in results.get("mlp", []) if r["concurrency"] == 16), None)
     if on16 is not None:
-        summary["mlp_batching_on_vs_off_c16"] = round(on16["unimodel"]["throughput"] / off["throughput"], 2)  # type: ignore[index]
+        summary["mlp_batching_on_vs_off_c16"] = round(on16["unimodel"]["throughput"] / off["throughput"], 2)  # type: ignore[index]  # row's per-server results are dicts (row: dict[str, object])
     report = {
         "benchmark": "batching",
         "command": " ".join(["python scripts/bench/batching.py", *sys.argv[1:]]),
@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in results[model]:
             o, t = r["unimodel"], r["pytriton"]
             print(
-                f"| {r['concurrency']} | {o['throughput']:.0f} | {t['throughput']:.0f} | {r['throughput_ratio']}× | "  # type: ignore[index]
-                f"{o['p50_us'] / 1000:.2f} / {o['p99_us'] / 1000:.2f} | {t['p50_us'] / 1000:.2f} / {t['p99_us'] / 1000:.2f} |"  # type: ignore[index]
+                f"| {r['concurrency']} | {o['throughput']:.0f} | {t['throughput']:.0f} | {r['throughput_ratio']}× | "  # type: ignore[index]  # row's per-server results are dicts (row: dict[str, object])
+                f"{o['p50_us'] / 1000:.2f} / {o['p99_us'] / 1000:.2f} | {t['p50_us'] / 1000:.2f} / {t['p99_us'] / 1000:.2f} |"
             )
     print("\nsummary:", json.dumps(summary, indent=2))
     print(f"figures written to {args.json}")

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
-from cache_quality import EMBEDDER, _insert, _query, start_cluster  # noqa: E402
+from cache_quality import EMBEDDER, _insert, _query, start_cluster  # noqa: E402  (after the sys.path lines that make it importable)
 
 SCOPE = "bench-latency"
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 EMBEDDER = "all-minilm-l6-v2"
 
 
-def start_cluster(tmp: Path):  # type: ignore[no-untyped-def]
+def start_cluster(tmp: Path):
     from helpers.modelrepo import prepared_repository
     from unimodel.local.cluster import ClusterConfig, LocalCluster
     from unimodel.local.procs import free_port, wait_until
@@ -77,10 +77,10 @@ def _query(scope: str, text: str) -> dict:
     return {"type": "query", "scope": {"model": scope}, "query": [{"role": "user", "content": text}]}
 
 
-async def _gather(coros, limit: int = 8):  # type: ignore[no-untyped-def]
+async def _gather(coros, limit: int = 8):
     sem = asyncio.Semaphore(limit)
 
-    async def one(c):  # type: ignore[no-untyped-def]
+    async def one(c):
         async with sem:
             return await c
 

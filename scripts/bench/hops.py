@@ -37,7 +37,7 @@ async def nats_responder(url: str) -> None:
 
     nc = await nats.connect(url)
 
-    async def reply(msg):  # type: ignore[no-untyped-def]
+    async def reply(msg):
         await msg.respond(msg.data)
 
     await nc.subscribe("bench.echo", cb=reply)
@@ -52,12 +52,12 @@ async def nats_forwarder(url: str, subject: str, nxt: str) -> None:
     nc = await nats.connect(url)
     if nxt == "-":
 
-        async def forward(msg):  # type: ignore[no-untyped-def]
+        async def forward(msg):
             await nc.publish(msg.headers["R"], msg.data)
 
     else:
 
-        async def forward(msg):  # type: ignore[no-untyped-def]
+        async def forward(msg):
             await nc.publish(nxt, msg.data, headers={"R": msg.headers["R"] if msg.headers else msg.reply})
 
     await nc.subscribe(subject, cb=forward)
@@ -71,7 +71,7 @@ async def grpc_server(port: int) -> None:
     from unimodel.v1 import inference_pb2, services_pb2_grpc
 
     class Echo(services_pb2_grpc.InferenceServiceServicer):
-        async def Predict(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        async def Predict(self, request, context):  # noqa: N802  (gRPC method names are CamelCase)
             return inference_pb2.PredictResponse(model=request.model, output=request.input)
 
     server = grpc.aio.server()

@@ -27,7 +27,7 @@ def main() -> None:
         extra = setting == "1"
     default = native.llama_model_default_params
 
-    def params():  # type: ignore[no-untyped-def]
+    def params():
         p = default()
         p.use_extra_bufts = extra
         return p

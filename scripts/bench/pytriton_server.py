@@ -81,7 +81,7 @@ def read_config(folder: Path) -> dict:
     }
 
 
-def make_session(path: Path, intra_op_threads: int):  # type: ignore[no-untyped-def]
+def make_session(path: Path, intra_op_threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -90,7 +90,7 @@ def make_session(path: Path, intra_op_threads: int):  # type: ignore[no-untyped-
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def bind_model(triton, config: dict, intra_op_threads: int) -> None:  # type: ignore[no-untyped-def]
+def bind_model(triton, config: dict, intra_op_threads: int) -> None:
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 

@@ -110,7 +110,7 @@ class Topology:
         unimodel = Path(sys.executable).parent / "unimodel"  # the image's ENTRYPOINT
         argv = [str(unimodel)] if unimodel.is_file() else [sys.executable, "-m", "unimodel.cli"]
         proc = ManagedProcess(
-            label or name, [*argv, *map(str, svc["command"])],  # type: ignore[call-overload]
+            label or name, [*argv, *map(str, svc["command"])],  # type: ignore[call-overload]  # svc: a compose service parsed from YAML (object)
             env={**_env(), **env, "PYTHONUNBUFFERED": "1"}, sink=self.infra.sink, color=len(self.procs),
         )
         proc.start()
@@ -121,7 +121,7 @@ class Topology:
     def run_models_job(self) -> None:
         svc = self.spec["models"]
         env = {k: str(self.repository) if k == "UNIMODEL_MODEL_REPOSITORY" else v for k, v in environment(svc).items()}
-        argv = [sys.executable, "-m", "unimodel.cli", *map(str, svc["command"]), "--only", "identity"]  # type: ignore[call-overload]
+        argv = [sys.executable, "-m", "unimodel.cli", *map(str, svc["command"]), "--only", "identity"]  # type: ignore[call-overload]  # svc: a compose service parsed from YAML (object)
         job = ManagedProcess("models", argv, env={**_env(), **env}, sink=self.infra.sink)
         job.start()
         code = job.wait(120)
@@ -143,7 +143,7 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
     ours = unimodel_services(spec)
     # the CPU profile's services; the CUDA gpu-worker needs a GPU
     chosen = {n: s for n, s in ours.items() if "gpu" not in (s.get("profiles") or [])}
-    assert {str(s["command"][0]) for s in chosen.values()} == {*SIX, "models"}  # type: ignore[index]
+    assert {str(s["command"][0]) for s in chosen.values()} == {*SIX, "models"}
     receiver = OtlpReceiver().start()
     infra = Infra(tmp_path)
     milvus = MilvusLiteServer(free_port(), tmp_path / "milvus", sink=infra.sink)

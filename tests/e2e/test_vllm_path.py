@@ -30,7 +30,7 @@ pytestmark = [
 ]
 
 
-def vllm_worker(etcd: int) -> dict:  # type: ignore[type-arg]
+def vllm_worker(etcd: int) -> dict:
     data = status_json(etcd)
     (worker,) = [w for w in data["workers"] if "vllm" in w["engines"]]
     (service,) = [s for s in data["services"] if s["id"] == worker["id"]]

@@ -136,7 +136,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, receiver: OtlpReceiver) -> None:
         self.receiver = receiver
 
-    def Export(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    def Export(self, request, context):  # noqa: N802  (gRPC method names are CamelCase)
         answer: status_pb2.Status | None = self.receiver._next_answer()
         self.receiver._take(
             Received(time.monotonic(), dict(context.invocation_metadata()), request.ByteSize(), answer.code if answer else 0),

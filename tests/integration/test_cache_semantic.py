@@ -56,13 +56,13 @@ def embedder(model_repository: Path) -> Embedder:
 
 
 @pytest.fixture
-def make(tmp_path: Path, embedder: Embedder) -> Iterator:  # type: ignore[type-arg]
+def make(tmp_path: Path, embedder: Embedder) -> Iterator:
     made: list[SemanticCache] = []
 
     def build(**limits: object) -> tuple[SemanticCache, Clock]:
         clock = Clock()
         vectors = VectorIndex(str(tmp_path / "milvus.db"), f"c{len(made)}", 384)
-        cache = SemanticCache(EntryStore(tmp_path / f"c{len(made)}.sqlite"), vectors, embedder, Limits(**limits), clock=clock)  # type: ignore[arg-type]
+        cache = SemanticCache(EntryStore(tmp_path / f"c{len(made)}.sqlite"), vectors, embedder, Limits(**limits), clock=clock)  # type: ignore[arg-type]  # limits: Limits fields by keyword, typed object here
         made.append(cache)
         return cache, clock
 
@@ -77,11 +77,11 @@ def q(text: str) -> list[Turn]:
     return [Turn("user", text)]
 
 
-def run(coro):  # type: ignore[no-untyped-def]
+def run(coro):
     return asyncio.run(coro)
 
 
-def test_lru_eviction_per_scope_keeps_what_was_used(make) -> None:  # type: ignore[no-untyped-def]
+def test_lru_eviction_per_scope_keeps_what_was_used(make) -> None:
     cache, clock = make(max_entries_per_scope=3)
     scope, other = Scope("m"), Scope("other")
 
@@ -105,7 +105,7 @@ def test_lru_eviction_per_scope_keeps_what_was_used(make) -> None:  # type: igno
     run(go())
 
 
-def test_max_entries_overall(make) -> None:  # type: ignore[no-untyped-def]
+def test_max_entries_overall(make) -> None:
     cache, clock = make(max_entries=2)
 
     async def go() -> None:
@@ -119,7 +119,7 @@ def test_max_entries_overall(make) -> None:  # type: ignore[no-untyped-def]
     run(go())
 
 
-def test_ttl_expiry(make) -> None:  # type: ignore[no-untyped-def]
+def test_ttl_expiry(make) -> None:
     cache, clock = make(ttl_s=60)
 
     async def go() -> None:
@@ -133,7 +133,7 @@ def test_ttl_expiry(make) -> None:  # type: ignore[no-untyped-def]
     run(go())
 
 
-def test_failed_insert_writes_nothing(make) -> None:  # type: ignore[no-untyped-def]
+def test_failed_insert_writes_nothing(make) -> None:
     cache, _clock = make()
 
     async def go() -> None:
@@ -149,7 +149,7 @@ def test_failed_insert_writes_nothing(make) -> None:  # type: ignore[no-untyped-
     run(go())
 
 
-def test_ambiguous_matches_are_misses_and_timing_is_split(make) -> None:  # type: ignore[no-untyped-def]
+def test_ambiguous_matches_are_misses_and_timing_is_split(make) -> None:
     cache, _clock = make()
 
     async def go() -> None:

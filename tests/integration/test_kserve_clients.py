@@ -13,6 +13,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnxruntime as ort
@@ -56,8 +57,8 @@ def _grpc(cluster: Services) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(f"127.0.0.1:{cluster.grpc_port}")
 
 
-def _input(module: object, name: str, array: np.ndarray, datatype: str = "FP32", binary: bool = True) -> object:
-    tensor = module.InferInput(name, list(array.shape), datatype)  # type: ignore[attr-defined]
+def _input(module: ModuleType, name: str, array: np.ndarray, datatype: str = "FP32", binary: bool = True) -> object:
+    tensor = module.InferInput(name, list(array.shape), datatype)
     if module is httpclient:
         tensor.set_data_from_numpy(array, binary_data=binary)
     else:

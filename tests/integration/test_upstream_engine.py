@@ -254,7 +254,7 @@ async def test_unreachable_upstream_fails_load_clearly() -> None:
         await engine.load()
     assert f"upstream {base} is not reachable" in info.value.message and "ConnectError" in info.value.message
     with pytest.raises(errors.FailedPrecondition, match="not loaded"):
-        await run(engine, completion("hi"))  # type: ignore[arg-type]
+        await run(engine, completion("hi"))  # type: ignore[arg-type]  # create_engine's Engine is an UpstreamEngine for this config
 
 
 async def test_a_missing_api_key_variable_fails_load(monkeypatch: pytest.MonkeyPatch) -> None:

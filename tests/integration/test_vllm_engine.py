@@ -30,11 +30,11 @@ MODEL = os.environ.get("UNIMODEL_VLLM_MODEL", "")
 if not MODEL:
     pytest.skip("UNIMODEL_VLLM_MODEL is not set (a small model folder for vLLM)", allow_module_level=True)
 
-from unimodel.worker.engines.vllm import VllmEngine  # noqa: E402
+from unimodel.worker.engines.vllm import VllmEngine  # noqa: E402  (after the skips: only where vllm and a model are there)
 
 
 @pytest.fixture(scope="module")
-def config():  # type: ignore[no-untyped-def]
+def config():
     path = Path(MODEL)
     data = {
         "name": "vllm-test",
@@ -51,7 +51,7 @@ def config():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-async def engine(config) -> AsyncIterator[VllmEngine]:  # type: ignore[no-untyped-def]
+async def engine(config) -> AsyncIterator[VllmEngine]:
     engine = create_engine(config)
     assert isinstance(engine, VllmEngine)
     await engine.load()

@@ -61,7 +61,7 @@ async def registration(infra: Infra, worker_id: str) -> registry_pb2.InstanceInf
     return registry_pb2.InstanceInfo.FromString(kvs[key]) if key in kvs else None
 
 
-async def wait_for(infra: Infra, worker_id: str, check, timeout: float = 20) -> registry_pb2.InstanceInfo:  # type: ignore[no-untyped-def]
+async def wait_for(infra: Infra, worker_id: str, check, timeout: float = 20) -> registry_pb2.InstanceInfo:
     end = time.monotonic() + timeout
     info = None
     while time.monotonic() < end:

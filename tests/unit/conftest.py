@@ -17,8 +17,8 @@ class NetworkBlocked(RuntimeError):
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     real_connect, real_connect_ex, real_bind = socket.socket.connect, socket.socket.connect_ex, socket.socket.bind
 
-    def guard(real):  # type: ignore[no-untyped-def]
-        def wrapped(self: socket.socket, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def guard(real):
+        def wrapped(self: socket.socket, *args, **kwargs):
             if self.family in _INET:
                 raise NetworkBlocked(f"unit tests may not use the network ({real.__name__} {args!r})")
             return real(self, *args, **kwargs)

@@ -240,7 +240,7 @@ def test_lazy_deletion_does_not_grow_without_bound() -> None:
     q = ModelQueue("m", BatchPolicy(max_rows=4, max_queue_delay_s=100, max_queue_size=10))
     for round_ in range(1000):  # requests that expire while the queue is blocked
         now = T0 + round_
-        fill(q, 5, now, expires=now + 0.5)  # type: ignore[arg-type]
+        fill(q, 5, now, expires=now + 0.5)  # type: ignore[arg-type]  # expires is a float deadline; fill's **kw says int for the other fields
         assert len(q.expire(now + 0.5)) == 5
     assert len(q) == 0
     assert sum(len(dq) for dq in q._levels) < 200 and len(q._expiry) < 200
@@ -249,7 +249,7 @@ def test_lazy_deletion_does_not_grow_without_bound() -> None:
 # --- models that do not batch; policies from ModelConfig ------------------------------------------
 def config(**kw: object) -> model_pb2.ModelConfig:
     batching = kw.pop("batching", {})
-    return model_pb2.ModelConfig(name="m", batching=model_pb2.BatchingConfig(**batching), **kw)  # type: ignore[arg-type]
+    return model_pb2.ModelConfig(name="m", batching=model_pb2.BatchingConfig(**batching), **kw)  # type: ignore[arg-type]  # kw: ModelConfig fields by keyword, typed object here
 
 
 def test_a_model_that_does_not_batch_gets_one_request_per_batch() -> None:
@@ -432,11 +432,11 @@ async def test_one_timer_per_queue_not_per_request() -> None:
     rec = Recorder()
     s = scheduler(BatchPolicy(max_rows=1000, max_queue_delay_s=10, max_queue_size=2000), rec)
     loop = asyncio.get_running_loop()
-    before = len(loop._scheduled)  # type: ignore[attr-defined]
+    before = len(loop._scheduled)  # type: ignore[attr-defined]  # BaseEventLoop's private timer heap, counted on purpose
     now = time.time()
     for i in range(1000):
         s.submit(item(i, expires=now + 5 + i / 1000))
-    assert len(loop._scheduled) - before <= 1  # type: ignore[attr-defined]
+    assert len(loop._scheduled) - before <= 1  # type: ignore[attr-defined]  # BaseEventLoop's private timer heap, counted on purpose
     s.close()
 
 

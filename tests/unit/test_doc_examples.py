@@ -42,7 +42,7 @@ def test_python_blocks_are_one_example() -> None:
     assert isinstance(snippet, Example) and "from openai import OpenAI" in snippet.text and snippet.line > 1
 
 
-def test_the_readme_settings_file_is_read_by_every_service(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_readme_settings_file_is_read_by_every_service(tmp_path) -> None:
     from unimodel.core.settings import all_service_settings, load_settings
 
     (block,) = docexamples.yaml_blocks("README.md")

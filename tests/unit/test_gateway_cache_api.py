@@ -62,7 +62,7 @@ def test_modelcache_bad_requests(raw: bytes, fragment: str) -> None:
         (mc.remove_request, {"scope": {"model": "m"}, "remove_type": "delete_by_id", "id_list": [True]}, "id_list"),
     ],
 )
-def test_modelcache_bad_fields(fn, data: dict, fragment: str) -> None:  # type: ignore[no-untyped-def]
+def test_modelcache_bad_fields(fn, data: dict, fragment: str) -> None:
     with pytest.raises(mc.BadRequest, match=fragment):
         fn(data, "")
 

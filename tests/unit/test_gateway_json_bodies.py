@@ -94,7 +94,7 @@ async def gateway(repository: Path) -> AsyncIterator[GatewayService]:
     )
     gw.instances.synced.set()
     gw.registered.synced.set()
-    gw.replies = EchoCluster()  # type: ignore[assignment]
+    gw.replies = EchoCluster()  # type: ignore[assignment]  # EchoCluster stands in for the ReplyMux (answers every item with its input)
     yield gw
 
 
@@ -183,7 +183,7 @@ NOT_JSON_ROUTES = [
 @pytest.mark.parametrize("raw", [b"name=m&path=mlp", b'{"name": ', b"", b"\xff\xfe{}"], ids=["form", "cut", "empty", "bytes"])
 @pytest.mark.parametrize(("path", "message_of"), NOT_JSON_ROUTES, ids=[p for p, _ in NOT_JSON_ROUTES])
 async def test_a_body_that_is_not_json_is_a_400_in_the_family_shape(
-    client: httpx.AsyncClient, path: str, message_of, raw: bytes  # type: ignore[no-untyped-def]
+    client: httpx.AsyncClient, path: str, message_of, raw: bytes
 ) -> None:
     for label in (FORM, {"content-type": "application/json"}):
         r = await client.post(path, content=raw, headers=label)

@@ -78,7 +78,7 @@ def test_the_contracts_hold_on_the_code_as_it_is(services: Path) -> None:
 
 def test_core_importing_a_service_breaks_a_contract(services: Path) -> None:
     kinds = services / "unimodel" / "core" / "kinds.py"
-    kinds.write_text(kinds.read_text() + "\nfrom unimodel.gateway import catalog  # noqa: E402\n")
+    kinds.write_text(kinds.read_text() + "\nfrom unimodel.gateway import catalog  # noqa: E402  (planted after the module's code)\n")
     out = contracts(services)
     assert out.returncode == 1
     assert "core imports no service package BROKEN" in out.stdout
@@ -86,7 +86,7 @@ def test_core_importing_a_service_breaks_a_contract(services: Path) -> None:
 
 def test_an_import_cycle_breaks_a_contract(services: Path) -> None:
     catalog = services / "unimodel" / "gateway" / "catalog.py"  # the service imports catalog: now catalog imports it back
-    catalog.write_text(catalog.read_text() + "\nfrom unimodel.gateway import service  # noqa: E402\n")
+    catalog.write_text(catalog.read_text() + "\nfrom unimodel.gateway import service  # noqa: E402  (planted after the module's code)\n")
     out = contracts(services)
     assert out.returncode == 1
     assert "no import cycles in services/ BROKEN" in out.stdout

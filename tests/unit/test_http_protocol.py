@@ -30,7 +30,7 @@ class RecordingTransport:
 
 async def test_writes_of_one_iteration_become_one_write() -> None:
     raw = RecordingTransport()
-    t = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]  # RecordingTransport records writes in place of an asyncio.Transport
     t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
     t.write(b"")
     t.write(b"ok")
@@ -45,7 +45,7 @@ async def test_writes_of_one_iteration_become_one_write() -> None:
 
 async def test_close_sends_what_was_written_first() -> None:
     raw = RecordingTransport()
-    t = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]  # RecordingTransport records writes in place of an asyncio.Transport
     t.write(b"last words")
     t.close()
     assert raw.writes == [b"last words"] and raw.closed

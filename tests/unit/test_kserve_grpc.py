@@ -30,7 +30,7 @@ def gw() -> KServeDouble:
 @pytest.fixture
 async def address(gw: KServeDouble) -> AsyncIterator[str]:
     wrapper = GrpcServer("127.0.0.1", 0)  # never started: only its grpc.aio server is served, on a Unix socket
-    add_kserve_grpc(wrapper, gw)  # type: ignore[arg-type]
+    add_kserve_grpc(wrapper, gw)  # type: ignore[arg-type]  # KServeDouble has only what the KServe code calls, not every KServePorts member
     assert SERVICE_NAME == "inference.GRPCInferenceService"
     with tempfile.TemporaryDirectory(prefix="kserve-") as folder:
         target = f"unix:{Path(folder) / 'grpc.sock'}"
@@ -94,7 +94,7 @@ async def test_health_and_metadata(client: grpcclient.InferenceServerClient, gw:
         (lambda c: c.get_system_shared_memory_status(), "StatusCode.UNIMPLEMENTED", "shared memory"),
     ],
 )
-async def test_errors(client: grpcclient.InferenceServerClient, call, code: str, needle: str) -> None:  # type: ignore[no-untyped-def]
+async def test_errors(client: grpcclient.InferenceServerClient, call, code: str, needle: str) -> None:
     with pytest.raises(InferenceServerException) as info:
         await call(client)
     assert info.value.status() == code and needle in info.value.message()

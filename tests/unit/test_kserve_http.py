@@ -37,7 +37,7 @@ class FastPath:
         if found is None:
             await self.app(scope, receive, send)
         else:
-            await infer_asgi(self.gw, found[0], found[1], scope, receive, send)  # type: ignore[arg-type]
+            await infer_asgi(self.gw, found[0], found[1], scope, receive, send)  # type: ignore[arg-type]  # KServeDouble has only what the KServe code calls, not every KServePorts member
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def gw() -> KServeDouble:
 @pytest.fixture
 def api(gw: KServeDouble) -> FastAPI:
     app = FastAPI()
-    register_kserve_routes(app, gw)  # type: ignore[arg-type]
+    register_kserve_routes(app, gw)  # type: ignore[arg-type]  # KServeDouble has only what the KServe code calls, not every KServePorts member
     return app
 
 
@@ -286,7 +286,7 @@ async def test_service_errors_keep_status_and_retry_after(
 
 
 async def test_unexpected_service_failure_is_a_plain_500(client: httpx.AsyncClient, gw: KServeDouble) -> None:
-    gw.fail_with = RuntimeError("secret detail")  # type: ignore[assignment]
+    gw.fail_with = RuntimeError("secret detail")  # type: ignore[assignment]  # a non-UnimodelError on purpose: the unexpected failure
     r = await client.post("/v2/models/identity/infer", json={"inputs": [_fp_input([1, 2])]})
     assert r.status_code == 500 and r.json() == {"error": "internal error"}
 
@@ -301,7 +301,7 @@ async def test_body_limit_error_from_receive_is_413_in_kserve_shape(gw: KServeDo
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/v2/models/identity/infer", "headers": []}
-    await infer_asgi(gw, "identity", "", scope, receive, send)  # type: ignore[arg-type]
+    await infer_asgi(gw, "identity", "", scope, receive, send)  # type: ignore[arg-type]  # KServeDouble has only what the KServe code calls, not every KServePorts member; send takes a plain dict
     assert sent[0]["status"] == 413
     assert orjson.loads(sent[1]["body"]) == {"error": "request body exceeds the limit of 10 bytes"}
 

@@ -318,7 +318,7 @@ def test_grpc_typed_contents(datatype: str, field: str, values: list) -> None:
                     r.parameters["sequence_id"].MergeFrom(service_pb2.InferParameter(int64_param=9))), "sequence batching"),
     ],
 )
-def test_bad_grpc_requests(build, needle: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_grpc_requests(build, needle: str) -> None:
     request = service_pb2.ModelInferRequest(model_name="m")
     build(request)
     with pytest.raises(errors.InvalidArgument) as info:

@@ -71,7 +71,7 @@ async def make_engine(tmp_path: Path) -> AsyncIterator[Factory]:
 
 
 @pytest.fixture(scope="module")
-def reference():  # type: ignore[no-untyped-def]
+def reference():
     """llama-cpp-python's own Llama on the same file: the reference for tokens and greedy text (with the
     engine's extra-buffer rule: llama.cpp's AMX path crashes on AMX hosts, and greedy text must match)."""
     with model_params(llama_cpp, extra_buffers=extra_buffers_wanted("auto", llama_cpp)):
@@ -118,7 +118,7 @@ def test_stop_scanner_finds_a_stop_inside_one_piece_and_flushes_at_the_end() -> 
 # --- the engine --------------------------------------------------------------------------------------
 
 
-async def test_chat_renders_the_gguf_template_with_system_and_turns(make_engine: Factory, reference) -> None:  # type: ignore[no-untyped-def]
+async def test_chat_renders_the_gguf_template_with_system_and_turns(make_engine: Factory, reference) -> None:
     engine = await make_engine()
     request = chat(
         ("system", "You answer in one short sentence."),
@@ -168,7 +168,7 @@ async def test_a_configured_chat_template_overrides_the_gguf_one(make_engine: Fa
         await make_engine("broken", chat_template="{% for %}")
 
 
-async def test_greedy_matches_llama_cpp_python_and_is_deterministic(make_engine: Factory, reference) -> None:  # type: ignore[no-untyped-def]
+async def test_greedy_matches_llama_cpp_python_and_is_deterministic(make_engine: Factory, reference) -> None:
     engine = await make_engine()
     request = chat(("user", WATER), temperature=0, max_tokens=64)
     prompt, first = await run(engine, request)
@@ -203,7 +203,7 @@ async def test_a_seed_makes_sampling_reproducible(make_engine: Factory) -> None:
     assert others != {a}  # other seeds sample something else
 
 
-async def test_max_tokens_finishes_with_length_and_exact_counts(make_engine: Factory, reference) -> None:  # type: ignore[no-untyped-def]
+async def test_max_tokens_finishes_with_length_and_exact_counts(make_engine: Factory, reference) -> None:
     engine = await make_engine()
     prompt, deltas = await run(engine, completion(COUNTING, temperature=0, max_tokens=9))
     last = check_stream(deltas)
@@ -238,7 +238,7 @@ async def test_a_stop_string_stops_and_is_not_returned(make_engine: Factory) -> 
     assert prompt.stop == ["7, 8"]  # a completion has no template stops
 
 
-async def test_a_long_prompt_is_refused_naming_max_prompt_tokens(make_engine: Factory, reference) -> None:  # type: ignore[no-untyped-def]
+async def test_a_long_prompt_is_refused_naming_max_prompt_tokens(make_engine: Factory, reference) -> None:
     engine = await make_engine(max_prompt_tokens=32)
     with pytest.raises(errors.InvalidArgument) as info:
         await engine.prepare(chat(("user", "word " * 40)), "req-1")

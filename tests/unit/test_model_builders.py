@@ -59,7 +59,7 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _specs(specs) -> list[tuple[str, str, list[int]]]:  # type: ignore[no-untyped-def]
+def _specs(specs) -> list[tuple[str, str, list[int]]]:
     return [(s.name, s.datatype, list(s.dims)) for s in specs]
 
 

@@ -54,7 +54,7 @@ async def _sent(bus: FakeBus, n: int) -> list[inference_pb2.BatchItem]:
 
 async def test_items_carry_inbox_group_id_and_deadline_and_batches_answer_many() -> None:
     bus = FakeBus()
-    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]
+    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]  # FakeBus stands in for core.bus.Bus (the members ReplyMux uses)
     await mux.start()
     assert bus.subscribed == ["unimodel.v1.reply.gw-1.*"]
     ctx = RequestContext.new(5, request_id="r1")
@@ -73,8 +73,8 @@ async def test_items_carry_inbox_group_id_and_deadline_and_batches_answer_many()
     batch.replies.add(reply_to=items[0].reply_to, response=b"zero")
     batch.replies.add(reply_to=items[2].reply_to, error=errors.ResourceExhausted("full", retry_after_s=2).to_proto())
     batch.replies.add(reply_to="unimodel.v1.reply.gw-1.999", response=b"nobody waits")  # dropped
-    await mux._on_message(FakeMsg(mux.group, batch.SerializeToString()))  # type: ignore[arg-type]
-    await mux._on_message(FakeMsg(items[1].reply_to, b"one"))  # type: ignore[arg-type]
+    await mux._on_message(FakeMsg(mux.group, batch.SerializeToString()))  # type: ignore[arg-type]  # FakeMsg stands in for nats' Msg (data, subject, headers)
+    await mux._on_message(FakeMsg(items[1].reply_to, b"one"))  # type: ignore[arg-type]  # FakeMsg stands in for nats' Msg (data, subject, headers)
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert results[:2] == [b"zero", b"one"]
     assert isinstance(results[2], errors.ResourceExhausted) and results[2].retry_after_s == 2
@@ -83,14 +83,14 @@ async def test_items_carry_inbox_group_id_and_deadline_and_batches_answer_many()
 
 async def test_error_headers_no_responders_and_timeouts() -> None:
     bus = FakeBus()
-    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]
+    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]  # FakeBus stands in for core.bus.Bus (the members ReplyMux uses)
     ctx = RequestContext.new(5)
     first = asyncio.create_task(mux.request_item("s.a", inference_pb2.BatchItem(), ctx, timeout_s=5))
     second = asyncio.create_task(mux.request_item("s.b", inference_pb2.BatchItem(), ctx, timeout_s=5))
     a, b = await _sent(bus, 2)
-    await mux._on_message(FakeMsg(a.reply_to, headers={"Status": "503"}))  # type: ignore[arg-type]
+    await mux._on_message(FakeMsg(a.reply_to, headers={"Status": "503"}))  # type: ignore[arg-type]  # FakeMsg stands in for nats' Msg (data, subject, headers)
     await mux._on_message(
-        FakeMsg(b.reply_to, headers={Header.ERROR_CODE: "NOT_FOUND", Header.ERROR_MESSAGE: "no model"})  # type: ignore[arg-type]
+        FakeMsg(b.reply_to, headers={Header.ERROR_CODE: "NOT_FOUND", Header.ERROR_MESSAGE: "no model"})  # type: ignore[arg-type]  # FakeMsg stands in for nats' Msg (data, subject, headers)
     )
     with pytest.raises(errors.Unavailable, match="no instance is serving s.a"):
         await first
@@ -100,13 +100,13 @@ async def test_error_headers_no_responders_and_timeouts() -> None:
         await mux.request_item("s.c", inference_pb2.BatchItem(), ctx, timeout_s=0.05)
     with pytest.raises(errors.DeadlineExceeded):
         await mux.request_item("s.d", inference_pb2.BatchItem(), RequestContext.new(0.05), timeout_s=5)
-    await mux._on_message(FakeMsg(mux.group, b"\xff\xff"))  # type: ignore[arg-type]  # not a ReplyBatch: dropped
+    await mux._on_message(FakeMsg(mux.group, b"\xff\xff"))  # type: ignore[arg-type]  # FakeMsg stands in for nats' Msg (data, subject, headers); not a ReplyBatch: dropped
     assert mux.pending == 0
 
 
 async def test_requests_of_one_iteration_leave_as_one_bundle() -> None:
     bus = FakeBus()
-    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]
+    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]  # FakeBus stands in for core.bus.Bus (the members ReplyMux uses)
     ctx = RequestContext.new(5)
 
     def call(rows: int) -> asyncio.Task[bytes]:
@@ -123,7 +123,7 @@ async def test_requests_of_one_iteration_leave_as_one_bundle() -> None:
     assert reply == bundle.items[0].reply_to  # "no responders" reaches the first request's inbox
     assert [i.SerializeToString() for i in bundle.items] == inference_pb2.EncodedItemBundle.FromString(payload).items
     # no batcher: NATS answers the bundle's reply subject with status 503, which fails all three
-    await mux._on_message(FakeMsg(reply, headers={"Status": "503"}))  # type: ignore[arg-type]
+    await mux._on_message(FakeMsg(reply, headers={"Status": "503"}))  # type: ignore[arg-type]  # FakeMsg stands in for nats' Msg (data, subject, headers)
     for task in calls:
         with pytest.raises(errors.Unavailable, match="no instance is serving b.m"):
             await task
@@ -133,7 +133,7 @@ async def test_requests_of_one_iteration_leave_as_one_bundle() -> None:
         await asyncio.sleep(0)
     subject, payload, reply, _ = bus.nc.published[-1]
     assert subject == "b.m" and inference_pb2.BatchItem.FromString(payload).reply_to == reply
-    await mux._on_message(FakeMsg(reply, b"ok"))  # type: ignore[arg-type]
+    await mux._on_message(FakeMsg(reply, b"ok"))  # type: ignore[arg-type]  # FakeMsg stands in for nats' Msg (data, subject, headers)
     assert await alone == b"ok" and mux.pending == 0
 
 

@@ -38,7 +38,7 @@ def queues(*states: services_pb2.QueueState) -> dict[str, services_pb2.ListQueue
 MLP = model_pb2.ModelConfig(name="mlp", engine="onnx", version="1", max_batch_size=64)
 
 
-def healthy_view():  # type: ignore[no-untyped-def]
+def healthy_view():
     workers = [
         instance("gpu-worker", "w0", registry_pb2.ModelStatus(name="mlp", engine="onnx", state=READY, inflight=2, concurrency=1),
                  registry_pb2.ModelStatus(name="echo", engine="echo", state=READY, pinned=True, concurrency=8)),

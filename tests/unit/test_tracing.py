@@ -92,8 +92,8 @@ def test_errors_set_the_status_and_error_type(spans: list[tracing.Span]) -> None
     tracing.finish(a, errors.Unavailable("no worker"))
     b = tracing.start("b", root=True)
     tracing.finish(b, ValueError("x"))
-    assert (a.status, a.message, a.attributes["error.type"]) == (tracing.STATUS_ERROR, "no worker", "UNAVAILABLE")  # type: ignore[union-attr]
-    assert b.attributes["error.type"] == "ValueError"  # type: ignore[union-attr]
+    assert (a.status, a.message, a.attributes["error.type"]) == (tracing.STATUS_ERROR, "no worker", "UNAVAILABLE")  # type: ignore[union-attr]  # the spans fixture samples every span: start() returned a Span
+    assert b.attributes["error.type"] == "ValueError"  # type: ignore[union-attr]  # the spans fixture samples every span: start() returned a Span
 
 
 def test_the_otlp_encoding_is_what_opentelemetry_proto_decodes(spans: list[tracing.Span]) -> None:
@@ -131,7 +131,7 @@ def test_the_otlp_encoding_is_what_opentelemetry_proto_decodes(spans: list[traci
     assert s.flags & 0xFF == 1
     root = tracing.start("root", root=True)
     tracing.finish(root)
-    (r,) = trace_service_pb2.ExportTraceServiceRequest.FromString(otlp.encode_request({}, [root])).resource_spans[0].scope_spans[0].spans  # type: ignore[list-item]
+    (r,) = trace_service_pb2.ExportTraceServiceRequest.FromString(otlp.encode_request({}, [root])).resource_spans[0].scope_spans[0].spans  # type: ignore[list-item]  # the spans fixture samples every span: start() returned a Span
     assert r.parent_span_id == b"" and not r.HasField("status") or r.status.code == 0
 
 
@@ -151,8 +151,8 @@ def test_the_exporter_sends_in_batches_drops_when_full_and_flushes_on_shutdown(
     exporter = otlp.SpanExporter({"service.name": "t"}, lambda s: s.name.encode(), send)
     made = [tracing.start(f"s{i}", root=True) for i in range(7)]
     for s in made:
-        s.end()  # type: ignore[union-attr]
-        exporter.add(s)  # type: ignore[arg-type]
+        s.end()  # type: ignore[union-attr]  # the spans fixture samples every span: start() returned a Span
+        exporter.add(s)  # type: ignore[arg-type]  # the spans fixture samples every span: start() returned a Span
     assert exporter.dropped == exporter.queue_full == 2  # the queue holds 5; the sender is still blocked
     gate.set()
     exporter.shutdown()
@@ -166,8 +166,8 @@ def test_a_failing_export_drops_its_batch_and_never_raises(caplog: pytest.LogCap
 
     exporter = otlp.SpanExporter({}, otlp.encoded_span, send)
     span = tracing.start("x", root=True)
-    span.end()  # type: ignore[union-attr]
-    exporter.add(span)  # type: ignore[arg-type]
+    span.end()  # type: ignore[union-attr]  # the spans fixture samples every span: start() returned a Span
+    exporter.add(span)  # type: ignore[arg-type]  # the spans fixture samples every span: start() returned a Span
     assert exporter.force_flush(5)
     exporter.shutdown()
     exporter.shutdown()  # idempotent
@@ -179,7 +179,7 @@ def test_the_console_exporter_writes_json_lines(spans: list[tracing.Span]) -> No
 
     span = tracing.start("x", PARENT, attributes={"k": "v"})
     tracing.finish(span)
-    line = orjson.loads(otlp.console_line({"service.name": "unimodel-router"}, span))  # type: ignore[arg-type]
+    line = orjson.loads(otlp.console_line({"service.name": "unimodel-router"}, span))  # type: ignore[arg-type]  # the spans fixture samples every span: start() returned a Span
     assert line["service"] == "unimodel-router" and line["parent_id"] == "b7ad6b7169203331"
     assert line["trace_id"] == "0af7651916cd43dd8448eb211c80319c" and line["attributes"] == {"k": "v"}
 
@@ -192,21 +192,21 @@ def test_http_routes_are_templated() -> None:
     assert http_route("/health/ready") is None and http_route("/metrics") is None
 
 
-def _call(path: str, headers: list[tuple[bytes, bytes]], chunks: int = 1):  # type: ignore[no-untyped-def]
+def _call(path: str, headers: list[tuple[bytes, bytes]], chunks: int = 1):
     seen: dict[str, object] = {}
     sent: list[dict[str, object]] = []
 
-    async def inner(scope, receive, send):  # type: ignore[no-untyped-def]
+    async def inner(scope, receive, send):
         seen["headers"] = dict(scope["headers"])
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         for i in range(chunks):
             seen[f"ended_before_{i}"] = bool(spans_ended)
             await send({"type": "http.response.body", "body": b"x", "more_body": i < chunks - 1})
 
-    async def send(message):  # type: ignore[no-untyped-def]
+    async def send(message):
         sent.append(message)
 
-    async def receive():  # type: ignore[no-untyped-def]
+    async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
 
     spans_ended: list[tracing.Span] = []
@@ -225,23 +225,23 @@ def test_the_http_middleware_makes_the_server_span_and_hands_its_context_to_the_
     assert span.name == "POST /v1/chat/completions" and span.kind == tracing.SERVER
     assert span.parent_id == 0xB7AD6B7169203331 and span.attributes["http.response.status_code"] == 200
     headers = seen["headers"]
-    assert headers[b"traceparent"] == tracing.traceparent_of(span).encode() and headers[b"x-other"] == b"1"  # type: ignore[index]
+    assert headers[b"traceparent"] == tracing.traceparent_of(span).encode() and headers[b"x-other"] == b"1"
     assert not seen["ended_before_2"]  # a stream's span ends with its last chunk
     start = sent[0]
-    assert (b"x-unimodel-trace-id", b"0af7651916cd43dd8448eb211c80319c") in start["headers"]  # type: ignore[operator]
+    assert (b"x-unimodel-trace-id", b"0af7651916cd43dd8448eb211c80319c") in start["headers"]
 
 
 def test_the_http_middleware_leaves_untraced_routes_alone() -> None:
     seen, sent, ended = _call("/health/ready", [(b"traceparent", PARENT.encode())])
-    assert ended == [] and seen["headers"][b"traceparent"] == PARENT.encode()  # type: ignore[index]
-    assert all(k != b"x-unimodel-trace-id" for k, _ in sent[0]["headers"])  # type: ignore[union-attr]
+    assert ended == [] and seen["headers"][b"traceparent"] == PARENT.encode()
+    assert all(k != b"x-unimodel-trace-id" for k, _ in sent[0]["headers"])
 
 
 def test_the_http_middleware_passes_unsampled_requests_through() -> None:
     unsampled = PARENT[:-2] + "00"  # the caller decided not to sample
     seen, sent, ended = _call("/v1/chat/completions", [(b"traceparent", unsampled.encode())])
-    assert ended == [] and seen["headers"][b"traceparent"] == unsampled.encode()  # type: ignore[index]
-    assert all(k != b"x-unimodel-trace-id" for k, _ in sent[0]["headers"])  # type: ignore[union-attr]
+    assert ended == [] and seen["headers"][b"traceparent"] == unsampled.encode()
+    assert all(k != b"x-unimodel-trace-id" for k, _ in sent[0]["headers"])
 
 
 @pytest.mark.parametrize(("value", "seconds"), [
@@ -270,7 +270,7 @@ def test_an_export_that_keeps_failing_is_tried_max_attempts_times_then_dropped(s
     exporter = otlp.SpanExporter({}, otlp.encoded_span, send, timeout_s=30, backoff_s=0.001)
     span = tracing.start("x", root=True)
     tracing.finish(span)
-    exporter.add(span)  # type: ignore[arg-type]
+    exporter.add(span)  # type: ignore[arg-type]  # the spans fixture samples every span: start() returned a Span
     assert exporter.force_flush(5)
     exporter.shutdown()
     assert len(tries) == otlp.MAX_ATTEMPTS and exporter.retries == otlp.MAX_ATTEMPTS - 1 and exporter.failed == 1

@@ -188,7 +188,7 @@ async def test_real_engines_load_and_close(tmp_path: Path) -> None:
     engine = table.get("identity")
     assert engine is not None
     await table.close()
-    assert table.states() == [] and engine.engine._sessions is None  # type: ignore[attr-defined]
+    assert table.states() == [] and engine.engine._sessions is None  # type: ignore[attr-defined]  # _sessions is the ONNX engine's; the table holds it as an Engine
 
 
 def test_builtin_config() -> None:

@@ -55,7 +55,7 @@ def test_numbers_reads_only_flat_number_lists() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-async def loaded(config) -> tuple[ModelTable, LoadedModel]:  # type: ignore[no-untyped-def]
+async def loaded(config) -> tuple[ModelTable, LoadedModel]:
     table = ModelTable()
     return table, await table.load_now(config)
 
