@@ -26,6 +26,7 @@ import heapq
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from unimodel.core import errors
 from unimodel.v1 import model_pb2
@@ -33,6 +34,9 @@ from unimodel.v1 import model_pb2
 QUEUED, TAKEN, EXPIRED, CANCELLED, DROPPED = range(5)
 """States of a Pending request. Only QUEUED ones count; the others may linger in the deques and the
 expiry heap until they are popped or compacted away (lazy deletion keeps put/take O(1) / O(log n))."""
+
+P = TypeVar("P")
+"""A queued request's payload: whatever the runtime needs to send it (the queue never reads it)."""
 
 MIN_RETRY_AFTER_S = 0.05
 MAX_RETRY_AFTER_S = 10.0
@@ -92,13 +96,13 @@ class BatchPolicy:
         return priority if 0 < priority <= self.priority_levels else self.default_priority_level
 
 
-class Pending:
+class Pending(Generic[P]):
     """One queued request. `payload` is what the runtime needs to send it (opaque here)."""
 
     __slots__ = ("request_id", "payload", "rows", "priority", "expires", "enqueued", "level", "state")
 
     def __init__(
-        self, request_id: str, payload: object = None, *, rows: int = 1, priority: int = 0, expires: float = 0.0
+        self, request_id: str, payload: P, *, rows: int = 1, priority: int = 0, expires: float = 0.0
     ) -> None:
         self.request_id = request_id
         self.payload = payload
@@ -113,12 +117,12 @@ class Pending:
         return f"Pending({self.request_id!r}, rows={self.rows}, level={self.level}, state={self.state})"
 
 
-class ModelQueue:
+class ModelQueue(Generic[P]):
     def __init__(self, model: str, policy: BatchPolicy) -> None:
         self.model = model
         self.policy = policy
-        self._levels: list[collections.deque[Pending]] = [collections.deque() for _ in range(policy.priority_levels)]
-        self._expiry: list[tuple[float, int, Pending]] = []  # heap by expiry time; lazy deletion
+        self._levels: list[collections.deque[Pending[P]]] = [collections.deque() for _ in range(policy.priority_levels)]
+        self._expiry: list[tuple[float, int, Pending[P]]] = []  # heap by expiry time; lazy deletion
         self._seq = itertools.count()
         self.count = 0  # queued requests
         self.rows = 0  # queued rows
@@ -133,7 +137,7 @@ class ModelQueue:
         return self.count
 
     # arrival ------------------------------------------------------------------------------------
-    def put(self, item: Pending, now: float) -> None:
+    def put(self, item: Pending[P], now: float) -> None:
         """Queue a request; raises InvalidArgument (too many rows), DeadlineExceeded (already expired)
         or ResourceExhausted (queue full)."""
         policy = self.policy
@@ -161,11 +165,11 @@ class ModelQueue:
         self.count += 1
         self.rows += item.rows
 
-    def cancel(self, item: Pending) -> bool:
+    def cancel(self, item: Pending[P]) -> bool:
         """The caller went away: the request will be skipped. False if it already left the queue."""
         return self._drop(item, CANCELLED)
 
-    def _drop(self, item: Pending, state: int) -> bool:
+    def _drop(self, item: Pending[P], state: int) -> bool:
         if item.state != QUEUED:
             return False
         item.state = state
@@ -175,7 +179,7 @@ class ModelQueue:
         return True
 
     # time-driven --------------------------------------------------------------------------------
-    def expire(self, now: float) -> list[Pending]:
+    def expire(self, now: float) -> list[Pending[P]]:
         """Take every queued request whose deadline is `now` or earlier out of the queue."""
         heap = self._expiry
         if not heap or heap[0][0] > now:
@@ -224,7 +228,7 @@ class ModelQueue:
         return now >= self.window_end()
 
     # batch forming ------------------------------------------------------------------------------
-    def take(self, now: float) -> list[Pending]:
+    def take(self, now: float) -> list[Pending[P]]:
         """The next batch (empty if the queue is). Call when :meth:`ready`; expire(now) first so that
         no expired request is in it."""
         if not self.count:
@@ -237,7 +241,7 @@ class ModelQueue:
             i = bisect.bisect_right(preferred, self.rows)
             if i:
                 limit = preferred[i - 1]
-        batch: list[Pending] = []
+        batch: list[Pending[P]] = []
         rows = 0
         for dq in self._levels:
             while dq:
@@ -274,11 +278,11 @@ class ModelQueue:
             heapq.heapify(self._expiry)
 
     # policy changes -----------------------------------------------------------------------------
-    def set_policy(self, policy: BatchPolicy) -> list[Pending]:
+    def set_policy(self, policy: BatchPolicy) -> list[Pending[P]]:
         """Apply a new policy from the next batch on. Returns the queued requests it can no longer run
         (more rows than its max_batch_size); they are out of the queue."""
         self.policy = policy
-        dropped: list[Pending] = []
+        dropped: list[Pending[P]] = []
         items = sorted((it for dq in self._levels for it in dq if it.state == QUEUED), key=lambda it: it.enqueued)
         self._levels = [collections.deque() for _ in range(policy.priority_levels)]
         self._stale = 0
@@ -324,7 +328,7 @@ class ModelQueue:
         return round(min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, self.count / rate)), 3)
 
     # shutdown -----------------------------------------------------------------------------------
-    def clear(self) -> list[Pending]:
+    def clear(self) -> list[Pending[P]]:
         """Take every queued request out (shutdown): the caller answers them."""
         out = [it for dq in self._levels for it in dq if it.state == QUEUED]
         for item in out:

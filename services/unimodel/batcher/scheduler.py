@@ -18,22 +18,23 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from typing import Generic
 
-from unimodel.batcher.queue import BatchPolicy, ModelQueue, Pending
+from unimodel.batcher.queue import BatchPolicy, ModelQueue, P, Pending
 from unimodel.core import errors
 
 log = logging.getLogger("unimodel.batcher")
 
-Dispatch = Callable[[list[Pending]], Awaitable[None]]
-Reject = Callable[[list[Pending], errors.UnimodelError], None]
+Dispatch = Callable[[list[Pending[P]]], Awaitable[None]]
+Reject = Callable[[list[Pending[P]], errors.UnimodelError], None]
 
 
-class Scheduler:
+class Scheduler(Generic[P]):
     def __init__(
         self,
-        queue: ModelQueue,
-        dispatch: Dispatch,
-        reject: Reject,
+        queue: ModelQueue[P],
+        dispatch: Dispatch[P],
+        reject: Reject[P],
         max_inflight: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -59,7 +60,7 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.queue.count and not self.inflight
 
-    def submit(self, item: Pending) -> None:
+    def submit(self, item: Pending[P]) -> None:
         """Queue a request (raises the queue's errors: the caller answers them). Never waits."""
         if self._closed:
             raise errors.Unavailable("batcher is shutting down", retry_after_s=1)
@@ -130,13 +131,13 @@ class Scheduler:
             self._timer_at = at
             self._timer = self._loop.call_later(max(0.0, at - now), self._pump, at)
 
-    def _start(self, batch: list[Pending]) -> None:
+    def _start(self, batch: list[Pending[P]]) -> None:
         self.inflight += 1
         task = self._loop.create_task(self._run(batch))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
-    async def _run(self, batch: list[Pending]) -> None:
+    async def _run(self, batch: list[Pending[P]]) -> None:
         try:
             await self.dispatch(batch)
         except Exception:  # dispatch answers its own failures; this is a bug, not a routing error

@@ -35,6 +35,7 @@ from unimodel.core import errors, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import Service
 from unimodel.core.membership import Discovery, model_key
+from unimodel.core.store import KeyValueStore
 from unimodel.core.subjects import Header
 from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import inference_pb2, model_pb2, services_pb2, services_pb2_grpc
@@ -63,15 +64,15 @@ class ModelState:
     subject: str
     label: str  # metrics label: the model's name when registered, else OTHER_MODEL
     series: ModelSeries
-    scheduler: Scheduler = field(init=False)
+    scheduler: Scheduler[Item] = field(init=False)
 
 
 class BatcherService(Service):
     kind = "batcher"
     settings: BatcherSettings
 
-    def __init__(self, settings: BatcherSettings, **kw) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(settings, **kw)
+    def __init__(self, settings: BatcherSettings, store: KeyValueStore | None = None) -> None:
+        super().__init__(settings, store)
         self.defaults = BatchPolicy(
             max_rows=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
@@ -243,7 +244,7 @@ class BatcherService(Service):
                 self.stats.reject(state.label, reason)
             raise
 
-    async def _dispatch(self, state: ModelState, batch: list[Pending]) -> None:
+    async def _dispatch(self, state: ModelState, batch: list[Pending[Item]]) -> None:
         now = time.time()
         series = state.series
         wait = series.queue_wait
@@ -251,7 +252,7 @@ class BatcherService(Service):
         waits = []
         rows = deadline = 0
         for pending in batch:
-            item: Item = pending.payload  # type: ignore[assignment]
+            item = pending.payload
             parts.append(item.data)
             rows += pending.rows
             if item.deadline_ms > deadline:
@@ -262,7 +263,7 @@ class BatcherService(Service):
         series.batch_rows.observe(rows)
         series.fill_ratio.observe(rows / state.scheduler.queue.policy.max_rows)
         batch_id = next(self._batch_ids)
-        first: Item = batch[0].payload  # type: ignore[assignment]
+        first = batch[0].payload
         ctx = RequestContext(batch_id, deadline, first.traceparent, first.tracestate)
         span, dispatched_ns = None, 0
         traced = tracing.enabled()
@@ -285,7 +286,7 @@ class BatcherService(Service):
                 self._end_queue_spans(batch, batch_id, rows, waits, span, dispatched_ns)
                 tracing.finish(span, err)
             for pending in batch:
-                await self.bus.publish_error(pending.payload.reply_to, err)  # type: ignore[attr-defined]
+                await self.bus.publish_error(pending.payload.reply_to, err)
             return
         if traced:  # after the ack: the requests' answers are on their way already
             self._end_queue_spans(batch, batch_id, rows, waits, span, dispatched_ns)
@@ -297,7 +298,7 @@ class BatcherService(Service):
         state.scheduler.set_max_inflight(self._inflight_cap(state.model, state.scheduler.queue.policy))
 
     def _trace_batch(
-        self, state: ModelState, batch: list[Pending], batch_id: str, rows: int, ctx: RequestContext
+        self, state: ModelState, batch: list[Pending[Item]], batch_id: str, rows: int, ctx: RequestContext
     ) -> tuple[Span | None, RequestContext]:
         """The batch's dispatch span, in the first request's trace, linked to every request's queue span."""
         span, ctx = tracing.start_in(tracing.Name.BATCHER_DISPATCH, ctx, tracing.PRODUCER, {
@@ -306,20 +307,20 @@ class BatcherService(Service):
         })
         if span is not None:
             for pending in batch:
-                queue_span = pending.payload.span  # type: ignore[attr-defined]
+                queue_span = pending.payload.span
                 if queue_span is not None:
                     span.add_link(queue_span.get_span_context())
         return span, ctx
 
     @staticmethod
     def _end_queue_spans(
-        batch: list[Pending], batch_id: str, rows: int, waits: list[int], dispatch: Span | None, end_ns: int
+        batch: list[Pending[Item]], batch_id: str, rows: int, waits: list[int], dispatch: Span | None, end_ns: int
     ) -> None:
         """End each request's queue span at its dispatch (`end_ns`): its wait and the batch it joined.
         Called once the batch was acknowledged, so the batch does not wait for it."""
         dispatched = dispatch.get_span_context() if dispatch is not None else None
         for pending, waited_ns in zip(batch, waits, strict=True):
-            queue_span = pending.payload.span  # type: ignore[attr-defined]
+            queue_span = pending.payload.span
             if queue_span is None:
                 continue
             queue_span.set_attribute(Attr.BATCH_SIZE, len(batch))
@@ -330,10 +331,10 @@ class BatcherService(Service):
                 queue_span.add_link(dispatched)
             queue_span.end(end_ns)
 
-    def _reject(self, state: ModelState, batch: list[Pending], err: errors.UnimodelError) -> None:
+    def _reject(self, state: ModelState, batch: list[Pending[Item]], err: errors.UnimodelError) -> None:
         """Answer requests that leave the queue without running (one task for all of them)."""
         for pending in batch:
-            tracing.finish(pending.payload.span, err)  # type: ignore[attr-defined]
+            tracing.finish(pending.payload.span, err)
         reason = _REASONS.get(type(err))
         if reason:
             self.stats.reject(state.label, reason, len(batch))
@@ -341,9 +342,9 @@ class BatcherService(Service):
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
 
-    async def _answer(self, batch: list[Pending], err: errors.UnimodelError) -> None:
+    async def _answer(self, batch: list[Pending[Item]], err: errors.UnimodelError) -> None:
         for pending in batch:
-            await self.bus.publish_error(pending.payload.reply_to, err)  # type: ignore[attr-defined]
+            await self.bus.publish_error(pending.payload.reply_to, err)
 
     def _queue_stats(self) -> list[tuple[str, int, int]]:
         # Called from the metrics server's thread: list() copies the values atomically under the GIL.

@@ -11,6 +11,7 @@ check the results against BatchItem and BatchRequest.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import cast
 
 from unimodel.v1.inference_pb2 import BatchItem, EncodedBatchRequest
 
@@ -22,15 +23,17 @@ def item_fields(
     when positive)."""
     if not (reply_to or deadline_unix_ms > 0 or request_id or trace_context):
         return b""  # the usual case: the gateway set them all
-    return BatchItem(
+    encoded = BatchItem(
         reply_to=reply_to, deadline_unix_ms=max(deadline_unix_ms, 0), request_id=request_id, trace_context=trace_context
     ).SerializeToString()
+    return cast(bytes, encoded)  # protobuf's runtime ships no type information
 
 
 def batch_request(
     batch_id: str, model: str, path: Iterable[str], items: Iterable[bytes], queue_ns: Iterable[int] = ()
 ) -> bytes:
     """An encoded BatchRequest whose items are the given encoded BatchItems (and their queue times)."""
-    return EncodedBatchRequest(
+    encoded = EncodedBatchRequest(
         batch_id=batch_id, model=model, items=items, path=path, queue_ns=[max(0, int(ns)) for ns in queue_ns]
     ).SerializeToString()
+    return cast(bytes, encoded)  # protobuf's runtime ships no type information

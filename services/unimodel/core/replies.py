@@ -178,9 +178,9 @@ class ReplyMux:
         headers = msg.headers
         if headers:
             if headers.get(_STATUS) == _NO_RESPONDERS:
-                err = no_responders(subject)
+                gone = no_responders(subject)
                 for inbox in self._bundles.pop(msg.subject, None) or (msg.subject,):
-                    self._fail(inbox, err)
+                    self._fail(inbox, gone)
                 return
             err = error_from_headers(headers)
             if err is not None:

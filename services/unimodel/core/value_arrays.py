@@ -81,8 +81,9 @@ def numeric_array(value: struct_pb2.Value, dtype: np.dtype, what: str) -> np.nda
         return flat.astype(dtype, copy=False)
     if value.WhichOneof("kind") == "list_value":
         rows = [numbers(v) for v in value.list_value.values]
-        if rows and all(r is not None for r in rows) and len({len(r) for r in rows}) == 1:  # type: ignore[arg-type]
-            return np.stack(rows).astype(dtype, copy=False)  # type: ignore[arg-type]
+        arrays = [r for r in rows if r is not None]
+        if rows and len(arrays) == len(rows) and len({len(r) for r in arrays}) == 1:
+            return np.stack(arrays).astype(dtype, copy=False)
     obj = from_value(value)
     try:
         arr = np.asarray(obj)
