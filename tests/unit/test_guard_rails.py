@@ -58,7 +58,7 @@ def test_mypy_is_strict_on_core_and_checks_untyped_defs_elsewhere(tmp_path: Path
 
 def contracts(services: Path) -> subprocess.CompletedProcess[str]:
     return run(
-        str(BIN / "lint-imports"), "--no-cache", "--config", str(ROOT / "pyproject.toml"),
+        str(BIN / "lint-imports"), "--no-cache", "--no-logo", str(ROOT / "pyproject.toml"),
         cwd=services, env={"PYTHONPATH": str(services), "PATH": str(BIN)},
     )
 
