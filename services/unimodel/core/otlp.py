@@ -62,7 +62,7 @@ DEFAULT_HTTP = "http://localhost:4318" + HTTP_PATH
 
 
 # --- protobuf wire format ---------------------------------------------------------------------------
-_varint = protowire.varint  # the same base-128 varint as the services' own wire helpers
+_varint = protowire.varint  # the one base-128 varint helper (value_arrays uses it too)
 
 
 def _field(number: int, payload: bytes) -> bytes:
