@@ -1,8 +1,9 @@
-"""The vllm engine through the whole cluster, as a user runs it: `unimodel up --vllm-workers 1` starts a
-gpu-worker from .venv-vllm (vLLM's CPU build), which hosts smollm2-135m-instruct-vllm (the packaged GGUF
+"""The vllm engine through the whole cluster, as a user runs it: `unimodel up --vllm-workers 2` starts two
+gpu-workers from .venv-vllm (vLLM's CPU build), each hosting smollm2-135m-instruct-vllm (the packaged GGUF
 converted to a Hugging Face folder); the openai SDK talks to the gateway, gateway -> batcher -> router ->
-that worker -> vLLM's EngineCore (a child process of the worker). A killed worker takes its EngineCore
-with it and comes back; Ctrl-C leaves no process behind.
+a worker -> vLLM's EngineCore (a child process of the worker). A conversation stays on one worker
+(affinity by session); a killed worker takes its EngineCore with it and comes back; Ctrl-C leaves no
+process behind.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -30,16 +32,16 @@ pytestmark = [
 ]
 
 
-def vllm_worker(etcd: int) -> dict:
+def vllm_workers(etcd: int) -> dict[str, dict[str, Any]]:
+    """The vllm workers by id, each with its pid."""
     data = status_json(etcd)
-    (worker,) = [w for w in data["workers"] if "vllm" in w["engines"]]
-    (service,) = [s for s in data["services"] if s["id"] == worker["id"]]
-    return {**worker, "pid": service["pid"]}
+    pids = {s["id"]: s["pid"] for s in data["services"]}
+    return {w["id"]: {**w, "pid": pids[w["id"]]} for w in data["workers"] if "vllm" in w["engines"]}
 
 
-def model_ready(base: str) -> bool:
+def model_ready(base: str, instances: int = 2) -> bool:
     r = httpx.get(f"{base}/v1/models/{MODEL}/status", timeout=5)
-    return r.status_code == 200 and r.json()["state"] == "READY"
+    return r.status_code == 200 and sum(i["state"] == "READY" for i in r.json()["instances"]) >= instances
 
 
 @pytest.mark.timeout(900)
@@ -48,7 +50,7 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
 ) -> None:
     http, grpc_port, nats, etcd = free_port(), free_port(), free_port(), free_port()
     cmd = [
-        sys.executable, "-m", "unimodel.cli", "up", "--vllm-workers", "1", "--log-level", "debug",
+        sys.executable, "-m", "unimodel.cli", "up", "--vllm-workers", "2", "--log-level", "debug",
         "--state-dir", str(tmp_path / "state"), "--model-repository", str(model_repository), "--load-models", MODEL,
         "--http-port", str(http), "--grpc-port", str(grpc_port), "--nats-port", str(nats), "--etcd-port", str(etcd),
     ]
@@ -58,19 +60,33 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
     base = f"http://127.0.0.1:{http}"
     try:
         wait_until(lambda: http_ok(f"{base}/health/ready"), 120, "cluster ready")
-        wait_until(lambda: model_ready(base), 300, f"{MODEL} READY on the vllm worker")
-        worker = vllm_worker(etcd)
-        assert [m["engine"] for m in worker["models"] if m["name"] == MODEL] == ["vllm"]
-        cores = descendants(worker["pid"])
-        assert cores, "vLLM's EngineCore runs as a child of the worker"
+        wait_until(lambda: model_ready(base), 420, f"{MODEL} READY on both vllm workers")
+        workers = vllm_workers(etcd)
+        assert len(workers) == 2
+        for w in workers.values():
+            assert [m["engine"] for m in w["models"] if m["name"] == MODEL] == ["vllm"]
+            assert descendants(w["pid"]), "vLLM's EngineCore runs as a child of the worker"
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        # affinity: each conversation (x-session-id) stays on one worker; the conversations spread over both
+        homes: dict[str, set[str]] = {}
+        for turn in range(2):
+            for session in (f"conversation-{i}" for i in range(12)):
+                r = client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=[{"role": "user", "content": f"Hello ({turn})"}], max_tokens=2,
+                    extra_headers={"x-session-id": session},
+                )
+                homes.setdefault(session, set()).add(r.headers["x-unimodel-worker"])
+        assert all(len(h) == 1 for h in homes.values()), homes
+        assert set().union(*homes.values()) == set(workers), homes  # 12 sessions, rendezvous-hashed over 2 workers
 
         # chat, blocking and streamed (greedy: the same text both ways), with usage
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         reply = client.chat.completions.with_raw_response.create(
             model=MODEL, messages=messages, max_tokens=24, temperature=0, extra_headers={"x-session-id": "s1"}
         )
-        assert reply.headers["x-unimodel-worker"] == worker["id"]
+        worker = workers[reply.headers["x-unimodel-worker"]]
+        cores = descendants(worker["pid"])
         answer = reply.parse()
         assert "Paris" in answer.choices[0].message.content
         assert answer.usage.completion_tokens <= 24 and answer.usage.prompt_tokens > 5
@@ -110,7 +126,10 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
         # kill -9 of the worker: its EngineCore goes too; the worker comes back and serves the model again
         os.kill(worker["pid"], signal.SIGKILL)
         wait_until(lambda: not any(alive(p) for p in cores), 30, "the killed worker's EngineCore to exit")
-        wait_until(lambda: vllm_worker(etcd)["id"] != worker["id"] and model_ready(base), 300, "the vllm worker back")
+        wait_until(
+            lambda: worker["id"] not in (now := vllm_workers(etcd)) and len(now) == 2 and model_ready(base), 300,
+            "the killed vllm worker back",
+        )
         again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
         assert again.choices[0].message.content == answer.choices[0].message.content
 
@@ -119,5 +138,5 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
         kill_if_running(up)
         log.close()
     text = (tmp_path / "up.log").read_text()
-    assert "vllm-worker |" in text and "was killed by SIGKILL" in text
+    assert "vllm-worker-0 |" in text and "vllm-worker-1 |" in text and "was killed by SIGKILL" in text
     assert "Traceback" not in text, text[-5000:]
