@@ -35,6 +35,7 @@ NOT_RUN: dict[str, str] = {
     "unimodel gpu-worker --nats-url nats://nats:4222": "compose's service hostnames; tests/e2e/test_compose_topology.py runs these commands",
     ".venv/bin/python scripts/bench/": "a benchmark: minutes of load that rewrites docs/benchmarks/*.json; its figures are in docs/benchmarks.md",
     "scripts/bench/setup_peers.sh": "installs the benchmark peers (perf_analyzer) for the benchmarks",
+    "cd /tmp/": "a before/after benchmark of two commits, each run from its own git worktree under /tmp (minutes of load)",
 }
 
 _FAILS = re.compile(r"#\s*fails:\s*(\d{3})\s+([A-Z_]+)")
