@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from unimodel.core import errors
 from unimodel.gateway.auth import TENANT_HEADER
+from unimodel.gateway.http_context import read_body
 from unimodel.gateway.kserve.http import infer_asgi, match_infer
 from unimodel.gateway.modelcache.serving import handle as modelcache
 from unimodel.gateway.ports import KServePorts, ModelCachePorts, UnifiedPorts
@@ -65,7 +66,7 @@ class FastRoutes:
         """Read the body, `handler(body, headers)` -> (status, JSON payload, extra headers), send the answer."""
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            raw = await self._body(receive)
+            raw = await read_body(receive)
         except errors.UnimodelError as err:  # PayloadTooLarge from BodyLimit, or the client left
             status, payload, extra = error_result(err)
         else:
@@ -78,15 +79,4 @@ class FastRoutes:
             }
         )
         await send({"type": "http.response.body", "body": payload})
-
-    @staticmethod
-    async def _body(receive: Receive) -> bytes:
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise errors.Cancelled("client disconnected")
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 

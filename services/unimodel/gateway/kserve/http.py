@@ -31,7 +31,7 @@ from unimodel.core import errors, subjects
 from unimodel.core.modelconfig import DATATYPES
 from unimodel.gateway import json_body
 from unimodel.gateway.auth import TENANT_HEADER
-from unimodel.gateway.http_context import http_context
+from unimodel.gateway.http_context import http_context, read_body
 from unimodel.gateway.kserve import codec, documents
 from unimodel.gateway.kserve.errors import JSON, Headers, error_response, error_result, response
 from unimodel.gateway.ports import KServePorts
@@ -125,17 +125,6 @@ async def run_infer(
     return 200, payload, headers
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise errors.Cancelled("client disconnected")
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 async def infer_asgi(gw: KServePorts, model: str, version: str, scope: Scope, receive: Receive, send: Send) -> None:
     """The lean infer route: ASGI in, ASGI out, no FastAPI."""
     wanted: dict[str, str] = {}
@@ -144,7 +133,7 @@ async def infer_asgi(gw: KServePorts, model: str, version: str, scope: Scope, re
         if name in _WANTED:
             wanted[name] = value.decode("latin-1")
     try:
-        raw = await _read_body(receive)
+        raw = await read_body(receive)
     except errors.UnimodelError as err:  # PayloadTooLarge from the body limit, or the client left
         status, payload, headers = error_result(err)
     else:
