@@ -53,6 +53,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -357,6 +358,25 @@ def measure(server: Server, aiperf_args: list[str], artifacts: Path, timeout_s: 
     return figures
 
 
+def measure_rounds(
+    runs: dict[tuple[str, int], list[dict[str, Any]]], servers: dict[str, Server], order: Sequence[str],
+    concurrencies: Sequence[int], args: argparse.Namespace, workload: Workload, base: Path, warmup: int = 0,
+) -> None:
+    """Per concurrency, `args.rounds` aiperf runs of every server in alternating order (A B, B A, ...), each
+    appended to runs[(server, c)]: `args.requests` measured requests (x c/2 from c=4 up) after `warmup`
+    warm-up requests (0: 2 x c)."""
+    for c in concurrencies:
+        requests = args.requests * max(1, c // 2)
+        warm = warmup or 2 * c
+        for rnd in range(args.rounds):
+            for w in order if rnd % 2 == 0 else order[::-1]:
+                server = servers[w]
+                artifacts = base / f"c{c}-r{rnd}-{w}"
+                aiperf_args = workload.aiperf_args(server.url, c, requests, warm, artifacts)
+                label = f"c={c} round {rnd + 1}/{args.rounds} {w}"
+                runs[(w, c)].append(measure(server, aiperf_args, artifacts, args.run_timeout_s, label))
+
+
 def metric(record: dict[str, Any], name: str) -> float | None:
     value = record.get("metrics", {}).get(name)
     return float(value["value"]) if isinstance(value, dict) and value.get("value") is not None else None
@@ -537,16 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             logs.append(open(base / "llama-cpp-server.log", "w"))
             print("starting llama_cpp.server ...", flush=True)
             peer_proc, servers["llama_cpp_server"] = start_llama_cpp_server(gguf, args.threads, args.n_ctx, logs[-1])
-        for c in concurrencies:
-            requests = args.requests * max(1, c // 2)
-            warmup = args.warmup or 2 * c
-            for rnd in range(args.rounds):
-                for w in who if rnd % 2 == 0 else who[::-1]:
-                    server = servers[w]
-                    artifacts = base / f"c{c}-r{rnd}-{w}"
-                    aiperf_args = workload.aiperf_args(server.url, c, requests, warmup, artifacts)
-                    label = f"c={c} round {rnd + 1}/{args.rounds} {w}"
-                    runs[(w, c)].append(measure(server, aiperf_args, artifacts, args.run_timeout_s, label))
+        measure_rounds(runs, servers, who, concurrencies, args, workload, base, args.warmup)
     finally:
         if peer_proc is not None:
             stop_process(peer_proc)

@@ -50,7 +50,7 @@ from llm_cpu import (
     check_peers,
     compare,
     http_json,
-    measure,
+    measure_rounds,
     pooled,
     stop_process,
     wait_for,
@@ -196,15 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster, servers["unimodel"] = start_ours(work / "state", logs[0])
         print("starting vLLM's OpenAI server ...", flush=True)
         peer, servers["vllm_serve"] = start_vllm_serve(our_repository() / MODEL, logs[1])
-        for c in concurrencies:
-            requests = args.requests * max(1, c // 2)
-            for rnd in range(args.rounds):
-                for w in SERVERS if rnd % 2 == 0 else SERVERS[::-1]:
-                    server = servers[w]
-                    artifacts = work / f"c{c}-r{rnd}-{w}"
-                    aiperf_args = workload.aiperf_args(server.url, c, requests, 2 * c, artifacts)
-                    label = f"c={c} round {rnd + 1}/{args.rounds} {w}"
-                    runs[(w, c)].append(measure(server, aiperf_args, artifacts, args.run_timeout_s, label))
+        measure_rounds(runs, servers, SERVERS, concurrencies, args, workload, work)
     finally:
         if peer is not None:
             _stop_group(peer)
