@@ -12,18 +12,42 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from unimodel.core import errors
+from unimodel.gateway.settings import KeyPolicy
 
 TENANT_HEADER = "x-unimodel-tenant"
 _TENANT = TENANT_HEADER.encode()
 OPEN_PATHS = ("/health/",)
 OPEN_PAGES = frozenset({"/chat", "/chat/"})
 OPEN_GRPC = ("/grpc.health.v1.", "/grpc.reflection.")
+PRINCIPAL_KEY = "unimodel.principal"
+"""The ASGI scope entry (and gRPC context attribute) holding the caller's verified Principal."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as the presented key says."""
+
+    name: str
+    """The tenant's name for a tenant key, the admin's name for an admin key, "anonymous" with no keys."""
+    tenant: str
+    """Cache scope and queue share the request uses ("" for the shared scope)."""
+    admin: bool
+    """May administer: register / unload models, every cache scope, full configs, KServe priority."""
+    key_id: str
+    """Stable, non-secret id of the key (rate-limit buckets, logs); "" with no keys."""
+    policy: KeyPolicy | None = None
+    """The key's limits (None: the settings' defaults)."""
+
+
+ANONYMOUS = Principal("anonymous", "", admin=True, key_id="")
+"""The caller when no keys are configured (loopback-only unless insecure_open): one user, who administers."""
 
 
 class ApiKeys:

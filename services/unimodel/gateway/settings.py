@@ -1,8 +1,25 @@
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from unimodel.core.settings import CommonSettings, LocalPath, register_settings
+
+
+class KeyPolicy(BaseModel):
+    """One API key's tenant and limits (the value of an `api_keys` entry given as an object)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(..., min_length=1, max_length=128, description="tenant the key acts for")
+    requests_per_minute: int | None = Field(
+        None, ge=1, le=10_000_000, description="requests this key may start per minute (429 above; default: "
+        "default_requests_per_minute)",
+    )
+    tokens_per_minute: int | None = Field(
+        None, ge=1, le=10_000_000_000, description="prompt + generated tokens per minute (429 above; default: "
+        "default_tokens_per_minute)",
+    )
+    priority: bool = Field(False, description="the key may set KServe's `priority` parameter (admin keys always may)")
 
 
 @register_settings
@@ -25,10 +42,39 @@ class GatewaySettings(CommonSettings):
     generate_timeout_s: float = Field(
         600.0, gt=0, le=86400, description="deadline of a text generation (chat / completions), queueing included"
     )
-    api_keys: dict[str, str] = Field(
+    api_keys: dict[str, str | KeyPolicy] = Field(
         default_factory=dict,
-        description="API keys -> tenant names; when set, every route but /health/* and /chat needs "
-        "Authorization: Bearer <key> (401 otherwise). Env: UNIMODEL_API_KEYS='{\"sk-...\": \"team-a\"}'",
+        description="tenant API keys -> tenant name, or {\"tenant\": ..., \"requests_per_minute\": ..., "
+        "\"tokens_per_minute\": ..., \"priority\": ...}; when any key is set, every route but /health/* and /chat "
+        "needs Authorization: Bearer <key> (401 otherwise). Env: UNIMODEL_API_KEYS='{\"sk-...\": \"team-a\"}'",
+    )
+    admin_api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="admin API keys -> admin names: model registration, cache operations across tenants, full "
+        "configs. Env: UNIMODEL_ADMIN_API_KEYS='{\"sk-root\": \"ops\"}'",
+    )
+    insecure_open: bool = Field(
+        False, description="serve with no API keys on a non-loopback address (anyone who reaches it administers "
+        "it); without keys and without this, the gateway refuses to bind anything but loopback",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins (scheme://host:port) allowed to open the websocket; default: the gateway's own",
+    )
+    default_requests_per_minute: int = Field(
+        0, ge=0, le=10_000_000, description="requests per minute of a tenant key without its own limit; 0 = no limit"
+    )
+    default_tokens_per_minute: int = Field(
+        0, ge=0, le=10_000_000_000, description="tokens per minute of a tenant key without its own limit; 0 = no limit"
+    )
+    upstream_urls: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes an `openai`-engine model's llm.upstream_url may start with (none by default: "
+        "registering such a model is refused)",
+    )
+    upstream_key_envs: list[str] = Field(
+        default_factory=list,
+        description="environment variables a model's llm.upstream_api_key_env may name (none by default)",
     )
     cache_timeout_s: float = Field(
         0.5, gt=0, le=60, description="longest a chat request waits for the cache lookup before going to the model "
