@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
@@ -58,21 +57,6 @@ def receiver_main(port_out: multiprocessing.Queue, stop: multiprocessing.Event) 
     stop.wait()
     port_out.put(count[0])
     server.stop(0)
-
-
-def model_stats(http_port: int, model: str) -> tuple[int, int]:
-    """(inference_count, execution_count) of the model, from the gateway's KServe statistics."""
-    (entry,) = httpx.get(f"http://127.0.0.1:{http_port}/v2/models/{model}/stats", timeout=10).json()["model_stats"]
-    return entry["inference_count"], entry["execution_count"]
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def span_costs(n: int = 20000) -> dict[str, float]:
@@ -133,77 +117,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-ratio", type=float, default=1.0, help="UNIMODEL_OTEL_SAMPLE_RATIO of the traced cluster")
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "tracing.json"))
     args = p.parse_args(argv)
-    from helpers.modelrepo import prepared_repository
-    from unimodel.local.cluster import ClusterConfig, LocalCluster
-    from unimodel.local.procs import free_port, wait_until
+    import side_by_side as sbs
 
     costs = span_costs()
     print("CPU per span (µs):", costs, flush=True)
-    repository = prepared_repository()
     ctx = multiprocessing.get_context("spawn")
     ports: multiprocessing.Queue = ctx.Queue()
     stop = ctx.Event()
     receiver = ctx.Process(target=receiver_main, args=(ports, stop), daemon=True)
     receiver.start()
     otlp_port = ports.get(timeout=30)
+    traced_env = {
+        "UNIMODEL_OTEL_EXPORTER": "otlp-grpc", "UNIMODEL_OTEL_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
+        "UNIMODEL_OTEL_SAMPLE_RATIO": str(args.sample_ratio),
+    }
+    modes = [sbs.Mode("off"), sbs.Mode("on", env=traced_env)]
     rows: list[dict[str, object]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        clusters: dict[str, tuple[LocalCluster, ClusterConfig]] = {}
-        log = open(Path(tmp) / "clusters.log", "w")
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "clusters.log", "w") as log:
         try:
-            for mode in ("off", "on"):
-                env = {} if mode == "off" else {
-                    "UNIMODEL_OTEL_EXPORTER": "otlp-grpc", "UNIMODEL_OTEL_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
-                    "UNIMODEL_OTEL_SAMPLE_RATIO": str(args.sample_ratio),
-                }
-                cfg = ClusterConfig(
-                    state_dir=Path(tmp) / mode, http_port=free_port(), grpc_port=free_port(), nats_port=free_port(),
-                    etcd_port=free_port(), log_level="warning", model_repository=repository, prepare_models=False,
-                    load_models=args.model, extra_env=env,
-                )
-                cluster = LocalCluster(cfg, sink=log)
-                clusters[mode] = (cluster, cfg)
-                cluster.start()
-                url = f"http://127.0.0.1:{cfg.http_port}"
-                wait_until(
-                    lambda url=url: httpx.get(f"{url}/v1/models/{args.model}/status", timeout=5).json().get("state") == "READY",
-                    120, f"{args.model} ready ({mode})",
-                )
-                r = httpx.post(f"{url}/v1/models/{args.model}:predict", json={"input": [[0.0] * 384]}, timeout=10)
-                traced = "x-unimodel-trace-id" in r.headers
-                assert traced if mode == "on" and args.sample_ratio == 1.0 else (mode == "on" or not traced), (mode, r.headers)
-            for rnd in range(args.rounds):
-                order = ("off", "on") if rnd % 2 == 0 else ("on", "off")
-                row: dict[str, object] = {"round": rnd + 1}
+            with sbs.clusters(modes, Path(tmp), args.model, log):
+                for mode in modes:
+                    r = httpx.post(f"{mode.url}/v1/models/{args.model}:predict", json={"input": [[0.0] * 384]}, timeout=10)
+                    traced = "x-unimodel-trace-id" in r.headers
+                    assert traced if mode.name == "on" and args.sample_ratio == 1.0 else (mode.name == "on" or not traced), (mode.name, r.headers)
+                for rnd in range(args.rounds):
+                    row: dict[str, object] = {"round": rnd + 1}
+                    for name in sbs.alternating(["off", "on"], rnd):
+                        mode = next(m for m in modes if m.name == name)
 
-                def run(mode: str, row: dict[str, object] = row, rnd: int = rnd) -> None:
-                    cluster, cfg = clusters[mode]
-                    pids = {p.name: p.pid for p in cluster.services if p.pid}
-                    pids["otlp-receiver"] = receiver.pid  # type: ignore[assignment]  # the receiver process has started: its pid is set
-                    stats_before = model_stats(cfg.http_port, args.model)
-                    before, started = {k: cpu_s(v) for k, v in pids.items()}, time.monotonic()
-                    (m,) = perf.measure(
-                        args.model, f"127.0.0.1:{cfg.http_port}", protocol="http", concurrencies=[args.concurrency],
-                        measurement_interval_ms=args.interval_ms,
-                    )
-                    wall = time.monotonic() - started
-                    stats_after = model_stats(cfg.http_port, args.model)
-                    out = {k: m[k] for k in ("throughput", "p50_us", "p99_us", "stable")}
-                    executions = stats_after[1] - stats_before[1]
-                    out["mean_batch_rows"] = round((stats_after[0] - stats_before[0]) / max(1, executions), 2)
-                    out["cpu_share"] = {k: round((cpu_s(v) - before[k]) / wall, 3) for k, v in pids.items()}
-                    row[mode] = out
-                    print(f"round {rnd + 1} tracing {mode}: {m['throughput']:.0f} infer/s p50 {m['p50_us']} p99 {m['p99_us']}"
-                          f" batch rows {out['mean_batch_rows']}", flush=True)
+                        def run(mode: sbs.Mode = mode) -> dict[str, object]:
+                            (m,) = perf.measure(
+                                args.model, f"127.0.0.1:{mode.http_port}", protocol="http", concurrencies=[args.concurrency],
+                                measurement_interval_ms=args.interval_ms,
+                            )
+                            return {k: m[k] for k in ("throughput", "p50_us", "p99_us", "stable")}
 
-                for mode in order:
-                    run(mode)
-                row["on_vs_off"] = round(row["on"]["throughput"] / row["off"]["throughput"], 3)  # type: ignore[index]  # row's per-mode results are dicts (row: dict[str, object])
-                rows.append(row)
+                        out = sbs.measured(mode, args.model, run, {"otlp-receiver": receiver.pid or 0})
+                        row[name] = out
+                        print(f"round {rnd + 1} tracing {name}: {out['throughput']:.0f} infer/s p50 {out['p50_us']} "
+                              f"p99 {out['p99_us']} batch rows {out['mean_batch_rows']}", flush=True)
+                    row["on_vs_off"] = round(row["on"]["throughput"] / row["off"]["throughput"], 3)  # type: ignore[index]  # row's per-mode results are dicts (row: dict[str, object])
+                    rows.append(row)
         finally:
-            for cluster, _cfg in clusters.values():
-                cluster.stop()
-            log.close()
             stop.set()
     received = ports.get(timeout=30)
     receiver.join(10)
