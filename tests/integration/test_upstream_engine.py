@@ -224,11 +224,15 @@ async def test_an_upstream_that_went_away_is_unavailable(upstream: str) -> None:
 
 
 @needs_server
-async def test_a_wrong_api_key_fails_load_with_the_upstreams_answer(upstream: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_wrong_api_key_fails_load_with_the_upstreams_status(
+    upstream: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("UNIMODEL_TEST_WRONG_KEY", "not-the-key")
     engine = create_engine(_config(upstream, upstream_api_key_env="UNIMODEL_TEST_WRONG_KEY"))
-    with pytest.raises(errors.FailedPrecondition, match="GET /models answered 401: Invalid API key"):
+    with pytest.raises(errors.FailedPrecondition, match="GET /models answered HTTP 401") as info:
         await engine.load()
+    assert "Invalid API key" not in info.value.message  # the upstream's answer goes to the log, not the status
+    assert "GET /models answered 401: Invalid API key" in caplog.text
 
 
 @needs_server
@@ -281,6 +285,9 @@ def test_upstream_status_mapping(status: int, headers: dict, body: str, cls: typ
     response = httpx.Response(status, headers=headers, text=body)
     err = engine._error(response)
     assert type(err) is cls and err.retry_after_s == retry_after
-    assert upstream_message(response) in err.message and upstream_message(response)
+    assert upstream_message(response)
     if cls is errors.InvalidArgument:
         assert err.message.startswith("upstream: ")  # the client's fault: the upstream's words, no URL
+        assert upstream_message(response) in err.message
+    else:  # our configuration or the upstream's trouble: its words go to the log only
+        assert upstream_message(response) not in err.message and f"answered HTTP {status}" in err.message

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from unimodel.core import modelconfig
 from unimodel.core.settings import CommonSettings, LocalPath, register_settings
 
 
@@ -67,12 +68,12 @@ class GatewaySettings(CommonSettings):
     default_tokens_per_minute: int = Field(
         0, ge=0, le=10_000_000_000, description="tokens per minute of a tenant key without its own limit; 0 = no limit"
     )
-    upstream_urls: list[str] = Field(
+    upstream_urls: list[modelconfig.UpstreamUrlPrefix] = Field(
         default_factory=list,
         description="URL prefixes an `openai`-engine model's llm.upstream_url may start with (none by default: "
         "registering such a model is refused)",
     )
-    upstream_key_envs: list[str] = Field(
+    upstream_key_envs: list[modelconfig.UpstreamKeyEnv] = Field(
         default_factory=list,
         description="environment variables a model's llm.upstream_api_key_env may name (none by default)",
     )

@@ -93,12 +93,16 @@ class ModelTable:
         owner: str = "this worker",
         engine_factory: Callable[[model_pb2.ModelConfig], Engine] = create_engine,
         max_concurrent: int = 8,
+        upstreams: modelconfig.UpstreamPolicy | None = None,
     ) -> None:
+        """`upstreams`: the upstream URLs and key variables an openai-engine model may name here (checked
+        again at load: a config in etcd may not have come through a gateway); default none."""
         self.on_change = on_change
         self.max_concurrent = max_concurrent
         self.engine_factory = engine_factory
         self.executor = executor
         self.owner = owner
+        self.upstreams = upstreams or modelconfig.UpstreamPolicy(where="this worker")
         self._entries: dict[str, _Entry] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -179,6 +183,8 @@ class ModelTable:
 
     # background steps ---------------------------------------------------------------------------
     async def _build(self, config: model_pb2.ModelConfig) -> LoadedModel:
+        modelconfig.check_upstream(config, self.upstreams)
+        modelconfig.check_files(config)  # and the processors / engines open files through model_file
         engine = self.engine_factory(config)
         layout = Layout.of(config)
         processor = None

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from unimodel.core import modelconfig
 from unimodel.core.settings import CommonSettings, LocalPath, register_settings
 
 
@@ -16,6 +17,16 @@ class WorkerSettings(CommonSettings):
     load: str = Field("", description="models of the repository to load at start, comma separated (pinned)")
     max_concurrent_batches: int = Field(8, ge=1, le=4096, description="batches run at once on this worker")
     processing_threads: int = Field(2, ge=1, le=256, description="threads for pre/post-processing (decode, tokenize)")
+    upstream_urls: list[modelconfig.UpstreamUrlPrefix] = Field(
+        default_factory=list,
+        description="URL prefixes an `openai`-engine model's llm.upstream_url may start with, checked again here "
+        "(the gateway checks its own): none by default, so such a model fails to load",
+    )
+    upstream_key_envs: list[modelconfig.UpstreamKeyEnv] = Field(
+        default_factory=list,
+        description="environment variables of this worker that a model's llm.upstream_api_key_env may name "
+        "(none by default)",
+    )
 
     @field_validator("models")
     @classmethod
@@ -43,7 +54,7 @@ class WorkerSettings(CommonSettings):
         repo = info.data.get("model_repository")
         if not repo:
             raise ValueError("needs --model-repository (the folder the models are loaded from)")
-        from unimodel.core import errors, modelconfig
+        from unimodel.core import errors
 
         builtins = set(cls._split(info.data.get("models") or ""))
         for name in names:
@@ -64,3 +75,7 @@ class WorkerSettings(CommonSettings):
     @property
     def load_list(self) -> list[str]:
         return self._split(self.load)
+
+    def upstream_policy(self) -> modelconfig.UpstreamPolicy:
+        """What an openai-engine model may name on this worker (upstream_urls / upstream_key_envs)."""
+        return modelconfig.UpstreamPolicy(tuple(self.upstream_urls), tuple(self.upstream_key_envs), where="the gpu-worker")

@@ -3,6 +3,10 @@
 A model is registered by name from the configured model repository, or by a path inside the configured
 models root (anything that resolves outside it, symlinks included, is refused with 403). The folder's
 config.yaml may be overridden field by field with a "config" object in the request.
+
+The result is safe by construction (core/modelconfig.py): every file it names resolves inside the model
+folder (403 otherwise), every number is within its range (400), and an `openai`-engine model names only an
+upstream URL and API-key variable that the gateway's settings allow (403).
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def resolve(body: Any, repository: str, models_root: str) -> model_pb2.ModelConfig:
+def resolve(
+    body: Any, repository: str, models_root: str, upstreams: modelconfig.UpstreamPolicy | None = None
+) -> model_pb2.ModelConfig:
+    """The config a registration request asks for, validated. `upstreams`: what an openai-engine model may
+    name (default: nothing, so such a model is refused)."""
     if not isinstance(body, dict):
         raise errors.InvalidArgument('the body must be a JSON object like {"name": "mlp"} or {"path": "..."}')
     unknown = set(body) - FIELDS
@@ -35,6 +43,9 @@ def resolve(body: Any, repository: str, models_root: str) -> model_pb2.ModelConf
         raise errors.InvalidArgument("path must be a string", field="path")
     if not isinstance(overrides, dict):
         raise errors.InvalidArgument("config must be an object of ModelConfig fields", field="config")
+    for field, value in (("name", name), ("path", path)):
+        if value and "\x00" in value:  # no file name holds one (os.path raises ValueError on it)
+            raise errors.InvalidArgument(f"{field} must not contain a NUL character", field=field)
     if not name and not path:
         raise errors.InvalidArgument("name or path is required", field="name")
     if path:
@@ -70,7 +81,14 @@ def resolve(body: Any, repository: str, models_root: str) -> model_pb2.ModelConf
         config.MergeFrom(patch)
     modelconfig.apply_defaults(config)
     modelconfig.validate(config, source=f"model {config.name!r}")
+    modelconfig.check_files(config)
+    modelconfig.check_upstream(config, upstreams or modelconfig.UpstreamPolicy())
     return config
+
+
+def upstream_policy(urls: list[str], key_envs: list[str]) -> modelconfig.UpstreamPolicy:
+    """The gateway's settings upstream_urls / upstream_key_envs as a policy."""
+    return modelconfig.UpstreamPolicy(tuple(urls), tuple(key_envs), where="the gateway")
 
 
 def repository_models(repository: str, which: str) -> list[Path]:

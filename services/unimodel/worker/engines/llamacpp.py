@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unimodel.core import errors, generation_rules
+from unimodel.core import errors, generation_rules, modelconfig
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker.engines import generative
 from unimodel.worker.engines.engine import engine_option
@@ -250,8 +250,7 @@ class LlamaCppEngine(GenerativeEngine):
         return self.instance_count
 
     def model_path(self) -> Path:
-        file = Path(self.config.file or "model.gguf")
-        return file if file.is_absolute() else Path(self.config.path) / file
+        return modelconfig.model_file(self.config, self.config.file or "model.gguf", "file")
 
     # lifecycle ------------------------------------------------------------------------------------
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from unimodel.core import errors
+from unimodel.core import errors, modelconfig
 from unimodel.core.tensors import ONNX_TYPES
 from unimodel.v1 import model_pb2
 from unimodel.worker.engines.engine import Engine, engine_option
@@ -77,7 +76,7 @@ class OnnxEngine(Engine):
 
     def __init__(self, config: model_pb2.ModelConfig) -> None:
         super().__init__(config)
-        self.file = Path(config.path) / (config.file or "model.onnx")
+        self.file = modelconfig.model_file(config, config.file or "model.onnx", "file")
         self.instances = max(1, config.instance_count)
         self.intra_op_threads = engine_option(config, "intra_op_threads", int, 0, minimum=0)
         self.allow_spinning = config.options.get("allow_spinning", "0") == "1"

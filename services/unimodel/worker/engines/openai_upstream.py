@@ -15,7 +15,11 @@ token per chunk), prompt tokens 0. ``metadata()["usage"]`` says which applies (`
 
 Errors: connection failures and 5xx -> ``Unavailable`` (retry_after from the upstream's Retry-After, else
 1 s); 429 -> ``ResourceExhausted``; 401/403/404 -> ``FailedPrecondition`` (our configuration: key, model
-name); other 4xx -> ``InvalidArgument`` with the upstream's message.
+name); other 4xx -> ``InvalidArgument`` with the upstream's message (the request's fault: the client reads
+why). Every other upstream answer body (load's GET /models, 401/403/404/429/5xx, errors in the stream) is
+logged, truncated, and never copied into the model's status or a client's error: those say "answered HTTP
+401". Which upstream URL and key variable a model may name is the operator's choice (the workers'
+``upstream_urls`` / ``upstream_key_envs``, checked by the worker's model table before this engine is built).
 
 Engine options (ModelConfig.options): ``timeout_s`` longest wait for the upstream's next byte (default
 600), ``connect_timeout_s`` (default 5).
@@ -150,8 +154,9 @@ class UpstreamEngine(GenerativeEngine):
                 f"start the server or fix llm.upstream_url"
             ) from None
         if response.status_code != 200:
+            log.warning("%s: GET /models answered %d: %s", self._where(), response.status_code, upstream_message(response))
             raise errors.FailedPrecondition(
-                f"{self._where()}: GET /models answered {response.status_code}: {upstream_message(response)}"
+                f"{self._where()}: GET /models answered HTTP {response.status_code} (its answer is in the worker's log)"
             )
         try:
             listed = response.json().get("data") or []
@@ -247,15 +252,19 @@ class UpstreamEngine(GenerativeEngine):
         return path, body
 
     def _error(self, response: httpx.Response) -> errors.UnimodelError:
+        """The error for an upstream's 4xx/5xx: only a request's own fault (400, 422, ...) carries the
+        upstream's words; for the rest they go to the log (they may name keys, hosts or internals)."""
         status, message = response.status_code, upstream_message(response)
+        if status >= 500 or status in (401, 403, 404):
+            log.warning("%s answered %d: %s", self._where(), status, message)
         if status >= 500:
-            return self._failed(f"answered {status}: {message}", _retry_after(response))
-        text = f"model {self.config.name!r}: the upstream server answered {status}: {message}"
+            return self._failed(f"answered HTTP {status}", _retry_after(response))
+        text = f"model {self.config.name!r}: the upstream server answered HTTP {status}"
         if status == 429:
+            log.info("%s answered 429: %s", self._where(), message)
             return errors.ResourceExhausted(text, retry_after_s=_retry_after(response), model=self.config.name)
         if status in (401, 403, 404):  # our configuration (key, model name), not the request
-            log.warning("%s answered %d: %s", self._where(), status, message)
-            return errors.FailedPrecondition(text, model=self.config.name)
+            return errors.FailedPrecondition(text + " (the worker's log has its answer)", model=self.config.name)
         return errors.InvalidArgument(f"upstream: {message}", model=self.config.name, upstream_status=str(status))
 
     async def _open(self, client: httpx.AsyncClient, stack: contextlib.AsyncExitStack, path: str, body: dict[str, Any]) -> httpx.Response:
@@ -294,7 +303,8 @@ class UpstreamEngine(GenerativeEngine):
                 if "error" in data:  # an error after the stream started (vLLM, llama.cpp)
                     err = data["error"]
                     message = err.get("message", "") if isinstance(err, dict) else str(err)
-                    raise self._failed(f"failed during the generation: {message[:_MESSAGE_LIMIT]}")
+                    log.warning("%s: error in the stream: %s", self._where(), str(message)[:_MESSAGE_LIMIT])
+                    raise self._failed("failed during the generation")
                 yield data
 
     async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:

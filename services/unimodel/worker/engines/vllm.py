@@ -3,7 +3,7 @@
 
 ``load`` builds ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))`` (vLLM v1; ``AsyncLLMEngine`` on older
 releases) from the model config: ``model`` = the model folder, a Hugging Face folder (``config.path``;
-``config.file`` when it is an absolute path, or when no folder is set; GGUF left vLLM's core in 0.24 and is
+with no folder set, ``config.file`` as a hub id; never an absolute path; GGUF left vLLM's core in 0.24 and is
 served by the ``llamacpp`` engine), ``max_model_len`` = ``llm.context_length``
 (0: the model's own), ``max_num_seqs`` = ``llm.max_sequences`` (0: vLLM's default). vllm is imported
 there, never at import time. Building takes minutes (weights, CUDA graphs), so it runs in a thread and the
@@ -40,10 +40,9 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-from unimodel.core import errors, generation_rules
+from unimodel.core import errors, generation_rules, modelconfig
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker.engines import generative
 from unimodel.worker.engines.engine import engine_option
@@ -63,11 +62,24 @@ _SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "presence_penalty", "freq
 
 
 def model_source(config: model_pb2.ModelConfig) -> str:
-    """What vLLM loads: the model folder, or the file the config names (an absolute path, a hub id)."""
+    """What vLLM loads: the model folder, or with no folder the hub id `file` names. `file` is never an
+    absolute path or one that leaves the folder (modelconfig.model_file: PermissionDenied)."""
     file = config.file
-    if file and (Path(file).is_absolute() or not config.path):
-        return file
-    return config.path or file
+    if not config.path:
+        return str(modelconfig.relative_name(file, "file", source=f"model {config.name!r}")) if file else ""
+    if file:
+        modelconfig.model_file(config, file, "file")
+    return config.path
+
+
+def _tokenizer(config: model_pb2.ModelConfig) -> str:
+    """options.tokenizer: a folder or file of the model folder (or with no folder, a hub id); "" = the model's."""
+    name = config.options.get("tokenizer", "")
+    if not name:
+        return ""
+    if not config.path:
+        return str(modelconfig.relative_name(name, "options.tokenizer", source=f"model {config.name!r}"))
+    return str(modelconfig.model_file(config, name, "options.tokenizer"))
 
 
 def _names(exc: BaseException) -> set[str]:
@@ -162,7 +174,7 @@ class VllmEngine(GenerativeEngine):
             kwargs["max_num_seqs"] = config.llm.max_sequences
         if "enable_prefix_caching" in config.options:
             kwargs["enable_prefix_caching"] = engine_option(config, "enable_prefix_caching", bool, True)
-        if tokenizer := config.options.get("tokenizer"):
+        if tokenizer := _tokenizer(config):
             kwargs["tokenizer"] = tokenizer
         kv_gib = engine_option(config, "kv_cache_memory_gib", float, CPU_KV_CACHE_GIB if _on_cpu() else 0.0)
         if kv_gib > 0:

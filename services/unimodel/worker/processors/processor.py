@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 from google.protobuf import struct_pb2
 
-from unimodel.core import errors
+from unimodel.core import errors, modelconfig
 from unimodel.v1 import model_pb2
 from unimodel.worker.tensor_batches import Layout, Prepared
 
@@ -52,12 +52,14 @@ class Processor(abc.ABC):
         return errors.FailedPrecondition(f"model {self.model!r} ({self.kind} processing): {message}")
 
     def asset(self, key: str, default: str, *, required: bool) -> Path | None:
+        """The file options.<key> (or `default`) of the model folder; it must stay inside the folder
+        (modelconfig.model_file: PermissionDenied otherwise, whatever wrote the config)."""
         name = self.options.get(key, "")
-        path = Path(self.config.path) / (name or default)
+        path = modelconfig.model_file(self.config, name or default, f"processing.options.{key}")
         if path.is_file():
             return path
         if required or name:
-            raise self.setup_error(f"{path} does not exist (options.{key})")
+            raise self.setup_error(f"{name or default} does not exist in the model folder (options.{key})")
         return None
 
     def option_int(self, key: str, default: int) -> int:
