@@ -132,7 +132,8 @@ async def test_request_id_deadline_and_trace_context_cross_every_hop(cluster: Se
     # the trace context too, and in headers so the batch message carries it on.
     (batch_msg,) = seen["batch"]
     sent = inference_pb2.BatchItem.FromString(batch_msg.data)
-    assert sent.request_id == "req-42" and sent.deadline_unix_ms > 0
+    ours = r.headers["x-unimodel-request-id"]  # the client's x-request-id is echoed, never used inside
+    assert sent.request_id == ours != "req-42" and sent.deadline_unix_ms > 0
     assert sent.trace_context["traceparent"] == traceparent
     assert batch_msg.headers[Header.TRACEPARENT] == traceparent
     assert sent.reply_to == batch_msg.reply and sent.reply_group.endswith(".batch")
@@ -141,7 +142,7 @@ async def test_request_id_deadline_and_trace_context_cross_every_hop(cluster: Se
         assert msg.headers[Header.TRACEPARENT] == traceparent
         assert int(msg.headers[Header.DEADLINE]) >= sent.deadline_unix_ms
         item = inference_pb2.BatchRequest.FromString(msg.data).items[0]
-        assert item.request_id == "req-42"
+        assert item.request_id == ours
         assert item.trace_context["traceparent"] == traceparent
         assert item.deadline_unix_ms == sent.deadline_unix_ms
         assert item.reply_to == batch_msg.reply and item.reply_group == sent.reply_group

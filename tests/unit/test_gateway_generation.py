@@ -29,8 +29,8 @@ async def open_generation(tenant: str = "") -> tuple[FakeBus, ReplyMux, Generati
     stream = await mux.open_stream("unimodel.v1.batch.m", item, ctx)
     aborts: list[tuple[str, str]] = []
 
-    async def abort(rid: str, reason: str) -> None:
-        aborts.append((rid, reason))
+    async def abort(ctx: RequestContext, reason: str) -> None:
+        aborts.append((ctx.request_id, reason))
 
     gen = Generation("m", stream, chunk_timeout_s=2, abort=abort)
     return bus, mux, gen, aborts, stream.inbox

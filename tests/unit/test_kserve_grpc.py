@@ -109,7 +109,8 @@ async def test_infer_raw_contents(client: grpcclient.InferenceServerClient, gw: 
     response = result.get_response()
     assert (response.model_name, response.model_version, response.id) == ("identity", "1", "g-1")
     (call,) = gw.calls
-    assert call.api == API and call.ctx.request_id == "rid-9" and call.item.rows == 2
+    # the client's x-request-id is kept apart (echoed, logged); the request id is the gateway's own
+    assert call.api == API and call.ctx.client_request_id == "rid-9" and call.ctx.request_id != "rid-9" and call.item.rows == 2
     assert 0 < call.ctx.remaining_s() <= 10.5  # the client's deadline (10 s), not the default 30 s
 
     text = np.array([["héllo".encode()], [b"\x00\xff"]], dtype=np.object_)

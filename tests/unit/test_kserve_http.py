@@ -170,7 +170,9 @@ async def test_infer_binary_round_trip_as_tritonclient_sends_it(client: httpx.As
     assert result.get_response()["id"] == "r-1"
     assert result.get_response()["model_name"] == "identity" and result.get_response()["model_version"] == "1"
     (call,) = gw.calls
-    assert call.api == API and call.ctx.request_id == "abc" and call.item.rows == 2
+    # the client's x-request-id is echoed; the request id is the gateway's own (x-unimodel-request-id)
+    assert call.api == API and call.ctx.client_request_id == "abc" and call.item.rows == 2
+    assert call.ctx.request_id == r.headers["x-unimodel-request-id"] != "abc"
 
 
 async def test_infer_json_in_json_out(client: httpx.AsyncClient) -> None:

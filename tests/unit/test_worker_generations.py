@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers.generation import demo_gguf
-from unimodel.core import errors, modelconfig
+from unimodel.core import errors, modelconfig, subjects
 from unimodel.v1 import generate_pb2, inference_pb2
 from unimodel.worker.engines import create_engine
 from unimodel.worker.engines.generative import GenerativeEngine
@@ -47,7 +47,7 @@ async def running_generation(tmp_path: Path) -> tuple[GenerativeEngine, Generati
     request.sampling.max_tokens = 1000
     request.sampling.temperature = 0
     batch = inference_pb2.BatchRequest(model="smol", items=[
-        inference_pb2.BatchItem(request_id="r1", reply_to="inbox.1", generate=request)
+        inference_pb2.BatchItem(request_id="r1", reply_to=f"{subjects.replies('gw-1')}.1", generate=request)
     ])
     assert await gens.start_batch(engine, batch, ["worker-7"], release=lambda: None) == (1, 0)
     while len(chunks) < 3:  # it streams
@@ -71,7 +71,7 @@ async def test_a_worker_that_stops_tells_the_caller_it_is_stopping(tmp_path: Pat
 async def test_a_caller_that_leaves_is_told_it_cancelled(tmp_path: Path) -> None:
     engine, gens, chunks = await running_generation(tmp_path)
     try:
-        assert gens.abort(["r1"]) == 1
+        assert gens.abort("gw-1", ["r1"]) == 1  # gateway gw-1's generation r1
         while not chunks[-1].finish_reason:
             await asyncio.sleep(0.01)
     finally:

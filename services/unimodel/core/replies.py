@@ -208,7 +208,7 @@ class ReplyMux:
 class ReplyStream:
     """The messages arriving at one inbox, in arrival order (NATS keeps one publisher's order)."""
 
-    __slots__ = ("_mux", "inbox", "subject", "ctx", "_queue", "_closed")
+    __slots__ = ("_mux", "inbox", "subject", "ctx", "_queue", "_closed", "refused")
 
     def __init__(self, mux: ReplyMux, inbox: str, subject: str, ctx: RequestContext) -> None:
         self._mux = mux
@@ -217,15 +217,20 @@ class ReplyStream:
         self.ctx = ctx
         self._queue: asyncio.Queue[bytes | errors.UnimodelError] = asyncio.Queue()
         self._closed = False
+        # An error answer came (no responders, or the batcher or worker refused the request): nothing of
+        # it runs anywhere, so there is nothing to abort.
+        self.refused = False
 
     def _deliver(self, msg: Msg) -> None:
         headers = msg.headers
         if headers:
             if headers.get(_STATUS) == _NO_RESPONDERS:
+                self.refused = True
                 self._queue.put_nowait(no_responders(self.subject))
                 return
             err = error_from_headers(headers)
             if err is not None:
+                self.refused = True
                 self._queue.put_nowait(err)
                 return
         self._queue.put_nowait(msg.data)

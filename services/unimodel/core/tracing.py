@@ -83,6 +83,7 @@ class Attr:
     ERROR_TYPE = "error.type"
 
     REQUEST_ID = "unimodel.request_id"
+    CLIENT_REQUEST_ID = "unimodel.client_request_id"  # the client's x-request-id (gateway server spans)
     MODEL = "unimodel.model"
     INSTANCE = "unimodel.instance"
     API = "unimodel.api"
@@ -262,7 +263,9 @@ def start_in(
     span = start(name, ctx.traceparent, kind, attributes)
     if span is None:
         return None, ctx
-    return span, RequestContext(ctx.request_id, ctx.deadline_ms, traceparent_of(span), ctx.tracestate, ctx.tenant)
+    return span, RequestContext(
+        ctx.request_id, ctx.deadline_ms, traceparent_of(span), ctx.tracestate, ctx.tenant, ctx.client_request_id
+    )
 
 
 def finish(span: Span | None, error: BaseException | str | None = None, end_ns: int | None = None) -> None:

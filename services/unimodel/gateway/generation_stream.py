@@ -5,7 +5,10 @@ path) or the error that refused it, so an API can still answer a plain 4xx/5xx b
 stream. Iterating then yields the chunks with text, ending with the one that has finish_reason. Every
 chunk's sequence number is checked: a repeated one is dropped, a gap (a lost message) ends the
 generation with an error instead of returning a text with a hole. `close()` before the end (client
-went away, call cancelled) publishes an AbortRequest so the worker stops the engine.
+went away, call cancelled) publishes an AbortRequest so the worker stops the engine; not when the request
+was refused (an error answer before chunk 0: nothing of it runs anywhere). The abort names the request by
+its context (our request id, never a client's, and its deadline); the gateway adds its own instance id,
+which scopes it (worker/running_generations.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from unimodel.core import errors, tracing
+from unimodel.core.context import RequestContext
 from unimodel.core.replies import ReplyStream
 from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import generate_pb2
@@ -40,7 +44,7 @@ class Generation:
         stream: ReplyStream,
         *,
         chunk_timeout_s: float,
-        abort: Callable[[str, str], Awaitable[None]],
+        abort: Callable[[RequestContext, str], Awaitable[None]],
         on_end: Callable[[Generation], None] = lambda g: None,
         metrics: TokenMetrics | None = None,
     ) -> None:
@@ -84,6 +88,8 @@ class Generation:
             self.first = await self._next()
         except errors.UnimodelError as exc:
             self.code = exc.code_name
+            if self.stream.refused:  # refused (limits, queue full, no worker): nothing to abort
+                self._done = True
             await self.close()
             raise
         except BaseException:
@@ -162,7 +168,7 @@ class Generation:
             if self.code == "OK":
                 self.code = "CANCELLED"
             try:
-                await self._abort(self.request_id, reason or "the caller went away")
+                await self._abort(self.stream.ctx, reason or "the caller went away")
             except Exception as exc:  # NATS down: the worker's deadline ends the generation
                 log.warning("could not abort generation %s: %s", self.request_id, exc)
         if self.metrics is not None and self.usage.completion_tokens:

@@ -1,4 +1,5 @@
-"""What the gateway reads from an HTTP request: its RequestContext (x-request-id, W3C trace context and the
+"""What the gateway reads from an HTTP request: its RequestContext (a new request id of ours, the client's
+x-request-id apart as client_request_id, W3C trace context and the
 verified tenant: auth.py rewrote x-unimodel-tenant, with the route's deadline), and for the raw-ASGI routes
 (fast_path.py, KServe infer) its body."""
 
@@ -16,9 +17,28 @@ from unimodel.gateway.auth import TENANT_HEADER
 def http_context(header: Callable[[str], str], timeout_s: float) -> RequestContext:
     """`header(name)`: the request's header value, "" when absent."""
     return RequestContext.new(
-        timeout_s, request_id=header("x-request-id"), traceparent=header("traceparent"),
-        tracestate=header("tracestate"), tenant=header(TENANT_HEADER),
+        timeout_s, traceparent=header("traceparent"), tracestate=header("tracestate"), tenant=header(TENANT_HEADER),
+        client_request_id=header("x-request-id"),  # echoed and logged; the request id is ours
     )
+
+
+OUR_ID_HEADER = "x-unimodel-request-id"
+"""Our request id, in answers to a client that sent its own x-request-id (which `x-request-id` echoes)."""
+
+
+def id_headers(ctx: RequestContext) -> dict[str, str]:
+    """The request id headers of an answer: `x-request-id` echoes the client's own id when it sent one
+    (else it is ours), and `x-unimodel-request-id` then gives ours, the one in the logs and traces."""
+    if ctx.client_request_id:
+        return {"x-request-id": ctx.client_request_id, OUR_ID_HEADER: ctx.request_id}
+    return {"x-request-id": ctx.request_id}
+
+
+def raw_id_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    """id_headers for the raw-ASGI routes (latin-1, as the client's header came)."""
+    if ctx.client_request_id:
+        return [(b"x-request-id", ctx.client_request_id.encode("latin-1", "replace")), (OUR_ID_HEADER.encode(), ctx.request_id.encode())]
+    return [(b"x-request-id", ctx.request_id.encode())]
 
 
 def starlette_header(headers: Mapping[str, str]) -> Callable[[str], str]:

@@ -22,6 +22,9 @@ from unimodel.core.tracing import Attr
 
 _TRACE_ID = tracing.TRACE_ID_HEADER.encode()
 _TRACEPARENT = b"traceparent"
+_REQUEST_ID = b"x-request-id"
+CLIENT_ID_MAX = 200
+"""Characters of a client's x-request-id kept in its server span's attribute."""
 
 ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^/v1/models/(?P<model>[^/]+):predict$"), "/v1/models/{model}:predict"),
@@ -98,15 +101,19 @@ class TracingMiddleware:
         template, model = route
         method = scope["method"]
         headers = scope["headers"]
-        parent = ""
+        parent = client_id = ""
         for key, value in headers:
             if key == _TRACEPARENT:
                 parent = value.decode("latin-1")
-                headers = [(k, v) for k, v in headers if k != _TRACEPARENT]
-                break
+            elif key == _REQUEST_ID:
+                client_id = value.decode("latin-1")
+        if parent:
+            headers = [(k, v) for k, v in headers if k != _TRACEPARENT]
         attributes = {Attr.HTTP_METHOD: method, Attr.HTTP_ROUTE: template, Attr.URL_PATH: scope["path"]}
         if model:
             attributes[Attr.MODEL] = model
+        if client_id:  # logged with the trace; the request id is ours (RequestContext)
+            attributes[Attr.CLIENT_REQUEST_ID] = client_id[:CLIENT_ID_MAX]
         span = tracing.start(f"{method} {template}", parent, tracing.SERVER, attributes, root=True)
         if span is None:  # not sampled: the request goes on as it came
             await self.app(scope, receive, send)
@@ -137,11 +144,15 @@ class GrpcTracingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
         service, _, name = method[1:].rpartition("/")
-        parent = ""
+        parent = client_id = ""
         for key, value in details.invocation_metadata or ():
             if key == "traceparent":
                 parent = value if isinstance(value, str) else value.decode()
+            elif key == "x-request-id":
+                client_id = value if isinstance(value, str) else value.decode("latin-1")
         attributes = {Attr.RPC_SYSTEM: "grpc", Attr.RPC_SERVICE: service, Attr.RPC_METHOD: name}
+        if client_id:  # logged with the trace; the request id is ours (RequestContext)
+            attributes[Attr.CLIENT_REQUEST_ID] = client_id[:CLIENT_ID_MAX]
 
         def begin() -> tuple[Any, Any]:
             span = tracing.start(method[1:], parent, tracing.SERVER, attributes, root=True)
@@ -198,8 +209,12 @@ class GrpcTracingInterceptor(grpc.aio.ServerInterceptor):
 
 
 def reply_metadata(ctx: RequestContext) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata of an answer: the request id, and the trace id of a sampled request."""
+    """gRPC metadata of an answer: the request id (the caller's own x-request-id when it sent one, ours
+    then in x-unimodel-request-id, as on HTTP), and the trace id of a sampled request."""
+    ids: tuple[tuple[str, str], ...] = (("x-request-id", ctx.request_id),)
+    if ctx.client_request_id:
+        ids = (("x-request-id", ctx.client_request_id), ("x-unimodel-request-id", ctx.request_id))
     parent = tracing.parse_traceparent(ctx.traceparent) if ctx.traceparent and tracing.enabled() else None
     if parent is not None and parent.sampled:
-        return (("x-request-id", ctx.request_id), (tracing.TRACE_ID_HEADER, ctx.trace_id))
-    return (("x-request-id", ctx.request_id),)
+        return (*ids, (tracing.TRACE_ID_HEADER, ctx.trace_id))
+    return ids

@@ -108,9 +108,13 @@ class GenerateResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., worker_id: _Optional[str] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
-    __slots__ = ("request_ids", "reason")
+    __slots__ = ("request_ids", "reason", "gateway_id", "deadline_unix_ms")
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     reason: str
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    gateway_id: str
+    deadline_unix_ms: int
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., gateway_id: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...

@@ -9,9 +9,14 @@ answers at its reply_to: refused before it starts -> an error (NATS error header
 seq 0 (accepted: prompt tokens, worker, path), then one chunk per delta, the last with finish_reason and
 usage (or an error). Sequence numbers let the caller see that none is lost or repeated.
 
-Aborts come by request id (the caller went away). A running generation is cancelled, which closes the
-engine's iteration (the engine stops and frees its slot); an id that has not arrived yet is remembered
-for a while so its item is dropped when it comes. Deadlines stop a generation with DEADLINE_EXCEEDED.
+Aborts come by request id (the caller went away), scoped to the gateway that sent the request: a
+generation is known by (owner, request id), its owner the reply subject tree its reply_to lies in
+(subjects.replies(gateway id)), and an AbortRequest names its gateway, so no gateway can stop another's
+generations, and a request id (random, made by the gateway) means nothing under another owner. A running
+generation is cancelled, which closes the engine's iteration (the engine stops and frees its slot); an
+abort that comes before its item is remembered until the request's deadline (at most ABORT_MEMORY_S, at
+most ABORT_MEMORY of them) so the item is dropped when it comes. Deadlines stop a generation with
+DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from unimodel.core import errors, tracing
+from unimodel.core import errors, subjects, tracing
 from unimodel.core.context import now_ms
 from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import generate_pb2, inference_pb2
@@ -33,8 +38,18 @@ from unimodel.worker.engines.generative import FINISH_ABORT, FINISH_ERROR, Gener
 log = logging.getLogger("unimodel.gpu-worker.generation")
 
 ABORT_MEMORY = 4096
-"""Aborted request ids remembered (for items still on their way); the oldest are forgotten first."""
-ABORT_MEMORY_S = 300.0
+"""Aborts of items still on their way remembered; the oldest are forgotten first."""
+ABORT_MEMORY_S = 60.0
+"""How long an abort of an item still on its way is remembered when its deadline is later or unknown
+(an item queued longer is generated for nobody: its gateway drops the chunks, its deadline ends it)."""
+
+Key = tuple[str, str]
+"""(owner, request id): the owner is the reply subject tree of the gateway that sent the item."""
+
+
+def owner_of(reply_to: str) -> str:
+    """The reply subject tree an item's reply_to lies in (`<replies>.<n>` -> `<replies>`)."""
+    return reply_to.rpartition(".")[0]
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 PublishError = Callable[[str, errors.UnimodelError], Awaitable[None]]
@@ -44,6 +59,7 @@ PublishError = Callable[[str, errors.UnimodelError], Awaitable[None]]
 class Running:
     request_id: str
     model: str
+    key: Key = ("", "")
     task: asyncio.Task[None] | None = None
     aborted: bool = False
     stopped: errors.UnimodelError | None = None  # why the worker ended it (stopping), not its caller
@@ -86,29 +102,44 @@ class Generations:
         self.worker_id = worker_id
         self.on_finish = on_finish
         self.metrics = metrics
-        self.running: dict[str, Running] = {}
+        self.running: dict[Key, Running] = {}
         self.stats = GenerationStats()
-        self._aborted: OrderedDict[str, float] = OrderedDict()  # request id -> when
+        self._aborted: OrderedDict[Key, float] = OrderedDict()  # aborted before the item came -> forget at (monotonic)
 
     # aborts -------------------------------------------------------------------------------------
-    def abort(self, request_ids: list[str] | tuple[str, ...]) -> int:
-        """Stop these generations; returns how many were running here."""
+    def abort(self, gateway_id: str, request_ids: list[str] | tuple[str, ...], deadline_unix_ms: int = 0) -> int:
+        """Stop these generations of gateway `gateway_id` (only those: see the module's doc); returns how
+        many were running here. Ids not running here are remembered until `deadline_unix_ms` (at most
+        ABORT_MEMORY_S) in case their items are still on their way."""
+        if not gateway_id:
+            return 0  # an abort must name its gateway: an id alone stops nothing
+        owner = subjects.replies(gateway_id)
         hits = 0
         now = time.monotonic()
+        keep_s = ABORT_MEMORY_S
+        if deadline_unix_ms > 0:
+            keep_s = min(keep_s, (deadline_unix_ms - now_ms()) / 1000.0)
+        aborted = self._aborted
         for rid in request_ids:
             if not rid:
                 continue
-            run = self.running.get(rid)
+            key = (owner, rid)
+            run = self.running.get(key)
             if run is not None and run.task is not None and not run.aborted:
                 run.aborted = True
                 run.task.cancel()
                 hits += 1
-            else:
-                self._aborted[rid] = now
-                self._aborted.move_to_end(rid)
-        while self._aborted and (len(self._aborted) > ABORT_MEMORY or now - next(iter(self._aborted.values())) > ABORT_MEMORY_S):
-            self._aborted.popitem(last=False)
+            elif run is None and keep_s > 0:
+                aborted[key] = now + keep_s
+                aborted.move_to_end(key)
+        while aborted and (len(aborted) > ABORT_MEMORY or next(iter(aborted.values())) <= now):
+            aborted.popitem(last=False)
         return hits
+
+    def _was_aborted(self, key: Key) -> bool:
+        """Whether an abort came for this item before it did (forgets it: an item comes once)."""
+        until = self._aborted.pop(key, None)
+        return until is not None and until > time.monotonic()
 
     # batches ------------------------------------------------------------------------------------
     async def start_batch(
@@ -125,8 +156,9 @@ class Generations:
         now = now_ms()
         items: list[tuple[int, inference_pb2.BatchItem]] = []
         refused = 0
+        aborted = self._aborted
         for index, item in enumerate(batch.items):
-            if item.request_id and self._aborted.pop(item.request_id, None) is not None:
+            if aborted and item.request_id and self._was_aborted((owner_of(item.reply_to), item.request_id)):
                 refused += 1  # the caller left before its request got here: nothing to answer
                 continue
             if item.deadline_unix_ms and item.deadline_unix_ms <= now:
@@ -151,8 +183,8 @@ class Generations:
                 refused += 1
                 await self._refuse(item, _as_error(prompt, batch.model))
                 continue
-            if item.request_id and item.request_id in self._aborted:  # aborted while it was prepared
-                self._aborted.pop(item.request_id, None)
+            key = (owner_of(item.reply_to), item.request_id)
+            if aborted and item.request_id and self._was_aborted(key):  # aborted while it was prepared
                 refused += 1
                 continue
             first = generate_pb2.GenerateChunk(
@@ -161,14 +193,14 @@ class Generations:
             )
             first.usage.prompt_tokens = prompt.prompt_tokens
             await self.publish(item.reply_to, first.SerializeToString())
-            run = Running(item.request_id, batch.model, arrived_ns=arrived_ns or time.perf_counter_ns())
+            run = Running(item.request_id, batch.model, key, arrived_ns=arrived_ns or time.perf_counter_ns())
             if tracing.enabled():
                 run.span = self._span(batch.model, item, prompt, arrived_ns)
             run.task = asyncio.create_task(
                 self._generate(engine, item, prompt, run, release), name=f"generate {item.request_id}"
             )
             if item.request_id:
-                self.running[item.request_id] = run
+                self.running[key] = run
             started += 1
             self.stats.started += 1
         return started, refused
@@ -265,7 +297,8 @@ class Generations:
             final = generate_pb2.GenerateChunk(seq=seq, finish_reason=FINISH_ERROR)
             final.error.CopyFrom(error.to_proto())
         finally:
-            self.running.pop(run.request_id, None)
+            if self.running.get(run.key) is run:
+                del self.running[run.key]
             release()
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
             self.stats.tokens += completion

@@ -54,7 +54,8 @@ class WorkerService(Service):
         self._slots = asyncio.Semaphore(settings.max_concurrent_batches)
         self._executor = concurrent.futures.ThreadPoolExecutor(settings.processing_threads, thread_name_prefix="processing")
         self.models = ModelTable(
-            self._models_changed, executor=self._executor, owner=self.id, max_concurrent=settings.max_concurrent_batches
+            self._models_changed, executor=self._executor, owner=self.id, max_concurrent=settings.max_concurrent_batches,
+            upstreams=settings.upstream_policy(),
         )
         self._reported: tuple[tuple[str, int], ...] = ()
         self._reports: set[asyncio.Task[None]] = set()
@@ -137,9 +138,12 @@ class WorkerService(Service):
             request = generate_pb2.AbortRequest.FromString(msg.data)
         except DecodeError:
             return
-        hits = self.generations.abort(list(request.request_ids))
+        # scoped to the gateway that sent the generations (running_generations.py); no gateway_id: no effect
+        hits = self.generations.abort(request.gateway_id, list(request.request_ids), request.deadline_unix_ms)
         if hits:
-            self.log.debug("aborted %d generation(s): %s", hits, request.reason or "no reason given")
+            self.log.debug(
+                "aborted %d generation(s) of gateway %s: %s", hits, request.gateway_id, request.reason or "no reason given"
+            )
 
     def _model_loads(self) -> list[tuple[str, str, int, int]]:
         # Called from the metrics server's thread: reads plain ints of the table.
