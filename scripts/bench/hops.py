@@ -239,6 +239,7 @@ def main() -> int:
         cfg = ClusterConfig(
             state_dir=Path(tmp) / "state", http_port=free_port(), grpc_port=free_port(), nats_port=free_port(),
             etcd_port=free_port(), log_level="warning", prepare_models=False, load_models="",
+            nats_tool_user="bench",  # the bare peers' NATS user (every subject): cluster.nats.url carries it
         )
         cluster = LocalCluster(cfg, sink=log)
         peers: list[subprocess.Popen[bytes]] = []

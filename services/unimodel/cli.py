@@ -15,6 +15,8 @@ COMMANDS: dict[str, str] = {
     "gpu-worker": "unimodel.worker.__main__",
     "models": "unimodel.models.__main__",
     "status": "unimodel.status.__main__",
+    "etcd-auth": "unimodel.local.etcd_auth",
+    "credentials": "unimodel.local.credentials",
 }
 ALIASES = {"embedder": "embedding-worker", "worker": "gpu-worker"}
 
@@ -30,6 +32,8 @@ commands:
   gpu-worker         hosts models on engines           (python -m unimodel.worker)
   models             prepare | list the model repository  (python -m unimodel.models)
   status             services, workers, models and queues as etcd and the services see them [--json]
+  etcd-auth          turn etcd authentication on for UniModel (root + the services' user), or rotate
+  credentials DIR    random NATS/etcd passwords and the nats-server config with per-service permissions
 
 `unimodel <command> --help` lists a command's options; every option has a UNIMODEL_* env var."""
 

@@ -84,19 +84,31 @@ class Topology:
         """The compose service's environment with the addresses rewritten for this machine."""
         env = {**image_env(), **environment(self.spec[name])}
         rewrites = {
-            "UNIMODEL_NATS_URL": self.infra.nats.url,
+            "UNIMODEL_NATS_URL": self.infra.nats.address,
             "UNIMODEL_ETCD_ENDPOINTS": self.infra.etcd.endpoint,
             "UNIMODEL_MILVUS_URI": self.milvus.uri,
             "UNIMODEL_OTEL_ENDPOINT": self.receiver.endpoint,
             "UNIMODEL_HOST": "127.0.0.1",
             "UNIMODEL_DATA_DIR": str(self.tmp / f"data-{name}"),
             "UNIMODEL_MODEL_REPOSITORY": str(self.repository),
+            # no keys on loopback: the open local mode (compose requires keys; the roles are tested in
+            # tests/integration/test_security_roles.py)
+            "UNIMODEL_API_KEYS": "{}",
+            "UNIMODEL_ADMIN_API_KEYS": "{}",
         }
         for var in env:
             if var in rewrites:
                 env[var] = rewrites[var]
             elif var in PORT_VARS:
                 env[var] = str(free_port())
+        # the mounted secrets (/run/secrets/...) -> the local cluster's credential files, same users
+        assert env.get("UNIMODEL_NATS_PASSWORD_FILE", "/run/secrets/nats-password") == "/run/secrets/nats-password", name
+        command = str(self.spec[name]["command"][0])  # type: ignore[index]  # a compose service parsed from YAML
+        secrets = self.infra.service_env(command)
+        if command == "etcd-auth":
+            secrets = {k: v for k, v in secrets.items() if k.startswith("UNIMODEL_ETCD_")}
+        assert {k for k in env if k.endswith(("_USER", "_PASSWORD_FILE"))} <= set(secrets), name
+        env.update(secrets)
         for var, value in env.items():
             for host in COMPOSE_HOSTS:
                 assert not re.search(rf"(^|//|,){host}:\d", value), (
@@ -117,6 +129,20 @@ class Topology:
         self.procs.append(proc)
         self.envs[proc.name] = env
         return proc
+
+    def run_etcd_auth_job(self) -> None:
+        """compose's etcd-auth job, against the local etcd (its authentication is on already: the job sets
+        the services' password again, as on a second `docker compose up`)."""
+        svc = self.spec["etcd-auth"]
+        assert self.infra.credentials is not None
+        root = str(self.infra.credentials.folder / "etcd-root.password")
+        args = [root if a == "/run/secrets/etcd-root" else str(a) for a in svc["command"]]  # type: ignore[attr-defined]  # svc: a compose service parsed from YAML (object)
+        job = ManagedProcess("etcd-auth", [sys.executable, "-m", "unimodel.cli", *args],
+                             env={**_env(), **self.local_env("etcd-auth")}, sink=self.infra.sink)
+        job.start()
+        code = job.wait(60)
+        job.stop()
+        assert code == 0, " / ".join(job.lines[-5:])
 
     def run_models_job(self) -> None:
         svc = self.spec["models"]
@@ -143,7 +169,7 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
     ours = unimodel_services(spec)
     # the CPU profile's services; the CUDA gpu-worker needs a GPU
     chosen = {n: s for n, s in ours.items() if "gpu" not in (s.get("profiles") or [])}
-    assert {str(s["command"][0]) for s in chosen.values()} == {*SIX, "models"}
+    assert {str(s["command"][0]) for s in chosen.values()} == {*SIX, "models", "etcd-auth"}
     receiver = OtlpReceiver().start()
     infra = Infra(tmp_path)
     milvus = MilvusLiteServer(free_port(), tmp_path / "milvus", sink=infra.sink)
@@ -169,6 +195,7 @@ def worker_of(response: httpx.Response) -> str:
 
 def test_compose_services_run_as_processes_and_scale(topology: Topology) -> None:
     started = time.monotonic()
+    topology.run_etcd_auth_job()
     topology.run_models_job()
     assert (topology.repository / "identity" / "config.yaml").is_file()
     for name in SIX:

@@ -44,6 +44,8 @@ class ReadmeCluster:
         env["PATH"] = f"{REPO_ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}"
         env["CURL_HOME"] = str(self.workdir)  # .curlrc: the status line
         env["UNIMODEL_ETCD_ENDPOINTS"] = f"127.0.0.1:{self.ports[2379]}"  # `unimodel status`'s default, moved
+        # the examples run in workdir; `unimodel status` reads the etcd credentials `up` made in its state dir
+        env["UNIMODEL_STATE_DIR"] = str(REPO_ROOT / ".unimodel")
         return env
 
 

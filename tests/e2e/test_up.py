@@ -117,7 +117,7 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
         assert (tmp_path / ".unimodel" / "milvus" / "milvus.db").exists()
 
         # kill -9 of the gpu-worker that streams a generation, while 4 clients send predict requests
-        before = status_json(etcd)
+        before = status_json(etcd, tmp_path / ".unimodel")
         assert {s["host"] for s in before["services"]} == {socket.gethostname()}
         workers = {w["id"] for w in before["workers"] if w["kind"] == "gpu-worker"}
         with PredictLoad(base) as load, httpx.Client(timeout=60) as client:
@@ -143,7 +143,7 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
             newcomer: list[str] = []
 
             def replaced() -> bool:
-                now = [w for w in status_json(etcd)["workers"] if w["kind"] == "gpu-worker"]
+                now = [w for w in status_json(etcd, tmp_path / ".unimodel")["workers"] if w["kind"] == "gpu-worker"]
                 new = [w for w in now if w["id"] not in workers]
                 newcomer[:] = [w["id"] for w in new]
                 return bool(new) and {m["name"] for m in new[0]["models"] if m["state"] == "READY"} >= {*demo, "echo"}

@@ -32,9 +32,9 @@ pytestmark = [
 ]
 
 
-def vllm_workers(etcd: int) -> dict[str, dict[str, Any]]:
+def vllm_workers(etcd: int, state_dir: Path) -> dict[str, dict[str, Any]]:
     """The vllm workers by id, each with its pid."""
-    data = status_json(etcd)
+    data = status_json(etcd, state_dir)
     pids = {s["id"]: s["pid"] for s in data["services"]}
     return {w["id"]: {**w, "pid": pids[w["id"]]} for w in data["workers"] if "vllm" in w["engines"]}
 
@@ -61,7 +61,7 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
     try:
         wait_until(lambda: http_ok(f"{base}/health/ready"), 120, "cluster ready")
         wait_until(lambda: model_ready(base), 420, f"{MODEL} READY on both vllm workers")
-        workers = vllm_workers(etcd)
+        workers = vllm_workers(etcd, tmp_path / "state")
         assert len(workers) == 2
         for w in workers.values():
             assert [m["engine"] for m in w["models"] if m["name"] == MODEL] == ["vllm"]
@@ -127,7 +127,7 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
         os.kill(worker["pid"], signal.SIGKILL)
         wait_until(lambda: not any(alive(p) for p in cores), 30, "the killed worker's EngineCore to exit")
         wait_until(
-            lambda: worker["id"] not in (now := vllm_workers(etcd)) and len(now) == 2 and model_ready(base), 300,
+            lambda: worker["id"] not in (now := vllm_workers(etcd, tmp_path / "state")) and len(now) == 2 and model_ready(base), 300,
             "the killed vllm worker back",
         )
         again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)

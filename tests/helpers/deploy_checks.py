@@ -44,12 +44,27 @@ def unimodel_services(spec: dict[str, Any] | None = None) -> dict[str, dict[str,
     return {name: svc for name, svc in services.items() if svc.get("command") and svc["command"][0] in COMMANDS}
 
 
+REQUIRED_VARIABLE = re.compile(r"^\$\{(\w+):\?[^}]*\}$")
+"""A value compose takes from the shell and refuses to start without: ${VAR:?message}."""
+EXAMPLE_VARIABLES = {
+    "UNIMODEL_API_KEYS": '{"sk-example-a": "team-a"}',
+    "UNIMODEL_ADMIN_API_KEYS": '{"sk-example-root": "ops"}',
+}
+"""What the tests give the required variables, as an operator's shell would."""
+
+
 def environment(svc: dict[str, Any]) -> dict[str, str]:
-    """A service's environment as a dict of strings (compose allows a mapping or a list of KEY=VALUE)."""
+    """A service's environment as a dict of strings (compose allows a mapping or a list of KEY=VALUE);
+    required shell variables (${VAR:?message}) are filled in from EXAMPLE_VARIABLES."""
     env = svc.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+    out = {str(k): "" if v is None else str(v) for k, v in env.items()}
+    for key, value in out.items():
+        required = REQUIRED_VARIABLE.match(value)
+        if required:
+            out[key] = EXAMPLE_VARIABLES[required.group(1)]
+    return out
 
 
 # Prometheus ----------------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """Test infrastructure: real nats-server, etcd and UniModel services as subprocesses on free ports.
 
 The same process code `unimodel up` uses (unimodel.local.procs). Everything started is stopped by PID.
+Secured as `unimodel up` is (unimodel.local.credentials): NATS with one user per service and its
+permissions, etcd with authentication on. The tests' own clients stay simple: `infra.nats.url` carries a
+NATS user allowed every subject, `infra.etcd_auth` is the services' etcd user, and `infra.etcdctl` runs as
+etcd's root.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,8 +20,10 @@ import grpc
 import httpx
 
 from unimodel.core.membership import instances_prefix
+from unimodel.core.nats_config import ALL
 from unimodel.core.store import EtcdStore
-from unimodel.local import binaries
+from unimodel.core.transport_security import EtcdAuth
+from unimodel.local.credentials import ETCD_USER, LocalCredentials
 from unimodel.local.procs import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok, wait_until
 from unimodel.v1 import registry_pb2, services_pb2, services_pb2_grpc
 
@@ -39,21 +45,64 @@ class LogSink(io.StringIO):
         return super().write(s)
 
 
+TEST_NATS_USER = "test"
+"""The NATS user of the tests' own clients (in `infra.nats.url`): every subject."""
+ETCD_PREFIX = "/unimodel/v1"
+
+
 class Infra:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, secure: bool | None = None) -> None:
         self.tmp = tmp
         self.sink = LogSink()
-        self.nats = NatsServer(free_port(), tmp / "nats", sink=self.sink)
+        if secure is None:
+            secure = os.environ.get("UNIMODEL_TEST_BUS_AUTH", "1") != "0"
+        self.credentials = LocalCredentials.ensure(tmp, extra_nats_users=(TEST_NATS_USER,)) if secure else None
+        self.nats = self._nats(free_port())
         self.etcd = EtcdServer(free_port(), free_port(), tmp, sink=self.sink)
+
+    def _nats(self, port: int) -> NatsServer:
+        if self.credentials is None:
+            return NatsServer(port, self.tmp / "nats", sink=self.sink)
+        config = self.credentials.write_nats_config({TEST_NATS_USER: ALL})
+        user = (TEST_NATS_USER, self.credentials.nats_password_file(TEST_NATS_USER).read_text().strip())
+        return NatsServer(port, self.tmp / "nats", config_file=config, url_user=user, sink=self.sink)
+
+    def _secure_etcd(self) -> None:
+        creds = self.credentials
+        if creds is not None:
+            self.etcd.enable_auth(creds.etcd_root_password, ETCD_USER, creds.etcd_password, ETCD_PREFIX, creds.etcdctl_env())
+
+    @property
+    def etcd_auth(self) -> EtcdAuth:
+        """The services' etcd user (anonymous when not secure)."""
+        return self.credentials.etcd_auth() if self.credentials is not None else EtcdAuth()
+
+    def etcd_env(self) -> dict[str, str]:
+        """UNIMODEL_ETCD_USER and UNIMODEL_ETCD_PASSWORD_FILE of the services' etcd user (none when not secure)."""
+        env = self.service_env("router")
+        return {k: v for k, v in env.items() if k.startswith("UNIMODEL_ETCD_")}
+
+    def etcd_settings(self) -> dict[str, str]:
+        """The same as settings fields (etcd_user, etcd_password_file)."""
+        return {k.removeprefix("UNIMODEL_").lower(): v for k, v in self.etcd_env().items()}
+
+    def service_env(self, kind: str) -> dict[str, str]:
+        """A service's UNIMODEL_* credential variables (none when not secure)."""
+        return self.credentials.service_env(kind) if self.credentials is not None else {}
+
+    def store(self) -> EtcdStore:
+        """A store client as the services' etcd user."""
+        return EtcdStore([("127.0.0.1", self.etcd.port)], auth=self.etcd_auth)
 
     def start(self) -> None:
         self.nats.start_and_wait()
         self.etcd.start_and_wait()
+        self._secure_etcd()
 
     def restart_nats(self, down_s: float = 1.0) -> None:
         self.nats.stop()
         time.sleep(down_s)
-        self.nats = NatsServer(self.nats.port, self.tmp / "nats", sink=self.sink)
+        self.nats = self._nats(self.nats.port)
         self.nats.start_and_wait()
 
     def stop_etcd(self) -> None:
@@ -62,13 +111,10 @@ class Infra:
     def start_etcd(self) -> None:
         self.etcd = EtcdServer(self.etcd.port, self.etcd.peer_port, self.tmp, sink=self.sink)
         self.etcd.start_and_wait()
+        self._secure_etcd()
 
     def etcdctl(self, *args: str) -> str:
-        ctl = binaries.etcd().parent / "etcdctl"
-        out = subprocess.run(
-            [str(ctl), "--endpoints", self.etcd.endpoint, *args], capture_output=True, text=True, timeout=30, check=True
-        )
-        return out.stdout
+        return self.etcd.etcdctl(*args).stdout
 
     def stop(self) -> None:
         self.etcd.stop()
@@ -88,12 +134,13 @@ class Services:
     def start(self, kind: str, *args: str, name: str | None = None) -> ManagedProcess:
         argv = [
             sys.executable, "-m", MODULES[kind],
-            "--nats-url", self.infra.nats.url,
+            "--nats-url", self.infra.nats.address,
             "--etcd-endpoints", self.infra.etcd.endpoint,
             "--lease-ttl-s", str(self.lease_ttl_s),
             *args,
         ]
-        proc = ManagedProcess(name or kind, argv, sink=self.infra.sink, env={**_env(), "PYTHONUNBUFFERED": "1"})
+        env = {**_env(), **self.infra.service_env(kind), "PYTHONUNBUFFERED": "1"}
+        proc = ManagedProcess(name or kind, argv, sink=self.infra.sink, env=env)
         proc.start()
         self.procs.append(proc)
         return proc
@@ -154,8 +201,6 @@ class Services:
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")}
 
 
@@ -163,7 +208,7 @@ def etcd_instances(infra: Infra, kind: str = "") -> dict[str, registry_pb2.Insta
     """Instances registered in etcd right now (read with our own store client)."""
 
     async def read() -> dict[bytes, bytes]:
-        store = EtcdStore([("127.0.0.1", infra.etcd.port)])
+        store = infra.store()
         try:
             kvs, _rev = await store.get_prefix(instances_prefix("/unimodel/v1", kind).encode())
             return kvs

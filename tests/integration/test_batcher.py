@@ -94,7 +94,7 @@ async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 async def register(infra: Infra, *configs: model_pb2.ModelConfig) -> None:
-    store = EtcdStore([("127.0.0.1", infra.etcd.port)])
+    store = EtcdStore([("127.0.0.1", infra.etcd.port)], auth=infra.etcd_auth)
     try:
         for c in configs:
             await store.put(model_key(PREFIX, c.name).encode(), c.SerializeToString())

@@ -15,7 +15,8 @@ from unimodel.worker.settings import WorkerSettings
 
 def settings(infra: Infra, **overrides: object) -> WorkerSettings:
     values: dict[str, object] = {
-        "nats_url": infra.nats.url, "etcd_endpoints": infra.etcd.endpoint, "lease_ttl_s": 5, "instance_id": "w-life"
+        "nats_url": infra.nats.url, "etcd_endpoints": infra.etcd.endpoint, "lease_ttl_s": 5, "instance_id": "w-life",
+        **infra.etcd_settings(),
     }
     return WorkerSettings(**{**values, **overrides})
 
@@ -23,7 +24,7 @@ def settings(infra: Infra, **overrides: object) -> WorkerSettings:
 async def test_start_registers_and_stop_is_idempotent_and_leaves_etcd(infra: Infra) -> None:
     svc = WorkerService(settings(infra))
     await svc.start()
-    store = EtcdStore([("127.0.0.1", infra.etcd.port)])
+    store = EtcdStore([("127.0.0.1", infra.etcd.port)], auth=infra.etcd_auth)
     key = instance_key("/unimodel/v1", "gpu-worker", "w-life").encode()
     try:
         assert svc.registration is not None
@@ -56,7 +57,7 @@ async def test_frequent_updates_do_not_starve_the_lease_keepalive(infra: Infra) 
     from unimodel.core.membership import Registration
     from unimodel.core.store import EtcdStore
 
-    store = EtcdStore([("127.0.0.1", infra.etcd.port)])
+    store = EtcdStore([("127.0.0.1", infra.etcd.port)], auth=infra.etcd_auth)
     reg = Registration(store, "/unimodel/v1/test/frequent", b"0", ttl_s=2)
     reg.start()
     try:

@@ -4,6 +4,7 @@ a model from the repository), run as operators run it: the CLI in a subprocess."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from unimodel.local.procs import free_port
 def status(infra: Infra, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "unimodel.cli", "status", "--etcd-endpoints", infra.etcd.endpoint, *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env={**os.environ, **infra.etcd_env()},
     )
 
 

@@ -52,7 +52,7 @@ def scale_model(root: Path, name: str = "scale", factor: float = 3.0) -> model_p
 
 
 async def registration(infra: Infra, worker_id: str) -> registry_pb2.InstanceInfo | None:
-    store = EtcdStore([("127.0.0.1", infra.etcd.port)])
+    store = EtcdStore([("127.0.0.1", infra.etcd.port)], auth=infra.etcd_auth)
     try:
         key = instance_key("/unimodel/v1", "gpu-worker", worker_id).encode()
         kvs, _ = await store.get_prefix(key)
@@ -79,8 +79,8 @@ def states(info: registry_pb2.InstanceInfo) -> dict[str, tuple[int, str]]:
 async def send_batch(nc: nats.NATS, worker_id: str, batch: inference_pb2.BatchRequest) -> tuple[inference_pb2.BatchAck, list[nats.aio.msg.Msg]]:
     """Items answer at their own inboxes; returns the ack and each item's answer in order."""
     subs = []
-    for item in batch.items:
-        item.reply_to = nc.new_inbox()
+    for n, item in enumerate(batch.items):
+        item.reply_to = f"{subjects.replies('test-gateway')}.{n}"  # a worker answers only at replies(id) inboxes
         subs.append(await nc.subscribe(item.reply_to, max_msgs=1))
     reply = await nc.request(subjects.worker_infer(worker_id), batch.SerializeToString(), timeout=10)
     raise_for_error_headers(reply)

@@ -156,8 +156,12 @@ def test_every_unimodel_env_var_is_a_setting_of_its_command(ours: dict[str, dict
             assert var in fields, f"{name}: {var} is not a setting of {command}"
         # the values are valid: the settings class accepts them (the validators run)
         values = {fields[var]: value for var, value in env.items() if fields[var] != "model_repository"}
-        settings = cls(**values)
+        complex_values = {f: json.loads(v) for f, v in values.items() if v.startswith(("{", "["))}  # JSON, as env
+        settings = cls(**{**values, **complex_values})
         for field_name, value in values.items():
+            if field_name in complex_values:
+                assert getattr(settings, field_name) == complex_values[field_name], (name, field_name)
+                continue
             assert str(getattr(settings, field_name)) == value or field_name == "advertise_host", (name, field_name)
 
 

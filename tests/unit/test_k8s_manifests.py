@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import unimodel
-from helpers.deploy_checks import K8S_DIR, KustomizeError, kustomize
+from helpers.deploy_checks import EXAMPLE_VARIABLES, K8S_DIR, KustomizeError, kustomize
 from unimodel.cli import COMMANDS
 from unimodel.core.settings import CommonSettings, env_name, load_settings, registered_settings
 from unimodel.local.cluster import SERVICES
@@ -230,9 +230,11 @@ def test_settings_load_from_the_rendered_env(
             source = value["valueFrom"]
             if "fieldRef" in source:
                 monkeypatch.setenv(var, field_values[source["fieldRef"]["fieldPath"]])
-            else:  # an optional Secret: absent in this test
+            else:  # a Secret: an optional one is absent in this test, a required one holds the example value
                 ref = source["secretKeyRef"]
-                assert ref.get("optional") is True, f"{name}: {var} needs Secret {ref['name']}"
+                if ref.get("optional") is not True:
+                    assert var in EXAMPLE_VARIABLES, f"{name}: {var} needs Secret {ref['name']}"
+                    monkeypatch.setenv(var, EXAMPLE_VARIABLES[var])
             continue
         if var == "UNIMODEL_MODEL_REPOSITORY":
             value = str(tmp_path)  # the workers check that the folder exists

@@ -24,6 +24,7 @@ from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.core.subjects import Header
 from unimodel.core.telemetry import request_id_var
+from unimodel.core.transport_security import NatsAuth
 
 log = logging.getLogger("unimodel.bus")
 
@@ -85,9 +86,20 @@ def no_responders(subject: str) -> errors.Unavailable:
 class Bus:
     """One NATS connection of a service."""
 
-    def __init__(self, servers: list[str], name: str, *, max_inflight: int = 1024, default_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        servers: list[str],
+        name: str,
+        *,
+        max_inflight: int = 1024,
+        default_timeout_s: float = 30.0,
+        auth: NatsAuth | None = None,
+        inbox_prefix: str = "_INBOX",
+    ):
         self.servers = servers
         self.name = name
+        self.auth = auth or NatsAuth()
+        self.inbox_prefix = inbox_prefix  # where answers to this connection's requests arrive
         self.max_inflight = max_inflight
         self.default_timeout_s = default_timeout_s
         self.nc: NatsClient | None = None
@@ -103,7 +115,8 @@ class Bus:
         return self.nc is not None and self.nc.is_connected
 
     async def connect(self) -> None:
-        """Connect, retrying until NATS answers (logged, at most one line every 5 s)."""
+        """Connect, retrying until NATS answers (logged, at most one line every 5 s), with the
+        credentials and TLS of `auth`; a refused authorization is retried the same way (logged)."""
         self.nc = await nats.connect(
             self.servers,
             name=self.name,
@@ -116,6 +129,8 @@ class Bus:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            inbox_prefix=self.inbox_prefix,
+            **self.auth.connect_options(),
         )
         log.info("connected to NATS %s", self.nc.connected_url.netloc if self.nc.connected_url else self.servers)
         if self.on_state:

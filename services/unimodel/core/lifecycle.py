@@ -29,6 +29,7 @@ from unimodel.core.membership import Registration, instance_key
 from unimodel.core.settings import CommonSettings, SettingsError, load_settings
 from unimodel.core.store import EtcdStore, KeyValueStore
 from unimodel.core.telemetry import Metrics, ServiceState, setup_logging, setup_tracing
+from unimodel.core.transport_security import CredentialsError
 from unimodel.v1 import registry_pb2
 
 log = logging.getLogger("unimodel.lifecycle")
@@ -53,8 +54,10 @@ class Service:
             name=self.id,
             max_inflight=settings.max_inflight,
             default_timeout_s=settings.request_timeout_s,
+            auth=settings.nats_auth(),
+            inbox_prefix=subjects.inbox_prefix(self.kind),
         )
-        self.store: KeyValueStore = store or EtcdStore(settings.etcd_endpoint_list)
+        self.store: KeyValueStore = store or EtcdStore(settings.etcd_endpoint_list, auth=settings.etcd_auth())
         self.grpc = GrpcServer(
             settings.host, settings.grpc_port, int(getattr(settings, "max_body_bytes", 64 * 1024 * 1024)),
             interceptors=self.grpc_interceptors(),
@@ -135,7 +138,10 @@ class Service:
             except OSError as exc:
                 raise FatalError(f"cannot serve metrics on port {self.settings.metrics_port}: {exc}") from None
         self.log.info("starting %s (gRPC %s:%d)", self.id, self.settings.host, self.grpc.port)
-        await self.bus.connect()
+        try:
+            await self.bus.connect()
+        except CredentialsError as exc:  # e.g. a password file that is not there: one line, exit 1
+            raise FatalError(str(exc)) from None
         # Answered until the process is gone (not a served subject: draining keeps it), so a caller
         # waiting on this instance can tell a dead process (no responders) from a slow one.
         await self.bus.subscribe(subjects.alive(self.id), self._on_alive)

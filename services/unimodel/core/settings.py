@@ -29,6 +29,8 @@ from pydantic_settings import (
 )
 from pydantic_settings import SettingsError as LibrarySettingsError
 
+from unimodel.core.transport_security import EtcdAuth, NatsAuth, TlsFiles
+
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
@@ -63,6 +65,27 @@ class CommonSettings(BaseSettings):
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated")
     etcd_endpoints: str = Field("127.0.0.1:2379", description="etcd endpoint(s) host:port, comma separated")
     etcd_prefix: str = Field("/unimodel/v1", description="etcd key prefix for all UniModel keys")
+    # NATS and etcd credentials and TLS (docs/security.md): a secret is given as a value or, better, as a
+    # file (a mounted Secret), read at each (re)connection; none set = no authentication.
+    nats_user: str = Field(
+        "", description="NATS user name (default with a password: the service's kind, as in its NATS permissions)"
+    )
+    nats_password: str = Field("", description="NATS password (prefer nats_password_file)")
+    nats_password_file: LocalPath = Field("", description="file holding the NATS password")
+    nats_token: str = Field("", description="NATS authentication token (prefer nats_token_file)")
+    nats_token_file: LocalPath = Field("", description="file holding the NATS token")
+    nats_nkey_seed_file: LocalPath = Field("", description="file holding this service's NATS nkey seed")
+    nats_creds_file: LocalPath = Field("", description="NATS credentials file (user JWT and nkey seed)")
+    nats_tls_ca_file: LocalPath = Field("", description="CA certificate (PEM) that signs the NATS server's; enables TLS")
+    nats_tls_cert_file: LocalPath = Field("", description="client certificate (PEM) for NATS, with nats_tls_key_file")
+    nats_tls_key_file: LocalPath = Field("", description="client key (PEM) for NATS")
+    nats_tls_hostname: str = Field("", description="server name expected in the NATS certificate (default: the URL's host)")
+    etcd_user: str = Field("", description="etcd user name (with etcd_password or etcd_password_file)")
+    etcd_password: str = Field("", description="etcd password (prefer etcd_password_file)")
+    etcd_password_file: LocalPath = Field("", description="file holding the etcd password")
+    etcd_tls_ca_file: LocalPath = Field("", description="CA certificate (PEM) that signs etcd's; enables TLS")
+    etcd_tls_cert_file: LocalPath = Field("", description="client certificate (PEM) for etcd, with etcd_tls_key_file")
+    etcd_tls_key_file: LocalPath = Field("", description="client key (PEM) for etcd")
     lease_ttl_s: int = Field(10, ge=2, le=3600, description="etcd lease TTL of this instance's registration")
     grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port (health, reflection, API); 0 = any free port")
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus /metrics port; -1 = off, 0 = any")
@@ -118,6 +141,42 @@ class CommonSettings(BaseSettings):
         if not v.startswith("/") or v.endswith("/") or len(v) < 2:
             raise ValueError("must start with '/' and not end with '/'")
         return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> CommonSettings:
+        pairs = [
+            ("nats_password", "nats_password_file"), ("nats_token", "nats_token_file"),
+            ("etcd_password", "etcd_password_file"),
+        ]
+        for value, file in pairs:
+            if getattr(self, value) and getattr(self, file):
+                raise ValueError(f"{value} and {file} are both set; give one")
+        if (self.nats_password or self.nats_password_file) and not self.nats_user and self.service != "service":
+            self.nats_user = self.service  # one user per service kind (subjects.PERMISSIONS)
+        for user, secret in (("nats_user", "nats_password"), ("etcd_user", "etcd_password")):
+            has_secret = getattr(self, secret) or getattr(self, secret + "_file")
+            if has_secret and not getattr(self, user):
+                raise ValueError(f"{secret} needs {user}")
+            if getattr(self, user) and not has_secret:
+                raise ValueError(f"{user} needs {secret} or {secret}_file")
+        for prefix in ("nats", "etcd"):
+            cert, key = getattr(self, f"{prefix}_tls_cert_file"), getattr(self, f"{prefix}_tls_key_file")
+            if bool(cert) != bool(key):
+                raise ValueError(f"{prefix}_tls_cert_file and {prefix}_tls_key_file go together")
+        return self
+
+    def nats_auth(self) -> NatsAuth:
+        """This service's NATS credentials and TLS (bus.Bus)."""
+        tls = TlsFiles(self.nats_tls_ca_file, self.nats_tls_cert_file, self.nats_tls_key_file)
+        return NatsAuth(
+            self.nats_user, self.nats_password, self.nats_password_file, self.nats_token, self.nats_token_file,
+            self.nats_nkey_seed_file, self.nats_creds_file, tls, self.nats_tls_hostname,
+        )
+
+    def etcd_auth(self) -> EtcdAuth:
+        """This service's etcd credentials and TLS (store.EtcdStore)."""
+        tls = TlsFiles(self.etcd_tls_ca_file, self.etcd_tls_cert_file, self.etcd_tls_key_file)
+        return EtcdAuth(self.etcd_user, self.etcd_password, self.etcd_password_file, tls)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> CommonSettings:
@@ -286,7 +345,9 @@ def load_settings(
         return cls(_build_sources=(sources, {}))
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a rule over several fields (e.g. _credentials): its message names them
+            raise SettingsError(f"invalid settings: {err['msg'].removeprefix('Value error, ')}") from None
+        field = str(err["loc"][0])
         where = f"{flag_name(field)} / {env_name(field)}" if field in cls.model_fields else field
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"

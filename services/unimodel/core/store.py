@@ -15,7 +15,11 @@ from typing import TypeVar
 
 import aetcd
 import aetcd.exceptions
+import aetcd.watcher
 import grpc
+from aetcd import rpc
+
+from unimodel.core.transport_security import CredentialsError, EtcdAuth, TlsFiles
 
 log = logging.getLogger("unimodel.store")
 
@@ -61,15 +65,63 @@ class KeyValueStore(abc.ABC):
     async def close(self) -> None: ...
 
 
-_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, asyncio.TimeoutError, OSError)
+_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, asyncio.TimeoutError, OSError, CredentialsError)
+
+
+class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type information
+    """aetcd's client over a TLS channel when `tls` is set (aetcd itself only opens plaintext channels).
+
+    Authentication (`username`/`password`) is aetcd's: one Authenticate call when the channel opens, its
+    token sent with every call. etcd forgets its simple tokens when it restarts (and after their TTL
+    unused): the next call then fails UNAUTHENTICATED, EtcdStore drops this client and the following
+    call connects, and so authenticates, again."""
+
+    def __init__(self, host: str, port: int, *, credentials: tuple[str, str] | None, tls: TlsFiles) -> None:
+        user, password = credentials if credentials else (None, None)
+        super().__init__(host=host, port=port, username=user, password=password)
+        self._tls = tls
+        self._is_connecting: bool = False
+
+    async def connect(self) -> None:
+        if not self._tls.enabled:
+            await super().connect()
+            return
+        # aetcd's connect, with a TLS channel where aetcd opens a plaintext one.
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        ca, key, cert = self._tls.grpc_credentials()
+        channel_credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        try:
+            self._is_connecting = True
+            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", channel_credentials, options=list(self._options.items()))
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+                self.metadata = (("token", (await self.auth_stub.Authenticate(request, timeout=self._timeout)).token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+            self._connected.set()
+        except rpc.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)  # aetcd's own mapping to its ClientError types
+        finally:
+            self._is_connecting = False
 
 
 class EtcdStore(KeyValueStore):
     """etcd through aetcd; unary calls are bounded by `call_timeout_s`; rotates endpoints on failure."""
 
-    def __init__(self, endpoints: list[tuple[str, int]], call_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self, endpoints: list[tuple[str, int]], call_timeout_s: float = 3.0, *, auth: EtcdAuth | None = None
+    ) -> None:
         self.endpoints = endpoints
         self.call_timeout_s = call_timeout_s
+        self.auth = auth or EtcdAuth()
         self._index = 0
         self._client: aetcd.Client | None = None
 
@@ -81,8 +133,12 @@ class EtcdStore(KeyValueStore):
     async def _get_client(self) -> aetcd.Client:
         if self._client is None:
             host, port = self.endpoints[self._index]
-            client = aetcd.Client(host=host, port=port)
-            await client.connect()
+            client = _Client(host, port, credentials=self.auth.credentials(), tls=self.auth.tls)
+            try:
+                await asyncio.wait_for(client.connect(), self.call_timeout_s)
+            except BaseException:
+                await _close_quietly(client)
+                raise
             self._client = client
         return self._client
 
@@ -92,10 +148,7 @@ class EtcdStore(KeyValueStore):
         client, self._client = self._client, None
         self._index = (self._index + 1) % len(self.endpoints)
         if client is not None:
-            try:
-                await asyncio.wait_for(client.close(), 1.0)
-            except Exception as close_exc:
-                log.debug("closing etcd client failed: %s", close_exc)
+            await _close_quietly(client, 1.0)
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return StoreError(f"etcd {failed}: {detail}")
 
@@ -153,3 +206,10 @@ class EtcdStore(KeyValueStore):
                 await asyncio.wait_for(client.close(), 2.0)
             except Exception as exc:
                 log.debug("closing etcd client failed: %s", exc)
+
+
+async def _close_quietly(client: aetcd.Client, timeout_s: float = 2.0) -> None:
+    try:
+        await asyncio.wait_for(client.close(), timeout_s)
+    except Exception as exc:
+        log.debug("closing etcd client failed: %s", exc)

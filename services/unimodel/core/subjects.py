@@ -119,3 +119,70 @@ class Header:
     ERROR_META = "Um-Error-Meta-"
     TRACEPARENT = "traceparent"
     TRACESTATE = "tracestate"
+
+
+# Permissions ------------------------------------------------------------------------------------------
+# What each service may publish and subscribe to (nats_config.render_server_config turns this into the
+# nats-server `authorization` block; docs/security.md). Every service answers liveness probes on its
+# alive subject, and requests made with Bus.request wait on an inbox under inbox_prefix(kind) (nats-py's
+# request inboxes), so a service reads only the answers to its own kind's requests.
+
+REPLIES_ALL = f"{ROOT}.reply.*.*"
+"""Every instance's answer inboxes (`replies(id).<n>` and `.batch`): workers and the batcher answer
+gateways and caches there."""
+WORKER_INFER_ALL = f"{ROOT}.worker.*.infer"
+WORKER_CONTROL_ALL = f"{ROOT}.worker.*.control"
+ALIVE_ALL = f"{ROOT}.alive.*"
+CACHE_ALL = f"{ROOT}.cache.*"
+
+
+def inbox_prefix(kind: str) -> str:
+    """Where a service of `kind` gets the answers to its NATS requests (nats-py's `inbox_prefix`)."""
+    return f"_INBOX.{kind}"
+
+
+class Permissions:
+    """A NATS user's rights: subjects it may publish to and subscribe to, and whether it may answer
+    the reply subject of a request it received (NATS `allow_responses`: one answer per request)."""
+
+    __slots__ = ("publish", "responses", "subscribe")
+
+    def __init__(self, publish: tuple[str, ...], subscribe: tuple[str, ...], *, responses: bool = True) -> None:
+        self.publish = publish
+        self.subscribe = subscribe
+        self.responses = responses
+
+    def __repr__(self) -> str:
+        return f"Permissions(publish={self.publish}, subscribe={self.subscribe}, responses={self.responses})"
+
+
+_WORKER = Permissions(
+    # results and errors to the inbox each item names (a gateway's or a cache's), load reports to routers
+    publish=(REPLIES_ALL, LOAD),
+    subscribe=(WORKER_INFER_ALL, WORKER_CONTROL_ALL, ABORT, ALIVE_ALL),
+)
+
+PERMISSIONS: dict[str, Permissions] = {
+    "gateway": Permissions(
+        publish=(BATCH_ALL, BUNDLE_ALL, CACHE_QUERY, CACHE_INSERT, CACHE_REMOVE, CACHE_LOG, ABORT, ALIVE_ALL),
+        subscribe=(REPLIES_ALL, f"{inbox_prefix('gateway')}.>", ALIVE_ALL),
+    ),
+    "batcher": Permissions(
+        # batches to routers; an item it cannot queue is answered at its caller's inbox
+        publish=(ROUTE_ALL, REPLIES_ALL),
+        subscribe=(BATCH_ALL, BUNDLE_ALL, f"{inbox_prefix('batcher')}.>", ALIVE_ALL),
+    ),
+    "router": Permissions(
+        publish=(WORKER_INFER_ALL, WORKER_CONTROL_ALL),
+        subscribe=(ROUTE_ALL, LOAD, f"{inbox_prefix('router')}.>", ALIVE_ALL),
+    ),
+    "cache": Permissions(
+        # embeddings go through the batcher like any request; answers come to the cache's own inbox
+        publish=(BATCH_ALL, BUNDLE_ALL),
+        subscribe=(CACHE_ALL, REPLIES_ALL, ALIVE_ALL),
+    ),
+    "embedding-worker": _WORKER,
+    "gpu-worker": _WORKER,
+}
+"""By service kind (core/kinds.py). Answers to requests (a worker's BatchAck to the router, the router's
+to the batcher, the cache's to the gateway, every liveness answer) go through `responses`."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -24,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from unimodel.core import errors, modelconfig
+from unimodel.core import errors, modelconfig, nats_config
+from unimodel.core.settings import CommonSettings
 from unimodel.local.binaries import BinaryNotFound
+from unimodel.local.credentials import ETCD_USER, LocalCredentials
 from unimodel.local.procs import EtcdServer, ManagedProcess, MilvusLiteServer, NatsServer, free_port, http_ok, port_in_use
 from unimodel.local.supervisor import GiveUp, RestartPolicy, Supervisor
 
@@ -41,6 +44,9 @@ SERVICES: list[tuple[str, str]] = [
 
 
 VLLM_ENGINE = "vllm"
+LOOPBACK_UPSTREAMS = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+"""upstream_urls of `up`'s gateway and workers unless set: an openai-engine model may front a server on
+this host (llama.cpp's server, `vllm serve`) and nothing else."""
 
 LOCK_FILE = "up.lock"
 """In the state directory: flock-ed by the `unimodel up` that uses it, holding its pid."""
@@ -87,6 +93,9 @@ class ClusterConfig:
     vllm_workers: int = 0  # gpu-workers run from the vllm venv (they host the vllm engine's models)
     vllm_python: str | None = None  # default: .venv-vllm/bin/python beside the venv `up` runs from
     extra_env: dict[str, str] = field(default_factory=dict)
+    # A NATS user allowed every subject, its credentials in `cluster.nats.url`: for tools that put their own
+    # clients on the cluster's NATS (scripts/bench/hops.py), never given to a service. "" = none.
+    nats_tool_user: str = ""
     restart: RestartPolicy = field(default_factory=RestartPolicy)
 
     def __post_init__(self) -> None:
@@ -108,6 +117,7 @@ class LocalCluster:
         self.etcd: EtcdServer | None = None
         self.milvus: MilvusLiteServer | None = None
         self.services: list[ManagedProcess] = []
+        self.credentials: LocalCredentials | None = None
         self.stopping = threading.Event()  # Ctrl-C / SIGTERM: start() gives up waiting
         self.supervisor = Supervisor(cfg.restart, say=self._warn)
         self._lock: IO[str] | None = None
@@ -144,12 +154,18 @@ class LocalCluster:
                 flag = {"HTTP": "--http-port", "gRPC": "--grpc-port", "NATS": "--nats-port", "etcd": "--etcd-port"}[what]
                 raise ClusterError(f"{what} port {port} on {c.host} is in use (choose another with {flag})")
 
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+    def _env(self, kind: str = "") -> dict[str, str]:
+        """A child's environment; a service `kind` gets its NATS and etcd credentials (as file paths)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("UNIMODEL_NATS_", "UNIMODEL_ETCD_")) or k == "UNIMODEL_ETCD_PREFIX"}
         env.update(self.cfg.extra_env)
-        env["UNIMODEL_NATS_URL"] = self.nats.url if self.nats else ""
+        if kind and self.credentials is not None:
+            env.update(self.credentials.service_env(kind))
+        env["UNIMODEL_NATS_URL"] = self.nats.address if self.nats else ""
         env["UNIMODEL_ETCD_ENDPOINTS"] = self.etcd.endpoint if self.etcd else ""
         env["PYTHONUNBUFFERED"] = "1"
+        if not self.cfg.config and "UNIMODEL_UPSTREAM_URLS" not in env:
+            # openai-engine models may front servers on this host only (a --config file says otherwise)
+            env["UNIMODEL_UPSTREAM_URLS"] = json.dumps(LOOPBACK_UPSTREAMS)
         if self.cfg.config:
             env["UNIMODEL_CONFIG"] = self.cfg.config
         return env
@@ -161,7 +177,7 @@ class LocalCluster:
         if self.cfg.lease_ttl_s:
             argv += ["--lease-ttl-s", str(self.cfg.lease_ttl_s)]
         self._color += 1
-        proc = ManagedProcess(label or name, argv, env=self._env(), sink=self.sink, color=self._color)
+        proc = ManagedProcess(label or name, argv, env=self._env(name), sink=self.sink, color=self._color)
         proc.start()
         self.services.append(proc)
         self.supervisor.watch(proc)
@@ -173,8 +189,7 @@ class LocalCluster:
         self._lock_state_dir()
         self._check_ports()
         try:
-            self.nats = NatsServer(c.nats_port, c.state_dir / "nats", host=c.host, sink=self.sink, color=0)
-            self.etcd = EtcdServer(c.etcd_port, free_port(c.host), c.state_dir, host=c.host, sink=self.sink, color=1)
+            self._make_bus_and_store()
             self.milvus = MilvusLiteServer(
                 c.milvus_port or free_port(c.host), c.state_dir / "milvus", host=c.host, sink=self.sink, color=3
             )
@@ -184,12 +199,9 @@ class LocalCluster:
         vllm_python = self._vllm_python() if c.vllm_workers else ""
         if c.prepare_models:
             self._prepare_models(repository)
-        for infra in (self.nats, self.etcd, self.milvus):
-            try:
-                infra.start_and_wait()
-            except (RuntimeError, TimeoutError) as exc:
-                raise ClusterError(str(exc)) from None
-            self.supervisor.watch(infra)
+        self.start_bus_and_store()
+        assert self.etcd is not None and self.milvus is not None
+        self._start_infra(self.milvus)
         try:
             stale = self.etcd.revoke_leases()  # nothing of ours runs yet: any registration is a dead process's
         except (OSError, subprocess.SubprocessError) as exc:
@@ -228,6 +240,49 @@ class LocalCluster:
                 raise ClusterError("interrupted while starting")
             if time.monotonic() > deadline:
                 raise ClusterError(f"timed out after {c.ready_timeout_s:.0f}s waiting for the gateway to report ready")
+
+    def _start_infra(self, infra: NatsServer | EtcdServer | MilvusLiteServer) -> None:
+        try:
+            infra.start_and_wait()
+        except (RuntimeError, TimeoutError) as exc:
+            raise ClusterError(str(exc)) from None
+        self.supervisor.watch(infra)
+
+    def start_bus_and_store(self) -> None:
+        """Start NATS (with the services' users and permissions) and etcd, and turn etcd's
+        authentication on. `start` calls it; a test can call it alone."""
+        if self.nats is None or self.etcd is None:
+            self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            self._make_bus_and_store()
+        assert self.nats is not None and self.etcd is not None
+        self._start_infra(self.nats)
+        self._start_infra(self.etcd)
+        self._enable_etcd_auth()
+
+    def _make_bus_and_store(self) -> None:
+        """Every run is authenticated: the credentials (made once per state directory), NATS with one
+        user per service and its permissions (config file 0600), etcd (auth turned on once started)."""
+        c = self.cfg
+        tool = (c.nats_tool_user,) if c.nats_tool_user else ()
+        self.credentials = LocalCredentials.ensure(c.state_dir, extra_nats_users=tool)
+        config_file = self.credentials.write_nats_config({u: nats_config.ALL for u in tool})
+        url_user = (c.nats_tool_user, self.credentials.nats_password_file(c.nats_tool_user).read_text().strip()) if tool else None
+        self.nats = NatsServer(
+            c.nats_port, c.state_dir / "nats", host=c.host, config_file=config_file, url_user=url_user, sink=self.sink, color=0
+        )
+        self.etcd = EtcdServer(c.etcd_port, free_port(c.host), c.state_dir, host=c.host, sink=self.sink, color=1)
+
+    def _enable_etcd_auth(self) -> None:
+        assert self.etcd is not None and self.credentials is not None
+        creds = self.credentials
+        prefix = os.environ.get("UNIMODEL_ETCD_PREFIX") or CommonSettings.model_fields["etcd_prefix"].default
+        try:
+            self.etcd.enable_auth(creds.etcd_root_password, ETCD_USER, creds.etcd_password, prefix, creds.etcdctl_env())
+        except subprocess.CalledProcessError as exc:
+            detail = (exc.stderr or "").strip().splitlines()[-1:] or [str(exc)]
+            raise ClusterError(f"could not enable etcd authentication: {detail[0]}") from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ClusterError(f"could not enable etcd authentication: {exc}") from None
 
     def supervise(self) -> None:
         """Restart children that exited (ClusterError when one fails too often)."""
@@ -295,9 +350,10 @@ class LocalCluster:
                 f"  HTTP   http://{c.host}:{c.http_port}   (GET /v1/models, POST /v1/models/<model>:predict, /v2 KServe, /docs)",
                 f"  gRPC   {c.host}:{c.grpc_port}   (unimodel.v1.InferenceService, inference.GRPCInferenceService, health)",
                 f"  models {self.repository()}",
-                f"  NATS   {self.nats.url if self.nats else '-'}   etcd {self.etcd.endpoint if self.etcd else '-'}"
+                f"  NATS   {self.nats.address if self.nats else '-'}   etcd {self.etcd.endpoint if self.etcd else '-'}"
                 f"   Milvus Lite {self.milvus.uri if self.milvus else '-'}",
                 f"  state  {c.state_dir.resolve()}",
+                f"  auth   {self.credentials.folder if self.credentials else '-'}   (NATS: one user per service; etcd: user unimodel)",
                 "Press Ctrl-C to stop.",
             ]
         )

@@ -235,16 +235,40 @@ def http_ok(url: str) -> bool:
 
 
 class NatsServer(ManagedProcess):
-    def __init__(self, port: int, store_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:
+    """nats-server; with `config_file` (core/nats_config.py: users and their permissions) only its users
+    connect. `url_user` (user, password) puts one user's credentials into `url`, for clients (tests) that
+    connect with the URL alone; `address` is the URL without them."""
+
+    def __init__(
+        self,
+        port: int,
+        store_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        config_file: Path | None = None,
+        url_user: tuple[str, str] | None = None,
+        **kw,
+    ) -> None:
         self.host, self.port = host, port
+        self.config_file, self.url_user = config_file, url_user
         store_dir = store_dir.resolve()
         store_dir.mkdir(parents=True, exist_ok=True)
-        argv = [str(binaries.nats_server()), "-a", host, "-p", str(port), "-js", "-sd", str(store_dir), "-n", f"unimodel-{port}"]
+        argv = [str(binaries.nats_server())]
+        if config_file is not None:
+            argv += ["-c", str(config_file)]
+        argv += ["-a", host, "-p", str(port), "-js", "-sd", str(store_dir), "-n", f"unimodel-{port}"]
         super().__init__("nats", argv, **kw)
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        if self.url_user is None:
+            return self.address
+        user, password = self.url_user
+        return f"nats://{user}:{password}@{self.host}:{self.port}"
 
     def start_and_wait(self, timeout: float = 15) -> None:
         self.start()
@@ -254,6 +278,7 @@ class NatsServer(ManagedProcess):
 class EtcdServer(ManagedProcess):
     def __init__(self, port: int, peer_port: int, data_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:
         self.host, self.port, self.peer_port = host, port, peer_port
+        self.root_env: dict[str, str] = {}  # etcdctl's credentials once enable_auth ran
         data_dir = data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         client = f"http://{host}:{port}"
@@ -279,15 +304,45 @@ class EtcdServer(ManagedProcess):
         self.start()
         wait_until(lambda: http_ok(f"http://{self.host}:{self.port}/health"), timeout, f"etcd on port {self.port}", self)
 
+    def etcdctl(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """etcdctl against this server, as root once `enable_auth` ran (its password in the environment,
+        never on a command line)."""
+        ctl = [str(binaries.etcd().parent / "etcdctl"), "--endpoints", self.endpoint, *args]
+        env = {**os.environ, **self.root_env}
+        return subprocess.run(ctl, input=stdin, capture_output=True, text=True, timeout=30, check=check, env=env)
+
+    def auth_enabled(self) -> bool:
+        done = self.etcdctl("auth", "status", check=False)
+        # with auth on, an anonymous `auth status` is refused ("user name is empty")
+        return done.returncode != 0 or "Status: true" in done.stdout
+
+    def enable_auth(self, root_password: str, user: str, password: str, prefix: str, root_env: dict[str, str]) -> None:
+        """Turn etcd's authentication on (once; a data dir that has it keeps it): users `root` and `user`,
+        `user`'s role reading and writing only keys under `prefix`. Passwords go on etcdctl's stdin."""
+        if not self.auth_enabled():
+            for name, secret in (("root", root_password), (user, password)):
+                added = self.etcdctl("user", "add", name, "--interactive=false", stdin=secret + "\n", check=False)
+                if added.returncode != 0:  # left by an interrupted earlier run: set the password anew
+                    self.etcdctl("user", "passwd", name, "--interactive=false", stdin=secret + "\n")
+            self.etcdctl("user", "grant-role", "root", "root")
+            self.etcdctl("role", "add", user, check=False)
+            self.etcdctl("role", "grant-permission", user, "--prefix=true", "readwrite", prefix)
+            self.etcdctl("user", "grant-role", user, user)
+            self.etcdctl("auth", "enable")
+            self.root_env = root_env
+            return
+        # on already (a data dir reused): the services' password as in its file now, should it have been made anew
+        self.root_env = root_env
+        self.etcdctl("user", "passwd", user, "--interactive=false", stdin=password + "\n", check=False)
+
     def revoke_leases(self) -> int:
         """Revoke every lease (and so delete the keys bound to it): in a data dir reused by a new cluster,
         the instance registrations of the last run's processes, which would otherwise show for one more
         TTL after a crash. Returns how many."""
-        ctl = [str(binaries.etcd().parent / "etcdctl"), "--endpoints", self.endpoint]
-        listed = subprocess.run([*ctl, "lease", "list"], capture_output=True, text=True, timeout=30, check=True)
+        listed = self.etcdctl("lease", "list")
         leases = [w for w in listed.stdout.split() if all(c in "0123456789abcdef" for c in w) and len(w) >= 8]
         for lease in leases:
-            subprocess.run([*ctl, "lease", "revoke", lease], capture_output=True, text=True, timeout=30)
+            self.etcdctl("lease", "revoke", lease, check=False)
         return len(leases)
 
 

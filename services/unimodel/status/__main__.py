@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from unimodel.core.settings import CommonSettings, env_name
 from unimodel.core.store import EtcdStore, StoreError
+from unimodel.local.credentials import LocalCredentials
 from unimodel.status.collect import collect
 from unimodel.status.render import render_json, render_text
 from unimodel.status.view import ClusterView
@@ -34,13 +37,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--etcd-prefix", default=None,
                         help=f"{fields['etcd_prefix'].description} (env {env_name('etcd_prefix')}; "
                         f"default {fields['etcd_prefix'].default})")
+    parser.add_argument(
+        "--state-dir", default=None,
+        help="a local cluster's state directory: with no etcd user set, its etcd credentials are used "
+        "(default: env UNIMODEL_STATE_DIR, else .unimodel, as `unimodel up`)",
+    )
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each service's answer (default 2)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
 
 async def _status(settings: CommonSettings, timeout_s: float) -> ClusterView:
-    store = EtcdStore(settings.etcd_endpoint_list, call_timeout_s=timeout_s)
+    store = EtcdStore(settings.etcd_endpoint_list, call_timeout_s=timeout_s, auth=settings.etcd_auth())
     try:
         return await collect(store, settings.etcd_prefix, settings.etcd_endpoints, timeout_s)
     finally:
@@ -53,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: --timeout must be > 0", file=sys.stderr)
         return 2
     overrides = {k: v for k, v in (("etcd_endpoints", args.etcd_endpoints), ("etcd_prefix", args.etcd_prefix)) if v}
+    if not os.environ.get(env_name("etcd_user")):
+        # the local cluster's credentials (`unimodel up` made them), as its services get them
+        local = LocalCredentials.find(Path(args.state_dir or os.environ.get("UNIMODEL_STATE_DIR") or ".unimodel"))
+        if local is not None:
+            auth = local.etcd_auth()
+            overrides |= {"etcd_user": auth.user, "etcd_password_file": auth.password_file}
     try:
         settings = CommonSettings(**overrides)  # the rest (and unset ones) from UNIMODEL_* env, as the services
     except ValidationError as exc:

@@ -1,0 +1,132 @@
+"""Credentials of a local cluster (`unimodel up`, the test infrastructure): one NATS user per service, the
+etcd `root` user and the `unimodel` user the services use, each password a random file under
+`<state>/auth/` (folder 0700, files 0600), made once and reused by later runs on the same state (etcd's
+data keeps its users). Services get the *paths* (UNIMODEL_*_PASSWORD_FILE), never a secret on their
+command line, where `ps` would show it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from unimodel.core import nats_config
+from unimodel.core.kinds import SERVICE_KINDS
+from unimodel.core.subjects import Permissions
+from unimodel.core.transport_security import EtcdAuth, NatsAuth
+
+AUTH_DIR = "auth"
+ETCD_ROOT = "root"
+ETCD_USER = "unimodel"
+"""The etcd user every service connects as; its role may read and write only under the key prefix."""
+NATS_CONFIG = "nats-server.conf"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by this user only (0600 from creation on)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)
+
+
+@dataclass(frozen=True)
+class LocalCredentials:
+    folder: Path
+
+    @classmethod
+    def ensure(cls, state_dir: Path, extra_nats_users: tuple[str, ...] = ()) -> LocalCredentials:
+        """The credentials under `state_dir/auth`, making the missing ones."""
+        return cls.ensure_in(state_dir.resolve() / AUTH_DIR, extra_nats_users)
+
+    @classmethod
+    def ensure_in(cls, folder: Path, extra_nats_users: tuple[str, ...] = ()) -> LocalCredentials:
+        """The credentials in `folder` itself, making the missing ones."""
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        creds = cls(folder)
+        names = [*(f"nats-{k}" for k in SERVICE_KINDS), *(f"nats-{u}" for u in extra_nats_users), "etcd-root", f"etcd-{ETCD_USER}"]
+        for name in names:
+            path = creds._file(name)
+            if not path.is_file() or not path.read_text().strip():
+                write_private(path, secrets.token_urlsafe(32) + "\n")
+        return creds
+
+    @classmethod
+    def find(cls, state_dir: Path) -> LocalCredentials | None:
+        """The credentials a cluster made under `state_dir`, or None."""
+        folder = state_dir.resolve() / AUTH_DIR
+        creds = cls(folder)
+        return creds if creds.etcd_password_file.is_file() else None
+
+    def _file(self, name: str) -> Path:
+        return self.folder / f"{name}.password"
+
+    def _read(self, name: str) -> str:
+        return self._file(name).read_text().strip()
+
+    def nats_password_file(self, user: str) -> Path:
+        return self._file(f"nats-{user}")
+
+    @property
+    def etcd_password_file(self) -> Path:
+        return self._file(f"etcd-{ETCD_USER}")
+
+    @property
+    def etcd_root_password(self) -> str:
+        return self._read("etcd-root")
+
+    @property
+    def etcd_password(self) -> str:
+        return self._read(f"etcd-{ETCD_USER}")
+
+    def nats_auth(self, user: str) -> NatsAuth:
+        return NatsAuth(user=user, password_file=str(self.nats_password_file(user)))
+
+    def etcd_auth(self) -> EtcdAuth:
+        return EtcdAuth(user=ETCD_USER, password_file=str(self.etcd_password_file))
+
+    def service_env(self, kind: str) -> dict[str, str]:
+        """The UNIMODEL_* variables that give a service of `kind` its NATS user and the etcd user."""
+        return {
+            "UNIMODEL_NATS_USER": kind,
+            "UNIMODEL_NATS_PASSWORD_FILE": str(self.nats_password_file(kind)),
+            "UNIMODEL_ETCD_USER": ETCD_USER,
+            "UNIMODEL_ETCD_PASSWORD_FILE": str(self.etcd_password_file),
+        }
+
+    def etcdctl_env(self) -> dict[str, str]:
+        """etcdctl's environment for the root user (ETCDCTL_USER, so not on its command line)."""
+        return {"ETCDCTL_USER": f"{ETCD_ROOT}:{self.etcd_root_password}"}
+
+    def write_nats_config(self, extra_users: dict[str, Permissions] | None = None) -> Path:
+        """The nats-server configuration with one user per service (and `extra_users`), 0600."""
+        passwords = {kind: self._read(f"nats-{kind}") for kind in SERVICE_KINDS}
+        extra = {name: (self._read(f"nats-{name}"), perms) for name, perms in (extra_users or {}).items()}
+        path = self.folder / NATS_CONFIG
+        write_private(path, nats_config.render_server_config(passwords, extra_users=extra))
+        return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`unimodel credentials DIR`: the files compose mounts as secrets (compose/docker-compose.yml)."""
+    parser = argparse.ArgumentParser(
+        prog="unimodel credentials",
+        description="Make random passwords (one NATS user per service, etcd root and the services' etcd user) "
+        "and the nats-server configuration with each service's permissions in DIR (0700; files 0600). Existing "
+        "password files are kept; delete one to rotate it, then run this again and restart NATS and the services.",
+    )
+    parser.add_argument("folder", type=Path, help="where to write them (e.g. compose/secrets)")
+    args = parser.parse_args(argv)
+    creds = LocalCredentials.ensure_in(args.folder.expanduser().resolve())
+    config = creds.write_nats_config()
+    print(f"credentials in {creds.folder}; nats-server configuration {config}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
