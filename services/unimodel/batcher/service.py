@@ -77,6 +77,7 @@ class BatcherService(Service):
             max_rows=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
+            max_queue_share=settings.max_queue_share,
         )
         self.policies: dict[str, BatchPolicy] = {}  # registered models
         self.queues: dict[str, ModelState] = {}  # by batch subject
@@ -166,10 +167,10 @@ class BatcherService(Service):
             return None  # nobody waits for an answer: nothing to run
         state = self.queues.get(msg.subject) or self._open(msg.subject)
         try:
-            item = inference_pb2.BatchItem.FromString(msg.data)
+            item = wire.decode_item(msg.data)
         except DecodeError:
             self.stats.reject(state.label, INVALID)
-            raise errors.InvalidArgument("batch subject payload is not a BatchItem", model=state.model) from None
+            raise errors.InvalidArgument(wire.UNDECODABLE, model=state.model) from None  # the bus answers msg.reply
         # errors go back to the bus, which answers the caller with them (429 + Retry-After, ...)
         self._enqueue(state, msg.data, item, reply_to, ctx, has_deadline_header=bool(msg.headers and Header.DEADLINE in msg.headers))
         return None
@@ -186,10 +187,13 @@ class BatcherService(Service):
             raise errors.InvalidArgument("bundle subject payload is not an ItemBundle", model=state.model) from None
         for data in parts:
             try:
-                item = inference_pb2.BatchItem.FromString(data)
-            except DecodeError:
+                item = wire.decode_item(data)
+            except DecodeError:  # answered at the reply_to read from its top-level fields: never dropped
                 self.stats.reject(state.label, INVALID)
-                continue  # no reply_to to answer at
+                reply_to = wire.reply_to_of(data)
+                if reply_to:
+                    await self.bus.publish_error(reply_to, errors.InvalidArgument(wire.UNDECODABLE, model=state.model))
+                continue
             if not item.reply_to:
                 continue
             try:
@@ -234,6 +238,7 @@ class BatcherService(Service):
             rows=item.rows,
             priority=item.priority,
             expires=expires,
+            tenant=item.tenant,
         )
         try:
             scheduler.submit(pending)

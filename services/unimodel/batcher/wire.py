@@ -13,7 +13,62 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import cast
 
-from unimodel.v1.inference_pb2 import BatchItem, EncodedBatchRequest
+from unimodel.core.protowire import varint
+from unimodel.v1.inference_pb2 import BatchItem, EncodedBatchRequest, ItemBundle
+
+UNDECODABLE = (
+    "the request could not be decoded: it is malformed, or nests deeper than the protobuf runtime decodes "
+    "(100 levels of messages)"
+)
+
+
+def decode_item(data: bytes) -> BatchItem:
+    """An encoded BatchItem, decoded one message level deeper than it arrived: as router and worker will
+    decode it, inside a BatchRequest. So an item too deep for them fails here, where its caller is answered.
+    Raises DecodeError."""
+    item = ItemBundle.FromString(b"\x0a" + varint(len(data)) + data).items[0]
+    return cast(BatchItem, item)  # protobuf's runtime ships no type information
+
+
+_REPLY_TO = 5  # BatchItem.reply_to's field number
+
+
+def reply_to_of(data: bytes) -> str:
+    """BatchItem.reply_to read from the encoded item's top-level fields, nothing else decoded: where to
+    answer an item that does not decode. '' when absent or unreadable."""
+    found, pos, end = "", 0, len(data)
+    try:
+        while pos < end:
+            key, pos = _varint(data, pos)
+            kind = key & 7
+            if kind == 0:
+                _, pos = _varint(data, pos)
+            elif kind == 1:
+                pos += 8
+            elif kind == 5:
+                pos += 4
+            elif kind == 2:
+                size, pos = _varint(data, pos)
+                if key >> 3 == _REPLY_TO and pos + size <= end:
+                    found = data[pos : pos + size].decode("utf-8", "replace")  # the last one wins, as in protobuf
+                pos += size
+            else:
+                return found
+    except IndexError:
+        pass
+    return found
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    for _ in range(10):
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise IndexError("varint longer than 10 bytes")
 
 
 def item_fields(

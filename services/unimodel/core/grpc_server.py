@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -13,7 +13,7 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from unimodel.core import errors
+from unimodel.core import errors, grpc_decode
 
 log = logging.getLogger("unimodel.grpc")
 
@@ -26,6 +26,35 @@ def status_trailers(err: errors.UnimodelError) -> tuple[tuple[str, bytes], ...]:
     detail.Pack(err.to_proto())
     status = status_pb2.Status(code=err.grpc_status.value[0], message=err.message, details=[detail])
     return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def refusing_handler(
+    err: errors.UnimodelError, handler: grpc.RpcMethodHandler | None,
+    extra_trailers: tuple[tuple[str, str | bytes], ...] = (),
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` (unary or streaming, each way) that answers every call with
+    `err`: its status, message and details (status_trailers), plus `extra_trailers`. For interceptors that
+    refuse a call before the servicer runs (API keys, rate limits)."""
+    trailers = (*status_trailers(err), *extra_trailers)
+
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(err.grpc_status, err.message, trailing_metadata=trailers)
+
+    async def abort_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(err.grpc_status, err.message, trailing_metadata=trailers)
+        yield  # pragma: no cover  (makes this an async generator for server-streaming methods)
+
+    deserializer = handler.request_deserializer if handler else None
+    serializer = handler.response_serializer if handler else None
+    streams_in = handler is not None and handler.request_streaming
+    streams_out = handler is not None and handler.response_streaming
+    if streams_in and streams_out:
+        return grpc.stream_stream_rpc_method_handler(abort_stream, deserializer, serializer)
+    if streams_in:
+        return grpc.stream_unary_rpc_method_handler(abort, deserializer, serializer)
+    if streams_out:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, deserializer, serializer)
+    return grpc.unary_unary_rpc_method_handler(abort, deserializer, serializer)
 
 
 def maps_errors(method: F) -> F:
@@ -93,6 +122,7 @@ class GrpcServer:
         return self._server
 
     def add(self, add_fn: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str) -> None:
+        add_fn = grpc_decode.guarded(add_fn, status_trailers(grpc_decode.ERROR))  # a request that does not decode: INVALID_ARGUMENT
         self._servicers.append((add_fn, servicer))
         if self._server is not None:
             add_fn(servicer, self._server)

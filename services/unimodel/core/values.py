@@ -12,12 +12,22 @@ from google.protobuf import struct_pb2
 
 from unimodel.core.errors import InvalidArgument
 
-_MAX_DEPTH = 64
+MAX_DEPTH = 32
+"""Deepest nesting of arrays and objects in a value (the top one is level 0): checked once, by the gateway,
+where a client's value enters. The protobuf runtime (upb) decodes at most 100 levels of nested messages;
+one object level costs three of them (Value, Struct, the map entry), an array level two (Value,
+ListValue), and a value travels inside BatchItem inside ItemBundle or BatchRequest (two more). An empty
+object at level 32 is then 3 * 32 + 2 + 2 = 100 levels deep: the deepest value every hop still decodes
+(tests/unit/test_security_input_limits_logic.py checks it against the runtime)."""
+
+
+def _too_deep(field: str) -> InvalidArgument:
+    return InvalidArgument(f"{field} nests deeper than {MAX_DEPTH} levels of arrays and objects", field=field)
 
 
 def _fill(value: struct_pb2.Value, obj: Any, depth: int) -> None:
-    if depth > _MAX_DEPTH:
-        raise InvalidArgument(f"input nests deeper than {_MAX_DEPTH} levels", field="input")
+    if depth > MAX_DEPTH:
+        raise _too_deep("input")
     if obj is None:
         value.null_value = struct_pb2.NULL_VALUE
     elif isinstance(obj, bool):
@@ -46,6 +56,31 @@ def to_value(obj: Any) -> struct_pb2.Value:
     value = struct_pb2.Value()
     _fill(value, obj, 0)
     return value
+
+
+def check_depth(value: struct_pb2.Value, field: str = "input") -> None:
+    """InvalidArgument when `value` (a client's, decoded by gRPC) holds anything deeper than MAX_DEPTH, as
+    `to_value` refuses it; only arrays and objects are walked into."""
+    level = [value]
+    for depth in range(MAX_DEPTH + 1):
+        below: list[struct_pb2.Value] = []
+        for v in level:
+            kind = v.WhichOneof("kind")
+            if kind == "list_value":
+                items: Any = v.list_value.values
+            elif kind == "struct_value":
+                items = v.struct_value.fields.values()
+            else:
+                continue
+            if depth == MAX_DEPTH and len(items):
+                raise _too_deep(field)
+            below.extend(x for x in items if x.WhichOneof("kind") in _CONTAINERS)
+        if not below:
+            return
+        level = below
+
+
+_CONTAINERS = frozenset({"list_value", "struct_value"})
 
 
 def from_value(value: struct_pb2.Value) -> Any:

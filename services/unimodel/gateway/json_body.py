@@ -9,20 +9,49 @@ a 500.
 Routes therefore read the raw bytes and call `parse`, `parse_object` or `parse_model` here, never a
 FastAPI body parameter (FastAPI refuses a JSON body labelled with another Content-Type);
 `openapi_body` documents such a body in the OpenAPI document.
+
+Integers go into protobuf fields of fixed width, which raise ValueError on anything wider: every integer
+a client sends is range-checked first (`NonNegInt32`, `Int64` in pydantic models; INT32_* / INT64_* where a
+route checks by hand), a 400 naming the field and the range.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic_core import PydanticCustomError
 
 from unimodel.core import errors
 
 Raw = bytes | bytearray | memoryview | str
 Model = TypeVar("Model", bound=BaseModel)
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_RANGE_ERRORS = frozenset({"greater_than_equal", "less_than_equal", "greater_than", "less_than", "int_parsing_size"})
+
+
+def _ranged(lo: int, hi: int) -> WrapValidator:
+    """pydantic's bound errors as one message naming the whole range."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            if exc.errors()[0]["type"] in _RANGE_ERRORS:
+                shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:40]}..."
+                raise PydanticCustomError("int_range", f"{shown} is out of range ({lo} to {hi})") from None
+            raise
+
+    return WrapValidator(check)
+
+
+NonNegInt32 = Annotated[int, Field(ge=0, le=INT32_MAX), _ranged(0, INT32_MAX)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), _ranged(INT64_MIN, INT64_MAX)]
+
 
 # pydantic's names for the member of a union a value failed (`str`, `list[str]`, ...): not fields
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
@@ -75,6 +104,7 @@ def openapi_body(
     the route takes those too (KServe's binary tensors)."""
     if isinstance(schema, type):
         schema = schema.model_json_schema()
+    schema = _inline_defs(schema)
     return {
         "requestBody": {
             "required": True,
@@ -82,3 +112,22 @@ def openapi_body(
             "content": {"application/json": {"schema": schema}, **(other_media or {})},
         }
     }
+
+
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """pydantic's schema with its `$defs` put in place of each `{"$ref": "#/$defs/<name>"}`: inside an
+    OpenAPI document such a reference points at the document's root, where nothing is (fuzzers and client
+    generators could not follow it). The request models are not recursive."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/") and ref[8:] in defs and ref[8:] not in seen:
+                return resolve(defs[ref[8:]], (*seen, ref[8:]))
+            return {k: resolve(v, seen) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [resolve(v, seen) for v in node]
+        return node
+
+    return dict(resolve(schema, ()))

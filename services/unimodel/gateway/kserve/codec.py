@@ -27,6 +27,7 @@ from tritonclient.grpc import service_pb2
 from unimodel.core import errors, tensors
 from unimodel.core.modelconfig import DATATYPES
 from unimodel.gateway import json_body
+from unimodel.gateway.auth import Principal
 from unimodel.v1 import inference_pb2, model_pb2, tensor_pb2
 
 _U32 = struct.Struct("<I")
@@ -49,6 +50,8 @@ _REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs"})
 _INPUT_FIELDS = frozenset({"name", "datatype", "shape", "parameters", "data"})
 _OUTPUT_FIELDS = frozenset({"name", "parameters"})
 _INT32_MAX = 2**31 - 1
+MAX_DIMS = 32
+"""Dimensions a tensor's shape may have (numpy's limit is 64)."""
 
 
 def _bad(message: str, field: str = "") -> errors.InvalidArgument:
@@ -78,6 +81,15 @@ class InferCall:
     @property
     def id(self) -> str:
         return self.item.id
+
+
+def check_priority(item: inference_pb2.BatchItem, caller: Principal) -> None:
+    """KServe's `priority` parameter moves a request ahead of others in the model's queue: admin keys, and
+    keys whose policy sets priority=true, may set it; anyone else gets 403 naming the parameter."""
+    if item.priority and not caller.admin and not (caller.policy is not None and caller.policy.priority):
+        raise errors.PermissionDenied(
+            "parameter 'priority' needs an admin key or an API key whose policy allows priority", field="priority"
+        )
 
 
 def _request_parameters(params: Mapping[str, Any], item: inference_pb2.BatchItem) -> tuple[bool, float | None]:
@@ -115,8 +127,27 @@ def _request_parameters(params: Mapping[str, Any], item: inference_pb2.BatchItem
 
 def _shape(name: str, shape: Any) -> list[int]:
     if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
-        raise _bad(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}", name)
+        raise _bad(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}"[:300], name)
+    _check_shape(name, shape)
     return shape
+
+
+def _check_shape(name: str, shape: Sequence[int]) -> None:
+    """A shape numpy and protobuf's int64 can hold: at most MAX_DIMS dimensions, each from 0 to 2^31-1, whose
+    non-zero ones multiply to at most 2^31-1 elements (a real tensor's data fits in the body limit anyway)."""
+    if len(shape) > MAX_DIMS:
+        raise _bad(f"input {name!r}: shape has {len(shape)} dimensions, at most {MAX_DIMS} are allowed", name)
+    size = 1
+    for d in shape:
+        if d < 0:
+            raise _bad(f"input {name!r}: shape must be non-negative, got {list(shape)}", name)
+        size *= d or 1
+        if size > _INT32_MAX:
+            raise _bad(
+                f"input {name!r}: shape {list(shape)} is out of range (each dimension 0 to {_INT32_MAX}, their "
+                f"non-zero product at most {_INT32_MAX})"[:400],
+                name,
+            )
 
 
 def _count(shape: Sequence[int]) -> int:
@@ -367,8 +398,7 @@ def parse_grpc_infer(request: service_pb2.ModelInferRequest) -> InferCall:
         if any(k.startswith("shared_memory") for k in tensor.parameters):
             raise _bad(f"input {name!r}: shared memory inputs are not supported", name)
         shape = list(tensor.shape)
-        if any(d < 0 for d in shape):
-            raise _bad(f"input {name!r}: shape must be non-negative, got {shape}", name)
+        _check_shape(name, shape)
         if raw:
             if tensor.HasField("contents"):
                 raise _bad(f"input {name!r}: contents must not be set when raw_input_contents is used", name)

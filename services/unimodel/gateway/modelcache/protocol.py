@@ -17,6 +17,41 @@ WS_BAD_FRAME = 400
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 
+_MESSAGES = {
+    "anyOf": [
+        {"type": "string", "description": "one user message"},
+        {
+            "type": "array",
+            "items": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+                      "required": ["role", "content"]},
+        },
+    ]
+}
+REQUEST_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {
+            "type": "object",
+            "properties": {
+                "type": {"enum": list(TYPES)},
+                "scope": {"type": "object", "properties": {"model": {"type": "string"}}, "required": ["model"]},
+                "query": _MESSAGES,
+                "chat_info": {
+                    "type": "array",
+                    "items": {"type": "object", "properties": {"query": _MESSAGES, "answer": {"type": "string"}},
+                              "required": ["query", "answer"]},
+                },
+                "remove_type": {"enum": ["truncate_by_model", "delete_by_id"]},
+                "id_list": {"type": "array", "items": {"type": "integer", "minimum": json_body.INT64_MIN,
+                                                       "maximum": json_body.INT64_MAX}},
+            },
+            "required": ["type", "scope"],
+        },
+        {"type": "string", "description": "a JSON string holding the request object"},
+    ]
+}
+"""The request body in the OpenAPI document (query and insert; remove with remove_type and id_list)."""
+
+
 class BadRequest(Exception):
     """The request is not a ModelCache request; the message says what is wrong."""
 
@@ -91,8 +126,12 @@ def remove_request(data: dict[str, Any], tenant: str) -> cache_pb2.CacheRemoveRe
         request.truncate = True
     elif kind == "delete_by_id":
         ids = data.get("id_list")
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise BadRequest("id_list must be a non-empty list of entry ids (integers)")
+        if not isinstance(ids, list) or not ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) and json_body.INT64_MIN <= i <= json_body.INT64_MAX for i in ids
+        ):
+            raise BadRequest(
+                f"id_list must be a non-empty list of entry ids (integers {json_body.INT64_MIN} to {json_body.INT64_MAX})"
+            )
         request.ids.extend(ids)
     else:
         raise BadRequest(f"remove_type must be 'truncate_by_model' or 'delete_by_id', got {kind!r}")

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFun
 from pydantic_core import PydanticCustomError
 
 from unimodel.core import errors
+from unimodel.gateway import json_body
 from unimodel.v1 import generate_pb2
 
 
@@ -47,10 +48,10 @@ class _Sampling(BaseModel):
     top_p: float | None = Field(None, description="greater than 0, at most 1")
     max_tokens: int | None = Field(None, description="tokens to generate at most (default: the model's)")
     stop: str | list[str] | None = Field(None, description="up to 4 stop sequences")
-    seed: int | None = None
+    seed: json_body.Int64 | None = Field(None, description="sampling seed (a signed 64-bit integer)")
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    top_k: int | None = Field(None, description="extension: sample among the k most likely tokens")
+    top_k: json_body.NonNegInt32 | None = Field(None, description="extension: sample among the k most likely tokens")
     min_tokens: int | None = Field(None, description="extension (vLLM's): no end of sequence before this many tokens")
     ignore_eos: bool = Field(False, description="extension (vLLM's): generate until max_tokens or a stop string")
     n: int | None = Field(None, description="only 1 is supported")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from unimodel.core import errors, modelconfig
 from unimodel.core.values import from_value, to_value
 from unimodel.gateway import json_body
-from unimodel.gateway.http_context import http_context
+from unimodel.gateway.http_context import http_context, raw_id_headers
 from unimodel.gateway.ports import UnifiedPorts
 from unimodel.gateway.unified.errors import Headers, error_result
 
@@ -85,7 +85,7 @@ async def run_predict(
         log.error("predict failed: %s", exc, exc_info=exc)
         return error_result(errors.Internal("internal error"))
     headers = [
-        (b"x-request-id", ctx.request_id.encode()),
+        *raw_id_headers(ctx),
         (b"x-unimodel-worker", reply.worker_id.encode()),
         (b"x-unimodel-path", ",".join(reply.path).encode()),
     ]
