@@ -8,12 +8,12 @@ a controlled clock), replacing nothing on a failed insert, the ambiguity rule, a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from helpers.minilm import Clock, Embedder
 from unimodel.cache.entries import EntryStore
 from unimodel.cache.querytext import Turn
 from unimodel.cache.semantic import Limits, Scope, SemanticCache
@@ -21,33 +21,6 @@ from unimodel.cache.vectors import VectorIndex
 from unimodel.core import errors
 
 pytestmark = pytest.mark.timeout(180)
-
-
-class Embedder:
-    def __init__(self, folder: Path) -> None:
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.calls = 0
-
-    async def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        self.calls += 1
-        enc = self.tokenizer.encode_batch(list(texts))
-        feeds = {
-            "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
-        }
-        return self.session.run(None, feeds)[0].astype(np.float32)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")

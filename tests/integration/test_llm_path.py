@@ -62,12 +62,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         services.start("router")
         services.start("batcher")
         for i, port in enumerate(ports):
-            services.start("gpu-worker", "--instance-id", f"worker-{i}", "--metrics-port", str(port), name=f"worker-{i}")
+            services.start(
+                "gpu-worker", "--instance-id", f"worker-{i}", "--metrics-port", str(port), "--upstream-urls", "http://127.0.0.1",
+                name=f"worker-{i}",
+            )  # fmt: skip
         services.http_port, services.grpc_port = free_port(), free_port()
         models_root = tmp_path_factory.mktemp("models-root")  # folders registered by path (upstream model)
         gw = services.start(
             "gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port),
             "--model-repository", str(model_repository), "--load-models", MODEL, "--models-root", str(models_root),
+            "--upstream-urls", "http://127.0.0.1",  # the upstream model's server runs on loopback
         )
         wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
         services.wait_models([MODEL], instances=2)

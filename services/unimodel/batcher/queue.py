@@ -13,6 +13,11 @@ Rules (Triton's dynamic batcher, sizes counted in rows: an item adds `rows` alon
     batch;
   * the queue is bounded (`max_queue_size` requests): overflow raises ResourceExhausted with a
     Retry-After estimated from the recent drain rate;
+  * one tenant may hold at most `tenant_queue_limit` = max(1, floor(max_queue_share * max_queue_size))
+    of the queued requests: over it, that tenant's request is refused (ResourceExhausted naming the
+    share) while other tenants still queue, so one tenant flooding a model cannot make it 429 for the
+    rest. Requests without a tenant (no API keys, admins in the shared scope) are not counted; a dict
+    counter per tenant keeps arrivals O(1);
   * a request whose deadline passes while queued leaves the queue at once (:meth:`ModelQueue.expire`,
     driven by one timer per queue at :meth:`ModelQueue.next_expiry`); expired work is never batched.
     A cancelled request (its caller went away) is skipped.
@@ -62,10 +67,14 @@ class BatchPolicy:
     default_priority_level: int = 1
     default_timeout_s: float = 0.0
     """Queue timeout of a request that carries no deadline of its own; 0 = none."""
+    max_queue_share: float = 1.0
+    """Fraction of max_queue_size one tenant may hold (1 = no per-tenant limit)."""
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or self.max_queue_size < 1 or self.priority_levels < 1:
             raise ValueError("max_rows, max_queue_size and priority_levels must be >= 1")
+        if not 0 < self.max_queue_share <= 1:
+            raise ValueError("max_queue_share must be within (0, 1]")
         if not 1 <= self.default_priority_level <= self.priority_levels:
             raise ValueError("default_priority_level must be within 1..priority_levels")
 
@@ -89,7 +98,13 @@ class BatchPolicy:
             priority_levels=levels,
             default_priority_level=default_level,
             default_timeout_s=max(0, b.default_timeout_ms) / 1000.0,
+            max_queue_share=defaults.max_queue_share,
         )
+
+    @property
+    def tenant_queue_limit(self) -> int:
+        """Queued requests one tenant may hold: max(1, floor(max_queue_share * max_queue_size))."""
+        return max(1, math.floor(self.max_queue_share * self.max_queue_size))
 
     def level(self, priority: int) -> int:
         """The level a request's priority maps to: 0 (none) or out of range -> the default level."""
@@ -99,12 +114,13 @@ class BatchPolicy:
 class Pending(Generic[P]):
     """One queued request. `payload` is what the runtime needs to send it (opaque here)."""
 
-    __slots__ = ("request_id", "payload", "rows", "priority", "expires", "enqueued", "level", "state")
+    __slots__ = ("request_id", "payload", "rows", "priority", "expires", "enqueued", "level", "state", "tenant")
 
     def __init__(
-        self, request_id: str, payload: P, *, rows: int = 1, priority: int = 0, expires: float = 0.0
+        self, request_id: str, payload: P, *, rows: int = 1, priority: int = 0, expires: float = 0.0, tenant: str = ""
     ) -> None:
         self.request_id = request_id
+        self.tenant = tenant  # "" = not counted against a tenant's share
         self.payload = payload
         self.rows = rows if rows > 0 else 1
         self.priority = priority
@@ -127,6 +143,7 @@ class ModelQueue(Generic[P]):
         self.count = 0  # queued requests
         self.rows = 0  # queued rows
         self._stale = 0  # non-QUEUED entries still held by the deques
+        self.tenants: dict[str, int] = {}  # queued requests per (named) tenant
         # drain rate (requests taken per second) over the current and the previous window
         self._rate_t0: float | None = None
         self._rate_n = 0
@@ -156,6 +173,17 @@ class ModelQueue(Generic[P]):
                 retry_after_s=self.retry_after(now),
                 model=self.model,
             )
+        tenant = item.tenant
+        if tenant:
+            held = self.tenants.get(tenant, 0)
+            if policy.max_queue_share < 1 and held >= policy.tenant_queue_limit:
+                raise errors.ResourceExhausted(
+                    f"tenant {tenant!r} already has {held} requests queued for model {self.model!r}, its share of "
+                    f"the queue (max_queue_share {policy.max_queue_share:g} of {policy.max_queue_size})",
+                    retry_after_s=self.retry_after(now, held),
+                    model=self.model, limit="max_queue_share",
+                )
+            self.tenants[tenant] = held + 1
         item.state = QUEUED
         item.enqueued = now
         item.level = level = policy.level(item.priority)
@@ -176,7 +204,16 @@ class ModelQueue(Generic[P]):
         self.count -= 1
         self.rows -= item.rows
         self._stale += 1
+        if item.tenant:
+            self._left(item.tenant)
         return True
+
+    def _left(self, tenant: str) -> None:
+        n = self.tenants[tenant] - 1
+        if n:
+            self.tenants[tenant] = n
+        else:
+            del self.tenants[tenant]
 
     # time-driven --------------------------------------------------------------------------------
     def expire(self, now: float) -> list[Pending[P]]:
@@ -256,6 +293,8 @@ class ModelQueue(Generic[P]):
                 item.state = TAKEN
                 batch.append(item)
                 rows += item.rows
+                if item.tenant:
+                    self._left(item.tenant)
                 if rows >= limit:
                     break
             else:
@@ -287,6 +326,7 @@ class ModelQueue(Generic[P]):
         self._levels = [collections.deque() for _ in range(policy.priority_levels)]
         self._stale = 0
         self.count = self.rows = 0
+        self.tenants = {}
         for item in items:
             if not policy.batching:
                 item.rows = 1
@@ -298,6 +338,8 @@ class ModelQueue(Generic[P]):
             self._levels[item.level - 1].append(item)
             self.count += 1
             self.rows += item.rows
+            if item.tenant:  # already queued: kept even when a smaller share now puts the tenant over it
+                self.tenants[item.tenant] = self.tenants.get(item.tenant, 0) + 1
         return dropped
 
     # backpressure -------------------------------------------------------------------------------
@@ -320,12 +362,14 @@ class ModelQueue(Generic[P]):
             return 0.0
         return (self._prev_n + self._rate_n) / span
 
-    def retry_after(self, now: float) -> float:
-        """Seconds a rejected caller should wait: the time the queue needs to drain at the recent rate."""
+    def retry_after(self, now: float, ahead: int | None = None) -> float:
+        """Seconds a rejected caller should wait: the time the queue (or `ahead` requests of it) needs to
+        drain at the recent rate."""
         rate = self.drain_rate(now)
         if rate <= 0:
             return FALLBACK_RETRY_AFTER_S
-        return round(min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, self.count / rate)), 3)
+        n = self.count if ahead is None else ahead
+        return round(min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, n / rate)), 3)
 
     # shutdown -----------------------------------------------------------------------------------
     def clear(self) -> list[Pending[P]]:
@@ -337,4 +381,5 @@ class ModelQueue(Generic[P]):
             dq.clear()
         self._expiry.clear()
         self.count = self.rows = self._stale = 0
+        self.tenants = {}
         return out

@@ -19,6 +19,12 @@ class BatcherSettings(CommonSettings):
         0.0, ge=0, le=60000, description="max wait after the first request for more to join its batch"
     )
     max_queue_size: int = Field(1024, ge=1, description="requests queued per model before answering 429")
+    max_queue_share: float = Field(
+        0.5, gt=0, le=1,
+        description="fraction of a model's max_queue_size one tenant may hold: a tenant with max(1, "
+        "floor(share * size)) requests queued gets 429 while other tenants still queue; requests without a tenant "
+        "(no API keys, admins) are not counted; 1 = no per-tenant limit",
+    )
     max_inflight_batches: int = Field(
         64, ge=1, le=4096,
         description="most batches of one model dispatched at once; below it, the router's BatchAck.capacity "

@@ -30,6 +30,7 @@ CREATE INDEX IF NOT EXISTS entries_exact ON entries (scope, exact_key);
 CREATE INDEX IF NOT EXISTS entries_lru ON entries (scope, last_access);
 CREATE INDEX IF NOT EXISTS entries_age ON entries (created);
 CREATE INDEX IF NOT EXISTS entries_access ON entries (last_access);
+CREATE INDEX IF NOT EXISTS entries_tenant ON entries (tenant, last_access);
 CREATE TABLE IF NOT EXISTS hit_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL,
@@ -113,6 +114,10 @@ class EntryStore:
             return self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
         return self.db.execute("SELECT COUNT(*) FROM entries WHERE scope = ?", (scope,)).fetchone()[0]
 
+    def count_tenant(self, tenant: str) -> int:
+        """Entries of one tenant, in all its scopes (models)."""
+        return self.db.execute("SELECT COUNT(*) FROM entries WHERE tenant = ?", (tenant,)).fetchone()[0]
+
     def ids_of(self, scope: str, ids: Sequence[int]) -> list[int]:
         if not ids:
             return []
@@ -172,6 +177,16 @@ class EntryStore:
             return []
         rows = self.db.execute(
             "SELECT id FROM entries WHERE scope = ? ORDER BY last_access, id LIMIT ?", (scope, over)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def least_recent_of_tenant(self, tenant: str, over: int) -> list[int]:
+        """The `over` least recently used entries of one tenant, in all its scopes (per-tenant eviction:
+        a tenant's inserts only ever evict its own entries)."""
+        if over <= 0:
+            return []
+        rows = self.db.execute(
+            "SELECT id FROM entries WHERE tenant = ? ORDER BY last_access, id LIMIT ?", (tenant, over)
         ).fetchall()
         return [r[0] for r in rows]
 

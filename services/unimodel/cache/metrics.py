@@ -15,7 +15,7 @@ class CacheMetrics:
         )
         self.inserts = Counter("unimodel_cache_inserted_entries", "Entries stored", registry=registry)
         self.evictions = Counter(
-            "unimodel_cache_evictions", "Entries evicted, by reason (ttl, max_entries_per_scope, max_entries)",
+            "unimodel_cache_evictions", "Entries evicted, by reason (ttl, max_entries_per_scope, max_entries_per_tenant, max_entries)",
             ["reason"], registry=registry,
         )
         self.guard = Counter(

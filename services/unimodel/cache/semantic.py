@@ -1,6 +1,12 @@
 """The semantic cache's logic: exact match, then vector similarity, inside one scope; inserts that are
 all or nothing; eviction by TTL and by max entries (least recently used); the hit log.
 
+Eviction never crosses tenants: an insert evicts only entries of the tenant that inserted, least recently
+used first: over `max_entries_per_scope` in the scope, over `max_entries_per_tenant` in all of the
+tenant's scopes (named tenants; the shared tenant "" of open mode and admins has no quota of its own),
+and over `max_entries` in the whole store. So one tenant filling its quota, or the store, never removes
+another tenant's entries; give every tenant its quota by keeping max_entries >= tenants x quota.
+
 Transport-free: the service gives it the stores (entries.EntryStore, vectors.VectorIndex) and an
 `embed(texts) -> float32 [n, dim]` coroutine (the embedding-worker, through the batcher). Blocking
 store calls run on executors: SQLite on one thread, Milvus on a few.
@@ -56,6 +62,7 @@ class Limits:
     ttl_s: float = 0.0  # 0 = entries never expire
     max_entries_per_scope: int = 200_000
     max_entries: int = 2_000_000
+    max_entries_per_tenant: int = 200_000  # named tenants; "" (open mode, admins) is bounded by max_entries
     max_answer_bytes: int = 256 * 1024
     max_query_chars: int = 32 * 1024
     max_insert_entries: int = 10_000
@@ -235,24 +242,33 @@ class SemanticCache:
                 await self._sqlite(self.entries.rollback)
                 raise
             await self._sqlite(self.entries.commit)
-            evicted, entries = await self._evict_over_limit(key)
+            evicted, entries = await self._evict_over_limit(key, scope.tenant)
         return InsertResult(ids, evicted, entries)
 
-    async def _evict_over_limit(self, key: str) -> tuple[int, int]:
-        """Evict least recently used entries over the limits; (evicted, entries left in all scopes)."""
+    async def _evict_over_limit(self, key: str, tenant: str) -> tuple[int, int]:
+        """Evict least recently used entries of `tenant` (the inserter) over the limits; (evicted, entries
+        left in all scopes). Never another tenant's entries."""
         limits = self.limits
-        in_scope, total = await self._sqlite(lambda: (self.entries.count(key), self.entries.count()))
+        store = self.entries
+        in_scope, in_tenant, total = await self._sqlite(
+            lambda: (store.count(key), store.count_tenant(tenant) if tenant else 0, store.count())
+        )
         evicted = 0
         over = in_scope - limits.max_entries_per_scope
         if over > 0:
-            ids = await self._sqlite(self.entries.least_recent, key, over)
+            ids = await self._sqlite(store.least_recent, key, over)
             evicted += await self._drop(ids)
             self.on_evict("max_entries_per_scope", len(ids))
+        over = in_tenant - evicted - limits.max_entries_per_tenant
+        if tenant and over > 0:
+            ids = await self._sqlite(store.least_recent_of_tenant, tenant, over)
+            evicted += await self._drop(ids)
+            self.on_evict("max_entries_per_tenant", len(ids))
         over = total - evicted - limits.max_entries
-        if over > 0:
-            pairs = await self._sqlite(self.entries.least_recent_overall, over)
-            evicted += await self._drop([i for i, _ in pairs])
-            self.on_evict("max_entries", len(pairs))
+        if over > 0:  # the store is full: the inserter makes room among its own entries
+            ids = await self._sqlite(store.least_recent_of_tenant, tenant, over)
+            evicted += await self._drop(ids)
+            self.on_evict("max_entries", len(ids))
         return evicted, total - evicted
 
     async def _drop(self, ids: Sequence[int]) -> int:

@@ -64,6 +64,7 @@ class CacheService(Service):
             threshold_short=s.threshold_short, threshold_long=s.threshold_long, long_text_chars=s.long_text_chars,
             ambiguity_margin=s.ambiguity_margin, top_k=s.top_k, ttl_s=s.ttl_s,
             max_entries_per_scope=s.max_entries_per_scope, max_entries=s.max_entries,
+            max_entries_per_tenant=s.max_entries_per_tenant,
             max_answer_bytes=s.max_answer_bytes, max_query_chars=s.max_query_chars,
             max_insert_entries=s.max_insert_entries, hit_log_keep=s.hit_log_keep, guard=s.guard,
         )

@@ -41,7 +41,14 @@ class CacheSettings(CommonSettings):
     guard: bool = Field(True, description="refuse hits whose numbers or negation differ from the query's")
     ttl_s: float = Field(7 * 86400, ge=0, description="entries expire this long after insertion; 0 = never")
     max_entries_per_scope: int = Field(200_000, ge=1, description="entries per scope before LRU eviction")
-    max_entries: int = Field(2_000_000, ge=1, description="entries in all scopes before LRU eviction")
+    max_entries: int = Field(
+        2_000_000, ge=1, description="entries in all scopes before LRU eviction (of the inserting tenant's own entries)"
+    )
+    max_entries_per_tenant: int = Field(
+        200_000, ge=1,
+        description="entries of one tenant (all its scopes) before LRU eviction of that tenant's own entries; the "
+        "shared tenant of open mode and admins is bounded by max_entries only",
+    )
     max_answer_bytes: int = Field(256 * 1024, ge=1, description="largest answer stored")
     max_query_chars: int = Field(32 * 1024, ge=1, description="longest query text (all messages)")
     max_insert_entries: int = Field(10_000, ge=1, description="entries in one insert request")

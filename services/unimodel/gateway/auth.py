@@ -1,25 +1,44 @@
-"""Optional API keys: bearer tokens mapped to tenant names (settings `api_keys`), on every gateway route
-but health (and the static /chat page, whose own API calls carry the key).
+"""Who may call the gateway, and what they may do: API keys (tenant and admin), roles per route and per gRPC
+method, the websocket's Origin check, and the rule for a gateway with no keys.
 
-Off (no keys configured): nothing is checked; a trusted caller may name its tenant with the
-`x-unimodel-tenant` header. On: `Authorization: Bearer <key>` (or `x-api-key: <key>`) must name a
-configured key, else 401 in OpenAI's error shape; the key's tenant replaces any x-unimodel-tenant
-header, so every route reads the verified tenant from that header and it travels with the request
-(BatchItem.tenant) to every service. gRPC: the same check on `authorization` metadata.
+Keys: `api_keys` (key -> tenant, or a KeyPolicy) and `admin_api_keys` (key -> admin name). A request presents
+`Authorization: Bearer <key>` (or `x-api-key: <key>`; gRPC: the same metadata). The middleware is always
+installed: it resolves the key to a Principal, puts it in the ASGI scope (`scope[PRINCIPAL_KEY]`) and rewrites
+`x-unimodel-tenant` to the principal's tenant, so every route reads the verified tenant from that header and
+it travels with the request (BatchItem.tenant) to every service.
+
+- Tenant key: tenant = the key's tenant; a client-sent x-unimodel-tenant is dropped.
+- Admin key: tenant "" (the shared scope) unless the admin sends x-unimodel-tenant: admins may act on any
+  tenant's scope (its cache entries and hit log).
+- No keys configured: every caller is ANONYMOUS (an admin, tenant ""); x-unimodel-tenant is ignored. Such a
+  gateway binds only to loopback unless `insecure_open` is set (check_exposure), and refuses browser
+  requests from other sites (an Origin that is neither its own nor in `allowed_origins`).
+
+Websockets: a browser's Origin must be the gateway's own (the Host header's host and port) or listed in
+`allowed_origins`; a client that sends no Origin (not a browser) is not checked.
+
+Roles: ADMIN_ROUTES (HTTP) and GRPC_TENANT_METHODS (gRPC) are the one table of what needs which role; every
+other HTTP route needs any key, every unlisted gRPC method needs an admin key. Refusals: 401 / UNAUTHENTICATED
+without a (valid) key, 403 / PERMISSION_DENIED with a tenant key on an admin route; health (/health/*,
+grpc.health.v1, reflection) and the static /chat page are open.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+import ipaddress
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from unimodel.core import errors
-from unimodel.gateway.settings import KeyPolicy
+from unimodel.core.grpc_server import refusing_handler
+from unimodel.gateway.settings import GatewaySettings, KeyPolicy
 
 TENANT_HEADER = "x-unimodel-tenant"
 _TENANT = TENANT_HEADER.encode()
@@ -27,7 +46,36 @@ OPEN_PATHS = ("/health/",)
 OPEN_PAGES = frozenset({"/chat", "/chat/"})
 OPEN_GRPC = ("/grpc.health.v1.", "/grpc.reflection.")
 PRINCIPAL_KEY = "unimodel.principal"
-"""The ASGI scope entry (and gRPC context attribute) holding the caller's verified Principal."""
+"""The ASGI scope entry holding the caller's verified Principal (gRPC: ApiKeys.principal_from_metadata)."""
+
+TENANT_ROLE, ADMIN_ROLE = "tenant", "admin"
+
+_ANY = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+ADMIN_ROUTES: tuple[tuple[frozenset[str], re.Pattern[str], str], ...] = (
+    (frozenset({"POST"}), re.compile(r"^/v1/models/?$"), "registering a model"),
+    (frozenset({"DELETE"}), re.compile(r"^/v1/models/."), "unregistering a model"),
+    (frozenset({"POST"}), re.compile(r"^/v1/models/[^/]+[:/](load|unload|reload)$"), "loading or unloading a model"),
+    (_ANY, re.compile(r"^/v2/repository(/|$)"), "the model repository extension"),
+)
+"""HTTP (method, path) -> admin only, with what the route does (for the 403's message). Every other route
+but the open ones needs a tenant or an admin key; routes that show configs or cache logs narrow what a
+tenant sees themselves (config_views.py, admin/routes.py)."""
+
+_INFERENCE = "/unimodel.v1.InferenceService/"
+_KSERVE = "/inference.GRPCInferenceService/"
+GRPC_TENANT_METHODS = frozenset(
+    [_INFERENCE + m for m in ("Predict", "ListModels", "Generate", "GenerateUnary")]
+    + [
+        _KSERVE + m
+        for m in (
+            "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+            "ModelStatistics", "ModelInfer", "ModelStreamInfer",
+        )
+    ]
+)
+"""gRPC methods any key may call (ModelConfig shows a tenant the redacted config). Every other method of the
+gateway's services (KServe's repository, shared-memory, trace and log settings) needs an admin key; health
+and reflection need none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,56 +93,188 @@ class Principal:
     policy: KeyPolicy | None = None
     """The key's limits (None: the settings' defaults)."""
 
+    @property
+    def role(self) -> str:
+        return ADMIN_ROLE if self.admin else TENANT_ROLE
+
 
 ANONYMOUS = Principal("anonymous", "", admin=True, key_id="")
 """The caller when no keys are configured (loopback-only unless insecure_open): one user, who administers."""
+NOBODY = Principal("unauthenticated", "", admin=False, key_id="")
+"""The caller of an open route (health, /chat) when keys are configured: no key was checked."""
+
+
+def key_id(key: str) -> str:
+    """A short, non-secret id of a key (the first 12 hex digits of its SHA-256): safe in logs and metrics."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def principal_of(scope: Scope) -> Principal:
+    """The verified caller of an HTTP or websocket request (AuthMiddleware put it in the scope)."""
+    principal = scope.get(PRINCIPAL_KEY)
+    return principal if isinstance(principal, Principal) else ANONYMOUS
+
+
+def require_admin(principal: Principal, what: str) -> None:
+    """PermissionDenied unless the caller holds an admin key."""
+    if not principal.admin:
+        raise errors.PermissionDenied(
+            f"{what} needs an admin API key (admin_api_keys); this key's role is {principal.role}",
+            role=ADMIN_ROLE,
+        )
 
 
 class ApiKeys:
-    def __init__(self, keys: Mapping[str, str]) -> None:
-        self.keys = {k: v for k, v in keys.items() if k}
-        self.enabled = bool(self.keys)
+    """The key table: tenant keys (`api_keys`) and admin keys (`admin_api_keys`)."""
 
-    def tenant(self, authorization: str, api_key: str = "") -> str:
-        """The tenant of the presented key; Unauthenticated when it is missing or unknown."""
+    def __init__(self, keys: Mapping[str, str | KeyPolicy], admin_keys: Mapping[str, str] | None = None) -> None:
+        self._table: list[tuple[bytes, Principal]] = []
+        for key, value in keys.items():
+            if not key:
+                continue
+            policy = value if isinstance(value, KeyPolicy) else None
+            tenant = value.tenant if isinstance(value, KeyPolicy) else value
+            if not tenant:
+                raise ValueError(f"api_keys: key {key_id(key)} names no tenant (a tenant key needs a tenant name)")
+            self._table.append((key.encode(), Principal(tenant, tenant, admin=False, key_id=key_id(key), policy=policy)))
+        for key, name in (admin_keys or {}).items():
+            if not key:
+                continue
+            if key in keys:
+                raise ValueError(f"admin_api_keys: key {key_id(key)} is also a tenant key in api_keys")
+            self._table.append((key.encode(), Principal(name or "admin", "", admin=True, key_id=key_id(key))))
+        self.enabled = bool(self._table)
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> ApiKeys:
+        return cls(settings.api_keys, settings.admin_api_keys)
+
+    def principal(self, authorization: str, api_key: str = "", tenant: str = "") -> Principal:
+        """The caller of a request with these headers (`tenant`: its x-unimodel-tenant, honoured for admins
+        only). ANONYMOUS when no keys are configured; Unauthenticated when the key is missing or unknown."""
+        if not self.enabled:
+            return ANONYMOUS
         token = ""
         if authorization:
             scheme, _, value = authorization.partition(" ")
             if scheme.lower() == "bearer":
                 token = value.strip()
-        token = token or api_key.strip()
-        if not token:
+        presented = (token or api_key.strip()).encode()
+        if not presented:
             raise errors.Unauthenticated("missing API key: send Authorization: Bearer <key>")
-        for key, tenant in self.keys.items():  # constant-time comparison per key
-            if hmac.compare_digest(key.encode(), token.encode()):
-                return tenant
-        raise errors.Unauthenticated("invalid API key")
+        found: Principal | None = None
+        for key, principal in self._table:  # constant-time comparison with every key
+            if hmac.compare_digest(key, presented):
+                found = principal
+        if found is None:
+            raise errors.Unauthenticated("invalid API key")
+        if found.admin and tenant:
+            return Principal(found.name, tenant, admin=True, key_id=found.key_id)
+        return found
+
+    def principal_from_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
+        """gRPC: the caller named by the call's `authorization` (or `x-api-key`) metadata; an admin may add
+        `x-unimodel-tenant`. ANONYMOUS when no keys are configured (the tenant metadata is then ignored)."""
+        if not self.enabled:
+            return ANONYMOUS
+        md = {k.lower(): (v.decode() if isinstance(v, bytes) else v) for k, v in (metadata or ())}
+        return self.principal(md.get("authorization", ""), md.get("x-api-key", ""), md.get(TENANT_HEADER, ""))
 
     def tenant_from_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-        """gRPC: the tenant of the call's `authorization` (or `x-api-key`) metadata; '' when auth is off
-        (then an `x-unimodel-tenant` entry names it)."""
-        md = {k.lower(): (v.decode() if isinstance(v, bytes) else v) for k, v in (metadata or ())}
-        if not self.enabled:
-            return md.get(TENANT_HEADER, "")
-        return self.tenant(md.get("authorization", ""), md.get("x-api-key", ""))
+        """gRPC: the tenant the call acts for ("" with no keys)."""
+        return self.principal_from_metadata(metadata).tenant
 
 
+def admin_route(method: str, path: str) -> str:
+    """What the route does when it is admin-only ("" when any key may call it)."""
+    for methods, pattern, what in ADMIN_ROUTES:
+        if method in methods and pattern.match(path):
+            return what
+    return ""
+
+
+def grpc_needs_admin(method: str) -> bool:
+    return method not in GRPC_TENANT_METHODS
+
+
+# websocket origins -------------------------------------------------------------------------------------------
+_DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
+
+
+def _hostport(netloc: str, scheme: str) -> str:
+    netloc = netloc.lower()
+    port = _DEFAULT_PORTS.get(scheme)
+    return netloc[: -len(port) - 1] if port and netloc.endswith(":" + port) else netloc
+
+
+def origin_allowed(origin: str, host: str, allowed: Iterable[str]) -> bool:
+    """A browser's Origin may open the websocket when it is the gateway's own origin (its host and port
+    are the request's Host) or listed in `allowed_origins`. No Origin (a non-browser client): allowed."""
+    if not origin:
+        return True
+    normalized = origin.strip().rstrip("/").lower()
+    if normalized in {a.strip().rstrip("/").lower() for a in allowed}:
+        return True
+    parts = urlsplit(normalized)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.netloc or not host:
+        return False  # "null" (a sandboxed page, a file:// page) and anything else that is not an origin
+    return _hostport(parts.netloc, parts.scheme) == _hostport(host, parts.scheme)
+
+
+# no keys: loopback only --------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: GatewaySettings, keys: ApiKeys) -> str:
+    """Without keys the gateway serves loopback only: ValueError for another address unless insecure_open.
+    Returns the one warning line to log at start ("" with keys)."""
+    if keys.enabled:
+        return ""
+    host = settings.host
+    if is_loopback(host):
+        return (
+            f"WARNING: no API keys configured: every caller administers this gateway (bound to loopback {host} "
+            "only; set api_keys and admin_api_keys to serve other hosts)"
+        )
+    if not settings.insecure_open:
+        raise ValueError(
+            f"no API keys configured and host {host!r} is not loopback: anyone who reaches it would administer "
+            "this gateway. Set api_keys and admin_api_keys (UNIMODEL_API_KEYS, UNIMODEL_ADMIN_API_KEYS), bind "
+            "127.0.0.1, or set insecure_open to serve it open anyway"
+        )
+    return (
+        f"WARNING: no API keys configured and insecure_open is set: anyone who reaches {host} administers this "
+        "gateway (registers and unloads models, reads every cache scope)"
+    )
+
+
+# HTTP and websocket ------------------------------------------------------------------------------------------
 class AuthMiddleware:
-    """Outer ASGI layer: checks the key, rewrites x-unimodel-tenant to the key's tenant. A refusal is
-    401 with `error_body(err)` (app.py gives OpenAI's shape, which every OpenAI client parses)."""
+    """Outer ASGI layer, always installed: resolves the caller (401 without a valid key when keys are
+    configured), checks the route's role (403), checks a browser websocket's Origin, puts the Principal in
+    the scope and rewrites x-unimodel-tenant to its tenant. Error bodies come from `error_body(err)` (app.py
+    gives OpenAI's shape, which every OpenAI client parses)."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, error_body: Callable[[errors.UnimodelError], bytes]) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: ApiKeys, error_body: Callable[[errors.UnimodelError], bytes],
+        allowed_origins: Iterable[str] = (),
+    ) -> None:
         self.app, self.keys, self.error_body = app, keys, error_body
+        self.allowed_origins = tuple(allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if (
-            not self.keys.enabled or scope["type"] not in ("http", "websocket")
-            or path.startswith(OPEN_PATHS) or path in OPEN_PAGES
-        ):
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        authorization = api_key = ""
+        path = scope.get("path", "")
+        authorization = api_key = tenant = origin = host = ""
         kept = []
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -102,33 +282,52 @@ class AuthMiddleware:
             elif name == b"x-api-key":
                 api_key = value.decode("latin-1")
             elif name == _TENANT:
+                tenant = value.decode("latin-1")
                 continue  # only the key decides the tenant
+            elif name == b"origin":
+                origin = value.decode("latin-1")
+            elif name == b"host":
+                host = value.decode("latin-1")
             kept.append((name, value))
         try:
-            tenant = self.keys.tenant(authorization, api_key)
+            if (kind == "websocket" or not self.keys.enabled) and not origin_allowed(origin, host, self.allowed_origins):
+                # a browser websocket from another site; without keys any cross-site browser request (a page
+                # elsewhere would otherwise administer a loopback gateway through its visitor's browser)
+                raise errors.PermissionDenied(f"origin {origin[:100]!r} is not allowed (allowed_origins)", field="origin")
+            if path.startswith(OPEN_PATHS) or path in OPEN_PAGES:
+                principal = NOBODY if self.keys.enabled else ANONYMOUS
+            else:
+                principal = self.keys.principal(authorization, api_key, tenant)
+                what = admin_route(scope.get("method", "GET"), path) if kind == "http" else ""
+                if what:
+                    require_admin(principal, what)
         except errors.UnimodelError as err:
-            if scope["type"] == "websocket":  # refused before the handshake completes: HTTP 403 to the client
-                await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
-                return
-            body = self.error_body(err)
-            await send({
-                "type": "http.response.start", "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b'Bearer realm="unimodel"'),
-                ],
-            })
-            await send({"type": "http.response.body", "body": body})
+            await self._refuse(kind, err, send)
             return
-        kept.append((_TENANT, tenant.encode()))
         scope = dict(scope)
+        scope[PRINCIPAL_KEY] = principal
+        if principal.tenant:
+            kept.append((_TENANT, principal.tenant.encode()))
         scope["headers"] = kept
         await self.app(scope, receive, send)
 
+    async def _refuse(self, kind: str, err: errors.UnimodelError, send: Send) -> None:
+        if kind == "websocket":  # refused before the handshake completes: HTTP 403 to the client
+            await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
+            return
+        body = self.error_body(err)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if err.http_status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="unimodel"'))
+        await send({"type": "http.response.start", "status": err.http_status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
+
+# gRPC -------------------------------------------------------------------------------------------------------
 class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
-    """gRPC: every method but health and reflection needs a configured key (UNAUTHENTICATED otherwise).
-    Servicers read the tenant with ApiKeys.tenant_from_metadata."""
+    """gRPC, installed when keys are configured: every method but health and reflection needs a configured
+    key (UNAUTHENTICATED otherwise), admin methods an admin key (PERMISSION_DENIED). Servicers read the
+    caller with ApiKeys.principal_from_metadata."""
 
     def __init__(self, keys: ApiKeys) -> None:
         self.keys = keys
@@ -138,33 +337,13 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        if handler_call_details.method.startswith(OPEN_GRPC):
+        method = handler_call_details.method
+        if method.startswith(OPEN_GRPC):
             return await continuation(handler_call_details)
         try:
-            self.keys.tenant_from_metadata(handler_call_details.invocation_metadata)
+            principal = self.keys.principal_from_metadata(handler_call_details.invocation_metadata)
+            if grpc_needs_admin(method):
+                require_admin(principal, f"gRPC method {method}")
         except errors.UnimodelError as exc:
-            return _deny(exc, await continuation(handler_call_details))
+            return refusing_handler(exc, await continuation(handler_call_details))
         return await continuation(handler_call_details)
-
-
-def _deny(err: errors.UnimodelError, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    from unimodel.core.grpc_server import status_trailers
-
-    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, err.message, trailing_metadata=status_trailers(err))
-
-    async def abort_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, err.message, trailing_metadata=status_trailers(err))
-        yield  # pragma: no cover  (makes this an async generator for server-streaming methods)
-
-    deserializer = handler.request_deserializer if handler else None
-    serializer = handler.response_serializer if handler else None
-    streams_in = handler is not None and handler.request_streaming
-    streams_out = handler is not None and handler.response_streaming
-    if streams_in and streams_out:
-        return grpc.stream_stream_rpc_method_handler(abort_stream, deserializer, serializer)
-    if streams_in:
-        return grpc.stream_unary_rpc_method_handler(abort, deserializer, serializer)
-    if streams_out:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, deserializer, serializer)
-    return grpc.unary_unary_rpc_method_handler(abort, deserializer, serializer)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from unimodel.gateway.catalog import ModelEntry
     from unimodel.gateway.generation_stream import Generation
     from unimodel.gateway.metrics import GatewayMetrics
+    from unimodel.gateway.rate_limits import RateLimiter
     from unimodel.gateway.settings import GatewaySettings
     from unimodel.gateway.statistics import ModelStatistics
     from unimodel.v1 import generate_pb2, inference_pb2, model_pb2
@@ -34,6 +35,8 @@ class Identity(Protocol):
     def settings(self) -> GatewaySettings: ...
     @property
     def auth(self) -> ApiKeys: ...
+    @property
+    def rate_limiter(self) -> RateLimiter: ...
 
 
 class ModelView(Protocol):

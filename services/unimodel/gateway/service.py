@@ -24,12 +24,13 @@ from unimodel.core.store import StoreError
 from unimodel.gateway import catalog
 from unimodel.gateway.admin import registration
 from unimodel.gateway.app import add_grpc_services, compose_http
-from unimodel.gateway.auth import ApiKeys, GrpcAuthInterceptor
+from unimodel.gateway.auth import ApiKeys, GrpcAuthInterceptor, check_exposure
 from unimodel.gateway.cache_client import CacheClient
 from unimodel.gateway.generation_stream import Generation
 from unimodel.gateway.http_protocol import CoalescingHttpToolsProtocol
 from unimodel.gateway.kserve.codec import check_inputs
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+from unimodel.gateway.rate_limits import GrpcRateLimitInterceptor, RateLimiter
 from unimodel.gateway.settings import GatewaySettings
 from unimodel.gateway.statistics import ModelStatistics
 from unimodel.gateway.stream_watch import StreamWatch
@@ -56,6 +57,12 @@ class GatewayService(Service):
     settings: GatewaySettings
 
     def __init__(self, settings: GatewaySettings, **kw: Any) -> None:
+        try:  # the key table (grpc_interceptors reads it); no keys: loopback only unless insecure_open
+            self.auth = ApiKeys.from_settings(settings)
+            self.exposure_warning = check_exposure(settings, self.auth)
+        except ValueError as exc:
+            raise FatalError(str(exc)) from None
+        self.rate_limiter = RateLimiter.from_settings(settings)  # per-key rpm / tpm (HTTP and gRPC share it)
         super().__init__(settings, **kw)
         self.replies = ReplyMux(self.bus, self.id)  # answers of batch-path requests, singly or in ReplyBatches
         self.cache = CacheClient(self.bus, settings.cache_timeout_s)
@@ -74,7 +81,6 @@ class GatewayService(Service):
         self._probe_now = asyncio.Event()
         self.stats = GatewayMetrics(self.metrics.registry)
         self.model_stats = ModelStatistics()  # KServe v2 model statistics
-        self.auth = ApiKeys(settings.api_keys)
         http = compose_http(self)
         self.api = http.api  # every documented route, OpenAPI
         self.app = http.app  # what uvicorn serves
@@ -88,10 +94,14 @@ class GatewayService(Service):
         return self.metrics.registry
 
     def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        keys = ApiKeys(self.settings.api_keys)
+        keys = self.auth
         # tracing is set up before the service is built (run_service): no interceptor at all while it is off
         tracing_interceptor: list[grpc.aio.ServerInterceptor] = [GrpcTracingInterceptor()] if tracing.enabled() else []
-        return [GrpcAuthInterceptor(keys), *tracing_interceptor] if keys.enabled else tracing_interceptor
+        limits: list[grpc.aio.ServerInterceptor] = (
+            [GrpcRateLimitInterceptor(self.rate_limiter, keys)] if self.rate_limiter.enabled else []
+        )  # only keys have limits
+        # no keys: every caller is the anonymous admin (loopback only), nothing to check per call
+        return [GrpcAuthInterceptor(keys), *limits, *tracing_interceptor] if keys.enabled else tracing_interceptor
 
     # cluster view ------------------------------------------------------------------------------
     def _on_instance_change(self, key: str, old: object, new: object) -> None:
@@ -127,8 +137,9 @@ class GatewayService(Service):
             return entry
         if entry is not None:
             if entry.state == "FAILED":
+                # the load error may name files and upstreams: only the model's status shows it, to admins
                 raise errors.Unavailable(
-                    f"model {name!r} failed to load: {'; '.join(entry.errors()) or 'unknown error'}",
+                    f"model {name!r} failed to load (GET /v1/models/{name}/status with an admin key says why)",
                     retry_after_s=5, model=name,
                 )
             raise errors.Unavailable(f"model {name!r} is loading", retry_after_s=1, model=name)
@@ -145,10 +156,15 @@ class GatewayService(Service):
     # model registration ---------------------------------------------------------------------------
     async def register_model(self, body: object) -> model_pb2.ModelConfig:
         """POST /v1/models: validate, then store the config in etcd; the router places it on workers."""
-        config = registration.resolve(body, self.settings.model_repository, self.settings.models_root)
+        config = registration.resolve(
+            body, self.settings.model_repository, self.settings.models_root, self._upstream_policy()
+        )
         await self._put_config(config)
         self.log.info("registered model %s (%s engine, from %s)", config.name, config.engine, config.path)
         return config
+
+    def _upstream_policy(self) -> modelconfig.UpstreamPolicy:
+        return registration.upstream_policy(self.settings.upstream_urls, self.settings.upstream_key_envs)
 
     async def unregister_model(self, name: str) -> None:
         if name not in self._configs:
@@ -172,7 +188,9 @@ class GatewayService(Service):
         """Register --load-models from the repository at start (Triton's --model-repository habit)."""
         for folder in registration.repository_models(self.settings.model_repository, self.settings.load_models):
             try:
-                config = registration.resolve({"name": folder.name}, self.settings.model_repository, "")
+                config = registration.resolve(
+                    {"name": folder.name}, self.settings.model_repository, "", self._upstream_policy()
+                )
                 await self._put_config(config)
                 self.log.info("registered %s from the model repository", config.name)
             except errors.UnimodelError as exc:
@@ -286,10 +304,13 @@ class GatewayService(Service):
                     n = self.streams.lost(worker, f"worker {worker} stopped while generating (its process is gone)")
                     self.log.warning("worker %s is gone: ended its %d running generation(s)", worker, n)
 
-    async def _abort_generation(self, request_id: str, reason: str) -> None:
-        await self.bus.publish(
-            subjects.ABORT, generate_pb2.AbortRequest(request_ids=[request_id], reason=reason).SerializeToString()
+    async def _abort_generation(self, ctx: RequestContext, reason: str) -> None:
+        """Tell the workers to stop this gateway's generation `ctx.request_id` (only this gateway's: the
+        abort names it, and workers match it against the generation's reply subject)."""
+        abort = generate_pb2.AbortRequest(
+            request_ids=[ctx.request_id], reason=reason, gateway_id=self.id, deadline_unix_ms=ctx.deadline_ms
         )
+        await self.bus.publish(subjects.ABORT, abort.SerializeToString())
 
     async def _send(self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> bytes:
         return await self.replies.request_item(
@@ -302,6 +323,8 @@ class GatewayService(Service):
 
     # lifecycle --------------------------------------------------------------------------------------
     async def on_start(self) -> None:
+        if self.exposure_warning:
+            self.log.warning("%s", self.exposure_warning)
         await self.replies.start()
         self.spawn(self._watch_streams(), "watch streams")
         self.instances.start()

@@ -5,7 +5,7 @@ this server and any Triton client in the same process share one set of descripto
 the status of our error tree and the message (tritonclient raises InferenceServerException with it),
 plus our ErrorDetail in grpc-status-details-bin (core.grpc_server.maps_errors). Methods for features the
 gateway does not have (repository control, shared memory, streaming, trace and log settings) answer
-UNIMPLEMENTED.
+UNIMPLEMENTED. Which methods need an admin key: auth.GRPC_TENANT_METHODS (everything else is admin-only).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from unimodel import __version__
 from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext, now_ms
 from unimodel.core.grpc_server import GrpcServer, maps_errors
+from unimodel.gateway.config_views import tenant_view
 from unimodel.gateway.kserve import codec, documents
 from unimodel.gateway.ports import KServePorts
 from unimodel.gateway.traces import reply_metadata
@@ -92,7 +93,11 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         if config is None:
             raise errors.NotFound(f"model {request.name!r} not found", model=request.name)
         documents.check_version(config, request.name, request.version)
-        return service_pb2.ModelConfigResponse(config=documents.model_config_proto(config))
+        caller = self.gw.auth.principal_from_metadata(context.invocation_metadata())
+        # a tenant key: without file names and options (config_views.py); an admin key: in full
+        return service_pb2.ModelConfigResponse(
+            config=documents.model_config_proto(config if caller.admin else tenant_view(config))
+        )
 
     @maps_errors
     async def ModelStatistics(  # noqa: N802  (gRPC method names)
@@ -125,9 +130,9 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         documents.check_version(config, model, request.model_version)
         call = codec.parse_grpc_infer(request)
         metadata = context.invocation_metadata()
-        ctx = RequestContext.from_grpc(
-            metadata, context.time_remaining(), gw.settings.request_timeout_s, tenant=gw.auth.tenant_from_metadata(metadata)
-        )
+        caller = gw.auth.principal_from_metadata(metadata)
+        codec.check_priority(call.item, caller)
+        ctx = RequestContext.from_grpc(metadata, context.time_remaining(), gw.settings.request_timeout_s, tenant=caller.tenant)
         if call.timeout_s is not None:
             deadline = now_ms() + int(call.timeout_s * 1000)
             if deadline < ctx.deadline_ms:

@@ -30,8 +30,9 @@ from unimodel import __version__
 from unimodel.core import errors, subjects
 from unimodel.core.modelconfig import DATATYPES
 from unimodel.gateway import json_body
-from unimodel.gateway.auth import TENANT_HEADER
-from unimodel.gateway.http_context import http_context, read_body
+from unimodel.gateway.auth import ANONYMOUS, TENANT_HEADER, Principal, principal_of
+from unimodel.gateway.config_views import tenant_view
+from unimodel.gateway.http_context import http_context, raw_id_headers, read_body
 from unimodel.gateway.kserve import codec, documents
 from unimodel.gateway.kserve.errors import JSON, Headers, error_response, error_result, response
 from unimodel.gateway.ports import KServePorts
@@ -92,7 +93,7 @@ def _header_length(value: str) -> int | None:
 
 
 async def run_infer(
-    gw: KServePorts, model: str, version: str, raw: bytes, header: Callable[[str], str]
+    gw: KServePorts, model: str, version: str, raw: bytes, header: Callable[[str], str], caller: Principal = ANONYMOUS
 ) -> tuple[int, bytes, Headers]:
     """POST /v2/models/{model}[/versions/{version}]/infer: (status, body, headers). Never raises.
     `header(name)` reads a request header by lower-case name ("" when absent)."""
@@ -101,6 +102,7 @@ async def run_infer(
         documents.check_version(config, model, version)
         body = _decode_body(raw, header("content-encoding"), gw.settings.max_body_bytes)
         call = codec.parse_rest_infer(body, _header_length(header(HEADER_LENGTH)))
+        codec.check_priority(call.item, caller)
         timeout_s = gw.settings.request_timeout_s
         if call.timeout_s is not None:
             timeout_s = min(timeout_s, call.timeout_s)
@@ -113,7 +115,7 @@ async def run_infer(
         log.error("KServe infer failed: %s", exc, exc_info=exc)
         return error_result(errors.Internal("internal error"))
     headers: Headers = [
-        (b"x-request-id", ctx.request_id.encode()),
+        *raw_id_headers(ctx),
         (b"x-unimodel-worker", reply.worker_id.encode()),
         (b"x-unimodel-path", ",".join(reply.path).encode()),
     ]
@@ -137,7 +139,7 @@ async def infer_asgi(gw: KServePorts, model: str, version: str, scope: Scope, re
     except errors.UnimodelError as err:  # PayloadTooLarge from the body limit, or the client left
         status, payload, headers = error_result(err)
     else:
-        status, payload, headers = await run_infer(gw, model, version, raw, lambda k: wanted.get(k, ""))
+        status, payload, headers = await run_infer(gw, model, version, raw, lambda k: wanted.get(k, ""), principal_of(scope))
     if status != 200:  # error results carry no content type; answers set their own
         headers.append((b"content-type", JSON))
     headers.append((b"content-length", str(len(payload)).encode()))
@@ -251,8 +253,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _INFER_ERRORS: dict[int | str, dict[str, Any]] = {
     **_ERRORS,
+    403: {"model": KServeError, "description": "parameter 'priority' without an admin key or a key allowed priority"},
     413: {"model": KServeError, "description": "body too large"},
-    429: {"model": KServeError, "description": "queue full; see Retry-After"},
+    429: {"model": KServeError, "description": "queue full, the tenant's queue share, or the key's rate limit; see Retry-After"},
     504: {"model": KServeError, "description": "deadline exceeded"},
 }
 
@@ -286,7 +289,8 @@ def _metadata(gw: KServePorts, model: str, version: str) -> dict[str, Any]:
     return documents.model_metadata(model, config)
 
 
-def _config(gw: KServePorts, model: str, version: str) -> dict[str, Any]:
+def _config(gw: KServePorts, model: str, version: str, caller: Principal) -> dict[str, Any]:
+    """The model's Triton config: in full for an admin, without file names and options for a tenant."""
     _check_name(model)
     config = gw.configs().get(model)
     if config is None:
@@ -294,7 +298,7 @@ def _config(gw: KServePorts, model: str, version: str) -> dict[str, Any]:
             raise errors.NotFound(f"model {model!r} is built into its worker and has no configuration", model=model)
         raise errors.NotFound(f"model {model!r} not found", model=model)
     documents.check_version(config, model, version)
-    return documents.model_config(config)
+    return documents.model_config(config if caller.admin else tenant_view(config))
 
 
 def _model_ready(gw: KServePorts, model: str, version: str) -> tuple[int, dict[str, Any]]:
@@ -349,15 +353,16 @@ def register_kserve_routes(app: FastAPI, gw: KServePorts) -> None:
         return guarded(lambda: _json(200, documents.statistics_document(_model_entries(gw, "", ""))))
 
     def per_model(
-        suffix: str, name: str, summary: str, build: Callable[[str, str], Response], **kw: Any
+        suffix: str, name: str, summary: str, build: Callable[[str, str, Principal], Response], **kw: Any
     ) -> None:
-        """The route with /versions/{version} and without it (versioned first: {model:path} is greedy)."""
+        """The route with /versions/{version} and without it (versioned first: {model:path} is greedy);
+        `build(model, version, caller)`."""
 
-        async def versioned(model: str, version: str) -> Response:
-            return guarded(lambda: build(model, version))
+        async def versioned(request: Request, model: str, version: str) -> Response:
+            return guarded(lambda: build(model, version, principal_of(request.scope)))
 
-        async def latest(model: str) -> Response:
-            return guarded(lambda: build(model, ""))
+        async def latest(request: Request, model: str) -> Response:
+            return guarded(lambda: build(model, "", principal_of(request.scope)))
 
         for path, endpoint, label in (
             (f"/v2/models/{{model:path}}/versions/{{version}}{suffix}", versioned, f"{name}_version"),
@@ -367,17 +372,17 @@ def register_kserve_routes(app: FastAPI, gw: KServePorts) -> None:
 
     per_model(
         "/stats", "kserve_model_stats", "Statistics of one model (Triton's format)",
-        lambda m, v: _json(200, documents.statistics_document(_model_entries(gw, m, v))),
+        lambda m, v, _caller: _json(200, documents.statistics_document(_model_entries(gw, m, v))),
         response_model=ModelStatistics, responses=_ERRORS,
     )
     per_model(
         "/ready", "kserve_model_ready", "200 when the model is served, 400 while it loads, 404 when unknown",
-        lambda m, v: _json(*_model_ready(gw, m, v)),
+        lambda m, v, _caller: _json(*_model_ready(gw, m, v)),
         response_model=ModelReady, responses=_ERRORS,
     )
     per_model(
         "/config", "kserve_model_config", "Triton model configuration (model_config.proto as JSON)",
-        lambda m, v: _json(200, _config(gw, m, v)),
+        lambda m, v, caller: _json(200, _config(gw, m, v, caller)),
         response_model=dict[str, Any], responses=_ERRORS,
     )
 
@@ -402,7 +407,9 @@ def register_kserve_routes(app: FastAPI, gw: KServePorts) -> None:
             raw = await request.body()
         except errors.UnimodelError as err:
             return error_response(err)
-        status, payload, headers = await run_infer(gw, model, version, raw, lambda k: request.headers.get(k, ""))
+        status, payload, headers = await run_infer(
+            gw, model, version, raw, lambda k: request.headers.get(k, ""), principal_of(request.scope)
+        )
         content_type = next((v for k, v in headers if k == b"content-type"), JSON)
         return response(status, payload, [(k, v) for k, v in headers if k != b"content-type"], content_type)
 
@@ -420,6 +427,6 @@ def register_kserve_routes(app: FastAPI, gw: KServePorts) -> None:
 
     per_model(
         "", "kserve_model_metadata", "Model metadata: versions, platform, input and output tensors",
-        lambda m, v: _json(200, _metadata(gw, m, v)),
+        lambda m, v, _caller: _json(200, _metadata(gw, m, v)),
         response_model=ModelMetadata, responses=_ERRORS,
     )

@@ -7,8 +7,8 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import Response
 
 from unimodel.gateway import json_body
-from unimodel.gateway.auth import TENANT_HEADER
-from unimodel.gateway.modelcache import serving
+from unimodel.gateway.auth import principal_of
+from unimodel.gateway.modelcache import protocol, serving
 from unimodel.gateway.ports import ModelCachePorts
 
 
@@ -21,11 +21,13 @@ def register_modelcache_routes(app: FastAPI, gw: ModelCachePorts) -> None:
             400: {"description": "not a ModelCache request (errorCode 103); nothing was written"},
             503: {"description": "the cache (Milvus, the embedding model) is unavailable; nothing was written"},
         },
-        openapi_extra=json_body.openapi_body({"type": ["object", "string"]}),
+        openapi_extra=json_body.openapi_body(protocol.REQUEST_SCHEMA),
     )
     async def modelcache(request: Request) -> Response:
         raw = await request.body()
-        status, result = await serving.handle(gw, raw, request.headers.get(TENANT_HEADER, ""), request.headers.get("x-request-id", ""))
+        status, result = await serving.handle(
+            gw, raw, principal_of(request.scope).tenant, request.headers.get("x-request-id", "")
+        )
         return Response(orjson.dumps(result), status, media_type="application/json")
 
     @app.websocket("/modelcache")

@@ -7,8 +7,9 @@ both that and a plain JSON object are accepted):
     {"type": "query",  "scope": {"model": m}, "query": [{"role", "content"}, ...]}
     {"type": "remove", "scope": {"model": m}, "remove_type": "truncate_by_model" | "delete_by_id", "id_list": [..]}
     {"type": "register", "scope": {"model": m}}   (scopes need no registration: always succeeds)
-A `query` may also be a plain string (one user message). The scope is the model plus, when the gateway
-has API keys, the caller's tenant: entries are never shared across tenants.
+A `query` may also be a plain string (one user message). The scope is the model plus the caller's tenant
+(the key's; an admin key may name one with x-unimodel-tenant; no keys: the shared scope ""): entries are
+never shared across tenants.
 
 Responses carry ModelCache's fields (errorCode 0 = success; `cacheHit`, `delta_time`, `hit_query`,
 `answer`; `writeStatus`), plus `similarity`, `exact` and `entry_id` on hits, `timing` (embed_ms,
@@ -35,7 +36,7 @@ from starlette.websockets import WebSocketDisconnect
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.gateway import json_body
-from unimodel.gateway.auth import TENANT_HEADER
+from unimodel.gateway.auth import principal_of
 from unimodel.gateway.modelcache.protocol import (
     BAD_REQUEST,
     INSERT_ERROR,
@@ -58,15 +59,18 @@ from unimodel.gateway.ports import ModelCachePorts
 log = logging.getLogger(__name__)
 
 
-async def handle(gw: ModelCachePorts, raw: bytes | str, tenant: str, request_id: str = "") -> tuple[int, dict[str, Any]]:
-    """One ModelCache request: (HTTP status, ModelCache response). Never raises."""
+async def handle(
+    gw: ModelCachePorts, raw: bytes | str, tenant: str, client_request_id: str = ""
+) -> tuple[int, dict[str, Any]]:
+    """One ModelCache request: (HTTP status, ModelCache response). Never raises. `client_request_id`: the
+    client's x-request-id (logged; the request id is ours)."""
     started = time.perf_counter()
     try:
         data = parse(raw)
     except BadRequest as exc:
         return 400, query_error(BAD_REQUEST, str(exc))
     kind = data["type"]
-    ctx = RequestContext.new(gw.settings.request_timeout_s, request_id=request_id, tenant=tenant)
+    ctx = RequestContext.new(gw.settings.request_timeout_s, tenant=tenant, client_request_id=client_request_id)
     try:
         if kind == "query":
             reply = await gw.cache.query(query_request(data, tenant), ctx)
@@ -107,7 +111,7 @@ async def handle(gw: ModelCachePorts, raw: bytes | str, tenant: str, request_id:
 
 
 async def serve_socket(gw: ModelCachePorts, ws: WebSocket) -> None:
-    tenant = ws.headers.get(TENANT_HEADER, "")
+    tenant = principal_of(ws.scope).tenant  # the key's (auth.py checked the key and the Origin before this)
     await ws.accept()
     send_lock = asyncio.Lock()
     tasks: set[asyncio.Task[None]] = set()

@@ -8,8 +8,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from unimodel.core import errors
-from unimodel.gateway import json_body
-from unimodel.gateway.http_context import http_context, starlette_header
+from unimodel.gateway import json_body, rate_limits
+from unimodel.gateway.http_context import http_context, id_headers, starlette_header
 from unimodel.gateway.openai import embeddings, serving
 from unimodel.gateway.openai.errors import openai_error
 from unimodel.gateway.openai.protocol import ChatCompletionBody, CompletionBody
@@ -20,7 +20,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid request or over a model limit (OpenAI error shape; `code` names the limit)"},
     401: {"description": "missing or wrong API key (when keys are configured)"},
     404: {"description": "unknown model"},
-    429: {"description": "the model's queue is full (Retry-After)"},
+    429: {"description": "the model's queue is full, or the key's rate limit is reached (Retry-After, x-ratelimit-*)"},
     503: {"description": "the model is loading or no worker serves it (Retry-After)"},
     504: {"description": "deadline exceeded"},
 }
@@ -58,5 +58,6 @@ def register_openai_routes(app: FastAPI, gw: OpenAiPorts) -> None:
             vectors, tokens = await embeddings.embed(gw, body, ctx)
         except errors.UnimodelError as err:
             return openai_error(err)
+        rate_limits.debit(request.scope, tokens)  # the key's tokens-per-minute limit
         payload = embeddings.response_body(body.model, vectors, tokens, body.encoding_format)
-        return Response(payload, 200, headers={"x-request-id": ctx.request_id}, media_type="application/json")
+        return Response(payload, 200, headers=id_headers(ctx), media_type="application/json")

@@ -12,7 +12,7 @@ semantic cache first.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -20,10 +20,10 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from unimodel.core import errors
-from unimodel.gateway import json_body
+from unimodel.gateway import json_body, rate_limits
 from unimodel.gateway.cache_client import BYPASSED, HIT, MISS, Lookup
 from unimodel.gateway.generation_stream import Generation
-from unimodel.gateway.http_context import http_context, starlette_header
+from unimodel.gateway.http_context import http_context, id_headers, starlette_header
 from unimodel.gateway.openai.errors import error_event, openai_error
 from unimodel.gateway.openai.protocol import (
     AnswerShape,
@@ -37,7 +37,8 @@ from unimodel.v1 import cache_pb2, generate_pb2
 
 
 async def _stream(
-    gen: Generation, shape: AnswerShape, include_usage: bool, on_done: Callable[[str, str], None] | None = None
+    gen: Generation, shape: AnswerShape, include_usage: bool, on_done: Callable[[str, str], None] | None = None,
+    scope: Mapping[str, Any] | None = None,
 ) -> Any:
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
     parts: list[str] = []
@@ -62,6 +63,8 @@ async def _stream(
         yield error_event(err)
     finally:
         await gen.close("the client went away")  # a no-op when it finished; else the worker aborts it
+        if scope is not None:
+            rate_limits.debit(scope, rate_limits.tokens_used(gen.usage, gen.chunks))
     yield b"data: [DONE]\n\n"
 
 
@@ -87,13 +90,13 @@ async def generate(gw: OpenAiPorts, request: Request, chat: bool) -> Response:
             lookup = await gw.cache.lookup(scope, list(req.messages), ctx)
             gw.stats.cache(req.model, lookup.outcome)
             if lookup.outcome == HIT:
-                return _cached(body, lookup, AnswerShape(chat, ctx.request_id, req.model), ctx.request_id)
+                return _cached(body, lookup, AnswerShape(chat, ctx.request_id, req.model), id_headers(ctx))
         gen = await gw.generate(req, ctx, api="openai", tenant=ctx.tenant)
     except errors.UnimodelError as err:
         return openai_error(err)
     shape = AnswerShape(chat, ctx.request_id, req.model)
     headers = {
-        "x-request-id": ctx.request_id,
+        **id_headers(ctx),
         "x-unimodel-worker": gen.first.worker_id,
         "x-unimodel-path": ",".join([gw.id, *gen.first.path]),
     }
@@ -110,7 +113,7 @@ async def generate(gw: OpenAiPorts, request: Request, chat: bool) -> Response:
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(gen, shape, include, on_done), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+            _stream(gen, shape, include, on_done, request.scope), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
         )
     try:
         text = await gen.text()
@@ -118,6 +121,7 @@ async def generate(gw: OpenAiPorts, request: Request, chat: bool) -> Response:
         return openai_error(err)
     finally:
         await gen.close()
+        rate_limits.debit(request.scope, rate_limits.tokens_used(gen.usage, gen.chunks))
     if on_done is not None:
         on_done(text, gen.finish_reason)
     return Response(orjson.dumps(shape.whole(text, gen.finish_reason, gen.usage)), 200, headers=headers, media_type="application/json")
@@ -157,12 +161,12 @@ def _cache_headers(lookup: Lookup) -> dict[str, str]:
     return headers
 
 
-def _cached(body: ChatCompletionBody, lookup: Lookup, shape: AnswerShape, request_id: str) -> Response:
+def _cached(body: ChatCompletionBody, lookup: Lookup, shape: AnswerShape, ids: dict[str, str]) -> Response:
     """A cache hit in the normal response shape: no tokens were computed (usage is zero)."""
     assert lookup.reply is not None
     answer = lookup.reply.answer
     usage = generate_pb2.Usage()
-    headers = {"x-request-id": request_id, **_cache_headers(lookup)}
+    headers = {**ids, **_cache_headers(lookup)}
     if not body.stream:
         return Response(orjson.dumps(shape.whole(answer, "stop", usage)), 200, headers=headers, media_type="application/json")
     include = bool(body.stream_options and body.stream_options.include_usage)

@@ -10,6 +10,8 @@ import grpc
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.core.grpc_server import maps_errors, status_trailers
+from unimodel.core.values import check_depth
+from unimodel.gateway import rate_limits
 from unimodel.gateway.generation_stream import Generation
 from unimodel.gateway.ports import UnifiedPorts
 from unimodel.gateway.traces import reply_metadata
@@ -37,6 +39,14 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
         gen = await self.gw.generate(request, ctx, api="grpc", tenant=ctx.tenant)
         return ctx, gen
 
+    def _debit(self, context: grpc.aio.ServicerContext, gen: Generation) -> None:
+        """The tokens a generation used, against its key's tokens-per-minute limit (rate_limits.py)."""
+        limiter = self.gw.rate_limiter
+        if limiter.enabled:
+            limits = limiter.limits_of(self.gw.auth.principal_from_metadata(context.invocation_metadata()))
+            if limits is not None:
+                limits.debit(rate_limits.tokens_used(gen.usage, gen.chunks))
+
     async def Generate(  # noqa: N802  (gRPC method names are CamelCase)
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateChunk]:
@@ -60,6 +70,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
                 await context.abort(err.grpc_status, err.message, trailing_metadata=status_trailers(err))
         finally:
             await gen.close("the gRPC call ended")
+            self._debit(context, gen)
 
     @maps_errors
     async def GenerateUnary(  # noqa: N802  (gRPC method names are CamelCase)
@@ -70,6 +81,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
             text = await gen.text()
         finally:
             await gen.close("the gRPC call ended")
+            self._debit(context, gen)
         context.set_trailing_metadata(reply_metadata(ctx))
         return generate_pb2.GenerateResponse(
             id=ctx.request_id, model=request.model, text=text, finish_reason=gen.finish_reason, usage=gen.usage,
@@ -80,6 +92,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
     async def Predict(  # noqa: N802  (gRPC method names are CamelCase)
         self, request: inference_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.PredictResponse:
+        check_depth(request.input)  # what the HTTP routes' to_value checks: every hop must decode it
         ctx = self._context(context, self.gw.settings.request_timeout_s)
         reply = await self.gw.predict(request.model, request.input, dict(request.parameters), ctx, api="grpc")
         # Trailing metadata travels with the status: no extra send operation per call.
