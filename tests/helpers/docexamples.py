@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DOCS = ("README.md", "docs/api.md", "docs/operations.md", "docs/architecture.md", "docs/benchmarks.md")
+DOCS = ("README.md", "docs/api.md", "docs/operations.md", "docs/architecture.md", "docs/benchmarks.md", "docs/security.md")
 
 NOT_RUN: dict[str, str] = {
     "./scripts/up": "starts the cluster itself: the test starts it the same way (`unimodel up`, defaults but ports)",
@@ -35,6 +35,8 @@ NOT_RUN: dict[str, str] = {
     "unimodel gpu-worker --nats-url nats://nats:4222": "compose's service hostnames; tests/e2e/test_compose_topology.py runs these commands",
     ".venv/bin/python scripts/bench/": "a benchmark: minutes of load that rewrites docs/benchmarks/*.json; its figures are in docs/benchmarks.md",
     "scripts/bench/setup_peers.sh": "installs the benchmark peers (perf_analyzer) for the benchmarks",
+    "UNIMODEL_API_KEYS=": "starts a cluster with keys itself: tests/e2e/test_security_up.py runs this command (ports aside)",
+    ".venv/bin/python -m pytest tests/integration/test_security_fuzz.py": "the suite runs this test module itself",
     "cd /tmp/": "a before/after benchmark of two commits, each run from its own git worktree under /tmp (minutes of load)",
 }
 
