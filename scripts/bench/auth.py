@@ -89,17 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval-ms", type=int, default=3000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--model", default="mlp")
+    p.add_argument(
+        "--control", action="store_true",
+        help="an A/A run: the second cluster has no keys either, so the ratio shows what cluster placement alone does",
+    )
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "auth.json"))
     args = p.parse_args(argv)
-    modes = [sbs.Mode("off"), sbs.Mode("on", env=KEYED_ENV, headers={"Authorization": f"Bearer {TENANT_KEY}"})]
+    keyed = sbs.Mode("on") if args.control else sbs.Mode("on", env=KEYED_ENV, headers={"Authorization": f"Bearer {TENANT_KEY}"})
+    modes = [sbs.Mode("off"), keyed]
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "clusters.log", "w") as log:
         with sbs.clusters(modes, Path(tmp), args.model, log):
             import httpx
 
-            keyed = modes[1]
             refused = httpx.get(f"{keyed.url}/v2/models/{args.model}/ready", timeout=5).status_code
-            assert refused == 401, f"the keyed cluster answered {refused} without a key"
+            assert refused == (200 if args.control else 401), f"the second cluster answered {refused} without a key"
             for rnd in range(args.rounds):
                 row: dict[str, object] = {"round": rnd + 1}
                 for protocol in ("http", "grpc"):
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report = {
         "command": "scripts/bench/auth.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": args.model, "concurrency": args.concurrency, "interval_ms": args.interval_ms,
+        "model": args.model, "concurrency": args.concurrency, "interval_ms": args.interval_ms, "control": args.control,
         "rounds": rows, "summary": summary,
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
