@@ -93,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         "--control", action="store_true",
         help="an A/A run: the second cluster has no keys either, so the ratio shows what cluster placement alone does",
     )
+    p.add_argument(
+        "--keyed-first", action="store_true",
+        help="start the keyed cluster first (its processes then start before the other cluster's)",
+    )
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "auth.json"))
     args = p.parse_args(argv)
     keyed = sbs.Mode("on") if args.control else sbs.Mode("on", env=KEYED_ENV, headers={"Authorization": f"Bearer {TENANT_KEY}"})
-    modes = [sbs.Mode("off"), keyed]
+    modes = [keyed, sbs.Mode("off")] if args.keyed_first else [sbs.Mode("off"), keyed]
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "clusters.log", "w") as log:
         with sbs.clusters(modes, Path(tmp), args.model, log):
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 row: dict[str, object] = {"round": rnd + 1}
                 for protocol in ("http", "grpc"):
-                    for name in sbs.alternating(["off", "on"], rnd):
+                    for name in sbs.alternating([m.name for m in modes], rnd):
                         mode = next(m for m in modes if m.name == name)
 
                         def run(mode: sbs.Mode = mode, protocol: str = protocol) -> dict[str, object]:
@@ -137,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     report = {
         "command": "scripts/bench/auth.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": args.model, "concurrency": args.concurrency, "interval_ms": args.interval_ms, "control": args.control,
+        "model": args.model, "concurrency": args.concurrency, "interval_ms": args.interval_ms,
+        "control": args.control, "keyed_first": args.keyed_first,
         "rounds": rows, "summary": summary,
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
