@@ -44,6 +44,7 @@ KEYS = {
     "sk-g": {"tenant": "team-g", "requests_per_minute": 1},
     "sk-u": {"tenant": "team-u", "tokens_per_minute": 20},
     "sk-p": {"tenant": "team-p", "priority": True},
+    "sk-w": {"tenant": "team-w", "requests_per_minute": 2},
     "sk-q1": "team-q1",
     "sk-q2": "team-q2",
 }
@@ -249,6 +250,22 @@ def _tpm_over_http(client: openai.OpenAI, streamed: openai.OpenAI) -> None:
     time.sleep(0.2)  # the debit runs as the stream closes
     with pytest.raises(openai.RateLimitError):
         streamed.chat.completions.create(model=LLM, messages=CHAT, max_tokens=8)  # type: ignore[arg-type]  # plain dicts: the SDK's TypedDicts at run time
+
+
+def test_websocket_frames_take_from_the_keys_request_limit(cluster: Cluster) -> None:
+    from websockets.sync.client import connect
+
+    frame = {"type": "query", "scope": {"model": "ws-limit"}, "query": "Is this frame rate limited?"}
+    url = cluster.url.replace("http", "ws") + "/modelcache"
+    with connect(url, additional_headers=_auth("sk-w")) as ws:
+        codes = []
+        for i in range(3):
+            ws.send(json.dumps({"requestId": i, "payload": frame}))
+            reply = json.loads(ws.recv(timeout=30))
+            assert reply["requestId"] == i, reply
+            codes.append(reply["result"]["errorCode"])
+        assert codes[:2] != [429, 429] and 429 not in codes[:2] and codes[2] == 429, codes
+        assert "rate limit reached for requests per minute" in reply["result"]["errorDesc"], reply
 
 
 def test_finding_no_token_rate_limit_per_key_after_a_real_generation(cluster: Cluster) -> None:

@@ -14,6 +14,8 @@ from unimodel.v1 import cache_pb2, generate_pb2
 TYPES = ("query", "insert", "remove", "register")
 BAD_REQUEST, QUERY_FAILED, INSERT_FAILED, INSERT_ERROR, REMOVE_FAILED = 103, 202, 301, 303, 402
 WS_BAD_FRAME = 400
+WS_RATE_LIMITED = 429
+"""Websocket frames refused before their payload is read: a bad frame, a key over its request rate limit."""
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 

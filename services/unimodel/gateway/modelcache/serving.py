@@ -45,6 +45,7 @@ from unimodel.gateway.modelcache.protocol import (
     QUERY_FAILED,
     REMOVE_FAILED,
     WS_BAD_FRAME,
+    WS_RATE_LIMITED,
     BadRequest,
     delta,
     failure,
@@ -111,7 +112,10 @@ async def handle(
 
 
 async def serve_socket(gw: ModelCachePorts, ws: WebSocket) -> None:
-    tenant = principal_of(ws.scope).tenant  # the key's (auth.py checked the key and the Origin before this)
+    principal = principal_of(ws.scope)  # the key's (auth.py checked the key and the Origin before this)
+    tenant = principal.tenant
+    # every frame is a request: it takes one from the key's request rate limit, as an HTTP request does
+    limits = gw.rate_limiter.limits_of(principal) if gw.rate_limiter.enabled else None
     await ws.accept()
     send_lock = asyncio.Lock()
     tasks: set[asyncio.Task[None]] = set()
@@ -149,6 +153,10 @@ async def serve_socket(gw: ModelCachePorts, ws: WebSocket) -> None:
                     raise BadRequest("a frame needs a requestId and a payload")
             except (errors.InvalidArgument, BadRequest) as exc:
                 await reply(request_id, query_error(WS_BAD_FRAME, f"bad request: {exc}"))
+                continue
+            refusal = limits.admit() if limits is not None else None
+            if refusal is not None:
+                await reply(request_id, query_error(WS_RATE_LIMITED, refusal.message))
                 continue
             task = asyncio.create_task(one(request_id, payload))
             tasks.add(task)
