@@ -90,19 +90,26 @@ def test_nats_restart_is_survived(services: Services, infra: Infra) -> None:
 
     infra.restart_nats(down_s=1.0)
     back_at = time.monotonic()
+    attempts: list[str] = []  # every try's outcome, for the failure message
     status = 0
-    while time.monotonic() - back_at < 5.0:
+    # Each service reconnects on its own (0.25 s between tries) and subscribes again; a request sent before
+    # the services on its path resubscribed is lost to core NATS and costs the client its 2 s timeout.
+    # Recovery takes well under a second on a quiet machine; the bound leaves room for a loaded CI host.
+    while time.monotonic() - back_at < 10.0:
+        started = time.monotonic() - back_at
         try:
-            status = services.predict("after", timeout=2).status_code
-        except httpx.HTTPError:
+            r = services.predict("after", timeout=2)
+            status = r.status_code
+            attempts.append(f"{started:.2f}s: {status} {r.text[:120] if status != 200 else ''}")
+        except httpx.HTTPError as exc:
             status = 0
+            attempts.append(f"{started:.2f}s: {type(exc).__name__}")
         if status == 200:
             break
         time.sleep(0.1)
     recovered_in = time.monotonic() - back_at
-    print(f"first successful request {recovered_in:.2f}s after NATS was back")
-    assert status == 200, "no successful request within 5 s of NATS being back"
-    assert recovered_in < 5.0
+    print(f"first successful request {recovered_in:.2f}s after NATS was back; attempts: {attempts}")
+    assert status == 200, f"no successful request within 10 s of NATS being back: {attempts}"
     assert all(p.alive() for p in services.procs), [p.name for p in services.procs if not p.alive()]
 
 
