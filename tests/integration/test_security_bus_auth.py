@@ -25,7 +25,7 @@ from unimodel.core.store import EtcdStore, StoreError
 from unimodel.core.transport_security import EtcdAuth, NatsAuth, TlsFiles
 from unimodel.local import binaries
 from unimodel.local.cluster import ClusterConfig, LocalCluster
-from unimodel.local.procs import ManagedProcess, NatsServer, free_port, wait_until
+from unimodel.local.procs import ManagedProcess, NatsServer, free_port, nats_accepts, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -68,8 +68,11 @@ def test_finding_embedded_cluster_nats_and_etcd_accept_anonymous_clients(tmp_pat
             finally:
                 writer.close()
                 await writer.wait_closed()
-            nc = await nats.connect(cluster.nats.url, allow_reconnect=False, **cluster.credentials.nats_auth("gateway").connect_options())
-            await nc.close()  # a service's own credentials do connect
+            assert cluster.instance_users is not None
+            gateway = cluster.instance_users.renew("gateway")  # what `up` does for each process it starts
+            auth = NatsAuth(user=gateway, password_file=str(cluster.credentials.instance_password_file(gateway)))
+            nc = await nats.connect(cluster.nats.url, allow_reconnect=False, **auth.connect_options())
+            await nc.close()  # a process's own credentials do connect
             return answer.decode()
 
         assert asyncio.run(nats_refuses_anonymous()).startswith("-ERR 'Authorization Violation'")
@@ -123,7 +126,7 @@ def test_finding_a_worker_may_publish_to_cache_subjects_and_read_batches(secured
         async def on_stolen(msg: object) -> None:
             stolen.append(getattr(msg, "subject", ""))
 
-        for subject in (subjects.BATCH_ALL, subjects.BUNDLE_ALL, f"{subjects.inbox_prefix('gateway')}.>"):
+        for subject in (subjects.BATCH_ALL, subjects.BUNDLE_ALL, f"{subjects.inbox_prefix('gateway', '*')}.>"):
             await worker.subscribe(subject, cb=on_stolen)
         await worker.flush()
         await gateway.publish(subjects.batch("echo"), b"a prompt")
@@ -141,6 +144,67 @@ def test_finding_a_worker_may_publish_to_cache_subjects_and_read_batches(secured
         assert f'permissions violation for publish to "{subject}"' in text, text
     for subject in (subjects.BATCH_ALL, subjects.BUNDLE_ALL):
         assert f'permissions violation for subscription to "{subject}"' in text, text
+
+
+def test_finding_a_worker_reads_other_workers_requests_up_gives_each_process_a_user_of_its_own(tmp_path: Path) -> None:
+    """`unimodel up` mints a NATS user per process: worker A cannot read worker B's work, a gateway's
+    answers or B's liveness probes; A's restart (a new instance) disconnects and retires A's old user."""
+    cfg = ClusterConfig(
+        state_dir=tmp_path / "state", nats_port=free_port(), etcd_port=free_port(), prepare_models=False, nats_tool_user="ops"
+    )
+    cluster = LocalCluster(cfg, sink=LogSink())
+    try:
+        cluster.start_bus_and_store()
+        users, creds, nats_server = cluster.instance_users, cluster.credentials, cluster.nats
+        assert users is not None and creds is not None and nats_server is not None
+        a, b, gateway = users.renew("gpu-worker"), users.renew("gpu-worker"), users.renew("gateway")
+        assert len({a, b, gateway}) == 3 and all(i.startswith(k) for i, k in ((a, "gpu-worker-"), (gateway, "gateway-")))
+
+        def auth(instance: str) -> NatsAuth:
+            return NatsAuth(user=instance, password_file=str(creds.instance_password_file(instance)))
+
+        async def run() -> tuple[list[str], list[str], list[str], bool]:
+            errors_a: list[str] = []
+            worker_a = await _client(nats_server.address, auth(a), errors_a)
+            router = await nats.connect(nats_server.url)  # the tool user: may publish anything
+            got: list[str] = []
+
+            async def on_msg(msg: object) -> None:
+                got.append(getattr(msg, "subject", ""))
+
+            theirs = (subjects.worker_infer(b), subjects.worker_control(b), subjects.alive(b), f"{subjects.replies(gateway)}.*",
+                      subjects.WORKER_INFER_ALL, f"{subjects.inbox_prefix('gpu-worker', b)}.>")
+            for subject in (*theirs, subjects.worker_infer(a)):
+                await worker_a.subscribe(subject, cb=on_msg)
+            await worker_a.flush()
+            await asyncio.sleep(0.3)  # the server's -ERR lines arrive after the flush's PONG
+            for subject in (subjects.worker_infer(b), subjects.worker_control(b), subjects.alive(b),
+                            f"{subjects.replies(gateway)}.{os.urandom(16).hex()}", subjects.worker_infer(a)):
+                await router.publish(subject, b"work")
+            await router.flush()
+            await asyncio.sleep(0.5)
+            # A is restarted: a new instance with a new user; the old user is gone and its connection closed
+            old_password = creds.instance_password_file(a).read_text().strip()
+            renewed = users.renew("gpu-worker", a)
+            await asyncio.sleep(0.5)
+            old_dropped = not worker_a.is_connected and not creds.instance_password_file(a).exists()
+            refused = not await asyncio.to_thread(nats_accepts, nats_server.host, nats_server.port, a, old_password)
+            admitted = await asyncio.to_thread(
+                nats_accepts, nats_server.host, nats_server.port, renewed, creds.instance_password_file(renewed).read_text().strip()
+            )
+            await worker_a.close()
+            await router.close()
+            return errors_a, got, list(theirs), old_dropped and refused and admitted
+
+        errors, got, theirs, restarted = asyncio.run(run())
+        assert got == [subjects.worker_infer(a)], got  # only its own work reached worker A
+        text = " ".join(errors).lower()
+        for subject in theirs:
+            assert f'permissions violation for subscription to "{subject.lower()}"' in text, (subject, text)
+        assert restarted
+    finally:
+        cluster.stop()
+    assert not list((tmp_path / "state" / "auth" / "instances").glob("*.password"))  # stop retires every instance user
 
 
 def test_finding_services_run_with_authentication_and_survive_an_etcd_restart(secured: Infra) -> None:

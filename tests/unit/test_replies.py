@@ -151,3 +151,24 @@ def test_encoded_bundles_are_item_bundles_and_bad_bytes_are_refused() -> None:
     for bad in (b"\x0a\x05ab", b"\x0a\xff", b"\x0f"):  # truncated item, truncated length, invalid wire type
         with pytest.raises(DecodeError):
             inference_pb2.EncodedItemBundle.FromString(bad)
+
+
+async def test_inboxes_end_in_128_random_bits_and_unknown_inboxes_are_dropped() -> None:
+    """An inbox is the capability to answer a request (docs/security.md): not a counter a NATS user that may
+    publish into every reply tree could guess."""
+    bus = FakeBus()
+    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]  # FakeBus stands in for core.bus.Bus
+    await mux.start()
+    tasks = [asyncio.create_task(mux.request_item("s", inference_pb2.BatchItem(), RequestContext.new(5), timeout_s=5)) for _ in range(3)]
+    items = await _sent(bus, 3)
+    tokens = [item.reply_to.removeprefix("unimodel.v1.reply.gw-1.") for item in items]
+    assert len(set(tokens)) == 3 and all(len(t) == 32 and int(t, 16) >= 0 for t in tokens), tokens
+    # a guessed inbox, and a ReplyBatch naming one, reach nobody; the real requests still wait for theirs
+    await mux._on_message(FakeMsg("unimodel.v1.reply.gw-1.1", b"forged"))  # type: ignore[arg-type]
+    forged = inference_pb2.ReplyBatch(replies=[inference_pb2.ItemReply(reply_to="unimodel.v1.reply.gw-1.2", response=b"x")])
+    await mux._on_message(FakeMsg(mux.group, forged.SerializeToString()))  # type: ignore[arg-type]
+    assert not any(t.done() for t in tasks)
+    await mux._on_message(FakeMsg(items[0].reply_to, b"answer"))  # type: ignore[arg-type]
+    assert await tasks[0] == b"answer"
+    for t in tasks[1:]:
+        t.cancel()

@@ -69,8 +69,26 @@ def test_finding_any_nats_client_may_publish_anywhere_each_service_gets_only_its
     # every service reads only its own kind's request inboxes, and answers liveness probes
     for kind, p in perms.items():
         others = [k for k in perms if k != kind]
-        assert not any(allowed(p.subscribe, f"{subjects.inbox_prefix(o)}.abc.1") for o in others), kind
+        assert not any(allowed(p.subscribe, f"{subjects.inbox_prefix(o, 'x')}.abc.1") for o in others), kind
         assert allowed(p.subscribe, subjects.alive(f"{kind}-1")), kind
+
+
+def test_finding_a_worker_reads_other_workers_requests_an_instance_user_reads_only_its_own_subjects() -> None:
+    """One user per instance (`unimodel up`): what it may read names its own id; publishing is as for its kind."""
+    for kind in SERVICE_KINDS:
+        mine, per_kind = subjects.permissions(kind, "me-1"), subjects.PERMISSIONS[kind]
+        assert mine.publish == per_kind.publish and mine.responses == per_kind.responses, kind
+        assert allowed(mine.subscribe, subjects.alive("me-1")) and not allowed(mine.subscribe, subjects.alive("other-2")), kind
+        assert allowed(mine.subscribe, f"{subjects.inbox_prefix(kind, 'me-1')}.abc")
+        assert not allowed(mine.subscribe, f"{subjects.inbox_prefix(kind, 'other-2')}.abc"), kind
+        for other in (subjects.worker_infer("other-2"), subjects.worker_control("other-2"), subjects.replies("other-2") + ".ab12"):
+            assert not allowed(mine.subscribe, other), (kind, other)
+    worker = subjects.permissions("gpu-worker", "me-1")
+    assert allowed(worker.subscribe, subjects.worker_infer("me-1")) and allowed(worker.subscribe, subjects.worker_control("me-1"))
+    for kind in ("gateway", "cache"):  # the two kinds with a reply tree (replies.ReplyMux)
+        assert allowed(subjects.permissions(kind, "me-1").subscribe, subjects.replies("me-1") + ".ab12")
+    with pytest.raises(KeyError):
+        subjects.permissions("spy", "x")
 
 
 def test_finding_nats_has_no_users_the_rendered_config_lists_one_user_per_service() -> None:
@@ -199,3 +217,14 @@ def test_finding_kubernetes_leaves_nats_and_etcd_open_deployments_mount_the_bus_
         (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "bus-credentials"]
         assert mount["mountPath"] == "/run/secrets/unimodel" and mount["readOnly"] is True, name
     assert job["spec"]["template"]["spec"]["containers"][0]["args"][0] in COMMANDS
+
+
+def test_finding_nats_has_no_users_a_config_without_users_stays_closed() -> None:
+    """nats-server admits anyone when its users list is empty (`unimodel up` before its first process)."""
+    text = render_server_config({})
+    assert text.count("{ user: ") == 1 and '{ user: "unimodel-closed"' in text
+    assert 'publish: { deny: [">"] }, subscribe: { deny: [">"] }' in text
+    assert render_server_config({}) != text  # a password nobody knows, new each time
+    per_instance = render_server_config({}, instances={"gpu-worker-ab12": ("gpu-worker", "pw")})
+    assert "unimodel-closed" not in per_instance
+    assert '"unimodel.v1.worker.gpu-worker-ab12.infer"' in per_instance and '"unimodel.v1.worker.*.infer"' not in per_instance

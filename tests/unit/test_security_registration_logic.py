@@ -341,7 +341,7 @@ def test_every_prepared_demo_model_is_within_the_ranges(model_repository: Path) 
 def test_up_allows_loopback_upstreams_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`unimodel up`: an openai-engine model may front a server on this host (the docs' llama.cpp server)."""
     monkeypatch.delenv("UNIMODEL_UPSTREAM_URLS", raising=False)
-    env = LocalCluster(ClusterConfig(state_dir=tmp_path))._env("gpu-worker")
+    env = LocalCluster(ClusterConfig(state_dir=tmp_path))._env()
     prefixes = json.loads(env["UNIMODEL_UPSTREAM_URLS"])
     for url in ("http://127.0.0.1:8080/v1", "http://localhost:11434/v1", "http://[::1]:8000/v1"):
         assert any(modelconfig.url_allowed(url, p) for p in prefixes), url
@@ -349,7 +349,7 @@ def test_up_allows_loopback_upstreams_and_nothing_else(tmp_path: Path, monkeypat
         assert not any(modelconfig.url_allowed(url, p) for p in prefixes), url
     assert "UNIMODEL_UPSTREAM_KEY_ENVS" not in env  # no key variable unless the operator names one
     monkeypatch.setenv("UNIMODEL_UPSTREAM_URLS", '["http://10.0.0.5:8000/v1"]')  # the operator's own wins
-    assert LocalCluster(ClusterConfig(state_dir=tmp_path))._env("gpu-worker")["UNIMODEL_UPSTREAM_URLS"] == '["http://10.0.0.5:8000/v1"]'
+    assert LocalCluster(ClusterConfig(state_dir=tmp_path))._env()["UNIMODEL_UPSTREAM_URLS"] == '["http://10.0.0.5:8000/v1"]'
 
 
 @pytest.mark.parametrize(

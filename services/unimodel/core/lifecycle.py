@@ -55,7 +55,7 @@ class Service:
             max_inflight=settings.max_inflight,
             default_timeout_s=settings.request_timeout_s,
             auth=settings.nats_auth(),
-            inbox_prefix=subjects.inbox_prefix(self.kind),
+            inbox_prefix=subjects.inbox_prefix(self.kind, self.id),
         )
         self.store: KeyValueStore = store or EtcdStore(settings.etcd_endpoint_list, auth=settings.etcd_auth())
         self.grpc = GrpcServer(

@@ -2,7 +2,7 @@
 
 nats-py's `request()` gives every request an inbox and resolves one future per reply message. On the
 batch path a worker answers many requests of the same caller at once, so the caller here owns a reply
-subject tree (subjects.replies(id)): `<replies>.<n>` is request n's inbox, and `<replies>.batch` takes
+subject tree (subjects.replies(id)): `<replies>.<token>` is one request's inbox (128 random bits), and `<replies>.batch` takes
 ReplyBatch messages, each holding the answers to several of its requests (BatchItem.reply_group). One
 message per caller and batch instead of one per item: fewer publishes for the worker, fewer messages
 for NATS to route and for the caller to parse.
@@ -26,8 +26,8 @@ after a worker answered part of it) is dropped.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import os
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
@@ -50,7 +50,6 @@ class ReplyMux:
         self.prefix = subjects.replies(instance_id)
         self.group = subjects.reply_batch(instance_id)
         self._pending: dict[str, tuple[asyncio.Future[bytes], str]] = {}
-        self._numbers = itertools.count(1)
         self._sub: Subscription | None = None
         # what leaves at the end of this loop iteration: (batch subject, bundle subject) -> [(item, inbox)]
         self._outbox: dict[tuple[str, str], list[tuple[bytes, str, dict[str, str] | None]]] = {}
@@ -106,7 +105,9 @@ class ReplyMux:
     def _address(self, item: inference_pb2.BatchItem, ctx: RequestContext) -> str:
         """A new inbox of ours as the item's reply_to, and the request's id, deadline, tenant and trace
         context in the item; returns the inbox."""
-        inbox = f"{self.prefix}.{next(self._numbers)}"
+        # 128 random bits: the inbox is the capability to answer this request. Only the services on its
+        # path see it; a NATS user that may publish into every reply tree (a worker) cannot guess another's.
+        inbox = f"{self.prefix}.{os.urandom(16).hex()}"
         item.reply_to = inbox
         item.request_id = ctx.request_id
         item.deadline_unix_ms = ctx.deadline_ms

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from unimodel.core.kinds import SERVICE_KINDS, WORKER_KINDS
+
 ROOT = "unimodel.v1"
 
 # Queue groups: replicas of one service share a subject's load.
@@ -124,21 +126,31 @@ class Header:
 # Permissions ------------------------------------------------------------------------------------------
 # What each service may publish and subscribe to (nats_config.render_server_config turns this into the
 # nats-server `authorization` block; docs/security.md). Every service answers liveness probes on its
-# alive subject, and requests made with Bus.request wait on an inbox under inbox_prefix(kind) (nats-py's
-# request inboxes), so a service reads only the answers to its own kind's requests.
+# alive subject, and requests made with Bus.request wait on an inbox under inbox_prefix(kind, id)
+# (nats-py's request inboxes), so a service reads only the answers to its own requests.
+#
+# Two granularities. One user per service *kind* (compose, Kubernetes: replicas share a secret) may read
+# what any instance of its kind reads. One user per *instance* (`unimodel up` mints one for every process it
+# starts, local/credentials.py) reads only its own subjects: a worker cannot subscribe to another worker's
+# work, nor a gateway to another gateway's answers. Either way, where a service answers (a worker to the
+# inbox an item names) it may publish into any instance's reply tree: an answer lands only on an inbox a
+# caller opened, and each inbox ends in a 128-bit random token (replies.ReplyMux) that only the services
+# on that request's path ever see.
 
+ANY_INSTANCE = "*"
 REPLIES_ALL = f"{ROOT}.reply.*.*"
-"""Every instance's answer inboxes (`replies(id).<n>` and `.batch`): workers and the batcher answer
+"""Every instance's answer inboxes (`replies(id).<token>` and `.batch`): workers and the batcher answer
 gateways and caches there."""
-WORKER_INFER_ALL = f"{ROOT}.worker.*.infer"
-WORKER_CONTROL_ALL = f"{ROOT}.worker.*.control"
-ALIVE_ALL = f"{ROOT}.alive.*"
+WORKER_INFER_ALL = worker_infer(ANY_INSTANCE)
+WORKER_CONTROL_ALL = worker_control(ANY_INSTANCE)
+ALIVE_ALL = alive(ANY_INSTANCE)
 CACHE_ALL = f"{ROOT}.cache.*"
 
 
-def inbox_prefix(kind: str) -> str:
-    """Where a service of `kind` gets the answers to its NATS requests (nats-py's `inbox_prefix`)."""
-    return f"_INBOX.{kind}"
+def inbox_prefix(kind: str, instance_id: str) -> str:
+    """Where instance `instance_id` of `kind` gets the answers to its NATS requests (nats-py's
+    `inbox_prefix`)."""
+    return f"_INBOX.{kind}.{instance_id}"
 
 
 class Permissions:
@@ -156,33 +168,36 @@ class Permissions:
         return f"Permissions(publish={self.publish}, subscribe={self.subscribe}, responses={self.responses})"
 
 
-_WORKER = Permissions(
-    # results and errors to the inbox each item names (a gateway's or a cache's), load reports to routers
-    publish=(REPLIES_ALL, LOAD),
-    subscribe=(WORKER_INFER_ALL, WORKER_CONTROL_ALL, ABORT, ALIVE_ALL),
-)
+def _own(kind: str, instance_id: str) -> tuple[str, ...]:
+    """What every instance subscribes to for itself: its request inboxes and its liveness probes."""
+    return f"{inbox_prefix(kind, instance_id)}.>", alive(instance_id)
 
-PERMISSIONS: dict[str, Permissions] = {
-    "gateway": Permissions(
-        publish=(BATCH_ALL, BUNDLE_ALL, CACHE_QUERY, CACHE_INSERT, CACHE_REMOVE, CACHE_LOG, ABORT, ALIVE_ALL),
-        subscribe=(REPLIES_ALL, f"{inbox_prefix('gateway')}.>", ALIVE_ALL),
-    ),
-    "batcher": Permissions(
+
+def permissions(kind: str, instance_id: str = ANY_INSTANCE) -> Permissions:
+    """The rights of instance `instance_id` of service `kind` (core/kinds.py), or, with ANY_INSTANCE, of
+    every instance of the kind (one user per kind). Answers to requests (a worker's BatchAck to the
+    router, the router's to the batcher, the cache's to the gateway, every liveness answer) go through
+    `responses`. KeyError for an unknown kind."""
+    own = _own(kind, instance_id)
+    if kind in WORKER_KINDS:
+        # results and errors to the inbox each item names (a gateway's or a cache's), load reports to routers
+        return Permissions(
+            publish=(REPLIES_ALL, LOAD),
+            subscribe=(worker_infer(instance_id), worker_control(instance_id), ABORT, *own),
+        )
+    table = {
+        "gateway": Permissions(
+            publish=(BATCH_ALL, BUNDLE_ALL, CACHE_QUERY, CACHE_INSERT, CACHE_REMOVE, CACHE_LOG, ABORT, ALIVE_ALL),
+            subscribe=(f"{replies(instance_id)}.*", *own),
+        ),
         # batches to routers; an item it cannot queue is answered at its caller's inbox
-        publish=(ROUTE_ALL, REPLIES_ALL),
-        subscribe=(BATCH_ALL, BUNDLE_ALL, f"{inbox_prefix('batcher')}.>", ALIVE_ALL),
-    ),
-    "router": Permissions(
-        publish=(WORKER_INFER_ALL, WORKER_CONTROL_ALL),
-        subscribe=(ROUTE_ALL, LOAD, f"{inbox_prefix('router')}.>", ALIVE_ALL),
-    ),
-    "cache": Permissions(
+        "batcher": Permissions(publish=(ROUTE_ALL, REPLIES_ALL), subscribe=(BATCH_ALL, BUNDLE_ALL, *own)),
+        "router": Permissions(publish=(WORKER_INFER_ALL, WORKER_CONTROL_ALL), subscribe=(ROUTE_ALL, LOAD, *own)),
         # embeddings go through the batcher like any request; answers come to the cache's own inbox
-        publish=(BATCH_ALL, BUNDLE_ALL),
-        subscribe=(CACHE_ALL, REPLIES_ALL, ALIVE_ALL),
-    ),
-    "embedding-worker": _WORKER,
-    "gpu-worker": _WORKER,
-}
-"""By service kind (core/kinds.py). Answers to requests (a worker's BatchAck to the router, the router's
-to the batcher, the cache's to the gateway, every liveness answer) go through `responses`."""
+        "cache": Permissions(publish=(BATCH_ALL, BUNDLE_ALL), subscribe=(CACHE_ALL, f"{replies(instance_id)}.*", *own)),
+    }
+    return table[kind]
+
+
+PERMISSIONS: dict[str, Permissions] = {kind: permissions(kind) for kind in SERVICE_KINDS}
+"""By service kind (core/kinds.py), for one user per kind."""

@@ -16,6 +16,7 @@ import argparse
 import fcntl
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,8 +28,9 @@ from typing import IO
 
 from unimodel.core import errors, modelconfig, nats_config
 from unimodel.core.settings import CommonSettings
+from unimodel.core.subjects import Permissions
 from unimodel.local.binaries import BinaryNotFound
-from unimodel.local.credentials import ETCD_USER, LocalCredentials
+from unimodel.local.credentials import ETCD_USER, NATS_CONFIG, LocalCredentials
 from unimodel.local.procs import EtcdServer, ManagedProcess, MilvusLiteServer, NatsServer, free_port, http_ok, port_in_use
 from unimodel.local.supervisor import GiveUp, RestartPolicy, Supervisor
 
@@ -50,6 +52,45 @@ this host (llama.cpp's server, `vllm serve`) and nothing else."""
 
 LOCK_FILE = "up.lock"
 """In the state directory: flock-ed by the `unimodel up` that uses it, holding its pid."""
+
+
+class InstanceUsers:
+    """One NATS user per running service process (local/credentials.py): `renew` makes a new instance id
+    and user for a process about to start, drops the user of its previous run, rewrites the nats-server
+    configuration and has the running server reload it."""
+
+    def __init__(self, credentials: LocalCredentials, nats: NatsServer, extra_users: dict[str, Permissions]) -> None:
+        self.credentials, self.nats, self.extra_users = credentials, nats, extra_users
+        self.kinds: dict[str, str] = {}  # running instance id -> service kind
+
+    def write_config(self) -> Path:
+        return self.credentials.write_nats_config(self.extra_users, instances=self.kinds)
+
+    def renew(self, kind: str, previous: str = "") -> str:
+        if previous:
+            self.kinds.pop(previous, None)
+            self.credentials.drop_instance(previous)
+        instance_id = f"{kind}-{secrets.token_hex(4)}"
+        password = self.credentials.mint_instance(instance_id).read_text().strip()
+        self.kinds[instance_id] = kind
+        self.write_config()
+        self.nats.reload(instance_id, password)
+        return instance_id
+
+
+class ServiceProcess(ManagedProcess):
+    """A service child of `up`: each start, the first and every restart, is a new instance with a NATS user
+    of its own (InstanceUsers)."""
+
+    def __init__(self, name: str, argv: list[str], kind: str, users: InstanceUsers, env: dict[str, str], **kw) -> None:
+        super().__init__(name, argv, env=env, **kw)
+        self.kind, self.users, self.base_env = kind, users, env
+        self.instance_id = ""
+
+    def start(self) -> None:
+        self.instance_id = self.users.renew(self.kind, self.instance_id)
+        self.env = {**self.base_env, **self.users.credentials.instance_env(self.kind, self.instance_id)}
+        super().start()
 
 
 def state_dir_holder(state_dir: Path) -> int | None:
@@ -118,6 +159,7 @@ class LocalCluster:
         self.milvus: MilvusLiteServer | None = None
         self.services: list[ManagedProcess] = []
         self.credentials: LocalCredentials | None = None
+        self.instance_users: InstanceUsers | None = None
         self.stopping = threading.Event()  # Ctrl-C / SIGTERM: start() gives up waiting
         self.supervisor = Supervisor(cfg.restart, say=self._warn)
         self._lock: IO[str] | None = None
@@ -154,12 +196,11 @@ class LocalCluster:
                 flag = {"HTTP": "--http-port", "gRPC": "--grpc-port", "NATS": "--nats-port", "etcd": "--etcd-port"}[what]
                 raise ClusterError(f"{what} port {port} on {c.host} is in use (choose another with {flag})")
 
-    def _env(self, kind: str = "") -> dict[str, str]:
-        """A child's environment; a service `kind` gets its NATS and etcd credentials (as file paths)."""
+    def _env(self) -> dict[str, str]:
+        """A child's environment, without credentials (ServiceProcess adds its instance's)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("UNIMODEL_NATS_", "UNIMODEL_ETCD_")) or k == "UNIMODEL_ETCD_PREFIX"}
+        env.pop("UNIMODEL_INSTANCE_ID", None)
         env.update(self.cfg.extra_env)
-        if kind and self.credentials is not None:
-            env.update(self.credentials.service_env(kind))
         env["UNIMODEL_NATS_URL"] = self.nats.address if self.nats else ""
         env["UNIMODEL_ETCD_ENDPOINTS"] = self.etcd.endpoint if self.etcd else ""
         env["PYTHONUNBUFFERED"] = "1"
@@ -177,7 +218,8 @@ class LocalCluster:
         if self.cfg.lease_ttl_s:
             argv += ["--lease-ttl-s", str(self.cfg.lease_ttl_s)]
         self._color += 1
-        proc = ManagedProcess(label or name, argv, env=self._env(name), sink=self.sink, color=self._color)
+        assert self.instance_users is not None
+        proc = ServiceProcess(label or name, argv, name, self.instance_users, self._env(), sink=self.sink, color=self._color)
         proc.start()
         self.services.append(proc)
         self.supervisor.watch(proc)
@@ -265,11 +307,14 @@ class LocalCluster:
         c = self.cfg
         tool = (c.nats_tool_user,) if c.nats_tool_user else ()
         self.credentials = LocalCredentials.ensure(c.state_dir, extra_nats_users=tool)
-        config_file = self.credentials.write_nats_config({u: nats_config.ALL for u in tool})
+        self.credentials.drop_all_instances()  # a previous run's processes are gone
         url_user = (c.nats_tool_user, self.credentials.nats_password_file(c.nats_tool_user).read_text().strip()) if tool else None
+        config_file = self.credentials.folder / NATS_CONFIG
         self.nats = NatsServer(
             c.nats_port, c.state_dir / "nats", host=c.host, config_file=config_file, url_user=url_user, sink=self.sink, color=0
         )
+        self.instance_users = InstanceUsers(self.credentials, self.nats, {u: nats_config.ALL for u in tool})
+        self.instance_users.write_config()  # no service user yet: each process gets its own as it starts
         self.etcd = EtcdServer(c.etcd_port, free_port(c.host), c.state_dir, host=c.host, sink=self.sink, color=1)
 
     def _enable_etcd_auth(self) -> None:
@@ -353,7 +398,7 @@ class LocalCluster:
                 f"  NATS   {self.nats.address if self.nats else '-'}   etcd {self.etcd.endpoint if self.etcd else '-'}"
                 f"   Milvus Lite {self.milvus.uri if self.milvus else '-'}",
                 f"  state  {c.state_dir.resolve()}",
-                f"  auth   {self.credentials.folder if self.credentials else '-'}   (NATS: one user per service; etcd: user unimodel)",
+                f"  auth   {self.credentials.folder if self.credentials else '-'}   (NATS: one user per process; etcd: user unimodel)",
                 "Press Ctrl-C to stop.",
             ]
         )
@@ -368,6 +413,8 @@ class LocalCluster:
         for infra in (self.milvus, self.etcd, self.nats):
             if infra is not None:
                 infra.stop(10.0)
+        if self.credentials is not None:
+            self.credentials.drop_all_instances()
         if self._lock is not None:
             self._lock.close()  # releases the flock
             self._lock = None

@@ -3,6 +3,11 @@ etcd `root` user and the `unimodel` user the services use, each password a rando
 `<state>/auth/` (folder 0700, files 0600), made once and reused by later runs on the same state (etcd's
 data keeps its users). Services get the *paths* (UNIMODEL_*_PASSWORD_FILE), never a secret on their
 command line, where `ps` would show it.
+
+`unimodel up` goes one step further: every process it starts gets a NATS user of its own, named by the
+instance id `up` chose for it, with a password made for that run (`<state>/auth/instances/<id>.password`)
+and permissions that let it read only its own subjects (subjects.permissions). A process that exits takes
+its user with it: a restart is a new instance id and a new user.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ ETCD_ROOT = "root"
 ETCD_USER = "unimodel"
 """The etcd user every service connects as; its role may read and write only under the key prefix."""
 NATS_CONFIG = "nats-server.conf"
+INSTANCES_DIR = "instances"
 
 
 def write_private(path: Path, text: str) -> None:
@@ -84,6 +90,40 @@ class LocalCredentials:
     def etcd_password(self) -> str:
         return self._read(f"etcd-{ETCD_USER}")
 
+    # one NATS user per instance (`unimodel up`) ------------------------------------------------------
+    @property
+    def instances_folder(self) -> Path:
+        return self.folder / INSTANCES_DIR
+
+    def instance_password_file(self, instance_id: str) -> Path:
+        return self.instances_folder / f"{instance_id}.password"
+
+    def mint_instance(self, instance_id: str) -> Path:
+        """A new random password for the NATS user `instance_id` (0600); its path."""
+        self.instances_folder.mkdir(mode=0o700, exist_ok=True)
+        path = self.instance_password_file(instance_id)
+        write_private(path, secrets.token_urlsafe(32) + "\n")
+        return path
+
+    def drop_instance(self, instance_id: str) -> None:
+        self.instance_password_file(instance_id).unlink(missing_ok=True)
+
+    def drop_all_instances(self) -> None:
+        """Every instance's password (a stopped cluster's, or one a crashed `up` left behind)."""
+        if self.instances_folder.is_dir():
+            for path in self.instances_folder.glob("*.password"):
+                path.unlink(missing_ok=True)
+
+    def instance_env(self, kind: str, instance_id: str) -> dict[str, str]:
+        """The UNIMODEL_* variables of a process that is instance `instance_id` of `kind`, with a NATS
+        user of its own (mint_instance first) and the etcd user."""
+        return {
+            **self.service_env(kind),
+            "UNIMODEL_INSTANCE_ID": instance_id,
+            "UNIMODEL_NATS_USER": instance_id,
+            "UNIMODEL_NATS_PASSWORD_FILE": str(self.instance_password_file(instance_id)),
+        }
+
     def nats_auth(self, user: str) -> NatsAuth:
         return NatsAuth(user=user, password_file=str(self.nats_password_file(user)))
 
@@ -103,12 +143,20 @@ class LocalCredentials:
         """etcdctl's environment for the root user (ETCDCTL_USER, so not on its command line)."""
         return {"ETCDCTL_USER": f"{ETCD_ROOT}:{self.etcd_root_password}"}
 
-    def write_nats_config(self, extra_users: dict[str, Permissions] | None = None) -> Path:
-        """The nats-server configuration with one user per service (and `extra_users`), 0600."""
-        passwords = {kind: self._read(f"nats-{kind}") for kind in SERVICE_KINDS}
+    def write_nats_config(
+        self, extra_users: dict[str, Permissions] | None = None, instances: dict[str, str] | None = None
+    ) -> Path:
+        """The nats-server configuration (0600) with `extra_users` and either one user per service kind
+        or, with `instances` (instance id -> kind, each minted), one user per instance and none per kind."""
+        if instances is None:
+            passwords = {kind: self._read(f"nats-{kind}") for kind in SERVICE_KINDS}
+            own: dict[str, tuple[str, str]] = {}
+        else:
+            passwords = {}
+            own = {iid: (kind, self.instance_password_file(iid).read_text().strip()) for iid, kind in instances.items()}
         extra = {name: (self._read(f"nats-{name}"), perms) for name, perms in (extra_users or {}).items()}
         path = self.folder / NATS_CONFIG
-        write_private(path, nats_config.render_server_config(passwords, extra_users=extra))
+        write_private(path, nats_config.render_server_config(passwords, extra_users=extra, instances=own))
         return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import random
 import signal
@@ -256,7 +257,9 @@ class NatsServer(ManagedProcess):
         argv = [str(binaries.nats_server())]
         if config_file is not None:
             argv += ["-c", str(config_file)]
-        argv += ["-a", host, "-p", str(port), "-js", "-sd", str(store_dir), "-n", f"unimodel-{port}"]
+        argv += ["-a", host, "-p", str(port), "-js", "-sd", str(store_dir)]
+        if config_file is None:  # a server name given as a flag cannot be reloaded (SIGHUP) from a file
+            argv += ["-n", f"unimodel-{port}"]
         super().__init__("nats", argv, **kw)
 
     @property
@@ -273,6 +276,30 @@ class NatsServer(ManagedProcess):
     def start_and_wait(self, timeout: float = 15) -> None:
         self.start()
         wait_until(lambda: tcp_open(self.host, self.port), timeout, f"nats-server on port {self.port}", self)
+
+    def reload(self, user: str = "", password: str = "", timeout: float = 10) -> None:
+        """Make the server read its configuration file again (SIGHUP: users and permissions change, clients
+        whose user is gone are disconnected); with `user`, return once that user is let in."""
+        if self.proc is None or self.proc.poll() is not None:
+            return  # not running: it reads the file when it starts
+        self.proc.send_signal(signal.SIGHUP)
+        if user:
+            wait_until(lambda: nats_accepts(self.host, self.port, user, password), timeout, f"NATS user {user} after a reload", self)
+
+
+def nats_accepts(host: str, port: int, user: str, password: str, timeout: float = 2.0) -> bool:
+    """Whether a plain-TCP nats-server lets `user` in (the NATS client protocol, spoken directly: CONNECT,
+    then PING answered by PONG, or -ERR 'Authorization Violation'). No client library: nothing to clean up."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            reader = sock.makefile("rb")
+            if not reader.readline().startswith(b"INFO"):
+                return False
+            connect = {"verbose": False, "pedantic": False, "user": user, "pass": password, "protocol": 1, "name": "probe"}
+            sock.sendall(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
+            return reader.readline().startswith(b"PONG")
+    except OSError:
+        return False
 
 
 class EtcdServer(ManagedProcess):
