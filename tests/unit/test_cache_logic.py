@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from unimodel.cache import guard
-from unimodel.cache.entries import EntryStore, LogRecord, NewEntry
+from unimodel.cache.entries import EntryStore, LogRecord, NewEntry, Quotas, TooLate
 from unimodel.cache.querytext import QueryTextError, Turn, embedding_text_of, query_text, scope_key, threshold_for
 
 
@@ -97,20 +97,23 @@ def _new(text: str, answer: str = "a") -> NewEntry:
     return NewEntry(q.exact_key, q.spliced, answer)
 
 
+def _add(store: EntryStore, scope: str, new: list[NewEntry], now: float, commit_by: float | None = None) -> list[int]:
+    """An insert's two SQLite steps (the vectors would go to Milvus in between)."""
+    ids = store.reserve(len(new), not_before=now + 60)
+    return store.commit_insert(scope, "m", "", new, dict(enumerate(ids)), now, Quotas(), commit_by).ids
+
+
 def test_insert_commit_and_rollback(store: EntryStore) -> None:
-    ids = store.begin_insert("s1", "m", "", [_new("one"), _new("two")], now=100.0)
-    store.commit()
+    ids = _add(store, "s1", [_new("one"), _new("two")], now=100.0)
     assert store.count("s1") == 2 and len(ids) == 2
-    store.begin_insert("s1", "m", "", [_new("three")], now=101.0)
-    store.rollback()  # e.g. Milvus refused the vectors: nothing of it stays
+    with pytest.raises(TooLate):  # past its deadline: rolled back, nothing of it stays
+        _add(store, "s1", [_new("three")], now=101.0, commit_by=1.0)
     assert store.count("s1") == 2 and store.count() == 2
 
 
 def test_exact_and_get_stay_in_their_scope_and_ttl(store: EntryStore) -> None:
-    [old] = store.begin_insert("s1", "m", "", [_new("question", "first")], now=100.0)
-    store.commit()
-    [new] = store.begin_insert("s1", "m", "", [_new("question", "second")], now=200.0)
-    store.commit()
+    [old] = _add(store, "s1", [_new("question", "first")], now=100.0)
+    [new] = _add(store, "s1", [_new("question", "second")], now=200.0)
     key = query_text(user("question")).exact_key
     hit = store.exact("s1", key, not_before=0)
     assert hit is not None and hit.id == new and hit.answer == "second"
@@ -122,8 +125,7 @@ def test_exact_and_get_stay_in_their_scope_and_ttl(store: EntryStore) -> None:
 
 
 def test_least_recently_used_order_follows_hits(store: EntryStore) -> None:
-    ids = store.begin_insert("s", "m", "", [_new(f"q{i}") for i in range(4)], now=10.0)
-    store.commit()
+    ids = _add(store, "s", [_new(f"q{i}") for i in range(4)], now=10.0)
     store.touch({ids[0]: (50.0, 3), ids[1]: (40.0, 1)})
     assert store.least_recent("s", 2) == [ids[2], ids[3]]
     assert store.least_recent_overall(3)[-1] == (ids[1], "s")

@@ -15,7 +15,7 @@ import pytest
 
 from unimodel.batcher.queue import BatchPolicy, ModelQueue, Pending
 from unimodel.batcher.settings import BatcherSettings
-from unimodel.cache.entries import EntryStore, NewEntry
+from unimodel.cache.entries import EntryStore, NewEntry, Quotas
 from unimodel.cache.settings import CacheSettings
 from unimodel.core import errors
 from unimodel.gateway.auth import ANONYMOUS, PRINCIPAL_KEY, Principal
@@ -263,8 +263,8 @@ def test_cache_store_counts_and_evicts_within_one_tenant(tmp_path: Path) -> None
     store = EntryStore(tmp_path / "c.sqlite")
     try:
         for i, (scope, tenant_name) in enumerate([("s1", "team-a"), ("s2", "team-a"), ("s3", "team-b"), ("s1", "team-a")]):
-            store.begin_insert(scope, "m", tenant_name, [NewEntry(f"k{i}", f"q{i}", f"a{i}")], 10.0 + i)
-            store.commit()
+            [entry_id] = store.reserve(1, not_before=100.0)
+            store.commit_insert(scope, "m", tenant_name, [NewEntry(f"k{i}", f"q{i}", f"a{i}")], {0: entry_id}, 10.0 + i, Quotas())
         assert store.count_tenant("team-a") == 3 and store.count_tenant("team-b") == 1
         oldest = store.least_recent_of_tenant("team-a", 2)
         assert len(oldest) == 2 and store.least_recent_of_tenant("team-b", 5) == [3]  # never another tenant's

@@ -25,6 +25,26 @@ class CacheMetrics:
             "unimodel_cache_ambiguous_misses", "Misses because two entries with different answers matched alike",
             registry=registry,
         )
+        self.refreshed = Counter(
+            "unimodel_cache_refreshed_entries",
+            "Inserted entries the scope already held (same question and answer, e.g. a retry): refreshed, not duplicated",
+            registry=registry,
+        )
+        self.late_writes = Counter(
+            "unimodel_cache_writes_past_deadline",
+            "Inserts and removals refused because they could not commit before their deadline (nothing stored)",
+            ["op"], registry=registry,
+        )
+        self.cleanup_pending = Gauge(
+            "unimodel_cache_vector_cleanup_pending",
+            "Ids whose vectors Milvus may hold without an entry, waiting to be deleted (evicted, removed, failed inserts)",
+            registry=registry,
+        )
+        self.cleanup_failures = Counter(
+            "unimodel_cache_vector_cleanup_failures",
+            "Rounds of vector deletion that failed (Milvus unreachable); retried on the next round",
+            registry=registry,
+        )
         self.entries = Gauge("unimodel_cache_entries", "Entries stored (all scopes)", registry=registry)
         self.stage = Histogram(
             "unimodel_cache_stage_seconds", "Time of a lookup's stages (embed, search, total)", ["stage"],

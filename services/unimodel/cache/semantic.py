@@ -1,6 +1,13 @@
 """The semantic cache's logic: exact match, then vector similarity, inside one scope; inserts that are
 all or nothing; eviction by TTL and by max entries (least recently used); the hit log.
 
+Writes are exactly what the caller is told: an insert or removal commits only while at least
+`reply_margin_s` of its deadline is left (so its answer reaches the caller before the caller gives up),
+work that cannot finish by then is not started, and an insert that answers an error has stored nothing,
+in SQLite or in Milvus (entries.py: ids reserved, vectors written, then one transaction that also evicts;
+`reclaim` deletes the vectors nothing claims). A retried insert (the same question and answer in the same
+scope) stores no second entry: it refreshes the stored one and answers its id.
+
 Eviction never crosses tenants: an insert evicts only entries of the tenant that inserted, least recently
 used first: over `max_entries_per_scope` in the scope, over `max_entries_per_tenant` in all of the
 tenant's scopes (named tenants; the shared tenant "" of open mode and admins has no quota of its own),
@@ -9,7 +16,9 @@ another tenant's entries; give every tenant its quota by keeping max_entries >= 
 
 Transport-free: the service gives it the stores (entries.EntryStore, vectors.VectorIndex) and an
 `embed(texts) -> float32 [n, dim]` coroutine (the embedding-worker, through the batcher). Blocking
-store calls run on executors: SQLite on one thread, Milvus on a few.
+store calls run on executors, a few threads each; each SQLite call is a whole transaction on a
+connection of its own. Deadlines are absolute `time.time()` seconds (the request's); `clock` (TTL,
+LRU times) may be a test's.
 
 A query:
   1. the conversation's text (querytext.query_text): ModelCache's splice, the text to embed, the exact key;
@@ -26,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +45,7 @@ from typing import TypeVar, TypeVarTuple
 import numpy as np
 
 from unimodel.cache import guard
-from unimodel.cache.entries import Entry, EntryStore, LogRecord, NewEntry
+from unimodel.cache.entries import Changed, Committed, Entry, EntryStore, LogRecord, NewEntry, Quotas, TooLate
 from unimodel.cache.querytext import (
     QueryText,
     QueryTextError,
@@ -50,6 +61,15 @@ from unimodel.core import errors
 Embed = Callable[[Sequence[str]], Awaitable[np.ndarray]]
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
+log = logging.getLogger("unimodel.cache.semantic")
+
+RECLAIM_GRACE_S = 60.0
+"""Reserved ids are reclaimed this long after their insert's deadline (which no commit can pass)."""
+NO_DEADLINE_S = 600.0
+"""The deadline of a write given none."""
+INSERT_ATTEMPTS = 3
+"""An insert planned again when entries it meant to refresh went away meanwhile, at most this often."""
+NOTHING_WRITTEN = "; nothing was written"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +88,7 @@ class Limits:
     max_insert_entries: int = 10_000
     hit_log_keep: int = 100_000
     guard: bool = True
+    reply_margin_s: float = 0.5  # a write commits only with this much of its deadline left
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +121,8 @@ class InsertResult:
     ids: list[int] = field(default_factory=list)
     evicted: int = 0
     entries: int = 0  # entries stored in all scopes afterwards
+    added: int = 0  # new entries
+    refreshed: int = 0  # entries already stored (a retried insert): refreshed, not stored twice
 
 
 class SemanticCache:
@@ -116,20 +139,69 @@ class SemanticCache:
         self.entries, self.vectors, self.embed, self.limits = entries, vectors, embed, limits
         self.clock = clock
         self.on_evict = on_evict
-        self._sql = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cache-sqlite")
+        self._sql = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="cache-sqlite")
         self._milvus = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="cache-milvus")
         self._touches: dict[int, tuple[float, int]] = {}
         self._log: list[LogRecord] = []
-        self._write_lock = asyncio.Lock()  # inserts, removals and evictions one at a time
+        self._reclaiming = asyncio.Lock()
 
     async def _sqlite(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._sql, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._sql, fn, *args)
+        except BaseException as exc:
+            raise _store_error(exc) from None
+
+    async def _sqlite_final(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        """A write whose outcome is the caller's answer (a commit): once sent to its thread it runs to its
+        end even if the caller is cancelled meanwhile, and its outcome, not the cancellation, is the answer
+        (a cancelled caller told "failed" after its entries were committed is what this prevents)."""
+        future = asyncio.get_running_loop().run_in_executor(self._sql, fn, *args)
+        swallowed = 0
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                if not future.done():
+                    swallowed += 1
+            except BaseException:
+                break
+        task = asyncio.current_task()
+        if swallowed and task is not None:
+            for _ in range(swallowed):
+                task.uncancel()
+            log.info("a cache write was cancelled while it committed; it finished and answers as it ended")
+        try:
+            return future.result()
+        except BaseException as exc:
+            raise _store_error(exc) from None
 
     async def _vector(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._milvus, fn, *args)
         except VectorStoreError as exc:
             raise errors.Unavailable(str(exc), retry_after_s=1) from None
+
+    def _commit_by(self, deadline: float | None) -> float | None:
+        """The latest time.time() a write of `deadline` may commit (its answer needs the margin to arrive)."""
+        return None if deadline is None else deadline - self.limits.reply_margin_s
+
+    @staticmethod
+    def _check(commit_by: float | None, what: str) -> None:
+        """Work that cannot finish before the deadline is not started."""
+        if commit_by is not None and time.time() >= commit_by:
+            raise errors.DeadlineExceeded(f"deadline exceeded before {what}{NOTHING_WRITTEN}")
+
+    @staticmethod
+    async def _within(finish_by: float | None, what: str, work: Awaitable[T], note: str = "") -> T:
+        """`work`, given up at `finish_by` (DeadlineExceeded, its message ending with `note`)."""
+        try:
+            if finish_by is None:
+                return await work
+            return await asyncio.wait_for(work, max(0.0, finish_by - time.time()))
+        except TimeoutError:
+            raise errors.DeadlineExceeded(f"deadline exceeded during {what}{note}") from None
+        except errors.DeadlineExceeded as exc:
+            raise errors.DeadlineExceeded(f"{exc.message}{note}") from None
 
     def _not_before(self) -> float:
         return self.clock() - self.limits.ttl_s if self.limits.ttl_s > 0 else 0.0
@@ -149,8 +221,9 @@ class SemanticCache:
     # query -------------------------------------------------------------------------------------------
     async def query(
         self, scope: Scope, turns: Sequence[Turn], *, threshold_short: float = 0.0, threshold_long: float = 0.0,
-        exact_only: bool = False,
+        exact_only: bool = False, deadline: float | None = None,
     ) -> QueryResult:
+        """`deadline` (time.time()): the embedding and the search are not started, or are given up, past it."""
         started = time.perf_counter_ns()
         text = self._text(turns)
         result = QueryResult()
@@ -162,8 +235,10 @@ class SemanticCache:
             result.similarity = result.best_similarity = 1.0
             result.entry = entry
         elif not exact_only:
+            if deadline is not None and time.time() >= deadline:
+                raise errors.DeadlineExceeded("deadline exceeded before the cache lookup's embedding")
             t0 = time.perf_counter_ns()
-            vector = (await self.embed([text.embedding_text]))[0]
+            vector = (await self._within(deadline, "the cache lookup's embedding", self.embed([text.embedding_text])))[0]
             t1 = time.perf_counter_ns()
             candidates = await self._vector(self.vectors.search, key, vector, self.limits.top_k)
             result.embed_ns, result.search_ns = t1 - t0, time.perf_counter_ns() - t1
@@ -207,8 +282,13 @@ class SemanticCache:
         return result
 
     # insert ------------------------------------------------------------------------------------------
-    async def insert(self, scope: Scope, items: Sequence[tuple[Sequence[Turn], str]]) -> InsertResult:
-        """Store every (conversation, answer), or none (an error is raised and nothing is written)."""
+    async def insert(
+        self, scope: Scope, items: Sequence[tuple[Sequence[Turn], str]], *, deadline: float | None = None
+    ) -> InsertResult:
+        """Store every (conversation, answer), or none (an error is raised and nothing is written, in either
+        store). `deadline` (time.time()): it commits `reply_margin_s` before it at the latest, else
+        DeadlineExceeded. A (conversation, answer) the scope already holds is refreshed, not stored again:
+        its id is answered (a client's retry adds nothing)."""
         limits = self.limits
         if not items:
             raise errors.InvalidArgument("nothing to insert (chat_info is empty)", field="chat_info")
@@ -216,8 +296,10 @@ class SemanticCache:
             raise errors.InvalidArgument(
                 f"{len(items)} entries in one insert; at most {limits.max_insert_entries}", field="chat_info"
             )
+        unique: dict[tuple[str, str], int] = {}  # (exact key, answer) -> position in `new`
         texts: list[QueryText] = []
         new: list[NewEntry] = []
+        positions: list[int] = []  # item -> its position in `new`
         for i, (turns, answer) in enumerate(items):
             try:
                 text = self._text(turns)
@@ -230,64 +312,77 @@ class SemanticCache:
                 raise errors.InvalidArgument(
                     f"chat_info[{i}]: the answer has {size} bytes; at most {limits.max_answer_bytes}", field="answer"
                 )
-            texts.append(text)
-            new.append(NewEntry(text.exact_key, text.spliced, answer))
-        vectors = await self.embed([t.embedding_text for t in texts])
+            pair = (text.exact_key, answer)
+            if pair not in unique:  # the same question and answer twice in one insert: one entry
+                unique[pair] = len(new)
+                texts.append(text)
+                new.append(NewEntry(text.exact_key, text.spliced, answer))
+            positions.append(unique[pair])
+        commit_by = self._commit_by(deadline)
+        self._check(commit_by, "the insert")
         key = scope.key
-        async with self._write_lock:
-            ids = await self._sqlite(self.entries.begin_insert, key, scope.model, scope.tenant, new, self.clock())
+        stored = await self._sqlite(self.entries.stored, key, list(unique))
+        for _attempt in range(INSERT_ATTEMPTS):
+            todo = [i for i, e in enumerate(new) if (e.exact_key, e.answer) not in stored]
             try:
-                await self._vector(self.vectors.insert, ids, key, vectors)
-            except BaseException:
-                await self._sqlite(self.entries.rollback)
-                raise
-            await self._sqlite(self.entries.commit)
-            evicted, entries = await self._evict_over_limit(key, scope.tenant)
-        return InsertResult(ids, evicted, entries)
+                committed = await self._insert_once(scope, new, [texts[i] for i in todo], todo, deadline, commit_by)
+            except Changed as exc:  # entries it meant to refresh went away: embed those too
+                for i in exc.positions:
+                    stored.pop((new[i].exact_key, new[i].answer), None)
+                continue
+            for reason, ids in committed.evicted.items():
+                self.on_evict(reason, len(ids))
+            return InsertResult(
+                [committed.ids[p] for p in positions], sum(len(v) for v in committed.evicted.values()),
+                committed.entries, committed.added, committed.refreshed,
+            )
+        raise errors.Unavailable("the cache's entries changed during the insert; nothing was written", retry_after_s=1)
 
-    async def _evict_over_limit(self, key: str, tenant: str) -> tuple[int, int]:
-        """Evict least recently used entries of `tenant` (the inserter) over the limits; (evicted, entries
-        left in all scopes). Never another tenant's entries."""
+    async def _insert_once(
+        self, scope: Scope, new: list[NewEntry], texts: list[QueryText], todo: list[int], deadline: float | None,
+        commit_by: float | None,
+    ) -> Committed:
+        """One try: embed and write the vectors of `todo` (positions in `new` not stored yet) under reserved
+        ids, then the one transaction. On any failure the reserved ids are given up (reclaim deletes their
+        vectors)."""
         limits = self.limits
-        store = self.entries
-        in_scope, in_tenant, total = await self._sqlite(
-            lambda: (store.count(key), store.count_tenant(tenant) if tenant else 0, store.count())
-        )
-        evicted = 0
-        over = in_scope - limits.max_entries_per_scope
-        if over > 0:
-            ids = await self._sqlite(store.least_recent, key, over)
-            evicted += await self._drop(ids)
-            self.on_evict("max_entries_per_scope", len(ids))
-        over = in_tenant - evicted - limits.max_entries_per_tenant
-        if tenant and over > 0:
-            ids = await self._sqlite(store.least_recent_of_tenant, tenant, over)
-            evicted += await self._drop(ids)
-            self.on_evict("max_entries_per_tenant", len(ids))
-        over = total - evicted - limits.max_entries
-        if over > 0:  # the store is full: the inserter makes room among its own entries
-            ids = await self._sqlite(store.least_recent_of_tenant, tenant, over)
-            evicted += await self._drop(ids)
-            self.on_evict("max_entries", len(ids))
-        return evicted, total - evicted
-
-    async def _drop(self, ids: Sequence[int]) -> int:
-        """Vectors first (a vector without its entry is skipped by queries), then the entries."""
-        if not ids:
-            return 0
-        await self._vector(self.vectors.delete, ids)
-        return await self._sqlite(self.entries.delete, ids)
+        quotas = Quotas(limits.max_entries_per_scope, limits.max_entries_per_tenant, limits.max_entries)
+        vector_ids: dict[int, int] = {}
+        if todo:
+            self._check(commit_by, "the insert's embedding")
+            vectors = await self._within(
+                commit_by, "the insert's embedding", self.embed([t.embedding_text for t in texts]), NOTHING_WRITTEN
+            )
+            self._check(commit_by, "the insert's vectors were written")
+            until = (deadline if deadline is not None else time.time() + NO_DEADLINE_S) + RECLAIM_GRACE_S
+            ids = await self._sqlite(self.entries.reserve, len(todo), until, commit_by)
+            vector_ids = dict(zip(todo, ids, strict=True))
+        try:
+            if vector_ids:
+                await self._vector(self.vectors.insert, list(vector_ids.values()), scope.key, vectors)
+                self._check(commit_by, "the insert could commit")
+            return await self._sqlite_final(
+                self.entries.commit_insert, scope.key, scope.model, scope.tenant, new, vector_ids, self.clock(),
+                quotas, commit_by,
+            )
+        except BaseException as exc:
+            # cancelled: the Milvus write may still run on its thread, so the ids wait for their grace
+            if vector_ids and not isinstance(exc, asyncio.CancelledError):
+                try:
+                    await self._sqlite(self.entries.release, list(vector_ids.values()))
+                except BaseException as exc:  # reclaimed after the deadline's grace anyway
+                    log.debug("could not release reserved ids: %s", exc)
+            raise
 
     # remove ------------------------------------------------------------------------------------------
-    async def remove(self, scope: Scope, *, truncate: bool = False, ids: Sequence[int] = ()) -> int:
-        key = scope.key
-        async with self._write_lock:
-            if truncate:
-                existing = await self._sqlite(self.entries.scope_ids, key)
-                await self._vector(self.vectors.delete_scope, key)
-                return await self._sqlite(self.entries.delete, existing)
-            mine = await self._sqlite(self.entries.ids_of, key, list(ids))
-            return await self._drop(mine)
+    async def remove(
+        self, scope: Scope, *, truncate: bool = False, ids: Sequence[int] = (), deadline: float | None = None
+    ) -> int:
+        """Remove entries of `scope` (all of them with `truncate`): one transaction, committed before the
+        deadline's margin or not at all; their vectors go by `reclaim`."""
+        commit_by = self._commit_by(deadline)
+        self._check(commit_by, "the removal")
+        return await self._sqlite_final(self.entries.remove, scope.key, list(ids), truncate, commit_by)
 
     # housekeeping ------------------------------------------------------------------------------------
     async def flush(self) -> None:
@@ -300,15 +395,27 @@ class SemanticCache:
             await self._sqlite(self.entries.log, records, self.limits.hit_log_keep)
 
     async def expire(self) -> int:
-        """Drop entries older than the TTL (a batch per call)."""
+        """Drop entries older than the TTL (a batch per call); their vectors go by `reclaim`."""
         if self.limits.ttl_s <= 0:
             return 0
-        async with self._write_lock:
-            ids = await self._sqlite(self.entries.expired, self._not_before())
-            n = await self._drop(ids)
-        if ids:
-            self.on_evict("ttl", len(ids))
+        n = await self._sqlite(self.entries.expire, self._not_before())
+        if n:
+            self.on_evict("ttl", n)
         return n
+
+    async def reclaim(self, limit: int = 1000) -> int:
+        """Delete from Milvus the vectors whose entries are gone or were never committed (entries.py);
+        the number of ids done. Unavailable when Milvus is down (they stay listed: the next call)."""
+        async with self._reclaiming:
+            now = time.time()
+            ids = await self._sqlite(self.entries.reclaimable, now, limit)
+            if ids:
+                await self._vector(self.vectors.delete, ids)
+                await self._sqlite(self.entries.forget, ids, now)
+            return len(ids)
+
+    async def cleanup_pending(self) -> int:
+        return await self._sqlite(self.entries.cleanup_pending)
 
     async def log(self, scope: Scope, limit: int) -> list[LogRecord]:
         await self.flush()
@@ -320,4 +427,14 @@ class SemanticCache:
     def close(self) -> None:
         self._milvus.shutdown(wait=True, cancel_futures=True)
         self._sql.shutdown(wait=True, cancel_futures=True)
+
+
+def _store_error(exc: BaseException) -> BaseException:
+    """The error a SQLite call's failure answers: TooLate -> DeadlineExceeded, a locked or failing store ->
+    Unavailable (nothing written either way: every call is a whole transaction)."""
+    if isinstance(exc, TooLate):
+        return errors.DeadlineExceeded(f"{exc}{NOTHING_WRITTEN}")
+    if isinstance(exc, sqlite3.Error):
+        return errors.Unavailable(f"the cache store failed ({' '.join(str(exc).split())[:200]})", retry_after_s=1)
+    return exc
 

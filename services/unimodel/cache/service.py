@@ -3,7 +3,10 @@ embedding path.
 
 Subjects (queue group "cache", so replicas share the load): subjects.CACHE_QUERY, CACHE_INSERT,
 CACHE_REMOVE, CACHE_LOG take the cache.proto requests and answer the matching response, or error headers
-(InvalidArgument for bad input, Unavailable when Milvus or the embedding path is down).
+(InvalidArgument for bad input, Unavailable when Milvus or the embedding path is down, DeadlineExceeded
+when a write could not commit `reply_margin_s` before the caller's deadline: nothing was written).
+Every request carries its caller's deadline (RequestContext, header Um-Deadline); lookups and writes honour
+it (semantic.py).
 
 Embeddings go through the batcher like every other request (subjects.batch(<embedding model>)): texts are
 batched with the other callers' and run on an embedding-worker. Milvus is reached through pymilvus
@@ -40,12 +43,22 @@ from unimodel.v1 import cache_pb2, generate_pb2, inference_pb2
 
 _traceparent: contextvars.ContextVar[str] = contextvars.ContextVar("cache_traceparent", default="")
 """The traceparent of the query being served (the embedding it needs is its child span)."""
+_request_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("cache_deadline", default=None)
+"""The deadline (time.time()) of the request being served: its embedding requests carry it on."""
 
 M = TypeVar("M", bound=Message)
+
+RECLAIM_RETRY_S = 10.0
+"""After a failed vector cleanup round (Milvus down), the next one waits this long."""
 
 
 def turns_of(messages: Sequence[generate_pb2.ChatMessage]) -> list[Turn]:
     return [Turn(m.role, m.content) for m in messages]
+
+
+def _deadline(ctx: RequestContext) -> float | None:
+    """The request's deadline (the caller's, from the Um-Deadline header) in time.time() seconds."""
+    return ctx.deadline_ms / 1000.0 if ctx.deadline_ms else None
 
 
 class CacheService(Service):
@@ -57,6 +70,8 @@ class CacheService(Service):
         self.replies = ReplyMux(self.bus, self.id)
         self.m = CacheMetrics(self.metrics.registry)
         self.cache: SemanticCache | None = None
+        self._reclaim_failing = False
+        self._reclaim_after = 0.0  # loop time of the next cleanup round after a failed one
 
     async def on_start(self) -> None:
         s = self.settings
@@ -67,9 +82,10 @@ class CacheService(Service):
             max_entries_per_tenant=s.max_entries_per_tenant,
             max_answer_bytes=s.max_answer_bytes, max_query_chars=s.max_query_chars,
             max_insert_entries=s.max_insert_entries, hit_log_keep=s.hit_log_keep, guard=s.guard,
+            reply_margin_s=s.reply_margin_s,
         )
         try:
-            entries = EntryStore(s.sqlite_file)
+            entries = EntryStore(s.sqlite_file, busy_timeout_s=s.sqlite_busy_timeout_s)
         except Exception as exc:
             raise FatalError(f"cannot open the cache store {s.sqlite_file}: {exc}") from None
         vectors = VectorIndex(
@@ -122,6 +138,11 @@ class CacheService(Service):
         s = self.settings
         item = inference_pb2.BatchItem(input=texts_value(texts), rows=len(texts))
         timeout_s = s.embedding_timeout_s * max(1.0, len(texts) / 8)  # a bulk chunk queues behind others
+        deadline = _request_deadline.get()
+        if deadline is not None:  # the caller's deadline goes on to the batcher (which drops expired items)
+            timeout_s = min(timeout_s, deadline - time.time())
+            if timeout_s <= 0:
+                raise errors.DeadlineExceeded("deadline exceeded before the embedding")
         span, ctx = tracing.start_in(
             tracing.Name.CACHE_EMBED, RequestContext.new(timeout_s, traceparent=_traceparent.get()), tracing.CLIENT,
             {Attr.MODEL: s.embedding_model, Attr.BATCH_ROWS: len(texts)},
@@ -131,6 +152,9 @@ class CacheService(Service):
                 subjects.batch(s.embedding_model), item, ctx, timeout_s=timeout_s,
                 bundle_subject=subjects.bundle(s.embedding_model),
             )
+        except errors.DeadlineExceeded as exc:
+            tracing.finish(span, exc)
+            raise errors.DeadlineExceeded(f"deadline exceeded during the embedding ({exc.message})") from None
         except errors.UnimodelError as exc:
             tracing.finish(span, exc)
             raise errors.Unavailable(
@@ -168,11 +192,12 @@ class CacheService(Service):
         cache = self._ready()
         span, ctx = tracing.start_in(tracing.Name.CACHE_QUERY, ctx, tracing.SERVER, {Attr.MODEL: request.scope.model})
         token = _traceparent.set(ctx.traceparent)  # the embedding request is the query span's child
+        deadline_token = _request_deadline.set(_deadline(ctx))
         wall_ns, perf_ns = time.time_ns(), time.perf_counter_ns()
         try:
             result = await cache.query(
                 self._scope(request.scope), turns_of(request.messages), threshold_short=request.threshold_short,
-                threshold_long=request.threshold_long, exact_only=request.exact_only,
+                threshold_long=request.threshold_long, exact_only=request.exact_only, deadline=_deadline(ctx),
             )
         except errors.UnimodelError as exc:
             tracing.finish(span, exc)
@@ -181,6 +206,7 @@ class CacheService(Service):
             raise
         finally:
             _traceparent.reset(token)
+            _request_deadline.reset(deadline_token)
         if span is not None:
             outcome = "exact_hit" if result.exact else "semantic_hit" if result.hit else "miss"
             span.set_attribute(Attr.CACHE_OUTCOME, outcome)
@@ -213,8 +239,18 @@ class CacheService(Service):
         request = self._parse(cache_pb2.CacheInsertRequest, msg.data)
         cache = self._ready()
         scope = self._scope(request.scope)
-        result = await cache.insert(scope, [(turns_of(e.messages), e.answer) for e in request.entries])
-        self.m.inserts.inc(len(result.ids))
+        token = _request_deadline.set(_deadline(ctx))
+        try:
+            result = await cache.insert(
+                scope, [(turns_of(e.messages), e.answer) for e in request.entries], deadline=_deadline(ctx)
+            )
+        except errors.DeadlineExceeded:
+            self.m.late_writes.labels("insert").inc()
+            raise
+        finally:
+            _request_deadline.reset(token)
+        self.m.inserts.inc(result.added)
+        self.m.refreshed.inc(result.refreshed)
         self.m.entries.set(result.entries)
         return cache_pb2.CacheInsertResponse(ids=result.ids, evicted=result.evicted).SerializeToString()
 
@@ -224,7 +260,11 @@ class CacheService(Service):
         scope = self._scope(request.scope)
         if not request.truncate and not request.ids:
             raise errors.InvalidArgument("nothing to remove: give ids, or truncate", field="id_list")
-        removed = await cache.remove(scope, truncate=request.truncate, ids=list(request.ids))
+        try:
+            removed = await cache.remove(scope, truncate=request.truncate, ids=list(request.ids), deadline=_deadline(ctx))
+        except errors.DeadlineExceeded:
+            self.m.late_writes.labels("remove").inc()
+            raise
         self.m.entries.set(await cache.count())
         return cache_pb2.CacheRemoveResponse(removed=removed).SerializeToString()
 
@@ -242,11 +282,16 @@ class CacheService(Service):
 
     # housekeeping ------------------------------------------------------------------------------------
     async def _housekeeping(self) -> None:
+        """Every flush interval: the hit log and LRU times, the vectors nothing claims (first at start:
+        the leftovers of a process that died inside an insert), and now and then the TTL sweep."""
         s = self.settings
         loop = asyncio.get_running_loop()
         next_sweep = loop.time() + s.sweep_interval_s
+        first = True
         while True:
-            await asyncio.sleep(s.flush_interval_s)
+            if not first:
+                await asyncio.sleep(s.flush_interval_s)
+            first = False
             cache = self.cache
             if cache is None:
                 continue
@@ -256,8 +301,33 @@ class CacheService(Service):
                     next_sweep = loop.time() + s.sweep_interval_s
                     if await cache.expire():
                         self.m.entries.set(await cache.count())
-            except errors.UnimodelError as exc:  # Milvus down: try again next time
+            except errors.UnimodelError as exc:
                 self.log.warning("cache housekeeping: %s", exc.message)
+            await self._reclaim(cache)
+
+    async def _reclaim(self, cache: SemanticCache) -> None:
+        """Delete the vectors of evicted, removed and failed entries; a failure (Milvus down) is logged once
+        and counted, and the next round tries again: it never reaches an insert's answer."""
+        now = asyncio.get_running_loop().time()
+        if now < self._reclaim_after:
+            return
+        try:
+            while await cache.reclaim() >= 1000:  # a full batch: there may be more
+                pass
+        except errors.UnimodelError as exc:
+            self.m.cleanup_failures.inc()
+            self._reclaim_after = now + RECLAIM_RETRY_S  # spare a Milvus that is down a reconnect every round
+            if not self._reclaim_failing:
+                self.log.warning("cache vector cleanup: %s; retrying every %gs", exc.message, RECLAIM_RETRY_S)
+            self._reclaim_failing = True
+        else:
+            if self._reclaim_failing:
+                self.log.info("cache vector cleanup works again")
+            self._reclaim_failing = False
+        try:
+            self.m.cleanup_pending.set(await cache.cleanup_pending())
+        except errors.UnimodelError as exc:
+            self.log.debug("cache vector cleanup count: %s", exc.message)
 
     async def on_close(self) -> None:
         if self.cache is not None:

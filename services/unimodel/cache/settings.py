@@ -55,6 +55,15 @@ class CacheSettings(CommonSettings):
     hit_log_keep: int = Field(100_000, ge=0, description="hit log rows kept (oldest dropped)")
     flush_interval_s: float = Field(1.0, gt=0, le=3600, description="hit log and LRU times are written this often")
     sweep_interval_s: float = Field(60.0, gt=0, le=86400, description="expired entries are dropped this often")
+    reply_margin_s: float = Field(
+        0.5, ge=0, le=60,
+        description="an insert or removal commits only while this much of the request's deadline is left (its "
+        "answer must reach the caller before the caller gives up); later, it is refused with DEADLINE_EXCEEDED "
+        "and nothing is stored",
+    )
+    sqlite_busy_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="longest wait for the SQLite write lock of a write without a deadline"
+    )
 
     @field_validator("milvus_uri")
     @classmethod

@@ -50,6 +50,9 @@ class CacheClient:
         )
 
     async def insert(self, request: cache_pb2.CacheInsertRequest, ctx: RequestContext) -> cache_pb2.CacheInsertResponse:
+        """The answer is what was stored: the cache commits only while part of `ctx`'s deadline (its
+        reply_margin_s) is left, so an error (DEADLINE_EXCEEDED included) means nothing was stored, and
+        sending the same entries again (a retry) stores no duplicate."""
         # Inserts embed every entry: a bulk insert takes longer than a query.
         return await self._call(subjects.CACHE_INSERT, request, cache_pb2.CacheInsertResponse, ctx, ctx.timeout(600.0))
 
