@@ -20,7 +20,7 @@ import grpc
 import httpx
 
 from unimodel.core.membership import instances_prefix
-from unimodel.core.nats_config import ALL
+from unimodel.core.nats_config import ALL, MAX_PAYLOAD
 from unimodel.core.store import EtcdStore
 from unimodel.core.transport_security import EtcdAuth
 from unimodel.local.credentials import ETCD_USER, LocalCredentials
@@ -51,8 +51,9 @@ ETCD_PREFIX = "/unimodel/v1"
 
 
 class Infra:
-    def __init__(self, tmp: Path, *, secure: bool | None = None) -> None:
+    def __init__(self, tmp: Path, *, secure: bool | None = None, max_payload: int = MAX_PAYLOAD) -> None:
         self.tmp = tmp
+        self.max_payload = max_payload  # nats-server's (core/nats_config.py)
         self.sink = LogSink()
         if secure is None:
             secure = os.environ.get("UNIMODEL_TEST_BUS_AUTH", "1") != "0"
@@ -62,8 +63,8 @@ class Infra:
 
     def _nats(self, port: int) -> NatsServer:
         if self.credentials is None:
-            return NatsServer(port, self.tmp / "nats", sink=self.sink)
-        config = self.credentials.write_nats_config({TEST_NATS_USER: ALL})
+            return NatsServer(port, self.tmp / "nats", sink=self.sink, max_payload=self.max_payload)
+        config = self.credentials.write_nats_config({TEST_NATS_USER: ALL}, max_payload=self.max_payload)
         user = (TEST_NATS_USER, self.credentials.nats_password_file(TEST_NATS_USER).read_text().strip())
         return NatsServer(port, self.tmp / "nats", config_file=config, url_user=user, sink=self.sink)
 

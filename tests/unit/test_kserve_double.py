@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from unimodel.core import errors, modelconfig, tensors
 from unimodel.core.context import RequestContext
 from unimodel.gateway.auth import ApiKeys
+from unimodel.gateway.big_bodies import BodyCodec
 from unimodel.gateway.statistics import ModelStatistics
 from unimodel.v1 import inference_pb2, model_pb2, tensor_pb2
 
@@ -57,6 +58,7 @@ class KServeDouble:
         if not self.configs_by_name:
             self.configs_by_name = {c["name"]: modelconfig.parse(dict(c)) for c in CONFIGS}
         self.settings = SimpleNamespace(request_timeout_s=30.0, max_body_bytes=1 << 20)
+        self.body_codec = BodyCodec(0, 0)  # bodies decoded here, on the event loop
         self.log = logging.getLogger("kserve-double")
         self.model_stats = ModelStatistics()
         self.id = "gateway-double"

@@ -6,10 +6,11 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 import pytest
 from google.protobuf.message import DecodeError
 
-from unimodel.core import errors
+from unimodel.core import errors, payload_limits
 from unimodel.core.context import RequestContext
 from unimodel.core.replies import ReplyMux
 from unimodel.core.subjects import Header
@@ -26,18 +27,26 @@ class FakeMsg:
 @dataclass
 class FakeNats:
     published: list[tuple[str, bytes, str, Any]] = field(default_factory=list)
+    max_payload: int = 64 * 1024 * 1024  # the server's, as nats-py reads it from INFO
 
     async def publish(self, subject: str, payload: bytes, reply: str = "", headers: Any = None) -> None:
+        if len(payload) > self.max_payload:  # as nats-py does
+            raise nats.errors.MaxPayloadError
         self.published.append((subject, payload, reply, headers))
 
 
 class FakeBus:
     def __init__(self) -> None:
         self.nc = FakeNats()
+        self.max_payload = self.nc.max_payload  # the server's (core.bus.Bus.max_payload)
         self.subscribed: list[str] = []
 
     def client(self) -> FakeNats:
         return self.nc
+
+    @property
+    def message_limit(self) -> int:
+        return payload_limits.message_limit(self.max_payload)
 
     async def subscribe(self, subject: str, cb: Any) -> object:
         self.subscribed.append(subject)
@@ -172,3 +181,61 @@ async def test_inboxes_end_in_128_random_bits_and_unknown_inboxes_are_dropped() 
     assert await tasks[0] == b"answer"
     for t in tasks[1:]:
         t.cancel()
+
+
+async def test_an_item_over_the_bus_limit_is_413_naming_it_and_never_sent() -> None:
+    bus = FakeBus()
+    bus.max_payload = 200_000
+    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]  # FakeBus stands in for core.bus.Bus (the members ReplyMux uses)
+    ctx = RequestContext.new(5)
+    big = inference_pb2.BatchItem(rows=1)
+    big.input.string_value = "x" * 150_000  # over 200 000 less the envelope room
+    for bundle_subject in ("u.m", ""):
+        with pytest.raises(errors.PayloadTooLarge, match=f"limit of {payload_limits.message_limit(200_000)} bytes"):
+            await mux.request_item("b.m", big, ctx, timeout_s=5, bundle_subject=bundle_subject)
+    with pytest.raises(errors.PayloadTooLarge):
+        await mux.open_stream("b.m", big, ctx)
+    assert bus.nc.published == [] and mux.pending == 0
+
+
+async def test_items_that_fit_alone_but_not_together_leave_in_several_bundles() -> None:
+    bus = FakeBus()
+    bus.max_payload = 200_000  # message limit 134 464
+    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]  # FakeBus stands in for core.bus.Bus (the members ReplyMux uses)
+    ctx = RequestContext.new(5)
+
+    def call(size: int) -> asyncio.Task[bytes]:
+        item = inference_pb2.BatchItem(rows=1)
+        item.input.string_value = "x" * size
+        return asyncio.create_task(mux.request_item("b.m", item, ctx, timeout_s=5, bundle_subject="u.m"))
+
+    calls = [call(n) for n in (10, 70_000, 70_000, 10)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert all(len(payload) <= bus.message_limit for _s, payload, _r, _h in bus.nc.published)
+    sizes = []
+    for subject, payload, _reply, _headers in bus.nc.published:
+        if subject == "u.m":
+            sizes += [len(i.input.string_value) for i in inference_pb2.ItemBundle.FromString(payload).items]
+        else:
+            sizes.append(len(inference_pb2.BatchItem.FromString(payload).input.string_value))
+    assert sizes == [10, 70_000, 70_000, 10] and len(bus.nc.published) == 2
+    for task in calls:
+        task.cancel()
+
+
+async def test_a_refused_payload_is_413_never_connection_down() -> None:
+    """nats-py's MaxPayloadError (the server's limit is lower than we knew) is not a 503 with Retry-After."""
+    bus = FakeBus()
+    mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]  # FakeBus stands in for core.bus.Bus (the members ReplyMux uses)
+    ctx = RequestContext.new(5)
+
+    async def refuse(*_args: Any, **_kw: Any) -> None:
+        raise nats.errors.MaxPayloadError
+
+    bus.nc.publish = refuse  # type: ignore[method-assign]  # as if the server took less than its INFO said
+    item = inference_pb2.BatchItem(rows=1)
+    for bundle_subject in ("u.m", ""):
+        with pytest.raises(errors.PayloadTooLarge) as caught:
+            await mux.request_item("b.m", item, ctx, timeout_s=5, bundle_subject=bundle_subject)
+        assert caught.value.http_status == 413 and not caught.value.retry_after_s

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from unimodel.core import errors
+from unimodel.core import errors, payload_limits
 from unimodel.core.context import RequestContext
 from unimodel.core.subjects import Header
 from unimodel.core.telemetry import request_id_var
@@ -65,7 +65,21 @@ def raise_for_error_headers(msg: Msg) -> None:
 CONNECTION_ERRORS = (
     nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError
 )
-"""nats-py errors of a send when the connection is down: answered UNAVAILABLE (connection_down())."""
+"""nats-py errors of a send when the connection is down: answered UNAVAILABLE (connection_down()). Not
+MaxPayloadError: a message over the server's max_payload is PAYLOAD_TOO_LARGE (oversized()), sent again it
+fails again."""
+
+
+def header_bytes(headers: Mapping[str, str] | None) -> int:
+    """What `headers` add to a message as nats-py encodes them (NATS/1.0 line, `key: value` lines, blank line)."""
+    if not headers:
+        return 0
+    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+
+
+def oversized(nc: NatsClient, size: int, what: str = "the request") -> errors.PayloadTooLarge:
+    """PAYLOAD_TOO_LARGE for a message of `size` bytes that the server (its max_payload) does not take."""
+    return payload_limits.too_large(size, nc.max_payload, what)
 
 
 def connection_down() -> errors.Unavailable:
@@ -154,6 +168,25 @@ class Bus:
         if self.on_state:
             self.on_state(True)
 
+    @property
+    def max_payload(self) -> int:
+        """The server's max_payload from its INFO (nats-py's 1 MiB default before the first connection)."""
+        return self.nc.max_payload if self.nc is not None else 1024 * 1024
+
+    @property
+    def message_limit(self) -> int:
+        """The largest item, bundle or reply this service publishes (payload_limits.message_limit)."""
+        return payload_limits.message_limit(self.max_payload)
+
+    def check_fits(self, payload: bytes, headers: Mapping[str, str] | None = None, what: str = "the request") -> None:
+        """PAYLOAD_TOO_LARGE (raised) when `payload` with `headers` is over the server's max_payload: the
+        server would refuse it and close the connection."""
+        nc = self.nc
+        if nc is not None:
+            size = len(payload) + header_bytes(headers)
+            if size > nc.max_payload:
+                raise oversized(nc, size, what)
+
     def client(self) -> NatsClient:
         """The connected NATS client; Unavailable when there is none."""
         if self.nc is None or self.nc.is_closed:
@@ -164,8 +197,12 @@ class Bus:
     async def request(self, subject: str, payload: bytes, ctx: RequestContext, *, timeout_s: float) -> bytes:
         """Send a request and return the reply payload; error replies raise their UnimodelError."""
         nc = self.client()
+        headers = ctx.to_headers()
+        self.check_fits(payload, headers)
         try:
-            msg = await nc.request(subject, payload, timeout=ctx.timeout(timeout_s), headers=ctx.to_headers())
+            msg = await nc.request(subject, payload, timeout=ctx.timeout(timeout_s), headers=headers)
+        except nats.errors.MaxPayloadError:
+            raise oversized(nc, len(payload)) from None
         except nats.errors.NoRespondersError:
             raise no_responders(subject) from None
         except nats.errors.TimeoutError:
@@ -220,7 +257,7 @@ class Bus:
             ctx.check()
             reply = await handler(msg, ctx)
             if msg.reply and reply is not None:
-                await self.client().publish(msg.reply, reply)
+                await self.publish(msg.reply, reply, what="the answer")
         except errors.UnimodelError as exc:
             await self._reply_error(msg, exc)
         except asyncio.CancelledError:
@@ -236,9 +273,15 @@ class Bus:
         if msg.reply:
             await self.publish_error(msg.reply, err)
 
-    async def publish(self, subject: str, payload: bytes) -> None:
-        """One-way message (e.g. a result sent straight to a caller's inbox)."""
-        await self.client().publish(subject, payload)
+    async def publish(self, subject: str, payload: bytes, *, what: str = "the message") -> None:
+        """One-way message (e.g. a result sent straight to a caller's inbox); PAYLOAD_TOO_LARGE (naming
+        `what`) when it is over the server's max_payload."""
+        nc = self.client()
+        self.check_fits(payload, None, what)
+        try:
+            await nc.publish(subject, payload)
+        except nats.errors.MaxPayloadError:
+            raise oversized(nc, len(payload), what) from None
 
     async def publish_error(self, subject: str, err: errors.UnimodelError) -> None:
         """Answer a caller's inbox with an error; logged, never raised, if NATS is down."""

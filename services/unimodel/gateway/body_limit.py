@@ -1,10 +1,13 @@
-"""The body limit (settings.max_body_bytes), the outermost HTTP layer: 413 in the shape of the route's API."""
+"""The body limit (settings.max_body_bytes), the outermost HTTP layer: 413 in the shape of the route's API.
+
+The bus has a limit too (nats-server's max_payload, 64 MiB by default, core/payload_limits.py): a body under
+this one whose encoded request is over that is refused by the gateway before publishing, also with 413."""
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from unimodel.core import errors
+from unimodel.core import errors, payload_limits
 from unimodel.gateway.kserve.errors import error_response as kserve_error_response
 from unimodel.gateway.unified.errors import error_response
 
@@ -15,17 +18,22 @@ class BodyLimit:
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.message = (
+            f"request body exceeds the limit of {max_bytes} bytes ({payload_limits.mib(max_bytes)}; the gateway's max_body_bytes)"
+        )
+
+    def too_large(self) -> errors.PayloadTooLarge:
+        return errors.PayloadTooLarge(self.message, limit=str(self.max_bytes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = errors.PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 # KServe clients expect {"error": "<message>"}
                 render = kserve_error_response if scope["path"].startswith("/v2") else error_response
-                await render(too_large)(scope, receive, send)
+                await render(self.too_large())(scope, receive, send)
                 return
         seen = 0
 
@@ -35,7 +43,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise too_large
+                    raise self.too_large()
             return message
 
         await self.app(scope, limited, send)

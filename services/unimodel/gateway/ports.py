@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from unimodel.core.context import RequestContext
     from unimodel.gateway.auth import ApiKeys
+    from unimodel.gateway.big_bodies import BodyCodec
     from unimodel.gateway.cache_client import CacheClient
     from unimodel.gateway.catalog import ModelEntry
     from unimodel.gateway.generation_stream import Generation
@@ -55,10 +56,17 @@ class Predictor(Protocol):
         self, model: str, value: struct_pb2.Value, parameters: dict[str, str], ctx: RequestContext, api: str = "http"
     ) -> inference_pb2.PredictResponse: ...
 
+    @property
+    def body_codec(self) -> BodyCodec: ...
+
+    async def predict_encoded(self, model: str, item: bytes, ctx: RequestContext, api: str = "http") -> bytes: ...
+
 
 class TensorInference(Protocol):
     @property
     def model_stats(self) -> ModelStatistics: ...
+    @property
+    def body_codec(self) -> BodyCodec: ...
 
     async def infer(
         self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str = "http"

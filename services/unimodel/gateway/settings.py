@@ -30,7 +30,18 @@ class GatewaySettings(CommonSettings):
     # Triton's defaults: HTTP on 8000, gRPC on 8001.
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (REST, /metrics); 0 = any free port")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (InferenceService, health); 0 = any")
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above)")
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above); what the bus carries is "
+        "limited too, by nats-server's max_payload (64 MiB in unimodel up and compose): a request that is bigger once "
+        "encoded is 413 naming that limit",
+    )
+    offload_body_bytes: int = Field(
+        64 * 1024, ge=0, description=":predict bodies (and answers) of this many bytes or more are decoded and encoded "
+        "in helper processes, off the event loop (0: never)",
+    )
+    offload_processes: int = Field(
+        2, ge=0, le=64, description="helper processes for big bodies (offload_body_bytes), started on first use (0: none)"
+    )
     model_repository: LocalPath = Field(
         "", description="model repository folder: POST /v1/models {\"name\": ...} registers <repository>/<name>"
     )

@@ -144,10 +144,12 @@ class LocalCredentials:
         return {"ETCDCTL_USER": f"{ETCD_ROOT}:{self.etcd_root_password}"}
 
     def write_nats_config(
-        self, extra_users: dict[str, Permissions] | None = None, instances: dict[str, str] | None = None
+        self, extra_users: dict[str, Permissions] | None = None, instances: dict[str, str] | None = None,
+        max_payload: int = nats_config.MAX_PAYLOAD,
     ) -> Path:
         """The nats-server configuration (0600) with `extra_users` and either one user per service kind
-        or, with `instances` (instance id -> kind, each minted), one user per instance and none per kind."""
+        or, with `instances` (instance id -> kind, each minted), one user per instance and none per kind;
+        messages up to `max_payload` bytes."""
         if instances is None:
             passwords = {kind: self._read(f"nats-{kind}") for kind in SERVICE_KINDS}
             own: dict[str, tuple[str, str]] = {}
@@ -156,7 +158,8 @@ class LocalCredentials:
             own = {iid: (kind, self.instance_password_file(iid).read_text().strip()) for iid, kind in instances.items()}
         extra = {name: (self._read(f"nats-{name}"), perms) for name, perms in (extra_users or {}).items()}
         path = self.folder / NATS_CONFIG
-        write_private(path, nats_config.render_server_config(passwords, extra_users=extra, instances=own))
+        config = nats_config.render_server_config(passwords, extra_users=extra, instances=own, max_payload=max_payload)
+        write_private(path, config)
         return path
 
 

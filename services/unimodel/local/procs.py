@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
+from unimodel.core import nats_config
 from unimodel.local import binaries
 
 _COLORS = ["36", "32", "33", "35", "34", "96", "92", "93", "95", "94"]
@@ -236,9 +237,10 @@ def http_ok(url: str) -> bool:
 
 
 class NatsServer(ManagedProcess):
-    """nats-server; with `config_file` (core/nats_config.py: users and their permissions) only its users
-    connect. `url_user` (user, password) puts one user's credentials into `url`, for clients (tests) that
-    connect with the URL alone; `address` is the URL without them."""
+    """nats-server; with `config_file` (core/nats_config.py: users and their permissions, message size limits)
+    only its users connect; without, anyone connects, and its limits (`max_payload`) come from a file of their
+    own. `url_user` (user, password) puts one user's credentials into `url`, for clients (tests) that connect
+    with the URL alone; `address` is the URL without them."""
 
     def __init__(
         self,
@@ -248,6 +250,7 @@ class NatsServer(ManagedProcess):
         host: str = "127.0.0.1",
         config_file: Path | None = None,
         url_user: tuple[str, str] | None = None,
+        max_payload: int = nats_config.MAX_PAYLOAD,
         **kw,
     ) -> None:
         self.host, self.port = host, port
@@ -255,7 +258,11 @@ class NatsServer(ManagedProcess):
         store_dir = store_dir.resolve()
         store_dir.mkdir(parents=True, exist_ok=True)
         argv = [str(binaries.nats_server())]
-        if config_file is not None:
+        if config_file is None:  # no users: a file with the message size limits alone (no flag sets them)
+            limits = store_dir / "limits.conf"
+            limits.write_text(nats_config.limits_block(max_payload))
+            argv += ["-c", str(limits)]
+        else:  # core/nats_config.py renders the limits into it too
             argv += ["-c", str(config_file)]
         argv += ["-a", host, "-p", str(port), "-js", "-sd", str(store_dir)]
         if config_file is None:  # a server name given as a flag cannot be reloaded (SIGHUP) from a file

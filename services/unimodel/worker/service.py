@@ -17,7 +17,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
-from unimodel.core import errors, modelconfig, subjects, tracing
+from unimodel.core import errors, modelconfig, payload_limits, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.store import KeyValueStore
@@ -255,14 +255,22 @@ class WorkerService(Service):
                 add_tensors(layout, reply.outputs, outcome)
             else:
                 reply = inference_pb2.PredictResponse(model=batch.model, output=outcome, worker_id=self.id, path=path)
-            if group:
-                groups.setdefault(group, inference_pb2.ReplyBatch()).replies.add(
-                    reply_to=reply_to, response=reply.SerializeToString()
-                )
+            encoded = reply.SerializeToString()
+            if len(encoded) > self.bus.message_limit:  # not carried by the bus: the caller gets 413 (issue 16)
+                failed += 1
+                too_large = payload_limits.too_large(len(encoded), self.bus.max_payload, "the answer")
+                if group:
+                    groups.setdefault(group, inference_pb2.ReplyBatch()).replies.add(reply_to=reply_to, error=too_large.to_proto())
+                else:
+                    await self.bus.publish_error(reply_to, too_large)
+                continue
+            if group and len(encoded) < payload_limits.ALONE_BYTES:  # a big answer goes alone, unpacked by nobody
+                groups.setdefault(group, inference_pb2.ReplyBatch()).replies.add(reply_to=reply_to, response=encoded)
             else:
-                await publish(reply_to, reply.SerializeToString())
+                await publish(reply_to, encoded)
         for group, replies in groups.items():
-            await publish(group, replies.SerializeToString())
+            for part in payload_limits.reply_batches(replies, self.bus.message_limit):  # each fits the bus
+                await publish(group, part)
         ack.failed = failed
         ack.succeeded = len(outcomes) - failed
         self.stats.batch(batch.model, compute_ns / 1e9, failed, len(outcomes))

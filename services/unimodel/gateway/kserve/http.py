@@ -13,6 +13,7 @@ Both infer entries share `run_infer`; the translation itself is in codec.py, the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import zlib
@@ -36,6 +37,7 @@ from unimodel.gateway.http_context import http_context, raw_id_headers, read_bod
 from unimodel.gateway.kserve import codec, documents
 from unimodel.gateway.kserve.errors import JSON, Headers, error_response, error_result, response
 from unimodel.gateway.ports import KServePorts
+from unimodel.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
 API = "kserve_http"  # the `api` label of the gateway's request metrics
@@ -101,14 +103,22 @@ async def run_infer(
         config = gw.configs().get(model)
         documents.check_version(config, model, version)
         body = _decode_body(raw, header("content-encoding"), gw.settings.max_body_bytes)
-        call = codec.parse_rest_infer(body, _header_length(header(HEADER_LENGTH)))
+        offload = gw.body_codec  # big bodies are decoded and encoded off the event loop (big_bodies.py)
+        if offload.takes(len(body)):
+            call = await offload.run(codec.parse_rest_infer, body, _header_length(header(HEADER_LENGTH)))
+        else:
+            call = codec.parse_rest_infer(body, _header_length(header(HEADER_LENGTH)))
         codec.check_priority(call.item, caller)
         timeout_s = gw.settings.request_timeout_s
         if call.timeout_s is not None:
             timeout_s = min(timeout_s, call.timeout_s)
         ctx = http_context(header, timeout_s)
         reply = await gw.infer(model, call.item, ctx, API)
-        payload, header_length = codec.render_rest_infer(reply, call, model, documents.model_version(config))
+        if offload.takes(reply.ByteSize()):  # the request's tensors stay here: the rendering needs none of them
+            lean = dataclasses.replace(call, item=inference_pb2.BatchItem())
+            payload, header_length = await offload.run(codec.render_rest_infer, reply, lean, model, documents.model_version(config))
+        else:
+            payload, header_length = codec.render_rest_infer(reply, call, model, documents.model_version(config))
     except errors.UnimodelError as err:
         return error_result(err)
     except Exception as exc:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from unimodel.core import errors, modelconfig
 from unimodel.core.values import from_value, to_value
-from unimodel.gateway import json_body
+from unimodel.gateway import big_bodies, json_body
 from unimodel.gateway.http_context import http_context, raw_id_headers
 from unimodel.gateway.ports import UnifiedPorts
 from unimodel.gateway.unified.errors import Headers, error_result
@@ -76,6 +76,8 @@ async def run_predict(
 ) -> tuple[int, bytes, Headers]:
     """The one implementation of POST /v1/models/{name}:predict: (status, JSON body, headers). Never raises."""
     try:
+        if gw.body_codec.takes(len(raw)):  # decoded and encoded off the event loop
+            return await big_bodies.predict(gw, name, raw, header, parse_body)
         body = parse_body(raw)
         ctx = http_context(header, gw.settings.request_timeout_s)
         reply = await gw.predict(name, to_value(body.input), body.parameters, ctx)
