@@ -5,8 +5,11 @@ alive. If the worker's process dies, nothing else arrives: without a check the c
 the generation's deadline. So the gateway keeps the running generations by worker and, for a worker
 whose generations have all been silent for `silence_s` (or whose registration left etcd), asks NATS
 whether the worker is still subscribed: "no responders" means its connection is gone, and its
-generations end at once with an error that says so (an SSE error event, a gRPC status). A worker that
-answers, or is only slow to, keeps its generations. Plain logic: the probe is injected.
+generations are ended at once (they move to another worker, or end with an error that says so: an SSE
+error event, a gRPC status). A worker that answers keeps its generations; one that does not answer
+either keeps them until they have been silent for the liveness interval (a worker cut off from the
+network stays subscribed in NATS until the server's pings give up, minutes later). Plain logic: the
+probe is injected.
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ class StreamWatch:
         if gen.worker_id:
             self._by_worker.setdefault(gen.worker_id, set()).add(gen)
 
-    def discard(self, gen: Watched) -> None:
-        gens = self._by_worker.get(gen.worker_id)
+    def discard(self, gen: Watched, worker_id: str = "") -> None:
+        """Forget `gen` (on `worker_id`, default: its current worker)."""
+        worker_id = worker_id or gen.worker_id
+        gens = self._by_worker.get(worker_id)
         if gens is not None:
             gens.discard(gen)
             if not gens:
-                del self._by_worker[gen.worker_id]
+                del self._by_worker[worker_id]
 
     def workers(self) -> list[str]:
         return list(self._by_worker)
@@ -53,6 +58,13 @@ class StreamWatch:
         """Workers none of whose generations has heard from them for `silence_s`: worth a probe."""
         limit = self.clock() - self.silence_s
         return [w for w, gens in self._by_worker.items() if all(g.last_seen <= limit for g in gens)]
+
+    def silence(self, worker_id: str) -> float:
+        """Seconds since any generation on `worker_id` heard from it (0 when it has none)."""
+        gens = self._by_worker.get(worker_id)
+        if not gens:
+            return 0.0
+        return self.clock() - max(g.last_seen for g in gens)
 
     def lost(self, worker_id: str, reason: str) -> int:
         """End every generation on `worker_id` with `reason`; returns how many."""

@@ -91,7 +91,7 @@ class ModelConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., path: _Optional[str] = ..., file: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., instance_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., processing: _Optional[_Union[Processing, _Mapping]] = ..., replicas: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., llm: _Optional[_Union[LlmConfig, _Mapping]] = ..., cache: bool = ...) -> None: ...
 
 class LlmConfig(_message.Message):
-    __slots__ = ("context_length", "max_prompt_tokens", "max_tokens", "default_max_tokens", "chat_template", "max_sequences", "upstream_url", "upstream_model", "upstream_api_key_env")
+    __slots__ = ("context_length", "max_prompt_tokens", "max_tokens", "default_max_tokens", "chat_template", "max_sequences", "upstream_url", "upstream_model", "upstream_api_key_env", "migration")
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class LlmConfig(_message.Message):
     UPSTREAM_URL_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_MODEL_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_API_KEY_ENV_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
     context_length: int
     max_prompt_tokens: int
     max_tokens: int
@@ -110,4 +111,5 @@ class LlmConfig(_message.Message):
     upstream_url: str
     upstream_model: str
     upstream_api_key_env: str
-    def __init__(self, context_length: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., chat_template: _Optional[str] = ..., max_sequences: _Optional[int] = ..., upstream_url: _Optional[str] = ..., upstream_model: _Optional[str] = ..., upstream_api_key_env: _Optional[str] = ...) -> None: ...
+    migration: bool
+    def __init__(self, context_length: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., chat_template: _Optional[str] = ..., max_sequences: _Optional[int] = ..., upstream_url: _Optional[str] = ..., upstream_model: _Optional[str] = ..., upstream_api_key_env: _Optional[str] = ..., migration: bool = ...) -> None: ...

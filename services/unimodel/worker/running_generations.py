@@ -171,6 +171,13 @@ class Generations:
                     f"model {batch.model!r} generates text: the request holds no GenerateRequest", model=batch.model
                 ))
                 continue
+            if item.generate.HasField("continuation") and not engine.resumes:
+                refused += 1
+                await self._refuse(item, errors.FailedPrecondition(
+                    f"model {batch.model!r}: its engine cannot continue a generation that moved from another worker",
+                    model=batch.model,
+                ))
+                continue
             items.append((index, item))
         prepared = await asyncio.gather(
             *(engine.prepare(item.generate, item.request_id) for _i, item in items), return_exceptions=True
@@ -192,6 +199,11 @@ class Generations:
                 queue_ns=(queue_ns[index] if queue_ns else 0) + waited,
             )
             first.usage.prompt_tokens = prompt.prompt_tokens
+            if prompt.continued_ids:
+                log.info(
+                    "generation %s continues an answer of %d token(s) that moved here from a lost worker",
+                    item.request_id, len(prompt.continued_ids),
+                )
             await self.publish(item.reply_to, first.SerializeToString())
             run = Running(item.request_id, batch.model, key, arrived_ns=arrived_ns or time.perf_counter_ns())
             if tracing.enabled():
@@ -264,7 +276,7 @@ class Generations:
                             metrics.inter_token(run.model, (now - last_ns) / 1e9)
                         last_ns = now
                     completion += delta.tokens
-                    chunk = generate_pb2.GenerateChunk(seq=seq, text=delta.text, tokens=delta.tokens)
+                    chunk = generate_pb2.GenerateChunk(seq=seq, text=delta.text, tokens=delta.tokens, token_ids=delta.token_ids)
                     if delta.finish_reason:
                         reason = delta.finish_reason
                         tokens = delta.completion_tokens or completion

@@ -6,8 +6,9 @@
 Bodies follow OpenAI's API (the official `openai` SDK works unchanged; protocol.py); errors use OpenAI's
 shape (errors.py) with the HTTP status of the error. A streamed answer starts only once a worker accepted
 the request, so refusals (limits, unknown model, queue full) are plain 4xx/5xx answers. A client that
-goes away mid-stream aborts the generation in the engine. Chat requests of models with a cache go to the
-semantic cache first.
+goes away mid-stream aborts the generation in the engine. A generation whose worker dies continues on
+another worker, streamed or not (generation_stream.py: mid-stream migration); the client sees one answer.
+Chat requests of models with a cache go to the semantic cache first.
 """
 
 from __future__ import annotations

@@ -51,6 +51,11 @@ class Prompt:
     stop: list[str] = field(default_factory=list)  # the request's stop strings plus the template's
     tokens: list[int] | None = None  # engine-specific tokenization, when the engine made one
     engine_state: Any = None  # anything else the engine wants to carry from prepare to generate
+    # A continuation (GenerateRequest.continuation: the generation moved here from a lost worker): the
+    # answer's tokens so far (already appended to `tokens`) and the text of them the client has.
+    # prompt_tokens counts the original prompt only; max_tokens is what is left.
+    continued_ids: list[int] = field(default_factory=list)
+    continued_text: str = ""
 
 
 @dataclass(slots=True)
@@ -60,6 +65,7 @@ class Delta:
     finish_reason: str = ""  # set on the last delta only
     completion_tokens: int = 0  # on the last delta: tokens generated in all
     prompt_tokens: int = 0  # on the last delta, from engines that learn the count only then (openai); else 0
+    token_ids: list[int] = field(default_factory=list)  # the ids of `tokens`, from engines that can resume
 
 
 class GenerativeEngine(Engine):
@@ -67,6 +73,7 @@ class GenerativeEngine(Engine):
 
     generative: ClassVar[bool] = True
     takes_values: ClassVar[bool] = True  # no tensor pre/post-processing
+    resumes: ClassVar[bool] = False  # takes GenerateRequest.continuation and reports Delta.token_ids
 
     def __init__(self, config: model_pb2.ModelConfig) -> None:
         super().__init__(config)
@@ -112,6 +119,36 @@ def context_length(config: model_pb2.ModelConfig, engine_default: int) -> int:
 
 def max_tokens_cap(config: model_pb2.ModelConfig, context: int) -> int:
     return config.llm.max_tokens or context
+
+
+def continued(prompt: Prompt, continuation: generate_pb2.Continuation, vocab_size: int) -> Prompt:
+    """`prompt` (prepared from the original request) continuing the answer `continuation` holds: its
+    tokens appended to the prompt's, max_tokens and min_tokens less the tokens already generated (an
+    answer that reached max_tokens gets 0: the engine only sends the text still held). Token ids outside
+    the vocabulary are refused (a worker may be reached directly)."""
+    ids = list(continuation.token_ids)
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise errors.InvalidArgument(
+            f"continuation.token_ids: ids must lie in 0..{vocab_size - 1} (the model's vocabulary)",
+            field="continuation.token_ids",
+        )
+    sampling = generate_pb2.SamplingParams()
+    sampling.CopyFrom(prompt.sampling)
+    sampling.min_tokens = max(0, sampling.min_tokens - len(ids))
+    prompt.sampling = sampling
+    prompt.tokens = [*(prompt.tokens or []), *ids]
+    prompt.max_tokens = max(0, prompt.max_tokens - len(ids))
+    prompt.continued_ids = ids
+    prompt.continued_text = continuation.text
+    return prompt
+
+
+def held_text(prompt: Prompt, full: str) -> str:
+    """The text of the continued answer the client did not get yet: `full` (the text of
+    prompt.continued_ids, decoded as the engine decodes its output) after the part the client has. ""
+    when that part is not a prefix of `full` (then nothing is repeated, at worst a held piece is lost)."""
+    done = prompt.continued_text
+    return full[len(done):] if full.startswith(done) else ""
 
 
 def chat_messages(request: generate_pb2.GenerateRequest) -> list[dict[str, str]]:

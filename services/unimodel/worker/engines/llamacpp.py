@@ -22,6 +22,10 @@ object is only ever used by the thread that holds its lock, so it never runs in 
   the template's) end the sequence and are not returned; text that could be the start of one is held
   back until it cannot. ``completion_tokens`` counts every sampled token but the end-of-generation one
   (like llama-cpp-python's server), the tokens of a stop string included.
+- A continuation (GenerateRequest.continuation: the generation moved here from a lost worker) appends the
+  answer's token ids to the rendered prompt, so greedy decoding goes on exactly as it would have on the
+  lost worker (up to llama.cpp's batched-vs-incremental rounding); the text the client did not get yet
+  (held for a possible stop string) is sent first. Every delta carries its token ids (Delta.token_ids).
 - Leaving the iteration early sets the sequence's cancel event, checked at every token: the thread stops
   after the token in progress (a prompt evaluation in progress is not interrupted) and hands the
   instance to the next sequence.
@@ -218,6 +222,7 @@ class LlamaCppEngine(GenerativeEngine):
     """``LlamaCppEngine(config)``, then ``await load()``; see the module doc."""
 
     kind = "llamacpp"
+    resumes = True
 
     def __init__(self, config: model_pb2.ModelConfig) -> None:
         super().__init__(config)
@@ -242,6 +247,7 @@ class LlamaCppEngine(GenerativeEngine):
         self._add_bos = False
         self._is_eog: Callable[[Any, int], bool] = lambda vocab, token: False  # llama_vocab_is_eog once loaded
         self._eog_ids: list[int] = []  # the end-of-generation tokens, masked for min_tokens / ignore_eos
+        self._n_vocab = 0
         self._active: set[threading.Event] = set()
         self._gguf: dict[str, str] = {}
 
@@ -310,6 +316,7 @@ class LlamaCppEngine(GenerativeEngine):
 
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._eog_ids = [t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)]
+        self._n_vocab = model.n_vocab()
         self._vocab = vocab
         self._formatter = formatter
         self._template_source = ("config" if self.config.llm.chat_template else "gguf") if formatter else "none"
@@ -389,7 +396,7 @@ class LlamaCppEngine(GenerativeEngine):
         count = len(encoded.tokens)
         generation_rules.check_prompt_tokens(self.config, count, self.context)
         max_tokens = generation_rules.resolve_max_tokens(self.config, sampling, count, self.context)
-        return Prompt(
+        prompt = Prompt(
             request_id=request_id,
             text=encoded.text,
             prompt_tokens=count,
@@ -398,6 +405,9 @@ class LlamaCppEngine(GenerativeEngine):
             stop=list(dict.fromkeys(s for s in [*sampling.stop, *encoded.stops] if s)),
             tokens=encoded.tokens,
         )
+        if request.HasField("continuation"):
+            prompt = generative.continued(prompt, request.continuation, self._n_vocab)
+        return prompt
 
     def _encode(self, request: generate_pb2.GenerateRequest) -> _Encoded:
         """(text, tokens, template stops) — the caller holds the vocabulary lock."""
@@ -516,12 +526,16 @@ class LlamaCppEngine(GenerativeEngine):
         is_eog = self._is_eog
         vocab = llama._model.vocab  # this instance's own: no other thread touches it meanwhile
         llama.set_seed(seed_for(s))
-        if s.HasField("seed") or (s.HasField("temperature") and s.temperature == 0):
+        greedy = s.HasField("temperature") and s.temperature == 0
+        if s.HasField("seed") or greedy:
             # Asked to be reproducible: evaluate the whole prompt. Reusing the instance's cached prefix
             # re-evaluates only its last token, whose logits then differ in the last bits, enough to
             # change a seeded sample (and, rarely, a greedy one).
             llama.reset()
+            if prompt.continued_ids and greedy and not _replay(llama, prompt, cancel):
+                return
         generated = unsent = 0  # tokens sampled in all / not yet reported in a delta
+        unsent_ids: list[int] = []
         min_tokens = prompt.max_tokens if s.ignore_eos else min(s.min_tokens, prompt.max_tokens)
         eog_ids = self._eog_ids
 
@@ -543,9 +557,16 @@ class LlamaCppEngine(GenerativeEngine):
         )
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         stops = StopScanner(prompt.stop)
+        if prompt.continued_ids:  # the decoder and the held text as the lost worker had them
+            full = "".join(decoder.decode(llama.detokenize([t])) for t in prompt.continued_ids)
+            stops.held = generative.held_text(prompt, full)
         finish = generative.FINISH_LENGTH
         text = ""
         hit = False
+        if prompt.max_tokens <= 0:  # a continued answer that already has all its tokens
+            tokens.close()
+            put(Delta(text=stops.flush(), finish_reason=finish))
+            return
         try:
             for token in tokens:
                 if cancel.is_set():
@@ -555,6 +576,7 @@ class LlamaCppEngine(GenerativeEngine):
                     break
                 generated += 1
                 unsent += 1
+                unsent_ids.append(int(token))
                 piece, hit = stops.feed(decoder.decode(llama.detokenize([token])))
                 text += piece
                 if hit:
@@ -563,13 +585,29 @@ class LlamaCppEngine(GenerativeEngine):
                 if generated >= prompt.max_tokens:
                     break
                 if text:
-                    put(Delta(text=text, tokens=unsent))
-                    text, unsent = "", 0
+                    put(Delta(text=text, tokens=unsent, token_ids=unsent_ids))
+                    text, unsent, unsent_ids = "", 0, []
         finally:
             tokens.close()
         if not hit:  # what was held for a stop that never came (bytes of an unfinished character are dropped)
             text += stops.flush()
-        put(Delta(text=text, tokens=unsent, finish_reason=finish, completion_tokens=generated))
+        put(Delta(text=text, tokens=unsent, finish_reason=finish, completion_tokens=generated, token_ids=unsent_ids))
+
+
+def _replay(llama: Any, prompt: Prompt, cancel: threading.Event) -> bool:
+    """A greedy continuation computes the answer so far as the lost worker did: the prompt in batches,
+    then the answer's tokens one at a time (evaluating them in one batch rounds differently, which
+    changes a greedy choice every few dozen tokens on SmolLM2). `generate` then finds all but the last
+    one cached and evaluates that one, like the lost worker's next step. Costs one decode step per token
+    of the answer (a batched evaluation would cost about one step per n_batch tokens). False: cancelled."""
+    ids = prompt.continued_ids
+    tokens = prompt.tokens or []
+    llama.eval(tokens[: len(tokens) - len(ids)])
+    for token in ids[:-1]:
+        if cancel.is_set():
+            return False
+        llama.eval([token])
+    return True
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
