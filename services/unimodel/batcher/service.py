@@ -31,20 +31,36 @@ from unimodel.batcher.metrics import EXPIRED, INVALID, OTHER_MODEL, QUEUE_FULL, 
 from unimodel.batcher.queue import BatchPolicy, ModelQueue, Pending
 from unimodel.batcher.scheduler import Scheduler
 from unimodel.batcher.settings import BatcherSettings
-from unimodel.core import errors, subjects, tracing
+from unimodel.core import errors, modelconfig, path_watch, payload_limits, subjects, tracing
 from unimodel.core.context import RequestContext
+from unimodel.core.kinds import ROUTER
 from unimodel.core.lifecycle import Service
-from unimodel.core.membership import Discovery, model_key
+from unimodel.core.membership import Discovery, instances_prefix, model_key
 from unimodel.core.store import KeyValueStore
 from unimodel.core.subjects import Header
 from unimodel.core.tracing import Attr, Span
-from unimodel.v1 import inference_pb2, model_pb2, services_pb2, services_pb2_grpc
+from unimodel.v1 import inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
 _REASONS: dict[type[errors.UnimodelError], str] = {
     errors.ResourceExhausted: QUEUE_FULL,
     errors.DeadlineExceeded: EXPIRED,
     errors.InvalidArgument: INVALID,
 }
+
+
+_REROUTE = "unimodel: router gone"
+"""Cancel message for a batch's wait on a router that is gone; the batch is sent again (`_route`)."""
+MAX_ROUTE_SENDS = 3
+
+
+def _router_id(raw: bytes) -> str | None:
+    """A router's instance id (Discovery leaves the other services' registrations out)."""
+    info = registry_pb2.InstanceInfo.FromString(raw)
+    return info.id if info.kind == ROUTER else None
+
+
+class Abandoned(Exception):
+    """A generation batch's wait on a router that is gone ended; nobody is answered (the gateway re-sends)."""
 
 
 class Item(NamedTuple):
@@ -91,6 +107,9 @@ class BatcherService(Service):
         self._batch_ids = (f"{uuid.uuid4().hex[:16]}{n:08x}" for n in itertools.count())
         self._replies: set[asyncio.Task[None]] = set()
         self._capacity: dict[str, int] = {}  # model -> the router's last BatchAck.capacity
+        self.generative: set[str] = set()  # registered text-generation models
+        self.routers: Discovery[str] = Discovery(self.store, instances_prefix(settings.etcd_prefix), _router_id)
+        self._routing: dict[asyncio.Task[object], float] = {}  # waits for a router's ack -> time.monotonic() sent
         self.grpc.add(
             services_pb2_grpc.add_BatcherServiceServicer_to_server,
             BatcherApi(self),
@@ -99,7 +118,9 @@ class BatcherService(Service):
 
     async def on_start(self) -> None:
         self.models.start()
+        self.routers.start()
         self.spawn(self._sweep_idle(), name="idle queue sweep")
+        self.spawn(self._watch_routers(), name="watch routers")
         # The handler only enqueues (never waits), so it runs inline: no task per request.
         await self.bus.serve(subjects.BATCH_ALL, self._on_item, queue=subjects.QUEUE_BATCHER, inline=True)
         await self.bus.serve(subjects.BUNDLE_ALL, self._on_bundle, queue=subjects.QUEUE_BATCHER, inline=True)
@@ -114,8 +135,13 @@ class BatcherService(Service):
         name = key[len(self._models_prefix) :]
         if new is None:
             self.policies.pop(name, None)
+            self.generative.discard(name)
             self.log.info("model %s unregistered: default batching", name)
         else:
+            if modelconfig.is_generative(new):
+                self.generative.add(name)
+            else:
+                self.generative.discard(name)
             try:
                 self.policies[name] = BatchPolicy.from_config(new, self.defaults)
             except ValueError as exc:
@@ -250,6 +276,10 @@ class BatcherService(Service):
             raise
 
     async def _dispatch(self, state: ModelState, batch: list[Pending[Item]]) -> None:
+        runs = payload_limits.chunks([len(p.payload.data) for p in batch], self.bus.message_limit)
+        if len(runs) > 1:  # too big for one bus message together: several batches, a big item alone (issue 16)
+            await asyncio.gather(*(self._dispatch(state, [batch[i] for i in run]) for run in runs))
+            return
         now = time.time()
         series = state.series
         wait = series.queue_wait
@@ -276,12 +306,13 @@ class BatcherService(Service):
             span, ctx = self._trace_batch(state, batch, batch_id, rows, ctx)
             dispatched_ns = time.time_ns()
         try:
-            raw = await self.bus.request(
-                subjects.route(state.model),
-                wire.batch_request(batch_id, state.model, self._path, parts, waits),
-                ctx,
-                timeout_s=self.settings.request_timeout_s,
-            )
+            raw = await self._route(state.model, wire.batch_request(batch_id, state.model, self._path, parts, waits), ctx)
+        except Abandoned:
+            series.batches_failed += 1
+            if traced:
+                self._end_queue_spans(batch, batch_id, rows, waits, span, dispatched_ns)
+                tracing.finish(span)
+            return
         except Exception as exc:  # a failed batch fails every request in it, with the cause
             err = errors.ensure_unimodel_error(exc)
             if not isinstance(exc, errors.UnimodelError):
@@ -301,6 +332,51 @@ class BatcherService(Service):
         if capacity > 0:
             self._capacity[state.model] = capacity
         state.scheduler.set_max_inflight(self._inflight_cap(state.model, state.scheduler.queue.policy))
+
+    async def _route(self, model: str, payload: bytes, ctx: RequestContext) -> bytes:
+        """Send a batch to the routers (queue group) and wait for the ack. A wait on a router that is gone
+        (`_watch_routers` cancels it with _REROUTE) sends the batch again, up to MAX_ROUTE_SENDS times in
+        all: inference is idempotent, the first answer of each request wins. A generation batch is never
+        sent twice (a generation must not run twice): its wait ends (Abandoned) and the gateways, which
+        watch routers too, send each generation no worker accepted again under a new id."""
+        task = asyncio.current_task()
+        assert task is not None
+        generation = model in self.generative
+        for sends in range(1, MAX_ROUTE_SENDS + 1):
+            self._routing[task] = time.monotonic()
+            try:
+                return await self.bus.request(subjects.route(model), payload, ctx, timeout_s=self.settings.request_timeout_s)
+            except asyncio.CancelledError as exc:
+                if exc.args != (_REROUTE,) or task.uncancel() != 0:
+                    raise
+                if generation:  # its gateways send the generations no worker accepted again themselves
+                    raise Abandoned from None
+                if sends == MAX_ROUTE_SENDS:
+                    raise errors.Unavailable(
+                        f"the routers of {model!r} stopped while holding this request ({sends} tries)", retry_after_s=1, model=model
+                    ) from None
+            finally:
+                self._routing.pop(task, None)
+        raise AssertionError("unreachable")
+
+    async def _watch_routers(self) -> None:
+        """While a batch has waited over path_watch.STALL_S for its ack, ask the registered routers whether
+        they are still connected (core/path_watch.py); when one is gone, every batch that waited since
+        before the check is sent again (we cannot know which router took it: NATS queue group)."""
+        watch = path_watch.PathWatch(lambda i: self.bus.responds(subjects.alive(i), path_watch.PROBE_TIMEOUT_S), path_watch.STALL_S)
+        while True:
+            await asyncio.sleep(path_watch.INTERVAL_S)
+            checked = time.monotonic()
+            gone = await watch.check(min(self._routing.values(), default=None), self.routers.items.values())
+            if not gone:
+                continue
+            waiting = [task for task, sent in self._routing.items() if sent < checked]
+            for task in waiting:
+                task.cancel(_REROUTE)
+            self.log.warning(
+                "router %s is gone: sending %d waiting batch(es) again (generations: left to their gateways)",
+                ", ".join(gone), len(waiting),
+            )
 
     def _trace_batch(
         self, state: ModelState, batch: list[Pending[Item]], batch_id: str, rows: int, ctx: RequestContext
@@ -380,3 +456,4 @@ class BatcherService(Service):
 
     async def on_close(self) -> None:
         await self.models.stop()
+        await self.routers.stop()

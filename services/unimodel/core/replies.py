@@ -28,12 +28,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from typing import NamedTuple
 
+import nats.errors
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from unimodel.core import errors, subjects
+from unimodel.core import errors, payload_limits, subjects
 from unimodel.core.bus import CONNECTION_ERRORS, Bus, connection_down, error_from_headers, no_reply, no_responders
 from unimodel.core.context import RequestContext
 from unimodel.v1 import inference_pb2
@@ -56,6 +59,8 @@ class ReplyMux:
         self._bundles: dict[str, list[str]] = {}  # a sent bundle's reply inbox (its first) -> every inbox
         self._flushes: set[asyncio.Task[None]] = set()
         self._streams: dict[str, ReplyStream] = {}
+        # what each waiting request sent, to send it again if its batcher is gone: inbox -> Sent
+        self._sent: dict[str, Sent] = {}
 
     @property
     def pending(self) -> int:
@@ -70,7 +75,7 @@ class ReplyMux:
     async def request_item(
         self,
         subject: str,
-        item: inference_pb2.BatchItem,
+        item: inference_pb2.BatchItem | bytes,
         ctx: RequestContext,
         *,
         timeout_s: float,
@@ -78,29 +83,63 @@ class ReplyMux:
     ) -> bytes:
         """Publish `item` on `subject` (with others of this loop iteration as one ItemBundle on
         `bundle_subject`, when given) and wait for its answer (the encoded response); error answers
-        raise their UnimodelError. Sets the item's reply_to, reply_group, request id and deadline."""
+        raise their UnimodelError. Sets the item's reply_to, reply_group, request id and deadline. `item` may
+        come encoded (bytes: a big one, encoded off the event loop): those fields are appended to it then.
+        An item over the bus's message limit is refused (PAYLOAD_TOO_LARGE naming the limit), unsent."""
         nc = self.bus.client()
         if self._sub is None:
             await self.start()
+        encoded = b""
+        if isinstance(item, bytes):  # protobuf merges appended fields into the message before them
+            encoded, item = item, inference_pb2.BatchItem()
         inbox = self._address(item, ctx)
         item.reply_group = self.group
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[inbox] = (future, subject)
+        data, headers = encoded + item.SerializeToString() if encoded else item.SerializeToString(), ctx.trace_headers() or None
+        self._sent[inbox] = Sent(time.monotonic(), subject, data, headers)
         try:
+            payload_limits.check(len(data), self.bus.max_payload)
             # Request id, deadline and trace context travel in the item (the batcher reads them there), so
             # traced requests are bundled like the others.
             if bundle_subject:
-                self._queue(subject, bundle_subject, item.SerializeToString(), inbox, ctx.trace_headers() or None)
+                self._queue(subject, bundle_subject, data, inbox, headers)
             else:
-                await nc.publish(subject, item.SerializeToString(), reply=inbox, headers=ctx.trace_headers() or None)
+                await nc.publish(subject, data, reply=inbox, headers=headers)
             return await asyncio.wait_for(future, ctx.timeout(timeout_s))
         except TimeoutError:
             raise no_reply(subject, ctx) from None
+        except nats.errors.MaxPayloadError:
+            raise payload_limits.too_large(len(data), self.bus.max_payload) from None
         except CONNECTION_ERRORS:
             raise connection_down() from None
         finally:
             self._pending.pop(inbox, None)
             self._bundles.pop(inbox, None)
+            self._sent.pop(inbox, None)
+
+    def oldest_wait(self) -> float | None:
+        """time.monotonic() when the longest-waiting request was (last) sent; None when none waits."""
+        return min((s.at for s in self._sent.values()), default=None)
+
+    async def resend(self, before: float, max_sends: int = 3) -> int:
+        """Send again, each alone on its batch subject with the same inbox, the requests still waiting that
+        were (last) sent before `before` (time.monotonic()) and fewer than `max_sends` times: their batcher
+        may be gone (core/path_watch.py). Whichever answer comes first is the request's; a later one finds
+        no waiting request and is dropped. Returns how many were sent."""
+        nc = self.bus.client()
+        count = 0
+        for inbox, sent in list(self._sent.items()):
+            entry = self._pending.get(inbox)
+            if sent.at >= before or sent.sends >= max_sends or entry is None or entry[0].done():
+                continue
+            self._sent[inbox] = sent._replace(at=time.monotonic(), sends=sent.sends + 1)
+            try:
+                await nc.publish(sent.subject, sent.data, reply=inbox, headers=sent.headers)
+            except CONNECTION_ERRORS:
+                break  # NATS is down: the requests fail as they would have
+            count += 1
+        return count
 
     def _address(self, item: inference_pb2.BatchItem, ctx: RequestContext) -> str:
         """A new inbox of ours as the item's reply_to, and the request's id, deadline, tenant and trace
@@ -124,10 +163,15 @@ class ReplyMux:
         if self._sub is None:
             await self.start()
         inbox = self._address(item, ctx)
+        data = item.SerializeToString()
+        payload_limits.check(len(data), self.bus.max_payload)
         stream = ReplyStream(self, inbox, subject, ctx)
         self._streams[inbox] = stream
         try:
-            await nc.publish(subject, item.SerializeToString(), reply=inbox, headers=ctx.trace_headers() or None)
+            await nc.publish(subject, data, reply=inbox, headers=ctx.trace_headers() or None)
+        except nats.errors.MaxPayloadError:
+            stream.close()
+            raise payload_limits.too_large(len(data), self.bus.max_payload) from None
         except CONNECTION_ERRORS:
             stream.close()
             raise connection_down() from None
@@ -143,21 +187,35 @@ class ReplyMux:
 
     async def _flush(self) -> None:
         outbox, self._outbox = self._outbox, {}
-        for (subject, bundle_subject), entries in outbox.items():
-            inboxes = [inbox for _data, inbox, _headers in entries]
-            try:
-                nc = self.bus.client()
-                if len(entries) == 1:  # a lone item goes as itself, with its trace context in headers too
-                    data, inbox, headers = entries[0]
-                    await nc.publish(subject, data, reply=inbox, headers=headers)
-                else:  # each bundled item carries its own trace context (BatchItem.trace_context)
-                    self._bundles[inboxes[0]] = inboxes
-                    bundle = inference_pb2.EncodedItemBundle(items=[d for d, _i, _h in entries]).SerializeToString()
-                    await nc.publish(bundle_subject, bundle, reply=inboxes[0])
-            except Exception as exc:  # not sent: each request fails now rather than at its deadline
-                err = errors.Unavailable(f"NATS connection is down ({type(exc).__name__})", retry_after_s=1)
-                for inbox in inboxes:
-                    self._fail(inbox, err)
+        limit = self.bus.message_limit
+        for (subject, bundle_subject), queued in outbox.items():
+            # bundles that each fit the bus's message limit; a big item (ALONE_BYTES) goes alone
+            for run in payload_limits.chunks([len(data) for data, _i, _h in queued], limit, payload_limits.ALONE_BYTES):
+                await self._send_bundle(subject, bundle_subject, [queued[i] for i in run])
+
+    async def _send_bundle(
+        self, subject: str, bundle_subject: str, entries: list[tuple[bytes, str, dict[str, str] | None]]
+    ) -> None:
+        inboxes = [inbox for _data, inbox, _headers in entries]
+        err: errors.UnimodelError
+        try:
+            nc = self.bus.client()
+            if len(entries) == 1:  # a lone item goes as itself, with its trace context in headers too
+                data, inbox, headers = entries[0]
+                await nc.publish(subject, data, reply=inbox, headers=headers)
+            else:  # each bundled item carries its own trace context (BatchItem.trace_context)
+                self._bundles[inboxes[0]] = inboxes
+                bundle = inference_pb2.EncodedItemBundle(items=[d for d, _i, _h in entries]).SerializeToString()
+                await nc.publish(bundle_subject, bundle, reply=inboxes[0])
+            return
+        except nats.errors.MaxPayloadError:  # request_item checked each item: not expected, never a 503
+            err = payload_limits.too_large(sum(len(d) for d, _i, _h in entries), self.bus.max_payload)
+        except errors.UnimodelError as exc:  # no connection (Bus.client)
+            err = exc
+        except Exception as exc:  # not sent: each request fails now rather than at its deadline
+            err = errors.Unavailable(f"NATS connection is down ({type(exc).__name__})", retry_after_s=1)
+        for inbox in inboxes:
+            self._fail(inbox, err)
 
     def _fail(self, inbox: str, err: errors.UnimodelError) -> None:
         entry = self._pending.get(inbox)
@@ -204,6 +262,16 @@ class ReplyMux:
                 entry[0].set_exception(errors.from_proto(reply.error))
             else:
                 entry[0].set_result(reply.response)
+
+
+class Sent(NamedTuple):
+    """A waiting request as it was sent (ReplyMux.resend)."""
+
+    at: float  # time.monotonic() of the last send
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    sends: int = 1
 
 
 class ReplyStream:

@@ -26,6 +26,11 @@ class GatewayMetrics:
             registry=registry,
             buckets=LATENCY_BUCKETS,
         )
+        self.resent = Counter(
+            "unimodel_gateway_requests_resent_total",
+            "Waiting requests sent again because the batcher that took them is gone (its process died)",
+            registry=registry,
+        )
 
         self.cache_lookups = Counter(
             "unimodel_gateway_cache_lookups_total",
@@ -47,6 +52,18 @@ class GatewayMetrics:
         self.tokens = Counter(
             "unimodel_gateway_output_tokens", "Completion tokens streamed or returned to clients, by model",
             ["model"], registry=registry,
+        )
+
+        self.migrations = Counter(
+            "unimodel_gateway_generation_migrations_total",
+            "Running generations whose worker was lost, by model and outcome: moved (another worker continues "
+            "it) or failed (none could; the stream ended with an error)",
+            ["model", "outcome"], registry=registry,
+        )
+        self.migration_time = Histogram(
+            "unimodel_gateway_generation_migration_seconds",
+            "From deciding to move a generation to the new worker's acceptance of it, by model",
+            ["model"], registry=registry, buckets=LATENCY_BUCKETS,
         )
 
         # labelled children by label values: labels() costs a lock and a tuple build per call
@@ -73,6 +90,11 @@ class GatewayMetrics:
 
     def inter_token(self, model: str, seconds: float) -> None:
         self.itl.labels(model).observe(seconds)
+
+    def migrated(self, model: str, outcome: str, seconds: float) -> None:
+        self.migrations.labels(model, outcome).inc()
+        if outcome == "moved":
+            self.migration_time.labels(model).observe(seconds)
 
     def output_tokens(self, model: str, n: int) -> None:
         self.tokens.labels(model).inc(n)

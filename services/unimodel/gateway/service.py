@@ -14,19 +14,20 @@ import uvicorn
 from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
-from unimodel.core import errors, generation_rules, modelconfig, subjects, tracing
+from unimodel.core import errors, generation_rules, modelconfig, path_watch, subjects, tracing
 from unimodel.core.context import RequestContext
-from unimodel.core.kinds import WORKER_KINDS
+from unimodel.core.kinds import BATCHER, ROUTER, WORKER_KINDS
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.membership import Discovery, instances_prefix, model_key, models_prefix
-from unimodel.core.replies import ReplyMux
+from unimodel.core.replies import ReplyMux, ReplyStream
 from unimodel.core.store import StoreError
 from unimodel.gateway import catalog
 from unimodel.gateway.admin import registration
 from unimodel.gateway.app import add_grpc_services, compose_http
 from unimodel.gateway.auth import ApiKeys, GrpcAuthInterceptor, check_exposure
+from unimodel.gateway.big_bodies import BodyCodec
 from unimodel.gateway.cache_client import CacheClient
-from unimodel.gateway.generation_stream import Generation
+from unimodel.gateway.generation_stream import MOVED, Generation, Reopen
 from unimodel.gateway.http_protocol import CoalescingHttpToolsProtocol
 from unimodel.gateway.kserve.codec import check_inputs
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
@@ -40,6 +41,8 @@ from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2
 STREAM_SILENCE_S = 1.0
 """A worker none of whose generations sent anything for this long is asked whether it is alive."""
 STREAM_PROBE_TIMEOUT_S = 1.0
+STREAM_LIVENESS_S = 10.0
+"""A worker whose generations sent nothing for this long and that does not answer its probe is lost."""
 
 Reply = TypeVar("Reply", inference_pb2.PredictResponse, inference_pb2.InferResponse)
 
@@ -66,6 +69,7 @@ class GatewayService(Service):
         super().__init__(settings, **kw)
         self.replies = ReplyMux(self.bus, self.id)  # answers of batch-path requests, singly or in ReplyBatches
         self.cache = CacheClient(self.bus, settings.cache_timeout_s)
+        self.body_codec = BodyCodec(settings.offload_body_bytes, settings.offload_processes)  # big bodies, off the loop
         self.instances: Discovery[registry_pb2.InstanceInfo] = Discovery(
             self.store, instances_prefix(settings.etcd_prefix), registry_pb2.InstanceInfo.FromString,
             on_change=self._on_instance_change,
@@ -79,6 +83,7 @@ class GatewayService(Service):
         self._first_seen: dict[str, int] = {}
         self.streams = StreamWatch(STREAM_SILENCE_S)  # running generations by worker, for the liveness probe
         self._probe_now = asyncio.Event()
+        self._starting: set[Generation] = set()  # generations no worker accepted yet (path watch)
         self.stats = GatewayMetrics(self.metrics.registry)
         self.model_stats = ModelStatistics()  # KServe v2 model statistics
         http = compose_http(self)
@@ -204,6 +209,23 @@ class GatewayService(Service):
         item = inference_pb2.BatchItem(input=value, parameters=parameters, rows=1)
         return await self._call(model, item, ctx, api, inference_pb2.PredictResponse, tensors=False)
 
+    async def predict_encoded(self, model: str, item: bytes, ctx: RequestContext, api: str = "http") -> bytes:
+        """predict with the BatchItem encoded already (a big body, encoded off the event loop, big_bodies.py):
+        the worker's encoded PredictResponse, left for the caller to decode (off the loop too)."""
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            self.require_ready(model)
+            return await self._send(model, item, ctx)
+        except errors.UnimodelError as exc:
+            code = exc.code_name
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            self._observe(api, model, code, started)
+
     async def infer(
         self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str = "http"
     ) -> inference_pb2.InferResponse:
@@ -257,6 +279,8 @@ class GatewayService(Service):
         try:
             self.require_ready(model)
             generation_rules.validate(request)
+            if request.HasField("continuation"):  # only the gateway's own moves carry one (worker resume)
+                raise errors.InvalidArgument("continuation is set by the gateway only", model=model, field="continuation")
             config = self._configs.get(model)
             if config is not None:
                 if not modelconfig.is_generative(config):
@@ -276,11 +300,17 @@ class GatewayService(Service):
             self.streams.discard(g)
             self._observe(api, model, g.code, g.started_at)
 
+        migration = config is None or not config.llm.HasField("migration") or config.llm.migration
         gen = Generation(
             model, stream, chunk_timeout_s=self.settings.generate_timeout_s, abort=self._abort_generation,
-            on_end=on_end, metrics=self.stats,
+            on_end=on_end, metrics=self.stats, request=request,
+            reopen=self._reopen_generation(model, tenant) if migration else None, on_move=self._generation_moved,
         )
-        await gen.start()
+        self._starting.add(gen)
+        try:
+            await gen.start()
+        finally:
+            self._starting.discard(gen)
         if not gen.done:
             self.streams.add(gen)
         return gen
@@ -303,6 +333,68 @@ class GatewayService(Service):
                 if alive is False:
                     n = self.streams.lost(worker, f"worker {worker} stopped while generating (its process is gone)")
                     self.log.warning("worker %s is gone: ended its %d running generation(s)", worker, n)
+                elif alive is None and (cause := self._unresponsive(worker)):  # hung, or cut off from the network
+                    n = self.streams.lost(worker, f"worker {worker} {cause} and does not answer its liveness probe")
+                    self.log.warning("worker %s does not answer: ended its %d running generation(s)", worker, n)
+
+    async def _watch_paths(self) -> None:
+        """Send again what a batcher or router took with it when its process died (core/path_watch.py):
+        while a request or a generation not yet accepted by a worker has waited over path_watch.STALL_S,
+        the registered batchers and routers are asked whether they are still connected. A gone batcher:
+        its waiting requests are sent again (ReplyMux.resend). A gone batcher or router: generations not
+        yet accepted are sent again under a new id, the old one aborted (Generation.path_lost). Batches
+        a gone router held are sent again by their batcher."""
+        watch = path_watch.PathWatch(lambda i: self.bus.responds(subjects.alive(i), path_watch.PROBE_TIMEOUT_S), path_watch.STALL_S)
+        while True:
+            await asyncio.sleep(path_watch.INTERVAL_S)
+            kinds = {i.id: i.kind for i in self.instances.items.values() if i.kind in (BATCHER, ROUTER)}
+            waits = [t for t in (self.replies.oldest_wait(), *(g.opened_at for g in self._starting)) if t is not None]
+            checked = time.monotonic()
+            gone = await watch.check(min(waits, default=None), kinds)
+            if not gone:
+                continue
+            names = ", ".join(f"{kinds[i]} {i}" for i in gone)
+            starting = [g for g in self._starting if g.opened_at < checked]
+            for gen in starting:
+                gen.path_lost(f"{names} stopped while holding this request")
+            sent = 0
+            if any(kinds[i] == BATCHER for i in gone):
+                try:
+                    sent = await self.replies.resend(before=checked)
+                except errors.UnimodelError as exc:  # NATS is down: they fail as they would have
+                    self.log.warning("%s gone; could not send its requests again: %s", names, exc)
+                self.stats.resent.inc(sent)
+            self.log.warning("%s is gone: sent %d waiting request(s) and %d generation(s) again", names, sent, len(starting))
+
+    def _unresponsive(self, worker: str) -> str:
+        """Why a worker that did not answer its liveness probe counts as lost ("" while it does not): its
+        registration left etcd (its lease is gone), or its generations sent nothing for
+        STREAM_LIVENESS_S (a hung process, or one cut off from the network, that NATS still lists)."""
+        if not any(i.id == worker for i in self.instances.items.values()):
+            return "left etcd (its lease is gone)"
+        silent = self.streams.silence(worker)
+        return f"sent nothing for {silent:.0f}s" if silent >= STREAM_LIVENESS_S else ""
+
+    def _reopen_generation(self, model: str, tenant: str) -> Reopen:
+        """How a generation of `model` is sent again when its worker is lost (Generation._move)."""
+
+        async def reopen(request: generate_pb2.GenerateRequest, ctx: RequestContext) -> ReplyStream:
+            item = inference_pb2.BatchItem(generate=request, rows=1, tenant=tenant)
+            return await self.replies.open_stream(subjects.batch(model), item, ctx)
+
+        return reopen
+
+    def _generation_moved(self, gen: Generation, lost: str, outcome: str, seconds: float) -> None:
+        self.stats.migrated(gen.model, outcome, seconds)
+        self.streams.discard(gen, lost)
+        if outcome == MOVED:
+            self.streams.add(gen)
+            self.log.warning(
+                "generation %s of %s moved from worker %s to %s after %d token(s) in %.3fs (move %d)",
+                gen.request_id, gen.model, lost, gen.worker_id, gen.answer_tokens, seconds, gen.migrations,
+            )
+        else:
+            self.log.warning("generation %s of %s lost worker %s and could not move", gen.request_id, gen.model, lost)
 
     async def _abort_generation(self, ctx: RequestContext, reason: str) -> None:
         """Tell the workers to stop this gateway's generation `ctx.request_id` (only this gateway's: the
@@ -312,7 +404,7 @@ class GatewayService(Service):
         )
         await self.bus.publish(subjects.ABORT, abort.SerializeToString())
 
-    async def _send(self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext) -> bytes:
+    async def _send(self, model: str, item: inference_pb2.BatchItem | bytes, ctx: RequestContext) -> bytes:
         return await self.replies.request_item(
             subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s, bundle_subject=subjects.bundle(model)
         )
@@ -325,8 +417,15 @@ class GatewayService(Service):
     async def on_start(self) -> None:
         if self.exposure_warning:
             self.log.warning("%s", self.exposure_warning)
+        if self.settings.max_body_bytes > self.bus.max_payload:  # nats-server's, from its INFO
+            self.log.warning(
+                "max_body_bytes (%d) is over nats-server's max_payload (%d): requests bigger than %d bytes once "
+                "encoded get 413 naming that limit (docs/operations.md, Big payloads)", self.settings.max_body_bytes,
+                self.bus.max_payload, self.bus.message_limit,
+            )
         await self.replies.start()
         self.spawn(self._watch_streams(), "watch streams")
+        self.spawn(self._watch_paths(), "watch batchers and routers")
         self.instances.start()
         self.registered.start()
         if self.settings.load_models:
@@ -368,5 +467,6 @@ class GatewayService(Service):
         await self.cache.wait_writes(min(timeout_s, 5.0))  # cache write-backs of answers already sent
 
     async def on_close(self) -> None:
+        self.body_codec.close()
         await self.instances.stop()
         await self.registered.stop()

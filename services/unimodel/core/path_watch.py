@@ -1,0 +1,51 @@
+"""Which instance of the next hop died while this process waits on work it handed over.
+
+Core NATS does not redeliver. A gateway hands each request to a batcher (a queue group: it cannot know
+which one took it) and waits for the answer; a batcher hands each batch to a router and waits for its
+ack. If that batcher or router is killed, the work it held is gone and the waiter would wait until the
+request's deadline. So, while something has waited longer than `stall_s`, the owner asks each registered
+instance of the next hop whether its process is still connected (subjects.alive: NATS answers "no
+responders" at once for a process whose connection closed, kill -9 included; an instance that answers,
+or is only slow to, is alive). Each instance found gone is reported once; the owner then sends again
+what it was waiting for (inference is idempotent: the first answer wins, later ones are dropped).
+
+Plain logic: the probe is injected and the clock too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+Probe = Callable[[str], Awaitable[bool | None]]
+"""Whether an instance is connected: True (it answered), False (NATS: no responders), None (unknown)."""
+
+
+class PathWatch:
+    def __init__(self, probe: Probe, stall_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.probe = probe
+        self.stall_s = stall_s
+        self.clock = clock
+        self._gone: set[str] = set()  # reported already; forgotten once they leave the registry
+
+    async def check(self, waiting_since: float | None, instances: Iterable[str]) -> list[str]:
+        """The instances among `instances` (the registered ones of the next hop) found gone since the
+        last check, when something has waited since `waiting_since` (clock time) for longer than
+        `stall_s`; [] otherwise, without probing. A probe that raises says nothing."""
+        registered = set(instances)
+        self._gone &= registered
+        if waiting_since is None or self.clock() - waiting_since < self.stall_s:
+            return []
+        ids = sorted(registered - self._gone)
+        answers = await asyncio.gather(*(self.probe(i) for i in ids), return_exceptions=True)
+        gone = [i for i, answer in zip(ids, answers, strict=True) if answer is False]
+        self._gone.update(gone)
+        return gone
+
+
+STALL_S = 1.0
+"""Probe the next hop once something has waited this long for it."""
+INTERVAL_S = 0.5
+"""How often the owner checks (core/replies.py's oldest wait, the batcher's oldest ack)."""
+PROBE_TIMEOUT_S = 1.0
