@@ -186,6 +186,21 @@ class Service:
         self.metrics.close()
         self.log.info("%s stopped", self.id)
 
+    def log_tasks(self) -> None:
+        """SIGUSR1: log where every task of the event loop waits and the NATS connection's state (for a
+        process that seems stuck: `kill -USR1 <pid>`)."""
+        nc = self.bus.nc
+        state = "none" if nc is None else (
+            f"connected={nc.is_connected} reconnecting={nc.is_reconnecting} pending_bytes={nc.pending_data_size} "
+            f"subscriptions={len(nc._subs)}"  # nats-py exposes no count of its subscriptions
+        )
+        lines = [f"{len(asyncio.all_tasks())} tasks; NATS {state}; in flight {self.bus.inflight}"]
+        for task in asyncio.all_tasks():
+            frames = task.get_stack(limit=8)
+            where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames)) or "(not started)"
+            lines.append(f"  {task.get_name()}: {where}")
+        self.log.warning("task dump (SIGUSR1):\n%s", "\n".join(lines))
+
     async def _quietly(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         try:
             await coro
@@ -197,6 +212,7 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGUSR1, self.log_tasks)
         start = asyncio.create_task(self.start())
         stop_wait = asyncio.create_task(self._stop_requested.wait())
         try:
@@ -214,7 +230,7 @@ class Service:
         finally:
             stop_wait.cancel()
             await self.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
         if self._fatal is not None:
             raise FatalError(str(self._fatal) or type(self._fatal).__name__)
