@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -45,6 +46,14 @@ STREAM_LIVENESS_S = 10.0
 """A worker whose generations sent nothing for this long and that does not answer its probe is lost."""
 
 Reply = TypeVar("Reply", inference_pb2.PredictResponse, inference_pb2.InferResponse)
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """A request's start (perf_counter) and result code, for its metrics."""
+
+    started: float
+    code: str = "OK"
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -212,19 +221,9 @@ class GatewayService(Service):
     async def predict_encoded(self, model: str, item: bytes, ctx: RequestContext, api: str = "http") -> bytes:
         """predict with the BatchItem encoded already (a big body, encoded off the event loop, big_bodies.py):
         the worker's encoded PredictResponse, left for the caller to decode (off the loop too)."""
-        started = time.perf_counter()
-        code = "OK"
-        try:
+        with self._observing(api, model):
             self.require_ready(model)
             return await self._send(model, item, ctx)
-        except errors.UnimodelError as exc:
-            code = exc.code_name
-            raise
-        except Exception:
-            code = "INTERNAL"
-            raise
-        finally:
-            self._observe(api, model, code, started)
 
     async def infer(
         self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str = "http"
@@ -232,16 +231,44 @@ class GatewayService(Service):
         """KServe v2 infer: check the tensors against the model's config, batch, wait for the answer."""
         return await self._call(model, item, ctx, api, inference_pb2.InferResponse, tensors=True)
 
+    @contextlib.contextmanager
+    def _observing(self, api: str, model: str, after: Callable[[Outcome], None] | None = None) -> Iterator[Outcome]:
+        """Records the request metrics of what runs inside: its result code and time; then `after`."""
+        outcome = Outcome(time.perf_counter())
+        try:
+            yield outcome
+        except errors.UnimodelError as exc:
+            outcome.code = exc.code_name
+            raise
+        except Exception:
+            outcome.code = "INTERNAL"
+            raise
+        finally:
+            self._observe(api, model, outcome.code, outcome.started)
+            if after is not None:
+                after(outcome)
+
     async def _call(
         self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str, reply_type: type[Reply],
         *, tensors: bool,
     ) -> Reply:
         """The one request path of both APIs: readiness, (tensor checks), batcher, the worker's answer;
         records the request metrics, and for tensor requests the KServe model statistics."""
-        started = time.perf_counter()
-        code = "OK"
         reply = None
-        try:
+
+        def statistics(outcome: Outcome) -> None:
+            if not (tensors and model in self._models):
+                return
+            elapsed_ns = int((time.perf_counter() - outcome.started) * 1e9)
+            if isinstance(reply, inference_pb2.InferResponse):  # the worker's queue and compute times
+                self.model_stats.record(
+                    model, True, elapsed_ns, item.rows or 1,
+                    queue_ns=reply.queue_ns, compute_ns=reply.compute_ns, batch_rows=reply.batch_rows,
+                )
+            else:
+                self.model_stats.record(model, outcome.code == "OK", elapsed_ns, item.rows or 1)
+
+        with self._observing(api, model, statistics):
             self.require_ready(model)
             config = self._configs.get(model)
             if tensors and config is not None:
@@ -250,23 +277,6 @@ class GatewayService(Service):
             reply = reply_type.FromString(raw)
             reply.path.insert(0, self.id)
             return reply
-        except errors.UnimodelError as exc:
-            code = exc.code_name
-            raise
-        except Exception:
-            code = "INTERNAL"
-            raise
-        finally:
-            self._observe(api, model, code, started)
-            if tensors and model in self._models:
-                elapsed_ns = int((time.perf_counter() - started) * 1e9)
-                if isinstance(reply, inference_pb2.InferResponse):  # the worker's queue and compute times
-                    self.model_stats.record(
-                        model, True, elapsed_ns, item.rows or 1,
-                        queue_ns=reply.queue_ns, compute_ns=reply.compute_ns, batch_rows=reply.batch_rows,
-                    )
-                else:
-                    self.model_stats.record(model, code == "OK", elapsed_ns, item.rows or 1)
 
     async def generate(
         self, request: generate_pb2.GenerateRequest, ctx: RequestContext, api: str = "http", tenant: str = ""
