@@ -36,6 +36,10 @@ def _worker_info(raw: bytes) -> registry_pb2.InstanceInfo | None:
     return info if info.kind in WORKER_KINDS else None
 
 
+SYNC_WAIT_S = 10.0
+"""How long a starting router waits for its first read of the workers and models before it takes batches."""
+
+
 class WorkerLost(Exception):
     """The instance left (lease expired or revoked) while a batch was on it."""
 
@@ -106,6 +110,14 @@ class RouterService(Service):
     async def on_start(self) -> None:
         self.workers.start()
         self.models.start()
+        # Join the routers' queue group once the workers and models are known (a router that takes batches
+        # before would answer "not discovered workers yet" for batches a running router could place);
+        # with etcd unreachable, after SYNC_WAIT_S anyway.
+        synced = asyncio.gather(self.workers.synced.wait(), self.models.synced.wait())
+        try:
+            await asyncio.wait_for(synced, SYNC_WAIT_S)
+        except TimeoutError:
+            self.log.warning("etcd not read within %.0fs: taking batches before the workers are known", SYNC_WAIT_S)
         await self.bus.serve(subjects.ROUTE_ALL, self._on_batch, queue=subjects.QUEUE_ROUTER)
         await self.bus.subscribe(subjects.LOAD, self._on_load)
         self.spawn(self._reconcile_loop(), name="placement")
