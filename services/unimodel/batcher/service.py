@@ -32,6 +32,7 @@ from unimodel.batcher.queue import BatchPolicy, ModelQueue, Pending
 from unimodel.batcher.scheduler import Scheduler
 from unimodel.batcher.settings import BatcherSettings
 from unimodel.core import errors, modelconfig, path_watch, payload_limits, subjects, tracing
+from unimodel.core.bus import NoResponders
 from unimodel.core.context import RequestContext
 from unimodel.core.kinds import ROUTER
 from unimodel.core.lifecycle import Service
@@ -51,6 +52,10 @@ _REASONS: dict[type[errors.UnimodelError], str] = {
 _REROUTE = "unimodel: router gone"
 """Cancel message for a batch's wait on a router that is gone; the batch is sent again (`_route`)."""
 MAX_ROUTE_SENDS = 3
+NO_ROUTER_RETRY_S = 0.25
+NO_ROUTER_WAIT_S = 3.0
+"""A batch that found no router subscribed is tried again every NO_ROUTER_RETRY_S for up to NO_ROUTER_WAIT_S
+(routers restarting, NATS just reconnected), while its deadline allows; then its requests get the error."""
 
 
 def _router_id(raw: bytes) -> str | None:
@@ -110,6 +115,8 @@ class BatcherService(Service):
         self.generative: set[str] = set()  # registered text-generation models
         self.routers: Discovery[str] = Discovery(self.store, instances_prefix(settings.etcd_prefix), _router_id)
         self._routing: dict[asyncio.Task[object], float] = {}  # waits for a router's ack -> time.monotonic() sent
+        self._bus_was_down = False
+        self.bus.on_state = self._bus_state
         self.grpc.add(
             services_pb2_grpc.add_BatcherServiceServicer_to_server,
             BatcherApi(self),
@@ -342,10 +349,18 @@ class BatcherService(Service):
         task = asyncio.current_task()
         assert task is not None
         generation = model in self.generative
-        for sends in range(1, MAX_ROUTE_SENDS + 1):
+        sends = 1
+        give_up = time.monotonic() + NO_ROUTER_WAIT_S
+        while True:
             self._routing[task] = time.monotonic()
             try:
                 return await self.bus.request(subjects.route(model), payload, ctx, timeout_s=self.settings.request_timeout_s)
+            except NoResponders:
+                # no router subscribed right now (all restarting, NATS just reconnected): nothing was taken,
+                # so trying again is safe, generations included, while the deadline leaves time
+                if ctx.remaining_s() < 2 * NO_ROUTER_RETRY_S or time.monotonic() >= give_up:
+                    raise
+                await asyncio.sleep(NO_ROUTER_RETRY_S)
             except asyncio.CancelledError as exc:
                 if exc.args != (_REROUTE,) or task.uncancel() != 0:
                     raise
@@ -355,9 +370,24 @@ class BatcherService(Service):
                     raise errors.Unavailable(
                         f"the routers of {model!r} stopped while holding this request ({sends} tries)", retry_after_s=1, model=model
                     ) from None
+                sends += 1
             finally:
                 self._routing.pop(task, None)
-        raise AssertionError("unreachable")
+
+    def _bus_state(self, connected: bool) -> None:
+        """After a NATS reconnect a batch or its ack may have been lost on the way: once the routers had
+        time to subscribe again, the batches waiting since before are sent again (as for a gone router)."""
+        if connected and self._bus_was_down:
+            self.spawn(self._after_reconnect(time.monotonic()), "after a NATS reconnect")
+        self._bus_was_down = not connected
+
+    async def _after_reconnect(self, reconnected: float) -> None:
+        await asyncio.sleep(path_watch.STALL_S)
+        waiting = [task for task, sent in self._routing.items() if sent < reconnected]
+        for task in waiting:
+            task.cancel(_REROUTE)
+        if waiting:
+            self.log.warning("NATS reconnected: sending %d waiting batch(es) again", len(waiting))
 
     async def _watch_routers(self) -> None:
         """While a batch has waited over path_watch.STALL_S for its ack, ask the registered routers whether

@@ -93,8 +93,12 @@ def no_reply(subject: str, ctx: RequestContext) -> errors.UnimodelError:
     return errors.Unavailable(f"no reply on {subject} in time", retry_after_s=1)
 
 
+class NoResponders(errors.Unavailable):
+    """NATS answered at once that nobody listens on the subject (no instance, or none subscribed yet)."""
+
+
 def no_responders(subject: str) -> errors.Unavailable:
-    return errors.Unavailable(f"no instance is serving {subject}", retry_after_s=1)
+    return NoResponders(f"no instance is serving {subject}", retry_after_s=1)
 
 
 class Bus:

@@ -42,6 +42,10 @@ from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2
 STREAM_SILENCE_S = 1.0
 """A worker none of whose generations sent anything for this long is asked whether it is alive."""
 STREAM_PROBE_TIMEOUT_S = 1.0
+RECONNECT_SETTLE_S = 1.0
+"""After a NATS reconnect, how long the peers get to subscribe again before lost work is sent again."""
+RECONNECT_SILENCE_S = 3.0
+"""A running generation silent since a NATS reconnect, for this long: its chunks were lost (it moves)."""
 STREAM_LIVENESS_S = 10.0
 """A worker whose generations sent nothing for this long and that does not answer its probe is lost."""
 
@@ -93,6 +97,9 @@ class GatewayService(Service):
         self.streams = StreamWatch(STREAM_SILENCE_S)  # running generations by worker, for the liveness probe
         self._probe_now = asyncio.Event()
         self._starting: set[Generation] = set()  # generations no worker accepted yet (path watch)
+        self._reconnected_at = 0.0  # perf_counter() of the last NATS reconnect (0: none)
+        self._bus_was_down = False
+        self.bus.on_state = self._bus_state
         self.stats = GatewayMetrics(self.metrics.registry)
         self.model_stats = ModelStatistics()  # KServe v2 model statistics
         http = compose_http(self)
@@ -346,6 +353,34 @@ class GatewayService(Service):
                 elif alive is None and (cause := self._unresponsive(worker)):  # hung, or cut off from the network
                     n = self.streams.lost(worker, f"worker {worker} {cause} and does not answer its liveness probe")
                     self.log.warning("worker %s does not answer: ended its %d running generation(s)", worker, n)
+            if self._reconnected_at:
+                for gen in self.streams.silent_since(self._reconnected_at, RECONNECT_SILENCE_S):
+                    gen.worker_lost(f"nothing came from worker {gen.worker_id} since NATS reconnected: its chunks were lost")
+
+    def _bus_state(self, connected: bool) -> None:
+        """After a NATS reconnect, what was on its way may be lost (core NATS keeps nothing for a client
+        that is away, and a peer may have resubscribed after an answer was sent): `_after_reconnect`."""
+        if connected and self._bus_was_down:
+            self._reconnected_at = time.perf_counter()
+            self.spawn(self._after_reconnect(time.monotonic()), "after a NATS reconnect")
+        self._bus_was_down = not connected
+
+    async def _after_reconnect(self, reconnected: float) -> None:
+        """Once the peers had time to subscribe again: send again every request still waiting that was sent
+        before the reconnect (first answer wins), and every generation no worker accepted yet (new id, the
+        old one aborted). Running generations that hear nothing from then on are checked by _watch_streams."""
+        await asyncio.sleep(RECONNECT_SETTLE_S)
+        try:
+            sent = await self.replies.resend(before=reconnected)
+        except errors.UnimodelError as exc:
+            self.log.warning("after a NATS reconnect, could not send waiting requests again: %s", exc)
+            return
+        starting = [g for g in self._starting if g.opened_at < reconnected]
+        for gen in starting:
+            gen.path_lost("the connection to NATS was re-established while it waited")
+        if sent or starting:
+            self.stats.resent.inc(sent)
+            self.log.warning("NATS reconnected: sent %d waiting request(s) and %d generation(s) again", sent, len(starting))
 
     async def _watch_paths(self) -> None:
         """Send again what a batcher or router took with it when its process died (core/path_watch.py):

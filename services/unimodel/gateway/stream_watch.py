@@ -66,6 +66,12 @@ class StreamWatch:
             return 0.0
         return self.clock() - max(g.last_seen for g in gens)
 
+    def silent_since(self, moment: float, silence_s: float) -> list[Watched]:
+        """Generations that heard nothing from their worker since `moment` (clock time) and for at least
+        `silence_s`: after a NATS reconnect, their chunks may have been lost on the way."""
+        limit = min(moment, self.clock() - silence_s)
+        return [g for gens in self._by_worker.values() for g in gens if g.last_seen <= limit]
+
     def lost(self, worker_id: str, reason: str) -> int:
         """End every generation on `worker_id` with `reason`; returns how many."""
         gens: Iterable[Watched] = self._by_worker.pop(worker_id, set())
