@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from pymilvus import MilvusClient  # for annotations: connect() imports pymilvus when it first connects
 
 log = logging.getLogger("unimodel.cache.vectors")
+# pymilvus logs every failed call and reconnect attempt with the gRPC error's details (many lines each);
+# this module reports failures itself, as one line, and the callers answer them as errors.
+logging.getLogger("pymilvus").setLevel(logging.ERROR)
 T = TypeVar("T")
 
 SCOPE_CHARS = 64

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -21,6 +22,9 @@ from unimodel.core.store import KeyValueStore, StoreError
 log = logging.getLogger("unimodel.registry")
 
 T = TypeVar("T")
+
+LOG_EVERY_S = 5.0
+"""A registration that keeps failing logs one line per this many seconds."""
 
 
 class Registration:
@@ -45,7 +49,11 @@ class Registration:
         self._changed.set()
 
     async def _run(self) -> None:
-        backoff = Backoff()
+        # Retries no further apart than the keepalive interval: when etcd comes back (it restores leases
+        # with their full TTL) the lease is refreshed before it expires, so peers never see the instance
+        # leave because of the outage.
+        backoff = Backoff(maximum=self._interval())
+        last_log = -math.inf
         lost_logged = False
         suspect = False  # after an error, check that the lease still exists before using it
         loop = asyncio.get_running_loop()
@@ -73,7 +81,9 @@ class Registration:
                 self.registered.clear()
                 suspect = True
                 delay = backoff.next()
-                log.warning("registration %s: %s; retrying in %.1fs", self.key.decode(), exc, delay)
+                if loop.time() - last_log >= LOG_EVERY_S:  # one line per 5 s at most
+                    last_log = loop.time()
+                    log.warning("registration %s: %s; retrying in %.1fs", self.key.decode(), exc, delay)
                 lost_logged = True
                 await asyncio.sleep(delay)
 
