@@ -122,7 +122,7 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
         workers = {w["id"] for w in before["workers"] if w["kind"] == "gpu-worker"}
         with PredictLoad(base) as load, httpx.Client(timeout=60) as client:
             time.sleep(1)
-            chat = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 1000, "cache": False,
+            chat = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 300, "cache": False,
                     "messages": [{"role": "user", "content": "Tell me a very long story about a dragon."}]}
             with client.stream("POST", f"{base}/v1/chat/completions", json=chat) as stream:
                 assert stream.status_code == 200
@@ -134,11 +134,17 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
                 killed = time.monotonic()
                 rest = [line for line in lines if line]
             ended_s = time.monotonic() - killed
-            # an error event, then the end: never a silent cut, nor a wait for the deadline
+            # never a silent cut, nor a wait for the deadline: the generation moves to the restarted worker
+            # (mid-stream migration) when it has loaded the model in time, else an error event ends it
             assert rest[-1] == "data: [DONE]", rest[-3:]
-            error = json.loads(rest[-2].removeprefix("data: "))["error"]
-            assert error["code"] == "unavailable" and victim in error["message"], error
-            assert ended_s < 5, ended_s
+            last = json.loads(rest[-2].removeprefix("data: "))
+            if "error" in last:
+                assert last["error"]["code"] == "unavailable" and victim in last["error"]["message"], last
+                assert ended_s < 5, ended_s
+            else:
+                assert last["choices"][0]["finish_reason"] in ("stop", "length"), last
+                assert f"moved from worker {victim}" in Path(log.name).read_text()
+                assert ended_s < 120, ended_s  # the rest of 300 tokens, on a worker that shares 2 cores with 4 busy clients
 
             newcomer: list[str] = []
 
@@ -148,14 +154,14 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
                 newcomer[:] = [w["id"] for w in new]
                 return bool(new) and {m["name"] for m in new[0]["models"] if m["state"] == "READY"} >= {*demo, "echo"}
 
-            wait_until(replaced, killed + 10 - time.monotonic(), "the restarted gpu-worker READY with every demo model")
+            wait_until(replaced, max(5.0, killed + 10 - time.monotonic()), "the restarted gpu-worker READY with every demo model")
             back_s = time.monotonic() - killed
             # ... and takes traffic again
             served = {httpx.post(f"{base}/v1/models/echo:predict", json={"input": i}).headers["x-unimodel-worker"]
                       for i in range(40)}
             assert newcomer[0] in served, (newcomer, served)
-        sys.stderr.write(f"kill -9 {victim}: stream ended after {ended_s:.2f}s, worker back READY after {back_s:.2f}s, "
-                         f"predict answers {dict(load.codes)}\n")
+        sys.stderr.write(f"kill -9 {victim}: stream ended after {ended_s:.2f}s ({len(rest)} events after the kill), "
+                         f"worker back READY after {back_s:.2f}s, predict answers {dict(load.codes)}\n")
         assert load.codes[200] > 0 and set(load.codes) == {200}, (dict(load.codes), load.errors[:5])
         text = Path(log.name).read_text()
         assert "was killed by SIGKILL; restarting in 0.5s" in text
