@@ -37,6 +37,7 @@ NOT_RUN: dict[str, str] = {
     "scripts/bench/setup_peers.sh": "installs the benchmark peers (perf_analyzer) for the benchmarks",
     "UNIMODEL_API_KEYS=": "starts a cluster with keys itself: tests/e2e/test_security_up.py runs this command (ports aside)",
     ".venv/bin/python -m pytest tests/integration/test_security_fuzz.py": "the suite runs this test module itself",
+    "UNIMODEL_CHAOS_REPORT=": "the chaos suite (minutes of faults under load): ./scripts/test runs tests/chaos itself",
     "cd /tmp/": "a before/after benchmark of two commits, each run from its own git worktree under /tmp (minutes of load)",
 }
 
