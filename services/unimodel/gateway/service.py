@@ -169,7 +169,10 @@ class GatewayService(Service):
         return None
 
     def readiness(self) -> dict[str, bool]:
-        checks = catalog.readiness(self.instances.items, self.bus.connected, self.instances.synced.is_set())
+        # "etcd": both the instances and the registered models were read once (before that, a model could
+        # look registered but not yet served, and its requests would be answered "loading")
+        synced = self.instances.synced.is_set() and self.registered.synced.is_set()
+        checks = catalog.readiness(self.instances.items, self.bus.connected, synced)
         # 503 from the moment a stop begins, so load balancers take the gateway out while it drains
         checks["accepting"] = not self._stop_requested.is_set()
         return checks
