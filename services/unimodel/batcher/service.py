@@ -115,8 +115,7 @@ class BatcherService(Service):
         self.generative: set[str] = set()  # registered text-generation models
         self.routers: Discovery[str] = Discovery(self.store, instances_prefix(settings.etcd_prefix), _router_id)
         self._routing: dict[asyncio.Task[object], float] = {}  # waits for a router's ack -> time.monotonic() sent
-        self._bus_was_down = False
-        self.bus.on_state = self._bus_state
+        self.bus.on_reconnect = self._bus_reconnected
         self.grpc.add(
             services_pb2_grpc.add_BatcherServiceServicer_to_server,
             BatcherApi(self),
@@ -374,12 +373,10 @@ class BatcherService(Service):
             finally:
                 self._routing.pop(task, None)
 
-    def _bus_state(self, connected: bool) -> None:
+    def _bus_reconnected(self) -> None:
         """After a NATS reconnect a batch or its ack may have been lost on the way: once the routers had
         time to subscribe again, the batches waiting since before are sent again (as for a gone router)."""
-        if connected and self._bus_was_down:
-            self.spawn(self._after_reconnect(time.monotonic()), "after a NATS reconnect")
-        self._bus_was_down = not connected
+        self.spawn(self._after_reconnect(time.monotonic()), "after a NATS reconnect")
 
     async def _after_reconnect(self, reconnected: float) -> None:
         await asyncio.sleep(path_watch.STALL_S)
@@ -393,7 +390,7 @@ class BatcherService(Service):
         """While a batch has waited over path_watch.STALL_S for its ack, ask the registered routers whether
         they are still connected (core/path_watch.py); when one is gone, every batch that waited since
         before the check is sent again (we cannot know which router took it: NATS queue group)."""
-        watch = path_watch.PathWatch(lambda i: self.bus.responds(subjects.alive(i), path_watch.PROBE_TIMEOUT_S), path_watch.STALL_S)
+        watch = path_watch.PathWatch(lambda i: self.bus.alive(i, path_watch.PROBE_TIMEOUT_S), path_watch.STALL_S)
         while True:
             await asyncio.sleep(path_watch.INTERVAL_S)
             checked = time.monotonic()

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from unimodel.core import errors, payload_limits
+from unimodel.core import errors, payload_limits, subjects
 from unimodel.core.context import RequestContext
 from unimodel.core.subjects import Header
 from unimodel.core.telemetry import request_id_var
@@ -126,6 +126,8 @@ class Bus:
         self._last_error_log = 0.0
         self._closing = False
         self.on_state: Callable[[bool], None] | None = None
+        # after a reconnect (not the first connect): what was on its way may have been lost
+        self.on_reconnect: Callable[[], None] | None = None
 
     # connection -------------------------------------------------------------------------------
     @property
@@ -171,6 +173,8 @@ class Bus:
         log.info("reconnected to NATS")
         if self.on_state:
             self.on_state(True)
+        if self.on_reconnect:
+            self.on_reconnect()
 
     @property
     def max_payload(self) -> int:
@@ -226,6 +230,10 @@ class Bus:
         except (nats.errors.TimeoutError, errors.Unavailable, *CONNECTION_ERRORS):
             return None
         return True
+
+    async def alive(self, instance_id: str, timeout_s: float) -> bool | None:
+        """`responds` on the instance's liveness subject: whether its process is still connected."""
+        return await self.responds(subjects.alive(instance_id), timeout_s)
 
     async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> Subscription:
         """A plain subscription (e.g. for answers) that `stop_serving` leaves open: in-flight requests

@@ -98,8 +98,7 @@ class GatewayService(Service):
         self._probe_now = asyncio.Event()
         self._starting: set[Generation] = set()  # generations no worker accepted yet (path watch)
         self._reconnected_at = 0.0  # perf_counter() of the last NATS reconnect (0: none)
-        self._bus_was_down = False
-        self.bus.on_state = self._bus_state
+        self.bus.on_reconnect = self._bus_reconnected
         self.stats = GatewayMetrics(self.metrics.registry)
         self.model_stats = ModelStatistics()  # KServe v2 model statistics
         http = compose_http(self)
@@ -346,7 +345,7 @@ class GatewayService(Service):
             self._probe_now.clear()
             for worker in self.streams.workers() if force else self.streams.silent_workers():
                 try:
-                    alive = await self.bus.responds(subjects.alive(worker), STREAM_PROBE_TIMEOUT_S)
+                    alive = await self.bus.alive(worker, STREAM_PROBE_TIMEOUT_S)
                 except Exception as exc:  # a probe that fails says nothing; the watch goes on
                     self.log.warning("could not probe worker %s: %s", worker, exc)
                     continue
@@ -360,13 +359,11 @@ class GatewayService(Service):
                 for gen in self.streams.silent_since(self._reconnected_at, RECONNECT_SILENCE_S):
                     gen.worker_lost(f"nothing came from worker {gen.worker_id} since NATS reconnected: its chunks were lost")
 
-    def _bus_state(self, connected: bool) -> None:
+    def _bus_reconnected(self) -> None:
         """After a NATS reconnect, what was on its way may be lost (core NATS keeps nothing for a client
         that is away, and a peer may have resubscribed after an answer was sent): `_after_reconnect`."""
-        if connected and self._bus_was_down:
-            self._reconnected_at = time.perf_counter()
-            self.spawn(self._after_reconnect(time.monotonic()), "after a NATS reconnect")
-        self._bus_was_down = not connected
+        self._reconnected_at = time.perf_counter()
+        self.spawn(self._after_reconnect(time.monotonic()), "after a NATS reconnect")
 
     async def _after_reconnect(self, reconnected: float) -> None:
         """Once the peers had time to subscribe again: send again every request still waiting that was sent
@@ -392,7 +389,7 @@ class GatewayService(Service):
         its waiting requests are sent again (ReplyMux.resend). A gone batcher or router: generations not
         yet accepted are sent again under a new id, the old one aborted (Generation.path_lost). Batches
         a gone router held are sent again by their batcher."""
-        watch = path_watch.PathWatch(lambda i: self.bus.responds(subjects.alive(i), path_watch.PROBE_TIMEOUT_S), path_watch.STALL_S)
+        watch = path_watch.PathWatch(lambda i: self.bus.alive(i, path_watch.PROBE_TIMEOUT_S), path_watch.STALL_S)
         while True:
             await asyncio.sleep(path_watch.INTERVAL_S)
             kinds = {i.id: i.kind for i in self.instances.items.values() if i.kind in (BATCHER, ROUTER)}
