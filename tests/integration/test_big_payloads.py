@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,6 +136,19 @@ def test_a_60_mb_predict_succeeds_while_health_and_small_predicts_keep_answering
     assert set(statuses) == {200}
     assert live and small
     assert _p99(live) < 500  # loose: the figures are the benchmark's; 2.24 s before (issue 16)
+    gateway = next(p for p in big_cluster.procs if p.name == "gateway")
+    assert not _spool_files(gateway.pid)  # the files that held the body and answer (gateway/spool.py) are gone
+
+
+def _spool_files(pid: int | None, wait_s: float = 5.0) -> list[str]:
+    """The gateway's body files left in /dev/shm or the temporary directory, once its threads had `wait_s` to
+    unlink them."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [n for d in ("/dev/shm", tempfile.gettempdir()) for n in os.listdir(d) if n.startswith(f"unimodel-{pid}-")]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
 
 
 def test_over_the_bus_limit_is_413_naming_it_and_what_fits_at_the_same_time_succeeds(small_bus: Services) -> None:

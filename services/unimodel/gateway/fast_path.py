@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from unimodel.core import errors
 from unimodel.gateway.auth import TENANT_HEADER
-from unimodel.gateway.http_context import read_body
+from unimodel.gateway.big_bodies import Payload
+from unimodel.gateway.http_context import read_body, read_body_spooled
 from unimodel.gateway.kserve.http import infer_asgi, match_infer
 from unimodel.gateway.modelcache.serving import handle as modelcache
 from unimodel.gateway.ports import KServePorts, ModelCachePorts, UnifiedPorts
+from unimodel.gateway.spool import SpooledBody
 from unimodel.gateway.unified.errors import Headers, error_result
 from unimodel.gateway.unified.http import run_predict
+
+B = TypeVar("B", bytes, bytes | SpooledBody)
+SEND_SLICE = 1024 * 1024
+"""A bigger answer is sent in slices of this many bytes: no write joins or copies it whole."""
 
 
 class FastPorts(UnifiedPorts, KServePorts, ModelCachePorts, Protocol):
@@ -43,11 +50,12 @@ class FastRoutes:
         if match is not None:
             name = match.group(1)
             await self._json_route(
-                scope, receive, send, lambda raw, headers: run_predict(self.gw, name, raw, lambda k: headers.get(k, ""))
+                scope, receive, send, lambda raw, headers: run_predict(self.gw, name, raw, lambda k: headers.get(k, "")),
+                spooling_reader(self.gw.body_codec.spool_from),  # a big body into a file as it arrives (spool.py)
             )
             return
         if post and scope["path"] == "/modelcache":  # cache lookups are the millisecond path too
-            await self._json_route(scope, receive, send, self._modelcache)
+            await self._json_route(scope, receive, send, self._modelcache, read_all)
             return
         infer = match_infer(scope["path"]) if post else None
         if infer is not None:
@@ -61,16 +69,26 @@ class FastRoutes:
 
     async def _json_route(
         self, scope: Scope, receive: Receive, send: Send,
-        handler: Callable[[bytes, dict[str, str]], Awaitable[tuple[int, bytes, Headers]]],
+        handler: Callable[[B, dict[str, str]], Awaitable[tuple[int, Payload, Headers]]],
+        read: Callable[[Receive, dict[str, str]], Awaitable[B]],
     ) -> None:
-        """Read the body, `handler(body, headers)` -> (status, JSON payload, extra headers), send the answer."""
+        """Read the body (`read`), `handler(body, headers)` -> (status, JSON payload, extra headers), send the
+        answer: a big one in slices of SEND_SLICE bytes (uvicorn's flow control applies between them)."""
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        raw: B | None = None
+        status: int
+        payload: Payload
+        extra: Headers
         try:
-            raw = await read_body(receive)
-        except errors.UnimodelError as err:  # PayloadTooLarge from BodyLimit, or the client left
-            status, payload, extra = error_result(err)
-        else:
-            status, payload, extra = await handler(raw, headers)
+            try:
+                raw = await read(receive, headers)
+            except errors.UnimodelError as err:  # PayloadTooLarge from BodyLimit, or the client left
+                status, payload, extra = error_result(err)
+            else:
+                status, payload, extra = await handler(raw, headers)
+        finally:
+            if isinstance(raw, SpooledBody):  # the handler unlinks it once read; here on every other path
+                raw.close()
         await send(
             {
                 "type": "http.response.start",
@@ -78,5 +96,26 @@ class FastRoutes:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *extra],
             }
         )
-        await send({"type": "http.response.body", "body": payload})
+        if len(payload) <= SEND_SLICE:
+            await send({"type": "http.response.body", "body": payload})
+            return
+        view = memoryview(payload)
+        for start in range(0, len(view), SEND_SLICE):
+            if start:
+                await asyncio.sleep(0)  # the transport writes this slice before the next (http_protocol.py)
+            end = start + SEND_SLICE
+            await send({"type": "http.response.body", "body": view[start:end], "more_body": end < len(view)})
 
+
+async def read_all(receive: Receive, headers: dict[str, str]) -> bytes:
+    return await read_body(receive)
+
+
+def spooling_reader(spool_from: int) -> Callable[[Receive, dict[str, str]], Awaitable[bytes | SpooledBody]]:
+    """read_body_spooled with the request's Content-Length (big_bodies.py works on the file)."""
+
+    async def read(receive: Receive, headers: dict[str, str]) -> bytes | SpooledBody:
+        length = headers.get("content-length", "")
+        return await read_body_spooled(receive, spool_from, int(length) if length.isdigit() else 0)
+
+    return read

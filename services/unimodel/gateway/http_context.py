@@ -1,7 +1,7 @@
 """What the gateway reads from an HTTP request: its RequestContext (a new request id of ours, the client's
 x-request-id apart as client_request_id, W3C trace context and the
 verified tenant: auth.py rewrote x-unimodel-tenant, with the route's deadline), and for the raw-ASGI routes
-(fast_path.py, KServe infer) its body."""
+(fast_path.py, KServe infer) its body (a big :predict body into a file, spool.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from starlette.types import Receive
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.gateway.auth import TENANT_HEADER
+from unimodel.gateway.spool import SpooledBody
 
 
 def http_context(header: Callable[[str], str], timeout_s: float) -> RequestContext:
@@ -56,3 +57,38 @@ async def read_body(receive: Receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_body_spooled(receive: Receive, spool_from: int, expected: int = 0) -> bytes | SpooledBody:
+    """read_body, but a body of `spool_from` bytes or more (0: never) goes into a file (spool.py) chunk by chunk
+    as it arrives, never joined in memory. `expected`: its Content-Length when given (0: unknown), to start
+    the file at once. The file is the caller's to close; here only on failure (disconnect, cancellation, a
+    body over the limit)."""
+    chunks: list[bytes] = []
+    size = 0
+    spooled = SpooledBody("input", expected) if spool_from and expected >= spool_from else None
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise errors.Cancelled("client disconnected")
+            chunk = message.get("body", b"")
+            if spooled is not None:
+                spooled.write(chunk)
+            else:
+                chunks.append(chunk)
+                size += len(chunk)
+                if spool_from and size >= spool_from:  # no (or a wrong) Content-Length: spooled from here
+                    spooled = SpooledBody("input", size)
+                    for early in chunks:
+                        spooled.write(early)
+                    chunks = []
+            if not message.get("more_body", False):
+                break
+    except BaseException:
+        if spooled is not None:
+            spooled.close()
+        raise
+    if spooled is not None:
+        return spooled.finish()
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

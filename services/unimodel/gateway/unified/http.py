@@ -17,6 +17,7 @@ from unimodel.core.values import from_value, to_value
 from unimodel.gateway import big_bodies, json_body
 from unimodel.gateway.http_context import http_context, raw_id_headers
 from unimodel.gateway.ports import UnifiedPorts
+from unimodel.gateway.spool import SpooledBody
 from unimodel.gateway.unified.errors import Headers, error_result
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,12 @@ def parse_body(raw: bytes) -> PredictBody:
 
 
 async def run_predict(
-    gw: UnifiedPorts, name: str, raw: bytes, header: Callable[[str], str]
-) -> tuple[int, bytes, Headers]:
-    """The one implementation of POST /v1/models/{name}:predict: (status, JSON body, headers). Never raises."""
+    gw: UnifiedPorts, name: str, raw: bytes | SpooledBody, header: Callable[[str], str]
+) -> tuple[int, big_bodies.Payload, Headers]:
+    """The one implementation of POST /v1/models/{name}:predict: (status, JSON body, headers). Never raises.
+    A big body may come in a file already (fast_path.py); a big answer comes as a view of one."""
     try:
-        if gw.body_codec.takes(len(raw)):  # decoded and encoded off the event loop
+        if isinstance(raw, SpooledBody) or gw.body_codec.takes(len(raw)):  # decoded and encoded off the event loop
             return await big_bodies.predict(gw, name, raw, header, parse_body)
         body = parse_body(raw)
         ctx = http_context(header, gw.settings.request_timeout_s)
