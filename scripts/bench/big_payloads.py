@@ -9,8 +9,9 @@ built-in echo model, gateway; real processes, tests/helpers/support.py).
 Each round has two windows, interleaved so the machine drifts the same way for both: `baseline` (nothing big
 in flight; as long as the previous big window) and `big` (from sending the big request until its answer is in).
 In both, one caller GETs /health/live every 10 ms and another sends small predicts ({"input": "ping"}) back to
-back; the window's latencies are pooled per kind over the rounds. The big request is sent from its own process
-(its upload and download do not share this process's event loop). Reported: p50 / p99 / max per window kind,
+back; the window's latencies are pooled per kind over the rounds. The big request is sent from its own process,
+which makes its body and connects before the window starts (neither its upload and download nor making the body
+share this process's event loop). Reported: p50 / p99 / max per window kind,
 the ratios big / baseline, the big request's status and time.
 
 `--kind string`: {"input": "<mb MB of text>"}, the shape of a document or a base64 blob; `numbers`: a JSON list
@@ -46,14 +47,20 @@ def big_body(mb: float, kind: str) -> bytes:
     return b'{"input":"' + b"a" * size + b'"}'
 
 
-def _send_big(url: str, body: bytes, out: Any) -> None:
-    t0 = time.perf_counter()
-    try:
-        r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=300)
-        status, detail = r.status_code, (r.text[:300] if r.status_code != 200 else f"{len(r.content)} bytes")
-    except httpx.HTTPError as exc:
-        status, detail = 0, repr(exc)
-    out.send((status, detail, time.perf_counter() - t0))
+def _send_big(url: str, mb: float, kind: str, conn: Any) -> None:
+    """In the sender process: build the body, say ready, wait for "go", send it, report (status, detail, s)."""
+    body = big_body(mb, kind)
+    with httpx.Client(timeout=300) as client:
+        client.get(url.split("/v1/")[0] + "/health/live")  # connection open before the window starts
+        conn.send("ready")
+        conn.recv()
+        t0 = time.perf_counter()
+        try:
+            r = client.post(url, content=body, headers={"content-type": "application/json"})
+            status, detail = r.status_code, (r.text[:300] if r.status_code != 200 else f"{len(r.content)} bytes")
+        except httpx.HTTPError as exc:
+            status, detail = 0, repr(exc)
+        conn.send((status, detail, time.perf_counter() - t0))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -87,7 +94,18 @@ async def probe(base: str, stop: asyncio.Event, live: list[float], small: list[f
         await asyncio.gather(lives(a), smalls(b))
 
 
-async def window(base: str, seconds: float | None, big: bytes | None) -> dict[str, Any]:
+async def window(base: str, seconds: float | None, big: tuple[float, str] | None) -> dict[str, Any]:
+    """One window: the probes, and with `big` (mb, kind) one big request sent by a process of its own that
+    built its body and connected before the window starts (nothing of it runs in this process's loop)."""
+    proc = conn = None
+    if big is not None:
+        ctx = multiprocessing.get_context("spawn")
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_send_big, args=(f"{base}/v1/models/echo:predict", *big, child))
+        proc.start()
+        while not conn.poll():
+            await asyncio.sleep(0.02)
+        conn.recv()  # ready
     live: list[float] = []
     small: list[float] = []
     failures: list[str] = []
@@ -98,14 +116,11 @@ async def window(base: str, seconds: float | None, big: bytes | None) -> dict[st
     small.clear()
     result: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if big is not None:
-        ctx = multiprocessing.get_context("spawn")
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_send_big, args=(f"{base}/v1/models/echo:predict", big, send))
-        proc.start()
-        while not recv.poll():
+    if proc is not None and conn is not None:
+        conn.send("go")
+        while not conn.poll():
             await asyncio.sleep(0.02)
-        status, detail, elapsed = recv.recv()
+        status, detail, elapsed = conn.recv()
         proc.join()
         result = {"status": status, "detail": detail, "seconds": round(elapsed, 2)}
     else:
@@ -118,20 +133,21 @@ async def window(base: str, seconds: float | None, big: bytes | None) -> dict[st
 
 def summary(values: list[float]) -> dict[str, float]:
     return {
-        "n": len(values), "p50_ms": round(pct(values, 0.5), 2), "p99_ms": round(pct(values, 0.99), 2),
+        "n": len(values), "p50_ms": round(pct(values, 0.5), 2), "p90_ms": round(pct(values, 0.9), 2),
+        "p99_ms": round(pct(values, 0.99), 2), "slowest_ms": [round(v, 1) for v in sorted(values)[-8:]],
         "max_ms": round(max(values, default=float("nan")), 2),
         "mean_ms": round(statistics.fmean(values), 2) if values else float("nan"),
     }
 
 
-async def run(base: str, body: bytes, rounds: int) -> dict[str, Any]:
+async def run(base: str, big: tuple[float, str], rounds: int) -> dict[str, Any]:
     pooled: dict[str, dict[str, list[float]]] = {k: {"live": [], "small": []} for k in ("baseline", "big")}
     bigs = []
     failures: list[str] = []
     last = 3.0
     for r in range(rounds):
         base_w = await window(base, last, None)
-        big_w = await window(base, None, body)
+        big_w = await window(base, None, big)
         last = big_w["window_s"]
         for name, w in (("baseline", base_w), ("big", big_w)):
             pooled[name]["live"] += w["live"]
@@ -158,8 +174,8 @@ def main() -> int:
     parser.add_argument("--gateway-env", action="append", default=[], help="NAME=VALUE for the gateway (repeatable)")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
-    body = big_body(args.mb, args.kind)
-    print(f"big body: {len(body)} bytes ({args.kind})", flush=True)
+    size = len(big_body(args.mb, args.kind))
+    print(f"big body: {size} bytes ({args.kind})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         infra = Infra(Path(tmp))
         services = Services(infra)
@@ -174,11 +190,11 @@ def main() -> int:
                 if services.predict("warm").status_code == 200:
                     break
                 time.sleep(0.2)
-            result = asyncio.run(run(services.url, body, args.rounds))
+            result = asyncio.run(run(services.url, (args.mb, args.kind), args.rounds))
         finally:
             services.stop()
             infra.stop()
-    result["body_bytes"], result["kind"], result["gateway_env"] = len(body), args.kind, args.gateway_env
+    result["body_bytes"], result["kind"], result["gateway_env"] = size, args.kind, args.gateway_env
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

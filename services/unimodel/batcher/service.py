@@ -77,6 +77,7 @@ class Item(NamedTuple):
     traceparent: str  # the caller's (its span's) trace context
     tracestate: str
     span: Span | None  # "batcher queue", while tracing is on: from arrival to dispatch
+    held: int = 0  # bytes of the item's content held by its caller (BatchItem.blob, core/blobs.py): it goes alone
 
 
 @dataclass(slots=True, eq=False)
@@ -266,7 +267,7 @@ class BatcherService(Service):
         ) if tracing.enabled() else None
         pending = Pending(
             request_id,
-            Item(data + added, reply_to, deadline_ms, traceparent, tracestate, span),
+            Item(data + added, reply_to, deadline_ms, traceparent, tracestate, span, item.blob.size),
             rows=item.rows,
             priority=item.priority,
             expires=expires,
@@ -282,8 +283,10 @@ class BatcherService(Service):
             raise
 
     async def _dispatch(self, state: ModelState, batch: list[Pending[Item]]) -> None:
-        runs = payload_limits.chunks([len(p.payload.data) for p in batch], self.bus.message_limit)
-        if len(runs) > 1:  # too big for one bus message together: several batches, a big item alone (issue 16)
+        runs = payload_limits.chunks(
+            [p.payload.held or len(p.payload.data) for p in batch], self.bus.message_limit, payload_limits.BLOB_BYTES
+        )
+        if len(runs) > 1:  # too big for one bus message together, or held by reference: several batches, a big item alone
             await asyncio.gather(*(self._dispatch(state, [batch[i] for i in run]) for run in runs))
             return
         now = time.time()

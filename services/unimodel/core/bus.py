@@ -285,13 +285,15 @@ class Bus:
         if msg.reply:
             await self.publish_error(msg.reply, err)
 
-    async def publish(self, subject: str, payload: bytes, *, what: str = "the message") -> None:
+    async def publish(
+        self, subject: str, payload: bytes, *, what: str = "the message", headers: dict[str, str] | None = None
+    ) -> None:
         """One-way message (e.g. a result sent straight to a caller's inbox); PAYLOAD_TOO_LARGE (naming
         `what`) when it is over the server's max_payload."""
         nc = self.client()
-        self.check_fits(payload, None, what)
+        self.check_fits(payload, headers, what)
         try:
-            await nc.publish(subject, payload)
+            await nc.publish(subject, payload, headers=headers)
         except nats.errors.MaxPayloadError:
             raise oversized(nc, len(payload), what) from None
 

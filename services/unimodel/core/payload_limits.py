@@ -28,6 +28,15 @@ ALONE_BYTES = 1024 * 1024
 message saves per-message costs, which are nothing next to its size, and packing and unpacking copy it twice
 more (on the event loop of the gateway, whose /health/live and small requests wait meanwhile)."""
 
+BLOB_BYTES = 4 * 1024 * 1024
+"""An item or answer of this many bytes or more travels by reference (core/blobs.py): held by its sender and
+fetched in chunks by its receiver. Nobody in between handles its bytes, and no process copies them in one piece
+on its event loop as part of a bus message (nats-py joins a message into one buffer to send it and copies it
+twice to receive it: for 60 MB, 20-60 ms each on a small host, during which that service answers nobody)."""
+
+BLOB_CHUNK_BYTES = 1024 * 1024
+"""The most bytes one fetch of a held payload returns (one bus message): about a millisecond of copying."""
+
 PER_ITEM = 16
 """Bytes an item adds in a repeated field of a bundle or batch besides itself: its tag and length varint (at most
 11) and the queue time the batcher sends along (at most 11 more bytes, packed)."""

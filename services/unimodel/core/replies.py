@@ -36,23 +36,30 @@ from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from unimodel.core import errors, payload_limits, subjects
+from unimodel.core import blobs, errors, payload_limits, subjects
+from unimodel.core.blobs import Blobs
 from unimodel.core.bus import CONNECTION_ERRORS, Bus, connection_down, error_from_headers, no_reply, no_responders
 from unimodel.core.context import RequestContext
 from unimodel.v1 import inference_pb2
 
 log = logging.getLogger("unimodel.replies")
 
+Encoded = bytes | bytearray | memoryview
+"""An item encoded already (big ones: off the event loop, gateway/big_bodies.py)."""
+Answer = bytes | inference_pb2.BlobRef
+"""What a request's inbox receives: the encoded response, or the reference of one held by its worker."""
+
 _NO_RESPONDERS = "503"
 _STATUS = "Status"
 
 
 class ReplyMux:
-    def __init__(self, bus: Bus, instance_id: str) -> None:
+    def __init__(self, bus: Bus, instance_id: str, blobs: Blobs | None = None) -> None:
         self.bus = bus
+        self.blobs = blobs  # where big items are held while their request waits (core/blobs.py); None: sent whole
         self.prefix = subjects.replies(instance_id)
         self.group = subjects.reply_batch(instance_id)
-        self._pending: dict[str, tuple[asyncio.Future[bytes], str]] = {}
+        self._pending: dict[str, tuple[asyncio.Future[Answer], str]] = {}
         self._sub: Subscription | None = None
         # what leaves at the end of this loop iteration: (batch subject, bundle subject) -> [(item, inbox)]
         self._outbox: dict[tuple[str, str], list[tuple[bytes, str, dict[str, str] | None]]] = {}
@@ -75,28 +82,36 @@ class ReplyMux:
     async def request_item(
         self,
         subject: str,
-        item: inference_pb2.BatchItem | bytes,
+        item: inference_pb2.BatchItem | Encoded,
         ctx: RequestContext,
         *,
         timeout_s: float,
         bundle_subject: str = "",
-    ) -> bytes:
+    ) -> bytes | bytearray:
         """Publish `item` on `subject` (with others of this loop iteration as one ItemBundle on
         `bundle_subject`, when given) and wait for its answer (the encoded response); error answers
         raise their UnimodelError. Sets the item's reply_to, reply_group, request id and deadline. `item` may
-        come encoded (bytes: a big one, encoded off the event loop): those fields are appended to it then.
+        come encoded (bytes-like: a big one, encoded off the event loop): those fields are appended to it then,
+        or, when it is payload_limits.BLOB_BYTES or more and this mux has `blobs`, it is held there while the
+        request waits and the item carries its reference. An answer held by reference is fetched here.
         An item over the bus's message limit is refused (PAYLOAD_TOO_LARGE naming the limit), unsent."""
         nc = self.bus.client()
         if self._sub is None:
             await self.start()
-        encoded = b""
-        if isinstance(item, bytes):  # protobuf merges appended fields into the message before them
+        encoded: bytes | bytearray | memoryview = b""
+        if not isinstance(item, inference_pb2.BatchItem):  # protobuf merges appended fields into the message before them
             encoded, item = item, inference_pb2.BatchItem()
+        held = ""
+        if self.blobs is not None and len(encoded) >= payload_limits.BLOB_BYTES:
+            payload_limits.check(len(encoded), self.bus.max_payload)
+            ref = self.blobs.hold(encoded, ttl_s=ctx.timeout(timeout_s) + 1)
+            item.blob.CopyFrom(ref)
+            held, encoded = ref.subject, b""
         inbox = self._address(item, ctx)
         item.reply_group = self.group
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._pending[inbox] = (future, subject)
-        data, headers = encoded + item.SerializeToString() if encoded else item.SerializeToString(), ctx.trace_headers() or None
+        data, headers = bytes(encoded) + item.SerializeToString() if encoded else item.SerializeToString(), ctx.trace_headers() or None
         self._sent[inbox] = Sent(time.monotonic(), subject, data, headers)
         try:
             payload_limits.check(len(data), self.bus.max_payload)
@@ -106,7 +121,7 @@ class ReplyMux:
                 self._queue(subject, bundle_subject, data, inbox, headers)
             else:
                 await nc.publish(subject, data, reply=inbox, headers=headers)
-            return await asyncio.wait_for(future, ctx.timeout(timeout_s))
+            answer = await asyncio.wait_for(future, ctx.timeout(timeout_s))
         except TimeoutError:
             raise no_reply(subject, ctx) from None
         except nats.errors.MaxPayloadError:
@@ -117,6 +132,11 @@ class ReplyMux:
             self._pending.pop(inbox, None)
             self._bundles.pop(inbox, None)
             self._sent.pop(inbox, None)
+            if held and self.blobs is not None:
+                self.blobs.release(held)
+        if isinstance(answer, inference_pb2.BlobRef):  # a big answer, held by the worker
+            return await blobs.fetch(self.bus, answer, timeout_s=ctx.timeout(timeout_s), what="the answer")
+        return answer
 
     def oldest_wait(self) -> float | None:
         """time.monotonic() when the longest-waiting request was (last) sent; None when none waits."""
@@ -244,6 +264,13 @@ class ReplyMux:
             err = error_from_headers(headers)
             if err is not None:
                 future.set_exception(err)
+                return
+            blob = headers.get(subjects.Header.BLOB)
+            if blob is not None:
+                try:
+                    future.set_result(blobs.answer_ref(blob))
+                except errors.UnimodelError as exc:
+                    future.set_exception(exc)
                 return
         future.set_result(msg.data)
 

@@ -103,6 +103,12 @@ def reply_batch(instance_id: str) -> str:
     return f"{replies(instance_id)}.{REPLY_BATCH_TOKEN}"
 
 
+def blobs(instance_id: str) -> str:
+    """Payloads one instance holds by reference (core/blobs.py): `<blobs>.<token>` is one payload; a request
+    there with a range gets its bytes."""
+    return f"{ROOT}.blob.{instance_id}"
+
+
 def model_of(subject: str) -> str:
     """The model name of a batch/route subject."""
     return model_from_token(subject.rsplit(".", 1)[-1])
@@ -119,6 +125,8 @@ class Header:
     RETRY_AFTER = "Um-Retry-After"
     # Prefix of headers carrying an error's metadata (Um-Error-Meta-field: max_tokens).
     ERROR_META = "Um-Error-Meta-"
+    # An answer held by reference (core/blobs.py): "<BlobRef.subject> <size>", and an empty body.
+    BLOB = "Um-Blob"
     TRACEPARENT = "traceparent"
     TRACESTATE = "tracestate"
 
@@ -145,6 +153,9 @@ WORKER_INFER_ALL = worker_infer(ANY_INSTANCE)
 WORKER_CONTROL_ALL = worker_control(ANY_INSTANCE)
 ALIVE_ALL = alive(ANY_INSTANCE)
 CACHE_ALL = f"{ROOT}.cache.*"
+BLOBS_ALL = f"{blobs(ANY_INSTANCE)}.*"
+"""Every instance's held payloads: a gateway fetches a worker's big answer, a worker a gateway's big request
+(each payload's subject ends in 128 random bits only the services on its request's path see)."""
 
 
 def inbox_prefix(kind: str, instance_id: str) -> str:
@@ -182,13 +193,13 @@ def permissions(kind: str, instance_id: str = ANY_INSTANCE) -> Permissions:
     if kind in WORKER_KINDS:
         # results and errors to the inbox each item names (a gateway's or a cache's), load reports to routers
         return Permissions(
-            publish=(REPLIES_ALL, LOAD),
-            subscribe=(worker_infer(instance_id), worker_control(instance_id), ABORT, *own),
+            publish=(REPLIES_ALL, LOAD, BLOBS_ALL),
+            subscribe=(worker_infer(instance_id), worker_control(instance_id), ABORT, f"{blobs(instance_id)}.*", *own),
         )
     table = {
         "gateway": Permissions(
-            publish=(BATCH_ALL, BUNDLE_ALL, CACHE_QUERY, CACHE_INSERT, CACHE_REMOVE, CACHE_LOG, ABORT, ALIVE_ALL),
-            subscribe=(f"{replies(instance_id)}.*", *own),
+            publish=(BATCH_ALL, BUNDLE_ALL, CACHE_QUERY, CACHE_INSERT, CACHE_REMOVE, CACHE_LOG, ABORT, ALIVE_ALL, BLOBS_ALL),
+            subscribe=(f"{replies(instance_id)}.*", f"{blobs(instance_id)}.*", *own),
         ),
         # batches to routers (and liveness probes of routers that hold one); an item it cannot queue is
         # answered at its caller's inbox

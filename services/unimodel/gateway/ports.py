@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from unimodel.core.context import RequestContext
+    from unimodel.core.replies import Encoded
     from unimodel.gateway.auth import ApiKeys
     from unimodel.gateway.big_bodies import BodyCodec
     from unimodel.gateway.cache_client import CacheClient
@@ -59,7 +60,7 @@ class Predictor(Protocol):
     @property
     def body_codec(self) -> BodyCodec: ...
 
-    async def predict_encoded(self, model: str, item: bytes, ctx: RequestContext, api: str = "http") -> bytes: ...
+    async def predict_encoded(self, model: str, item: Encoded, ctx: RequestContext, api: str = "http") -> bytes | bytearray: ...
 
 
 class TensorInference(Protocol):

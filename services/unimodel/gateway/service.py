@@ -16,11 +16,12 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
 from unimodel.core import errors, generation_rules, modelconfig, path_watch, subjects, tracing
+from unimodel.core.blobs import Blobs
 from unimodel.core.context import RequestContext
 from unimodel.core.kinds import BATCHER, ROUTER, WORKER_KINDS
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.membership import Discovery, instances_prefix, model_key, models_prefix
-from unimodel.core.replies import ReplyMux, ReplyStream
+from unimodel.core.replies import Encoded, ReplyMux, ReplyStream
 from unimodel.core.store import StoreError
 from unimodel.gateway import catalog
 from unimodel.gateway.admin import registration
@@ -80,7 +81,8 @@ class GatewayService(Service):
             raise FatalError(str(exc)) from None
         self.rate_limiter = RateLimiter.from_settings(settings)  # per-key rpm / tpm (HTTP and gRPC share it)
         super().__init__(settings, **kw)
-        self.replies = ReplyMux(self.bus, self.id)  # answers of batch-path requests, singly or in ReplyBatches
+        self.blobs = Blobs(self.bus, self.id)  # big items held while their request waits (core/blobs.py)
+        self.replies = ReplyMux(self.bus, self.id, self.blobs)  # answers of batch-path requests, singly or in ReplyBatches
         self.cache = CacheClient(self.bus, settings.cache_timeout_s)
         self.body_codec = BodyCodec(settings.offload_body_bytes, settings.offload_processes)  # big bodies, off the loop
         self.instances: Discovery[registry_pb2.InstanceInfo] = Discovery(
@@ -227,9 +229,10 @@ class GatewayService(Service):
         item = inference_pb2.BatchItem(input=value, parameters=parameters, rows=1)
         return await self._call(model, item, ctx, api, inference_pb2.PredictResponse, tensors=False)
 
-    async def predict_encoded(self, model: str, item: bytes, ctx: RequestContext, api: str = "http") -> bytes:
+    async def predict_encoded(self, model: str, item: Encoded, ctx: RequestContext, api: str = "http") -> bytes | bytearray:
         """predict with the BatchItem encoded already (a big body, encoded off the event loop, big_bodies.py):
-        the worker's encoded PredictResponse, left for the caller to decode (off the loop too)."""
+        the worker's encoded PredictResponse, left for the caller to decode (off the loop too). A big item
+        and a big answer travel by reference (core/blobs.py)."""
         with self._observing(api, model):
             self.require_ready(model)
             return await self._send(model, item, ctx)
@@ -449,7 +452,7 @@ class GatewayService(Service):
         )
         await self.bus.publish(subjects.ABORT, abort.SerializeToString())
 
-    async def _send(self, model: str, item: inference_pb2.BatchItem | bytes, ctx: RequestContext) -> bytes:
+    async def _send(self, model: str, item: inference_pb2.BatchItem | Encoded, ctx: RequestContext) -> bytes | bytearray:
         return await self.replies.request_item(
             subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s, bundle_subject=subjects.bundle(model)
         )
@@ -469,6 +472,7 @@ class GatewayService(Service):
                 self.bus.max_payload, self.bus.message_limit,
             )
         await self.replies.start()
+        await self.blobs.start()
         self.spawn(self._watch_streams(), "watch streams")
         self.spawn(self._watch_paths(), "watch batchers and routers")
         self.instances.start()

@@ -14,12 +14,15 @@ import concurrent.futures
 import time
 from pathlib import Path
 
+from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
-from unimodel.core import errors, modelconfig, payload_limits, subjects, tracing
+from unimodel.core import blobs, errors, modelconfig, payload_limits, subjects, tracing
+from unimodel.core.blobs import Blobs
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
+from unimodel.core.protowire import varint
 from unimodel.core.store import KeyValueStore
 from unimodel.core.subjects import Header
 from unimodel.core.tracing import Attr, Span
@@ -34,6 +37,7 @@ from unimodel.worker.settings import WorkerSettings
 from unimodel.worker.tensor_batches import add_tensors
 
 INFLIGHT_REPORT_S = 1.0
+_OUTPUT_TAG = b"\x12"  # PredictResponse.output: field 2, length-delimited
 """In-flight counts reach etcd at most this often (state changes go at once)."""
 
 
@@ -41,6 +45,16 @@ def inflight_report_s(lease_ttl_s: float) -> float:
     """How often in-flight counts may be published: every second (Registration refreshes its lease on
     its own schedule, so frequent value updates cannot starve it)."""
     return INFLIGHT_REPORT_S
+
+
+def predict_response(model: str, output: struct_pb2.Value, worker_id: str, path: list[str]) -> tuple[bytes, bytes]:
+    """The encoded PredictResponse in two parts to concatenate: its other fields with the output's tag and
+    length, and the output. The output is serialized once and appended (protobuf: fields may come in any order)
+    instead of being copied into a new message first, and a big answer is held as the two parts, never joined:
+    for 60 MB, two whole copies fewer (~170 ms here) on the worker's event loop."""
+    value = output.SerializeToString()
+    head = inference_pb2.PredictResponse(model=model, worker_id=worker_id, path=path).SerializeToString()
+    return b"".join((head, _OUTPUT_TAG, varint(len(value)))), value
 
 
 class WorkerService(Service):
@@ -57,6 +71,7 @@ class WorkerService(Service):
             self._models_changed, executor=self._executor, owner=self.id, max_concurrent=settings.max_concurrent_batches,
             upstreams=settings.upstream_policy(),
         )
+        self.blobs = Blobs(self.bus, self.id)  # big answers, held until their caller read them (core/blobs.py)
         self._reported: tuple[tuple[str, int], ...] = ()
         self._reports: set[asyncio.Task[None]] = set()
         self.stats = WorkerMetrics(self.metrics.registry, self._model_loads)
@@ -74,6 +89,7 @@ class WorkerService(Service):
             except errors.UnimodelError as exc:
                 raise FatalError(f"cannot load model {name!r}: {exc.message}") from None
             self.models.load(config, pinned=True)
+        await self.blobs.start()
         await self.bus.serve(self.subject, self._on_batch)
         await self.bus.serve(self.control_subject, self._on_control)
         await self.bus.subscribe(subjects.ABORT, self._on_abort)
@@ -166,6 +182,26 @@ class WorkerService(Service):
         except Exception as exc:  # NATS down: the registration's in-flight count catches up later
             self.log.debug("could not publish on %s: %s", subject, exc)
 
+    async def _fetch_items(self, batch: inference_pb2.BatchRequest) -> None:
+        """Read the content of the items sent by reference (core/blobs.py) from their callers and merge it in.
+        A caller that is gone fails the batch with UNAVAILABLE saying so (its batcher tries another worker,
+        which finds the same; nobody waits for a deadline)."""
+        for item in batch.items:
+            if item.HasField("blob"):
+                left_s = (item.deadline_unix_ms / 1000 - time.time()) if item.deadline_unix_ms else self.settings.request_timeout_s
+                data = await blobs.fetch(self.bus, item.blob, timeout_s=max(left_s, 0.001), what="the request")
+                item.ClearField("blob")
+                item.MergeFromString(data)  # one C call over the whole content (60 MB: ~40 ms here)
+                del data
+                await asyncio.sleep(0)  # what waited meanwhile (small batches) goes first
+
+    async def _answer_by_reference(self, reply_to: str, parts: tuple[bytes, ...], deadline_ms: int) -> None:
+        """Hold a big answer (the concatenation of `parts`) until its caller read it (or its deadline passed)
+        and send the caller its reference."""
+        ttl_s = (deadline_ms / 1000 - time.time()) if deadline_ms else self.settings.request_timeout_s
+        ref = self.blobs.hold(*parts, ttl_s=max(ttl_s, 0.0) + 5, once=True)
+        await self.bus.publish(reply_to, b"", headers=blobs.answer_headers(ref), what="the answer")
+
     async def _on_generate(self, model: LoadedModel, engine: GenerativeEngine, batch: inference_pb2.BatchRequest) -> bytes:
         """A batch of GenerateRequests: start them all (each holds the model in flight until it ends), ack."""
         arrived = time.perf_counter_ns()
@@ -189,6 +225,8 @@ class WorkerService(Service):
 
     async def _on_batch(self, msg: Msg, ctx: RequestContext) -> bytes:
         batch = inference_pb2.BatchRequest.FromString(msg.data)
+        if any(item.HasField("blob") for item in batch.items):
+            await self._fetch_items(batch)
         model = self.models.acquire(batch.model)
         span, arrived_wall = None, 0
         if tracing.enabled():
@@ -253,18 +291,23 @@ class WorkerService(Service):
                 if queue_ns is not None:
                     reply.queue_ns = slot_wait_ns + queue_ns[index]
                 add_tensors(layout, reply.outputs, outcome)
+                head, body = b"", reply.SerializeToString()
             else:
-                reply = inference_pb2.PredictResponse(model=batch.model, output=outcome, worker_id=self.id, path=path)
-            encoded = reply.SerializeToString()
-            if len(encoded) > self.bus.message_limit:  # not carried by the bus: the caller gets 413 (issue 16)
+                head, body = predict_response(batch.model, outcome, self.id, path)
+            size = len(head) + len(body)
+            if size > self.bus.message_limit:  # not carried by the bus: the caller gets 413 (issue 16)
                 failed += 1
-                too_large = payload_limits.too_large(len(encoded), self.bus.max_payload, "the answer")
+                too_large = payload_limits.too_large(size, self.bus.max_payload, "the answer")
                 if group:
                     groups.setdefault(group, inference_pb2.ReplyBatch()).replies.add(reply_to=reply_to, error=too_large.to_proto())
                 else:
                     await self.bus.publish_error(reply_to, too_large)
                 continue
-            if group and len(encoded) < payload_limits.ALONE_BYTES:  # a big answer goes alone, unpacked by nobody
+            if size >= payload_limits.BLOB_BYTES:  # held here until the caller read it (core/blobs.py)
+                await self._answer_by_reference(reply_to, (head, body), item.deadline_unix_ms)
+                continue
+            encoded = head + body if head else body
+            if group and size < payload_limits.ALONE_BYTES:  # a big answer goes alone, unpacked by nobody
                 groups.setdefault(group, inference_pb2.ReplyBatch()).replies.add(reply_to=reply_to, response=encoded)
             else:
                 await publish(reply_to, encoded)
