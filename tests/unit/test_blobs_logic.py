@@ -13,7 +13,10 @@ CHUNK = payload_limits.BLOB_CHUNK_BYTES
 
 @pytest.mark.parametrize(
     ("size", "expected"),
-    [(0, []), (1, [(0, 1)]), (CHUNK, [(0, CHUNK)]), (CHUNK + 1, [(0, CHUNK), (CHUNK, 1)]), (3 * CHUNK, [(0, CHUNK), (CHUNK, CHUNK), (2 * CHUNK, CHUNK)])],
+    [
+        (0, []), (1, [(0, 1)]), (CHUNK, [(0, CHUNK)]), (CHUNK + 1, [(0, CHUNK), (CHUNK, 1)]),
+        (3 * CHUNK, [(0, CHUNK), (CHUNK, CHUNK), (2 * CHUNK, CHUNK)]),
+    ],
 )
 def test_ranges_cover_the_payload_in_chunks(size: int, expected: list[tuple[int, int]]) -> None:
     assert blobs.ranges(size) == expected
