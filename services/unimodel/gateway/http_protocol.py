@@ -71,8 +71,49 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+LINGER_S = 0.5
+"""On shutdown, how long a connection whose answer has ended stays open for a request its client may have sent
+already (see CoalescingHttpToolsProtocol.shutdown)."""
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, writing through a CoalescingTransport and closing keep-alive connections
+    without losing a request on shutdown.
+
+    uvicorn closes an idle connection at once when the server stops, and a busy one right after its answer.
+    A client on a keep-alive connection cannot know that: if it sent its next request just before the close
+    (a stream ended and the next request left at once), that request finds the connection reset after it was
+    sent and fails, although the server would have answered it. So a stopping gateway keeps each connection
+    open for LINGER_S after its last answer (idle ones from the stop) and answers what arrives meanwhile with
+    `Connection: close`, after which the client opens its next connection elsewhere. The server's shutdown
+    waits for these connections (at most LINGER_S longer)."""
+
+    _draining = False
+
     # uvicorn types its parameter as asyncio.Transport (narrower than BaseProtocol's BaseTransport), and
     # CoalescingTransport is a stand-in that delegates to one, not a subclass
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # see above
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]  # see above
+
+    def shutdown(self) -> None:
+        self._draining = True
+        if self.cycle is None or self.cycle.response_complete:
+            self._linger()
+        elif not self.cycle.response_started:
+            self.cycle.keep_alive = False  # its answer says Connection: close
+        # an answer already under way (a stream) cannot say so: on_response_complete lingers after it
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # uvicorn answers with Connection: close and closes after it
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._draining and not self.transport.is_closing():
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close unless a request arrives within LINGER_S (arriving data cancels the timer)."""
+        self._unset_keepalive_if_required()
+        self.timeout_keep_alive_task = self.loop.call_later(LINGER_S, self.timeout_keep_alive_handler)
