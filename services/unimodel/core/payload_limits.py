@@ -34,8 +34,10 @@ fetched in chunks by its receiver. Nobody in between handles its bytes, and no p
 on its event loop as part of a bus message (nats-py joins a message into one buffer to send it and copies it
 twice to receive it: for 60 MB, 20-60 ms each on a small host, during which that service answers nobody)."""
 
-BLOB_CHUNK_BYTES = 1024 * 1024
-"""The most bytes one fetch of a held payload returns (one bus message): about a millisecond of copying."""
+BLOB_CHUNK_BYTES = 256 * 1024
+"""The most bytes one fetch of a held payload returns (one bus message): a fraction of a millisecond of copying per
+step, so the event loops that pass the pieces interleave other requests finely (1 MiB pieces left small predicts
+at ~5x their p99 with 60 MB in flight, 256 KiB at ~3.3x: docs/benchmarks.md)."""
 
 PER_ITEM = 16
 """Bytes an item adds in a repeated field of a bundle or batch besides itself: its tag and length varint (at most

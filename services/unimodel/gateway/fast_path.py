@@ -22,8 +22,9 @@ from unimodel.gateway.unified.errors import Headers, error_result
 from unimodel.gateway.unified.http import run_predict
 
 B = TypeVar("B", bytes, bytes | SpooledBody)
-SEND_SLICE = 1024 * 1024
-"""A bigger answer is sent in slices of this many bytes: no write joins or copies it whole."""
+SEND_SLICE = 256 * 1024
+"""A bigger answer is sent in slices of this many bytes: no write joins or copies it whole, and each write is short
+enough for other requests to be served between two (see payload_limits.BLOB_CHUNK_BYTES)."""
 
 
 class FastPorts(UnifiedPorts, KServePorts, ModelCachePorts, Protocol):

@@ -6,7 +6,7 @@ connection, runs the receiver's TCP stack too. The transport wrapper below keeps
 one event-loop iteration and hands it to the real transport in one call at the end of the iteration, so a
 response sent in one step (our infer routes, and most small answers) costs one system call. Streaming
 responses still flow: each iteration's writes go out at its end. Writes that add up to more than JOIN_LIMIT
-bytes are handed over one by one, never joined: a big answer (fast_path.py sends it in 1 MiB slices of a
+bytes are handed over one by one, never joined: a big answer (fast_path.py sends it in 256 KiB slices of a
 mapped file) is not copied whole on the event loop.
 """
 
