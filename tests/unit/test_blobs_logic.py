@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf import struct_pb2
 
 from unimodel.core import blobs, errors, payload_limits, subjects
 from unimodel.core.blobs import _Held
 from unimodel.v1 import inference_pb2
+from unimodel.worker.service import predict_response
 
 CHUNK = payload_limits.BLOB_CHUNK_BYTES
 
@@ -54,3 +56,12 @@ def test_blob_subjects_are_in_the_owner_s_tree_and_in_the_permissions() -> None:
     assert "unimodel.v1.blob.gw-1.*" in gateway.subscribe and subjects.BLOBS_ALL in gateway.publish
     assert "unimodel.v1.blob.w-1.*" in worker.subscribe and subjects.BLOBS_ALL in worker.publish
     assert subjects.BLOBS_ALL not in subjects.permissions("batcher", "b-1").publish  # the batcher never reads payloads
+
+
+@pytest.mark.parametrize("text", ["", "ping", "x" * (payload_limits.BLOB_BYTES + 1)])
+def test_a_predict_answer_in_parts_decodes_as_the_message(text: str) -> None:
+    output = struct_pb2.Value(string_value=text)
+    parts = predict_response("echo", output, "w-1", ["gw", "w-1"])
+    expected = inference_pb2.PredictResponse(model="echo", output=output, worker_id="w-1", path=["gw", "w-1"])
+    assert inference_pb2.PredictResponse.FromString(b"".join(parts)) == expected
+    assert parts[-1] == output.SerializeToString()  # the output is its own part: held as it is, never joined

@@ -98,7 +98,7 @@ class ReplyMux:
         nc = self.bus.client()
         if self._sub is None:
             await self.start()
-        encoded: bytes | bytearray | memoryview = b""
+        encoded: Encoded = b""
         if not isinstance(item, inference_pb2.BatchItem):  # protobuf merges appended fields into the message before them
             encoded, item = item, inference_pb2.BatchItem()
         held = ""
