@@ -237,7 +237,7 @@ class MessageFuzzer:
                 else:
                     target[key] = self.scalar(value_f)
             return
-        if field.label == descriptor.FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             target = getattr(msg, field.name)
             count = self.rng.choice([0, 1, 2, 3, 8, 2000 if not is_message else 50])
             for _ in range(count):
@@ -258,14 +258,14 @@ class MessageFuzzer:
         for _ in range(self.rng.randint(1, 3)):
             target = msg
             set_messages = [f for f, _ in msg.ListFields() if f.type == descriptor.FieldDescriptor.TYPE_MESSAGE
-                            and f.label != descriptor.FieldDescriptor.LABEL_REPEATED]
+                            and not f.is_repeated]
             if set_messages and self.rng.random() < 0.4:
                 target = getattr(msg, self.rng.choice(set_messages).name)
             if target.DESCRIPTOR.full_name == "google.protobuf.Value":
                 self.fill(target)
                 continue
             field = self.rng.choice(target.DESCRIPTOR.fields)
-            if field.label != descriptor.FieldDescriptor.LABEL_REPEATED or self.rng.random() < 0.5:
+            if not field.is_repeated or self.rng.random() < 0.5:
                 target.ClearField(field.name)
             self.set_field(target, field, 2)
 
