@@ -45,6 +45,8 @@ def test_answer_headers_round_trip_and_a_malformed_one_is_refused() -> None:
     ref = inference_pb2.BlobRef(subject=f"{subjects.blobs('w-1')}.{'ab' * 16}", size=123)
     headers = blobs.answer_headers(ref)
     assert blobs.answer_ref(headers[subjects.Header.BLOB]) == ref
+    ref.local = "/proc/123/fd/45"  # the owner's memory file, for a reader on the same host
+    assert blobs.answer_ref(blobs.answer_headers(ref)[subjects.Header.BLOB]) == ref
     for bad in ("", "subject-only", "subject x12", " 12"):
         with pytest.raises(errors.Internal, match="malformed"):
             blobs.answer_ref(bad)

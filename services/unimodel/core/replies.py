@@ -29,7 +29,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import nats.errors
 from google.protobuf.message import DecodeError
@@ -79,6 +79,18 @@ class ReplyMux:
         if self._sub is None:
             self._sub = await self.bus.subscribe(f"{self.prefix}.*", self._on_message)
 
+    @overload
+    async def request_item(
+        self, subject: str, item: inference_pb2.BatchItem | Encoded, ctx: RequestContext, *, timeout_s: float,
+        bundle_subject: str = "", local_answer: Literal[False] = False,
+    ) -> Encoded: ...
+
+    @overload
+    async def request_item(
+        self, subject: str, item: inference_pb2.BatchItem | Encoded, ctx: RequestContext, *, timeout_s: float,
+        bundle_subject: str = "", local_answer: bool,
+    ) -> Encoded | inference_pb2.BlobRef: ...
+
     async def request_item(
         self,
         subject: str,
@@ -87,13 +99,16 @@ class ReplyMux:
         *,
         timeout_s: float,
         bundle_subject: str = "",
-    ) -> bytes | bytearray:
+        local_answer: bool = False,
+    ) -> Encoded | inference_pb2.BlobRef:
         """Publish `item` on `subject` (with others of this loop iteration as one ItemBundle on
         `bundle_subject`, when given) and wait for its answer (the encoded response); error answers
         raise their UnimodelError. Sets the item's reply_to, reply_group, request id and deadline. `item` may
         come encoded (bytes-like: a big one, encoded off the event loop): those fields are appended to it then,
         or, when it is payload_limits.BLOB_BYTES or more and this mux has `blobs`, it is held there while the
         request waits and the item carries its reference. An answer held by reference is fetched here.
+        With `local_answer`, such an answer this process can map from the worker's memory file is returned as its
+        BlobRef instead, for the caller to read (e.g. in a helper process) and then call blobs.done.
         An item over the bus's message limit is refused (PAYLOAD_TOO_LARGE naming the limit), unsent."""
         nc = self.bus.client()
         if self._sub is None:
@@ -104,7 +119,7 @@ class ReplyMux:
         held = ""
         if self.blobs is not None and len(encoded) >= payload_limits.BLOB_BYTES:
             payload_limits.check(len(encoded), self.bus.max_payload)
-            ref = self.blobs.hold(encoded, ttl_s=ctx.timeout(timeout_s) + 1)
+            ref = await self.blobs.hold(encoded, ttl_s=ctx.timeout(timeout_s) + 1)
             item.blob.CopyFrom(ref)
             held, encoded = ref.subject, b""
         inbox = self._address(item, ctx)
@@ -135,7 +150,12 @@ class ReplyMux:
             if held and self.blobs is not None:
                 self.blobs.release(held)
         if isinstance(answer, inference_pb2.BlobRef):  # a big answer, held by the worker
-            return await blobs.fetch(self.bus, answer, timeout_s=ctx.timeout(timeout_s), what="the answer")
+            if local_answer and self.blobs is not None and self.blobs.same_host and blobs.can_open(answer):
+                return answer
+            return await blobs.fetch(
+                self.bus, answer, timeout_s=ctx.timeout(timeout_s), what="the answer",
+                same_host=self.blobs.same_host if self.blobs is not None else True,
+            )
         return answer
 
     def oldest_wait(self) -> float | None:

@@ -92,6 +92,11 @@ class CommonSettings(BaseSettings):
     drain_timeout_s: float = Field(10.0, gt=0, le=3600, description="max time to finish in-flight work on stop")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="default deadline of a request")
     max_inflight: int = Field(1024, ge=1, description="requests handled at once before answering busy")
+    same_host_blobs: bool = Field(
+        True,
+        description="big items and answers (4 MiB+) are shared through a memory file that services on the same "
+        "host and PID namespace map instead of fetching it in chunks over NATS (core/blobs.py); off: always NATS",
+    )
     log_level: LogLevel = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     # Tracing: a value set here wins over the standard OTEL_* variables, which fill what is left unset

@@ -125,7 +125,7 @@ class Header:
     RETRY_AFTER = "Um-Retry-After"
     # Prefix of headers carrying an error's metadata (Um-Error-Meta-field: max_tokens).
     ERROR_META = "Um-Error-Meta-"
-    # An answer held by reference (core/blobs.py): "<BlobRef.subject> <size>", and an empty body.
+    # An answer held by reference (core/blobs.py): "<BlobRef.subject> <size>[ <BlobRef.local>]", and an empty body.
     BLOB = "Um-Blob"
     TRACEPARENT = "traceparent"
     TRACESTATE = "tracestate"

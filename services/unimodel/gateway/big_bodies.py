@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from unimodel.core import errors
+from unimodel.core import blobs, errors
 from unimodel.core.values import from_value, to_value
 from unimodel.gateway import spool
 from unimodel.gateway.http_context import http_context, raw_id_headers
@@ -101,12 +101,25 @@ def encode_predict_file(parse: PredictParser, src: str, dst: str) -> int | Failu
 def decode_predict_reply_file(src: str, gateway_id: str, dst: str) -> tuple[str, str] | Failure:
     """decode_predict_reply of the answer in file `src`: the JSON answer written to the new file `dst`, and
     (worker id, path)."""
-    decoded = decode_predict_reply(spool.read_file(src), gateway_id)
+    return _answer_to_file(decode_predict_reply(spool.read_file(src), gateway_id), dst)
+
+
+def _answer_to_file(decoded: tuple[bytes, str, str] | Failure, dst: str) -> tuple[str, str] | Failure:
     if isinstance(decoded, Failure):
         return decoded
     payload, worker, path = decoded
     spool.write_file(dst, payload)
     return worker, path
+
+
+def decode_predict_reply_local(ref: bytes, gateway_id: str, dst: str) -> tuple[str, str] | Failure:
+    """decode_predict_reply_file of an answer in its worker's memory file (`ref`: its encoded BlobRef), mapped
+    here (core/blobs.py): UNAVAILABLE when that file is gone."""
+    blob = inference_pb2.BlobRef.FromString(ref)
+    raw = blobs.map_local(blob)
+    if raw is None:
+        return Failure.of(blobs.gone("the answer"))
+    return _answer_to_file(decode_predict_reply(raw, gateway_id), dst)
 
 
 HELPER_NICENESS = 10
@@ -229,7 +242,14 @@ async def predict(
         body.close()
     answer = await gw.predict_encoded(name, item, ctx)
     del item  # its mapping goes as soon as the bus is done with it
-    if codec.takes(len(answer)):
+    if isinstance(answer, inference_pb2.BlobRef):  # in the worker's memory file: the helper maps it (core/blobs.py)
+        try:
+            payload, (worker, path) = await codec.run_to_file(
+                decode_predict_reply_local, answer.SerializeToString(), gw.id, what="json", need=2 * answer.size
+            )
+        finally:
+            await gw.answer_read(answer)
+    elif codec.takes(len(answer)):
         spooled = await SpooledBody.of(answer, "answer")
         del answer
         try:

@@ -15,7 +15,7 @@ import uvicorn
 from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
-from unimodel.core import errors, generation_rules, modelconfig, path_watch, subjects, tracing
+from unimodel.core import blobs, errors, generation_rules, modelconfig, path_watch, subjects, tracing
 from unimodel.core.blobs import Blobs
 from unimodel.core.context import RequestContext
 from unimodel.core.kinds import BATCHER, ROUTER, WORKER_KINDS
@@ -81,7 +81,7 @@ class GatewayService(Service):
             raise FatalError(str(exc)) from None
         self.rate_limiter = RateLimiter.from_settings(settings)  # per-key rpm / tpm (HTTP and gRPC share it)
         super().__init__(settings, **kw)
-        self.blobs = Blobs(self.bus, self.id)  # big items held while their request waits (core/blobs.py)
+        self.blobs = Blobs(self.bus, self.id, same_host=self.settings.same_host_blobs)  # big items held while their request waits (core/blobs.py)
         self.replies = ReplyMux(self.bus, self.id, self.blobs)  # answers of batch-path requests, singly or in ReplyBatches
         self.cache = CacheClient(self.bus, settings.cache_timeout_s)
         self.body_codec = BodyCodec(settings.offload_body_bytes, settings.offload_processes)  # big bodies, off the loop
@@ -229,13 +229,23 @@ class GatewayService(Service):
         item = inference_pb2.BatchItem(input=value, parameters=parameters, rows=1)
         return await self._call(model, item, ctx, api, inference_pb2.PredictResponse, tensors=False)
 
-    async def predict_encoded(self, model: str, item: Encoded, ctx: RequestContext, api: str = "http") -> bytes | bytearray:
+    async def predict_encoded(
+        self, model: str, item: Encoded, ctx: RequestContext, api: str = "http"
+    ) -> Encoded | inference_pb2.BlobRef:
         """predict with the BatchItem encoded already (a big body, encoded off the event loop, big_bodies.py):
         the worker's encoded PredictResponse, left for the caller to decode (off the loop too). A big item
-        and a big answer travel by reference (core/blobs.py)."""
+        and a big answer travel by reference (core/blobs.py); a big answer this process can map from the
+        worker's memory file comes as its BlobRef (the caller reads it, then calls `answer_read`)."""
         with self._observing(api, model):
             self.require_ready(model)
-            return await self._send(model, item, ctx)
+            return await self.replies.request_item(
+                subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s,
+                bundle_subject=subjects.bundle(model), local_answer=True,
+            )
+
+    async def answer_read(self, ref: inference_pb2.BlobRef) -> None:
+        """The answer `ref` (from predict_encoded) was read from its memory file: its worker may let it go."""
+        await blobs.done(self.bus, ref)
 
     async def infer(
         self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str = "http"
@@ -452,7 +462,7 @@ class GatewayService(Service):
         )
         await self.bus.publish(subjects.ABORT, abort.SerializeToString())
 
-    async def _send(self, model: str, item: inference_pb2.BatchItem | Encoded, ctx: RequestContext) -> bytes | bytearray:
+    async def _send(self, model: str, item: inference_pb2.BatchItem | Encoded, ctx: RequestContext) -> Encoded:
         return await self.replies.request_item(
             subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s, bundle_subject=subjects.bundle(model)
         )

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from unimodel.core import errors
+from unimodel.core.bulk_threads import bulk_executor
 
 PREFIX = "unimodel-"
 SHM = "/dev/shm"
@@ -57,7 +58,7 @@ def _submit(fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
     global _io
     with _io_lock:
         if _io is None:
-            _io = ThreadPoolExecutor(2, thread_name_prefix="unimodel-spool")
+            _io = bulk_executor("unimodel-spool")
         future = _io.submit(fn, *args)
         _pending.add(future)
     future.add_done_callback(_pending.discard)

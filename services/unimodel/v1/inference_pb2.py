@@ -28,7 +28,7 @@ from unimodel.v1 import generate_pb2 as unimodel_dot_v1_dot_generate__pb2
 from unimodel.v1 import tensor_pb2 as unimodel_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bunimodel/v1/inference.proto\x12\x0bunimodel.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18unimodel/v1/errors.proto\x1a\x1aunimodel/v1/generate.proto\x1a\x18unimodel/v1/tensor.proto\"\xba\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12?\n\nparameters\x18\x03 \x03(\x0b\x32+.unimodel.v1.PredictRequest.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x03(\t\"\xb2\x04\n\tBatchItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\x12:\n\nparameters\x18\x04 \x03(\x0b\x32&.unimodel.v1.BatchItem.ParametersEntry\x12\x10\n\x08reply_to\x18\x05 \x01(\t\x12?\n\rtrace_context\x18\x06 \x03(\x0b\x32(.unimodel.v1.BatchItem.TraceContextEntry\x12#\n\x06inputs\x18\x07 \x03(\x0b\x32\x13.unimodel.v1.Tensor\x12\x0f\n\x07outputs\x18\x08 \x03(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x0c\n\x04rows\x18\n \x01(\x05\x12\n\n\x02id\x18\x0b \x01(\t\x12\x13\n\x0breply_group\x18\x0c \x01(\t\x12.\n\x08generate\x18\r \x01(\x0b\x32\x1c.unimodel.v1.GenerateRequest\x12\x0e\n\x06tenant\x18\x0e \x01(\t\x12\"\n\x04\x62lob\x18\x0f \x01(\x0b\x32\x14.unimodel.v1.BlobRef\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x07\x42lobRef\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"3\n\nItemBundle\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.unimodel.v1.BatchItem\"\"\n\x11\x45ncodedItemBundle\x12\r\n\x05items\x18\x01 \x03(\x0c\"5\n\nReplyBatch\x12\'\n\x07replies\x18\x01 \x03(\x0b\x32\x16.unimodel.v1.ItemReply\"f\n\tItemReply\x12\x10\n\x08reply_to\x18\x01 \x01(\t\x12\x12\n\x08response\x18\x02 \x01(\x0cH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.unimodel.v1.ErrorDetailH\x00\x42\x08\n\x06result\"\xc2\x01\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12$\n\x07outputs\x18\x04 \x03(\x0b\x32\x13.unimodel.v1.Tensor\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x03(\t\x12\x10\n\x08queue_ns\x18\x07 \x01(\x03\x12\x12\n\ncompute_ns\x18\x08 \x01(\x03\x12\x12\n\nbatch_rows\x18\t \x01(\x05\"v\n\x0c\x42\x61tchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x05items\x18\x03 \x03(\x0b\x32\x16.unimodel.v1.BatchItem\x12\x0c\n\x04path\x18\x04 \x03(\t\x12\x10\n\x08queue_ns\x18\x05 \x03(\x03\"e\n\x13\x45ncodedBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05items\x18\x03 \x03(\x0c\x12\x0c\n\x04path\x18\x04 \x03(\t\x12\x10\n\x08queue_ns\x18\x05 \x03(\x03\"r\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tsucceeded\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x0c\n\x04load\x18\x06 \x01(\x05\";\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tinstances\x18\x02 \x03(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.unimodel.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bunimodel/v1/inference.proto\x12\x0bunimodel.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18unimodel/v1/errors.proto\x1a\x1aunimodel/v1/generate.proto\x1a\x18unimodel/v1/tensor.proto\"\xba\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12?\n\nparameters\x18\x03 \x03(\x0b\x32+.unimodel.v1.PredictRequest.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x03(\t\"\xb2\x04\n\tBatchItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\x12:\n\nparameters\x18\x04 \x03(\x0b\x32&.unimodel.v1.BatchItem.ParametersEntry\x12\x10\n\x08reply_to\x18\x05 \x01(\t\x12?\n\rtrace_context\x18\x06 \x03(\x0b\x32(.unimodel.v1.BatchItem.TraceContextEntry\x12#\n\x06inputs\x18\x07 \x03(\x0b\x32\x13.unimodel.v1.Tensor\x12\x0f\n\x07outputs\x18\x08 \x03(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x0c\n\x04rows\x18\n \x01(\x05\x12\n\n\x02id\x18\x0b \x01(\t\x12\x13\n\x0breply_group\x18\x0c \x01(\t\x12.\n\x08generate\x18\r \x01(\x0b\x32\x1c.unimodel.v1.GenerateRequest\x12\x0e\n\x06tenant\x18\x0e \x01(\t\x12\"\n\x04\x62lob\x18\x0f \x01(\x0b\x32\x14.unimodel.v1.BlobRef\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x07\x42lobRef\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\r\n\x05local\x18\x03 \x01(\t\"3\n\nItemBundle\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.unimodel.v1.BatchItem\"\"\n\x11\x45ncodedItemBundle\x12\r\n\x05items\x18\x01 \x03(\x0c\"5\n\nReplyBatch\x12\'\n\x07replies\x18\x01 \x03(\x0b\x32\x16.unimodel.v1.ItemReply\"f\n\tItemReply\x12\x10\n\x08reply_to\x18\x01 \x01(\t\x12\x12\n\x08response\x18\x02 \x01(\x0cH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.unimodel.v1.ErrorDetailH\x00\x42\x08\n\x06result\"\xc2\x01\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12$\n\x07outputs\x18\x04 \x03(\x0b\x32\x13.unimodel.v1.Tensor\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x03(\t\x12\x10\n\x08queue_ns\x18\x07 \x01(\x03\x12\x12\n\ncompute_ns\x18\x08 \x01(\x03\x12\x12\n\nbatch_rows\x18\t \x01(\x05\"v\n\x0c\x42\x61tchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x05items\x18\x03 \x03(\x0b\x32\x16.unimodel.v1.BatchItem\x12\x0c\n\x04path\x18\x04 \x03(\t\x12\x10\n\x08queue_ns\x18\x05 \x03(\x03\"e\n\x13\x45ncodedBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05items\x18\x03 \x03(\x0c\x12\x0c\n\x04path\x18\x04 \x03(\t\x12\x10\n\x08queue_ns\x18\x05 \x03(\x03\"r\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tsucceeded\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x0c\n\x04load\x18\x06 \x01(\x05\";\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tinstances\x18\x02 \x03(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.unimodel.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,27 +54,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHITEM_TRACECONTEXTENTRY']._serialized_start=962
   _globals['_BATCHITEM_TRACECONTEXTENTRY']._serialized_end=1013
   _globals['_BLOBREF']._serialized_start=1015
-  _globals['_BLOBREF']._serialized_end=1055
-  _globals['_ITEMBUNDLE']._serialized_start=1057
-  _globals['_ITEMBUNDLE']._serialized_end=1108
-  _globals['_ENCODEDITEMBUNDLE']._serialized_start=1110
-  _globals['_ENCODEDITEMBUNDLE']._serialized_end=1144
-  _globals['_REPLYBATCH']._serialized_start=1146
-  _globals['_REPLYBATCH']._serialized_end=1199
-  _globals['_ITEMREPLY']._serialized_start=1201
-  _globals['_ITEMREPLY']._serialized_end=1303
-  _globals['_INFERRESPONSE']._serialized_start=1306
-  _globals['_INFERRESPONSE']._serialized_end=1500
-  _globals['_BATCHREQUEST']._serialized_start=1502
-  _globals['_BATCHREQUEST']._serialized_end=1620
-  _globals['_ENCODEDBATCHREQUEST']._serialized_start=1622
-  _globals['_ENCODEDBATCHREQUEST']._serialized_end=1723
-  _globals['_BATCHACK']._serialized_start=1725
-  _globals['_BATCHACK']._serialized_end=1839
-  _globals['_MODELINFO']._serialized_start=1841
-  _globals['_MODELINFO']._serialized_end=1900
-  _globals['_LISTMODELSREQUEST']._serialized_start=1902
-  _globals['_LISTMODELSREQUEST']._serialized_end=1921
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1923
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1983
+  _globals['_BLOBREF']._serialized_end=1070
+  _globals['_ITEMBUNDLE']._serialized_start=1072
+  _globals['_ITEMBUNDLE']._serialized_end=1123
+  _globals['_ENCODEDITEMBUNDLE']._serialized_start=1125
+  _globals['_ENCODEDITEMBUNDLE']._serialized_end=1159
+  _globals['_REPLYBATCH']._serialized_start=1161
+  _globals['_REPLYBATCH']._serialized_end=1214
+  _globals['_ITEMREPLY']._serialized_start=1216
+  _globals['_ITEMREPLY']._serialized_end=1318
+  _globals['_INFERRESPONSE']._serialized_start=1321
+  _globals['_INFERRESPONSE']._serialized_end=1515
+  _globals['_BATCHREQUEST']._serialized_start=1517
+  _globals['_BATCHREQUEST']._serialized_end=1635
+  _globals['_ENCODEDBATCHREQUEST']._serialized_start=1637
+  _globals['_ENCODEDBATCHREQUEST']._serialized_end=1738
+  _globals['_BATCHACK']._serialized_start=1740
+  _globals['_BATCHACK']._serialized_end=1854
+  _globals['_MODELINFO']._serialized_start=1856
+  _globals['_MODELINFO']._serialized_end=1915
+  _globals['_LISTMODELSREQUEST']._serialized_start=1917
+  _globals['_LISTMODELSREQUEST']._serialized_end=1936
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1938
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1998
 # @@protoc_insertion_point(module_scope)

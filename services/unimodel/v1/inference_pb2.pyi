@@ -88,12 +88,14 @@ class BatchItem(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., reply_to: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., rows: _Optional[int] = ..., id: _Optional[str] = ..., reply_group: _Optional[str] = ..., generate: _Optional[_Union[_generate_pb2.GenerateRequest, _Mapping]] = ..., tenant: _Optional[str] = ..., blob: _Optional[_Union[BlobRef, _Mapping]] = ...) -> None: ...
 
 class BlobRef(_message.Message):
-    __slots__ = ("subject", "size")
+    __slots__ = ("subject", "size", "local")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
     subject: str
     size: int
-    def __init__(self, subject: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+    local: str
+    def __init__(self, subject: _Optional[str] = ..., size: _Optional[int] = ..., local: _Optional[str] = ...) -> None: ...
 
 class ItemBundle(_message.Message):
     __slots__ = ("items",)

@@ -71,7 +71,8 @@ class WorkerService(Service):
             self._models_changed, executor=self._executor, owner=self.id, max_concurrent=settings.max_concurrent_batches,
             upstreams=settings.upstream_policy(),
         )
-        self.blobs = Blobs(self.bus, self.id)  # big answers, held until their caller read them (core/blobs.py)
+        # big answers, held until their caller read them (core/blobs.py)
+        self.blobs = Blobs(self.bus, self.id, same_host=self.settings.same_host_blobs)
         self._reported: tuple[tuple[str, int], ...] = ()
         self._reports: set[asyncio.Task[None]] = set()
         self.stats = WorkerMetrics(self.metrics.registry, self._model_loads)
@@ -189,7 +190,9 @@ class WorkerService(Service):
         for item in batch.items:
             if item.HasField("blob"):
                 left_s = (item.deadline_unix_ms / 1000 - time.time()) if item.deadline_unix_ms else self.settings.request_timeout_s
-                data = await blobs.fetch(self.bus, item.blob, timeout_s=max(left_s, 0.001), what="the request")
+                data = await blobs.fetch(
+                    self.bus, item.blob, timeout_s=max(left_s, 0.001), what="the request", same_host=self.blobs.same_host
+                )
                 item.ClearField("blob")
                 item.MergeFromString(data)  # one C call over the whole content (60 MB: ~40 ms here)
                 del data
@@ -199,7 +202,7 @@ class WorkerService(Service):
         """Hold a big answer (the concatenation of `parts`) until its caller read it (or its deadline passed)
         and send the caller its reference."""
         ttl_s = (deadline_ms / 1000 - time.time()) if deadline_ms else self.settings.request_timeout_s
-        ref = self.blobs.hold(*parts, ttl_s=max(ttl_s, 0.0) + 5, once=True)
+        ref = await self.blobs.hold(*parts, ttl_s=max(ttl_s, 0.0) + 5, once=True)
         await self.bus.publish(reply_to, b"", headers=blobs.answer_headers(ref), what="the answer")
 
     async def _on_generate(self, model: LoadedModel, engine: GenerativeEngine, batch: inference_pb2.BatchRequest) -> bytes:
