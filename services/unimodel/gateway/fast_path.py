@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
@@ -16,6 +15,7 @@ from unimodel.gateway.big_bodies import Payload
 from unimodel.gateway.http_context import read_body, read_body_spooled
 from unimodel.gateway.kserve.http import infer_asgi, match_infer
 from unimodel.gateway.modelcache.serving import handle as modelcache
+from unimodel.gateway.pacing import Pacer
 from unimodel.gateway.ports import KServePorts, ModelCachePorts, UnifiedPorts
 from unimodel.gateway.spool import SpooledBody
 from unimodel.gateway.unified.errors import Headers, error_result
@@ -50,9 +50,10 @@ class FastRoutes:
         match = self.PREDICT.match(scope["path"]) if post else None
         if match is not None:
             name = match.group(1)
+            rate = self.gw.settings.big_transfer_bytes_per_s  # a big body and answer are paced (pacing.py)
             await self._json_route(
                 scope, receive, send, lambda raw, headers: run_predict(self.gw, name, raw, lambda k: headers.get(k, "")),
-                spooling_reader(self.gw.body_codec.spool_from),  # a big body into a file as it arrives (spool.py)
+                spooling_reader(self.gw.body_codec.spool_from, rate), rate,  # a big body into a file as it arrives (spool.py)
             )
             return
         if post and scope["path"] == "/modelcache":  # cache lookups are the millisecond path too
@@ -72,9 +73,11 @@ class FastRoutes:
         self, scope: Scope, receive: Receive, send: Send,
         handler: Callable[[B, dict[str, str]], Awaitable[tuple[int, Payload, Headers]]],
         read: Callable[[Receive, dict[str, str]], Awaitable[B]],
+        rate: float = 0,
     ) -> None:
         """Read the body (`read`), `handler(body, headers)` -> (status, JSON payload, extra headers), send the
-        answer: a big one in slices of SEND_SLICE bytes (uvicorn's flow control applies between them)."""
+        answer: a big one in slices of SEND_SLICE bytes (uvicorn's flow control applies between them), past
+        its first pacing.BURST bytes at most `rate` bytes per second (0: unpaced)."""
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         raw: B | None = None
         status: int
@@ -101,9 +104,10 @@ class FastRoutes:
             await send({"type": "http.response.body", "body": payload})
             return
         view = memoryview(payload)
+        pacer = Pacer(rate)
         for start in range(0, len(view), SEND_SLICE):
-            if start:
-                await asyncio.sleep(0)  # the transport writes this slice before the next (http_protocol.py)
+            if start:  # the transport writes this slice before the next (http_protocol.py), on schedule (pacing.py)
+                await pacer.after(SEND_SLICE)
             end = start + SEND_SLICE
             await send({"type": "http.response.body", "body": view[start:end], "more_body": end < len(view)})
 
@@ -112,11 +116,11 @@ async def read_all(receive: Receive, headers: dict[str, str]) -> bytes:
     return await read_body(receive)
 
 
-def spooling_reader(spool_from: int) -> Callable[[Receive, dict[str, str]], Awaitable[bytes | SpooledBody]]:
-    """read_body_spooled with the request's Content-Length (big_bodies.py works on the file)."""
+def spooling_reader(spool_from: int, rate: float = 0) -> Callable[[Receive, dict[str, str]], Awaitable[bytes | SpooledBody]]:
+    """read_body_spooled with the request's Content-Length (big_bodies.py works on the file) and pace."""
 
     async def read(receive: Receive, headers: dict[str, str]) -> bytes | SpooledBody:
         length = headers.get("content-length", "")
-        return await read_body_spooled(receive, spool_from, int(length) if length.isdigit() else 0)
+        return await read_body_spooled(receive, spool_from, int(length) if length.isdigit() else 0, rate)
 
     return read

@@ -12,6 +12,7 @@ from starlette.types import Receive
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.gateway.auth import TENANT_HEADER
+from unimodel.gateway.pacing import Pacer
 from unimodel.gateway.spool import SpooledBody
 
 
@@ -59,11 +60,12 @@ async def read_body(receive: Receive) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def read_body_spooled(receive: Receive, spool_from: int, expected: int = 0) -> bytes | SpooledBody:
+async def read_body_spooled(receive: Receive, spool_from: int, expected: int = 0, rate: float = 0) -> bytes | SpooledBody:
     """read_body, but a body of `spool_from` bytes or more (0: never) goes into a file (spool.py) chunk by chunk
-    as it arrives, never joined in memory. `expected`: its Content-Length when given (0: unknown), to start
-    the file at once. The file is the caller's to close; here only on failure (disconnect, cancellation, a
-    body over the limit)."""
+    as it arrives, never joined in memory, read at most `rate` bytes per second (pacing.py; 0: unpaced).
+    `expected`: its Content-Length when given (0: unknown), to start the file at once. The file is the caller's
+    to close; here only on failure (disconnect, cancellation, a body over the limit)."""
+    pacer = Pacer(rate)
     chunks: list[bytes] = []
     size = 0
     spooled = SpooledBody("input", expected) if spool_from and expected >= spool_from else None
@@ -75,6 +77,8 @@ async def read_body_spooled(receive: Receive, spool_from: int, expected: int = 0
             chunk = message.get("body", b"")
             if spooled is not None:
                 spooled.write(chunk)
+                if rate:
+                    await pacer.after(len(chunk))
             else:
                 chunks.append(chunk)
                 size += len(chunk)

@@ -39,6 +39,10 @@ class GatewaySettings(CommonSettings):
         64 * 1024, ge=0, description=":predict bodies (and answers) of this many bytes or more are decoded and encoded "
         "in helper processes, off the event loop (0: never)",
     )
+    big_transfer_bytes_per_s: int = Field(
+        32 * 1024 * 1024, ge=0, description="past its first 4 MiB, a :predict body is read and a big answer sent at most "
+        "this fast, so the requests around it keep their latency (gateway/pacing.py; 0: unpaced)",
+    )
     offload_processes: int = Field(
         2, ge=0, le=64, description="helper processes for big bodies (offload_body_bytes), started on first use (0: none)"
     )
