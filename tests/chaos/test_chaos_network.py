@@ -1,7 +1,9 @@
 """Network faults of one gpu-worker, run in a network namespace of its own joined to the host by a veth
-pair (tests/helpers/chaos_net.py): a partition (`ip link set <host veth> down` for 5 s) and a slow worker
-(netem delay 200 ms on both ends of the veth). Recorded as skipped, with the reason, where the namespace or
-netem cannot be made (no CAP_NET_ADMIN, no sch_netem)."""
+pair (tests/helpers/chaos_net.py); it reaches NATS and etcd through a delaying TCP proxy listening on the host
+end of the veth (tests/helpers/delay_proxy.py). Faults: a partition (`ip link set <host veth> down` for 5 s)
+and a slow worker (the proxy delays its NATS and etcd connections 200 ms each way for 5 s: user-space, as
+Toxiproxy's latency toxic, in place of `tc netem`, which needs a kernel module that some kernels lack).
+Recorded as skipped, with the reason, where the namespace cannot be made (no CAP_NET_ADMIN)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,12 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.slow, pyte
 
 NS_WORKER = "worker-ns"
 PARTITION = ("partition-gpu-worker", "network partition of one gpu-worker (3 workers, 5 s)")
-SLOW = ("slow-gpu-worker", "slow gpu-worker: netem delay 200 ms each way (3 workers, 5 s)")
+SLOW = (
+    "slow-gpu-worker",
+    "slow gpu-worker: 200 ms delay each way on its NATS and etcd connections "
+    "(user-space delaying proxy, as Toxiproxy's latency toxic; 3 workers, 5 s)",
+)
+DELAY_MS = 200
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +35,21 @@ def ns_worker(chaos: ChaosCluster, chaos_net: tuple[Netns | None, str]) -> Itera
     if net is None:
         yield None
         return
-    proc = chaos.start_in_netns(NS_WORKER)
     try:
-        chaos.wait_ready(NS_WORKER, 120)
-        yield net
+        proc = chaos.start_in_netns(NS_WORKER)
+        try:
+            chaos.wait_ready(NS_WORKER, 120)
+            proxied = set(net.proxy.addresses.values()) if net.proxy is not None else set()
+            outside = net.peers() - proxied
+            assert not outside, f"{NS_WORKER} connects to {sorted(outside)} bypassing the proxy ({sorted(proxied)})"
+            yield net
+        finally:
+            net.heal()
+            net.clear()
+            proc.stop(20)
+            del chaos.procs[NS_WORKER]
     finally:
-        net.heal()
-        net.clear()
-        proc.stop(20)
-        del chaos.procs[NS_WORKER]
+        net.stop_proxy()  # after the worker: its SIGTERM drain still talks to NATS and etcd
 
 
 def test_partition(
@@ -64,14 +77,12 @@ def test_partition(
 def test_slow_worker(
     chaos: ChaosCluster, chaos_report: Report, greedy: Greedy | None, ns_worker: Netns | None, chaos_net: tuple[Netns | None, str]
 ) -> None:
-    why = chaos_net[1] if ns_worker is None else ns_worker.netem_missing()
-    if why:
-        skip_row(chaos_report, *SLOW, why)
-        pytest.skip(why)
-    assert ns_worker is not None
+    if ns_worker is None:
+        skip_row(chaos_report, *SLOW, chaos_net[1])
+        pytest.skip(chaos_net[1])
     net = ns_worker
 
     measure(
         chaos_report, chaos, greedy, fault_id=SLOW[0], fault=SLOW[1], kinds=(TENSOR, STREAM),
-        inject=lambda: net.delay(200), recover=net.clear, hold_s=5.0,
+        inject=lambda: net.delay(DELAY_MS), recover=net.clear, hold_s=5.0,
     )

