@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from helpers.support import Infra, Services
@@ -149,6 +150,33 @@ def _spool_files(pid: int | None, wait_s: float = 5.0) -> list[str]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
+
+
+def test_a_big_kserve_infer_goes_through_the_helpers_as_tritonclient_sends_it(big_cluster: Services) -> None:
+    """KServe v2 REST infer with a 24 MB binary tensor (tritonclient.http, binary in and out, and gzip-compressed):
+    spooled, parsed, checked and rendered in the helper processes, the item and answer by reference; the answer
+    is the tensor, the model's statistics count it with its batch's times, and a bad shape is a 400 naming it."""
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{big_cluster.http_port}", network_timeout=120, connection_timeout=120)
+    data = np.random.default_rng(7).random((1, 6_000_000), dtype=np.float32)
+    before = client.get_inference_statistics("echo")["model_stats"][0]["inference_stats"]["success"]["count"]
+    for compression in (None, "gzip"):
+        inp = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
+        inp.set_data_from_numpy(data, binary_data=True)
+        out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)
+        result = client.infer("echo", [inp], outputs=[out], request_compression_algorithm=compression, request_id=f"big-{compression}")
+        assert np.array_equal(result.as_numpy("OUTPUT0"), data)
+        assert result.get_response()["id"] == f"big-{compression}"
+    stats = client.get_inference_statistics("echo")["model_stats"][0]
+    assert stats["inference_stats"]["success"]["count"] == before + 2
+    assert stats["inference_stats"]["compute_infer"]["ns"] > 0  # the worker's times came back from the helper
+
+    wrong = np.zeros((1, 2, 2_000_000), np.float32)  # echo's INPUT0 is [-1] after the batch dimension
+    inp = httpclient.InferInput("INPUT0", list(wrong.shape), "FP32")
+    inp.set_data_from_numpy(wrong, binary_data=True)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("echo", [inp])
+    assert "INPUT0" in caught.value.message() and caught.value.status() == "400"
+    assert httpx.get(f"{big_cluster.url}/health/live", timeout=5).status_code == 200
 
 
 def test_over_the_bus_limit_is_413_naming_it_and_what_fits_at_the_same_time_succeeds(small_bus: Services) -> None:

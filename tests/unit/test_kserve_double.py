@@ -57,7 +57,7 @@ class KServeDouble:
     def __post_init__(self) -> None:
         if not self.configs_by_name:
             self.configs_by_name = {c["name"]: modelconfig.parse(dict(c)) for c in CONFIGS}
-        self.settings = SimpleNamespace(request_timeout_s=30.0, max_body_bytes=1 << 20)
+        self.settings = SimpleNamespace(request_timeout_s=30.0, max_body_bytes=1 << 20, big_transfer_bytes_per_s=0)
         self.body_codec = BodyCodec(0, 0)  # bodies decoded here, on the event loop
         self.log = logging.getLogger("kserve-double")
         self.model_stats = ModelStatistics()

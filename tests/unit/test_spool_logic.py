@@ -21,8 +21,8 @@ import pytest
 
 from unimodel.core import errors
 from unimodel.gateway import big_bodies, spool
-from unimodel.gateway.fast_path import SEND_SLICE, FastRoutes, read_all, spooling_reader
-from unimodel.gateway.http_context import read_body_spooled
+from unimodel.gateway.fast_path import FastRoutes, read_all, spooling_reader
+from unimodel.gateway.http_context import SEND_SLICE, read_body_spooled
 from unimodel.gateway.http_protocol import JOIN_LIMIT, CoalescingTransport
 from unimodel.gateway.spool import SpooledBody
 from unimodel.gateway.unified.http import parse_body
@@ -351,7 +351,7 @@ async def test_the_answer_is_decoded_to_a_mapped_json_file(codec: big_bodies.Bod
     answer = await SpooledBody.of(reply.SerializeToString(), "answer")
     try:
         payload, (worker, path) = await codec.run_to_file(
-            big_bodies.decode_predict_reply_file, answer.path, "g1", what="json", need=len(answer)
+            big_bodies.answer_from_file, big_bodies.decode_predict_reply_to, answer.path, "g1", what="json", need=len(answer)
         )
     finally:
         answer.close()

@@ -38,7 +38,8 @@ from unimodel.gateway.spool import SpooledBody
 from unimodel.v1 import inference_pb2
 
 if TYPE_CHECKING:
-    from unimodel.gateway.ports import UnifiedPorts
+    from unimodel.core.replies import Encoded
+    from unimodel.gateway.ports import AnswerPorts, UnifiedPorts
 
 T = TypeVar("T")
 Headers = list[tuple[bytes, bytes]]
@@ -98,13 +99,9 @@ def encode_predict_file(parse: PredictParser, src: str, dst: str) -> int | Failu
     return encoded if isinstance(encoded, Failure) else spool.write_file(dst, encoded)
 
 
-def decode_predict_reply_file(src: str, gateway_id: str, dst: str) -> tuple[str, str] | Failure:
-    """decode_predict_reply of the answer in file `src`: the JSON answer written to the new file `dst`, and
-    (worker id, path)."""
-    return _answer_to_file(decode_predict_reply(spool.read_file(src), gateway_id), dst)
-
-
-def _answer_to_file(decoded: tuple[bytes, str, str] | Failure, dst: str) -> tuple[str, str] | Failure:
+def decode_predict_reply_to(raw: spool.Buffer, gateway_id: str, dst: str) -> tuple[str, str] | Failure:
+    """decode_predict_reply of `raw`: the JSON answer written to the new file `dst`, and (worker id, path)."""
+    decoded = decode_predict_reply(raw, gateway_id)
     if isinstance(decoded, Failure):
         return decoded
     payload, worker, path = decoded
@@ -112,14 +109,18 @@ def _answer_to_file(decoded: tuple[bytes, str, str] | Failure, dst: str) -> tupl
     return worker, path
 
 
-def decode_predict_reply_local(ref: bytes, gateway_id: str, dst: str) -> tuple[str, str] | Failure:
-    """decode_predict_reply_file of an answer in its worker's memory file (`ref`: its encoded BlobRef), mapped
-    here (core/blobs.py): UNAVAILABLE when that file is gone."""
-    blob = inference_pb2.BlobRef.FromString(ref)
-    raw = blobs.map_local(blob)
+def answer_from_file(fn: Callable[..., T | Failure], src: str, *args: Any) -> T | Failure:
+    """`fn(the answer in file src, *args)`: a big answer read over the bus, spooled by the gateway."""
+    return fn(spool.read_file(src), *args)
+
+
+def answer_from_memory_file(fn: Callable[..., T | Failure], ref: bytes, *args: Any) -> T | Failure:
+    """`fn(the answer, *args)`, the answer mapped from its worker's memory file (`ref`: its encoded BlobRef,
+    core/blobs.py); UNAVAILABLE when that file is gone."""
+    raw = blobs.map_local(inference_pb2.BlobRef.FromString(ref))
     if raw is None:
         return Failure.of(blobs.gone("the answer"))
-    return _answer_to_file(decode_predict_reply(raw, gateway_id), dst)
+    return fn(raw, *args)
 
 
 HELPER_NICENESS = 10
@@ -242,22 +243,8 @@ async def predict(
         body.close()
     answer = await gw.predict_encoded(name, item, ctx)
     del item  # its mapping goes as soon as the bus is done with it
-    if isinstance(answer, inference_pb2.BlobRef):  # in the worker's memory file: the helper maps it (core/blobs.py)
-        try:
-            payload, (worker, path) = await codec.run_to_file(
-                decode_predict_reply_local, answer.SerializeToString(), gw.id, what="json", need=2 * answer.size
-            )
-        finally:
-            await gw.answer_read(answer)
-    elif codec.takes(len(answer)):
-        spooled = await SpooledBody.of(answer, "answer")
-        del answer
-        try:
-            payload, (worker, path) = await codec.run_to_file(
-                decode_predict_reply_file, spooled.path, gw.id, what="json", need=2 * len(spooled)
-            )
-        finally:
-            spooled.close()
+    if isinstance(answer, inference_pb2.BlobRef) or codec.takes(len(answer)):
+        payload, (worker, path) = await answer_in_helper(gw, answer, decode_predict_reply_to, gw.id)
     else:
         decoded = decode_predict_reply(answer, gw.id)
         if isinstance(decoded, Failure):
@@ -265,3 +252,25 @@ async def predict(
         payload, worker, path = decoded
     headers: Headers = [*raw_id_headers(ctx), (b"x-unimodel-worker", worker.encode()), (b"x-unimodel-path", path.encode())]
     return 200, payload, headers
+
+
+async def answer_in_helper(
+    gw: AnswerPorts, answer: Encoded | inference_pb2.BlobRef, fn: Callable[..., T | Failure], *args: Any
+) -> tuple[Payload, T]:
+    """`fn(answer, *args, dst)` in a helper process, which writes what the client gets to `dst`: (that file
+    mapped, fn's result). An answer in its worker's memory file (a BlobRef) is mapped by the helper itself, and
+    the worker told it was read; one in memory goes to the helper in a file."""
+    codec = gw.body_codec
+    if isinstance(answer, inference_pb2.BlobRef):  # core/blobs.py
+        try:
+            return await codec.run_to_file(
+                answer_from_memory_file, fn, answer.SerializeToString(), *args, what="json", need=2 * answer.size
+            )
+        finally:
+            await gw.answer_read(answer)
+    spooled = await SpooledBody.of(answer, "answer")
+    del answer
+    try:
+        return await codec.run_to_file(answer_from_file, fn, spooled.path, *args, what="json", need=2 * len(spooled))
+    finally:
+        spooled.close()

@@ -12,21 +12,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from unimodel.core import errors
 from unimodel.gateway.auth import TENANT_HEADER
 from unimodel.gateway.big_bodies import Payload
-from unimodel.gateway.http_context import read_body, read_body_spooled
+from unimodel.gateway.http_context import read_body, read_body_spooled, send_answer
 from unimodel.gateway.kserve.http import infer_asgi, match_infer
 from unimodel.gateway.modelcache.serving import handle as modelcache
-from unimodel.gateway.pacing import Pacer
 from unimodel.gateway.ports import KServePorts, ModelCachePorts, UnifiedPorts
 from unimodel.gateway.spool import SpooledBody
 from unimodel.gateway.unified.errors import Headers, error_result
 from unimodel.gateway.unified.http import run_predict
 
 B = TypeVar("B", bytes, bytes | SpooledBody)
-SEND_SLICE = 256 * 1024
-"""A bigger answer is sent in slices of this many bytes: no write joins or copies it whole, and each write is short
-enough for other requests to be served between two (see payload_limits.BLOB_CHUNK_BYTES)."""
-
-
 class FastPorts(UnifiedPorts, KServePorts, ModelCachePorts, Protocol):
     """What the fast path serves: :predict, KServe infer, ModelCache."""
 
@@ -93,23 +87,7 @@ class FastRoutes:
         finally:
             if isinstance(raw, SpooledBody):  # the handler unlinks it once read; here on every other path
                 raw.close()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *extra],
-            }
-        )
-        if len(payload) <= SEND_SLICE:
-            await send({"type": "http.response.body", "body": payload})
-            return
-        view = memoryview(payload)
-        pacer = Pacer(rate)
-        for start in range(0, len(view), SEND_SLICE):
-            if start:  # the transport writes this slice before the next (http_protocol.py), on schedule (pacing.py)
-                await pacer.after(SEND_SLICE)
-            end = start + SEND_SLICE
-            await send({"type": "http.response.body", "body": view[start:end], "more_body": end < len(view)})
+        await send_answer(send, status, [(b"content-type", b"application/json"), *extra], payload, rate)
 
 
 async def read_all(receive: Receive, headers: dict[str, str]) -> bytes:

@@ -1,19 +1,23 @@
 """What the gateway reads from an HTTP request: its RequestContext (a new request id of ours, the client's
 x-request-id apart as client_request_id, W3C trace context and the
 verified tenant: auth.py rewrote x-unimodel-tenant, with the route's deadline), and for the raw-ASGI routes
-(fast_path.py, KServe infer) its body (a big :predict body into a file, spool.py)."""
+(fast_path.py, KServe infer) its body (a big body into a file, spool.py) and how their answers are sent."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from starlette.types import Receive
+from starlette.types import Receive, Send
 
 from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.gateway.auth import TENANT_HEADER
 from unimodel.gateway.pacing import Pacer
-from unimodel.gateway.spool import SpooledBody
+from unimodel.gateway.spool import Buffer, SpooledBody
+
+SEND_SLICE = 256 * 1024
+"""A bigger answer is sent in slices of this many bytes: no write joins or copies it whole, and each write is short
+enough for other requests to be served between two (see payload_limits.BLOB_CHUNK_BYTES)."""
 
 
 def http_context(header: Callable[[str], str], timeout_s: float) -> RequestContext:
@@ -96,3 +100,20 @@ async def read_body_spooled(receive: Receive, spool_from: int, expected: int = 0
     if spooled is not None:
         return spooled.finish()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def send_answer(send: Send, status: int, headers: list[tuple[bytes, bytes]], payload: Buffer, rate: float = 0) -> None:
+    """Send a whole answer (`headers` without content-length: added here); a big one in slices of SEND_SLICE
+    bytes (uvicorn's flow control applies between them), past its first pacing.BURST bytes at most `rate` bytes
+    per second (0: unpaced)."""
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, (b"content-length", str(len(payload)).encode())]})
+    if len(payload) <= SEND_SLICE:
+        await send({"type": "http.response.body", "body": payload})
+        return
+    view = memoryview(payload)
+    pacer = Pacer(rate)
+    for start in range(0, len(view), SEND_SLICE):
+        if start:  # the transport writes this slice before the next (http_protocol.py), on schedule (pacing.py)
+            await pacer.after(SEND_SLICE)
+        end = start + SEND_SLICE
+        await send({"type": "http.response.body", "body": view[start:end], "more_body": end < len(view)})

@@ -8,7 +8,8 @@ satisfies every port. Plain typing: nothing here runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from google.protobuf import struct_pb2
@@ -24,8 +25,11 @@ if TYPE_CHECKING:
     from unimodel.gateway.metrics import GatewayMetrics
     from unimodel.gateway.rate_limits import RateLimiter
     from unimodel.gateway.settings import GatewaySettings
-    from unimodel.gateway.statistics import ModelStatistics
+    from unimodel.gateway.statistics import ModelStatistics, ReplyTimes
     from unimodel.v1 import generate_pb2, inference_pb2, model_pb2
+
+
+T = TypeVar("T")
 
 
 class Identity(Protocol):
@@ -52,30 +56,37 @@ class ModelView(Protocol):
     def readiness(self) -> dict[str, bool]: ...
 
 
-class Predictor(Protocol):
-    async def predict(
-        self, model: str, value: struct_pb2.Value, parameters: dict[str, str], ctx: RequestContext, api: str = "http"
-    ) -> inference_pb2.PredictResponse: ...
+class AnswerPorts(Protocol):
+    """What big bodies need (big_bodies.py): the helper processes, and telling a worker its answer was read."""
 
     @property
     def body_codec(self) -> BodyCodec: ...
+
+    async def answer_read(self, ref: inference_pb2.BlobRef) -> None: ...
+
+
+class Predictor(AnswerPorts, Protocol):
+    async def predict(
+        self, model: str, value: struct_pb2.Value, parameters: dict[str, str], ctx: RequestContext, api: str = "http"
+    ) -> inference_pb2.PredictResponse: ...
 
     async def predict_encoded(
         self, model: str, item: Encoded, ctx: RequestContext, api: str = "http"
     ) -> Encoded | inference_pb2.BlobRef: ...
 
-    async def answer_read(self, ref: inference_pb2.BlobRef) -> None: ...
 
-
-class TensorInference(Protocol):
+class TensorInference(AnswerPorts, Protocol):
     @property
     def model_stats(self) -> ModelStatistics: ...
-    @property
-    def body_codec(self) -> BodyCodec: ...
 
     async def infer(
         self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str = "http"
     ) -> inference_pb2.InferResponse: ...
+
+    async def infer_encoded(
+        self, model: str, item: Encoded, rows: int, ctx: RequestContext,
+        render: Callable[[Encoded | inference_pb2.BlobRef], Awaitable[tuple[T, ReplyTimes]]], api: str = "http",
+    ) -> T: ...
 
 
 class Generator(Protocol):

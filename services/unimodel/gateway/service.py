@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -35,7 +35,7 @@ from unimodel.gateway.kserve.codec import check_inputs
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.rate_limits import GrpcRateLimitInterceptor, RateLimiter
 from unimodel.gateway.settings import GatewaySettings
-from unimodel.gateway.statistics import ModelStatistics
+from unimodel.gateway.statistics import ModelStatistics, ReplyTimes
 from unimodel.gateway.stream_watch import StreamWatch
 from unimodel.gateway.traces import GrpcTracingInterceptor
 from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2
@@ -51,6 +51,7 @@ STREAM_LIVENESS_S = 10.0
 """A worker whose generations sent nothing for this long and that does not answer its probe is lost."""
 
 Reply = TypeVar("Reply", inference_pb2.PredictResponse, inference_pb2.InferResponse)
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(slots=True)
@@ -242,6 +243,33 @@ class GatewayService(Service):
                 subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s,
                 bundle_subject=subjects.bundle(model), local_answer=True,
             )
+
+    async def infer_encoded(
+        self, model: str, item: Encoded, rows: int, ctx: RequestContext,
+        render: Callable[[Encoded | inference_pb2.BlobRef], Awaitable[tuple[T, ReplyTimes]]], api: str = "http",
+    ) -> T:
+        """infer with the BatchItem parsed, checked against the model's config and encoded already (a big KServe
+        body, in the helper processes: kserve/big_infer.py): the worker's answer goes to `render` (which reads
+        it off the event loop too) and its result is returned; records the metrics and model statistics."""
+        times: ReplyTimes | None = None
+
+        def statistics(outcome: Outcome) -> None:
+            if model in self._models:
+                elapsed_ns = int((time.perf_counter() - outcome.started) * 1e9)
+                if times is not None:
+                    self.model_stats.record(model, True, elapsed_ns, rows or 1, queue_ns=times.queue_ns,
+                                            compute_ns=times.compute_ns, batch_rows=times.batch_rows)
+                else:
+                    self.model_stats.record(model, outcome.code == "OK", elapsed_ns, rows or 1)
+
+        with self._observing(api, model, statistics):
+            self.require_ready(model)
+            answer = await self.replies.request_item(
+                subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s,
+                bundle_subject=subjects.bundle(model), local_answer=True,
+            )
+            result, times = await render(answer)
+            return result
 
     async def answer_read(self, ref: inference_pb2.BlobRef) -> None:
         """The answer `ref` (from predict_encoded) was read from its memory file: its worker may let it go."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 def _now_ms() -> int:
@@ -90,6 +91,14 @@ class _Model:
 
 
 EMPTY = ModelSnapshot()
+
+
+class ReplyTimes(NamedTuple):
+    """What a worker's InferResponse reports of its batch (ModelStatistics.record's optional fields)."""
+
+    queue_ns: int
+    compute_ns: int
+    batch_rows: int
 
 
 class ModelStatistics:

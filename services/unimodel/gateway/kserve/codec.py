@@ -16,6 +16,7 @@ Every error is an InvalidArgument that names the tensor (or field) at fault.
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -279,6 +280,23 @@ def _output_parameters(name: str, params: Mapping[str, Any], *, rest: bool) -> b
         elif key.startswith("shared_memory"):
             raise _bad(f"output {name!r}: shared memory outputs are not supported", name)
     return binary
+
+
+def decode_body(raw: bytes, encoding: str, limit: int) -> bytes:
+    """The request body, decompressed (gzip / deflate, as tritonclient may send) within the body limit."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "deflate"):
+        raise errors.InvalidArgument(f"unsupported Content-Encoding {encoding!r} (gzip, deflate)", field="Content-Encoding")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise errors.InvalidArgument(f"malformed {encoding} body: {exc}", field="Content-Encoding") from None
+    if len(body) > limit or inflater.unconsumed_tail:
+        raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes once decompressed")
+    return body
 
 
 def parse_rest_infer(body: bytes | bytearray | memoryview, header_length: int | None) -> InferCall:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import zlib
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
@@ -29,22 +28,27 @@ from starlette.types import Receive, Scope, Send
 
 from unimodel import __version__
 from unimodel.core import errors, subjects
+from unimodel.core.context import RequestContext
 from unimodel.core.modelconfig import DATATYPES
 from unimodel.gateway import json_body
 from unimodel.gateway.auth import ANONYMOUS, TENANT_HEADER, Principal, principal_of
+from unimodel.gateway.big_bodies import Payload
 from unimodel.gateway.config_views import tenant_view
-from unimodel.gateway.http_context import http_context, raw_id_headers, read_body
-from unimodel.gateway.kserve import codec, documents
+from unimodel.gateway.http_context import http_context, raw_id_headers, read_body_spooled, send_answer
+from unimodel.gateway.kserve import big_infer, codec, documents
 from unimodel.gateway.kserve.errors import JSON, Headers, error_response, error_result, response
 from unimodel.gateway.ports import KServePorts
-from unimodel.v1 import inference_pb2
+from unimodel.gateway.spool import SpooledBody
+from unimodel.v1 import inference_pb2, model_pb2
 
 log = logging.getLogger(__name__)
 API = "kserve_http"  # the `api` label of the gateway's request metrics
 INFER_PATH = re.compile(r"^/v2/models/(?P<model>.+?)(?:/versions/(?P<version>[^/]+))?/infer$")
 HEADER_LENGTH = "inference-header-content-length"
 _OCTETS = b"application/octet-stream"
-_WANTED = frozenset({HEADER_LENGTH, "content-encoding", "x-request-id", "traceparent", "tracestate", TENANT_HEADER})
+_WANTED = frozenset(
+    {HEADER_LENGTH, "content-encoding", "content-length", "x-request-id", "traceparent", "tracestate", TENANT_HEADER}
+)
 
 
 def match_infer(path: str) -> tuple[str, str] | None:
@@ -67,23 +71,6 @@ def _check_name(model: str) -> None:
 # infer --------------------------------------------------------------------------------------------
 
 
-def _decode_body(raw: bytes, encoding: str, limit: int) -> bytes:
-    """The request body, decompressed (gzip / deflate, as tritonclient may send) within the body limit."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return raw
-    if encoding not in ("gzip", "deflate"):
-        raise errors.InvalidArgument(f"unsupported Content-Encoding {encoding!r} (gzip, deflate)", field="Content-Encoding")
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        body = inflater.decompress(raw, limit + 1)
-    except zlib.error as exc:
-        raise errors.InvalidArgument(f"malformed {encoding} body: {exc}", field="Content-Encoding") from None
-    if len(body) > limit or inflater.unconsumed_tail:
-        raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes once decompressed")
-    return body
-
-
 def _header_length(value: str) -> int | None:
     if not value:
         return None
@@ -95,40 +82,38 @@ def _header_length(value: str) -> int | None:
 
 
 async def run_infer(
-    gw: KServePorts, model: str, version: str, raw: bytes, header: Callable[[str], str], caller: Principal = ANONYMOUS
-) -> tuple[int, bytes, Headers]:
+    gw: KServePorts, model: str, version: str, raw: bytes | SpooledBody, header: Callable[[str], str],
+    caller: Principal = ANONYMOUS,
+) -> tuple[int, Payload, Headers]:
     """POST /v2/models/{model}[/versions/{version}]/infer: (status, body, headers). Never raises.
-    `header(name)` reads a request header by lower-case name ("" when absent)."""
+    `header(name)` reads a request header by lower-case name ("" when absent). A body in a file (a big one,
+    infer_asgi spools it) is parsed and answered in the helper processes (big_infer.py) and closed here."""
     try:
         config = gw.configs().get(model)
         documents.check_version(config, model, version)
-        body = _decode_body(raw, header("content-encoding"), gw.settings.max_body_bytes)
-        offload = gw.body_codec  # big bodies are decoded and encoded off the event loop (big_bodies.py)
-        if offload.takes(len(body)):
-            call = await offload.run(codec.parse_rest_infer, body, _header_length(header(HEADER_LENGTH)))
+        header_length = _header_length(header(HEADER_LENGTH))
+        if isinstance(raw, SpooledBody):
+
+            def check_call(call: codec.InferCall) -> float:
+                codec.check_priority(call.item, caller)
+                return _timeout(gw, call)
+
+            rendered, ctx = await big_infer.infer(
+                gw, model, documents.model_version(config), config, raw, header, header_length, check_call,
+                lambda timeout_s: http_context(header, timeout_s),
+            )
+            payload, header_length, worker, path = rendered.payload, rendered.header_length, rendered.worker, rendered.path
         else:
-            call = codec.parse_rest_infer(body, _header_length(header(HEADER_LENGTH)))
-        codec.check_priority(call.item, caller)
-        timeout_s = gw.settings.request_timeout_s
-        if call.timeout_s is not None:
-            timeout_s = min(timeout_s, call.timeout_s)
-        ctx = http_context(header, timeout_s)
-        reply = await gw.infer(model, call.item, ctx, API)
-        if offload.takes(reply.ByteSize()):  # the request's tensors stay here: the rendering needs none of them
-            lean = dataclasses.replace(call, item=inference_pb2.BatchItem())
-            payload, header_length = await offload.run(codec.render_rest_infer, reply, lean, model, documents.model_version(config))
-        else:
-            payload, header_length = codec.render_rest_infer(reply, call, model, documents.model_version(config))
+            payload, header_length, worker, path, ctx = await _infer_in_memory(gw, model, config, raw, header, header_length, caller)
     except errors.UnimodelError as err:
         return error_result(err)
     except Exception as exc:
         log.error("KServe infer failed: %s", exc, exc_info=exc)
         return error_result(errors.Internal("internal error"))
-    headers: Headers = [
-        *raw_id_headers(ctx),
-        (b"x-unimodel-worker", reply.worker_id.encode()),
-        (b"x-unimodel-path", ",".join(reply.path).encode()),
-    ]
+    finally:
+        if isinstance(raw, SpooledBody):
+            raw.close()
+    headers: Headers = [*raw_id_headers(ctx), (b"x-unimodel-worker", worker.encode()), (b"x-unimodel-path", path.encode())]
     if header_length is None:
         headers.append((b"content-type", JSON))
     else:
@@ -137,24 +122,54 @@ async def run_infer(
     return 200, payload, headers
 
 
+def _timeout(gw: KServePorts, call: codec.InferCall) -> float:
+    timeout_s = gw.settings.request_timeout_s
+    return timeout_s if call.timeout_s is None else min(timeout_s, call.timeout_s)
+
+
+async def _infer_in_memory(
+    gw: KServePorts, model: str, config: model_pb2.ModelConfig | None, raw: bytes, header: Callable[[str], str],
+    header_length: int | None, caller: Principal,
+) -> tuple[bytes, int | None, str, str, RequestContext]:
+    """run_infer of a body in memory: (payload, header length, worker, path, context)."""
+    body = codec.decode_body(raw, header("content-encoding"), gw.settings.max_body_bytes)
+    offload = gw.body_codec  # big bodies are decoded and encoded off the event loop (big_bodies.py)
+    if offload.takes(len(body)):
+        call = await offload.run(codec.parse_rest_infer, body, header_length)
+    else:
+        call = codec.parse_rest_infer(body, header_length)
+    codec.check_priority(call.item, caller)
+    ctx = http_context(header, _timeout(gw, call))
+    reply = await gw.infer(model, call.item, ctx, API)
+    if offload.takes(reply.ByteSize()):  # the request's tensors stay here: the rendering needs none of them
+        lean = dataclasses.replace(call, item=inference_pb2.BatchItem())
+        payload, out_length = await offload.run(codec.render_rest_infer, reply, lean, model, documents.model_version(config))
+    else:
+        payload, out_length = codec.render_rest_infer(reply, call, model, documents.model_version(config))
+    return payload, out_length, reply.worker_id, ",".join(reply.path), ctx
+
+
 async def infer_asgi(gw: KServePorts, model: str, version: str, scope: Scope, receive: Receive, send: Send) -> None:
-    """The lean infer route: ASGI in, ASGI out, no FastAPI."""
+    """The lean infer route: ASGI in, ASGI out, no FastAPI. A body big enough for the helper processes goes
+    into a file as it arrives and is read, like its answer, paced (pacing.py)."""
     wanted: dict[str, str] = {}
     for key, value in scope["headers"]:
         name = key.decode("latin-1").lower()
         if name in _WANTED:
             wanted[name] = value.decode("latin-1")
+    rate = gw.settings.big_transfer_bytes_per_s
+    raw: bytes | SpooledBody
+    payload: Payload
     try:
-        raw = await read_body(receive)
+        length = wanted.get("content-length", "")
+        raw = await read_body_spooled(receive, gw.body_codec.spool_from, int(length) if length.isdigit() else 0, rate)
     except errors.UnimodelError as err:  # PayloadTooLarge from the body limit, or the client left
         status, payload, headers = error_result(err)
     else:
         status, payload, headers = await run_infer(gw, model, version, raw, lambda k: wanted.get(k, ""), principal_of(scope))
     if status != 200:  # error results carry no content type; answers set their own
         headers.append((b"content-type", JSON))
-    headers.append((b"content-length", str(len(payload)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+    await send_answer(send, status, headers, payload, rate)
 
 
 # documents for OpenAPI ------------------------------------------------------------------------------
@@ -421,7 +436,8 @@ def register_kserve_routes(app: FastAPI, gw: KServePorts) -> None:
             gw, model, version, raw, lambda k: request.headers.get(k, ""), principal_of(request.scope)
         )
         content_type = next((v for k, v in headers if k == b"content-type"), JSON)
-        return response(status, payload, [(k, v) for k, v in headers if k != b"content-type"], content_type)
+        body = payload if isinstance(payload, bytes) else bytes(payload)  # a body in memory is answered in memory
+        return response(status, body, [(k, v) for k, v in headers if k != b"content-type"], content_type)
 
     async def infer_versioned(request: Request, model: str, version: str) -> Response:
         return await infer_route(request, model, version)
