@@ -40,7 +40,7 @@ class GatewaySettings(CommonSettings):
         "in helper processes, off the event loop (0: never)",
     )
     big_transfer_bytes_per_s: int = Field(
-        32 * 1024 * 1024, ge=0, description="past its first 4 MiB, a :predict body is read and a big answer sent at most "
+        32 * 1024 * 1024, ge=0, description="past its first 4 MiB, a :predict or KServe infer body is read and a big answer sent at most "
         "this fast, so the requests around it keep their latency (gateway/pacing.py; 0: unpaced)",
     )
     offload_processes: int = Field(
