@@ -8,9 +8,11 @@ import importlib.util
 import time
 from pathlib import Path
 
+import grpc
 import nats
 import numpy as np
 import onnx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers.support import Infra, Services
@@ -72,6 +74,21 @@ async def wait_for(infra: Infra, worker_id: str, check, timeout: float = 20) -> 
     raise AssertionError(f"registration of {worker_id} never matched; last: {info}")
 
 
+async def health(address: str, service: str = "") -> str:
+    """The worker's gRPC health status: overall ("", readiness) or `service` ("liveness")."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+async def health_becomes(address: str, wanted: str, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while (now := await health(address)) != wanted:
+        if time.monotonic() > end:
+            raise AssertionError(f"health stayed {now}, not {wanted}")
+        await asyncio.sleep(0.05)
+
+
 def states(info: registry_pb2.InstanceInfo) -> dict[str, tuple[int, str]]:
     return {s.name: (s.state, s.error) for s in info.model_states}
 
@@ -104,6 +121,8 @@ async def test_load_run_and_unload_a_model_on_command(services: Services, tmp_pa
     optional = [kind for kind, module in (("llamacpp", "llama_cpp"), ("vllm", "vllm")) if importlib.util.find_spec(module)]
     assert list(info.engines) == ["onnx", *optional, "openai", "delay", "echo"]
     assert states(info) == {"echo": (S.READY, "")} and info.model_states[0].pinned
+    address = info.grpc_address  # every model placed here is loaded: ready and alive
+    assert (await health(address), await health(address, "liveness")) == ("SERVING", "SERVING")
 
     config = scale_model(tmp_path)
     nc = await nats.connect(infra.nats.url)
@@ -145,6 +164,10 @@ async def test_load_run_and_unload_a_model_on_command(services: Services, tmp_pa
         await nc.request(control, registry_pb2.ModelCommand(load=broken).SerializeToString(), timeout=5)
         info = await wait_for(infra, "worker-m", lambda i: states(i).get("broken", (0, ""))[0] == S.FAILED)
         assert "cannot load" in states(info)["broken"][1] and "broken" not in info.models
+        # a model placed here and not loaded: not ready (Kubernetes' readinessProbe), but alive (livenessProbe)
+        await health_becomes(address, "NOT_SERVING")
+        assert await health(address, "liveness") == "SERVING"
+        assert any("NOT_SERVING (failed: broken)" in line for line in proc.lines)
 
         reply = await nc.request(control, registry_pb2.ModelCommand(unload="scale").SerializeToString(), timeout=5)
         assert registry_pb2.ModelStatus.FromString(reply.data).state == S.UNLOADING
@@ -153,6 +176,10 @@ async def test_load_run_and_unload_a_model_on_command(services: Services, tmp_pa
         gone = await nc.request(subjects.worker_infer("worker-m"), batch.SerializeToString(), timeout=5)
         err = error_of(gone)
         assert isinstance(err, NotFound) and "'scale' is not loaded on worker-m" in err.message
+
+        await nc.request(control, registry_pb2.ModelCommand(unload="broken").SerializeToString(), timeout=5)
+        await wait_for(infra, "worker-m", lambda i: "broken" not in states(i))
+        await health_becomes(address, "SERVING")  # nothing placed here is left unloaded
     finally:
         await nc.close()
     assert proc.alive()

@@ -22,6 +22,7 @@ import yaml
 import unimodel
 from helpers.deploy_checks import EXAMPLE_VARIABLES, K8S_DIR, KustomizeError, kustomize
 from unimodel.cli import COMMANDS
+from unimodel.core.grpc_server import LIVENESS
 from unimodel.core.settings import CommonSettings, env_name, load_settings, registered_settings
 from unimodel.local.cluster import SERVICES
 
@@ -289,7 +290,9 @@ def test_probes_use_the_health_endpoints_on_the_set_ports(overlay: str, name: st
         for kind, probe in probes.items():
             assert set(probe) & {"grpc", "httpGet", "exec", "tcpSocket"} == {"grpc"}, f"{name} {kind}: gRPC health"
             assert probe["grpc"]["port"] == grpc_port, f"{name} {kind} probes {probe['grpc']['port']}"
-            assert probe["grpc"].get("service", "") == "", f"{name} {kind}: the server-wide health status"
+            # ready: the overall status (a worker's waits for its models); alive: the `liveness` service
+            wanted = "" if kind == "readinessProbe" else LIVENESS
+            assert probe["grpc"].get("service", "") == wanted, f"{name} {kind}: health service {wanted!r}"
     # Liveness may not give up before a drain could finish.
     live = probes["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] >= 20

@@ -97,6 +97,33 @@ async def test_unknown_and_failed_models(gated: ModelTable) -> None:
     assert gated.unload("other") == registry_pb2.ModelStatus(name="other")
 
 
+async def test_not_loaded_names_the_models_placed_here_that_are_loading_or_failed(gated: ModelTable) -> None:
+    """The worker's readiness (its gRPC health): "" only when every model placed here is READY."""
+    assert gated.not_loaded() == ""  # none placed
+    gated.load(cfg())
+    assert gated.not_loaded() == "loading: m"
+    gated.load(modelconfig.parse({**_other("x"), "options": {"fail": "no file"}}))
+    for _ in range(200):  # x fails at once; m waits for its gate
+        if state(gated, "x")[0] == S.FAILED:
+            break
+        await asyncio.sleep(0.005)
+    assert gated.not_loaded() == "loading: m; failed: x"
+    open_gate("1")
+    await gated.settle()
+    assert gated.not_loaded() == "failed: x"
+    gated.unload("x")
+    await gated.settle()
+    assert gated.not_loaded() == ""
+
+
+def _other(name: str) -> dict[str, object]:
+    return {
+        "name": name, "engine": "delay", "version": "9",
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+    }
+
+
 async def test_reload_keeps_the_old_version_serving_until_the_new_one_is_ready(gated: ModelTable) -> None:
     open_gate("1")
     await gated.load_now(cfg("1"))

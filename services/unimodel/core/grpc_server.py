@@ -76,6 +76,15 @@ def maps_errors(method: F) -> F:
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps method's signature; mypy cannot see it is F
 
 
+LIVENESS = "liveness"
+"""gRPC health service name that says whether the process is alive (Kubernetes' livenessProbe and startupProbe
+ask for it: `grpc: {port, service: liveness}`); the overall status ("") says whether it is ready."""
+
+
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 class GrpcServer:
     """A service's gRPC server: health, reflection and the servicers `add`ed to it.
 
@@ -142,10 +151,12 @@ class GrpcServer:
         await self.set_serving(False)
         return self.port
 
-    async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    async def set_serving(self, serving: bool, *, live: bool | None = None) -> None:
+        """Readiness: the overall status ("") and every service's. `live` (default: the same): LIVENESS's, which a
+        process keeps SERVING while it runs, even while it is not ready (a worker loading its models)."""
         for name in ("", *self._service_names):
-            await self.health.set(name, status)
+            await self.health.set(name, _status(serving))
+        await self.health.set(LIVENESS, _status(serving if live is None else live))
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()

@@ -73,6 +73,10 @@ class Service:
         self._stop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._fatal: BaseException | None = None
+        self._health_wanted: bool | None = None  # readiness to publish (None: not started)
+        self._health_published: bool | None = None
+        self._health_gap = ""
+        self._health_task: asyncio.Task[None] | None = None
 
     # hooks for subclasses -----------------------------------------------------------------------
     def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -82,6 +86,12 @@ class Service:
 
     async def on_start(self) -> None:
         """Subscribe, start discovery, load engines. NATS is connected; etcd may not be yet."""
+
+    def readiness_gap(self) -> str:
+        """Why this instance is not ready for requests yet ("" when it is): its gRPC health status, which
+        Kubernetes' readinessProbe reads. Ready once started, unless a service says otherwise (a worker: while
+        the models placed on it are not loaded). A service calls `refresh_health()` when the answer may change."""
+        return ""
 
     async def on_drain(self, timeout_s: float) -> None:
         """Finish service-specific in-flight work (bus handlers are drained by the base class)."""
@@ -151,8 +161,36 @@ class Service:
             self.store, key, self.instance_info().SerializeToString(), self.settings.lease_ttl_s
         )
         self.registration.start()
-        await self.grpc.set_serving(True)
+        self.refresh_health()
+        if self._health_task is not None:
+            await self._health_task
         self.log.info("%s ready", self.id)
+
+    def refresh_health(self) -> None:
+        """Publish the instance's readiness (readiness_gap) to its gRPC health service, once started and until
+        it stops; liveness stays SERVING meanwhile. Updates are applied in order by one task."""
+        if self._stop_requested.is_set() or self.registration is None:
+            return
+        gap = self.readiness_gap()
+        if gap != self._health_gap and (gap or self._health_wanted is not None):  # a change (or not ready at start)
+            self.log.info("%s: gRPC health %s", self.id, f"NOT_SERVING ({gap})" if gap else "SERVING")
+        self._health_gap = gap
+        self._health_wanted = not gap
+        if self._health_task is None or self._health_task.done():
+            self._health_task = asyncio.get_running_loop().create_task(self._publish_health())
+
+    async def _health_settled(self) -> None:
+        task = self._health_task
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+
+    async def _publish_health(self) -> None:
+        while self._health_wanted is not None and self._health_published != self._health_wanted:
+            if self._stop_requested.is_set():
+                return
+            wanted = self._health_wanted
+            await self.grpc.set_serving(wanted, live=True)
+            self._health_published = wanted
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -166,6 +204,7 @@ class Service:
         self._stop_requested.set()
         timeout = self.settings.drain_timeout_s
         self.log.info("stopping %s (drain up to %.0fs)", self.id, timeout)
+        await self._quietly(self._health_settled(), "health")  # an update in progress must not undo this one
         await self._quietly(self.grpc.set_serving(False), "health")
         if self.registration is not None:
             await self._quietly(self.registration.leave(), "leave etcd")

@@ -276,6 +276,14 @@ class ModelTable:
     def ready(self) -> list[str]:
         return sorted(name for name, e in self._entries.items() if e.state == READY and e.current is not None)
 
+    def not_loaded(self) -> str:
+        """"" when every model placed here is READY (one being unloaded no longer counts), else which are
+        loading or failed, e.g. "loading: a, b; failed: c"."""
+        loading = sorted(n for n, e in self._entries.items() if e.state == LOADING)
+        failed = sorted(n for n, e in self._entries.items() if e.state == FAILED)
+        parts = [f"{what}: {', '.join(names)}" for what, names in (("loading", loading), ("failed", failed)) if names]
+        return "; ".join(parts)
+
     def pinned(self) -> list[str]:
         return sorted(name for name, e in self._entries.items() if e.pinned)
 

@@ -115,6 +115,11 @@ class WorkerService(Service):
     def _models_changed(self) -> None:
         self._reported = self.models.inflight()
         self.update_registration()
+        self.refresh_health()
+
+    def readiness_gap(self) -> str:
+        """Ready when every model placed here is loaded (or none is): "" or which are not."""
+        return self.models.not_loaded()
 
     async def _report_inflight(self) -> None:
         period = inflight_report_s(self.settings.lease_ttl_s)
