@@ -67,6 +67,9 @@ class KServeDouble:
     def configs(self) -> dict[str, model_pb2.ModelConfig]:
         return self.configs_by_name
 
+    async def cluster_model_stats(self) -> ModelStatistics:
+        return self.model_stats  # one gateway: its own (the cluster's sum is tested in test_cluster_stats.py)
+
     def model_ready(self, name: str) -> bool:
         return name in self.ready_models
 

@@ -153,6 +153,9 @@ WORKER_INFER_ALL = worker_infer(ANY_INSTANCE)
 WORKER_CONTROL_ALL = worker_control(ANY_INSTANCE)
 ALIVE_ALL = alive(ANY_INSTANCE)
 CACHE_ALL = f"{ROOT}.cache.*"
+GATEWAY_STATS = f"{ROOT}.stats.gateway"
+"""KServe model statistics: every gateway answers a request here with its own; the gateway asked for statistics
+gathers them all (gateway/kserve/cluster_stats.py)."""
 BLOBS_ALL = f"{blobs(ANY_INSTANCE)}.*"
 """Every instance's held payloads: a gateway fetches a worker's big answer, a worker a gateway's big request
 (each payload's subject ends in 128 random bits only the services on its request's path see)."""
@@ -198,8 +201,11 @@ def permissions(kind: str, instance_id: str = ANY_INSTANCE) -> Permissions:
         )
     table = {
         "gateway": Permissions(
-            publish=(BATCH_ALL, BUNDLE_ALL, CACHE_QUERY, CACHE_INSERT, CACHE_REMOVE, CACHE_LOG, ABORT, ALIVE_ALL, BLOBS_ALL),
-            subscribe=(f"{replies(instance_id)}.*", f"{blobs(instance_id)}.*", *own),
+            publish=(
+                BATCH_ALL, BUNDLE_ALL, CACHE_QUERY, CACHE_INSERT, CACHE_REMOVE, CACHE_LOG, ABORT, ALIVE_ALL, BLOBS_ALL,
+                GATEWAY_STATS,
+            ),
+            subscribe=(f"{replies(instance_id)}.*", f"{blobs(instance_id)}.*", GATEWAY_STATS, *own),
         ),
         # batches to routers (and liveness probes of routers that hold one); an item it cannot queue is
         # answered at its caller's inbox

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from unimodel.gateway.metrics import GatewayMetrics
     from unimodel.gateway.rate_limits import RateLimiter
     from unimodel.gateway.settings import GatewaySettings
-    from unimodel.gateway.statistics import ModelStatistics, ReplyTimes
+    from unimodel.gateway.statistics import ModelStatistics, ReplyTimes, StatsView
     from unimodel.v1 import generate_pb2, inference_pb2, model_pb2
 
 
@@ -78,6 +78,8 @@ class Predictor(AnswerPorts, Protocol):
 class TensorInference(AnswerPorts, Protocol):
     @property
     def model_stats(self) -> ModelStatistics: ...
+
+    async def cluster_model_stats(self) -> StatsView: ...
 
     async def infer(
         self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str = "http"

@@ -31,11 +31,12 @@ from unimodel.gateway.big_bodies import BodyCodec
 from unimodel.gateway.cache_client import CacheClient
 from unimodel.gateway.generation_stream import MOVED, Generation, Reopen
 from unimodel.gateway.http_protocol import CoalescingHttpToolsProtocol
+from unimodel.gateway.kserve.cluster_stats import ClusterStatistics
 from unimodel.gateway.kserve.codec import check_inputs
 from unimodel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from unimodel.gateway.rate_limits import GrpcRateLimitInterceptor, RateLimiter
 from unimodel.gateway.settings import GatewaySettings
-from unimodel.gateway.statistics import ModelStatistics, ReplyTimes
+from unimodel.gateway.statistics import ModelStatistics, ReplyTimes, StatsView
 from unimodel.gateway.stream_watch import StreamWatch
 from unimodel.gateway.traces import GrpcTracingInterceptor
 from unimodel.v1 import generate_pb2, inference_pb2, model_pb2, registry_pb2
@@ -104,6 +105,9 @@ class GatewayService(Service):
         self.bus.on_reconnect = self._bus_reconnected
         self.stats = GatewayMetrics(self.metrics.registry)
         self.model_stats = ModelStatistics()  # KServe v2 model statistics
+        self.cluster_stats = ClusterStatistics(  # ... added up over every gateway (kserve/cluster_stats.py)
+            self.bus, self.model_stats, lambda: catalog.kinds_present(self.instances.items).get("gateway", 0)
+        )
         http = compose_http(self)
         self.api = http.api  # every documented route, OpenAPI
         self.app = http.app  # what uvicorn serves
@@ -270,6 +274,10 @@ class GatewayService(Service):
             )
             result, times = await render(answer)
             return result
+
+    async def cluster_model_stats(self) -> StatsView:
+        """KServe statistics added up over every gateway of the cluster (kserve/cluster_stats.py)."""
+        return await self.cluster_stats.gather()
 
     async def answer_read(self, ref: inference_pb2.BlobRef) -> None:
         """The answer `ref` (from predict_encoded) was read from its memory file: its worker may let it go."""
@@ -511,6 +519,7 @@ class GatewayService(Service):
             )
         await self.replies.start()
         await self.blobs.start()
+        await self.cluster_stats.start()
         self.spawn(self._watch_streams(), "watch streams")
         self.spawn(self._watch_paths(), "watch batchers and routers")
         self.instances.start()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 
 def _now_ms() -> int:
@@ -91,6 +91,52 @@ class _Model:
 
 
 EMPTY = ModelSnapshot()
+
+
+def _sum(a: Duration, b: Duration) -> Duration:
+    return Duration(a.count + b.count, a.ns + b.ns)
+
+
+def combine(a: ModelSnapshot, b: ModelSnapshot) -> ModelSnapshot:
+    """The statistics of one model on two gateways, added up (batch sizes matched; the latest inference)."""
+    sizes: dict[int, BatchSnapshot] = {x.batch_size: x for x in a.batches}
+    for x in b.batches:
+        y = sizes.get(x.batch_size)
+        sizes[x.batch_size] = x if y is None else BatchSnapshot(
+            x.batch_size, _sum(x.compute_input, y.compute_input), _sum(x.compute_infer, y.compute_infer),
+            _sum(x.compute_output, y.compute_output),
+        )
+    return ModelSnapshot(
+        last_inference_ms=max(a.last_inference_ms, b.last_inference_ms),
+        inference_count=a.inference_count + b.inference_count,
+        execution_count=a.execution_count + b.execution_count,
+        success=_sum(a.success, b.success), fail=_sum(a.fail, b.fail), queue=_sum(a.queue, b.queue),
+        compute_input=_sum(a.compute_input, b.compute_input), compute_infer=_sum(a.compute_infer, b.compute_infer),
+        compute_output=_sum(a.compute_output, b.compute_output),
+        batches=tuple(sizes[k] for k in sorted(sizes)),
+    )
+
+
+class StatsView(Protocol):
+    """Model statistics to answer from: one gateway's (ModelStatistics) or the cluster's (kserve/cluster_stats.py)."""
+
+    def snapshot(self, model: str) -> ModelSnapshot: ...
+    def models(self) -> list[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MergedStats:
+    """Snapshots added up over gateways: `answered` of the `expected` gateways answered."""
+
+    by_model: dict[str, ModelSnapshot]
+    answered: int = 1
+    expected: int = 1
+
+    def snapshot(self, model: str) -> ModelSnapshot:
+        return self.by_model.get(model, EMPTY)
+
+    def models(self) -> list[str]:
+        return sorted(self.by_model)
 
 
 class ReplyTimes(NamedTuple):

@@ -10,7 +10,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from unimodel.core import errors
-from unimodel.gateway.statistics import Duration, ModelSnapshot
+from unimodel.gateway.statistics import BatchSnapshot, Duration, ModelSnapshot
 from unimodel.v1 import model_pb2
 
 SERVER_NAME = "unimodel"
@@ -167,6 +167,25 @@ def statistics_entry(name: str, version: str, snap: ModelSnapshot) -> dict[str, 
         ],
         "memory_usage": [],
     }
+
+
+def _duration_of(d: service_pb2.StatisticDuration) -> Duration:
+    return Duration(d.count, d.ns)
+
+
+def snapshot_of(entry: service_pb2.ModelStatistics) -> ModelSnapshot:
+    """statistics_entry read back (another gateway's, kserve/cluster_stats.py)."""
+    stats = entry.inference_stats
+    return ModelSnapshot(
+        last_inference_ms=entry.last_inference, inference_count=entry.inference_count,
+        execution_count=entry.execution_count, success=_duration_of(stats.success), fail=_duration_of(stats.fail),
+        queue=_duration_of(stats.queue), compute_input=_duration_of(stats.compute_input),
+        compute_infer=_duration_of(stats.compute_infer), compute_output=_duration_of(stats.compute_output),
+        batches=tuple(
+            BatchSnapshot(b.batch_size, _duration_of(b.compute_input), _duration_of(b.compute_infer), _duration_of(b.compute_output))
+            for b in entry.batch_stats
+        ),
+    )
 
 
 def statistics_document(entries: list[dict[str, Any]]) -> dict[str, Any]:

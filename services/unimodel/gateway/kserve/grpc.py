@@ -104,6 +104,7 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: service_pb2.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ModelStatisticsResponse:
         gw = self.gw
+        stats = await gw.cluster_model_stats()  # every gateway's, added up (cluster_stats.py)
         configs = gw.configs()
         if request.name:
             _check_name(request.name)
@@ -113,10 +114,8 @@ class KServeGrpcApi(service_pb2_grpc.GRPCInferenceServiceServicer):
             documents.check_version(config, request.name, request.version)
             names = [request.name]
         else:
-            names = sorted(set(configs) | {m for m in gw.model_stats.models() if gw.model_ready(m)})
-        entries = [
-            documents.statistics_entry(n, documents.model_version(configs.get(n)), gw.model_stats.snapshot(n)) for n in names
-        ]
+            names = sorted(set(configs) | {m for m in stats.models() if gw.model_ready(m)})
+        entries = [documents.statistics_entry(n, documents.model_version(configs.get(n)), stats.snapshot(n)) for n in names]
         return documents.statistics_proto(entries)
 
     # inference -------------------------------------------------------------------------------------

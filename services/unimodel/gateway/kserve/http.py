@@ -39,6 +39,7 @@ from unimodel.gateway.kserve import big_infer, codec, documents
 from unimodel.gateway.kserve.errors import JSON, Headers, error_response, error_result, response
 from unimodel.gateway.ports import KServePorts
 from unimodel.gateway.spool import SpooledBody
+from unimodel.gateway.statistics import StatsView
 from unimodel.v1 import inference_pb2, model_pb2
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,8 @@ _INFER_ERRORS: dict[int | str, dict[str, Any]] = {
 # routes ---------------------------------------------------------------------------------------------
 
 
-def _model_entries(gw: KServePorts, model: str, version: str) -> list[dict[str, Any]]:
+def _model_entries(gw: KServePorts, stats: StatsView, model: str, version: str) -> list[dict[str, Any]]:
+    """Triton's statistics entries of `model` (every model: "") from `stats` (the cluster's)."""
     configs = gw.configs()
     if model:
         _check_name(model)
@@ -298,11 +300,8 @@ def _model_entries(gw: KServePorts, model: str, version: str) -> list[dict[str, 
         documents.check_version(config, model, version)
         names = [model]
     else:
-        names = sorted(set(configs) | {m for m in gw.model_stats.models() if gw.model_ready(m)})
-    return [
-        documents.statistics_entry(name, documents.model_version(configs.get(name)), gw.model_stats.snapshot(name))
-        for name in names
-    ]
+        names = sorted(set(configs) | {m for m in stats.models() if gw.model_ready(m)})
+    return [documents.statistics_entry(name, documents.model_version(configs.get(name)), stats.snapshot(name)) for name in names]
 
 
 def _metadata(gw: KServePorts, model: str, version: str) -> dict[str, Any]:
@@ -375,7 +374,8 @@ def register_kserve_routes(app: FastAPI, gw: KServePorts) -> None:
         responses=_ERRORS,
     )
     async def kserve_all_stats() -> Response:
-        return guarded(lambda: _json(200, documents.statistics_document(_model_entries(gw, "", ""))))
+        stats = await gw.cluster_model_stats()
+        return guarded(lambda: _json(200, documents.statistics_document(_model_entries(gw, stats, "", ""))))
 
     def per_model(
         suffix: str, name: str, summary: str, build: Callable[[str, str, Principal], Response], **kw: Any
@@ -395,11 +395,16 @@ def register_kserve_routes(app: FastAPI, gw: KServePorts) -> None:
         ):
             app.add_api_route(path, endpoint, methods=["GET"], name=label, summary=summary, tags=tags, **kw)
 
-    per_model(
-        "/stats", "kserve_model_stats", "Statistics of one model (Triton's format)",
-        lambda m, v, _caller: _json(200, documents.statistics_document(_model_entries(gw, m, v))),
-        response_model=ModelStatistics, responses=_ERRORS,
-    )
+    async def model_stats(request: Request, model: str, version: str = "") -> Response:
+        stats = await gw.cluster_model_stats()
+        return guarded(lambda: _json(200, documents.statistics_document(_model_entries(gw, stats, model, version))))
+
+    for path, label in (("/v2/models/{model:path}/versions/{version}/stats", "kserve_model_stats_version"),
+                        ("/v2/models/{model:path}/stats", "kserve_model_stats")):  # versioned first: {model:path} is greedy
+        app.add_api_route(
+            path, model_stats, methods=["GET"], name=label, summary="Statistics of one model (Triton's format)", tags=tags,
+            response_model=ModelStatistics, responses=_ERRORS,
+        )
     per_model(
         "/ready", "kserve_model_ready", "200 when the model is served, 400 while it loads, 404 when unknown",
         lambda m, v, _caller: _json(*_model_ready(gw, m, v)),
