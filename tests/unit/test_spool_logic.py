@@ -380,7 +380,7 @@ async def test_a_helper_that_dies_is_internal_and_the_next_call_gets_a_new_pool(
 
 async def test_a_cancelled_call_unlinks_the_file_its_helper_writes_later(codec: big_bodies.BodyCodec) -> None:
     await codec.warm()
-    task = asyncio.create_task(codec.run_to_file(slow_write, 0.5, what="item", need=10))
+    task = asyncio.create_task(codec.run_to_file(slow_write, 3.0, what="item", need=10))  # 3 s: room on a loaded host
     await asyncio.sleep(0.2)  # the helper is sleeping now
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
