@@ -8,7 +8,7 @@ import dataclasses
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 import uvicorn
@@ -243,10 +243,7 @@ class GatewayService(Service):
         worker's memory file comes as its BlobRef (the caller reads it, then calls `answer_read`)."""
         with self._observing(api, model):
             self.require_ready(model)
-            return await self.replies.request_item(
-                subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s,
-                bundle_subject=subjects.bundle(model), local_answer=True,
-            )
+            return await self._send(model, item, ctx, local_answer=True)
 
     async def infer_encoded(
         self, model: str, item: Encoded, rows: int, ctx: RequestContext,
@@ -256,24 +253,23 @@ class GatewayService(Service):
         body, in the helper processes: kserve/big_infer.py): the worker's answer goes to `render` (which reads
         it off the event loop too) and its result is returned; records the metrics and model statistics."""
         times: ReplyTimes | None = None
-
-        def statistics(outcome: Outcome) -> None:
-            if model in self._models:
-                elapsed_ns = int((time.perf_counter() - outcome.started) * 1e9)
-                if times is not None:
-                    self.model_stats.record(model, True, elapsed_ns, rows or 1, queue_ns=times.queue_ns,
-                                            compute_ns=times.compute_ns, batch_rows=times.batch_rows)
-                else:
-                    self.model_stats.record(model, outcome.code == "OK", elapsed_ns, rows or 1)
-
-        with self._observing(api, model, statistics):
+        with self._observing(api, model, lambda outcome: self._record_model_stats(model, outcome, rows, times)):
             self.require_ready(model)
-            answer = await self.replies.request_item(
-                subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s,
-                bundle_subject=subjects.bundle(model), local_answer=True,
-            )
-            result, times = await render(answer)
+            result, times = await render(await self._send(model, item, ctx, local_answer=True))
             return result
+
+    def _record_model_stats(self, model: str, outcome: Outcome, rows: int, times: ReplyTimes | None) -> None:
+        """KServe statistics of one tensor request: a success with the worker's times (`times`), else its outcome."""
+        if model not in self._models:
+            return
+        elapsed_ns = int((time.perf_counter() - outcome.started) * 1e9)
+        if times is not None:
+            self.model_stats.record(
+                model, True, elapsed_ns, rows or 1, queue_ns=times.queue_ns, compute_ns=times.compute_ns,
+                batch_rows=times.batch_rows,
+            )
+        else:
+            self.model_stats.record(model, outcome.code == "OK", elapsed_ns, rows or 1)
 
     async def cluster_model_stats(self) -> StatsView:
         """KServe statistics added up over every gateway of the cluster (kserve/cluster_stats.py)."""
@@ -315,16 +311,9 @@ class GatewayService(Service):
         reply = None
 
         def statistics(outcome: Outcome) -> None:
-            if not (tensors and model in self._models):
-                return
-            elapsed_ns = int((time.perf_counter() - outcome.started) * 1e9)
-            if isinstance(reply, inference_pb2.InferResponse):  # the worker's queue and compute times
-                self.model_stats.record(
-                    model, True, elapsed_ns, item.rows or 1,
-                    queue_ns=reply.queue_ns, compute_ns=reply.compute_ns, batch_rows=reply.batch_rows,
-                )
-            else:
-                self.model_stats.record(model, outcome.code == "OK", elapsed_ns, item.rows or 1)
+            if tensors:  # with the worker's queue and compute times once its answer is in
+                times = ReplyTimes(reply.queue_ns, reply.compute_ns, reply.batch_rows) if isinstance(reply, inference_pb2.InferResponse) else None
+                self._record_model_stats(model, outcome, item.rows, times)
 
         with self._observing(api, model, statistics):
             self.require_ready(model)
@@ -498,9 +487,23 @@ class GatewayService(Service):
         )
         await self.bus.publish(subjects.ABORT, abort.SerializeToString())
 
-    async def _send(self, model: str, item: inference_pb2.BatchItem | Encoded, ctx: RequestContext) -> Encoded:
+    @overload
+    async def _send(
+        self, model: str, item: inference_pb2.BatchItem | Encoded, ctx: RequestContext, *, local_answer: Literal[False] = False
+    ) -> Encoded: ...
+
+    @overload
+    async def _send(
+        self, model: str, item: inference_pb2.BatchItem | Encoded, ctx: RequestContext, *, local_answer: bool
+    ) -> Encoded | inference_pb2.BlobRef: ...
+
+    async def _send(
+        self, model: str, item: inference_pb2.BatchItem | Encoded, ctx: RequestContext, *, local_answer: bool = False
+    ) -> Encoded | inference_pb2.BlobRef:
+        """The item to the model's batcher, and its worker's answer (ReplyMux.request_item, `local_answer` too)."""
         return await self.replies.request_item(
-            subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s, bundle_subject=subjects.bundle(model)
+            subjects.batch(model), item, ctx, timeout_s=self.settings.request_timeout_s,
+            bundle_subject=subjects.bundle(model), local_answer=local_answer,
         )
 
     def _observe(self, api: str, model: str, code: str, started: float) -> None:
