@@ -37,26 +37,22 @@ closes it on release, and the kernel when the owner dies; a reader's mapping kee
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import mmap
 import os
 import re
 import struct
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from unimodel.core import errors, payload_limits, subjects
-from unimodel.core.bulk_threads import bulk_executor
+from unimodel.core.bulk_threads import BulkPool, write_all
 from unimodel.core.bus import CONNECTION_ERRORS, Bus, error_from_headers
 from unimodel.v1 import inference_pb2
 
@@ -75,18 +71,10 @@ T = TypeVar("T")
 Payload = bytearray | memoryview
 """A fetched payload: a buffer filled from chunks, or a read-only view of the owner's memory file."""
 
-_io: ThreadPoolExecutor | None = None
-_io_lock = threading.Lock()
-
-
-def _submit(fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
-    """`fn(*args)` in this module's threads: writing, mapping and freeing memory files (system calls that let go
-    of the GIL: 10-40 ms each for 60 MB, none of it on an event loop)."""
-    global _io
-    with _io_lock:
-        if _io is None:
-            _io = bulk_executor("unimodel-blobs")
-    return _io.submit(fn, *args)
+_io = BulkPool("unimodel-blobs")
+"""Writing, mapping and freeing memory files: system calls that let go of the GIL (10-40 ms each for 60 MB),
+none of them on an event loop."""
+_submit = _io.submit
 
 
 def _memory_file(token: str, views: list[memoryview]) -> int:
@@ -94,9 +82,7 @@ def _memory_file(token: str, views: list[memoryview]) -> int:
     fd = os.memfd_create(LOCAL_NAME + token, os.MFD_CLOEXEC)
     try:
         for view in views:
-            done = 0
-            while done < view.nbytes:
-                done += os.write(fd, view[done:])
+            write_all(fd, view)
     except BaseException:
         os.close(fd)
         raise

@@ -28,15 +28,13 @@ import mmap
 import os
 import secrets
 import tempfile
-import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from unimodel.core import errors
-from unimodel.core.bulk_threads import bulk_executor
+from unimodel.core.bulk_threads import BulkPool, write_all
 
 PREFIX = "unimodel-"
 SHM = "/dev/shm"
@@ -48,19 +46,14 @@ HEADROOM = 64 * 1024 * 1024
 Buffer = bytes | bytearray | memoryview
 T = TypeVar("T")
 
-_io: ThreadPoolExecutor | None = None
-_io_lock = threading.RLock()  # a finalizer (discard_soon) may run while it is held
+_io = BulkPool("unimodel-spool")
 _pending: set[concurrent.futures.Future[Any]] = set()
 
 
 def _submit(fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
-    """`fn(*args)` in the spool's threads (file system work that lets go of the GIL)."""
-    global _io
-    with _io_lock:
-        if _io is None:
-            _io = bulk_executor("unimodel-spool")
-        future = _io.submit(fn, *args)
-        _pending.add(future)
+    """`fn(*args)` in the spool's threads (file system work that lets go of the GIL), counted until done."""
+    future = _io.submit(fn, *args)
+    _pending.add(future)
     future.add_done_callback(_pending.discard)
     return future
 
@@ -112,11 +105,7 @@ def write_file(path: str, data: Buffer) -> int:
     except OSError as exc:
         raise no_room(path, exc) from None
     try:
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done:])
-        return done
+        return write_all(fd, data)
     except OSError as exc:
         discard(path)
         raise no_room(path, exc) from None
@@ -215,15 +204,11 @@ class SpooledBody:
         """Append `data` (one network chunk, or a slice of at most WRITE_SLICE bytes)."""
         if self._fd is None:
             raise ValueError("the body is finished")
-        view = memoryview(data).cast("B")
         try:
-            done = 0
-            while done < len(view):
-                done += os.write(self._fd, view[done:])
+            self.size += write_all(self._fd, data)
         except OSError as exc:
             self.close()
             raise no_room(self.path, exc) from None
-        self.size += done
 
     def finish(self) -> SpooledBody:
         if self._fd is not None:
