@@ -73,9 +73,8 @@ class Service:
         self._stop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._fatal: BaseException | None = None
-        self._health_wanted: bool | None = None  # readiness to publish (None: not started)
+        self._health_gap: str | None = None  # readiness_gap() as last seen (None: not started); "" is ready
         self._health_published: bool | None = None
-        self._health_gap = ""
         self._health_task: asyncio.Task[None] | None = None
 
     # hooks for subclasses -----------------------------------------------------------------------
@@ -172,10 +171,9 @@ class Service:
         if self._stop_requested.is_set() or self.registration is None:
             return
         gap = self.readiness_gap()
-        if gap != self._health_gap and (gap or self._health_wanted is not None):  # a change (or not ready at start)
+        if gap != self._health_gap and (gap or self._health_gap is not None):  # a change (or not ready at start)
             self.log.info("%s: gRPC health %s", self.id, f"NOT_SERVING ({gap})" if gap else "SERVING")
         self._health_gap = gap
-        self._health_wanted = not gap
         if self._health_task is None or self._health_task.done():
             self._health_task = asyncio.get_running_loop().create_task(self._publish_health())
 
@@ -185,10 +183,9 @@ class Service:
             await asyncio.wait([task])
 
     async def _publish_health(self) -> None:
-        while self._health_wanted is not None and self._health_published != self._health_wanted:
+        while self._health_gap is not None and self._health_published != (wanted := not self._health_gap):
             if self._stop_requested.is_set():
                 return
-            wanted = self._health_wanted
             await self.grpc.set_serving(wanted, live=True)
             self._health_published = wanted
 
