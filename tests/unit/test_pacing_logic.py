@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 import pytest
 
+from helpers.loop_ticks import ticks_during
 from unimodel.gateway.http_context import read_body_spooled
 from unimodel.gateway.pacing import BURST, Pacer
 from unimodel.gateway.spool import SpooledBody
@@ -35,17 +35,7 @@ async def test_past_the_burst_a_transfer_keeps_to_its_rate() -> None:
 
 
 async def test_others_run_between_the_steps_of_a_paced_transfer() -> None:
-    ticks = 0
-
-    async def other() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(other())
-    await move(Pacer(0), 1 * MiB, 64 * 1024)  # unpaced still yields at each step
-    task.cancel()
+    _, ticks = await ticks_during(move(Pacer(0), 1 * MiB, 64 * 1024))  # unpaced still yields at each step
     assert ticks >= 16
 
 

@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers.loop_ticks import ticks_during
 from unimodel.core import errors, modelconfig
 from unimodel.v1 import model_pb2
 from unimodel.worker.engines import available_engines, create_engine
@@ -223,17 +224,7 @@ async def test_onnx_engine_runs_off_the_event_loop_with_one_session_per_instance
     try:
         assert engine._sessions is not None and engine._sessions.qsize() == 2
         x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0)
-
-        t = asyncio.create_task(ticker())
-        outs = await asyncio.gather(*(engine.infer({"INPUT0": x}, ["OUTPUT0", "SUM0"]) for _ in range(8)))
-        t.cancel()
+        outs, ticks = await ticks_during(asyncio.gather(*(engine.infer({"INPUT0": x}, ["OUTPUT0", "SUM0"]) for _ in range(8))))
         for out in outs:
             np.testing.assert_allclose(out["OUTPUT0"], mlp_reference(x, weights), rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(out["SUM0"][:, 0], x.sum(axis=1), rtol=1e-5)
