@@ -62,7 +62,8 @@ class EchoCluster:
     an echo worker does (predict: the input; infer: each input tensor as an output)."""
 
     async def request_item(
-        self, subject: str, item: inference_pb2.BatchItem, ctx: RequestContext, *, timeout_s: float, bundle_subject: str = ""
+        self, subject: str, item: inference_pb2.BatchItem, ctx: RequestContext, *, timeout_s: float, bundle_subject: str = "",
+        local_answer: bool = False,  # answers here are small: always bytes, as ReplyMux gives them
     ) -> bytes:
         model = subject.rsplit(".", 1)[-1]
         if item.HasField("input"):
