@@ -394,10 +394,17 @@ async def test_raising_max_inflight_sends_queued_work_at_once() -> None:
     s.set_max_inflight(3)  # the router's ack says the model's instances run 3 batches at once
     await asyncio.sleep(0.01)
     assert rec.batches == [[0], [1], [2]] and s.inflight == 3
-    s.set_max_inflight(0)  # never below one
-    assert s.max_inflight == 1
+    s.set_max_inflight(0)  # not this batcher's turn (core/capacity_shares.py): nothing new goes
+    assert s.max_inflight == 0
     rec.gate.set()
+    await asyncio.sleep(0.01)
+    assert s.inflight == 0
+    s.submit(item(3))
+    await asyncio.sleep(0.01)
+    assert rec.batches == [[0], [1], [2]] and len(s.queue) == 1  # held until the limit rises
+    s.set_max_inflight(1)
     await settle(s)
+    assert rec.batches == [[0], [1], [2], [3]]
 
 
 async def test_a_request_that_expires_while_queued_is_answered_when_it_expires() -> None:
@@ -572,9 +579,30 @@ async def test_batcher_keeps_as_many_batches_in_flight_as_the_instances_run() ->
     single = service._open(subjects.batch("single"))
     assert mlp.scheduler.max_inflight == 1  # until the router's first ack
     assert single.scheduler.max_inflight == 16  # one row per batch: nothing to fill, overlap the hops
-    service._capacity["mlp"] = 3
-    assert service._inflight_cap("mlp", mlp.scheduler.queue.policy) == 3
-    service._capacity["mlp"] = 40
-    assert service._inflight_cap("mlp", mlp.scheduler.queue.policy) == 16  # bounded by max_inflight_batches
+    from unimodel.v1 import inference_pb2
+
+    def ack(capacity: int, batchers: int = 0, rank: int = 0) -> inference_pb2.BatchAck:
+        return inference_pb2.BatchAck(capacity=capacity, batchers=batchers, batcher_rank=rank)
+
+    service._learn_shares(mlp, ack(3))  # a router that names no batchers: the whole capacity
+    assert mlp.scheduler.max_inflight == 3
+    service._learn_shares(mlp, ack(40))
+    assert mlp.scheduler.max_inflight == 16  # bounded by max_inflight_batches
+    service._learn_shares(mlp, ack(7, batchers=3, rank=0))  # 7 slots over 3 batchers: 3, 2, 2
+    assert mlp.scheduler.max_inflight == 3 and mlp.turn is None
+    service._learn_shares(mlp, ack(7, batchers=3, rank=2))
+    assert mlp.scheduler.max_inflight == 2
+    service._learn_shares(mlp, ack(0))  # no instance known right now: the last shares stay
+    assert mlp.scheduler.max_inflight == 2
+    service.queues[mlp.subject] = mlp
+    service._learn_shares(mlp, ack(1, batchers=3, rank=1))  # fewer slots than batchers: turns
+    assert mlp.scheduler.max_inflight in (0, 1) and mlp.turn is not None
+    seen = set()
+    for _ in range(8):  # a turn is 50 ms: within 3 turns this batcher has had the slot and lost it
+        seen.add(mlp.scheduler.max_inflight)
+        await asyncio.sleep(0.05)
+    assert seen == {0, 1}
     for state in (mlp, single):
         state.scheduler.close()
+        if state.turn is not None:
+            state.turn.cancel()

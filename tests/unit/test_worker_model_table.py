@@ -223,3 +223,26 @@ def test_builtin_config() -> None:
     assert config.engine == "echo" and create_engine(config).takes_values
     with pytest.raises(errors.InvalidArgument, match="unknown built-in model"):
         builtin_config("nope")
+
+
+async def test_admit_refuses_a_batch_while_every_slot_of_a_batching_model_is_taken() -> None:
+    """The batchers share a model's slots; admit() keeps the limit exact while their views differ."""
+    Gated.gates, Gated.unloaded = {}, []
+    table = ModelTable(engine_factory=Gated, max_concurrent=2)
+    table.load(cfg())  # max_batch_size 4: a model that batches
+    table.load(modelconfig.parse({**_other("one"), "max_batch_size": 0}))  # one row per batch
+    open_gate("1")
+    open_gate("9")
+    await table.settle()
+    first, second = table.admit("m"), table.admit("m")
+    assert first is not None and second is not None and table.status("m").concurrency == 2
+    assert table.admit("m") is None  # both slots taken: refused, nothing counted
+    assert first.inflight == 2 and first.busy == 1 and first.peak == 2
+    table.release(second)
+    third = table.admit("m")
+    assert third is first and first.inflight == 2 and first.peak == 2
+    # a model of one row per batch is always admitted (its batches lose nothing by waiting here)
+    ones = [table.admit("one") for _ in range(5)]
+    assert all(o is not None for o in ones) and table.get("one").peak == 5  # type: ignore[union-attr]  # loaded above
+    with pytest.raises(errors.NotFound):
+        table.admit("missing")

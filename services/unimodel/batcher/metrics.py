@@ -62,7 +62,7 @@ class LoopHistogram:
 class ModelSeries:
     """The hot-path series of one model label."""
 
-    __slots__ = ("batch_rows", "queue_wait", "fill_ratio", "batches_ok", "batches_failed")
+    __slots__ = ("batch_rows", "queue_wait", "fill_ratio", "batches_ok", "batches_failed", "batches_busy")
 
     def __init__(self) -> None:
         self.batch_rows = LoopHistogram(BATCH_ROWS_BUCKETS)
@@ -70,6 +70,7 @@ class ModelSeries:
         self.fill_ratio = LoopHistogram(FILL_BUCKETS)
         self.batches_ok = 0
         self.batches_failed = 0
+        self.batches_busy = 0  # sends answered busy (every slot taken) and sent again
 
 
 class BatcherMetrics:
@@ -135,7 +136,8 @@ class _ScrapeCollector(Collector):
             ),
             batches=CounterMetricFamily(
                 "unimodel_batcher_batches",
-                "Batches dispatched to the router, by result (ok: acknowledged; failed: every request failed)",
+                "Batches dispatched to the router, by result (ok: acknowledged; failed: every request failed; busy: "
+                "every worker slot was taken, sent again)",
                 labels=["model", "result"],
             ),
         )
@@ -159,4 +161,5 @@ class _ScrapeCollector(Collector):
                 family.add_metric([label], hist.buckets(), hist.sum)
             f.batches.add_metric([label, "ok"], s.batches_ok)
             f.batches.add_metric([label, "failed"], s.batches_failed)
+            f.batches.add_metric([label, "busy"], s.batches_busy)
         yield from f

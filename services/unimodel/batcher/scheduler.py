@@ -77,8 +77,8 @@ class Scheduler(Generic[P]):
             self._arm(now)
 
     def set_max_inflight(self, n: int) -> None:
-        """Batches dispatched at once from now on (at least 1); a raise sends what may go now."""
-        n = max(1, n)
+        """Batches dispatched at once from now on (0: none until raised); a raise sends what may go now."""
+        n = max(0, n)
         raised = n > self.max_inflight
         self.max_inflight = n
         if raised and not self._soon and self.queue.count:
@@ -157,13 +157,13 @@ class Scheduler(Generic[P]):
         loop = self._loop
         end = loop.time() + timeout_s
         while not self.idle and loop.time() < end:
-            if self.queue.count and self.inflight < self.max_inflight:
+            if self.queue.count and self.inflight < max(1, self.max_inflight):
                 # windows no longer matter: send what is queued now
                 now = self.clock()
                 expired = self.queue.expire(now)
                 if expired:
                     self.reject(expired, errors.DeadlineExceeded("deadline exceeded while queued", model=self.model))
-                while self.inflight < self.max_inflight and self.queue.count:
+                while self.inflight < max(1, self.max_inflight) and self.queue.count:
                     self._start(self.queue.take(now))
             await asyncio.sleep(0.005)
         return self.idle

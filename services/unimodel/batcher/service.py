@@ -31,7 +31,7 @@ from unimodel.batcher.metrics import EXPIRED, INVALID, OTHER_MODEL, QUEUE_FULL, 
 from unimodel.batcher.queue import BatchPolicy, ModelQueue, Pending
 from unimodel.batcher.scheduler import Scheduler
 from unimodel.batcher.settings import BatcherSettings
-from unimodel.core import errors, modelconfig, path_watch, payload_limits, subjects, tracing
+from unimodel.core import capacity_shares, errors, modelconfig, path_watch, payload_limits, subjects, tracing
 from unimodel.core.bus import NoResponders
 from unimodel.core.context import RequestContext
 from unimodel.core.kinds import ROUTER
@@ -64,6 +64,19 @@ def _router_id(raw: bytes) -> str | None:
     return info.id if info.kind == ROUTER else None
 
 
+class Shares(NamedTuple):
+    """A router's last word on a model (BatchAck): its slots, the batchers sharing them, this one's rank."""
+
+    slots: int
+    batchers: int
+    rank: int
+
+
+BUSY_PAUSE_S = 0.001
+BUSY_PAUSE_MAX_S = 0.025
+"""A batch the workers answered busy is sent again after BUSY_PAUSE_S, doubling up to BUSY_PAUSE_MAX_S."""
+
+
 class Abandoned(Exception):
     """A generation batch's wait on a router that is gone ended; nobody is answered (the gateway re-sends)."""
 
@@ -87,6 +100,7 @@ class ModelState:
     label: str  # metrics label: the model's name when registered, else OTHER_MODEL
     series: ModelSeries
     scheduler: Scheduler[Item] = field(init=False)
+    turn: asyncio.TimerHandle | None = None  # the next turn of a model with fewer slots than batchers
 
 
 class BatcherService(Service):
@@ -112,7 +126,7 @@ class BatcherService(Service):
         # batch ids: this instance's random prefix and a counter (no urandom call per batch)
         self._batch_ids = (f"{uuid.uuid4().hex[:16]}{n:08x}" for n in itertools.count())
         self._replies: set[asyncio.Task[None]] = set()
-        self._capacity: dict[str, int] = {}  # model -> the router's last BatchAck.capacity
+        self._shares: dict[str, Shares] = {}  # model -> the router's last word on its slots and our rank
         self.generative: set[str] = set()  # registered text-generation models
         self.routers: Discovery[str] = Discovery(self.store, instances_prefix(settings.etcd_prefix), _router_id)
         self._routing: dict[asyncio.Task[object], float] = {}  # waits for a router's ack -> time.monotonic() sent
@@ -185,14 +199,44 @@ class BatcherService(Service):
         return state
 
     def _inflight_cap(self, model: str, policy: BatchPolicy) -> int:
-        """Batches of the model to keep in flight. A model that batches: as many as its instances run at
-        once (the router's last BatchAck.capacity; 1 until the first ack), so under load the next batch
-        fills while they are busy. A model that takes one row per batch gains nothing from waiting: up to
-        max_inflight_batches, so the hops of one request overlap another's execution."""
+        """Batches of the model to keep in flight. A model that batches: this batcher's share of the slots
+        of its instances (the batches they run at once, shared among the batchers: core/capacity_shares.py;
+        1 until the router's first ack), so under load the next batch fills while they are busy, and all
+        batchers together never send more than the slots. 0 while a model with fewer slots than batchers
+        waits for this batcher's turn. A generation batch is acked as soon as its sequences started: up to
+        the instances' sequence slots. A model that takes one row per batch gains nothing from waiting: up
+        to max_inflight_batches, so the hops of one request overlap another's execution."""
         limit = self.settings.max_inflight_batches
         if policy.max_rows <= 1:
             return limit
-        return min(self._capacity.get(model, 1), limit)
+        shares = self._shares.get(model)
+        if shares is None:
+            return 1
+        if model in self.generative:
+            return max(1, min(shares.slots, limit))
+        return min(capacity_shares.share(shares.slots, shares.batchers, shares.rank, time.time()), limit)
+
+    def _learn_shares(self, state: ModelState, ack: inference_pb2.BatchAck) -> None:
+        """Take the slots and rank of a router's ack, and apply this batcher's share from now on."""
+        if ack.capacity > 0:
+            self._shares[state.model] = Shares(ack.capacity, ack.batchers, ack.batcher_rank)
+        self._apply_share(state)
+
+    def _apply_share(self, state: ModelState) -> None:
+        """Set the model's in-flight limit to this batcher's share now; with fewer slots than batchers,
+        again at the next turn while the queue lives (one timer per model)."""
+        state.scheduler.set_max_inflight(self._inflight_cap(state.model, state.scheduler.queue.policy))
+        shares = self._shares.get(state.model)
+        if state.turn is not None or shares is None or state.model in self.generative:
+            return
+        now = time.time()
+        at = capacity_shares.next_turn(shares.slots, shares.batchers, now)
+        if at is not None and self.queues.get(state.subject) is state:
+            state.turn = asyncio.get_running_loop().call_later(at - now, self._next_turn, state)
+
+    def _next_turn(self, state: ModelState) -> None:
+        state.turn = None
+        self._apply_share(state)
 
     async def _on_item(self, msg: Msg, ctx: RequestContext) -> None:
         reply_to = msg.reply
@@ -315,7 +359,7 @@ class BatcherService(Service):
             span, ctx = self._trace_batch(state, batch, batch_id, rows, ctx)
             dispatched_ns = time.time_ns()
         try:
-            raw = await self._route(state.model, wire.batch_request(batch_id, state.model, self._path, parts, waits), ctx)
+            await self._send_admitted(state, wire.batch_request(batch_id, state.model, self._path, parts, waits), deadline, ctx)
         except Abandoned:
             series.batches_failed += 1
             if traced:
@@ -337,10 +381,27 @@ class BatcherService(Service):
             self._end_queue_spans(batch, batch_id, rows, waits, span, dispatched_ns)
             tracing.finish(span)
         series.batches_ok += 1
-        capacity = inference_pb2.BatchAck.FromString(raw).capacity
-        if capacity > 0:
-            self._capacity[state.model] = capacity
-        state.scheduler.set_max_inflight(self._inflight_cap(state.model, state.scheduler.queue.policy))
+
+    async def _send_admitted(self, state: ModelState, payload: bytes, deadline_ms: int, ctx: RequestContext) -> None:
+        """Send a batch until a worker takes it. Every ack brings the model's slots and this batcher's rank:
+        its share applies from now on. A busy ack (every instance's slots of the model were taken: the
+        batchers' views of their shares differed for a moment, core/capacity_shares.py; nothing ran) sends
+        the same batch again after a short pause, until its deadline."""
+        pause = BUSY_PAUSE_S
+        give_up = deadline_ms / 1000 if deadline_ms else time.time() + self.settings.request_timeout_s
+        while True:
+            ack = inference_pb2.BatchAck.FromString(await self._route(state.model, payload, ctx))
+            self._learn_shares(state, ack)
+            if not ack.busy:
+                return
+            state.series.batches_busy += 1
+            if time.time() + pause >= give_up:
+                raise errors.Unavailable(
+                    f"every instance of {state.model!r} stayed busy until the requests' deadline", retry_after_s=1,
+                    model=state.model,
+                )
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, BUSY_PAUSE_MAX_S)
 
     async def _route(self, model: str, payload: bytes, ctx: RequestContext) -> bytes:
         """Send a batch to the routers (queue group) and wait for the ack. A wait on a router that is gone
@@ -471,6 +532,8 @@ class BatcherService(Service):
                 if state.scheduler.idle and state.scheduler.last_active < cutoff:
                     del self.queues[subject]
                     state.scheduler.close()
+                    if state.turn is not None:
+                        state.turn.cancel()
 
     # lifecycle ----------------------------------------------------------------------------------
     async def on_drain(self, timeout_s: float) -> None:

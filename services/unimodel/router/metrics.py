@@ -16,7 +16,7 @@ OTHER_MODEL = "other"
 DECISION_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005)
 ROUTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-OK, RETRIED, NOT_SERVED, NO_WORKER = "ok", "retried", "not_served", "unavailable"
+OK, RETRIED, NOT_SERVED, NO_WORKER, BUSY = "ok", "retried", "not_served", "unavailable", "busy"
 """Outcomes of routing a batch: answered by the first worker, by another after a retry, no worker serves the
 model (NOT_FOUND), or none could run it (UNAVAILABLE)."""
 
@@ -27,7 +27,8 @@ WorkerStates = Callable[[], dict[str, int]]
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry, worker_states: WorkerStates) -> None:
         self.routed = Counter(
-            "unimodel_router_routed", "Batches routed, by model and outcome (ok, retried, not_served, unavailable)",
+            "unimodel_router_routed",
+            "Batches routed, by model and outcome (ok, retried, not_served, unavailable, busy: every instance's slots were taken)",
             ["model", "outcome"], registry=registry,
         )
         self.decision = Histogram(

@@ -15,15 +15,15 @@ import grpc
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
-from unimodel.core import errors, modelconfig, subjects, tracing
+from unimodel.core import capacity_shares, errors, modelconfig, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.grpc_server import maps_errors
-from unimodel.core.kinds import WORKER_KINDS
+from unimodel.core.kinds import BATCHER, WORKER_KINDS
 from unimodel.core.lifecycle import Service
 from unimodel.core.membership import Discovery, instances_prefix, models_prefix
 from unimodel.core.store import KeyValueStore
 from unimodel.core.tracing import Attr
-from unimodel.router.metrics import NO_WORKER, NOT_SERVED, OK, OTHER_MODEL, RETRIED, RouterMetrics
+from unimodel.router.metrics import BUSY, NO_WORKER, NOT_SERVED, OK, OTHER_MODEL, RETRIED, RouterMetrics
 from unimodel.router.placement import Command, Planner
 from unimodel.router.policy import WorkerTable
 from unimodel.router.settings import RouterSettings
@@ -34,6 +34,12 @@ def _worker_info(raw: bytes) -> registry_pb2.InstanceInfo | None:
     """A worker's registration; None (ignored by Discovery) for the other services' instances."""
     info = registry_pb2.InstanceInfo.FromString(raw)
     return info if info.kind in WORKER_KINDS else None
+
+
+def _batcher_id(raw: bytes) -> str | None:
+    """A batcher's instance id; None (ignored by Discovery) for the other services' instances."""
+    info = registry_pb2.InstanceInfo.FromString(raw)
+    return info.id if info.kind == BATCHER else None
 
 
 SYNC_WAIT_S = 10.0
@@ -66,6 +72,8 @@ class RouterService(Service):
         self.models: Discovery[model_pb2.ModelConfig] = Discovery(
             self.store, models_prefix(settings.etcd_prefix), model_pb2.ModelConfig.FromString, self._on_model_change
         )
+        # the batchers, which share each model's slots (core/capacity_shares.py)
+        self.batchers: Discovery[str] = Discovery(self.store, instances_prefix(settings.etcd_prefix), _batcher_id)
         self.planner = Planner(retry_failed_s=max(5.0, 5 * settings.reconcile_interval_s))
         self._placement_changed = asyncio.Event()
         self.generative: set[str] = set()  # registered text-generation models (batches split per item)
@@ -110,6 +118,7 @@ class RouterService(Service):
     async def on_start(self) -> None:
         self.workers.start()
         self.models.start()
+        self.batchers.start()
         # Join the routers' queue group once the workers and models are known (a router that takes batches
         # before would answer "not discovered workers yet" for batches a running router could place);
         # with etcd unreachable, after SYNC_WAIT_S anyway.
@@ -125,6 +134,7 @@ class RouterService(Service):
     async def on_close(self) -> None:
         await self.workers.stop()
         await self.models.stop()
+        await self.batchers.stop()
 
     # placement ------------------------------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
@@ -209,30 +219,42 @@ class RouterService(Service):
     ) -> bytes:
         """Send `batch` to the worker `choose(attempt, tried)` names; a worker that is lost or does not
         answer is suspended and the next choice tried, up to `retries` more times. The ack carries the
-        model's capacity; with `track_load`, the worker's reported load is recorded (generations)."""
+        model's capacity and the sending batcher's rank among the batchers that share it; with `track_load`,
+        the worker's reported load is recorded (generations). A worker whose slots of the model were all
+        taken (ack.busy: nothing ran) is not suspended: the next choice is tried, and when every one was
+        busy the busy ack goes back to the batcher, which sends the batch again shortly."""
         model = batch.model
         label = model if self.table.serves(model) else OTHER_MODEL
         arrived = time.perf_counter()
         tried: list[str] = []
-        for attempt in range(self.settings.retries + 1):
+        busy: inference_pb2.BatchAck | None = None
+        lost = 0
+        while lost <= self.settings.retries:
             before = time.perf_counter()
-            worker_id = choose(attempt, tried)
+            worker_id = choose(len(tried), tried)
             self.stats.decision.observe(time.perf_counter() - before)
-            if worker_id is None:
+            if worker_id is None or worker_id in tried:
                 break
             tried.append(worker_id)
             try:
                 raw = await self._send(worker_id, batch, ctx)
             except (WorkerLost, errors.Unavailable) as exc:
+                lost += 1
                 if self.table.suspend(worker_id, self.settings.suspend_s):
                     self.log.warning("%s did not answer (%s); suspended for %.1fs", worker_id, exc, self.settings.suspend_s)
                 continue
             ack = inference_pb2.BatchAck.FromString(raw)
+            self._fill_shares(ack, batch)
+            if ack.busy:
+                busy = ack
+                continue
             if track_load:
                 self.table.set_load(worker_id, model, ack.load)
-            ack.capacity = self.table.capacity(model)
-            self.stats.batch(label, RETRIED if attempt else OK, time.perf_counter() - arrived)
+            self.stats.batch(label, RETRIED if len(tried) > 1 else OK, time.perf_counter() - arrived)
             return cast(bytes, ack.SerializeToString())  # protobuf's runtime ships no type information
+        if busy is not None:
+            self.stats.batch(label, BUSY, time.perf_counter() - arrived)
+            return cast(bytes, busy.SerializeToString())  # protobuf's runtime ships no type information
         if tried:
             self.stats.batch(label, NO_WORKER, time.perf_counter() - arrived)
             raise errors.Unavailable(
@@ -243,6 +265,13 @@ class RouterService(Service):
             raise errors.NotFound(f"model {model!r} is not served by any worker", model=model)
         self.stats.batch(label, NO_WORKER, time.perf_counter() - arrived)
         raise errors.Unavailable("router has not discovered workers yet", retry_after_s=1)
+
+    def _fill_shares(self, ack: inference_pb2.BatchAck, batch: inference_pb2.BatchRequest) -> None:
+        """The model's slots, and the sending batcher's rank among the known batchers (its id is the first
+        hop of the batch's path), from which it takes its share (core/capacity_shares.py)."""
+        ack.capacity = self.table.capacity(batch.model)
+        if len(batch.path) > 1:  # [batcher, ..., this router]: sent by a batcher
+            ack.batcher_rank, ack.batchers = capacity_shares.rank(self.batchers.items.values(), batch.path[0], batch.model)
 
     async def _on_load(self, msg: Msg) -> None:
         """A worker's generation ended: its sequence count for the model, as it is now."""
@@ -272,7 +301,8 @@ class RouterService(Service):
             ((worker_id, part),) = parts.items()
             return await self._route_batch(part, ctx, first=worker_id)
         acks = await asyncio.gather(*(self._route_batch(p, ctx, first=w) for w, p in parts.items()), return_exceptions=True)
-        merged = inference_pb2.BatchAck(batch_id=batch.batch_id, capacity=self.table.capacity(model))
+        merged = inference_pb2.BatchAck(batch_id=batch.batch_id)
+        self._fill_shares(merged, batch)
         first_error: BaseException | None = None
         for part, ack in zip(parts.values(), acks, strict=True):
             if isinstance(ack, BaseException):

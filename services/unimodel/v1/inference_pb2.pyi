@@ -176,20 +176,26 @@ class EncodedBatchRequest(_message.Message):
     def __init__(self, batch_id: _Optional[str] = ..., model: _Optional[str] = ..., items: _Optional[_Iterable[bytes]] = ..., path: _Optional[_Iterable[str]] = ..., queue_ns: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BatchAck(_message.Message):
-    __slots__ = ("batch_id", "worker_id", "succeeded", "failed", "capacity", "load")
+    __slots__ = ("batch_id", "worker_id", "succeeded", "failed", "capacity", "load", "batchers", "batcher_rank", "busy")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    BATCHERS_FIELD_NUMBER: _ClassVar[int]
+    BATCHER_RANK_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     worker_id: str
     succeeded: int
     failed: int
     capacity: int
     load: int
-    def __init__(self, batch_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., capacity: _Optional[int] = ..., load: _Optional[int] = ...) -> None: ...
+    batchers: int
+    batcher_rank: int
+    busy: bool
+    def __init__(self, batch_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., capacity: _Optional[int] = ..., load: _Optional[int] = ..., batchers: _Optional[int] = ..., batcher_rank: _Optional[int] = ..., busy: bool = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "instances", "ready")

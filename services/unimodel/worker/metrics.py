@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 BATCH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -18,7 +18,8 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 
-ModelLoads = Callable[[], Iterable[tuple[str, str, int, int]]]
+ModelLoads = Callable[[], Iterable[tuple[str, str, int, int, int, int]]]
+"""Per model: name, state, batches in flight, slots, the most in flight at once, batches refused busy."""
 """(model, state name, in-flight batches or sequences, capacity) per model of the table."""
 
 
@@ -78,7 +79,7 @@ class _LoadCollector(Collector):
         self.loads = loads
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily]:
         return (
             GaugeMetricFamily(
                 "unimodel_worker_inflight_batches",
@@ -91,18 +92,29 @@ class _LoadCollector(Collector):
                 "unimodel_worker_models", "Models in the worker's table, by state (LOADING, READY, FAILED, ...)",
                 labels=["state"],
             ),
+            GaugeMetricFamily(
+                "unimodel_worker_inflight_batches_peak",
+                "The most batches (generations: sequences) a model had in flight on the worker at once", labels=["model"],
+            ),
+            CounterMetricFamily(
+                "unimodel_worker_batches_busy",
+                "Batches refused because every slot of their model was taken (the batcher sends them again)",
+                labels=["model"],
+            ),
         )
 
     def describe(self) -> Iterator[Metric]:
         yield from self._families()
 
     def collect(self) -> Iterator[Metric]:
-        inflight, capacity, models = self._families()
+        inflight, capacity, models, peak, busy = self._families()
         states: dict[str, int] = {}
-        for model, state, load, cap in self.loads():
+        for model, state, load, cap, most, refused in self.loads():
             inflight.add_metric([model], load)
             capacity.add_metric([model], cap)
+            peak.add_metric([model], most)
+            busy.add_metric([model], refused)
             states[state] = states.get(state, 0) + 1
         for state, n in states.items():
             models.add_metric([state], n)
-        yield from (inflight, capacity, models)
+        yield from (inflight, capacity, models, peak, busy)

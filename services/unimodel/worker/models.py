@@ -9,6 +9,9 @@ in its registration whenever `on_change` fires.
 - `unload(name)` answers at once (UNLOADING): new batches are refused, running ones finish, then the
   engine is freed and the model disappears from the table.
 - `acquire(name)` / `release(model)` bracket a batch; `inflight` counts batches running or waiting.
+  `admit(name)` is `acquire` for a batch of a model that batches, refused (None) while the model's slots
+  are all taken: the batchers share the slots (core/capacity_shares.py), this keeps the limit exact while
+  their views differ. `peak` is the most batches a model had in flight at once.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class LoadedModel:
     layout: Layout
     processor: Processor | None  # None when the engine takes predict values as they are
     inflight: int = 0
+    peak: int = 0  # the most batches in flight at once
+    busy: int = 0  # batches refused because every slot was taken (admit)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -122,8 +127,31 @@ class ModelTable:
                 f"model {name!r} failed to load on {self.owner}: {entry.error}", retry_after_s=1, model=name
             )
         model.inflight += 1
+        if model.inflight > model.peak:
+            model.peak = model.inflight
         model.idle.clear()
         return model
+
+    def admit(self, name: str) -> LoadedModel | None:
+        """`acquire` for a batch, or None (the batch is refused, nothing counted) when the model batches and
+        its slots are all taken. Models that take one row per batch are always admitted: their batchers keep
+        several in flight so that the hops overlap the execution (batcher/service.py `_inflight_cap`), and
+        batches of one row lose nothing by waiting here. Generation batches are acked once started."""
+        entry = self._entries.get(name)
+        model = entry.current if entry is not None else None
+        if (
+            model is not None and entry is not None and entry.state == READY
+            and modelconfig.batch_rows_limit(model.config) > 1 and not model.engine.generative
+            and model.inflight >= self.slots(model)
+        ):
+            model.busy += 1
+            return None
+        return self.acquire(name)
+
+    def slots(self, model: LoadedModel) -> int:
+        """Batches of the model this worker runs at once: the engine's own limit within the worker's."""
+        own = model.engine.concurrency
+        return min(own, self.max_concurrent) if own > 0 else self.max_concurrent
 
     def release(self, model: LoadedModel) -> None:
         model.inflight -= 1
@@ -261,10 +289,7 @@ class ModelTable:
             return registry_pb2.ModelStatus(name=name)
         current = entry.current
         inflight = current.inflight if current is not None else 0
-        concurrency = 0
-        if current is not None:
-            own = current.engine.concurrency
-            concurrency = min(own, self.max_concurrent) if own > 0 else self.max_concurrent
+        concurrency = self.slots(current) if current is not None else 0
         return registry_pb2.ModelStatus(
             name=name, state=entry.state, error=entry.error, inflight=inflight, pinned=entry.pinned,
             concurrency=concurrency, engine=current.config.engine if current is not None else entry.engine,

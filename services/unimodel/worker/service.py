@@ -167,12 +167,14 @@ class WorkerService(Service):
                 "aborted %d generation(s) of gateway %s: %s", hits, request.gateway_id, request.reason or "no reason given"
             )
 
-    def _model_loads(self) -> list[tuple[str, str, int, int]]:
+    def _model_loads(self) -> list[tuple[str, str, int, int, int, int]]:
         # Called from the metrics server's thread: reads plain ints of the table.
-        return [
-            (m.name, registry_pb2.ModelStatus.State.Name(m.state), m.inflight, m.concurrency)
-            for m in self.models.states()
-        ]
+        out = []
+        for m in self.models.states():
+            loaded = self.models.get(m.name)
+            peak, busy = (loaded.peak, loaded.busy) if loaded is not None else (0, 0)
+            out.append((m.name, registry_pb2.ModelStatus.State.Name(m.state), m.inflight, m.concurrency, peak, busy))
+        return out
 
     def _generation_done(self, model: str, reason: str, tokens: int) -> None:
         # Routers learn at once that a sequence slot freed up (the model was released already).
@@ -233,9 +235,15 @@ class WorkerService(Service):
 
     async def _on_batch(self, msg: Msg, ctx: RequestContext) -> bytes:
         batch = inference_pb2.BatchRequest.FromString(msg.data)
+        model = self.models.admit(batch.model)
+        if model is None:  # every slot of the model is taken: nothing runs, the router or batcher tries again
+            return inference_pb2.BatchAck(batch_id=batch.batch_id, worker_id=self.id, busy=True).SerializeToString()
         if any(item.HasField("blob") for item in batch.items):
-            await self._fetch_items(batch)
-        model = self.models.acquire(batch.model)
+            try:
+                await self._fetch_items(batch)
+            except BaseException:
+                self.models.release(model)
+                raise
         span, arrived_wall = None, 0
         if tracing.enabled():
             span = tracing.start(tracing.Name.worker_batch(batch.model), ctx.traceparent, tracing.SERVER, {
