@@ -32,6 +32,7 @@ import pytest
 
 from helpers.deploy_checks import DOCKERFILES, compose, dockerfile_stages, environment, unimodel_services
 from helpers.otlp_receiver import OtlpReceiver
+from helpers.postgres import PostgresServer
 from helpers.support import Infra
 from unimodel.local.cluster import SERVICES
 from unimodel.local.procs import ManagedProcess, MilvusLiteServer, free_port, http_ok, wait_until
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.timeout(120)
 
 SIX = [name for name, _module in SERVICES]  # start order: the gateway last
 PORT_VARS = ("UNIMODEL_GRPC_PORT", "UNIMODEL_HTTP_PORT", "UNIMODEL_METRICS_PORT")
-COMPOSE_HOSTS = {"nats", "etcd", "milvus", "jaeger"}
+COMPOSE_HOSTS = {"nats", "etcd", "milvus", "jaeger", "postgres"}
 
 
 def _env() -> dict[str, str]:
@@ -75,6 +76,7 @@ class Topology:
     spec: dict[str, dict[str, object]]  # compose service name -> service
     procs: list[ManagedProcess] = field(default_factory=list)
     envs: dict[str, dict[str, str]] = field(default_factory=dict)  # process name -> its environment
+    postgres: PostgresServer | None = None  # the cache's scalar store (compose's `postgres`)
 
     @property
     def repository(self) -> Path:
@@ -88,6 +90,8 @@ class Topology:
             "UNIMODEL_ETCD_ENDPOINTS": self.infra.etcd.endpoint,
             "UNIMODEL_MILVUS_URI": self.milvus.uri,
             "UNIMODEL_OTEL_ENDPOINT": self.receiver.endpoint,
+            "UNIMODEL_STORE_URL": self.postgres.url if self.postgres else "",
+            "UNIMODEL_STORE_PASSWORD_FILE": str(self.postgres.password_file) if self.postgres else "",
             "UNIMODEL_HOST": "127.0.0.1",
             "UNIMODEL_DATA_DIR": str(self.tmp / f"data-{name}"),
             "UNIMODEL_MODEL_REPOSITORY": str(self.repository),
@@ -107,7 +111,7 @@ class Topology:
         secrets = self.infra.service_env(command)
         if command == "etcd-auth":
             secrets = {k: v for k, v in secrets.items() if k.startswith("UNIMODEL_ETCD_")}
-        assert {k for k in env if k.endswith(("_USER", "_PASSWORD_FILE"))} <= set(secrets), name
+        assert {k for k in env if k.endswith(("_USER", "_PASSWORD_FILE")) and k not in rewrites} <= set(secrets), name
         env.update(secrets)
         for var, value in env.items():
             for host in COMPOSE_HOSTS:
@@ -173,13 +177,16 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
     receiver = OtlpReceiver().start()
     infra = Infra(tmp_path)
     milvus = MilvusLiteServer(free_port(), tmp_path / "milvus", sink=infra.sink)
-    topo = Topology(tmp_path, infra, milvus, receiver, chosen)
+    postgres = PostgresServer()
+    topo = Topology(tmp_path, infra, milvus, receiver, chosen, postgres=postgres)
     try:
         infra.start()
         milvus.start_and_wait()
+        postgres.start()
         yield topo
     finally:
         topo.stop()
+        postgres.stop()
         milvus.stop(10)
         infra.stop()
         receiver.stop()

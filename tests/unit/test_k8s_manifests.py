@@ -352,13 +352,9 @@ def test_rolling_updates_keep_capacity(overlay: str) -> None:
     objs = rendered(overlay)
     for name, dep in of_kind(objs, "Deployment").items():
         strategy = dep["spec"]["strategy"]
-        if name == "cache":
-            # One writer of a ReadWriteOnce volume: the old pod goes before the new one mounts it.
-            assert strategy == {"type": "Recreate"}
-            assert dep["spec"]["replicas"] == 1
-        else:
-            assert strategy["type"] == "RollingUpdate", name
-            assert strategy["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}, name
+        # the cache too: its replicas share PostgreSQL and Milvus, no volume of their own
+        assert strategy["type"] == "RollingUpdate", name
+        assert strategy["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}, name
 
 
 def test_gateway_waits_for_endpoints_to_drop_it() -> None:
@@ -408,7 +404,7 @@ def test_disruption_budgets_select_a_deployment(overlay: str) -> None:
         covered.add(matches[0])
     if overlay != "dev":
         several = {d for d, dep in deps.items() if min_replicas(objs, dep) > 1}
-        assert several == {"gateway", "router", "batcher", *WORKERS}
+        assert several == {"gateway", "router", "batcher", "cache", *WORKERS}
         assert several <= covered, f"without a PodDisruptionBudget: {sorted(several - covered)}"
 
 
@@ -495,9 +491,11 @@ def test_volumes_hold_the_data_and_model_folders(overlay: str) -> None:
             assert mount.get("readOnly") is True
             assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "unimodel-models"
             repositories[name] = path
-        if name == "cache":
-            mount = mounts[literal(env, "UNIMODEL_DATA_DIR")]
-            assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "unimodel-cache-data"
+        if name == "cache":  # replicas share PostgreSQL: its password is a mounted Secret, nothing persists in the pod
+            assert literal(env, "UNIMODEL_STORE_URL").startswith("postgresql://")
+            secret = mounts[literal(env, "UNIMODEL_STORE_PASSWORD_FILE").rsplit("/", 1)[0]]
+            assert volumes[secret["name"]]["secret"]["secretName"] == "unimodel-postgres"
+            assert "emptyDir" in volumes[mounts[literal(env, "UNIMODEL_DATA_DIR")]["name"]]
     # The gateway registers a model with its folder's absolute path; workers load from that path.
     assert set(repositories) == {"gateway", *WORKERS}
     assert len(set(repositories.values())) == 1

@@ -1,5 +1,7 @@
-"""The cache's scalar store in SQLite: entries (query text, answer, scope, times), the hit log, and the ids
-whose vectors Milvus may hold without an entry (`vector_cleanup`).
+"""The cache's scalar store in SQLite, the embedded default of one replica: entries (query text, answer,
+scope, times), the hit log, and the ids whose vectors Milvus may hold without an entry (`vector_cleanup`).
+store.py has the interface the cache uses (store_sqlite.py runs these blocking calls on threads for it);
+store_postgres.py is the same store in PostgreSQL, shared by replicas.
 
 Plain logic, blocking calls (the cache runs them on executor threads). Every method is one complete unit
 of work on a connection it holds alone for the call: it begins and ends its own transaction, so no
@@ -30,8 +32,13 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from unimodel.cache.store import Changed, Committed, Entry, LogRecord, NewEntry, Quotas, TooLate
+
+__all__ = [
+    "Changed", "Committed", "Entry", "EntryStore", "LogRecord", "NewEntry", "Quotas", "TooLate",
+]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -73,66 +80,6 @@ CREATE INDEX IF NOT EXISTS vector_cleanup_due ON vector_cleanup (not_before);
 
 _CHUNK = 500
 """Ids per `IN (...)` list (SQLite allows 32766 variables; small lists keep statements cheap)."""
-
-
-class TooLate(Exception):
-    """The write could not commit before its deadline: it was rolled back, nothing was written."""
-
-
-class Changed(Exception):
-    """An entry the insert meant to refresh went away meanwhile (evicted, expired, removed): rolled back,
-    nothing written; `positions` are the items without a vector (plan again)."""
-
-    def __init__(self, positions: list[int]) -> None:
-        super().__init__(f"{len(positions)} entries went away during the insert")
-        self.positions = positions
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    id: int
-    query: str
-    answer: str
-    created: float
-    last_access: float
-
-
-@dataclass(frozen=True, slots=True)
-class NewEntry:
-    exact_key: str
-    query: str
-    answer: str
-
-
-@dataclass(frozen=True, slots=True)
-class Quotas:
-    """Entries kept before LRU eviction of the inserting tenant's own entries (semantic.py explains)."""
-
-    per_scope: int = 200_000
-    per_tenant: int = 200_000  # named tenants; "" (open mode, admins) is bounded by `overall` only
-    overall: int = 2_000_000
-
-
-@dataclass(slots=True)
-class Committed:
-    ids: list[int] = field(default_factory=list)  # per item given, its entry id (new or already stored)
-    added: int = 0  # new entries
-    refreshed: int = 0  # entries that were already stored (a retry): created and last access set to now
-    evicted: dict[str, list[int]] = field(default_factory=dict)  # reason -> entry ids
-    entries: int = 0  # entries in all scopes afterwards
-
-
-@dataclass(frozen=True, slots=True)
-class LogRecord:
-    time: float
-    scope: str
-    model: str
-    query: str
-    hit: bool
-    exact: bool
-    similarity: float
-    entry_id: int
-    latency_ms: float
 
 
 def _marks(n: int) -> str:

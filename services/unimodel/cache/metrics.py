@@ -45,6 +45,24 @@ class CacheMetrics:
             "Rounds of vector deletion that failed (Milvus unreachable); retried on the next round",
             registry=registry,
         )
+        self.log_rows = Counter(
+            "unimodel_cache_hit_log_rows_written", "Hit log rows written to the scalar store (in batches)",
+            registry=registry,
+        )
+        self.flushes = Counter(
+            "unimodel_cache_hit_log_flushes", "Batches of hits and hit log rows written to the scalar store",
+            registry=registry,
+        )
+        self.flush_failures = Counter(
+            "unimodel_cache_hit_log_flush_failures",
+            "Batches of hits the scalar store refused (kept for the next round; no request fails for it)",
+            registry=registry,
+        )
+        self.log_dropped = Counter(
+            "unimodel_cache_hit_log_rows_dropped",
+            "Hit log rows dropped because the store refused them for longer than the buffer holds",
+            registry=registry,
+        )
         self.entries = Gauge("unimodel_cache_entries", "Entries stored (all scopes)", registry=registry)
         self.stage = Histogram(
             "unimodel_cache_stage_seconds", "Time of a lookup's stages (embed, search, total)", ["stage"],

@@ -14,11 +14,16 @@ tenant's scopes (named tenants; the shared tenant "" of open mode and admins has
 and over `max_entries` in the whole store. So one tenant filling its quota, or the store, never removes
 another tenant's entries; give every tenant its quota by keeping max_entries >= tenants x quota.
 
-Transport-free: the service gives it the stores (entries.EntryStore, vectors.VectorIndex) and an
-`embed(texts) -> float32 [n, dim]` coroutine (the embedding-worker, through the batcher). Blocking
-store calls run on executors, a few threads each; each SQLite call is a whole transaction on a
-connection of its own. Deadlines are absolute `time.time()` seconds (the request's); `clock` (TTL,
-LRU times) may be a test's.
+Transport-free: the service gives it the stores (a store.ScalarStore: SQLite for one replica, PostgreSQL
+shared by replicas; vectors.VectorIndex) and an `embed(texts) -> float32 [n, dim]` coroutine (the
+embedding-worker, through the batcher). Each scalar store call is a whole transaction; Milvus calls run
+on a few threads. Deadlines are absolute `time.time()` seconds (the request's); `clock` (TTL, LRU times)
+may be a test's.
+
+Replicas keep no state of their own between requests but the hits not yet written (hits.HitBuffer: LRU
+times, hit counts and hit log rows, written in batches every flush interval, or sooner when `flush_rows`
+wait, and at shutdown): exact keys, entries, ids, LRU order and TTL are all in the shared store, so an
+entry committed through one replica is found at once through any other.
 
 A query:
   1. the conversation's text (querytext.query_text): ModelCache's splice, the text to embed, the exact key;
@@ -36,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +49,8 @@ from typing import TypeVar, TypeVarTuple
 import numpy as np
 
 from unimodel.cache import guard
-from unimodel.cache.entries import Changed, Committed, Entry, EntryStore, LogRecord, NewEntry, Quotas, TooLate
+from unimodel.cache.entries import EntryStore
+from unimodel.cache.hits import HitBuffer
 from unimodel.cache.querytext import (
     QueryText,
     QueryTextError,
@@ -55,6 +60,18 @@ from unimodel.cache.querytext import (
     scope_key,
     threshold_for,
 )
+from unimodel.cache.store import (
+    Changed,
+    Committed,
+    Entry,
+    LogRecord,
+    NewEntry,
+    Quotas,
+    ScalarStore,
+    StoreUnavailable,
+    TooLate,
+)
+from unimodel.cache.store_sqlite import SqliteStore
 from unimodel.cache.vectors import VectorIndex, VectorStoreError
 from unimodel.core import errors
 
@@ -128,34 +145,46 @@ class InsertResult:
 class SemanticCache:
     def __init__(
         self,
-        entries: EntryStore,
+        entries: EntryStore | ScalarStore,
         vectors: VectorIndex,
         embed: Embed,
         limits: Limits,
         *,
         clock: Callable[[], float] = time.time,
         on_evict: Callable[[str, int], None] = lambda reason, n: None,
+        hits: HitBuffer | None = None,
+        on_flush_due: Callable[[], None] = lambda: None,
     ) -> None:
+        """`entries`: the scalar store (an EntryStore is run as a SqliteStore); `on_flush_due` is called
+        when enough hits wait to be written before the next flush interval."""
         self.entries, self.vectors, self.embed, self.limits = entries, vectors, embed, limits
+        self._own_store = isinstance(entries, EntryStore)
+        self.store: ScalarStore = SqliteStore(entries) if isinstance(entries, EntryStore) else entries
         self.clock = clock
         self.on_evict = on_evict
-        self._sql = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="cache-sqlite")
+        self.on_flush_due = on_flush_due
         self._milvus = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="cache-milvus")
-        self._touches: dict[int, tuple[float, int]] = {}
-        self._log: list[LogRecord] = []
+        self.hits = hits if hits is not None else HitBuffer()
         self._reclaiming = asyncio.Lock()
 
-    async def _sqlite(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+    async def _stored(self, work: Awaitable[T]) -> T:
+        """A scalar store call; its failure as the error it answers (_store_error)."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._sql, fn, *args)
+            return await work
         except BaseException as exc:
             raise _store_error(exc) from None
 
-    async def _sqlite_final(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
-        """A write whose outcome is the caller's answer (a commit): once sent to its thread it runs to its
-        end even if the caller is cancelled meanwhile, and its outcome, not the cancellation, is the answer
-        (a cancelled caller told "failed" after its entries were committed is what this prevents)."""
-        future = asyncio.get_running_loop().run_in_executor(self._sql, fn, *args)
+    async def _sqlite(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        """A blocking call of an EntryStore given to the cache, on the SQLite store's threads."""
+        if isinstance(self.store, SqliteStore):
+            return await self._stored(self.store.run(fn, *args))
+        return await self._stored(asyncio.to_thread(fn, *args))
+
+    async def _final(self, work: Awaitable[T]) -> T:
+        """A write whose outcome is the caller's answer (a commit): once started it runs to its end even
+        if the caller is cancelled meanwhile, and its outcome, not the cancellation, is the answer (a
+        cancelled caller told "failed" after its entries were committed is what this prevents)."""
+        future = asyncio.ensure_future(work)
         swallowed = 0
         while not future.done():
             try:
@@ -229,7 +258,7 @@ class SemanticCache:
         result = QueryResult()
         key = scope.key
         not_before = self._not_before()
-        entry = await self._sqlite(self.entries.exact, key, text.exact_key, not_before)
+        entry = await self._stored(self.store.exact(key, text.exact_key, not_before))
         if entry is not None:
             result.hit = result.exact = True
             result.similarity = result.best_similarity = 1.0
@@ -250,7 +279,7 @@ class SemanticCache:
             passing = [(i, s) for i, s in candidates if s >= threshold]
             result.best_similarity = candidates[0][1] if candidates else 0.0
             if passing:
-                found = await self._sqlite(self.entries.get, key, [i for i, _ in passing], not_before)
+                found = await self._stored(self.store.get(key, [i for i, _ in passing], not_before))
                 matches: list[tuple[Entry, float]] = []
                 for entry_id, similarity in passing:
                     candidate = found.get(entry_id)
@@ -269,16 +298,16 @@ class SemanticCache:
                         result.hit, result.similarity, result.entry = True, similarity, best
         result.total_ns = time.perf_counter_ns() - started
         now = self.clock()
-        if result.entry is not None:
-            at, n = self._touches.get(result.entry.id, (0.0, 0))
-            self._touches[result.entry.id] = (max(at, now), n + 1)
-        self._log.append(
+        self.hits.add(
             LogRecord(
                 now, key, scope.model, text.spliced, result.hit, result.exact,
                 result.similarity if result.hit else result.best_similarity,
                 result.entry.id if result.entry else 0, result.total_ns / 1e6,
-            )
+            ),
+            result.entry.id if result.entry is not None else None, now,
         )
+        if self.hits.due:
+            self.on_flush_due()
         return result
 
     # insert ------------------------------------------------------------------------------------------
@@ -307,6 +336,8 @@ class SemanticCache:
                 raise errors.InvalidArgument(f"chat_info[{i}]: {exc.message}", field="chat_info") from None
             if not answer:
                 raise errors.InvalidArgument(f"chat_info[{i}]: the answer is empty", field="answer")
+            if "\x00" in answer:  # PostgreSQL's text cannot hold it; refused by every store alike
+                raise errors.InvalidArgument(f"chat_info[{i}]: the answer holds a NUL character", field="answer")
             size = len(answer.encode())
             if size > limits.max_answer_bytes:
                 raise errors.InvalidArgument(
@@ -321,7 +352,7 @@ class SemanticCache:
         commit_by = self._commit_by(deadline)
         self._check(commit_by, "the insert")
         key = scope.key
-        stored = await self._sqlite(self.entries.stored, key, list(unique))
+        stored = await self._stored(self.store.stored(key, list(unique)))
         for _attempt in range(INSERT_ATTEMPTS):
             todo = [i for i, e in enumerate(new) if (e.exact_key, e.answer) not in stored]
             try:
@@ -355,21 +386,20 @@ class SemanticCache:
             )
             self._check(commit_by, "the insert's vectors were written")
             until = (deadline if deadline is not None else time.time() + NO_DEADLINE_S) + RECLAIM_GRACE_S
-            ids = await self._sqlite(self.entries.reserve, len(todo), until, commit_by)
+            ids = await self._stored(self.store.reserve(len(todo), until, commit_by))
             vector_ids = dict(zip(todo, ids, strict=True))
         try:
             if vector_ids:
                 await self._vector(self.vectors.insert, list(vector_ids.values()), scope.key, vectors)
                 self._check(commit_by, "the insert could commit")
-            return await self._sqlite_final(
-                self.entries.commit_insert, scope.key, scope.model, scope.tenant, new, vector_ids, self.clock(),
-                quotas, commit_by,
-            )
+            return await self._final(self.store.commit_insert(
+                scope.key, scope.model, scope.tenant, new, vector_ids, self.clock(), quotas, commit_by,
+            ))
         except BaseException as exc:
             # cancelled: the Milvus write may still run on its thread, so the ids wait for their grace
             if vector_ids and not isinstance(exc, asyncio.CancelledError):
                 try:
-                    await self._sqlite(self.entries.release, list(vector_ids.values()))
+                    await self._stored(self.store.release(list(vector_ids.values())))
                 except BaseException as exc:  # reclaimed after the deadline's grace anyway
                     log.debug("could not release reserved ids: %s", exc)
             raise
@@ -382,23 +412,32 @@ class SemanticCache:
         deadline's margin or not at all; their vectors go by `reclaim`."""
         commit_by = self._commit_by(deadline)
         self._check(commit_by, "the removal")
-        return await self._sqlite_final(self.entries.remove, scope.key, list(ids), truncate, commit_by)
+        return await self._final(self.store.remove(scope.key, list(ids), truncate, commit_by))
 
     # housekeeping ------------------------------------------------------------------------------------
-    async def flush(self) -> None:
-        """Write the hits (LRU order) and the hit log gathered since the last flush."""
-        touches, self._touches = self._touches, {}
-        records, self._log = self._log, []
-        if touches:
-            await self._sqlite(self.entries.touch, touches)
-        if records:
-            await self._sqlite(self.entries.log, records, self.limits.hit_log_keep)
+    async def flush(self) -> int:
+        """Write the hits (LRU order) and the hit log gathered since the last flush, a statement each; the
+        number of log rows written. When the store refuses them they go back to the buffer (the next flush
+        tries again) and the error is raised."""
+        batch = self.hits.take()
+        if not batch:
+            return 0
+        try:
+            if batch.touches:
+                await self._stored(self.store.touch(batch.touches))
+                batch.touches = {}
+            if batch.records:
+                await self._stored(self.store.log(batch.records, self.limits.hit_log_keep))
+        except BaseException:
+            self.hits.put_back(batch)
+            raise
+        return len(batch.records)
 
     async def expire(self) -> int:
         """Drop entries older than the TTL (a batch per call); their vectors go by `reclaim`."""
         if self.limits.ttl_s <= 0:
             return 0
-        n = await self._sqlite(self.entries.expire, self._not_before())
+        n = await self._stored(self.store.expire(self._not_before()))
         if n:
             self.on_evict("ttl", n)
         return n
@@ -408,33 +447,41 @@ class SemanticCache:
         the number of ids done. Unavailable when Milvus is down (they stay listed: the next call)."""
         async with self._reclaiming:
             now = time.time()
-            ids = await self._sqlite(self.entries.reclaimable, now, limit)
+            ids = await self._stored(self.store.reclaimable(now, limit))
             if ids:
                 await self._vector(self.vectors.delete, ids)
-                await self._sqlite(self.entries.forget, ids, now)
+                await self._stored(self.store.forget(ids, now))
             return len(ids)
 
     async def cleanup_pending(self) -> int:
-        return await self._sqlite(self.entries.cleanup_pending)
+        return await self._stored(self.store.cleanup_pending())
 
     async def log(self, scope: Scope, limit: int) -> list[LogRecord]:
-        await self.flush()
-        return await self._sqlite(self.entries.recent_log, scope.key, limit)
+        """The newest hit log rows of `scope` (this replica's pending ones written first; other replicas'
+        within their flush interval)."""
+        try:
+            await self.flush()
+        except errors.UnimodelError as exc:  # they stay buffered for the next round; the log is read anyway
+            log.debug("hit log rows not written before the read: %s", exc.message)
+        return await self._stored(self.store.recent_log(scope.key, limit))
 
     async def count(self, scope: Scope | None = None) -> int:
-        return await self._sqlite(self.entries.count, scope.key if scope else None)
+        return await self._stored(self.store.count(scope.key if scope else None))
 
     def close(self) -> None:
+        """Stop the threads (the stores are closed by their owner; an EntryStore given to the cache keeps
+        its connections until its own close())."""
         self._milvus.shutdown(wait=True, cancel_futures=True)
-        self._sql.shutdown(wait=True, cancel_futures=True)
+        if self._own_store and isinstance(self.store, SqliteStore):
+            self.store.shutdown_threads()
 
 
 def _store_error(exc: BaseException) -> BaseException:
-    """The error a SQLite call's failure answers: TooLate -> DeadlineExceeded, a locked or failing store ->
-    Unavailable (nothing written either way: every call is a whole transaction)."""
+    """The error a scalar store call's failure answers: TooLate -> DeadlineExceeded, a locked, failing or
+    unreachable store -> Unavailable (nothing written either way: every call is a whole transaction)."""
     if isinstance(exc, TooLate):
         return errors.DeadlineExceeded(f"{exc}{NOTHING_WRITTEN}")
-    if isinstance(exc, sqlite3.Error):
-        return errors.Unavailable(f"the cache store failed ({' '.join(str(exc).split())[:200]})", retry_after_s=1)
+    if isinstance(exc, StoreUnavailable):
+        return errors.Unavailable(str(exc), retry_after_s=1)
     return exc
 

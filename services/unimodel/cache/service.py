@@ -11,7 +11,9 @@ it (semantic.py).
 Embeddings go through the batcher like every other request (subjects.batch(<embedding model>)): texts are
 batched with the other callers' and run on an embedding-worker. Milvus is reached through pymilvus
 (settings.milvus: a Milvus Lite file, the Milvus Lite server of `unimodel up`, or a standalone Milvus);
-the entries and the hit log live in SQLite.
+the entries and the hit log live in the scalar store: SQLite (one replica, the default) or, with
+settings.store_url, PostgreSQL, which any number of replicas share (store_postgres.py). Hits are written
+in batches (semantic.py, hits.py): every flush interval, sooner when flush_rows wait, and at shutdown.
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
 
 from unimodel.cache.entries import EntryStore
+from unimodel.cache.hits import HitBuffer
 from unimodel.cache.metrics import CacheMetrics
 from unimodel.cache.querytext import Turn
 from unimodel.cache.semantic import Limits, Scope, SemanticCache
 from unimodel.cache.settings import CacheSettings
+from unimodel.cache.store import ScalarStore, StoreUnavailable
+from unimodel.cache.store_postgres import PostgresStore
+from unimodel.cache.store_sqlite import SqliteStore
 from unimodel.cache.vectors import VectorIndex, VectorStoreError
 from unimodel.core import errors, subjects, tracing
 from unimodel.core.context import RequestContext
@@ -38,6 +44,7 @@ from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.replies import ReplyMux
 from unimodel.core.store import KeyValueStore
 from unimodel.core.tracing import Attr
+from unimodel.core.transport_security import CredentialsError, read_secret
 from unimodel.core.value_arrays import embeddings_of, texts_value
 from unimodel.v1 import cache_pb2, generate_pb2, inference_pb2
 
@@ -56,6 +63,17 @@ def turns_of(messages: Sequence[generate_pb2.ChatMessage]) -> list[Turn]:
     return [Turn(m.role, m.content) for m in messages]
 
 
+def open_store(s: CacheSettings) -> ScalarStore:
+    """The scalar store the settings name (not connected yet: its start() does that)."""
+    if not s.store_url:
+        return SqliteStore(EntryStore(s.sqlite_file, busy_timeout_s=s.sqlite_busy_timeout_s))
+    password = read_secret(s.store_password, s.store_password_file, "PostgreSQL password")
+    return PostgresStore(
+        s.store_url, password=password, pool_size=s.store_pool_size, connect_timeout_s=s.store_connect_timeout_s,
+        statement_timeout_s=s.store_timeout_s,
+    )
+
+
 def _deadline(ctx: RequestContext) -> float | None:
     """The request's deadline (the caller's, from the Um-Deadline header) in time.time() seconds."""
     return ctx.deadline_ms / 1000.0 if ctx.deadline_ms else None
@@ -72,6 +90,8 @@ class CacheService(Service):
         self.cache: SemanticCache | None = None
         self._reclaim_failing = False
         self._reclaim_after = 0.0  # loop time of the next cleanup round after a failed one
+        self._flush_due = asyncio.Event()  # enough hits wait: flush before the interval ends
+        self._flush_failing = False
 
     async def on_start(self) -> None:
         s = self.settings
@@ -84,16 +104,21 @@ class CacheService(Service):
             max_insert_entries=s.max_insert_entries, hit_log_keep=s.hit_log_keep, guard=s.guard,
             reply_margin_s=s.reply_margin_s,
         )
+        where = s.store_url or s.sqlite_file
         try:
-            entries = EntryStore(s.sqlite_file, busy_timeout_s=s.sqlite_busy_timeout_s)
+            entries = open_store(s)
+            await entries.start()
+        except (StoreUnavailable, CredentialsError) as exc:
+            raise FatalError(f"cannot open the cache store: {exc}") from None
         except Exception as exc:
-            raise FatalError(f"cannot open the cache store {s.sqlite_file}: {exc}") from None
+            raise FatalError(f"cannot open the cache store {where}: {exc}") from None
         vectors = VectorIndex(
             s.milvus, s.milvus_collection, s.embedding_dim, token=s.milvus_token, index_type=s.milvus_index,
             nlist=s.milvus_nlist, nprobe=s.milvus_nprobe,
         )
         self.cache = SemanticCache(
-            entries, vectors, self._embed, limits, on_evict=lambda reason, n: self.m.evictions.labels(reason).inc(n)
+            entries, vectors, self._embed, limits, on_evict=lambda reason, n: self.m.evictions.labels(reason).inc(n),
+            hits=HitBuffer(s.flush_rows, s.hit_buffer_rows), on_flush_due=self._flush_due.set,
         )
         self.m.entries.set(await self.cache.count())
         await self.replies.start()
@@ -103,7 +128,7 @@ class CacheService(Service):
         await self.bus.serve(subjects.CACHE_LOG, self._on_log, queue=subjects.QUEUE_CACHE)
         self.spawn(self._housekeeping(), "cache housekeeping")
         self.spawn(self._connect(vectors), "connect to Milvus")
-        self.log.info("cache on Milvus %s (collection %s), store %s", s.milvus, s.milvus_collection, s.sqlite_file)
+        self.log.info("cache on Milvus %s (collection %s), store %s", s.milvus, s.milvus_collection, entries.describe())
 
     async def _connect(self, vectors: VectorIndex) -> None:
         """Reach Milvus once at start (the stores connect on first use anyway): an early warning."""
@@ -290,13 +315,17 @@ class CacheService(Service):
         first = True
         while True:
             if not first:
-                await asyncio.sleep(s.flush_interval_s)
+                try:  # the interval, or less when enough hits wait
+                    await asyncio.wait_for(self._flush_due.wait(), s.flush_interval_s)
+                except TimeoutError:
+                    pass
+            self._flush_due.clear()
             first = False
             cache = self.cache
             if cache is None:
                 continue
+            await self._flush(cache)
             try:
-                await cache.flush()
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + s.sweep_interval_s
                     if await cache.expire():
@@ -304,6 +333,27 @@ class CacheService(Service):
             except errors.UnimodelError as exc:
                 self.log.warning("cache housekeeping: %s", exc.message)
             await self._reclaim(cache)
+
+    async def _flush(self, cache: SemanticCache) -> None:
+        """Write the buffered hits and hit log rows; a failure is logged (once until it works again) and
+        counted, never answered to a request: the rows stay buffered for the next round (bounded)."""
+        dropped = cache.hits.dropped
+        try:
+            written = await cache.flush()
+        except errors.UnimodelError as exc:
+            self.m.flush_failures.inc()
+            if not self._flush_failing:
+                self.log.warning("cache hit log write failed: %s; retrying every round", exc.message)
+            self._flush_failing = True
+        else:
+            if written:
+                self.m.log_rows.inc(written)
+                self.m.flushes.inc()
+            if self._flush_failing:
+                self.log.info("cache hit log writes work again")
+            self._flush_failing = False
+        if cache.hits.dropped > dropped:
+            self.m.log_dropped.inc(cache.hits.dropped - dropped)
 
     async def _reclaim(self, cache: SemanticCache) -> None:
         """Delete the vectors of evicted, removed and failed entries; a failure (Milvus down) is logged once
@@ -332,9 +382,10 @@ class CacheService(Service):
     async def on_close(self) -> None:
         if self.cache is not None:
             try:
-                await self.cache.flush()
+                written = await self.cache.flush()
+                self.m.log_rows.inc(written)
             except Exception as exc:
                 self.log.warning("could not write the last hit log records: %s", exc)
             self.cache.close()
             self.cache.vectors.close()
-            self.cache.entries.close()
+            await self.cache.store.close()

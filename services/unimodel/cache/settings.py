@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from unimodel.core.settings import CommonSettings, LocalPath, absolute_path, register_settings
 
@@ -16,6 +17,17 @@ class CacheSettings(CommonSettings):
 
     data_dir: LocalPath = Field(".unimodel/cache", description="folder of the SQLite store (and of Milvus Lite's file)")
     sqlite_path: LocalPath = Field("", description="SQLite file of entries and hit log (default <data-dir>/cache.sqlite)")
+    store_url: str = Field(
+        "", description="scalar store shared by cache replicas: postgresql://user@host:5432/db (password in "
+        "store_password_file); empty = the SQLite file (one replica)",
+    )
+    store_password: str = Field("", description="PostgreSQL password (prefer store_password_file)")
+    store_password_file: LocalPath = Field("", description="file holding the PostgreSQL password")
+    store_pool_size: int = Field(10, ge=1, le=1000, description="PostgreSQL connections per cache replica")
+    store_connect_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="how long the cache waits at start for PostgreSQL before it gives up"
+    )
+    store_timeout_s: float = Field(10.0, gt=0, le=600, description="longest PostgreSQL statement of a call without a deadline")
     milvus_uri: str = Field(
         "", description="Milvus: http://host:19530 (standalone / Milvus Lite server) or a .db file for Milvus Lite "
         "in-process (default <data-dir>/milvus.db)",
@@ -53,7 +65,11 @@ class CacheSettings(CommonSettings):
     max_query_chars: int = Field(32 * 1024, ge=1, description="longest query text (all messages)")
     max_insert_entries: int = Field(10_000, ge=1, description="entries in one insert request")
     hit_log_keep: int = Field(100_000, ge=0, description="hit log rows kept (oldest dropped)")
-    flush_interval_s: float = Field(1.0, gt=0, le=3600, description="hit log and LRU times are written this often")
+    flush_interval_s: float = Field(0.5, gt=0, le=3600, description="hit log and LRU times are written this often")
+    flush_rows: int = Field(1000, ge=1, le=1_000_000, description="hit log rows that trigger a write before the interval")
+    hit_buffer_rows: int = Field(
+        100_000, ge=1, description="hit log rows kept in memory while the store cannot take them (the oldest are dropped)"
+    )
     sweep_interval_s: float = Field(60.0, gt=0, le=86400, description="expired entries are dropped this often")
     reply_margin_s: float = Field(
         0.5, ge=0, le=60,
@@ -69,6 +85,26 @@ class CacheSettings(CommonSettings):
     @classmethod
     def _milvus_uri(cls, v: str) -> str:
         return v if "://" in v else absolute_path(v)  # a Milvus Lite file is a local path
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        if not v:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            raise ValueError("store_url must be postgresql://user@host:port/database (or empty for SQLite)")
+        if parts.password is not None:
+            raise ValueError("store_url holds a password: put it in store_password_file instead")
+        return v
+
+    @model_validator(mode="after")
+    def _store_password(self) -> CacheSettings:
+        if self.store_password and self.store_password_file:
+            raise ValueError("store_password and store_password_file are both set; give one")
+        if (self.store_password or self.store_password_file) and not self.store_url:
+            raise ValueError("store_password needs store_url (the SQLite store has no password)")
+        return self
 
     @property
     def sqlite_file(self) -> Path:
