@@ -21,7 +21,7 @@ from unimodel.core.kinds import SERVICE_KINDS
 from unimodel.core.nats_config import ServerTls, render_server_config
 from unimodel.core.settings import CommonSettings, SettingsError, all_service_settings, load_settings
 from unimodel.core.transport_security import CredentialsError, NatsAuth, TlsFiles
-from unimodel.local.credentials import LocalCredentials
+from unimodel.local.credentials import COMPOSE_SECRETS, LocalCredentials
 
 
 def matches(pattern: str, subject: str) -> bool:
@@ -174,7 +174,7 @@ def test_finding_local_cluster_is_open_credentials_are_private_files(tmp_path: P
 def test_finding_compose_leaves_nats_and_etcd_open_services_mount_their_own_credentials(tmp_path: Path) -> None:
     spec = compose()
     services = spec["services"]
-    made = {p.name for p in LocalCredentials.ensure_in(tmp_path).folder.iterdir()} | {"nats-server.conf"}
+    made = {p.name for p in LocalCredentials.ensure_in(tmp_path, extra_secrets=COMPOSE_SECRETS).folder.iterdir()} | {"nats-server.conf"}
     files = {name: Path(s["file"]).name for name, s in spec["secrets"].items()}
     assert set(files.values()) == made, "the compose secrets are the files `unimodel credentials` writes"
     assert services["nats"]["command"][:2] == ["-c", "/run/secrets/nats-server.conf"]

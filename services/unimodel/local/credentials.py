@@ -40,6 +40,10 @@ def write_private(path: Path, text: str) -> None:
     path.chmod(0o600)
 
 
+COMPOSE_SECRETS = ("postgres-cache",)
+"""Passwords compose needs besides NATS and etcd: the cache's PostgreSQL user (compose/docker-compose.yml)."""
+
+
 @dataclass(frozen=True)
 class LocalCredentials:
     folder: Path
@@ -50,12 +54,18 @@ class LocalCredentials:
         return cls.ensure_in(state_dir.resolve() / AUTH_DIR, extra_nats_users)
 
     @classmethod
-    def ensure_in(cls, folder: Path, extra_nats_users: tuple[str, ...] = ()) -> LocalCredentials:
-        """The credentials in `folder` itself, making the missing ones."""
+    def ensure_in(
+        cls, folder: Path, extra_nats_users: tuple[str, ...] = (), extra_secrets: tuple[str, ...] = ()
+    ) -> LocalCredentials:
+        """The credentials in `folder` itself, making the missing ones (and `<name>.password` for each of
+        `extra_secrets`, e.g. COMPOSE_SECRETS)."""
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.chmod(0o700)
         creds = cls(folder)
-        names = [*(f"nats-{k}" for k in SERVICE_KINDS), *(f"nats-{u}" for u in extra_nats_users), "etcd-root", f"etcd-{ETCD_USER}"]
+        names = [
+            *(f"nats-{k}" for k in SERVICE_KINDS), *(f"nats-{u}" for u in extra_nats_users), "etcd-root", f"etcd-{ETCD_USER}",
+            *extra_secrets,
+        ]
         for name in names:
             path = creds._file(name)
             if not path.is_file() or not path.read_text().strip():
@@ -167,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     """`unimodel credentials DIR`: the files compose mounts as secrets (compose/docker-compose.yml)."""
     parser = argparse.ArgumentParser(
         prog="unimodel credentials",
-        description="Make random passwords (one NATS user per service, etcd root and the services' etcd user) "
+        description="Make random passwords (one NATS user per service, etcd root, the services' etcd user and "
+        "the cache's PostgreSQL user) "
         "and the nats-server configuration with each service's permissions in DIR (0700; files 0600). Existing "
         "password files are kept; delete one to rotate it, then run this again and restart NATS and the services.",
     )
     parser.add_argument("folder", type=Path, help="where to write them (e.g. compose/secrets)")
     args = parser.parse_args(argv)
-    creds = LocalCredentials.ensure_in(args.folder.expanduser().resolve())
+    creds = LocalCredentials.ensure_in(args.folder.expanduser().resolve(), extra_secrets=COMPOSE_SECRETS)
     config = creds.write_nats_config()
     print(f"credentials in {creds.folder}; nats-server configuration {config}")
     return 0
