@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers.ha_cluster import merge_ha_report
 from helpers.minilm import Embedder
 from helpers.postgres import PASSWORD, PostgresServer
 from helpers.support import Infra, Services
@@ -478,3 +480,58 @@ def test_every_hit_log_row_is_written_in_batches(replicas: Replicas) -> None:
     batches = sum(replicas.metric("unimodel_cache_hit_log_flushes_total")) - flushes
     assert written == 120 and batches <= 60, (written, batches)  # batches, not one INSERT per query
     assert sum(replicas.metric("unimodel_cache_hit_log_flush_failures_total")) == 0
+
+
+def test_killing_a_replica_under_load_fails_no_request(replicas: Replicas) -> None:
+    """Issue 17's HA module, the cache's part: kill -9 one replica while 8 clients query and insert through
+    the gateway. The requests it held are sent again by the gateway (gateway/cache_client.py: its path watch
+    finds the replica gone), so every request succeeds. Runs last in the module: the replica stays dead."""
+    model = "under-load"
+    replicas.insert(model, *[(f"Which planet is number {i} from the sun?", f"planet {i}") for i in range(4)])
+    results: list[tuple[float, float, str]] = []  # (sent at, seconds, "" or the failure)
+    stop = time.monotonic() + 7.0
+
+    def client(n: int) -> None:
+        i = 0
+        with httpx.Client(timeout=30) as http:
+            while time.monotonic() < stop:
+                data = (
+                    mc_insert(model, (f"Client {n} asks question number {i}?", f"answer {n}-{i}")) if i % 3 == 0
+                    else mc_query(model, f"which planet is number {i % 4} from the sun")
+                )
+                sent = time.monotonic()
+                try:
+                    r = http.post(f"{replicas.services.url}/modelcache", json=json.dumps(data))
+                    ok = r.status_code == 200 and r.json().get("errorCode") == 0
+                    failure = "" if ok else f"{r.status_code} {r.text[:200]}"
+                except httpx.HTTPError as exc:
+                    failure = type(exc).__name__
+                results.append((sent, time.monotonic() - sent, failure))
+                i += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client, n) for n in range(8)]
+        time.sleep(2.0)
+        killed_at = time.monotonic()
+        replicas.procs[0].kill()
+        for f in futures:
+            f.result()
+    failures = [r for r in results if r[2]]
+    around = [r for r in results if r[0] <= killed_at <= r[0] + r[1]]
+    slowest = max(r[1] for r in results)
+    print(f"{len(replicas.procs)} replicas, one killed: {len(results)} requests, {len(around)} in flight at the kill, "
+          f"{len(failures)} failed, slowest {slowest:.2f}s")
+    path = os.environ.get("UNIMODEL_HA_REPORT")
+    if path:
+        n = len(replicas.procs)
+        merge_ha_report(Path(path), {f"cache_replica_of_{n}": {
+            "requests_sent": len(results), "requests_failed": len(failures), "in_flight_at_kill": len(around),
+            "max_latency_ms": round(slowest * 1000, 1),
+            "latency_recovery_s": round(max((r[0] + r[1] - killed_at for r in results if r[1] > 0.2), default=0.0), 2),
+            "latency_recovery_means": "from the kill until the last request slower than 0.2 s ended",
+            "killed": f"cache-0 of {n} replicas on one PostgreSQL and one Milvus Lite server (SIGKILL)",
+        }}, what="tests/integration/test_cache_replicas.py: kill -9 of one cache replica while 8 clients query and "
+                 "insert through the gateway's ModelCache API",
+           command=f"UNIMODEL_HA_REPORT={path} .venv/bin/python -m pytest tests/integration/test_cache_replicas.py -q -k killing")
+    assert not failures, failures[:5]
+    assert len(results) > 50

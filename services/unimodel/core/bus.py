@@ -128,6 +128,7 @@ class Bus:
         self.on_state: Callable[[bool], None] | None = None
         # after a reconnect (not the first connect): what was on its way may have been lost
         self.on_reconnect: Callable[[], None] | None = None
+        self.reconnected_at: float | None = None  # time.monotonic() of the last reconnect; None: never
 
     # connection -------------------------------------------------------------------------------
     @property
@@ -170,7 +171,8 @@ class Bus:
             self.on_state(False)
 
     async def _on_reconnected(self) -> None:
-        log.info("reconnected to NATS")
+        self.reconnected_at = time.monotonic()
+        log.info("reconnected to NATS %s", self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "")
         if self.on_state:
             self.on_state(True)
         if self.on_reconnect:
@@ -231,9 +233,25 @@ class Bus:
             return None
         return True
 
-    async def alive(self, instance_id: str, timeout_s: float) -> bool | None:
-        """`responds` on the instance's liveness subject: whether its process is still connected."""
-        return await self.responds(subjects.alive(instance_id), timeout_s)
+    def reconnect_age(self) -> float | None:
+        """Seconds since this connection last reconnected (None: it never did), as `alive` answers carry it."""
+        return None if self.reconnected_at is None else time.monotonic() - self.reconnected_at
+
+    async def alive(self, instance_id: str, timeout_s: float) -> bool | float | None:
+        """Whether the instance's process is still connected, asked on its liveness subject: True (it
+        answered), a float (it answered, and reconnected to NATS that many seconds ago: with a NATS cluster
+        a peer moves to another node when its node dies, and what was passing through the dead node is
+        lost), False (NATS: no responders, the process is gone) or None (nothing is known)."""
+        try:
+            msg = await self.client().request(subjects.alive(instance_id), b"", timeout=timeout_s)
+        except nats.errors.NoRespondersError:
+            return False
+        except (nats.errors.TimeoutError, errors.Unavailable, *CONNECTION_ERRORS):
+            return None
+        try:
+            return float(msg.data) if msg.data else True
+        except ValueError:
+            return True
 
     async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> Subscription:
         """A plain subscription (e.g. for answers) that `stop_serving` leaves open: in-flight requests

@@ -7,5 +7,6 @@ EMBEDDING_WORKER = "embedding-worker"
 WORKER_KINDS = (GPU_WORKER, EMBEDDING_WORKER)
 """The kinds that host models (their InstanceInfo lists models, engines and model states)."""
 
-SERVICE_KINDS = ("gateway", ROUTER, BATCHER, "cache", EMBEDDING_WORKER, GPU_WORKER)
+CACHE = "cache"
+SERVICE_KINDS = ("gateway", ROUTER, BATCHER, CACHE, EMBEDDING_WORKER, GPU_WORKER)
 """The six services of a cluster (`unimodel status` reports a kind with no instance)."""

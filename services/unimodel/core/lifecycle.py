@@ -109,11 +109,12 @@ class Service:
             pid=os.getpid(),
         )
 
-    @staticmethod
-    async def _on_alive(msg: Msg) -> None:
+    async def _on_alive(self, msg: Msg) -> None:
+        """Empty, or, once the connection reconnected, the seconds since (Bus.alive)."""
         if msg.reply:
+            age = self.bus.reconnect_age()
             with contextlib.suppress(Exception):  # the caller gave up or NATS went away: nothing to do
-                await msg.respond(b"")
+                await msg.respond(b"" if age is None else f"{age:.3f}".encode())
 
     def update_registration(self) -> None:
         if self.registration is not None:

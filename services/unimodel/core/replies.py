@@ -52,6 +52,9 @@ Answer = bytes | inference_pb2.BlobRef
 _NO_RESPONDERS = "503"
 _STATUS = "Status"
 
+NO_RESPONDERS_RETRY_S = 0.25
+"""With ReplyMux.no_responders_wait_s set, a request NATS answered "no responders" is sent again this often."""
+
 
 class ReplyMux:
     def __init__(self, bus: Bus, instance_id: str, blobs: Blobs | None = None) -> None:
@@ -68,6 +71,12 @@ class ReplyMux:
         self._streams: dict[str, ReplyStream] = {}
         # what each waiting request sent, to send it again if its batcher is gone: inbox -> Sent
         self._sent: dict[str, Sent] = {}
+        # "no responders" (no batcher subscribed right now: all restarting, or moving to another node of a
+        # NATS cluster) sends a request again every NO_RESPONDERS_RETRY_S for up to this long before it
+        # fails with it (nothing was taken, so sending again is safe); 0: it fails at once
+        self.no_responders_wait_s = 0.0
+        self._no_responders_until: dict[str, float] = {}  # inbox -> when its retries end
+        self._retries: set[asyncio.Task[None]] = set()
 
     @property
     def pending(self) -> int:
@@ -147,6 +156,7 @@ class ReplyMux:
             self._pending.pop(inbox, None)
             self._bundles.pop(inbox, None)
             self._sent.pop(inbox, None)
+            self._no_responders_until.pop(inbox, None)
             if held and self.blobs is not None:
                 self.blobs.release(held)
         if isinstance(answer, inference_pb2.BlobRef):  # a big answer, held by the worker
@@ -278,8 +288,15 @@ class ReplyMux:
         if headers:
             if headers.get(_STATUS) == _NO_RESPONDERS:
                 gone = no_responders(subject)
-                for inbox in self._bundles.pop(msg.subject, None) or (msg.subject,):
-                    self._fail(inbox, gone)
+                inboxes = self._bundles.pop(msg.subject, None) or [msg.subject]
+                later = [inbox for inbox in inboxes if self._may_send_again(inbox)]
+                for inbox in inboxes:
+                    if inbox not in later:
+                        self._fail(inbox, gone)
+                if later:
+                    task = asyncio.get_running_loop().create_task(self._send_again(later))
+                    self._retries.add(task)
+                    task.add_done_callback(self._retries.discard)
                 return
             err = error_from_headers(headers)
             if err is not None:
@@ -293,6 +310,27 @@ class ReplyMux:
                     future.set_exception(exc)
                 return
         future.set_result(msg.data)
+
+    def _may_send_again(self, inbox: str) -> bool:
+        """Whether a request NATS answered "no responders" is sent again (no_responders_wait_s)."""
+        if self.no_responders_wait_s <= 0 or inbox not in self._sent:
+            return False
+        now = time.monotonic()
+        until = self._no_responders_until.setdefault(inbox, now + self.no_responders_wait_s)
+        return now + NO_RESPONDERS_RETRY_S < until
+
+    async def _send_again(self, inboxes: list[str]) -> None:
+        """After NO_RESPONDERS_RETRY_S, each request still waiting alone on its batch subject, same inbox."""
+        await asyncio.sleep(NO_RESPONDERS_RETRY_S)
+        for inbox in inboxes:
+            sent, entry = self._sent.get(inbox), self._pending.get(inbox)
+            if sent is None or entry is None or entry[0].done():
+                continue
+            self._sent[inbox] = sent._replace(at=time.monotonic())
+            try:
+                await self.bus.client().publish(sent.subject, sent.data, reply=inbox, headers=sent.headers)
+            except (errors.UnimodelError, *CONNECTION_ERRORS):
+                self._fail(inbox, connection_down())
 
     def _on_batch(self, data: bytes) -> None:
         try:

@@ -1,11 +1,18 @@
 """The gateway's calls to the cache service (NATS request/reply on the cache subjects), and the chat
 path's fail-open lookup: whatever goes wrong with the cache (service down, Milvus down, embedding model
-not loaded, too slow), a chat request goes on to the model, marked "bypassed"."""
+not loaded, too slow), a chat request goes on to the model, marked "bypassed".
+
+Cache replicas take requests as a NATS queue group: a replica that dies takes the requests it held with
+it (core NATS does not redeliver). The gateway's path watch (core/path_watch.py) finds a replica gone and
+calls `resend`: every call that waited since before is sent again, at most MAX_SENDS times in all. That
+is safe for every call: queries and logs read, an insert of entries already stored refreshes them (no
+duplicate: cache/store.py), a removal of what is gone removes nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -24,6 +31,10 @@ HIT, MISS, BYPASSED = "hit", "miss", "bypassed"
 
 M = TypeVar("M", bound=Message)
 
+_RESEND = "unimodel: cache replica gone"
+"""Cancel message for a call whose replica may be gone: swallowed (uncancel), and the call sent again."""
+MAX_SENDS = 3
+
 
 @dataclass(slots=True)
 class Lookup:
@@ -37,10 +48,41 @@ class CacheClient:
         self.bus = bus
         self.timeout_s = timeout_s
         self._writes: set[asyncio.Task[None]] = set()
+        self._waiting: dict[asyncio.Task[object], float] = {}  # calls waiting for a replica -> time.monotonic() sent
 
     async def _call(self, subject: str, request: Message, reply_type: type[M], ctx: RequestContext, timeout_s: float) -> M:
-        raw = await self.bus.request(subject, request.SerializeToString(), ctx, timeout_s=timeout_s)
-        return reply_type.FromString(raw)
+        task = asyncio.current_task()
+        assert task is not None
+        data = request.SerializeToString()
+        sends = 0
+        while True:
+            sends += 1
+            self._waiting[task] = time.monotonic()
+            try:
+                raw = await self.bus.request(subject, data, ctx, timeout_s=timeout_s)
+            except asyncio.CancelledError as exc:
+                if exc.args != (_RESEND,) or task.uncancel() != 0:
+                    raise
+                if sends >= MAX_SENDS:
+                    raise errors.Unavailable(
+                        f"the cache replicas stopped while holding this request ({sends} tries)", retry_after_s=1
+                    ) from None
+                continue
+            finally:
+                self._waiting.pop(task, None)
+            return reply_type.FromString(raw)
+
+    def oldest_wait(self) -> float | None:
+        """When the call waiting longest was sent (time.monotonic()), or None."""
+        return min(self._waiting.values(), default=None)
+
+    def resend(self, before: float) -> int:
+        """Send again every call waiting since before `before` (time.monotonic()): a cache replica that
+        may have held it is gone. Returns how many."""
+        stale = [task for task, since in self._waiting.items() if since < before]
+        for task in stale:
+            task.cancel(_RESEND)
+        return len(stale)
 
     async def query(
         self, request: cache_pb2.CacheQueryRequest, ctx: RequestContext, timeout_s: float | None = None

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from unimodel.core import blobs, errors, generation_rules, modelconfig, path_watch, subjects, tracing
 from unimodel.core.blobs import Blobs
 from unimodel.core.context import RequestContext
-from unimodel.core.kinds import BATCHER, ROUTER, WORKER_KINDS
+from unimodel.core.kinds import BATCHER, CACHE, ROUTER, WORKER_KINDS
 from unimodel.core.lifecycle import FatalError, Service
 from unimodel.core.membership import Discovery, instances_prefix, model_key, models_prefix
 from unimodel.core.replies import Encoded, ReplyMux, ReplyStream
@@ -48,8 +48,15 @@ RECONNECT_SETTLE_S = 1.0
 """After a NATS reconnect, how long the peers get to subscribe again before lost work is sent again."""
 RECONNECT_SILENCE_S = 3.0
 """A running generation silent since a NATS reconnect, for this long: its chunks were lost (it moves)."""
+CACHE_STALL_S = 0.2
+CACHE_WATCH_INTERVAL_S = 0.1
+"""Cache calls are short (a query waits cache_timeout_s, 0.5 s): the cache replicas are probed once a call
+has waited CACHE_STALL_S, checked every CACHE_WATCH_INTERVAL_S (_watch_cache)."""
 STREAM_LIVENESS_S = 10.0
 """A worker whose generations sent nothing for this long and that does not answer its probe is lost."""
+NO_BATCHER_WAIT_S = 3.0
+"""A request NATS answered "no responders" (no batcher subscribed right now) is sent again every 0.25 s for
+up to this long before it fails with 503 (ReplyMux.no_responders_wait_s), as a batcher does for routers."""
 
 Reply = TypeVar("Reply", inference_pb2.PredictResponse, inference_pb2.InferResponse)
 T = TypeVar("T")
@@ -85,6 +92,8 @@ class GatewayService(Service):
         super().__init__(settings, **kw)
         self.blobs = Blobs(self.bus, self.id, same_host=self.settings.same_host_blobs)  # big items held while their request waits (core/blobs.py)
         self.replies = ReplyMux(self.bus, self.id, self.blobs)  # answers of batch-path requests, singly or in ReplyBatches
+        # no batcher subscribed for a moment (all restarting, or moving to another NATS cluster node): try again
+        self.replies.no_responders_wait_s = NO_BATCHER_WAIT_S
         self.cache = CacheClient(self.bus, settings.cache_timeout_s)
         self.body_codec = BodyCodec(settings.offload_body_bytes, settings.offload_processes)  # big bodies, off the loop
         self.instances: Discovery[registry_pb2.InstanceInfo] = Discovery(
@@ -426,28 +435,53 @@ class GatewayService(Service):
         the registered batchers and routers are asked whether they are still connected. A gone batcher:
         its waiting requests are sent again (ReplyMux.resend). A gone batcher or router: generations not
         yet accepted are sent again under a new id, the old one aborted (Generation.path_lost). Batches
-        a gone router held are sent again by their batcher."""
+        a gone router held are sent again by their batcher. A batcher, router or worker that reconnected
+        to NATS since the oldest wait began (its node of a NATS cluster died) counts as gone once: what
+        passed through the dead node is lost."""
         watch = path_watch.PathWatch(lambda i: self.bus.alive(i, path_watch.PROBE_TIMEOUT_S), path_watch.STALL_S)
         while True:
             await asyncio.sleep(path_watch.INTERVAL_S)
-            kinds = {i.id: i.kind for i in self.instances.items.values() if i.kind in (BATCHER, ROUTER)}
+            # workers too: one that moved to another NATS node (its node died) may have lost answers on the way
+            kinds = {i.id: i.kind for i in self.instances.items.values() if i.kind in (BATCHER, ROUTER, *WORKER_KINDS)}
             waits = [t for t in (self.replies.oldest_wait(), *(g.opened_at for g in self._starting)) if t is not None]
             checked = time.monotonic()
-            gone = await watch.check(min(waits, default=None), kinds)
+            found = await watch.check(min(waits, default=None), kinds)
+            gone = [i for i in found if kinds[i] in (BATCHER, ROUTER) or i in watch.reconnected]  # a dead worker: not here
             if not gone:
                 continue
             names = ", ".join(f"{kinds[i]} {i}" for i in gone)
-            starting = [g for g in self._starting if g.opened_at < checked]
+            starting = [g for g in self._starting if g.opened_at < checked and any(kinds[i] in (BATCHER, ROUTER) for i in gone)]
             for gen in starting:
                 gen.path_lost(f"{names} stopped while holding this request")
             sent = 0
-            if any(kinds[i] == BATCHER for i in gone):
+            if any(kinds[i] == BATCHER for i in gone) or watch.reconnected:
+                # a peer that only reconnected lost what was on its way before it did, not what came after
+                before = checked if any(i not in watch.reconnected for i in gone) else max(watch.reconnected.values())
                 try:
-                    sent = await self.replies.resend(before=checked)
+                    sent = await self.replies.resend(before=before)
                 except errors.UnimodelError as exc:  # NATS is down: they fail as they would have
                     self.log.warning("%s gone; could not send its requests again: %s", names, exc)
                 self.stats.resent.inc(sent)
-            self.log.warning("%s is gone: sent %d waiting request(s) and %d generation(s) again", names, sent, len(starting))
+            what = "reconnected to NATS" if set(gone) <= set(watch.reconnected) else "is gone"
+            self.log.warning("%s %s: sent %d waiting request(s) and %d generation(s) again", names, what, sent, len(starting))
+
+    async def _watch_cache(self) -> None:
+        """Send again the cache calls a dead cache replica held (gateway/cache_client.py): while a call has
+        waited over CACHE_STALL_S, the registered cache replicas are asked whether they are still connected
+        (core/path_watch.py); one that is gone, or reconnected to NATS since, may have held it."""
+        watch = path_watch.PathWatch(lambda i: self.bus.alive(i, path_watch.PROBE_TIMEOUT_S), CACHE_STALL_S)
+        while True:
+            await asyncio.sleep(CACHE_WATCH_INTERVAL_S)
+            replicas = [i.id for i in self.instances.items.values() if i.kind == CACHE]
+            checked = time.monotonic()
+            gone = await watch.check(self.cache.oldest_wait(), replicas)
+            if not gone:
+                continue
+            before = checked if any(i not in watch.reconnected for i in gone) else max(watch.reconnected.values())
+            sent = self.cache.resend(before)
+            self.stats.resent.inc(sent)
+            what = "reconnected to NATS" if set(gone) <= set(watch.reconnected) else "is gone"
+            self.log.warning("cache %s %s: sent %d waiting cache call(s) again", ", ".join(gone), what, sent)
 
     def _unresponsive(self, worker: str) -> str:
         """Why a worker that did not answer its liveness probe counts as lost ("" while it does not): its
@@ -525,6 +559,7 @@ class GatewayService(Service):
         await self.cluster_stats.start()
         self.spawn(self._watch_streams(), "watch streams")
         self.spawn(self._watch_paths(), "watch batchers and routers")
+        self.spawn(self._watch_cache(), "watch cache replicas")
         self.instances.start()
         self.registered.start()
         if self.settings.load_models:

@@ -1,5 +1,10 @@
 """`unimodel up`: nats-server, etcd, Milvus Lite and the six services as child processes of one supervisor.
 
+With `--ha`, three nats-server nodes joined in one NATS cluster and three etcd members in one etcd cluster
+(HaPorts: fixed ports counted from --nats-port, --nats-cluster-port and --etcd-port, each checked before
+the start); every service is given all three NATS URLs and all three etcd endpoints and fails over between
+them. A node or member that dies is restarted by the supervisor like any other child and rejoins.
+
 State (NATS JetStream store, etcd data, Milvus Lite's file, the cache's SQLite store) lives under one
 directory, resolved to an absolute path at the start (children get absolute paths only) and locked, so a
 second `up` on the same state directory is refused. Every child's log line is prefixed with its name.
@@ -31,7 +36,16 @@ from unimodel.core.settings import CommonSettings
 from unimodel.core.subjects import Permissions
 from unimodel.local.binaries import BinaryNotFound
 from unimodel.local.credentials import ETCD_USER, NATS_CONFIG, LocalCredentials
-from unimodel.local.procs import EtcdServer, ManagedProcess, MilvusLiteServer, NatsServer, free_port, http_ok, port_in_use
+from unimodel.local.procs import (
+    EtcdServer,
+    ManagedProcess,
+    MilvusLiteServer,
+    NatsServer,
+    etcd_initial_cluster,
+    free_port,
+    http_ok,
+    port_in_use,
+)
 from unimodel.local.supervisor import GiveUp, RestartPolicy, Supervisor
 
 # (CLI name, module) in start order; the gateway last so it is ready when the rest is.
@@ -54,12 +68,47 @@ LOCK_FILE = "up.lock"
 """In the state directory: flock-ed by the `unimodel up` that uses it, holding its pid."""
 
 
+HA_SIZE = 3
+"""Nodes of the NATS cluster and members of the etcd cluster of `unimodel up --ha`."""
+
+
+@dataclass(frozen=True)
+class HaPorts:
+    """The ports of `up --ha` on one host: NATS node i serves clients on nats_port + i and its cluster
+    routes on cluster_port + i; etcd member i serves clients on etcd_port + 2i and its peers on
+    etcd_port + 2i + 1 (defaults: NATS 4222-4224, routes 6222-6224, etcd 2379/2380, 2381/2382, 2383/2384)."""
+
+    nats_port: int = 4222
+    cluster_port: int = 6222
+    etcd_port: int = 2379
+    size: int = HA_SIZE
+
+    def nats(self, i: int) -> tuple[int, int]:
+        """(client port, route port) of NATS node i."""
+        return self.nats_port + i, self.cluster_port + i
+
+    def etcd(self, i: int) -> tuple[int, int]:
+        """(client port, peer port) of etcd member i."""
+        return self.etcd_port + 2 * i, self.etcd_port + 2 * i + 1
+
+    def all(self) -> list[tuple[str, int]]:
+        """Every port with what it is for (the flag that moves it), to check before starting."""
+        out = []
+        for i in range(self.size):
+            client, route = self.nats(i)
+            out += [(f"NATS node {i} (--nats-port)", client), (f"NATS node {i} routes (--nats-cluster-port)", route)]
+        for i in range(self.size):
+            client, peer = self.etcd(i)
+            out += [(f"etcd member {i} (--etcd-port)", client), (f"etcd member {i} peers (--etcd-port)", peer)]
+        return out
+
+
 class InstanceUsers:
     """One NATS user per running service process (local/credentials.py): `renew` makes a new instance id
     and user for a process about to start, drops the user of its previous run, rewrites the nats-server
-    configuration and has the running server reload it."""
+    configuration and has every running node reload it (with --ha every node includes the same file)."""
 
-    def __init__(self, credentials: LocalCredentials, nats: NatsServer, extra_users: dict[str, Permissions]) -> None:
+    def __init__(self, credentials: LocalCredentials, nats: list[NatsServer], extra_users: dict[str, Permissions]) -> None:
         self.credentials, self.nats, self.extra_users = credentials, nats, extra_users
         self.kinds: dict[str, str] = {}  # running instance id -> service kind
 
@@ -74,7 +123,8 @@ class InstanceUsers:
         password = self.credentials.mint_instance(instance_id).read_text().strip()
         self.kinds[instance_id] = kind
         self.write_config()
-        self.nats.reload(instance_id, password)
+        for node in self.nats:
+            node.reload(instance_id, password)
         return instance_id
 
 
@@ -138,6 +188,12 @@ class ClusterConfig:
     # clients on the cluster's NATS (scripts/bench/hops.py), never given to a service. "" = none.
     nats_tool_user: str = ""
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    ha: bool = False  # three NATS nodes and three etcd members (HaPorts) instead of one of each
+    nats_cluster_port: int = 6222  # with ha: the first NATS node's cluster route port
+
+    @property
+    def ha_ports(self) -> HaPorts:
+        return HaPorts(self.nats_port, self.nats_cluster_port, self.etcd_port)
 
     def __post_init__(self) -> None:
         # Once, here: every child gets absolute paths, whatever directory it runs in.
@@ -154,8 +210,10 @@ class LocalCluster:
     def __init__(self, cfg: ClusterConfig, sink: IO[str] | None = None) -> None:
         self.cfg = cfg
         self.sink = sink if sink is not None else sys.stdout
-        self.nats: NatsServer | None = None
-        self.etcd: EtcdServer | None = None
+        self.nats: NatsServer | None = None  # the first node (of nats_nodes)
+        self.etcd: EtcdServer | None = None  # the first member (of etcd_members)
+        self.nats_nodes: list[NatsServer] = []
+        self.etcd_members: list[EtcdServer] = []
         self.milvus: MilvusLiteServer | None = None
         self.services: list[ManagedProcess] = []
         self.credentials: LocalCredentials | None = None
@@ -191,6 +249,10 @@ class LocalCluster:
 
     def _check_ports(self) -> None:
         c = self.cfg
+        if c.ha:
+            for what, port in c.ha_ports.all():
+                if port_in_use(port, c.host):
+                    raise ClusterError(f"{what}: port {port} on {c.host} is in use (choose other ports with that flag)")
         for what, port in (("HTTP", c.http_port), ("gRPC", c.grpc_port), ("NATS", c.nats_port), ("etcd", c.etcd_port)):
             if port and port_in_use(port, c.host):
                 flag = {"HTTP": "--http-port", "gRPC": "--grpc-port", "NATS": "--nats-port", "etcd": "--etcd-port"}[what]
@@ -201,8 +263,8 @@ class LocalCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("UNIMODEL_NATS_", "UNIMODEL_ETCD_")) or k == "UNIMODEL_ETCD_PREFIX"}
         env.pop("UNIMODEL_INSTANCE_ID", None)
         env.update(self.cfg.extra_env)
-        env["UNIMODEL_NATS_URL"] = self.nats.address if self.nats else ""
-        env["UNIMODEL_ETCD_ENDPOINTS"] = self.etcd.endpoint if self.etcd else ""
+        env["UNIMODEL_NATS_URL"] = self.nats_urls
+        env["UNIMODEL_ETCD_ENDPOINTS"] = self.etcd_endpoints
         env["PYTHONUNBUFFERED"] = "1"
         if not self.cfg.config and "UNIMODEL_UPSTREAM_URLS" not in env:
             # openai-engine models may front servers on this host only (a --config file says otherwise)
@@ -290,15 +352,34 @@ class LocalCluster:
             raise ClusterError(str(exc)) from None
         self.supervisor.watch(infra)
 
+    @property
+    def nats_urls(self) -> str:
+        """Every NATS node's URL, comma separated (the services' --nats-url)."""
+        return ",".join(node.address for node in self.nats_nodes)
+
+    @property
+    def etcd_endpoints(self) -> str:
+        """Every etcd member's host:port, comma separated (the services' --etcd-endpoints)."""
+        return ",".join(member.endpoint for member in self.etcd_members)
+
     def start_bus_and_store(self) -> None:
         """Start NATS (with the services' users and permissions) and etcd, and turn etcd's
-        authentication on. `start` calls it; a test can call it alone."""
+        authentication on (once, for the whole etcd cluster with --ha). `start` calls it; a test can call
+        it alone."""
         if self.nats is None or self.etcd is None:
             self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
             self._make_bus_and_store()
         assert self.nats is not None and self.etcd is not None
-        self._start_infra(self.nats)
-        self._start_infra(self.etcd)
+        for node in self.nats_nodes:
+            self._start_infra(node)
+        for member in self.etcd_members:  # all before waiting: a member is healthy once a quorum runs
+            member.start()
+        for member in self.etcd_members:
+            try:
+                member.wait_ready(60)
+            except (RuntimeError, TimeoutError) as exc:
+                raise ClusterError(str(exc)) from None
+            self.supervisor.watch(member)
         self._enable_etcd_auth()
 
     def _make_bus_and_store(self) -> None:
@@ -310,12 +391,35 @@ class LocalCluster:
         self.credentials.drop_all_instances()  # a previous run's processes are gone
         url_user = (c.nats_tool_user, self.credentials.nats_password_file(c.nats_tool_user).read_text().strip()) if tool else None
         config_file = self.credentials.folder / NATS_CONFIG
-        self.nats = NatsServer(
-            c.nats_port, c.state_dir / "nats", host=c.host, config_file=config_file, url_user=url_user, sink=self.sink, color=0
-        )
-        self.instance_users = InstanceUsers(self.credentials, self.nats, {u: nats_config.ALL for u in tool})
+        if c.ha:
+            ports = c.ha_ports
+            nodes = [nats_config.ClusterNode(f"nats-{i}", c.host, ports.nats(i)[1]) for i in range(ports.size)]
+            self.nats_nodes = [
+                NatsServer(
+                    ports.nats(i)[0], c.state_dir / "nats-cluster" / node.name, host=c.host, config_file=config_file,
+                    url_user=url_user, cluster=(node, [n for n in nodes if n is not node]), sink=self.sink, color=0,
+                    name=node.name,
+                )
+                for i, node in enumerate(nodes)
+            ]
+            members = [(f"etcd-{i}", c.host, ports.etcd(i)[1]) for i in range(ports.size)]
+            initial = etcd_initial_cluster(members)
+            every = ",".join(f"{c.host}:{ports.etcd(i)[0]}" for i in range(ports.size))
+            self.etcd_members = [
+                EtcdServer(
+                    ports.etcd(i)[0], peer, c.state_dir / "etcd-cluster" / name, host=c.host, member=name,
+                    initial_cluster=initial, ctl_endpoints=every, sink=self.sink, color=1, name=name,
+                )
+                for i, (name, _host, peer) in enumerate(members)
+            ]
+        else:
+            self.nats_nodes = [NatsServer(
+                c.nats_port, c.state_dir / "nats", host=c.host, config_file=config_file, url_user=url_user, sink=self.sink, color=0
+            )]
+            self.etcd_members = [EtcdServer(c.etcd_port, free_port(c.host), c.state_dir, host=c.host, sink=self.sink, color=1)]
+        self.nats, self.etcd = self.nats_nodes[0], self.etcd_members[0]
+        self.instance_users = InstanceUsers(self.credentials, self.nats_nodes, {u: nats_config.ALL for u in tool})
         self.instance_users.write_config()  # no service user yet: each process gets its own as it starts
-        self.etcd = EtcdServer(c.etcd_port, free_port(c.host), c.state_dir, host=c.host, sink=self.sink, color=1)
 
     def _enable_etcd_auth(self) -> None:
         assert self.etcd is not None and self.credentials is not None
@@ -395,7 +499,7 @@ class LocalCluster:
                 f"  HTTP   http://{c.host}:{c.http_port}   (GET /v1/models, POST /v1/models/<model>:predict, /v2 KServe, /docs)",
                 f"  gRPC   {c.host}:{c.grpc_port}   (unimodel.v1.InferenceService, inference.GRPCInferenceService, health)",
                 f"  models {self.repository()}",
-                f"  NATS   {self.nats.address if self.nats else '-'}   etcd {self.etcd.endpoint if self.etcd else '-'}"
+                f"  NATS   {self.nats_urls or '-'}   etcd {self.etcd_endpoints or '-'}"
                 f"   Milvus Lite {self.milvus.uri if self.milvus else '-'}",
                 f"  state  {c.state_dir.resolve()}",
                 f"  auth   {self.credentials.folder if self.credentials else '-'}   (NATS: one user per process; etcd: user unimodel)",
@@ -410,7 +514,7 @@ class LocalCluster:
             t.start()
         for t in threads:
             t.join()
-        for infra in (self.milvus, self.etcd, self.nats):
+        for infra in (self.milvus, *self.etcd_members, *self.nats_nodes):
             if infra is not None:
                 infra.stop(10.0)
         if self.credentials is not None:
@@ -426,8 +530,17 @@ def parse_args(argv: list[str] | None) -> ClusterConfig:
     p.add_argument("--host", default="127.0.0.1", help="address every server binds to (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--nats-port", type=int, default=4222)
-    p.add_argument("--etcd-port", type=int, default=2379)
+    p.add_argument("--nats-port", type=int, default=4222, help="NATS client port (with --ha: of the first node; the others +1, +2)")
+    p.add_argument(
+        "--etcd-port", type=int, default=2379,
+        help="etcd client port (with --ha: member i serves clients on this + 2i and peers on this + 2i + 1)",
+    )
+    p.add_argument(
+        "--ha", action="store_true",
+        help="a 3-node NATS cluster and a 3-member etcd cluster instead of one of each; every service gets "
+        "all their addresses and fails over between them",
+    )
+    p.add_argument("--nats-cluster-port", type=int, default=6222, help="with --ha: the first NATS node's route port (the others +1, +2)")
     p.add_argument("--workers", type=int, default=1, help="number of gpu-workers (default 1)")
     p.add_argument(
         "--vllm-workers", type=int, default=0,
@@ -452,7 +565,7 @@ def parse_args(argv: list[str] | None) -> ClusterConfig:
         p.error("--vllm-workers must be 0 or more")
     if a.embedding_workers < 0:
         p.error("--embedding-workers must be 0 or more (0: the gpu-workers embed)")
-    for name in ("http_port", "grpc_port", "nats_port", "etcd_port"):
+    for name in ("http_port", "grpc_port", "nats_port", "etcd_port", "nats_cluster_port"):
         if not 0 < getattr(a, name) < 65536:
             p.error(f"--{name.replace('_', '-')} must be a port number (1-65535)")
     return ClusterConfig(
@@ -462,7 +575,7 @@ def parse_args(argv: list[str] | None) -> ClusterConfig:
         log_level=a.log_level, lease_ttl_s=a.lease_ttl_s,
         model_repository=Path(a.model_repository) if a.model_repository else None,
         prepare_models=not a.no_prepare, load_models=a.load_models,
-        vllm_workers=a.vllm_workers, vllm_python=a.vllm_python,
+        vllm_workers=a.vllm_workers, vllm_python=a.vllm_python, ha=a.ha, nats_cluster_port=a.nats_cluster_port,
     )
 
 

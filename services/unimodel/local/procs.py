@@ -251,23 +251,34 @@ class NatsServer(ManagedProcess):
         config_file: Path | None = None,
         url_user: tuple[str, str] | None = None,
         max_payload: int = nats_config.MAX_PAYLOAD,
+        cluster: tuple[nats_config.ClusterNode, list[nats_config.ClusterNode]] | None = None,
+        monitor_port: int = 0,
         **kw,
     ) -> None:
         self.host, self.port = host, port
         self.config_file, self.url_user = config_file, url_user
+        self.monitor_port = monitor_port
         store_dir = store_dir.resolve()
         store_dir.mkdir(parents=True, exist_ok=True)
         argv = [str(binaries.nats_server())]
         if config_file is None:  # no users: a file with the message size limits alone (no flag sets them)
-            limits = store_dir / "limits.conf"
-            limits.write_text(nats_config.limits_block(max_payload))
-            argv += ["-c", str(limits)]
+            base = store_dir / "limits.conf"
+            base.write_text(nats_config.limits_block(max_payload))
         else:  # core/nats_config.py renders the limits into it too
-            argv += ["-c", str(config_file)]
+            base = config_file
+        if cluster is not None:
+            # one node of a cluster (`up --ha`): its own file, beside the users file it includes
+            node, peers = cluster
+            node_file = base.parent / f"{node.name}.conf"
+            node_file.write_text(nats_config.render_cluster_node(node, peers, base.name))
+            base = node_file
+        argv += ["-c", str(base)]
         argv += ["-a", host, "-p", str(port), "-js", "-sd", str(store_dir)]
-        if config_file is None:  # a server name given as a flag cannot be reloaded (SIGHUP) from a file
+        if monitor_port:
+            argv += ["-m", str(monitor_port)]
+        if config_file is None and cluster is None:  # a server name given as a flag cannot be reloaded (SIGHUP) from a file
             argv += ["-n", f"unimodel-{port}"]
-        super().__init__("nats", argv, **kw)
+        super().__init__(kw.pop("name", "nats"), argv, **kw)
 
     @property
     def address(self) -> str:
@@ -309,26 +320,56 @@ def nats_accepts(host: str, port: int, user: str, password: str, timeout: float 
         return False
 
 
+def etcd_member_flags(
+    name: str, host: str, port: int, peer_port: int, initial_cluster: str = "", token: str = ""
+) -> list[str]:
+    """etcd's flags for one member (no data dir): its client and peer URLs and the members it starts with
+    (`initial_cluster`: name=peer-URL,...; default: itself alone). Plain logic, unit-tested."""
+    client = f"http://{host}:{port}"
+    peer = f"http://{host}:{peer_port}"
+    flags = [
+        "--name", name,
+        "--listen-client-urls", client,
+        "--advertise-client-urls", client,
+        "--listen-peer-urls", peer,
+        "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", initial_cluster or f"{name}={peer}",
+    ]
+    if token:
+        flags += ["--initial-cluster-token", token, "--initial-cluster-state", "new"]
+    return flags
+
+
+def etcd_initial_cluster(members: list[tuple[str, str, int]]) -> str:
+    """etcd's --initial-cluster from (name, host, peer port) of every member."""
+    names = [name for name, _, _ in members]
+    if len(set(names)) != len(names):
+        raise ValueError("the members of an etcd cluster need distinct names")
+    return ",".join(f"{name}=http://{host}:{peer_port}" for name, host, peer_port in members)
+
+
 class EtcdServer(ManagedProcess):
-    def __init__(self, port: int, peer_port: int, data_dir: Path, *, host: str = "127.0.0.1", **kw) -> None:
+    """One etcd; with `initial_cluster` (etcd_initial_cluster) one member of a cluster, named `member`.
+    A member restarted on its data dir rejoins its cluster (etcd ignores the initial flags then)."""
+
+    def __init__(
+        self, port: int, peer_port: int, data_dir: Path, *, host: str = "127.0.0.1", member: str = "unimodel",
+        initial_cluster: str = "", ctl_endpoints: str = "", **kw,
+    ) -> None:
         self.host, self.port, self.peer_port = host, port, peer_port
+        self.member = member
+        self.ctl_endpoints = ctl_endpoints  # etcdctl's --endpoints (default: this member alone)
         self.root_env: dict[str, str] = {}  # etcdctl's credentials once enable_auth ran
         data_dir = data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
-        client = f"http://{host}:{port}"
-        peer = f"http://{host}:{peer_port}"
+        token = "unimodel" if initial_cluster else ""
         argv = [
             str(binaries.etcd()),
-            "--name", "unimodel",
+            *etcd_member_flags(member, host, port, peer_port, initial_cluster, token),
             "--data-dir", str(data_dir / "etcd"),
-            "--listen-client-urls", client,
-            "--advertise-client-urls", client,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"unimodel={peer}",
             "--log-level", "warn",
         ]
-        super().__init__("etcd", argv, **kw)
+        super().__init__(kw.pop("name", "etcd"), argv, **kw)
 
     @property
     def endpoint(self) -> str:
@@ -336,12 +377,16 @@ class EtcdServer(ManagedProcess):
 
     def start_and_wait(self, timeout: float = 30) -> None:
         self.start()
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until it answers /health (a cluster's member: once the cluster has a leader)."""
         wait_until(lambda: http_ok(f"http://{self.host}:{self.port}/health"), timeout, f"etcd on port {self.port}", self)
 
     def etcdctl(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         """etcdctl against this server, as root once `enable_auth` ran (its password in the environment,
         never on a command line)."""
-        ctl = [str(binaries.etcd().parent / "etcdctl"), "--endpoints", self.endpoint, *args]
+        ctl = [str(binaries.etcd().parent / "etcdctl"), "--endpoints", self.ctl_endpoints or self.endpoint, *args]
         env = {**os.environ, **self.root_env}
         return subprocess.run(ctl, input=stdin, capture_output=True, text=True, timeout=30, check=check, env=env)
 
