@@ -43,6 +43,21 @@ async def test_probes_only_once_something_stalled_and_reports_each_gone_instance
     assert await watch.check(98.0, ["b1", "b2"]) == ["b2"]
 
 
+async def test_probe_gone_again_sees_a_reconnect_after_a_moment_without_answer() -> None:
+    """The router's watch acts on reconnects only: a worker that did not answer while it subscribed again
+    after its reconnect is probed again, and its reconnect is then seen."""
+    answers: list[bool | float | None] = [False, 0.3]
+
+    async def probe(instance: str) -> bool | float | None:
+        return answers.pop(0)
+
+    clock = Clock()
+    watch = PathWatch(probe, stall_s=1.0, clock=clock, probe_gone_again=True)
+    assert await watch.check(98.0, ["w1"]) == ["w1"] and watch.reconnected == {}  # no answer for now
+    assert await watch.check(98.0, ["w1"]) == ["w1"]  # probed again: it answers, reconnected 0.3 s ago
+    assert watch.reconnected == {"w1": 99.7}
+
+
 async def test_resend_sends_the_stalled_requests_again_on_their_inbox_and_the_first_answer_wins() -> None:
     bus = FakeBus()
     mux = ReplyMux(bus, "gw-1")  # type: ignore[arg-type]  # FakeBus stands in for core.bus.Bus

@@ -33,10 +33,16 @@ RECONNECT_SLACK_S = 0.5
 
 
 class PathWatch:
-    def __init__(self, probe: Probe, stall_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, probe: Probe, stall_s: float = 1.0, clock: Callable[[], float] = time.monotonic, *, probe_gone_again: bool = False
+    ) -> None:
         self.probe = probe
         self.stall_s = stall_s
         self.clock = clock
+        # True: an instance found gone is probed again at the next check (and reported again while it does not
+        # answer), for an owner that acts only on reconnects: one that did not answer for a moment (it was
+        # subscribing again after its reconnect) is then seen answering with its reconnect
+        self.probe_gone_again = probe_gone_again
         self._gone: set[str] = set()  # reported already; forgotten once they leave the registry
         self._reconnects: dict[str, float] = {}  # instance -> clock time of the reconnect reported last
         self.reconnected: dict[str, float] = {}  # of the last check: instance -> clock time of its reported reconnect
@@ -55,7 +61,8 @@ class PathWatch:
         ids = sorted(registered - self._gone)
         answers = await asyncio.gather(*(self.probe(i) for i in ids), return_exceptions=True)
         gone = [i for i, answer in zip(ids, answers, strict=True) if answer is False]
-        self._gone.update(gone)
+        if not self.probe_gone_again:
+            self._gone.update(gone)
         now = self.clock()
         for i, answer in zip(ids, answers, strict=True):
             if isinstance(answer, float):  # reconnected `answer` seconds ago

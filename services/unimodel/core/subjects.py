@@ -210,7 +210,8 @@ def permissions(kind: str, instance_id: str = ANY_INSTANCE) -> Permissions:
         # batches to routers (and liveness probes of routers that hold one); an item it cannot queue is
         # answered at its caller's inbox
         "batcher": Permissions(publish=(ROUTE_ALL, REPLIES_ALL, ALIVE_ALL), subscribe=(BATCH_ALL, BUNDLE_ALL, *own)),
-        "router": Permissions(publish=(WORKER_INFER_ALL, WORKER_CONTROL_ALL), subscribe=(ROUTE_ALL, LOAD, *own)),
+        # batches and commands to workers (and liveness probes of workers that hold a batch: router `_watch_workers`)
+        "router": Permissions(publish=(WORKER_INFER_ALL, WORKER_CONTROL_ALL, ALIVE_ALL), subscribe=(ROUTE_ALL, LOAD, *own)),
         # embeddings go through the batcher like any request; answers come to the cache's own inbox
         "cache": Permissions(publish=(BATCH_ALL, BUNDLE_ALL), subscribe=(CACHE_ALL, f"{replies(instance_id)}.*", *own)),
     }

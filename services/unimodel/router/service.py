@@ -7,6 +7,7 @@ worker's load (outstanding batches) and whether the batch must go to another ins
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import cast
@@ -15,7 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
-from unimodel.core import capacity_shares, errors, modelconfig, subjects, tracing
+from unimodel.core import capacity_shares, errors, modelconfig, path_watch, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.grpc_server import maps_errors
 from unimodel.core.kinds import BATCHER, WORKER_KINDS
@@ -52,6 +53,17 @@ class WorkerLost(Exception):
 
 _LOST = "unimodel: worker lost"
 """Cancel message for a handler task whose worker left; swallowed (uncancel) and turned into WorkerLost."""
+_ACK_LOST = "unimodel: worker reconnected"
+"""Cancel message for a handler task whose worker reconnected to NATS after the batch was sent (its node of a
+NATS cluster died): the ack may be lost on the way; turned into AckLost, the batch is sent again."""
+
+
+class AckLost(WorkerLost):
+    """The worker is alive but reconnected to NATS since the batch was sent: its ack may never come."""
+
+
+MAX_ACK_LOST_SENDS = 3
+"""A batch whose ack was lost to a reconnect is sent again at most this many times."""
 
 
 class RouterService(Service):
@@ -63,6 +75,7 @@ class RouterService(Service):
         self.table = WorkerTable()
         self.stats = RouterMetrics(self.metrics.registry, self._worker_states)
         self._inflight: dict[str, set[asyncio.Task[object]]] = {}
+        self._sent_at: dict[asyncio.Task[object], float] = {}  # batch waits -> time.monotonic() sent to the worker
         self.workers: Discovery[registry_pb2.InstanceInfo] = Discovery(
             self.store,
             instances_prefix(settings.etcd_prefix),
@@ -130,6 +143,7 @@ class RouterService(Service):
         await self.bus.serve(subjects.ROUTE_ALL, self._on_batch, queue=subjects.QUEUE_ROUTER)
         await self.bus.subscribe(subjects.LOAD, self._on_load)
         self.spawn(self._reconcile_loop(), name="placement")
+        self.spawn(self._watch_workers(), name="watch workers")
 
     async def on_close(self) -> None:
         await self.workers.stop()
@@ -228,7 +242,7 @@ class RouterService(Service):
         arrived = time.perf_counter()
         tried: list[str] = []
         busy: inference_pb2.BatchAck | None = None
-        lost = 0
+        lost = resent = 0
         while lost <= self.settings.retries:
             before = time.perf_counter()
             worker_id = choose(len(tried), tried)
@@ -238,6 +252,12 @@ class RouterService(Service):
             tried.append(worker_id)
             try:
                 raw = await self._send(worker_id, batch, ctx)
+            except AckLost as exc:  # alive: sent again (to it or another), neither suspended nor a failure
+                resent += 1
+                if resent <= MAX_ACK_LOST_SENDS:
+                    tried.remove(worker_id)
+                    self.log.warning("%s; sending the batch again", exc)
+                continue
             except (WorkerLost, errors.Unavailable) as exc:
                 lost += 1
                 if self.table.suspend(worker_id, self.settings.suspend_s):
@@ -272,6 +292,30 @@ class RouterService(Service):
         ack.capacity = self.table.capacity(batch.model)
         if len(batch.path) > 1:  # [batcher, ..., this router]: sent by a batcher
             ack.batcher_rank, ack.batchers = capacity_shares.rank(self.batchers.items.values(), batch.path[0], batch.model)
+
+    async def _watch_workers(self) -> None:
+        """While a batch has waited over path_watch.STALL_S for a worker's ack, ask the workers holding
+        batches whether they reconnected to NATS since (core/path_watch.py): one whose node of a NATS
+        cluster died may have lost the ack on the way, so the batches sent to it before are sent again
+        (AckLost: to it or another, not a suspension), instead of waiting try_timeout_s with the batcher's
+        slot held. A worker that does not answer at all is left to its lease (`_on_worker_change`): while
+        it moves to another node it does not answer either. Generation batches are left alone (acked as
+        soon as they start; a generation must not run twice)."""
+        watch = path_watch.PathWatch(
+            lambda i: self.bus.alive(i, path_watch.PROBE_TIMEOUT_S), path_watch.STALL_S, probe_gone_again=True
+        )
+        while True:
+            await asyncio.sleep(path_watch.INTERVAL_S)
+            holding = {w: tasks for w, tasks in self._inflight.items() if tasks}
+            oldest = min((self._sent_at.get(t, math.inf) for tasks in holding.values() for t in tasks), default=math.inf)
+            found = await watch.check(None if oldest == math.inf else oldest, holding)
+            for worker_id in found:
+                reconnected = watch.reconnected.get(worker_id)
+                if reconnected is None:
+                    continue
+                for task in list(self._inflight.get(worker_id, ())):
+                    if self._sent_at.get(task, math.inf) < reconnected:
+                        task.cancel(_ACK_LOST)
 
     async def _on_load(self, msg: Msg) -> None:
         """A worker's generation ended: its sequence count for the model, as it is now."""
@@ -334,6 +378,8 @@ class RouterService(Service):
         assert task is not None
         inflight = self._inflight.setdefault(worker_id, set())
         inflight.add(task)
+        if batch.model not in self.generative:  # a generation is never sent twice: its ack is not watched
+            self._sent_at[task] = time.monotonic()
         self.table.begin(worker_id)
         try:
             return await self.bus.request(
@@ -342,10 +388,13 @@ class RouterService(Service):
         except asyncio.CancelledError as exc:
             if exc.args == (_LOST,) and task.uncancel() == 0:
                 raise WorkerLost(f"worker {worker_id} left") from None
+            if exc.args == (_ACK_LOST,) and task.uncancel() == 0:
+                raise AckLost(f"worker {worker_id} reconnected to NATS while it held the batch") from None
             raise
         finally:
             self.table.end(worker_id)
             inflight.discard(task)
+            self._sent_at.pop(task, None)
 
 
 class _RouterApi(services_pb2_grpc.RouterServiceServicer):

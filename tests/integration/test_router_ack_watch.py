@@ -1,0 +1,72 @@
+"""Issue 17: a worker that reconnected to NATS while it held a batch may have lost the batch's ack on the
+way (its node of a NATS cluster died). The router's watch (router/service.py `_watch_workers`) sends such a
+batch again instead of waiting `try_timeout_s` (30 s) with the batcher's slot held.
+
+Here NATS restarts while a 3 s batch runs on the worker: every process reconnects, and the router, which
+has waited over 1 s for the ack, sends the batch again. The request is answered, and well before the
+router's try timeout would have ended the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helpers.support import Infra, Services
+from unimodel.core import modelconfig
+from unimodel.core.membership import model_key
+from unimodel.local.procs import free_port, http_ok, wait_until
+
+pytestmark = pytest.mark.integration
+
+SLOW = "slow-ack"
+
+
+def test_a_batch_held_by_a_worker_that_reconnected_is_sent_again(tmp_path: Path) -> None:
+    infra = Infra(tmp_path)
+    services = Services(infra)
+    try:
+        infra.start()
+        router = services.start("router", "--instance-id", "router-0", "--try-timeout-s", "30", name="router-0")
+        services.start("batcher")
+        services.start("gpu-worker", "--instance-id", "worker-0", name="worker-0")
+        config = modelconfig.parse({
+            "name": SLOW, "engine": "delay", "max_batch_size": 4,
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+            "options": {"delay_ms": "3000"},
+        })
+
+        async def register() -> None:
+            store = infra.store()
+            try:
+                await store.put(model_key("/unimodel/v1", SLOW).encode(), config.SerializeToString())
+            finally:
+                await store.close()
+
+        asyncio.run(register())
+        services.http_port, services.grpc_port = free_port(), free_port()
+        gw = services.start("gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port))
+        wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
+        services.wait_models([SLOW])
+
+        answer: list[httpx.Response] = []
+        call = threading.Thread(target=lambda: answer.append(services.predict([1.0], model=SLOW, timeout=40)))
+        started = time.monotonic()
+        call.start()
+        time.sleep(1.0)  # the batch runs on the worker (3 s): its ack is due in about 2 s
+        infra.restart_nats(down_s=0.3)
+        call.join(40)
+        took = time.monotonic() - started
+        assert answer and answer[0].status_code == 200, answer[0].text if answer else "no answer"
+        assert answer[0].json()["output"]["OUTPUT0"] == [1.0]
+        wait_until(lambda: any("sending the batch again" in line for line in router.lines), 10, "the router sent again", router)
+        assert took < 20, took  # not the 30 s try timeout
+    finally:
+        services.stop()
+        infra.stop()
