@@ -17,7 +17,6 @@ each round's figures and the ratio of the means. Target (issue 17): >= 1.6x.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -35,9 +34,7 @@ import perf  # noqa: E402  (after the sys.path lines that make it importable)
 
 
 def run_one(fronts: int, args: argparse.Namespace) -> dict[str, object]:
-    from helpers.support import Infra, Services
-    from unimodel.core import modelconfig
-    from unimodel.core.membership import model_key
+    from helpers.support import Infra, Services, delay_model, register_model
     from unimodel.local.procs import free_port, http_ok, wait_until
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,21 +50,7 @@ def run_one(fronts: int, args: argparse.Namespace) -> dict[str, object]:
                     "gpu-worker", "--instance-id", f"worker-{i}", "--max-concurrent-batches", "4", "--log-level", "warning",
                     name=f"worker-{i}",
                 )
-            config = modelconfig.parse({
-                "name": "delay", "engine": "delay", "max_batch_size": args.batch,
-                "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-                "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-                "batching": {"max_queue_delay_ms": 1}, "options": {"delay_ms": str(args.delay_ms)},
-            })
-
-            async def register() -> None:
-                store = infra.store()
-                try:
-                    await store.put(model_key("/unimodel/v1", "delay").encode(), config.SerializeToString())
-                finally:
-                    await store.close()
-
-            asyncio.run(register())
+            register_model(infra, delay_model("delay", args.delay_ms, max_batch_size=args.batch, max_queue_delay_ms=1))
             grpc_ports = []
             for i in range(fronts):
                 http_port, grpc_port = free_port(), free_port()

@@ -19,13 +19,14 @@ from pathlib import Path
 import grpc
 import httpx
 
-from unimodel.core.membership import instances_prefix
+from unimodel.core import modelconfig
+from unimodel.core.membership import instances_prefix, model_key
 from unimodel.core.nats_config import ALL, MAX_PAYLOAD
 from unimodel.core.store import EtcdStore
 from unimodel.core.transport_security import EtcdAuth
 from unimodel.local.credentials import ETCD_USER, LocalCredentials
 from unimodel.local.procs import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok, wait_until
-from unimodel.v1 import registry_pb2, services_pb2, services_pb2_grpc
+from unimodel.v1 import model_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
 MODULES = {
     "gateway": "unimodel.gateway",
@@ -177,6 +178,13 @@ class Services:
             self.wait_models(names)
         return worker_procs
 
+    def start_gateway(self, *args: str, name: str = "gateway", timeout: float = 60) -> ManagedProcess:
+        """A gateway on free HTTP and gRPC ports (they become `http_port`/`grpc_port`), once ready."""
+        self.http_port, self.grpc_port = free_port(), free_port()
+        gw = self.start("gateway", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *args, name=name)
+        wait_until(lambda: http_ok(f"{self.url}/health/ready"), timeout, f"{name} ready", gw)
+        return gw
+
     def wait_models(self, names: list[str], timeout: float = 90, instances: int = 1) -> None:
         """Until each model is READY on at least `instances` workers."""
 
@@ -203,6 +211,35 @@ class Services:
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")}
+
+
+def delay_model(
+    name: str, delay_ms: float, *, max_batch_size: int = 8, max_queue_delay_ms: float | None = None
+) -> model_pb2.ModelConfig:
+    """A model on the `delay` engine (waits delay_ms per batch without using the CPU, echoes INPUT0):
+    what the integration tests load the services with."""
+    body: dict[str, object] = {
+        "name": name, "engine": "delay", "max_batch_size": max_batch_size,
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+        "options": {"delay_ms": str(delay_ms)},
+    }
+    if max_queue_delay_ms is not None:
+        body["batching"] = {"max_queue_delay_ms": max_queue_delay_ms}
+    return modelconfig.parse(body)
+
+
+def register_model(infra: Infra, config: model_pb2.ModelConfig) -> None:
+    """Put a model's config in etcd, as POST /v1/models does (the router places it on the workers)."""
+
+    async def put() -> None:
+        store = infra.store()
+        try:
+            await store.put(model_key(ETCD_PREFIX, config.name).encode(), config.SerializeToString())
+        finally:
+            await store.close()
+
+    asyncio.run(put())
 
 
 def etcd_instances(infra: Infra, kind: str = "") -> dict[str, registry_pb2.InstanceInfo]:

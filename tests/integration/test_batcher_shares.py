@@ -13,7 +13,6 @@ requests are served.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import threading
 import time
@@ -24,10 +23,8 @@ import grpc
 import httpx
 import pytest
 
-from helpers.support import Infra, Services, etcd_instances
-from unimodel.core import modelconfig
-from unimodel.core.membership import model_key
-from unimodel.local.procs import free_port, http_ok, wait_until
+from helpers.support import Infra, Services, delay_model, etcd_instances, register_model
+from unimodel.local.procs import free_port
 from unimodel.v1 import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -118,24 +115,8 @@ def _start(tmp_path: Path, batchers: int, routers: int, workers: int, slots: int
             "gpu-worker", "--instance-id", worker, "--max-concurrent-batches", str(slots), "--metrics-port", str(port),
             name=worker,
         )
-    config = modelconfig.parse({
-        "name": MODEL, "engine": "delay", "max_batch_size": 8,
-        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-        "batching": {"max_queue_delay_ms": 5}, "options": {"delay_ms": str(DELAY_MS)},
-    })
-
-    async def register() -> None:
-        store = infra.store()
-        try:
-            await store.put(model_key("/unimodel/v1", MODEL).encode(), config.SerializeToString())
-        finally:
-            await store.close()
-
-    asyncio.run(register())
-    services.http_port, services.grpc_port = free_port(), free_port()
-    gw = services.start("gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port))
-    wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
+    register_model(infra, delay_model(MODEL, DELAY_MS, max_batch_size=8, max_queue_delay_ms=5))
+    services.start_gateway()
     services.wait_models([MODEL], instances=workers)
     return infra, services, Cluster(services, ports, batcher_ports)
 

@@ -27,9 +27,7 @@ import pytest
 
 from helpers.chaos_load import OK, Load, NoGateway, Result, percentile, tensor_call
 from helpers.ha_cluster import HaInfra, merge_ha_report
-from helpers.support import LogSink, Services, etcd_instances
-from unimodel.core import modelconfig
-from unimodel.core.membership import model_key
+from helpers.support import LogSink, Services, delay_model, etcd_instances, register_model
 from unimodel.core.store import EtcdStore, StoreError
 from unimodel.local.cluster import ClusterConfig, HaPorts, LocalCluster
 from unimodel.local.procs import ManagedProcess, free_port, http_ok, port_in_use, wait_until
@@ -80,21 +78,7 @@ class HaCluster:
             self.procs[name] = s.start(kind, "--instance-id", name, name=name)
         for i in range(2):
             self.procs[f"worker-{i}"] = s.start("gpu-worker", "--instance-id", f"worker-{i}", name=f"worker-{i}")
-        config = modelconfig.parse({
-            "name": MODEL, "engine": "delay", "max_batch_size": 8,
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-            "batching": {"max_queue_delay_ms": 5}, "options": {"delay_ms": str(DELAY_MS)},
-        })
-
-        async def register() -> None:
-            store = self.infra.store()
-            try:
-                await store.put(model_key("/unimodel/v1", MODEL).encode(), config.SerializeToString())
-            finally:
-                await store.close()
-
-        asyncio.run(register())
+        register_model(self.infra, delay_model(MODEL, DELAY_MS, max_batch_size=8, max_queue_delay_ms=5))
         for i in range(2):
             http, grpc_port = free_port(), free_port()
             name = f"gateway-{i}"

@@ -6,7 +6,6 @@ request completes, well before its deadline."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -18,9 +17,7 @@ import pytest
 import yaml
 
 from helpers.generation import demo_gguf
-from helpers.support import Infra, Services
-from unimodel.core import modelconfig
-from unimodel.core.membership import model_key
+from helpers.support import Infra, Services, delay_model, register_model
 from unimodel.local.procs import ManagedProcess, free_port, http_ok, wait_until
 
 pytestmark = pytest.mark.integration
@@ -76,24 +73,8 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Services, dict[str, ManagedProcess
         for i in range(2):
             # one batch at a time per worker: requests queue in the batchers, where a kill catches them
             services.start("gpu-worker", "--instance-id", f"worker-{i}", "--max-concurrent-batches", "1", name=f"worker-{i}")
-        config = modelconfig.parse({
-            "name": SLOW, "engine": "delay", "max_batch_size": 4,
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-            "batching": {"max_queue_delay_ms": 50}, "options": {"delay_ms": str(DELAY_MS)},
-        })
-
-        async def register() -> None:
-            store = infra.store()
-            try:
-                await store.put(model_key("/unimodel/v1", SLOW).encode(), config.SerializeToString())
-            finally:
-                await store.close()
-
-        asyncio.run(register())
-        services.http_port, services.grpc_port = free_port(), free_port()
-        gw = services.start("gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port))
-        wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
+        register_model(infra, delay_model(SLOW, DELAY_MS, max_batch_size=4, max_queue_delay_ms=50))
+        services.start_gateway()
         services.wait_models([SLOW], instances=2)
         yield services, procs
     finally:

@@ -9,7 +9,6 @@ router's try timeout would have ended the wait.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from pathlib import Path
@@ -17,10 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.support import Infra, Services
-from unimodel.core import modelconfig
-from unimodel.core.membership import model_key
-from unimodel.local.procs import free_port, http_ok, wait_until
+from helpers.support import Infra, Services, delay_model, register_model
+from unimodel.local.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,24 +32,8 @@ def test_a_batch_held_by_a_worker_that_reconnected_is_sent_again(tmp_path: Path)
         router = services.start("router", "--instance-id", "router-0", "--try-timeout-s", "30", name="router-0")
         services.start("batcher")
         services.start("gpu-worker", "--instance-id", "worker-0", name="worker-0")
-        config = modelconfig.parse({
-            "name": SLOW, "engine": "delay", "max_batch_size": 4,
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-            "options": {"delay_ms": "3000"},
-        })
-
-        async def register() -> None:
-            store = infra.store()
-            try:
-                await store.put(model_key("/unimodel/v1", SLOW).encode(), config.SerializeToString())
-            finally:
-                await store.close()
-
-        asyncio.run(register())
-        services.http_port, services.grpc_port = free_port(), free_port()
-        gw = services.start("gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port))
-        wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
+        register_model(infra, delay_model(SLOW, 3000, max_batch_size=4))
+        services.start_gateway()
         services.wait_models([SLOW])
 
         answer: list[httpx.Response] = []
