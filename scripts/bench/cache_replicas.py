@@ -97,8 +97,8 @@ def main() -> int:
 
     from helpers.modelrepo import prepared_repository
     from helpers.postgres import PostgresServer
-    from helpers.support import Infra, Services
-    from unimodel.local.procs import MilvusLiteServer, free_port, http_ok, wait_until
+    from helpers.support import Infra, Services, start_cache_replicas
+    from unimodel.local.procs import MilvusLiteServer, free_port, wait_until
 
     runs: dict[str, dict] = {}
     first_answers: list[str] | None = None
@@ -115,27 +115,16 @@ def main() -> int:
             services.start("embedding-worker", "--instance-id", "embedder-0")
             services.start("router")
             services.start("batcher")
-            services.http_port, services.grpc_port = free_port(), free_port()
-            gw = services.start(
-                "gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port),
-                "--model-repository", str(prepared_repository()), "--load-models", EMBEDDER,
-            )
-            wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
+            services.start_gateway("--model-repository", str(prepared_repository()), "--load-models", EMBEDDER)
             services.wait_models([EMBEDDER])
             for n in counts:
                 database = f"bench{n}"
                 postgres.query(f"CREATE DATABASE {database}")
-                procs, ports = [], []
-                for i in range(n):
-                    ports.append(free_port())
-                    procs.append(services.start(
-                        "cache", "--instance-id", f"cache-{n}-{i}", "--data-dir", str(tmp / f"cache-{n}-{i}"),
-                        "--milvus-uri", milvus.uri, "--milvus-collection", f"bench{n}",
-                        "--store-url", postgres.database_url(database), "--store-password-file", str(postgres.password_file),
-                        "--metrics-port", str(ports[-1]), name=f"cache-{n}-{i}",
-                    ))
-                for port, proc in zip(ports, procs, strict=True):
-                    wait_until(lambda port=port: http_ok(f"http://127.0.0.1:{port}/metrics"), 60, "cache replica", proc)
+                ports = start_cache_replicas(
+                    services, [f"cache-{n}-{i}" for i in range(n)], data_dir=tmp, milvus_uri=milvus.uri,
+                    collection=f"bench{n}", store_url=postgres.database_url(database), password_file=postgres.password_file,
+                )
+                procs = services.procs[-n:]
                 wait_until(
                     lambda: httpx.post(f"{services.url}/modelcache", json=PROBE, timeout=30).json()["errorCode"] == 0,
                     60, "the cache answers (embedding model warm)",

@@ -266,3 +266,24 @@ def router_view(infra: Infra) -> set[str]:
             services_pb2.ListInstancesRequest(kind="gpu-worker"), timeout=5
         )
     return {state.info.id for state in reply.instances}
+
+
+def start_cache_replicas(
+    services: Services, names: list[str], *, data_dir: Path, milvus_uri: str, collection: str, store_url: str,
+    password_file: Path, extra: tuple[str, ...] = (),
+) -> list[int]:
+    """Cache processes named `names` sharing one PostgreSQL store (`store_url`) and one Milvus collection,
+    each with its metrics port (returned, in order), once every one serves its /metrics."""
+    ports = []
+    for name in names:
+        ports.append(free_port())
+        services.start(
+            "cache", "--instance-id", name, "--data-dir", str(data_dir / name),
+            "--milvus-uri", milvus_uri, "--milvus-collection", collection,
+            "--store-url", store_url, "--store-password-file", str(password_file),
+            "--metrics-port", str(ports[-1]), *extra, name=name,
+        )
+    procs = services.procs[-len(names):]
+    for port, proc in zip(ports, procs, strict=True):
+        wait_until(lambda port=port: http_ok(f"http://127.0.0.1:{port}/metrics"), 60, f"{proc.name} serving", proc)
+    return ports

@@ -14,7 +14,6 @@ requests are served.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ import grpc
 import httpx
 import pytest
 
+from helpers.predict_load import PredictLoad
 from helpers.support import Infra, Services, delay_model, etcd_instances, register_model
 from unimodel.local.procs import free_port
 from unimodel.v1 import services_pb2, services_pb2_grpc
@@ -31,45 +31,6 @@ pytestmark = pytest.mark.integration
 
 MODEL = "shared"
 DELAY_MS = 40
-
-
-class Load:
-    """`clients` threads sending predicts back to back; counts answers and failures."""
-
-    def __init__(self, url: str, clients: int) -> None:
-        self.url = url
-        self.ok = 0
-        self.failures: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def _run(self, n: int) -> None:
-        i = 0
-        with httpx.Client(timeout=40) as client:
-            while not self._stop.is_set():
-                value = float(n * 100000 + i)
-                try:
-                    r = client.post(f"{self.url}/v1/models/{MODEL}:predict", json={"input": [value]})
-                    failure = "" if r.status_code == 200 and r.json()["output"]["OUTPUT0"] == [value] else f"{r.status_code} {r.text[:200]}"
-                except httpx.HTTPError as exc:
-                    failure = type(exc).__name__
-                with self._lock:
-                    if failure:
-                        self.failures.append(failure)
-                    else:
-                        self.ok += 1
-                i += 1
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
 
 
 class Cluster:
@@ -137,12 +98,12 @@ def test_batchers_together_never_put_more_batches_on_the_workers_than_their_slot
     infra, services, cluster = _start(tmp_path, batchers, routers, workers=2, slots=2)
     started.append((infra, services))
     samples: list[list[tuple[str, int, int]]] = []
-    with Load(services.url, clients=48) as load:
+    with PredictLoad(services.url, MODEL, clients=48) as load:
         end = time.monotonic() + 5
         while time.monotonic() < end:
             samples.append(cluster.queues())
             time.sleep(0.1)
-    assert not load.failures, load.failures[:5]
+    assert not load.failures(), load.failures()[:5]
     assert load.ok > 200, load.ok
     peaks = {w: cluster.metric(w, "unimodel_worker_inflight_batches_peak") for w in cluster.worker_metrics}
     busy = sum(cluster.metric(w, "unimodel_worker_batches_busy_total") for w in cluster.worker_metrics)
@@ -161,9 +122,9 @@ def test_batchers_together_never_put_more_batches_on_the_workers_than_their_slot
 def test_fewer_slots_than_batchers_go_round(started: list[tuple[Infra, Services]], tmp_path: Path) -> None:
     infra, services, cluster = _start(tmp_path, batchers=3, routers=1, workers=1, slots=1)
     started.append((infra, services))
-    with Load(services.url, clients=12) as load:
+    with PredictLoad(services.url, MODEL, clients=12) as load:
         time.sleep(5)
-    assert not load.failures, load.failures[:5]
+    assert not load.failures(), load.failures()[:5]
     assert load.ok > 50, load.ok
     assert cluster.metric("worker-0", "unimodel_worker_inflight_batches_peak") == 1
     sent = {b: cluster.batches_ok(b) for b in cluster.batcher_metrics}

@@ -29,7 +29,7 @@ import pytest
 from helpers.ha_cluster import merge_ha_report
 from helpers.minilm import Embedder
 from helpers.postgres import PASSWORD, PostgresServer
-from helpers.support import Infra, Services
+from helpers.support import Infra, Services, start_cache_replicas
 from unimodel.cache.entries import EntryStore
 from unimodel.cache.querytext import Turn, query_text
 from unimodel.cache.semantic import Limits, Scope, SemanticCache
@@ -38,7 +38,7 @@ from unimodel.cache.store_postgres import PostgresStore
 from unimodel.cache.store_sqlite import SqliteStore
 from unimodel.cache.vectors import VectorIndex
 from unimodel.core import errors
-from unimodel.local.procs import ManagedProcess, MilvusLiteServer, free_port, http_ok, wait_until
+from unimodel.local.procs import ManagedProcess, MilvusLiteServer, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 EMBEDDER = "all-minilm-l6-v2"
@@ -368,29 +368,19 @@ def replicas(
     services = Services(infra)
     try:
         infra.start()
-        procs, metrics = [], []
-        for i in range(n):
-            metrics.append(free_port())
-            procs.append(services.start(
-                "cache", "--instance-id", f"cache-{i}", "--data-dir", str(tmp / f"cache-{i}"),
-                "--milvus-uri", milvus.uri, "--milvus-collection", f"replicas{n}",
-                "--store-url", postgres.database_url(database), "--store-password-file", str(postgres.password_file),
-                "--metrics-port", str(metrics[-1]), "--max-entries-per-scope", str(PER_SCOPE), "--ttl-s", str(TTL_S),
-                "--sweep-interval-s", "1", "--flush-interval-s", str(FLUSH_S), "--flush-rows", "50",
-                name=f"cache-{i}",
-            ))
+        names = [f"cache-{i}" for i in range(n)]
+        metrics = start_cache_replicas(
+            services, names, data_dir=tmp, milvus_uri=milvus.uri, collection=f"replicas{n}",
+            store_url=postgres.database_url(database), password_file=postgres.password_file,
+            extra=("--max-entries-per-scope", str(PER_SCOPE), "--ttl-s", str(TTL_S), "--sweep-interval-s", "1",
+                   "--flush-interval-s", str(FLUSH_S), "--flush-rows", "50"),
+        )
+        procs = services.procs[-n:]
         services.start("embedding-worker", "--instance-id", "embedder-0")
         services.start("router")
         services.start("batcher")
-        services.http_port, services.grpc_port = free_port(), free_port()
-        gw = services.start(
-            "gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port),
-            "--model-repository", str(model_repository), "--load-models", EMBEDDER,
-        )
-        wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
+        services.start_gateway("--model-repository", str(model_repository), "--load-models", EMBEDDER)
         services.wait_models([EMBEDDER])
-        for port, proc in zip(metrics, procs, strict=True):
-            wait_until(lambda port=port: http_ok(f"http://127.0.0.1:{port}/metrics"), 60, "cache replica up", proc)
         r = Replicas(services, postgres, database, procs, metrics)
         r.insert("warm-up", ("Is the cache up?", "yes"))
         yield r

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from helpers.generation import demo_gguf
+from helpers.predict_load import PredictLoad
 from helpers.support import Infra, Services, delay_model, register_model
 from unimodel.local.procs import ManagedProcess, free_port, http_ok, wait_until
 
@@ -24,41 +25,6 @@ pytestmark = pytest.mark.integration
 
 SLOW = "slow"
 DELAY_MS = 400  # per batch: requests sit in batchers and routers long enough to be caught by a kill
-
-
-class Load:
-    """`clients` threads sending predicts back to back; every outcome with its latency."""
-
-    def __init__(self, url: str, clients: int = 6) -> None:
-        self.url = url
-        self.results: list[tuple[float, float, int, str]] = []  # (sent at, seconds, status, body if not 200)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def _run(self, n: int) -> None:
-        i = 0
-        with httpx.Client(timeout=40) as client:
-            while not self._stop.is_set():
-                value = float(n * 100000 + i)
-                started = time.monotonic()
-                try:
-                    r = client.post(f"{self.url}/v1/models/{SLOW}:predict", json={"input": [value]})
-                    ok = r.status_code == 200 and r.json()["output"] == [value]
-                    status, body = (200, "") if ok else (r.status_code or -1, r.text[:200])
-                except httpx.HTTPError as exc:
-                    status, body = 0, type(exc).__name__
-                self.results.append((started, time.monotonic() - started, status, body))
-                i += 1
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
 
 
 @pytest.fixture
@@ -83,7 +49,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Services, dict[str, ManagedProcess
 
 
 def _kill_under_load(services: Services, victim: ManagedProcess) -> tuple[list[tuple[float, float, int, str]], float]:
-    with Load(services.url, clients=24) as load:
+    with PredictLoad(services.url, SLOW, clients=24) as load:
         time.sleep(2.0)
         killed_at = time.monotonic()
         victim.kill()
