@@ -13,12 +13,15 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 HERE = Path(__file__).parent
 
+# tests/containers needs a Docker engine and the images scripts/test-containers builds; it runs only from there.
+collect_ignore = [] if os.environ.get("UNIMODEL_TEST_CONTAINERS") == "1" else ["containers"]
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests under tests/integration and tests/e2e carry their marker without repeating it."""
     for item in items:
         parts = Path(str(item.fspath)).relative_to(HERE).parts
-        if parts[0] in ("integration", "e2e"):
+        if parts[0] in ("integration", "e2e", "containers"):
             item.add_marker(getattr(pytest.mark, parts[0]))
 
 

@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "gpu-worker": "unimodel.worker.__main__",
     "models": "unimodel.models.__main__",
     "status": "unimodel.status.__main__",
+    "healthcheck": "unimodel.status.healthcheck",
     "etcd-auth": "unimodel.local.etcd_auth",
     "credentials": "unimodel.local.credentials",
 }
@@ -32,6 +33,7 @@ commands:
   gpu-worker         hosts models on engines           (python -m unimodel.worker)
   models             prepare | list the model repository  (python -m unimodel.models)
   status             services, workers, models and queues as etcd and the services see them [--json]
+  healthcheck        exit 0 when the service in this container is ready (gRPC health; a container HEALTHCHECK)
   etcd-auth          turn etcd authentication on for UniModel (root + the services' user), or rotate
   credentials DIR    random NATS/etcd passwords and the nats-server config with per-service permissions
 

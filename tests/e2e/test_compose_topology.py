@@ -240,7 +240,7 @@ def test_compose_services_run_as_processes_and_scale(topology: Topology) -> None
     # every process serves /metrics where compose/prometheus/prometheus.yml scrapes it (its own port)
     for proc in topology.procs:
         env = topology.envs[proc.name]
-        port = env["UNIMODEL_HTTP_PORT"] if proc.name == "gateway" else env["UNIMODEL_METRICS_PORT"]
+        port = env["UNIMODEL_METRICS_PORT"]
         r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
         assert r.status_code == 200 and "unimodel_service_info" in r.text, proc.name
     # tracing is on in compose (OTLP/gRPC to Jaeger): spans of the request path arrive at the endpoint

@@ -16,16 +16,17 @@ Result = tuple[float, float, int, str]
 class PredictLoad:
     """`clients` threads sending predicts to `model` back to back, each value its own, until the block ends."""
 
-    def __init__(self, url: str, model: str, clients: int = 6) -> None:
+    def __init__(self, url: str, model: str, clients: int = 6, headers: dict[str, str] | None = None) -> None:
         self.url = url
         self.model = model
+        self.headers = headers or {}
         self.results: list[Result] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
     def _run(self, n: int) -> None:
         i = 0
-        with httpx.Client(timeout=40) as client:
+        with httpx.Client(timeout=40, headers=self.headers) as client:
             while not self._stop.is_set():
                 value = float(n * 100000 + i)
                 started = time.monotonic()

@@ -184,7 +184,7 @@ def test_tracing_is_on_and_points_at_jaeger(spec: dict[str, Any], ours: dict[str
         assert env["UNIMODEL_OTEL_EXPORTER"] == "otlp-grpc", name
         host, port = host_port(env["UNIMODEL_OTEL_ENDPOINT"])
         assert (host, port) == ("jaeger", 4317), name
-    assert "16686:16686" in spec["services"]["jaeger"]["ports"]
+    assert [with_defaults(port) for port in spec["services"]["jaeger"]["ports"]] == ["0.0.0.0:16686:16686"]
 
 
 def test_infrastructure_addresses_name_compose_services(spec: dict[str, Any], ours: dict[str, dict[str, Any]]) -> None:
@@ -217,6 +217,33 @@ def healthcheck_port(svc: dict[str, Any]) -> int:
     return int(last) if last.isdigit() else host_port(last)[1]
 
 
+def with_defaults(value: str) -> str:
+    """A compose value with every ${VAR:-default} replaced by its default (what compose uses when VAR is unset)."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+
+
+def test_published_ports_default_to_every_interface_and_can_stay_on_localhost(spec: dict[str, Any]) -> None:
+    """Every published port reads UNIMODEL_PUBLISH_HOST (default 0.0.0.0) and a UNIMODEL_PUBLISH_*_PORT of its own,
+    so a test (or a laptop) can keep the cluster on 127.0.0.1 and on free ports."""
+    seen = set()
+    for name, svc in spec["services"].items():
+        for port in svc.get("ports", []):
+            match = re.fullmatch(r"\$\{UNIMODEL_PUBLISH_HOST:-0\.0\.0\.0\}:\$\{(UNIMODEL_PUBLISH_[A-Z]+_PORT):-(\d+)\}:(\d+)", port)
+            assert match, f"{name}: {port}"
+            assert match.group(2) == match.group(3), f"{name}: {port} (the same port on the host by default)"
+            seen.add(match.group(1))
+    assert len(seen) == 5, seen
+
+
+def test_compose_healthchecks_run_the_images_healthcheck_command(ours: dict[str, dict[str, Any]]) -> None:
+    """The services' healthcheck is `unimodel healthcheck`, the command of the image's HEALTHCHECK."""
+    image_check = dockerfile_stages(ROOT / "deploy" / "Dockerfile")["base"].last("HEALTHCHECK") or ""
+    assert json.loads(image_check.split("CMD", 1)[1].strip()) == ["unimodel", "healthcheck"], image_check
+    for name, svc in ours.items():
+        if command_of(svc) in SIX:
+            assert svc["healthcheck"]["test"][1:3] == ["unimodel", "healthcheck"], name
+
+
 def test_every_long_running_container_has_a_healthcheck(spec: dict[str, Any]) -> None:
     for name, svc in spec["services"].items():
         check = svc.get("healthcheck")
@@ -245,9 +272,10 @@ def test_ports_agree_with_healthchecks_and_prometheus(ours: dict[str, dict[str, 
             http_port = int(env.get("UNIMODEL_HTTP_PORT", defaults["http_port"].default))
             assert healthcheck_port(svc) == http_port
             assert "/health/ready" in svc["healthcheck"]["test"][-1]
-            assert scraped == http_port, "the gateway serves /metrics on its HTTP port"
-            assert "UNIMODEL_METRICS_PORT" not in env
-            assert sorted(svc["ports"]) == sorted([f"{http_port}:{http_port}", f"{grpc_port}:{grpc_port}"])
+            # scraped on its metrics port: the HTTP port's /metrics asks for an API key once keys are set
+            assert int(env["UNIMODEL_METRICS_PORT"]) == scraped != http_port
+            published = sorted(with_defaults(port) for port in svc["ports"])
+            assert published == sorted([f"0.0.0.0:{http_port}:{http_port}", f"0.0.0.0:{grpc_port}:{grpc_port}"])
         else:
             assert healthcheck_port(svc) == grpc_port, f"{name}: the healthcheck probes another port"
             assert int(env["UNIMODEL_METRICS_PORT"]) == scraped, f"{name}: metrics on another port than scraped"
