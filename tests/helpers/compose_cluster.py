@@ -44,7 +44,7 @@ def wait_for(check: Callable[[], object], timeout_s: float, what: str, every_s: 
             value = check()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 (a poll: the last error is reported at the deadline)
+        except Exception as exc:
             last = exc
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last error: {last!r})")

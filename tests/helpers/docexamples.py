@@ -28,7 +28,16 @@ NOT_RUN: dict[str, str] = {
     "UNIMODEL_OTEL_EXPORTER=otlp-grpc": (
         "starts a second cluster that exports to a collector; tests/integration/test_observability.py covers OTLP export"
     ),
-    "docker compose": "needs a Docker engine (issue 18 runs the compose cluster under Docker)",
+    "docker compose": (
+        "needs the official images from a registry: scripts/test-containers runs the same compose file under Docker "
+        "with stand-ins (tests/containers/compose.test.yml)"
+    ),
+    "docker build": "builds an image: scripts/test-containers builds deploy/Dockerfile's targets the same way",
+    "docker run": "runs an image: tests/containers/test_compose_cluster.py runs `unimodel:0.1.0 --help`",
+    ".venv/bin/unimodel credentials compose/secrets": (
+        "writes compose/secrets: tests/containers runs `unimodel credentials` into a temporary folder"
+    ),
+    "export UNIMODEL_API_KEYS=": "the compose cluster's API keys: tests/containers sets its own",
     "kubectl ": "needs a Kubernetes cluster; tests/unit/test_k8s_manifests.py validates the manifests",
     "helm ": "installs Helm charts into a Kubernetes cluster",
     "unimodel router     --nats-url nats://nats:4222": "compose's service hostnames; tests/e2e/test_compose_topology.py runs these commands",

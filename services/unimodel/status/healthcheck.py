@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def check_http(url: str, timeout_s: float) -> str:
     """'' when the URL answers 2xx, else why not."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (the operator's URL)
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return "" if 200 <= response.status < 300 else f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
         return f"HTTP {exc.code}"
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         port = args.grpc_port
         if port is None:
             raw = os.environ.get(PORT_ENV, "")
-            if not raw.isdigit():
-                parser.error(f"give --grpc-port or set {PORT_ENV} (got {raw!r})")
+            if not raw.isdigit() or int(raw) == 0:
+                parser.error(f"give --grpc-port or set {PORT_ENV} to the service's fixed gRPC port (it is {raw!r})")
             port = int(raw)
         if not 0 < port < 65536:
             parser.error(f"the gRPC port must be 1-65535, not {port}")
