@@ -260,6 +260,20 @@ def test_embeddings_request_is_traced(cluster: Cluster) -> None:
     check_batch_path(spans, server, EMBEDDER, "unimodel-embedding-worker")
 
 
+def test_a_modelcache_query_is_one_trace_from_the_gateway_to_the_cache(cluster: Cluster) -> None:
+    """POST /modelcache: the gateway's server span is the parent of the cache service's query span (and its
+    embedding call), as for a chat's cache lookup."""
+    body = {"type": "query", "scope": {"model": "observability"}, "query": "Is anyone tracing this question?"}
+    r = httpx.post(f"{cluster.url}/modelcache", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["errorCode"] == 0, r.text
+    spans = cluster.receiver.wait_trace(r.headers["x-unimodel-trace-id"], has("POST /modelcache", "cache query", "cache embed"))
+    server = one(spans, "POST /modelcache", "unimodel-gateway")
+    query = one(spans, "cache query", "unimodel-cache")
+    embed = one(spans, "cache embed", "unimodel-cache")
+    assert query.parent_id == server.span_id and query.kind == SERVER
+    assert embed.parent_id == query.span_id
+
+
 COMMON = ("unimodel_service_info", "unimodel_nats_connected", "unimodel_etcd_connected", "unimodel_inflight_requests")
 EXPECTED = {
     "gateway": (

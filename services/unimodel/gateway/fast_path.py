@@ -60,7 +60,9 @@ class FastRoutes:
         await self.app(scope, receive, send)
 
     async def _modelcache(self, raw: bytes, headers: dict[str, str]) -> tuple[int, bytes, Headers]:
-        status, result = await modelcache(self.gw, raw, headers.get(TENANT_HEADER, ""), headers.get("x-request-id", ""))
+        status, result = await modelcache(
+            self.gw, raw, headers.get(TENANT_HEADER, ""), headers.get("x-request-id", ""), headers.get("traceparent", "")
+        )
         return status, orjson.dumps(result), []
 
     async def _json_route(

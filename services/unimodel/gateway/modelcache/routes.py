@@ -26,7 +26,8 @@ def register_modelcache_routes(app: FastAPI, gw: ModelCachePorts) -> None:
     async def modelcache(request: Request) -> Response:
         raw = await request.body()
         status, result = await serving.handle(
-            gw, raw, principal_of(request.scope).tenant, request.headers.get("x-request-id", "")
+            gw, raw, principal_of(request.scope).tenant, request.headers.get("x-request-id", ""),
+            request.headers.get("traceparent", ""),
         )
         return Response(orjson.dumps(result), status, media_type="application/json")
 

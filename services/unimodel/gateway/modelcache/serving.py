@@ -61,17 +61,20 @@ log = logging.getLogger(__name__)
 
 
 async def handle(
-    gw: ModelCachePorts, raw: bytes | str, tenant: str, client_request_id: str = ""
+    gw: ModelCachePorts, raw: bytes | str, tenant: str, client_request_id: str = "", traceparent: str = ""
 ) -> tuple[int, dict[str, Any]]:
     """One ModelCache request: (HTTP status, ModelCache response). Never raises. `client_request_id`: the
-    client's x-request-id (logged; the request id is ours)."""
+    client's x-request-id (logged; the request id is ours). `traceparent`: the request's server span (the
+    tracing middleware's), so the cache's spans join the request's trace."""
     started = time.perf_counter()
     try:
         data = parse(raw)
     except BadRequest as exc:
         return 400, query_error(BAD_REQUEST, str(exc))
     kind = data["type"]
-    ctx = RequestContext.new(gw.settings.request_timeout_s, tenant=tenant, client_request_id=client_request_id)
+    ctx = RequestContext.new(
+        gw.settings.request_timeout_s, tenant=tenant, client_request_id=client_request_id, traceparent=traceparent
+    )
     try:
         if kind == "query":
             reply = await gw.cache.query(query_request(data, tenant), ctx)
