@@ -26,9 +26,10 @@ import sklearn.datasets
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from helpers.compose_cluster import ComposeCluster, docker, inspect, wait_for
+from helpers.compose_cluster import ComposeCluster, docker, inspect
 from helpers.predict_load import PredictLoad
 from unimodel.local.cluster import SERVICES
+from unimodel.local.procs import wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -125,7 +126,7 @@ def test_compose_runs_the_images_healthcheck_and_every_service_is_healthy(cluste
 
 
 def test_real_clients_on_the_published_ports(cluster: ComposeCluster) -> None:
-    wait_for(lambda: models_ready(cluster, {m: 1 for m in DEMO}), 300, "the demo models served")
+    wait_until(lambda: models_ready(cluster, {m: 1 for m in DEMO}), 300, "the demo models served", every_s=1)
     r = httpx.get(f"{cluster.base}/v1/models", timeout=10)
     assert r.status_code == 401, r.text  # the published port asks for a key
 
@@ -170,7 +171,7 @@ def test_real_clients_on_the_published_ports(cluster: ComposeCluster) -> None:
         body = httpx.post(f"{cluster.base}/modelcache", json=q, headers=cluster.auth, timeout=60).json()
         return bool(body["cacheHit"]) and body["answer"] == "Blue."
 
-    wait_for(hit, 30, "a semantic cache hit")
+    wait_until(hit, 30, "a semantic cache hit", every_s=1)
     r = httpx.post(f"{cluster.base}/v1/models/nope:predict", json={"input": 1}, headers=cluster.auth, timeout=10)
     assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND", r.text
 
@@ -186,8 +187,8 @@ def test_traces_reach_the_otlp_receiver_and_prometheus_scrapes_every_service(clu
         return seen if wanted <= seen else set()
 
     try:
-        services = wait_for(traced, 60, f"spans of {sorted(wanted)} at the OTLP receiver", every_s=2)
-    except AssertionError as exc:
+        services = wait_until(traced, 60, f"spans of {sorted(wanted)} at the OTLP receiver", every_s=2)
+    except TimeoutError as exc:
         raise AssertionError(f"{exc}; seen: {sorted(seen)}") from None
     traces = httpx.get(f"{cluster.jaeger}/api/traces", params={"service": "unimodel-gateway", "limit": 20}, timeout=10)
     assert traces.status_code == 200 and traces.json()["data"], traces.text
@@ -204,8 +205,8 @@ def test_traces_reach_the_otlp_receiver_and_prometheus_scrapes_every_service(clu
         return up if all(up.get(s, 0) >= (2 if s == "gpu-worker" else 1) for s in SIX) else {}
 
     try:
-        up = wait_for(scraped, 60, "Prometheus scraping every service (2 gpu-workers)", every_s=2)
-    except AssertionError as exc:
+        up = wait_until(scraped, 60, "Prometheus scraping every service (2 gpu-workers)", every_s=2)
+    except TimeoutError as exc:
         seen = [(t["labels"], t["health"], t.get("lastError")) for t in targets]
         raise AssertionError(f"{exc}; targets: {seen}") from None
     report(f"traces from {sorted(services)}; Prometheus targets up {up}")
@@ -223,7 +224,7 @@ def test_scale_to_three_gpu_workers_and_the_new_one_takes_traffic(cluster: Compo
     after = set(cluster.containers("gpu-worker"))
     (new,) = after - before
     cluster.wait_healthy(["gpu-worker"], 180)
-    wait_for(lambda: models_ready(cluster, {"mlp": 3, "delay": 3}), 180, "mlp and delay on 3 workers")
+    wait_until(lambda: models_ready(cluster, {"mlp": 3, "delay": 3}), 180, "mlp and delay on 3 workers", every_s=1)
     with httpx.Client(headers=cluster.auth, timeout=30) as client:
         workers = set()
         for i in range(60):
@@ -245,7 +246,7 @@ def kill_under_load(cluster: ComposeCluster, kill: Callable[[str], None], restar
         killed = time.monotonic()
         restart(victim)
         cluster.wait_healthy(["gpu-worker"], 180)
-        wait_for(lambda: models_ready(cluster, {"delay": 3}), 120, "delay on 3 workers again")
+        wait_until(lambda: models_ready(cluster, {"delay": 3}), 120, "delay on 3 workers again", every_s=1)
         back_s = time.monotonic() - killed
         time.sleep(3)
     failures = load.failures()
@@ -258,7 +259,7 @@ def test_docker_kill_of_a_worker_under_load_loses_nothing_and_compose_brings_it_
     """`docker kill` is a manual stop: Docker applies no restart policy to it; `up` starts the worker again."""
 
     def restart(victim: str) -> None:
-        wait_for(lambda: inspect(victim)["State"]["Status"] == "exited", 30, f"{victim} stopped")
+        wait_until(lambda: inspect(victim)["State"]["Status"] == "exited", 30, f"{victim} stopped", every_s=1)
         cluster.compose("up", "-d", "--no-build", "--no-recreate", "--scale", "gpu-worker=3", "gpu-worker", timeout=300)
 
     line = kill_under_load(cluster, lambda victim: docker("kill", victim), restart)
@@ -277,7 +278,7 @@ def test_a_crashed_worker_under_load_is_restarted_by_its_policy_and_loses_nothin
         os.kill(int(inspect(victim)["State"]["Pid"]), signal.SIGKILL)
 
     def restarted(victim: str) -> None:
-        wait_for(lambda: int(inspect(victim)["RestartCount"]) > restarts[victim], 60, f"{victim} restarted by Docker")
+        wait_until(lambda: int(inspect(victim)["RestartCount"]) > restarts[victim], 60, f"{victim} restarted by Docker", every_s=1)
 
     line = kill_under_load(cluster, crash, restarted)
     report(f"crash (SIGKILL from the host): {line}")

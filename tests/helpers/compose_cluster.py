@@ -11,13 +11,12 @@ import json
 import os
 import shlex
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from helpers.deploy_checks import COMPOSE_FILE, ROOT
-from unimodel.local.procs import free_port
+from unimodel.local.procs import free_port, wait_until
 
 OVERRIDE = ROOT / "tests" / "containers" / "compose.test.yml"
 PROFILE = "cpu"
@@ -34,20 +33,6 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
 
 def inspect(container: str) -> dict[str, Any]:
     return dict(json.loads(docker("inspect", container))[0])
-
-
-def wait_for(check: Callable[[], object], timeout_s: float, what: str, every_s: float = 1.0) -> Any:
-    """check()'s first truthy value; AssertionError naming `what` (and the last exception) after timeout_s."""
-    deadline, last = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception as exc:
-            last = exc
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last error: {last!r})")
 
 
 class ComposeCluster:
@@ -102,8 +87,8 @@ class ComposeCluster:
             return bool(names) and all(self.health(c) == "healthy" for c in names)
 
         try:
-            wait_for(all_healthy, timeout_s, f"{', '.join(services)} healthy", every_s=2)
-        except AssertionError as exc:
+            wait_until(all_healthy, timeout_s, f"{', '.join(services)} healthy", every_s=2)
+        except TimeoutError as exc:
             raise AssertionError(f"{exc}\n{self.describe()}") from None
 
     def describe(self) -> str:

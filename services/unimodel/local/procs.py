@@ -22,10 +22,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from unimodel.core import nats_config
 from unimodel.local import binaries
+
+T = TypeVar("T")
 
 _COLORS = ["36", "32", "33", "35", "34", "96", "92", "93", "95", "94"]
 _print_lock = threading.Lock()
@@ -207,19 +209,25 @@ class ManagedProcess:
         return self.proc.returncode
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: ManagedProcess | None = None) -> None:
+def wait_until(
+    check: Callable[[], T], timeout: float, what: str, proc: ManagedProcess | None = None, every_s: float = 0.05
+) -> T:
+    """check()'s first truthy value, asked every `every_s`; TimeoutError naming `what` (and the last error
+    check() raised, if any) after `timeout`, RuntimeError as soon as `proc` exits."""
     end = time.monotonic() + timeout
+    last: Exception | None = None
     while time.monotonic() < end:
         if proc is not None and not proc.alive():
             tail = " / ".join(proc.lines[-3:])
             raise RuntimeError(f"{proc.name} exited with code {proc.returncode()} before {what}: {tail}")
         try:
-            if check():
-                return
-        except Exception:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+            value = check()
+            if value:
+                return value
+        except Exception as exc:
+            last = exc
+        time.sleep(every_s)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last!r})" if last else ""))
 
 
 def tcp_open(host: str, port: int) -> bool:
