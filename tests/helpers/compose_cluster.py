@@ -121,7 +121,3 @@ class ComposeCluster:
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {TENANT_KEY}"}
-
-    @property
-    def admin(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {ADMIN_KEY}"}
