@@ -361,7 +361,7 @@ def test_one_conversation_keeps_its_worker(cluster: Cluster) -> None:
         r = httpx.get(f"{cluster.url}/v1/models/{MODEL}/status", timeout=5)
         return r.status_code == 200 and all(i["inflight"] == 0 for i in r.json()["instances"])
 
-    # a home with no free sequence slot hands a turn to another worker (router/policy.py): start idle
+    # a home with no free sequence slot hands a turn to another worker (core/routing_policy.py): start idle
     wait_until(idle, 60, "both workers idle")
     homes = {worker_of("alice", CHAT) for _ in range(4)}
     assert len(homes) == 1  # one session, one worker

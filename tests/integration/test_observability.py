@@ -117,7 +117,7 @@ def one(spans: list[Span], name: str, service: str = "", **attributes: object) -
     return found[0]
 
 
-BATCH_PATH = ("batcher queue", "batcher dispatch", "router route")  # check_batch_path's spans
+BATCH_PATH = ("batcher queue", "batcher dispatch")  # check_batch_path's spans
 
 
 def has(*names: str) -> object:
@@ -128,21 +128,20 @@ def has(*names: str) -> object:
 
 
 def check_batch_path(spans: list[Span], parent: Span, model: str, worker_service: str) -> tuple[Span, Span]:
-    """batcher queue and dispatch under `parent`, router route under dispatch, worker batch under route;
-    the queue span says how long the request waited and in which batch; returns (queue, worker batch)."""
+    """batcher queue and dispatch under `parent`, worker batch under dispatch (the batcher sends the batch straight
+    to the worker: no router span); the queue span says how long the request waited and in which batch; returns
+    (queue, worker batch)."""
     queue = one(spans, "batcher queue", "unimodel-batcher", **{"unimodel.model": model})
     dispatch = one(spans, "batcher dispatch", "unimodel-batcher", **{"unimodel.model": model})
-    route = one(spans, "router route", "unimodel-router", **{"unimodel.model": model})
     batch = one(spans, f"worker batch {model}", worker_service)
+    assert not [s for s in spans if s.name == "router route"]
     assert queue.parent_id == parent.span_id and queue.kind == CONSUMER
     assert dispatch.parent_id == parent.span_id and dispatch.kind == PRODUCER
-    assert route.parent_id == dispatch.span_id and route.kind == SERVER
-    assert batch.parent_id == route.span_id and batch.kind == SERVER
+    assert batch.parent_id == dispatch.span_id and batch.kind == SERVER
     assert queue.attributes["unimodel.batch.size"] >= 1 and queue.attributes["unimodel.queue.wait_ms"] >= 0
     assert queue.attributes["unimodel.batch.id"] == dispatch.attributes["unimodel.batch.id"]
     assert (dispatch.trace_id, dispatch.span_id) in queue.links and (queue.trace_id, queue.span_id) in dispatch.links
-    assert route.attributes["unimodel.worker.id"] == batch.attributes["unimodel.instance"]
-    assert queue.start_ns <= dispatch.start_ns <= route.start_ns <= batch.start_ns <= batch.end_ns <= route.end_ns
+    assert queue.start_ns <= dispatch.start_ns <= batch.start_ns <= batch.end_ns <= dispatch.end_ns
     return queue, batch
 
 
@@ -154,7 +153,7 @@ def test_predict_over_http_is_one_trace_across_every_hop(cluster: Cluster) -> No
     assert r.status_code == 200, r.text
     assert r.headers["x-unimodel-trace-id"] == trace_id
     spans = cluster.receiver.wait_trace(trace_id, has(
-        "POST /v1/models/{model}:predict", "batcher queue", "batcher dispatch", "router route", "worker batch echo",
+        "POST /v1/models/{model}:predict", "batcher queue", "batcher dispatch", "worker batch echo",
         "infer echo",
     ))
     server = one(spans, "POST /v1/models/{model}:predict", "unimodel-gateway")
@@ -166,8 +165,9 @@ def test_predict_over_http_is_one_trace_across_every_hop(cluster: Cluster) -> No
     assert infer.parent_id == server.span_id and (batch.trace_id, batch.span_id) in infer.links
     assert infer.attributes["unimodel.request_id"] == r.headers["x-request-id"]
     assert server.start_ns <= infer.start_ns <= infer.end_ns <= server.end_ns
-    assert {s.service for s in spans} == {"unimodel-gateway", "unimodel-batcher", "unimodel-router", "unimodel-gpu-worker"}
+    assert {s.service for s in spans} == {"unimodel-gateway", "unimodel-batcher", "unimodel-gpu-worker"}
     # the services but the gateway took exporter and endpoint from the OTEL_* variables alone; all sent the headers
+    # (the router's spans: its placement commands, "router place", each a trace of its own)
     sent_by = {name for r in cluster.receiver.requests if r.headers.get("x-test-key") == "secret value" for name in r.services}
     assert {"unimodel-gateway", "unimodel-batcher", "unimodel-router", "unimodel-gpu-worker"} <= sent_by
 
@@ -284,10 +284,10 @@ EXPECTED = {
     "batcher": (
         "unimodel_batcher_queue_depth", "unimodel_batcher_inflight_batches", "unimodel_batcher_batch_rows_bucket",
         "unimodel_batcher_queue_wait_seconds_bucket", "unimodel_batcher_batch_fill_ratio_bucket",
-        "unimodel_batcher_batches_total",
+        "unimodel_batcher_batches_total", "unimodel_batcher_dispatched_total", "unimodel_batcher_decision_seconds_bucket",
+        "unimodel_batcher_dispatch_seconds_bucket",
     ),
-    "router": ("unimodel_router_routed_total", "unimodel_router_decision_seconds_bucket", "unimodel_router_workers",
-               "unimodel_router_batch_duration_seconds_bucket"),
+    "router": ("unimodel_router_decision_seconds_bucket", "unimodel_router_workers"),
     "gpu-worker": (
         "unimodel_worker_batches_total", "unimodel_worker_batch_duration_seconds_bucket",
         "unimodel_worker_inflight_batches", "unimodel_worker_capacity", "unimodel_worker_models",
@@ -336,8 +336,9 @@ def test_every_service_serves_its_metrics_after_one_request_of_each_kind(cluster
     worker = samples(cluster.scrape("gpu-worker"))
     assert any('state="READY"' in line for line in worker["unimodel_worker_models"])
     assert any(f'model="{LLM}"' in line and not line.endswith(" 0.0") for line in worker["unimodel_worker_generated_tokens_total"])
+    batcher = samples(cluster.scrape("batcher"))
+    assert any('outcome="ok"' in line for line in batcher["unimodel_batcher_dispatched_total"])
     router = samples(cluster.scrape("router"))
-    assert any('outcome="ok"' in line for line in router["unimodel_router_routed_total"])
     assert any('state="ready"' in line and line.endswith(" 2.0") for line in router["unimodel_router_workers"])
     # every metric the Grafana dashboard charts is one the services really export
     exported = set().union(*(declared(cluster.scrape(service)) for service in EXPECTED))

@@ -61,9 +61,10 @@ EXPORTED_METRICS = {
     # batcher
     "unimodel_batcher_queue_depth", "unimodel_batcher_inflight_batches", "unimodel_batcher_batch_rows_bucket",
     "unimodel_batcher_queue_wait_seconds_bucket", "unimodel_batcher_batch_fill_ratio_bucket",
-    "unimodel_batcher_batches_total", "unimodel_batcher_rejected_requests_total",
+    "unimodel_batcher_batches_total", "unimodel_batcher_rejected_requests_total", "unimodel_batcher_dispatched_total",
+    "unimodel_batcher_decision_seconds_bucket",
     # router
-    "unimodel_router_routed_total", "unimodel_router_decision_seconds_bucket", "unimodel_router_workers",
+    "unimodel_router_routed_total", "unimodel_router_workers",
     # gpu-worker and embedding-worker
     "unimodel_worker_batches_total", "unimodel_worker_batch_duration_seconds_bucket",
     "unimodel_worker_inflight_batches", "unimodel_worker_models", "unimodel_worker_generations_total",

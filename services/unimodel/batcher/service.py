@@ -3,13 +3,16 @@
 The gateway sends one BatchItem per request on subjects.batch(model) (queue group "batcher", so
 replicas share the load). The batcher sets the item's reply_to (the caller's inbox) and, when the item
 has none, its deadline; queues it under the model's batching policy (its registered ModelConfig, watched
-in etcd, or this service's defaults); and sends each batch to the router as a BatchRequest.
+in etcd, or this service's defaults); and sends each batch as a BatchRequest straight to a worker, chosen from
+the routing table the routers publish (core/dispatch.py: least outstanding work with two random choices,
+generations by conversation affinity, another worker when one is lost). Until it has a table, or for a model
+the table does not list yet, it sends the batch to a router, which dispatches it the same way.
 
 A request's answer does not come back through the batcher: the worker answers each item at its
 reply_to. The batcher answers a caller itself only when the request never reaches a worker: the queue is
 full (RESOURCE_EXHAUSTED + Retry-After), it has more rows than the model's max_batch_size
 (INVALID_ARGUMENT), it expired while queued (DEADLINE_EXCEEDED, at the moment it expires), or its batch
-could not be routed (the router's error, for every request of the batch).
+could not be dispatched (the error, for every request of the batch).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from unimodel.batcher.settings import BatcherSettings
 from unimodel.core import capacity_shares, errors, modelconfig, path_watch, payload_limits, subjects, tracing
 from unimodel.core.bus import NoResponders
 from unimodel.core.context import RequestContext
+from unimodel.core.dispatch import Dispatcher, DispatchSettings
 from unimodel.core.kinds import ROUTER
 from unimodel.core.lifecycle import Service
 from unimodel.core.membership import Discovery, instances_prefix, model_key
+from unimodel.core.routing_policy import WorkerTable
 from unimodel.core.store import KeyValueStore
 from unimodel.core.subjects import Header
 from unimodel.core.tracing import Attr, Span
@@ -50,7 +55,8 @@ _REASONS: dict[type[errors.UnimodelError], str] = {
 
 
 _REROUTE = "unimodel: router gone"
-"""Cancel message for a batch's wait on a router that is gone; the batch is sent again (`_route`)."""
+"""Cancel message for a batch's wait on a router that is gone, or on anyone after this batcher's NATS reconnect;
+the batch is sent again (`_route`)."""
 MAX_ROUTE_SENDS = 3
 NO_ROUTER_RETRY_S = 0.25
 NO_ROUTER_WAIT_S = 3.0
@@ -71,6 +77,9 @@ class Shares(NamedTuple):
     batchers: int
     rank: int
 
+
+TABLE_ASK_S = 1.0
+"""How long a starting batcher waits for a router's answer with the routing table before it takes requests."""
 
 BUSY_PAUSE_S = 0.001
 BUSY_PAUSE_MAX_S = 0.025
@@ -130,6 +139,15 @@ class BatcherService(Service):
         self.generative: set[str] = set()  # registered text-generation models
         self.routers: Discovery[str] = Discovery(self.store, instances_prefix(settings.etcd_prefix), _router_id)
         self._routing: dict[asyncio.Task[object], float] = {}  # waits for a router's ack -> time.monotonic() sent
+        self._direct: dict[asyncio.Task[object], float] = {}  # waits for a worker's ack -> time.monotonic() sent
+        # the routing table (core/dispatch.py): the workers, from the routers' RoutingTable messages
+        self.table = WorkerTable()
+        self.dispatcher = Dispatcher(
+            self.bus, self.table, DispatchSettings(settings.retries, settings.try_timeout_s, settings.suspend_s),
+            self.stats, self.log, known=lambda: True, on_suspend=self._suspected,
+        )
+        self._table_from = ""  # the router whose table was applied last ("" none yet: batches go to routers)
+        self._batchers: list[str] = []  # the batchers sharing the models' slots, from the table
         self.bus.on_reconnect = self._bus_reconnected
         self.grpc.add(
             services_pb2_grpc.add_BatcherServiceServicer_to_server,
@@ -142,6 +160,10 @@ class BatcherService(Service):
         self.routers.start()
         self.spawn(self._sweep_idle(), name="idle queue sweep")
         self.spawn(self._watch_routers(), name="watch routers")
+        self.spawn(self.dispatcher.watch_acks(), name="watch workers")
+        await self.bus.subscribe(subjects.ROUTING_TABLE, self._on_table)
+        await self.bus.subscribe(subjects.LOAD, self._on_load)
+        await self._ask_table()
         # The handler only enqueues (never waits), so it runs inline: no task per request.
         await self.bus.serve(subjects.BATCH_ALL, self._on_item, queue=subjects.QUEUE_BATCHER, inline=True)
         await self.bus.serve(subjects.BUNDLE_ALL, self._on_bundle, queue=subjects.QUEUE_BATCHER, inline=True)
@@ -404,19 +426,25 @@ class BatcherService(Service):
             pause = min(2 * pause, BUSY_PAUSE_MAX_S)
 
     async def _route(self, model: str, payload: bytes, ctx: RequestContext) -> bytes:
-        """Send a batch to the routers (queue group) and wait for the ack. A wait on a router that is gone
-        (`_watch_routers` cancels it with _REROUTE) sends the batch again, up to MAX_ROUTE_SENDS times in
-        all: inference is idempotent, the first answer of each request wins. A generation batch is never
-        sent twice (a generation must not run twice): its wait ends (Abandoned) and the gateways, which
-        watch routers too, send each generation no worker accepted again under a new id."""
+        """Send a batch to a worker from the routing table (core/dispatch.py), or, without a table or for a model
+        it does not list, to the routers (queue group), and wait for the ack. A wait cut short (`_REROUTE`: a
+        router that held it is gone, or this batcher reconnected to NATS and the ack may be lost) sends the batch
+        again, up to MAX_ROUTE_SENDS times in all: inference is idempotent, the first answer of each request
+        wins. A generation batch is never sent twice (a generation must not run twice): its wait ends
+        (Abandoned) and the gateways, which watch batchers and routers too, send each generation no worker
+        accepted again under a new id."""
         task = asyncio.current_task()
         assert task is not None
         generation = model in self.generative
         sends = 1
         give_up = time.monotonic() + NO_ROUTER_WAIT_S
         while True:
-            self._routing[task] = time.monotonic()
+            direct = bool(self._table_from) and self.table.serves(model)
+            waits = self._direct if direct else self._routing
+            waits[task] = time.monotonic()
             try:
+                if direct:
+                    return await self.dispatcher.dispatch(model, payload, ctx, functools.partial(self._fill_shares, model))
                 return await self.bus.request(subjects.route(model), payload, ctx, timeout_s=self.settings.request_timeout_s)
             except NoResponders:
                 # no router subscribed right now (all restarting, NATS just reconnected): nothing was taken,
@@ -431,11 +459,72 @@ class BatcherService(Service):
                     raise Abandoned from None
                 if sends == MAX_ROUTE_SENDS:
                     raise errors.Unavailable(
-                        f"the routers of {model!r} stopped while holding this request ({sends} tries)", retry_after_s=1, model=model
+                        f"the batch of {model!r} was lost on its way {sends} times", retry_after_s=1, model=model
                     ) from None
                 sends += 1
             finally:
-                self._routing.pop(task, None)
+                waits.pop(task, None)
+
+    # the routing table ------------------------------------------------------------------------------
+    async def _on_table(self, msg: Msg) -> None:
+        self._apply_table(msg.data)
+
+    def _apply_table(self, raw: bytes) -> None:
+        """A router's RoutingTable: the workers (a worker no longer listed has left: the batches waiting on it
+        go to another), the generation models, suspensions, loads and the batchers sharing the slots."""
+        try:
+            table = registry_pb2.RoutingTable.FromString(raw)
+        except DecodeError:
+            return
+        known = self.table.instances
+        listed = {w.id: w for w in table.workers}
+        self.dispatcher.generative = set(table.generative)
+        for worker_id in [w for w in known if w not in listed]:
+            self.table.remove(worker_id)
+            self.dispatcher.worker_left(worker_id)
+        for worker_id, info in listed.items():
+            if known.get(worker_id) != info:
+                self.table.upsert(info, self.dispatcher.generative)
+        for worker_id, left_s in table.suspended_s.items():
+            if not self.table.is_suspended(worker_id):
+                self.table.suspend(worker_id, left_s)
+        for load in table.loads:
+            self.table.set_load(load.worker_id, load.model, load.sequences)
+        self._batchers = list(table.batchers)
+        if not self._table_from:
+            self.log.info("routing table from %s: %d worker(s); batches go straight to workers", table.router_id, len(listed))
+        self._table_from = table.router_id
+
+    async def _ask_table(self) -> None:
+        """Ask the routers for their table before taking requests; without an answer (no router yet) batches go
+        to the routers until one publishes its table."""
+        try:
+            raw = await self.bus.request(subjects.ROUTING_TABLE_GET, b"", RequestContext.new(TABLE_ASK_S), timeout_s=TABLE_ASK_S)
+        except errors.UnimodelError as exc:
+            self.log.info("no routing table yet (%s): batches go to the routers until one is published", exc.message)
+            return
+        self._apply_table(raw)
+
+    async def _on_load(self, msg: Msg) -> None:
+        self.dispatcher.on_load(msg.data)
+
+    def _suspected(self, worker_id: str) -> None:
+        """A worker did not answer a batch (suspended here): tell the routers, for the other batchers."""
+        report = registry_pb2.WorkerSuspected(worker_id=worker_id, reporter=self.id, for_s=self.settings.suspend_s)
+        self.spawn(self._report(report), "report a suspected worker")
+
+    async def _report(self, report: registry_pb2.WorkerSuspected) -> None:
+        try:
+            await self.bus.publish(subjects.SUSPECT, report.SerializeToString(), what="a suspected worker")
+        except errors.UnimodelError as exc:  # NATS down: the routers learn it from the worker's lease
+            self.log.debug("could not report %s: %s", report.worker_id, exc.message)
+
+    def _fill_shares(self, model: str, ack: inference_pb2.BatchAck) -> None:
+        """The model's slots and this batcher's rank among the batchers (core/capacity_shares.py), as a router
+        fills them in its acks."""
+        ack.capacity = self.table.capacity(model)
+        if self._batchers:
+            ack.batcher_rank, ack.batchers = capacity_shares.rank(self._batchers, self.id, model)
 
     def _bus_reconnected(self) -> None:
         """After a NATS reconnect a batch or its ack may have been lost on the way: once the routers had
@@ -444,7 +533,7 @@ class BatcherService(Service):
 
     async def _after_reconnect(self, reconnected: float) -> None:
         await asyncio.sleep(path_watch.STALL_S)
-        waiting = [task for task, sent in self._routing.items() if sent < reconnected]
+        waiting = [task for waits in (self._routing, self._direct) for task, sent in waits.items() if sent < reconnected]
         for task in waiting:
             task.cancel(_REROUTE)
         if waiting:

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from unimodel.core.settings import CommonSettings, register_settings
+from unimodel.core.settings import BatchSenderSettings, register_settings
 
 
 @register_settings
-class BatcherSettings(CommonSettings):
+class BatcherSettings(BatchSenderSettings):
     """Defaults for models without a registered ModelConfig (e.g. the built-in echo); a registered
     model's `max_batch_size` and `batching` section take precedence (max_queue_size 0 there = this one)."""
 

@@ -224,6 +224,17 @@ class CommonSettings(BaseSettings):
 _SERVICE_CLASSES: dict[str, type[CommonSettings]] = {}
 
 
+class BatchSenderSettings(CommonSettings):
+    """Options of the services that send batches to workers (core/dispatch.py): the batchers, and a router for
+    a batcher that has no routing table yet. One set of options for both."""
+
+    retries: int = Field(1, ge=0, le=5, description="times a batch is sent to another instance when one is lost")
+    try_timeout_s: float = Field(30.0, gt=0, le=3600, description="max wait for one worker's reply")
+    suspend_s: float = Field(
+        2.0, ge=0, le=600, description="how long an instance that did not answer gets no traffic (unless no other)"
+    )
+
+
 def register_settings(cls: type[CommonSettings]) -> type[CommonSettings]:
     """Class decorator: makes a service's settings known to YAML validation and the CLI."""
     _SERVICE_CLASSES[cls.service] = cls

@@ -57,7 +57,7 @@ ROUTE_ALL = f"{ROOT}.route.*"
 
 
 def worker_infer(instance_id: str) -> str:
-    """router -> one worker instance: a BatchRequest it must run."""
+    """batcher (or router) -> one worker instance: a BatchRequest it must run."""
     return f"{ROOT}.worker.{instance_id}.infer"
 
 
@@ -77,7 +77,14 @@ ABORT = f"{ROOT}.abort"
 
 
 LOAD = f"{ROOT}.load"
-"""worker -> every router (plain subscription): a ModelLoad when a generation ends."""
+"""worker -> every router and batcher (plain subscription): a ModelLoad when a generation ends."""
+ROUTING_TABLE = f"{ROOT}.routing.table"
+"""router -> every batcher (plain subscription): a RoutingTable, on every change and every few seconds."""
+ROUTING_TABLE_GET = f"{ROOT}.routing.get"
+"""batcher -> routers (queue group QUEUE_ROUTER): an empty request a starting batcher sends; the answer is a
+RoutingTable."""
+SUSPECT = f"{ROOT}.routing.suspect"
+"""batcher -> every router (plain subscription): a WorkerSuspected, a worker that did not answer a batch."""
 
 
 CACHE_QUERY = f"{ROOT}.cache.query"
@@ -207,11 +214,18 @@ def permissions(kind: str, instance_id: str = ANY_INSTANCE) -> Permissions:
             ),
             subscribe=(f"{replies(instance_id)}.*", f"{blobs(instance_id)}.*", GATEWAY_STATS, *own),
         ),
-        # batches to routers (and liveness probes of routers that hold one); an item it cannot queue is
-        # answered at its caller's inbox
-        "batcher": Permissions(publish=(ROUTE_ALL, REPLIES_ALL, ALIVE_ALL), subscribe=(BATCH_ALL, BUNDLE_ALL, *own)),
-        # batches and commands to workers (and liveness probes of workers that hold a batch: router `_watch_workers`)
-        "router": Permissions(publish=(WORKER_INFER_ALL, WORKER_CONTROL_ALL, ALIVE_ALL), subscribe=(ROUTE_ALL, LOAD, *own)),
+        # batches to workers (from the routers' table) or to routers, liveness probes of routers and workers that
+        # hold one, suspected workers to the routers; an item it cannot queue is answered at its caller's inbox
+        "batcher": Permissions(
+            publish=(WORKER_INFER_ALL, ROUTE_ALL, ROUTING_TABLE_GET, SUSPECT, REPLIES_ALL, ALIVE_ALL),
+            subscribe=(BATCH_ALL, BUNDLE_ALL, ROUTING_TABLE, LOAD, *own),
+        ),
+        # the routing table to batchers, batches (of batchers without a table) and commands to workers, and
+        # liveness probes of workers that hold a batch (core/dispatch.py `watch_acks`)
+        "router": Permissions(
+            publish=(ROUTING_TABLE, WORKER_INFER_ALL, WORKER_CONTROL_ALL, ALIVE_ALL),
+            subscribe=(ROUTE_ALL, ROUTING_TABLE_GET, LOAD, SUSPECT, *own),
+        ),
         # embeddings go through the batcher like any request; answers come to the cache's own inbox
         "cache": Permissions(publish=(BATCH_ALL, BUNDLE_ALL), subscribe=(CACHE_ALL, f"{replies(instance_id)}.*", *own)),
     }

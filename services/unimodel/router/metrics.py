@@ -1,7 +1,9 @@
 """Metric names and labels of the router, declared in one place.
 
-The `model` label is a model some worker serves (the table's), else OTHER_MODEL, so client input cannot
-grow it. Worker counts are read from the worker table when Prometheus scrapes.
+The `model` label is a model some worker serves (the table's), else core/dispatch.py's OTHER_MODEL, so client
+input cannot grow it; the outcomes are core/dispatch.py's. The router counts only the batches of batchers that
+have no routing table yet (the batchers count what they dispatch themselves: batcher/metrics.py).
+Worker counts are read from the worker table when Prometheus scrapes.
 """
 
 from __future__ import annotations
@@ -12,13 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-OTHER_MODEL = "other"
 DECISION_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005)
 ROUTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-OK, RETRIED, NOT_SERVED, NO_WORKER, BUSY = "ok", "retried", "not_served", "unavailable", "busy"
-"""Outcomes of routing a batch: answered by the first worker, by another after a retry, no worker serves the
-model (NOT_FOUND), or none could run it (UNAVAILABLE)."""
 
 WorkerStates = Callable[[], dict[str, int]]
 """Workers known to the router by state ("ready", "suspended")."""
@@ -40,6 +38,9 @@ class RouterMetrics:
             ["model"], registry=registry, buckets=ROUTE_BUCKETS,
         )
         registry.register(_WorkersCollector(worker_states))
+
+    def decided(self, seconds: float) -> None:
+        self.decision.observe(seconds)
 
     def batch(self, model: str, outcome: str, seconds: float) -> None:
         self.routed.labels(model, outcome).inc()

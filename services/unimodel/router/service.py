@@ -1,32 +1,34 @@
-"""router runtime: watches worker instances in etcd, sends each batch to one, retries on loss.
+"""router runtime: places models on workers, watches the worker instances in etcd and publishes the routing
+table from which the batchers send each batch straight to a worker (core/dispatch.py).
 
-The worker answers the batch's items directly; the router waits for its BatchAck, which tells it the
-worker's load (outstanding batches) and whether the batch must go to another instance.
+The table (RoutingTable on subjects.ROUTING_TABLE) holds the workers with their subjects, models and slots,
+the generation models, the suspended workers (a batcher that found one not answering reports it on
+subjects.SUSPECT) and the workers' generation loads; it goes out on every change and every TABLE_INTERVAL_S.
+A batcher that has no table yet (just started, or no router published one) sends its batches here on
+subjects.route(model): the router then dispatches them itself, the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import time
-from collections.abc import Callable
 from typing import cast
 
 import grpc
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
-from unimodel.core import capacity_shares, errors, modelconfig, path_watch, subjects, tracing
+from unimodel.core import capacity_shares, errors, modelconfig, subjects, tracing
 from unimodel.core.context import RequestContext
+from unimodel.core.dispatch import Dispatcher, DispatchSettings
 from unimodel.core.grpc_server import maps_errors
 from unimodel.core.kinds import BATCHER, WORKER_KINDS
 from unimodel.core.lifecycle import Service
 from unimodel.core.membership import Discovery, instances_prefix, models_prefix
+from unimodel.core.routing_policy import WorkerTable
 from unimodel.core.store import KeyValueStore
 from unimodel.core.tracing import Attr
-from unimodel.router.metrics import BUSY, NO_WORKER, NOT_SERVED, OK, OTHER_MODEL, RETRIED, RouterMetrics
+from unimodel.router.metrics import RouterMetrics
 from unimodel.router.placement import Command, Planner
-from unimodel.router.policy import WorkerTable
 from unimodel.router.settings import RouterSettings
 from unimodel.v1 import inference_pb2, model_pb2, registry_pb2, services_pb2, services_pb2_grpc
 
@@ -47,23 +49,9 @@ SYNC_WAIT_S = 10.0
 """How long a starting router waits for its first read of the workers and models before it takes batches."""
 
 
-class WorkerLost(Exception):
-    """The instance left (lease expired or revoked) while a batch was on it."""
-
-
-_LOST = "unimodel: worker lost"
-"""Cancel message for a handler task whose worker left; swallowed (uncancel) and turned into WorkerLost."""
-_ACK_LOST = "unimodel: worker reconnected"
-"""Cancel message for a handler task whose worker reconnected to NATS after the batch was sent (its node of a
-NATS cluster died): the ack may be lost on the way; turned into AckLost, the batch is sent again."""
-
-
-class AckLost(WorkerLost):
-    """The worker is alive but reconnected to NATS since the batch was sent: its ack may never come."""
-
-
-MAX_ACK_LOST_SENDS = 3
-"""A batch whose ack was lost to a reconnect is sent again at most this many times."""
+TABLE_INTERVAL_S = 2.0
+"""The routing table is published on every change (at most every TABLE_MIN_GAP_S) and at least this often."""
+TABLE_MIN_GAP_S = 0.05
 
 
 class RouterService(Service):
@@ -74,8 +62,11 @@ class RouterService(Service):
         super().__init__(settings, store)
         self.table = WorkerTable()
         self.stats = RouterMetrics(self.metrics.registry, self._worker_states)
-        self._inflight: dict[str, set[asyncio.Task[object]]] = {}
-        self._sent_at: dict[asyncio.Task[object], float] = {}  # batch waits -> time.monotonic() sent to the worker
+        self.dispatcher = Dispatcher(
+            self.bus, self.table, DispatchSettings(settings.retries, settings.try_timeout_s, settings.suspend_s),
+            self.stats, self.log, known=lambda: self.workers.synced.is_set(), on_suspend=lambda _w: self._table_changed.set(),
+        )
+        self._table_changed = asyncio.Event()
         self.workers: Discovery[registry_pb2.InstanceInfo] = Discovery(
             self.store,
             instances_prefix(settings.etcd_prefix),
@@ -86,10 +77,11 @@ class RouterService(Service):
             self.store, models_prefix(settings.etcd_prefix), model_pb2.ModelConfig.FromString, self._on_model_change
         )
         # the batchers, which share each model's slots (core/capacity_shares.py)
-        self.batchers: Discovery[str] = Discovery(self.store, instances_prefix(settings.etcd_prefix), _batcher_id)
+        self.batchers: Discovery[str] = Discovery(
+            self.store, instances_prefix(settings.etcd_prefix), _batcher_id, lambda *_: self._table_changed.set()
+        )
         self.planner = Planner(retry_failed_s=max(5.0, 5 * settings.reconcile_interval_s))
         self._placement_changed = asyncio.Event()
-        self.generative: set[str] = set()  # registered text-generation models (batches split per item)
         self.grpc.add(
             services_pb2_grpc.add_RouterServiceServicer_to_server,
             _RouterApi(self),
@@ -106,7 +98,8 @@ class RouterService(Service):
     def _on_model_change(
         self, key: str, old: model_pb2.ModelConfig | None, new: model_pb2.ModelConfig | None
     ) -> None:
-        self.generative = {c.name for c in self.models.items.values() if modelconfig.is_generative(c)}
+        self.dispatcher.generative = {c.name for c in self.models.items.values() if modelconfig.is_generative(c)}
+        self._table_changed.set()
         if new is None and old is not None:
             self.log.info("model %s unregistered", old.name)
         elif new is not None:
@@ -117,16 +110,16 @@ class RouterService(Service):
         self, key: str, old: registry_pb2.InstanceInfo | None, new: registry_pb2.InstanceInfo | None
     ) -> None:
         self._placement_changed.set()
+        self._table_changed.set()
         if new is not None:
             if old is None:
                 self.log.info("worker %s joined with models %s", new.id, ",".join(new.models) or "-")
-            self.table.upsert(new, self.generative)
+            self.table.upsert(new, self.dispatcher.generative)
             return
         assert old is not None
         self.log.info("worker %s left", old.id)
         self.table.remove(old.id)
-        for task in self._inflight.pop(old.id, set()):
-            task.cancel(_LOST)
+        self.dispatcher.worker_left(old.id)
 
     async def on_start(self) -> None:
         self.workers.start()
@@ -141,9 +134,12 @@ class RouterService(Service):
         except TimeoutError:
             self.log.warning("etcd not read within %.0fs: taking batches before the workers are known", SYNC_WAIT_S)
         await self.bus.serve(subjects.ROUTE_ALL, self._on_batch, queue=subjects.QUEUE_ROUTER)
+        await self.bus.serve(subjects.ROUTING_TABLE_GET, self._on_table_request, queue=subjects.QUEUE_ROUTER)
         await self.bus.subscribe(subjects.LOAD, self._on_load)
+        await self.bus.subscribe(subjects.SUSPECT, self._on_suspect)
         self.spawn(self._reconcile_loop(), name="placement")
-        self.spawn(self._watch_workers(), name="watch workers")
+        self.spawn(self.dispatcher.watch_acks(), name="watch workers")
+        self.spawn(self._publish_tables(), name="routing table")
 
     async def on_close(self) -> None:
         await self.workers.stop()
@@ -186,15 +182,23 @@ class RouterService(Service):
             else registry_pb2.ModelCommand(unload=command.model)
         )
         ctx = RequestContext.new(self.settings.command_timeout_s)
+        # a trace of its own per placement command (the router's only spans: batches go straight to workers)
+        span = tracing.start(tracing.Name.ROUTER_PLACE, "", tracing.CLIENT, {
+            Attr.MODEL: command.model, Attr.WORKER_ID: command.worker_id, Attr.INSTANCE: self.id,
+        }, root=True) if tracing.enabled() else None
+        if span is not None:
+            ctx = RequestContext(ctx.request_id, ctx.deadline_ms, tracing.traceparent_of(span), ctx.tracestate)
         try:
             raw = await self.bus.request(
                 subjects.worker_control(command.worker_id), message.SerializeToString(), ctx,
                 timeout_s=self.settings.command_timeout_s,
             )
         except errors.UnimodelError as exc:
+            tracing.finish(span, exc)
             self.planner.failed(command)
             self.log.warning("%s failed: %s", command, exc.message)
             return
+        tracing.finish(span)
         status = registry_pb2.ModelStatus.FromString(raw)
         self.log.info("%s: %s", command, registry_pb2.ModelStatus.State.Name(status.state))
 
@@ -217,74 +221,60 @@ class RouterService(Service):
             tracing.finish(span)
         return raw
 
-    async def _route(self, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
-        if batch.model in self.generative:
-            return await self._route_generation(batch, ctx)
-        model = batch.model
-        return await self._dispatch(batch, ctx, lambda _attempt, tried: self.table.pick(model, exclude=tried))
+    # the routing table ------------------------------------------------------------------------------
+    def routing_table(self) -> registry_pb2.RoutingTable:
+        """The table the batchers dispatch from (see the module doc)."""
+        table = self.table
+        now = table.clock()
+        out = registry_pb2.RoutingTable(
+            router_id=self.id, generative=sorted(self.dispatcher.generative), batchers=sorted(self.batchers.items.values())
+        )
+        out.workers.extend(table.instances[i] for i in sorted(table.instances))
+        for worker_id, until in list(table.suspended.items()):
+            if until > now:
+                out.suspended_s[worker_id] = until - now
+        for (worker_id, model), sequences in table.sequences.items():
+            out.loads.add(worker_id=worker_id, model=model, sequences=sequences)
+        return out
 
-    async def _dispatch(
-        self,
-        batch: inference_pb2.BatchRequest,
-        ctx: RequestContext,
-        choose: Callable[[int, list[str]], str | None],
-        *,
-        track_load: bool = False,
-    ) -> bytes:
-        """Send `batch` to the worker `choose(attempt, tried)` names; a worker that is lost or does not
-        answer is suspended and the next choice tried, up to `retries` more times. The ack carries the
-        model's capacity and the sending batcher's rank among the batchers that share it; with `track_load`,
-        the worker's reported load is recorded (generations). A worker whose slots of the model were all
-        taken (ack.busy: nothing ran) is not suspended: the next choice is tried, and when every one was
-        busy the busy ack goes back to the batcher, which sends the batch again shortly."""
-        model = batch.model
-        label = model if self.table.serves(model) else OTHER_MODEL
-        arrived = time.perf_counter()
-        tried: list[str] = []
-        busy: inference_pb2.BatchAck | None = None
-        lost = resent = 0
-        while lost <= self.settings.retries:
-            before = time.perf_counter()
-            worker_id = choose(len(tried), tried)
-            self.stats.decision.observe(time.perf_counter() - before)
-            if worker_id is None or worker_id in tried:
-                break
-            tried.append(worker_id)
+    async def _publish_tables(self) -> None:
+        """Publish the routing table once the workers are known, then on every change (at most every
+        TABLE_MIN_GAP_S) and at least every TABLE_INTERVAL_S (a batcher that starts, or missed one, has it soon)."""
+        await self.workers.synced.wait()
+        while True:
+            self._table_changed.clear()
             try:
-                raw = await self._send(worker_id, batch, ctx)
-            except AckLost as exc:  # alive: sent again (to it or another), neither suspended nor a failure
-                resent += 1
-                if resent <= MAX_ACK_LOST_SENDS:
-                    tried.remove(worker_id)
-                    self.log.warning("%s; sending the batch again", exc)
-                continue
-            except (WorkerLost, errors.Unavailable) as exc:
-                lost += 1
-                if self.table.suspend(worker_id, self.settings.suspend_s):
-                    self.log.warning("%s did not answer (%s); suspended for %.1fs", worker_id, exc, self.settings.suspend_s)
-                continue
-            ack = inference_pb2.BatchAck.FromString(raw)
-            self._fill_shares(ack, batch)
-            if ack.busy:
-                busy = ack
-                continue
-            if track_load:
-                self.table.set_load(worker_id, model, ack.load)
-            self.stats.batch(label, RETRIED if len(tried) > 1 else OK, time.perf_counter() - arrived)
-            return cast(bytes, ack.SerializeToString())  # protobuf's runtime ships no type information
-        if busy is not None:
-            self.stats.batch(label, BUSY, time.perf_counter() - arrived)
-            return cast(bytes, busy.SerializeToString())  # protobuf's runtime ships no type information
-        if tried:
-            self.stats.batch(label, NO_WORKER, time.perf_counter() - arrived)
-            raise errors.Unavailable(
-                f"no instance of {model!r} could run the batch (tried {', '.join(tried)})", retry_after_s=1, model=model
-            )
-        if self.table.instances or self.workers.synced.is_set():
-            self.stats.batch(label, NOT_SERVED, time.perf_counter() - arrived)
-            raise errors.NotFound(f"model {model!r} is not served by any worker", model=model)
-        self.stats.batch(label, NO_WORKER, time.perf_counter() - arrived)
-        raise errors.Unavailable("router has not discovered workers yet", retry_after_s=1)
+                await self.bus.publish(subjects.ROUTING_TABLE, self.routing_table().SerializeToString(), what="the routing table")
+            except errors.UnimodelError as exc:  # NATS down: the next one goes once it is back
+                self.log.debug("routing table not published: %s", exc.message)
+            await asyncio.sleep(TABLE_MIN_GAP_S)
+            try:
+                async with asyncio.timeout(TABLE_INTERVAL_S):
+                    await self._table_changed.wait()
+            except TimeoutError:
+                pass
+
+    async def _on_table_request(self, msg: Msg, ctx: RequestContext) -> bytes:
+        return cast(bytes, self.routing_table().SerializeToString())  # protobuf's runtime ships no type information
+
+    async def _on_suspect(self, msg: Msg) -> None:
+        """A batcher found a worker not answering a batch: suspend it here too, for the other batchers."""
+        try:
+            report = registry_pb2.WorkerSuspected.FromString(msg.data)
+        except DecodeError:
+            return
+        if self.table.suspend(report.worker_id, max(0.0, min(report.for_s, self.settings.suspend_s))):
+            self.log.warning("worker %s suspended for %.1fs (it did not answer %s)", report.worker_id, report.for_s, report.reporter)
+            self._table_changed.set()
+
+    async def _on_load(self, msg: Msg) -> None:
+        self.dispatcher.on_load(msg.data)
+
+    # batches of batchers that have no routing table ---------------------------------------------------
+    async def _route(self, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
+        return await self.dispatcher.dispatch(
+            batch.model, batch.SerializeToString(), ctx, lambda ack: self._fill_shares(ack, batch), batch
+        )
 
     def _fill_shares(self, ack: inference_pb2.BatchAck, batch: inference_pb2.BatchRequest) -> None:
         """The model's slots, and the sending batcher's rank among the known batchers (its id is the first
@@ -292,109 +282,6 @@ class RouterService(Service):
         ack.capacity = self.table.capacity(batch.model)
         if len(batch.path) > 1:  # [batcher, ..., this router]: sent by a batcher
             ack.batcher_rank, ack.batchers = capacity_shares.rank(self.batchers.items.values(), batch.path[0], batch.model)
-
-    async def _watch_workers(self) -> None:
-        """While a batch has waited over path_watch.STALL_S for a worker's ack, ask the workers holding
-        batches whether they reconnected to NATS since (core/path_watch.py): one whose node of a NATS
-        cluster died may have lost the ack on the way, so the batches sent to it before are sent again
-        (AckLost: to it or another, not a suspension), instead of waiting try_timeout_s with the batcher's
-        slot held. A worker that does not answer at all is left to its lease (`_on_worker_change`): while
-        it moves to another node it does not answer either. Generation batches are left alone (acked as
-        soon as they start; a generation must not run twice)."""
-        watch = path_watch.PathWatch(
-            lambda i: self.bus.alive(i, path_watch.PROBE_TIMEOUT_S), path_watch.STALL_S, probe_gone_again=True
-        )
-        while True:
-            await asyncio.sleep(path_watch.INTERVAL_S)
-            holding = {w: tasks for w, tasks in self._inflight.items() if tasks}
-            oldest = min((self._sent_at.get(t, math.inf) for tasks in holding.values() for t in tasks), default=math.inf)
-            found = await watch.check(None if oldest == math.inf else oldest, holding)
-            for worker_id in found:
-                reconnected = watch.reconnected.get(worker_id)
-                if reconnected is None:
-                    continue
-                for task in list(self._inflight.get(worker_id, ())):
-                    if self._sent_at.get(task, math.inf) < reconnected:
-                        task.cancel(_ACK_LOST)
-
-    async def _on_load(self, msg: Msg) -> None:
-        """A worker's generation ended: its sequence count for the model, as it is now."""
-        try:
-            load = registry_pb2.ModelLoad.FromString(msg.data)
-        except DecodeError:
-            return
-        self.table.set_load(load.worker_id, load.model, load.sequences)
-
-    async def _route_generation(self, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
-        """A generation batch: each item to its conversation's home worker while load allows (policy
-        pick_affine), the parts sent side by side, one ack for the batcher."""
-        model = batch.model
-        parts: dict[str, inference_pb2.BatchRequest] = {}
-        for index, item in enumerate(batch.items):
-            worker_id = self.table.pick_affine(model, item.generate.session)
-            if worker_id is None:
-                return await self._route_batch(batch, ctx)  # no instance known: the plain path's errors
-            part = parts.get(worker_id)
-            if part is None:
-                part = parts[worker_id] = inference_pb2.BatchRequest(batch_id=batch.batch_id, model=model, path=batch.path)
-            part.items.append(item)
-            if len(batch.queue_ns) == len(batch.items):
-                part.queue_ns.append(batch.queue_ns[index])
-            self.table.add_load(worker_id, model, 1)  # seen by the next item's choice
-        if len(parts) == 1:
-            ((worker_id, part),) = parts.items()
-            return await self._route_batch(part, ctx, first=worker_id)
-        acks = await asyncio.gather(*(self._route_batch(p, ctx, first=w) for w, p in parts.items()), return_exceptions=True)
-        merged = inference_pb2.BatchAck(batch_id=batch.batch_id)
-        self._fill_shares(merged, batch)
-        first_error: BaseException | None = None
-        for part, ack in zip(parts.values(), acks, strict=True):
-            if isinstance(ack, BaseException):
-                first_error = first_error or ack
-                merged.failed += len(part.items)
-                continue
-            a = inference_pb2.BatchAck.FromString(ack)
-            merged.succeeded += a.succeeded
-            merged.failed += a.failed
-            merged.worker_id = merged.worker_id or a.worker_id
-        if first_error is not None and merged.succeeded == 0 and merged.failed == len(batch.items):
-            raise first_error
-        return cast(bytes, merged.SerializeToString())  # protobuf's runtime ships no type information
-
-    async def _route_batch(self, batch: inference_pb2.BatchRequest, ctx: RequestContext, first: str = "") -> bytes:
-        """Send a (part of a) generation batch to `first`, retrying on another worker if it is lost."""
-        model = batch.model
-
-        def choose(attempt: int, tried: list[str]) -> str | None:
-            return first if attempt == 0 and first else self.table.pick_affine(model, "", exclude=tried)
-
-        return await self._dispatch(batch, ctx, choose, track_load=True)
-
-    async def _send(self, worker_id: str, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
-        """Request/reply with one worker, in the handler's own task (no extra task per batch): if the
-        worker leaves meanwhile, `_on_worker_change` cancels this task with _LOST, turned into WorkerLost."""
-        info = self.table.instances[worker_id]
-        task = asyncio.current_task()
-        assert task is not None
-        inflight = self._inflight.setdefault(worker_id, set())
-        inflight.add(task)
-        if batch.model not in self.generative:  # a generation is never sent twice: its ack is not watched
-            self._sent_at[task] = time.monotonic()
-        self.table.begin(worker_id)
-        try:
-            return await self.bus.request(
-                info.nats_subject, batch.SerializeToString(), ctx, timeout_s=self.settings.try_timeout_s
-            )
-        except asyncio.CancelledError as exc:
-            if exc.args == (_LOST,) and task.uncancel() == 0:
-                raise WorkerLost(f"worker {worker_id} left") from None
-            if exc.args == (_ACK_LOST,) and task.uncancel() == 0:
-                raise AckLost(f"worker {worker_id} reconnected to NATS while it held the batch") from None
-            raise
-        finally:
-            self.table.end(worker_id)
-            inflight.discard(task)
-            self._sent_at.pop(task, None)
 
 
 class _RouterApi(services_pb2_grpc.RouterServiceServicer):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from unimodel.v1 import model_pb2 as unimodel_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aunimodel/v1/registry.proto\x12\x0bunimodel.v1\x1a\x17unimodel/v1/model.proto\"\xd0\x02\n\x0cInstanceInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x05 \x01(\t\x12\x14\n\x0cnats_subject\x18\x06 \x01(\t\x12\x0e\n\x06models\x18\x07 \x03(\t\x12\x17\n\x0fstarted_unix_ms\x18\x08 \x01(\x03\x12\x35\n\x06labels\x18\t \x03(\x0b\x32%.unimodel.v1.InstanceInfo.LabelsEntry\x12\x0f\n\x07\x65ngines\x18\n \x03(\t\x12.\n\x0cmodel_states\x18\x0b \x03(\x0b\x32\x18.unimodel.v1.ModelStatus\x12\x0b\n\x03pid\x18\x0c \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf3\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.unimodel.v1.ModelStatus.State\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08inflight\x18\x04 \x01(\x05\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\"Q\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07LOADING\x10\x01\x12\t\n\x05READY\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\r\n\tUNLOADING\x10\x04\"U\n\x0cModelCommand\x12(\n\x04load\x18\x01 \x01(\x0b\x32\x18.unimodel.v1.ModelConfigH\x00\x12\x10\n\x06unload\x18\x02 \x01(\tH\x00\x42\t\n\x07\x63ommand\"@\n\tModelLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tsequences\x18\x03 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aunimodel/v1/registry.proto\x12\x0bunimodel.v1\x1a\x17unimodel/v1/model.proto\"\xd0\x02\n\x0cInstanceInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x05 \x01(\t\x12\x14\n\x0cnats_subject\x18\x06 \x01(\t\x12\x0e\n\x06models\x18\x07 \x03(\t\x12\x17\n\x0fstarted_unix_ms\x18\x08 \x01(\x03\x12\x35\n\x06labels\x18\t \x03(\x0b\x32%.unimodel.v1.InstanceInfo.LabelsEntry\x12\x0f\n\x07\x65ngines\x18\n \x03(\t\x12.\n\x0cmodel_states\x18\x0b \x03(\x0b\x32\x18.unimodel.v1.ModelStatus\x12\x0b\n\x03pid\x18\x0c \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf3\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.unimodel.v1.ModelStatus.State\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08inflight\x18\x04 \x01(\x05\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\"Q\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07LOADING\x10\x01\x12\t\n\x05READY\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\r\n\tUNLOADING\x10\x04\"U\n\x0cModelCommand\x12(\n\x04load\x18\x01 \x01(\x0b\x32\x18.unimodel.v1.ModelConfigH\x00\x12\x10\n\x06unload\x18\x02 \x01(\tH\x00\x42\t\n\x07\x63ommand\"@\n\tModelLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tsequences\x18\x03 \x01(\x05\"\x8d\x02\n\x0cRoutingTable\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12*\n\x07workers\x18\x02 \x03(\x0b\x32\x19.unimodel.v1.InstanceInfo\x12\x12\n\ngenerative\x18\x03 \x03(\t\x12>\n\x0bsuspended_s\x18\x04 \x03(\x0b\x32).unimodel.v1.RoutingTable.SuspendedSEntry\x12%\n\x05loads\x18\x05 \x03(\x0b\x32\x16.unimodel.v1.ModelLoad\x12\x10\n\x08\x62\x61tchers\x18\x06 \x03(\t\x1a\x31\n\x0fSuspendedSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"E\n\x0fWorkerSuspected\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08reporter\x18\x02 \x01(\t\x12\r\n\x05\x66or_s\x18\x03 \x01(\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INSTANCEINFO_LABELSENTRY']._loaded_options = None
   _globals['_INSTANCEINFO_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_ROUTINGTABLE_SUSPENDEDSENTRY']._loaded_options = None
+  _globals['_ROUTINGTABLE_SUSPENDEDSENTRY']._serialized_options = b'8\001'
   _globals['_INSTANCEINFO']._serialized_start=69
   _globals['_INSTANCEINFO']._serialized_end=405
   _globals['_INSTANCEINFO_LABELSENTRY']._serialized_start=360
@@ -46,4 +48,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELCOMMAND']._serialized_end=738
   _globals['_MODELLOAD']._serialized_start=740
   _globals['_MODELLOAD']._serialized_end=804
+  _globals['_ROUTINGTABLE']._serialized_start=807
+  _globals['_ROUTINGTABLE']._serialized_end=1076
+  _globals['_ROUTINGTABLE_SUSPENDEDSENTRY']._serialized_start=1027
+  _globals['_ROUTINGTABLE_SUSPENDEDSENTRY']._serialized_end=1076
+  _globals['_WORKERSUSPECTED']._serialized_start=1078
+  _globals['_WORKERSUSPECTED']._serialized_end=1147
 # @@protoc_insertion_point(module_scope)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from unimodel.router.policy import WorkerTable
+from unimodel.core.routing_policy import WorkerTable
 from unimodel.v1 import registry_pb2
 
 
