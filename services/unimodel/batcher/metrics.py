@@ -15,10 +15,12 @@ import bisect
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from unimodel.core.dispatch import DispatchMetrics
 
 OTHER_MODEL = "other"
 """Label of models without a registered config (e.g. the built-in echo)."""
@@ -26,9 +28,6 @@ OTHER_MODEL = "other"
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 FILL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-DECISION_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005)
-DISPATCH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 QUEUE_FULL, EXPIRED, INVALID = "queue_full", "expired", "invalid"
 """Reasons a request is rejected by the batcher (label `reason`)."""
@@ -85,30 +84,12 @@ class BatcherMetrics:
             registry=registry,
         )
         # batches this batcher sent straight to a worker from the routing table (core/dispatch.py's outcomes)
-        self.dispatched = Counter(
-            "unimodel_batcher_dispatched",
-            "Batches sent straight to a worker, by model and outcome (ok, retried: by another worker after one was "
-            "lost, not_served, unavailable, busy: every instance's slots were taken)",
-            ["model", "outcome"], registry=registry,
-        )
-        self.decision = Histogram(
-            "unimodel_batcher_decision_seconds", "Time to choose a worker for a batch (the routing policy alone)",
-            registry=registry, buckets=DECISION_BUCKETS,
-        )
-        self.dispatch_duration = Histogram(
-            "unimodel_batcher_dispatch_seconds", "From a batch's send to a worker to the worker's acknowledgement",
-            ["model"], registry=registry, buckets=DISPATCH_BUCKETS,
+        self.dispatch = DispatchMetrics(
+            registry, batches="unimodel_batcher_dispatched", decision="unimodel_batcher_decision_seconds",
+            duration="unimodel_batcher_dispatch_seconds",
         )
         self._series: dict[str, ModelSeries] = {}
         registry.register(_ScrapeCollector(queue_stats, self._series))
-
-    def decided(self, seconds: float) -> None:
-        self.decision.observe(seconds)
-
-    def batch(self, model: str, outcome: str, seconds: float) -> None:
-        """A batch sent straight to a worker (core/dispatch.py DispatchStats)."""
-        self.dispatched.labels(model, outcome).inc()
-        self.dispatch_duration.labels(model).observe(seconds)
 
     def series(self, label: str) -> ModelSeries:
         s = self._series.get(label)

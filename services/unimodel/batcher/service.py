@@ -144,7 +144,7 @@ class BatcherService(Service):
         self.table = WorkerTable()
         self.dispatcher = Dispatcher(
             self.bus, self.table, DispatchSettings(settings.retries, settings.try_timeout_s, settings.suspend_s),
-            self.stats, self.log, known=lambda: True, on_suspend=self._suspected,
+            self.stats.dispatch, self.log, known=lambda: True, on_suspend=self._suspected,
         )
         self._table_from = ""  # the router whose table was applied last ("" none yet: batches go to routers)
         self._batchers: list[str] = []  # the batchers sharing the models' slots, from the table

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from unimodel.core import errors, path_watch
 from unimodel.core.bus import Bus, NoResponders
@@ -54,6 +55,38 @@ class WorkerLost(Exception):
 
 class AckLost(WorkerLost):
     """The worker is alive but reconnected to NATS since the batch was sent: its ack may never come."""
+
+
+DECISION_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005)
+DISPATCH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class DispatchMetrics:
+    """The series of a service that dispatches batches, under the names its metrics module declares: batches by
+    model and outcome, the time to choose an instance, and the time from a batch's arrival to its ack."""
+
+    def __init__(self, registry: CollectorRegistry, *, batches: str, decision: str, duration: str) -> None:
+        self.batches = Counter(
+            batches,
+            "Batches dispatched to a worker, by model and outcome (ok, retried: by another worker after one was lost, "
+            "not_served, unavailable, busy: every instance's slots were taken)",
+            ["model", "outcome"], registry=registry,
+        )
+        self.decision = Histogram(
+            decision, "Time to choose a worker for a batch (the routing policy alone)", registry=registry,
+            buckets=DECISION_BUCKETS,
+        )
+        self.duration = Histogram(
+            duration, "From a batch's arrival to its worker's acknowledgement", ["model"], registry=registry,
+            buckets=DISPATCH_BUCKETS,
+        )
+
+    def decided(self, seconds: float) -> None:
+        self.decision.observe(seconds)
+
+    def batch(self, model: str, outcome: str, seconds: float) -> None:
+        self.batches.labels(model, outcome).inc()
+        self.duration.labels(model).observe(seconds)
 
 
 class DispatchStats(Protocol):

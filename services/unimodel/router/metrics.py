@@ -10,41 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-DECISION_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005)
-ROUTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
+from unimodel.core.dispatch import DispatchMetrics
 
 WorkerStates = Callable[[], dict[str, int]]
 """Workers known to the router by state ("ready", "suspended")."""
 
 
-class RouterMetrics:
+class RouterMetrics(DispatchMetrics):
     def __init__(self, registry: CollectorRegistry, worker_states: WorkerStates) -> None:
-        self.routed = Counter(
-            "unimodel_router_routed",
-            "Batches routed, by model and outcome (ok, retried, not_served, unavailable, busy: every instance's slots were taken)",
-            ["model", "outcome"], registry=registry,
-        )
-        self.decision = Histogram(
-            "unimodel_router_decision_seconds", "Time to choose a worker for a batch (the routing policy alone)",
-            registry=registry, buckets=DECISION_BUCKETS,
-        )
-        self.duration = Histogram(
-            "unimodel_router_batch_duration_seconds", "From a batch's arrival to its worker's acknowledgement",
-            ["model"], registry=registry, buckets=ROUTE_BUCKETS,
+        super().__init__(
+            registry, batches="unimodel_router_routed", decision="unimodel_router_decision_seconds",
+            duration="unimodel_router_batch_duration_seconds",
         )
         registry.register(_WorkersCollector(worker_states))
-
-    def decided(self, seconds: float) -> None:
-        self.decision.observe(seconds)
-
-    def batch(self, model: str, outcome: str, seconds: float) -> None:
-        self.routed.labels(model, outcome).inc()
-        self.duration.labels(model).observe(seconds)
 
 
 class _WorkersCollector(Collector):
