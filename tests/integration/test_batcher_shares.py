@@ -6,7 +6,10 @@ Two workers run the `shared` delay model two batches at a time each (4 slots). U
   its 2 slots;
 - the batchers' in-flight limits for the model (BatcherService.ListQueues) add up to the 4 slots exactly
   (core/capacity_shares.py) and their batches in flight never add up to more;
-- with one router the workers refuse (busy) almost no batch: the shares, not the refusals, keep the limit.
+- the workers refuse (busy) almost no batch: the shares, not the refusals, keep the limit. The batchers send
+  batches straight to the workers (issue 19), each to the slots the same split gives it
+  (core/capacity_shares.py `owned`), so however many routers there are, two batchers never pick the same
+  free slot (0 refusals measured in every configuration).
 With 3 batchers and a single slot (fewer slots than batchers) the slot goes round and every batcher's
 requests are served.
 """
@@ -115,8 +118,7 @@ def test_batchers_together_never_put_more_batches_on_the_workers_than_their_slot
     for sample in settled:
         assert sum(q[1] for q in sample) == 4, sample  # the shares add up to the slots
         assert sum(q[2] for q in sample) <= 4, sample
-    if routers == 1:  # the router spreads batches over free slots; the workers rarely have to refuse one
-        assert busy <= 0.05 * load.ok, (busy, load.ok)
+    assert busy <= 0.05 * load.ok, (busy, load.ok)  # each batcher uses its own slots: the workers rarely refuse one
 
 
 def test_fewer_slots_than_batchers_go_round(started: list[tuple[Infra, Services]], tmp_path: Path) -> None:

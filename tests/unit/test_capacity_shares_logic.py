@@ -65,3 +65,20 @@ def test_no_slots_known_or_no_batchers_named() -> None:
     assert share(5, 0, 0, 0.0) == 5  # a router that names no batchers: the whole capacity
     assert next_turn(0, 3, 0.0) is None and next_turn(5, 0, 0.0) is None
     assert capacity_shares.ROTATION_S > 0
+
+
+@pytest.mark.parametrize("slots", [[("w0", 2), ("w1", 2)], [("w0", 1)], [("w0", 3), ("w1", 1)], [("w0", 1), ("w1", 1), ("w2", 4)]])
+@pytest.mark.parametrize("batchers", [1, 2, 3, 5])
+@pytest.mark.parametrize("now", [0.0, ROTATION_S * 1.5, ROTATION_S * 7.2])
+def test_owned_slots_split_every_instance_exactly_and_match_the_shares(slots: list[tuple[str, int]], batchers: int, now: float) -> None:
+    total = sum(n for _, n in slots)
+    owned = [capacity_shares.owned(slots, batchers, r, now) for r in range(batchers)]
+    assert [sum(o.values()) for o in owned] == [share(total, batchers, r, now) for r in range(batchers)]
+    for instance, n in slots:  # every slot of every instance belongs to exactly one batcher
+        assert sum(o.get(instance, 0) for o in owned) == n
+
+
+def test_owned_slots_are_spread_over_the_instances() -> None:
+    # 2 workers x 2 slots, 2 batchers: one slot on each worker each, not both slots of one worker
+    assert [capacity_shares.owned([("w1", 2), ("w0", 2)], 2, r, 0.0) for r in range(2)] == [{"w0": 1, "w1": 1}] * 2
+    assert capacity_shares.owned([("w0", 2)], 0, 0, 0.0) == {"w0": 2}  # no batchers known: every slot

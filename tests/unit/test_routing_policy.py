@@ -93,6 +93,17 @@ def test_an_instance_with_a_free_slot_is_preferred_to_busy_ones() -> None:
     assert Counter(t.pick("m") for _ in range(200)) == {"a": 200}
 
 
+def test_a_sender_picks_the_instances_where_it_has_a_free_slot_of_its_own() -> None:
+    status = registry_pb2.ModelStatus
+    t = WorkerTable(random.Random(3))
+    for wid in "ab":
+        t.upsert(registry_pb2.InstanceInfo(id=wid, models=["m"], model_states=[status(name="m", state=status.READY, concurrency=2)]))
+    own = {"b": 1}  # one slot of b is this sender's; the others are other batchers'
+    assert Counter(t.pick("m", own=own) for _ in range(100)) == {"b": 100}
+    t.begin("b")  # its own slot is taken: the instances' free slots decide, as without `own`
+    assert Counter(t.pick("m", own=own) for _ in range(100)) == {"a": 100}
+
+
 def _llm_table(slots: int, workers: str = "abc") -> WorkerTable:
     status = registry_pb2.ModelStatus
     t = WorkerTable(random.Random(7))

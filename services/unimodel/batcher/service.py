@@ -23,7 +23,7 @@ import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
@@ -144,7 +144,7 @@ class BatcherService(Service):
         self.table = WorkerTable()
         self.dispatcher = Dispatcher(
             self.bus, self.table, DispatchSettings(settings.retries, settings.try_timeout_s, settings.suspend_s),
-            self.stats.dispatch, self.log, known=lambda: True, on_suspend=self._suspected,
+            self.stats.dispatch, self.log, known=lambda: True, on_suspend=self._suspected, owned=self._owned,
         )
         self._table_from = ""  # the router whose table was applied last ("" none yet: batches go to routers)
         self._batchers: list[str] = []  # the batchers sharing the models' slots, from the table
@@ -412,7 +412,7 @@ class BatcherService(Service):
         pause = BUSY_PAUSE_S
         give_up = deadline_ms / 1000 if deadline_ms else time.time() + self.settings.request_timeout_s
         while True:
-            ack = inference_pb2.BatchAck.FromString(await self._route(state.model, payload, ctx))
+            ack = await self._route(state.model, payload, ctx)
             self._learn_shares(state, ack)
             if not ack.busy:
                 return
@@ -425,7 +425,7 @@ class BatcherService(Service):
             await asyncio.sleep(pause)
             pause = min(2 * pause, BUSY_PAUSE_MAX_S)
 
-    async def _route(self, model: str, payload: bytes, ctx: RequestContext) -> bytes:
+    async def _route(self, model: str, payload: bytes, ctx: RequestContext) -> inference_pb2.BatchAck:
         """Send a batch to a worker from the routing table (core/dispatch.py), or, without a table or for a model
         it does not list, to the routers (queue group), and wait for the ack. A wait cut short (`_REROUTE`: a
         router that held it is gone, or this batcher reconnected to NATS and the ack may be lost) sends the batch
@@ -445,7 +445,8 @@ class BatcherService(Service):
             try:
                 if direct:
                     return await self.dispatcher.dispatch(model, payload, ctx, functools.partial(self._fill_shares, model))
-                return await self.bus.request(subjects.route(model), payload, ctx, timeout_s=self.settings.request_timeout_s)
+                raw = await self.bus.request(subjects.route(model), payload, ctx, timeout_s=self.settings.request_timeout_s)
+                return cast(inference_pb2.BatchAck, inference_pb2.BatchAck.FromString(raw))  # FromString is untyped
             except NoResponders:
                 # no router subscribed right now (all restarting, NATS just reconnected): nothing was taken,
                 # so trying again is safe, generations included, while the deadline leaves time
@@ -518,6 +519,16 @@ class BatcherService(Service):
             await self.bus.publish(subjects.SUSPECT, report.SerializeToString(), what="a suspected worker")
         except errors.UnimodelError as exc:  # NATS down: the routers learn it from the worker's lease
             self.log.debug("could not report %s: %s", report.worker_id, exc.message)
+
+    def _owned(self, model: str) -> dict[str, int] | None:
+        """This batcher's slots of each instance of `model` (core/capacity_shares.py `owned`): the same split
+        every batcher computes from the same table, so two batchers never pick the same free slot."""
+        if not self._batchers:
+            return None
+        table = self.table
+        rank, batchers = capacity_shares.rank(self._batchers, self.id, model)
+        slots = [(iid, table.slots(iid, model)) for iid in table.candidates(model)]
+        return capacity_shares.owned(slots, batchers, rank, time.time())
 
     def _fill_shares(self, model: str, ack: inference_pb2.BatchAck) -> None:
         """The model's slots and this batcher's rank among the batchers (core/capacity_shares.py), as a router

@@ -15,6 +15,12 @@ many batchers there are:
   clock, S consecutive ranks have one slot each, the next turn the window moves on by one rank. A batcher
   waits at most (B - 1) turns for its own.
 
+Which slots: a batcher that sends batches straight to the workers (core/dispatch.py) also knows *which* of
+the slots are its own (`owned`): the slots in a fixed order (instances by sorted id, each one's slots
+in a row), and slot j belongs to the batcher of rank (j + turn) % B, so consecutive slots of an instance go
+to different batchers and a batcher's slots are spread over the instances. Every batcher computes the same
+split from the same routing table, so two batchers never pick the same free slot.
+
 While the batchers' views differ (one joined or left, a turn changes while a batch still runs) the sum
 can exceed S for a moment; the workers refuse a batch that finds its model's slots all taken
 (BatchAck.busy) and the batcher sends it again shortly (batcher/service.py), so the limit holds anyway.
@@ -58,3 +64,22 @@ def next_turn(slots: int, batchers: int, now: float) -> float | None:
     if slots <= 0 or batchers <= 0 or slots >= batchers:
         return None
     return (math.floor(now / ROTATION_S) + 1) * ROTATION_S
+
+
+def owned(slots: Iterable[tuple[str, int]], batchers: int, rank_: int, now: float) -> dict[str, int]:
+    """How many of each instance's slots (`slots`: (instance, its slots of the model)) are the batcher of rank
+    `rank_`'s at wall-clock time `now` (see the module doc); the counts add up to `share` of the total.
+    `batchers` <= 0: every slot."""
+    order = sorted(slots)
+    if batchers <= 0:
+        return {instance: n for instance, n in order if n > 0}
+    total = sum(n for _, n in order)
+    turn = int(now // ROTATION_S) if total < batchers else 0
+    out: dict[str, int] = {}
+    j = 0
+    for instance, n in order:
+        for _ in range(n):
+            if (j + turn) % batchers == rank_:
+                out[instance] = out.get(instance, 0) + 1
+            j += 1
+    return out

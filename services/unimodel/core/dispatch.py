@@ -15,9 +15,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -115,6 +115,7 @@ class Dispatcher:
     def __init__(
         self, bus: Bus, table: WorkerTable, settings: DispatchSettings, stats: DispatchStats, log: logging.Logger,
         *, known: Callable[[], bool], on_suspend: Callable[[str], None] | None = None,
+        owned: Callable[[str], Mapping[str, int] | None] | None = None,
     ) -> None:
         self.bus = bus
         self.table = table
@@ -123,6 +124,7 @@ class Dispatcher:
         self.log = log
         self.known = known  # whether the instances are known (else "not discovered yet", not NOT_FOUND)
         self.on_suspend = on_suspend  # an instance was just suspended here
+        self.owned = owned  # model -> this sender's slots of each instance (several senders: capacity_shares)
         self.generative: set[str] = set()  # text-generation models (batches split per item)
         self._inflight: dict[str, set[asyncio.Task[object]]] = {}
         self._sent_at: dict[asyncio.Task[object], float] = {}  # sends -> time.monotonic() sent to the worker
@@ -147,19 +149,20 @@ class Dispatcher:
     async def dispatch(
         self, model: str, payload: bytes, ctx: RequestContext, fill: Callable[[inference_pb2.BatchAck], None],
         batch: inference_pb2.BatchRequest | None = None,
-    ) -> bytes:
+    ) -> inference_pb2.BatchAck:
         """Send a batch of `model` (`payload`, the BatchRequest's bytes, sent as they are; `batch`, its decoded
         form, when the caller has it) to a worker and return the ack, which `fill` completes (the model's slots,
         the sender's rank among the batchers)."""
         if model in self.generative:
             return await self._dispatch_generation(batch or inference_pb2.BatchRequest.FromString(payload), ctx, fill)
         table = self.table
-        return await self._dispatch(model, payload, ctx, lambda _attempt, tried: table.pick(model, exclude=tried), fill)
+        own = self.owned(model) if self.owned is not None else None
+        return await self._dispatch(model, payload, ctx, lambda _attempt, tried: table.pick(model, tried, own), fill)
 
     async def _dispatch(
         self, model: str, payload: bytes, ctx: RequestContext, choose: Choose, fill: Callable[[inference_pb2.BatchAck], None],
         *, track_load: bool = False,
-    ) -> bytes:
+    ) -> inference_pb2.BatchAck:
         """Send the batch to the worker `choose(attempt, tried)` names; a worker that is lost or does not
         answer is suspended and the next choice tried, up to `retries` more times. With `track_load`, the
         worker's reported load is recorded (generations). A worker whose slots of the model were all taken
@@ -174,7 +177,7 @@ class Dispatcher:
             if not again or time.monotonic() >= give_up or ctx.remaining_s() < 2 * NO_WORKER_RETRY_S:
                 break
             await asyncio.sleep(NO_WORKER_RETRY_S)
-        if isinstance(result, bytes):
+        if isinstance(result, inference_pb2.BatchAck):
             return result
         self.stats.batch(label, outcome, time.perf_counter() - arrived)
         raise result
@@ -182,7 +185,7 @@ class Dispatcher:
     async def _round(
         self, model: str, payload: bytes, ctx: RequestContext, choose: Choose, fill: Callable[[inference_pb2.BatchAck], None],
         arrived: float, label: str, track_load: bool,
-    ) -> tuple[str, bytes | errors.UnimodelError, bool]:
+    ) -> tuple[str, inference_pb2.BatchAck | errors.UnimodelError, bool]:
         """One round over the instances: (outcome, the ack or the error, whether to try another round: only when
         every instance tried answered "no responders"). An ack's outcome is counted here, an error's by the
         caller once it gives up."""
@@ -221,10 +224,10 @@ class Dispatcher:
             if track_load:
                 self.table.set_load(worker_id, model, ack.load)
             self.stats.batch(label, RETRIED if len(tried) > 1 else OK, time.perf_counter() - arrived)
-            return OK, cast(bytes, ack.SerializeToString()), False  # protobuf's runtime ships no type information
+            return OK, ack, False
         if busy is not None:
             self.stats.batch(label, BUSY, time.perf_counter() - arrived)
-            return BUSY, cast(bytes, busy.SerializeToString()), False  # protobuf's runtime ships no type information
+            return BUSY, busy, False
         if tried:
             err = errors.Unavailable(
                 f"no instance of {model!r} could run the batch (tried {', '.join(tried)})", retry_after_s=1, model=model
@@ -236,7 +239,7 @@ class Dispatcher:
 
     async def _dispatch_generation(
         self, batch: inference_pb2.BatchRequest, ctx: RequestContext, fill: Callable[[inference_pb2.BatchAck], None]
-    ) -> bytes:
+    ) -> inference_pb2.BatchAck:
         """A generation batch: each item to its conversation's home worker while load allows (policy
         pick_affine), the parts sent side by side, one ack for the sender."""
         model = batch.model
@@ -264,18 +267,17 @@ class Dispatcher:
                 first_error = first_error or ack
                 merged.failed += len(part.items)
                 continue
-            a = inference_pb2.BatchAck.FromString(ack)
-            merged.succeeded += a.succeeded
-            merged.failed += a.failed
-            merged.worker_id = merged.worker_id or a.worker_id
+            merged.succeeded += ack.succeeded
+            merged.failed += ack.failed
+            merged.worker_id = merged.worker_id or ack.worker_id
         if first_error is not None and merged.succeeded == 0 and merged.failed == len(batch.items):
             raise first_error
-        return cast(bytes, merged.SerializeToString())  # protobuf's runtime ships no type information
+        return merged
 
     async def _dispatch_part(
         self, batch: inference_pb2.BatchRequest, ctx: RequestContext, fill: Callable[[inference_pb2.BatchAck], None],
         first: str = "",
-    ) -> bytes:
+    ) -> inference_pb2.BatchAck:
         """Send a (part of a) generation batch to `first`, retrying on another worker if it is lost."""
         model = batch.model
         table = self.table

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 from unimodel.v1 import registry_pb2
 
@@ -106,7 +106,10 @@ class WorkerTable:
         """Batches of `model` its READY, unsuspended instances run at once; 0 when no instance hosts it."""
         return sum(self.slots(iid, model) for iid in self.candidates(model))
 
-    def pick(self, model: str, exclude: Collection[str] = ()) -> str | None:
+    def pick(self, model: str, exclude: Collection[str] = (), own: Mapping[str, int] | None = None) -> str | None:
+        """`own`: the slots of each instance that are the sender's (core/capacity_shares.py `owned`), where
+        several senders share the instances; an instance is free while the sender's outstanding batches on it
+        are below them."""
         cands = self.candidates(model, exclude)
         if not cands:
             return None
@@ -114,7 +117,9 @@ class WorkerTable:
         # few workers, two random choices would otherwise often queue a batch behind a busy instance
         # while another one idles.
         outstanding = self.outstanding
-        free = [c for c in cands if outstanding.get(c, 0) < self.slots(c, model)]
+        free = [c for c in cands if outstanding.get(c, 0) < own.get(c, 0)] if own else []
+        if not free:
+            free = [c for c in cands if outstanding.get(c, 0) < self.slots(c, model)]
         if free:
             cands = free
         if len(cands) == 1:

@@ -272,9 +272,10 @@ class RouterService(Service):
 
     # batches of batchers that have no routing table ---------------------------------------------------
     async def _route(self, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
-        return await self.dispatcher.dispatch(
+        ack = await self.dispatcher.dispatch(
             batch.model, batch.SerializeToString(), ctx, lambda ack: self._fill_shares(ack, batch), batch
         )
+        return cast(bytes, ack.SerializeToString())  # protobuf's runtime ships no type information
 
     def _fill_shares(self, ack: inference_pb2.BatchAck, batch: inference_pb2.BatchRequest) -> None:
         """The model's slots, and the sending batcher's rank among the known batchers (its id is the first
