@@ -5,8 +5,9 @@
 
 Starts a real local cluster (nats-server, etcd, all six services, echo on one gpu-worker) on free
 ports, plus bare peers in their own processes: a NATS responder, a gRPC unary server, and a chain of
-three trivial nats-py forwarders (client -> a -> b -> c -> client: the same four one-way NATS hops as the
-echo chain's gateway -> batcher -> router -> worker -> gateway, with no logic at all). The
+three trivial nats-py forwarders (client -> a -> b -> c -> client: four one-way NATS hops with no logic at
+all; the echo chain crosses three since issue 19: gateway -> batcher -> worker -> gateway, the router off the
+per-batch path, and four before). The
 client sends one request at a time (concurrency 1), interleaving the methods in rounds so that the
 noise of a shared machine hits all of them alike, and reports p50/p99 and ratios to the bare NATS round
 trip. The HTTP client is a minimal keep-alive HTTP/1.1 client so client overhead stays out of the figure.
