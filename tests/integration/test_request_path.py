@@ -1,4 +1,5 @@
-"""A real echo request over real NATS and etcd, across gateway -> batcher -> worker (the router places models and publishes the routing table the batcher dispatches from)."""
+"""A real echo request over real NATS and etcd, across gateway -> batcher -> worker (the router places models
+and publishes the routing table the batcher dispatches from)."""
 
 from __future__ import annotations
 
