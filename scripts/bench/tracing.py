@@ -6,7 +6,12 @@ measured in alternation so the noisy machine drifts the same way for both.
 
     scripts/bench/setup_peers.sh          # once: perf_analyzer in .venv-peers
     .venv/bin/python scripts/bench/tracing.py [--rounds 3] [--interval-ms 4000] [--concurrency 16]
-        [--json docs/benchmarks/tracing.json]
+        [--json docs/benchmarks/tracing.json] [--baseline [NAME=]TREE ...]
+
+Each --baseline adds a cluster that traces too, its services run from TREE/services (e.g. a `git worktree`
+of an earlier commit), named on-NAME (on-baseline without a NAME): tracing's cost before and after a
+change, measured in the same run.
+Each round also records each process's CPU per request (the services, NATS, the OTLP receiver).
 
 Also measured in-process: CPU per span of our tracer + OTLP encoding against the OpenTelemetry SDK's
 TracerProvider + BatchSpanProcessor + OTLP exporter encoding (the reason the services do not use the SDK).
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="mlp")
     p.add_argument("--sample-ratio", type=float, default=1.0, help="UNIMODEL_OTEL_SAMPLE_RATIO of the traced cluster")
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "tracing.json"))
+    p.add_argument("--baseline", action="append", default=[], metavar="[NAME=]TREE",
+                   help="a source tree: one more traced cluster runs its services/ (repeatable)")
     args = p.parse_args(argv)
     import side_by_side as sbs
 
@@ -132,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         "UNIMODEL_OTEL_SAMPLE_RATIO": str(args.sample_ratio),
     }
     modes = [sbs.Mode("off"), sbs.Mode("on", env=traced_env)]
+    trees: dict[str, str] = {}
+    for spec in args.baseline:
+        label, sep, tree = spec.rpartition("=")
+        services = Path(tree).resolve() / "services"
+        assert (services / "unimodel" / "core" / "tracing.py").is_file(), f"no UniModel services in {services}"
+        trees[f"on-{label if sep else 'baseline'}"] = str(Path(tree).resolve())
+        modes.append(sbs.Mode(f"on-{label if sep else 'baseline'}", env={**traced_env, "PYTHONPATH": str(services)}))
+    names = [m.name for m in modes]
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "clusters.log", "w") as log:
         try:
@@ -139,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in modes:
                     r = httpx.post(f"{mode.url}/v1/models/{args.model}:predict", json={"input": [[0.0] * 384]}, timeout=10)
                     traced = "x-unimodel-trace-id" in r.headers
-                    assert traced if mode.name == "on" and args.sample_ratio == 1.0 else (mode.name == "on" or not traced), (mode.name, r.headers)
+                    on = mode.name != "off"
+                    assert traced if on and args.sample_ratio == 1.0 else (on or not traced), (mode.name, r.headers)
                 for rnd in range(args.rounds):
                     row: dict[str, object] = {"round": rnd + 1}
-                    for name in sbs.alternating(["off", "on"], rnd):
+                    for name in sbs.alternating(names, rnd):
                         mode = next(m for m in modes if m.name == name)
 
                         def run(mode: sbs.Mode = mode) -> dict[str, object]:
@@ -152,11 +168,18 @@ def main(argv: list[str] | None = None) -> int:
                             )
                             return {k: m[k] for k in ("throughput", "p50_us", "p99_us", "stable")}
 
-                        out = sbs.measured(mode, args.model, run, {"otlp-receiver": receiver.pid or 0})
+                        nats_pid = mode.cluster.nats.pid or 0  # mode.cluster: a LocalCluster once started
+                        out = sbs.measured(mode, args.model, run, {"nats-server": nats_pid, "otlp-receiver": receiver.pid or 0})
+                        throughput = float(out["throughput"])  # perf.measure's throughput
+                        shares: dict[str, float] = out["cpu_share"]  # sbs.measured's
+                        out["cpu_us_per_request"] = {k: round(v / throughput * 1e6) for k, v in shares.items() if v} if throughput else {}
                         row[name] = out
-                        print(f"round {rnd + 1} tracing {name}: {out['throughput']:.0f} infer/s p50 {out['p50_us']} "
-                              f"p99 {out['p99_us']} batch rows {out['mean_batch_rows']}", flush=True)
-                    row["on_vs_off"] = round(row["on"]["throughput"] / row["off"]["throughput"], 3)  # type: ignore[index]  # row's per-mode results are dicts (row: dict[str, object])
+                        print(f"round {rnd + 1} tracing {name}: {throughput:.0f} infer/s p50 {out['p50_us']} "
+                              f"p99 {out['p99_us']} batch rows {out['mean_batch_rows']} "
+                              f"CPU µs/request {sum(out['cpu_us_per_request'].values())} {out['cpu_us_per_request']}", flush=True)
+                    for name in names[1:]:
+                        key = "on_vs_off" if name == "on" else f"{name}_vs_off"
+                        row[key] = round(row[name]["throughput"] / row["off"]["throughput"], 3)  # type: ignore[index]  # row's per-mode results are dicts (row: dict[str, object])
                     rows.append(row)
         finally:
             stop.set()
@@ -168,6 +191,18 @@ def main(argv: list[str] | None = None) -> int:
         "cost_pct": round((1 - statistics.median(ratios)) * 100, 1),  # type: ignore[operator, type-var]  # the rows' on_vs_off ratios are floats (rows hold object)
         "spans_received": received,
     }
+    for name in names:  # CPU per request over all rounds: each process's median, and their sum
+        per_process: dict[str, list[int]] = {}
+        for row in rows:
+            for k, v in row[name]["cpu_us_per_request"].items():  # type: ignore[index]  # row's per-mode results are dicts
+                per_process.setdefault(k, []).append(v)
+        medians = {k: statistics.median(v) for k, v in per_process.items()}
+        summary[f"cpu_us_per_request_{name}"] = {**medians, "total": sum(medians.values())}
+    for name, tree in trees.items():
+        base = [r[f"{name}_vs_off"] for r in rows]
+        summary[f"median_{name}_vs_off"] = statistics.median(base)  # type: ignore[type-var]  # floats (rows hold object)
+        summary[f"{name}_cost_pct"] = round((1 - statistics.median(base)) * 100, 1)  # type: ignore[operator, type-var]  # floats (rows hold object)
+        summary[f"{name}_tree"] = tree
     report = {
         "command": "scripts/bench/tracing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model, "concurrency": args.concurrency, "interval_ms": args.interval_ms,

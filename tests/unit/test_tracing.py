@@ -275,3 +275,73 @@ def test_an_export_that_keeps_failing_is_tried_max_attempts_times_then_dropped(s
     exporter.shutdown()
     assert len(tries) == otlp.MAX_ATTEMPTS and exporter.retries == otlp.MAX_ATTEMPTS - 1 and exporter.failed == 1
     assert all(t <= 30 for t in tries) and tries == sorted(tries, reverse=True)  # each try gets the time left
+
+
+def test_the_encoding_caches_never_mix_values_up(monkeypatch: pytest.MonkeyPatch, spans: list[tracing.Span]) -> None:
+    monkeypatch.setattr(otlp, "_CACHE_MAX", 8)  # cleared often: every path (cached, new, cleared) is taken
+    values: list[object] = [1, True, "1", 1.0, 0, False, -1, "mlp", 2**63 - 1, "mlp"]
+    made = []
+    for i, value in enumerate(values * 3):
+        span = tracing.start(f"s{i % 11}", PARENT, tracing.INTERNAL, {"k": value, "unimodel.request_id": f"r{i}", f"n{i % 9}": i})
+        assert span is not None
+        tracing.finish(span)
+        made.append(span)
+    decoded = trace_service_pb2.ExportTraceServiceRequest.FromString(otlp.encode_request({}, made))
+    for span, s in zip(made, decoded.resource_spans[0].scope_spans[0].spans, strict=True):
+        assert s.name == span.name and s.kind == span.kind
+        got = {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in s.attributes}
+        want = dict(span.attributes)
+        assert got == want and [type(v) for v in got.values()] == [type(v) for v in want.values()]
+
+
+def test_spans_are_encoded_where_they_end_and_one_that_cannot_be_is_dropped(
+    caplog: pytest.LogCaptureFixture, spans: list[tracing.Span]
+) -> None:
+    sent: list[bytes] = []
+    ending_thread = threading.get_ident()
+    encoded_in: set[int] = set()
+
+    def encode(span: tracing.Span) -> bytes:
+        encoded_in.add(threading.get_ident())
+        if span.name == "bad":
+            raise ValueError("cannot encode")
+        return span.name.encode()
+
+    exporter = otlp.SpanExporter({}, encode, lambda batch, _timeout_s: sent.extend(batch))
+    for name in ("a", "bad", "b"):
+        span = tracing.start(name, root=True)
+        assert span is not None
+        span.end()
+        exporter.add(span)  # never raises
+    assert encoded_in == {ending_thread}  # the export thread only sends
+    assert exporter.force_flush(5)
+    exporter.shutdown()
+    assert sent == [b"a", b"b"] and exporter.failed == exporter.dropped == 1 and exporter.exported == 2
+    assert "cannot encode" in caplog.text
+
+
+def test_spans_ended_on_an_event_loop_are_encoded_by_a_later_callback_of_that_loop(spans: list[tracing.Span]) -> None:
+    sent: list[bytes] = []
+    exporter = otlp.SpanExporter({}, lambda span: span.name.encode(), lambda batch, _timeout_s: sent.extend(batch))
+
+    async def serve() -> list[int]:
+        seen = []
+        for name in ("a", "b"):
+            span = tracing.start(name, root=True)
+            assert span is not None
+            span.end()
+            exporter.add(span)
+        seen.append(len(exporter._queue))  # not yet: the answer this request publishes goes out first
+        await asyncio.sleep(0)
+        seen.append(len(exporter._queue))  # one callback encoded both
+        late = tracing.start("late", root=True)
+        assert late is not None
+        late.end()
+        exporter.add(late)
+        return seen
+
+    assert asyncio.run(serve()) == [0, 2]
+    # "late" ended as its loop did: encoded by the loop's last callbacks or, left over, by force_flush
+    assert exporter.force_flush(5)
+    exporter.shutdown()
+    assert sent == [b"a", b"b", b"late"] and exporter.exported == 3

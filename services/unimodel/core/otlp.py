@@ -29,6 +29,7 @@ nothing but the export thread's tries.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import email.utils
 import gzip
@@ -70,7 +71,6 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-_PACK_Q = struct.Struct("<Q").pack
 _PACK_D = struct.Struct("<d").pack
 
 
@@ -100,46 +100,92 @@ def _any_value(v: Any) -> bytes:
 _KEYS: dict[str, bytes] = {}
 """Encoded attribute keys (field 1 of KeyValue): the keys are a small fixed set (tracing.Attr)."""
 
+_CACHE_MAX = 4096
+_KV_CACHE: dict[tuple[str, str | int], bytes] = {}
+"""Encoded KeyValue bodies of text and integer attributes (model, instance, route, batch size: the same few
+values span after span); cleared when it holds _CACHE_MAX, so values that do not repeat cost nothing but
+their own encoding. Keys whose values never repeat (UNIQUE_KEYS) are not kept."""
+UNIQUE_KEYS = frozenset({
+    "unimodel.request_id", "unimodel.client_request_id", "unimodel.batch.id", "gen_ai.response.id",
+})
+
+
+def _key_value(key: str, value: Any) -> bytes:
+    """KeyValue {key = 1, value = 2}, its body."""
+    k = _KEYS.get(key)
+    if k is None:
+        b = key.encode()
+        k = _KEYS[key] = b"\x0a" + _varint(len(b)) + b
+    if type(value) is str and len(value) < 0x7E:  # short text (ids, names): value and its AnyValue fit one-byte lengths
+        b = value.encode()
+        n = len(b)
+        if n < 0x7E:
+            return k + _STR_HEAD[n] + b
+    v = _any_value(value)
+    n = len(v)
+    return k + (b"\x12" + bytes((n,)) if n < 0x80 else b"\x12" + _varint(n)) + v
+
+
+_STR_HEAD = [bytes((0x12, n + 2, 0x0A, n)) for n in range(0x7E)]
+"""KeyValue.value = 2 {AnyValue.string_value = 1} headers of a text of n < 0x7E bytes (both lengths one byte)."""
+
 
 def _key_values(attributes: Mapping[str, Any], number: int) -> bytes:
     """repeated KeyValue {key = 1, value = 2} as field `number` (its tag fits one byte: number < 16)."""
     tag = bytes((number << 3 | 2,))
     out = []
-    keys = _KEYS
+    cache = _KV_CACHE
     for key, value in attributes.items():
-        k = keys.get(key)
-        if k is None:
-            b = key.encode()
-            k = keys[key] = b"\x0a" + _varint(len(b)) + b
-        v = _any_value(value)
-        n = len(v)
-        body = k + (b"\x12" + bytes((n,)) if n < 0x80 else b"\x12" + _varint(n)) + v
+        t = type(value)
+        if (t is str or t is int) and key not in UNIQUE_KEYS:
+            # text and int only: no bool or float is ever looked up or kept (True == 1 == 1.0 as dict keys)
+            cached = cache.get((key, value))
+            if cached is None:
+                body = _key_value(key, value)
+                n = len(body)
+                cached = tag + (bytes((n,)) if n < 0x80 else _varint(n)) + body
+                if number == 9:  # span attributes only (the resource is encoded once)
+                    if len(cache) >= _CACHE_MAX:
+                        cache.clear()
+                    cache[(key, value)] = cached
+            out.append(cached)
+            continue
+        body = _key_value(key, value)
         n = len(body)
         out.append(tag + (bytes((n,)) if n < 0x80 else _varint(n)) + body)
     return b"".join(out)
 
 
+_NAMES: dict[tuple[str, int], bytes] = {}
+"""Encoded name and kind fields of the span names seen (a small set: tracing.Name), cleared at _CACHE_MAX."""
+_TIMES = struct.Struct("<BQBQ").pack
+_LINK_SAMPLED, _LINK_UNSAMPLED = b"\x35\x01\x00\x00\x00", b"\x35\x00\x00\x00\x00"
+
+
 def encode_span(span: Span) -> bytes:
     """opentelemetry.proto.trace.v1.Span."""
-    name = span.name.encode()
+    key = (span.name, span.kind)
+    name_kind = _NAMES.get(key)
+    if name_kind is None:
+        name = span.name.encode()
+        name_kind = b"\x2a" + _varint(len(name)) + name + b"\x30" + _varint(span.kind)  # name = 5, kind = 6
+        if len(_NAMES) >= _CACHE_MAX:
+            _NAMES.clear()
+        _NAMES[key] = name_kind
     parts = [
-        b"\x0a\x10", span.trace_id.to_bytes(16, "big"),  # trace_id = 1
-        b"\x12\x08", span.span_id.to_bytes(8, "big"),  # span_id = 2
+        b"\x0a\x10" + span.trace_id.to_bytes(16, "big") + b"\x12\x08" + span.span_id.to_bytes(8, "big"),  # trace_id = 1, span_id = 2
     ]
     if span.parent_id:
-        parts += (b"\x22\x08", span.parent_id.to_bytes(8, "big"))  # parent_span_id = 4
-    parts += (
-        b"\x2a", _varint(len(name)), name,  # name = 5
-        b"\x30", _varint(span.kind),  # kind = 6
-        b"\x39", _PACK_Q(span.start_ns),  # start_time_unix_nano = 7 (fixed64)
-        b"\x41", _PACK_Q(span.end_ns),  # end_time_unix_nano = 8 (fixed64)
-    )
+        parts.append(b"\x22\x08" + span.parent_id.to_bytes(8, "big"))  # parent_span_id = 4
+    parts.append(name_kind)
+    parts.append(_TIMES(0x39, span.start_ns, 0x41, span.end_ns))  # start/end_time_unix_nano = 7, 8 (fixed64)
     if span.attributes:
         parts.append(_key_values(span.attributes, 9))  # attributes = 9
-    for link in span.links:  # links = 13: {trace_id = 1, span_id = 2, flags = 6 (fixed32)}
-        body = b"\x0a\x10" + link.trace_id.to_bytes(16, "big") + b"\x12\x08" + link.span_id.to_bytes(8, "big")
-        body += b"\x35" + struct.pack("<I", 1 if link.sampled else 0)
-        parts.append(_field(13, body))
+    for link in span.links:  # links = 13 (33 bytes): {trace_id = 1, span_id = 2, flags = 6 (fixed32)}
+        parts.append(
+            b"\x6a\x21\x0a\x10" + link.trace_id.to_bytes(16, "big") + b"\x12\x08" + link.span_id.to_bytes(8, "big")
+            + (_LINK_SAMPLED if link.sampled else _LINK_UNSAMPLED)
+        )
     if span.status:  # status = 15: {message = 2, code = 3}
         message = span.message.encode()
         status = (_field(2, message) if message else b"") + b"\x18" + _varint(span.status)
@@ -150,7 +196,13 @@ def encode_span(span: Span) -> bytes:
 
 def encoded_span(span: Span) -> bytes:
     """The span as ScopeSpans.spans (field 2) carries it."""
-    return _field(2, encode_span(span))
+    body = encode_span(span)
+    n = len(body)
+    return (b"\x12" + _varint(n) if n >= 0x80 else _SPAN_HEAD[n]) + body
+
+
+_SPAN_HEAD = [bytes((0x12, n)) for n in range(0x80)]
+"""ScopeSpans.spans = 2 headers of a span of n < 0x80 bytes."""
 
 
 def request_head(resource: Mapping[str, Any]) -> tuple[bytes, bytes]:
@@ -333,10 +385,15 @@ MAX_ATTEMPTS = 5
 class SpanExporter:
     """Queue of ended spans, sent in batches by a daemon thread (`add` is what the Tracer calls).
 
-    `add` only queues the span (a deque append, no lock): the request path pays for making and ending
-    its spans, not for encoding or sending them. The thread encodes and sends one batch at a time; `send`
-    gets the batch and the time left, and raises ExportError (or anything else: not retried); `close`
-    runs when the thread ends.
+    Spans are encoded on the thread that ended them; the thread only joins and sends the bytes. A thread
+    running Python for milliseconds at a time (encoding a batch) takes the GIL whenever the event loop lets
+    it go (waiting for I/O, ONNX Runtime), and the loop then waits up to the interpreter's switch interval
+    (5 ms) to get it back, a stall of every request in flight (docs/benchmarks.md, "Tracing cost, issue 19":
+    p99 went down in every round once the thread stopped encoding). A span ended on an event loop is
+    encoded in a callback of that loop (call_soon, one for all the spans ended meanwhile): after what the
+    loop had ready, e.g. the flush of the answers just published, so the encoding is not on their way.
+    `add` never blocks (deque appends, no lock). `send` gets the batch and the time left, and raises
+    ExportError (or anything else: not retried); `close` runs when the thread ends.
     """
 
     def __init__(
@@ -351,7 +408,9 @@ class SpanExporter:
         self.delay_s = _env_int("OTEL_BSP_SCHEDULE_DELAY", 1000) / 1000.0
         self.max_batch = _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
         self.max_queue = _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
-        self._queue: deque[Span] = deque()
+        self._queue: deque[bytes] = deque()
+        self._ended: deque[Span] = deque()  # ended on an event loop, to be encoded by its callback
+        self._encoding_on: asyncio.AbstractEventLoop | None = None  # the loop with that callback pending
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._handled = threading.Condition()
@@ -371,12 +430,39 @@ class SpanExporter:
         return self.queue_full + self.failed
 
     def add(self, span: Span) -> None:
-        queue = self._queue
-        if len(queue) >= self.max_queue:
+        if len(self._queue) + len(self._ended) >= self.max_queue:
             self.queue_full += 1
             return
-        queue.append(span)  # deque.append is atomic: no lock on the request path
-        if len(queue) >= self.max_batch:
+        loop = asyncio._get_running_loop()
+        if loop is None:  # a thread without an event loop: encoded at once
+            self._enqueue(span)
+            return
+        self._ended.append(span)  # deque.append is atomic: no lock on the request path
+        if self._encoding_on is not loop:
+            self._encoding_on = loop
+            loop.call_soon(self._encode_ended)
+
+    def _encode_ended(self) -> None:
+        """Encode the spans ended so far (a loop's callback; force_flush, shutdown and the export thread
+        take what a loop that stopped left)."""
+        self._encoding_on = None
+        ended = self._ended
+        while ended:
+            try:
+                span = ended.popleft()
+            except IndexError:  # another thread took the last one
+                break
+            self._enqueue(span)
+
+    def _enqueue(self, span: Span) -> None:
+        queue = self._queue
+        try:
+            encoded = self._encode(span)
+        except Exception as exc:  # a span that cannot be encoded is dropped and counted, never raised
+            self._failed(1, f"encoding: {exc!r}")
+            return
+        queue.append(encoded)
+        if len(queue) == self.max_batch:  # once per batch (Event.set takes a lock)
             self._wake.set()
 
     def _run(self) -> None:
@@ -389,24 +475,20 @@ class SpanExporter:
             self._close()
 
     def _drain(self, deadline: float = math.inf) -> None:
+        loop = self._encoding_on
+        if self._ended and (loop is None or loop.is_closed()):  # left by a loop that ended before its callback ran
+            self._encode_ended()
         queue, handled = self._queue, self._handled
         while queue:
             with handled:  # force_flush counts what the thread has taken
-                spans = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
-                self._taken += len(spans)
+                batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
+                self._taken += len(batch)
             if time.monotonic() >= deadline:
-                self._failed(len(spans), "shutdown: out of time")
+                self._failed(len(batch), "shutdown: out of time")
             else:
-                # Encoded in this thread, one batch at a time: the interpreter's switch interval shares the GIL
-                # with the event loop (yielding it more often, e.g. sleep(0) per chunk, costs more in handoffs).
-                try:
-                    batch = [self._encode(span) for span in spans]
-                except Exception as exc:  # a span that cannot be encoded costs its batch, never the thread
-                    self._failed(len(spans), f"encoding: {exc!r}")
-                else:
-                    self._export(batch)
+                self._export(batch)
             with handled:
-                self._done += len(spans)
+                self._done += len(batch)
                 handled.notify_all()
         if self.queue_full:
             self._warn("")
@@ -414,6 +496,7 @@ class SpanExporter:
     def force_flush(self, timeout_s: float | None = None) -> bool:
         """Have the spans queued now sent (retries included) and wait until they are sent or dropped;
         False if `timeout_s` passed first."""
+        self._encode_ended()
         with self._handled:
             target = self._taken + len(self._queue)
             self._wake.set()
@@ -463,6 +546,7 @@ class SpanExporter:
         """Send what is queued (once each, within the timeout) and stop the thread; idempotent."""
         if self._stop.is_set():
             return
+        self._encode_ended()
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=self.timeout_s + 1)
