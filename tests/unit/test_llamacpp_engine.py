@@ -37,7 +37,9 @@ WATER = "What is the Chinese word for water?"  # greedy: one sentence, then end 
 Factory = Callable[..., Awaitable[LlamaCppEngine]]
 
 
-def _config(tmp_path: Path, name: str = "smol", instance_count: int = 1, **llm_fields: object) -> model_pb2.ModelConfig:
+def _config(
+    tmp_path: Path, name: str = "smol", instance_count: int = 1, options: dict[str, str] | None = None, **llm_fields: object
+) -> model_pb2.ModelConfig:
     folder = tmp_path / name
     folder.mkdir(exist_ok=True)
     (folder / "model.gguf").symlink_to(GGUF)
@@ -45,7 +47,7 @@ def _config(tmp_path: Path, name: str = "smol", instance_count: int = 1, **llm_f
         "name": name,
         "engine": "llamacpp",
         "instance_count": instance_count,
-        "options": {"n_threads": "1"},
+        "options": {"n_threads": "1", **(options or {})},
         "llm": {"context_length": 2048, **llm_fields},
     }
     modelconfig.write(folder, modelconfig.parse(data))
@@ -257,7 +259,7 @@ async def test_a_long_prompt_is_refused_naming_max_prompt_tokens(make_engine: Fa
 
 
 async def test_aclose_aborts_and_the_next_generation_starts_at_once(make_engine: Factory) -> None:
-    engine = await make_engine()
+    engine = await make_engine(options={"parallel": "1"})
     long = await engine.prepare(completion(COUNTING, temperature=0, max_tokens=1500), "long")
     stream = engine.generate(long)
     got = [await stream.__anext__(), await stream.__anext__()]
@@ -266,13 +268,13 @@ async def test_aclose_aborts_and_the_next_generation_starts_at_once(make_engine:
     assert engine.aborted == 1
     started = time.monotonic()
     _, deltas = await run(engine, completion(COUNTING, temperature=0, max_tokens=3))
-    # the aborted sequence would hold the only instance for ~1500 tokens; it let go after one
+    # the aborted sequence would hold the only slot for ~1500 tokens; it let go after one
     assert time.monotonic() - started < 5.0
     assert check_stream(deltas).completion_tokens == 3 and engine.aborted == 1
 
 
 async def test_cancelling_the_consumer_aborts_too(make_engine: Factory) -> None:
-    engine = await make_engine()
+    engine = await make_engine(options={"parallel": "1"})
     prompt = await engine.prepare(completion(COUNTING, temperature=0, max_tokens=1500), "long")
     first = asyncio.Event()
 
@@ -290,8 +292,8 @@ async def test_cancelling_the_consumer_aborts_too(make_engine: Factory) -> None:
     assert check_stream(deltas).completion_tokens == 2
 
 
-async def test_two_sequences_on_one_instance_run_one_after_the_other(make_engine: Factory) -> None:
-    engine = await make_engine()
+async def test_two_sequences_on_one_slot_run_one_after_the_other(make_engine: Factory) -> None:
+    engine = await make_engine(options={"parallel": "1"})
     assert engine.concurrency == 1
     events: list[tuple[str, str]] = []
 
@@ -340,7 +342,7 @@ async def test_the_event_loop_stays_responsive_while_generating(make_engine: Fac
 
 
 async def test_two_instances_generate_at_once(make_engine: Factory) -> None:
-    engine = await make_engine(instance_count=2)
+    engine = await make_engine(instance_count=2, options={"parallel": "1"})
     assert engine.concurrency == 2 and engine.metadata()["instances"] == "2"
     firsts: dict[str, int] = {}
     order: list[str] = []
@@ -439,7 +441,7 @@ async def test_the_catalog_model_is_a_symlink_that_the_engine_serves(tmp_path: P
     engine = create_engine(config)
     await engine.load()
     try:
-        assert engine.concurrency == 1
+        assert engine.concurrency == 4  # one instance, the default 4 sequence slots
         prompt = await engine.prepare(chat(("user", "Hi"), temperature=0), "req-1")
         assert prompt.max_tokens == 256  # default_max_tokens
         prompt.max_tokens = 3

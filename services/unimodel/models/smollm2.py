@@ -46,8 +46,8 @@ def config_smollm2() -> model_pb2.ModelConfig:
             "engine": "llamacpp",
             "file": MODEL_FILE,
             "version": "1",
-            # A batch is the arrivals of one window, prepared together; each sequence then waits for
-            # the instance (llama.cpp on CPU generates one sequence at a time per instance).
+            # A batch is the arrivals of one window, prepared together; the instance then decodes up to
+            # options.parallel (default 4) of them together (continuous batching).
             "max_batch_size": 8,
             "batching": {"max_queue_delay_ms": 1.0},
             "instance_count": 1,

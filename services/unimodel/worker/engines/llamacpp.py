@@ -1,37 +1,45 @@
-"""The ``llamacpp`` engine: a GGUF model on the CPU with llama-cpp-python, one sequence per instance.
+"""The ``llamacpp`` engine: a GGUF model on the CPU with llama-cpp-python, continuous batching.
 
-``instance_count`` ``Llama`` objects (each with its own context of ``llm.context_length`` tokens, default
-2048) generate one sequence each; sequences that find every instance busy wait in FIFO order. A Llama
-object is only ever used by the thread that holds its lock, so it never runs in two threads at once.
+One model (the weights, loaded once) and ``instance_count`` llama.cpp contexts, each with ``parallel``
+sequence slots (default 4) decoded together by one thread (llamacpp_slots.SlotDecoder: one ``llama_decode``
+batch per step holds the next token of every running sequence and chunks of the prompts being
+evaluated, as llama.cpp's server does with ``--parallel``). The engine's concurrency (what the router
+sends it at once) is ``instance_count x parallel``; sequences beyond that wait in FIFO order. Each
+context holds ``llm.context_length`` tokens (default 2048) per slot.
 
 - ``prepare`` renders the chat template (``llm.chat_template``, else the GGUF's
   ``tokenizer.chat_template``, with llama-cpp-python's Jinja2ChatFormatter and the model's bos/eos), or
   takes the raw prompt for completions, and tokenizes it once with a vocabulary-only Llama (the rules of
   llama-cpp-python: special tokens parsed, BOS per the GGUF for raw prompts). Inputs up to
   ``INLINE_CHARS`` are tokenized on the event loop (under a millisecond), longer ones in a thread.
-- ``generate`` runs in a thread of the engine's own pool, token by token with ``Llama.generate`` (the
-  sampler chain of llama-cpp-python: penalties, top-k, top-p, min-p, temperature, seeded dist; greedy at
-  temperature 0). The instance reuses the KV cache of the prompt prefix it shares with its previous
-  sequence (multi-turn chat), except for requests with a seed or temperature 0: their whole prompt is
-  evaluated, so that the same request gives the same text whatever ran before on the instance.
+- ``generate`` hands the sequence to the least loaded context's decode thread, never running llama.cpp
+  on the event loop. Each sequence has its own sampler chain (llama-cpp-python's: penalties, top-k,
+  typical, top-p, min-p, temperature, seeded dist; greedy at temperature 0). A slot reuses the KV cache
+  of the prompt prefix it shares with its previous sequence (multi-turn chat), except for requests with
+  a seed or temperature 0: their whole prompt is evaluated, so that the same request gives the same text
+  whatever ran before or beside it (with ``kv_unified`` 0, the default, each slot's cells are its own).
   ``min_tokens`` and ``ignore_eos`` (vLLM's) mask the end-of-generation tokens' logits before sampling
   until that many tokens (all of max_tokens) were generated.
-- Text goes to the event loop through ``call_soon_threadsafe`` into the sequence's queue (at most
-  max_tokens + 1 items). UTF-8 split across tokens is held until complete (a sequence that ends inside a
-  character drops its bytes: max_tokens is never exceeded to finish it). Stop strings (the request's and
-  the template's) end the sequence and are not returned; text that could be the start of one is held
-  back until it cannot. ``completion_tokens`` counts every sampled token but the end-of-generation one
-  (like llama-cpp-python's server), the tokens of a stop string included.
+- Text goes to the event loop with one ``call_soon_threadsafe`` per decode step into each sequence's
+  queue (at most max_tokens + 1 items). UTF-8 split across tokens is held until complete (a sequence
+  that ends inside a character drops its bytes: max_tokens is never exceeded to finish it). Stop strings
+  (the request's and the template's) end the sequence and are not returned; text that could be the
+  start of one is held back until it cannot. ``completion_tokens`` counts every sampled token but the
+  end-of-generation one (like llama-cpp-python's server), the tokens of a stop string included.
 - A continuation (GenerateRequest.continuation: the generation moved here from a lost worker) appends the
   answer's token ids to the rendered prompt, so greedy decoding goes on exactly as it would have on the
-  lost worker (up to llama.cpp's batched-vs-incremental rounding); the text the client did not get yet
-  (held for a possible stop string) is sent first. Every delta carries its token ids (Delta.token_ids).
-- Leaving the iteration early sets the sequence's cancel event, checked at every token: the thread stops
-  after the token in progress (a prompt evaluation in progress is not interrupted) and hands the
-  instance to the next sequence.
+  lost worker (the answer's tokens are evaluated one per step, as they were generated); the text the
+  client did not get yet (held for a possible stop string) is sent first. Every delta carries its token
+  ids (Delta.token_ids).
+- Leaving the iteration early sets the sequence's cancel event: the decode thread drops it at its next
+  step (a decode in progress is not interrupted) and gives its slot to the next sequence; the others
+  go on undisturbed.
 
-Engine options (ModelConfig.options): ``n_threads`` threads per instance (default: the CPUs this process
-may use // instance_count), ``n_batch`` prompt tokens per decode step (default 512), ``top_k`` /
+Engine options (ModelConfig.options): ``parallel`` sequence slots per instance (default 4; 1 = one
+sequence at a time), ``kv_unified`` ``0`` (default: each slot has its own ``context_length`` KV cells)
+or ``1`` (one buffer the slots share; cell positions then depend on the other sequences, which changes
+greedy text in the last bits), ``n_threads`` threads per instance (default: the CPUs this process may
+use // instance_count), ``n_batch`` tokens per decode step (default 512), ``top_k`` /
 ``min_p`` used when a request leaves them unset (defaults 40 and 0.05, llama-cpp-python's),
 ``extra_buffers`` ``auto`` (default) / ``1`` / ``0``: llama.cpp's extra weight buffer types (AMX, and the
 CPU repacks for Q4_0 / IQ4_NL / Q8_0). ``auto`` turns them off when the CPU has AMX: llama.cpp's AMX
@@ -46,17 +54,14 @@ llama.cpp's own log lines go to the ``unimodel.worker.engines.llamacpp.native`` 
 from __future__ import annotations
 
 import asyncio
-import codecs
-import concurrent.futures
 import contextlib
 import ctypes
 import logging
-import math
 import os
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +70,16 @@ from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker.engines import generative
 from unimodel.worker.engines.engine import engine_option
 from unimodel.worker.engines.generative import Delta, GenerativeEngine, Prompt
+from unimodel.worker.engines.llamacpp_slots import Job, SamplerSettings, SlotDecoder, StopScanner
+
+__all__ = ["LlamaCppEngine", "StopScanner", "cpu_has_amx", "extra_buffers_wanted", "model_params"]
 
 log = logging.getLogger(__name__)
 native_log = logging.getLogger(__name__ + ".native")
 
 DEFAULT_CONTEXT = 2048
+DEFAULT_PARALLEL = 4  # sequence slots per instance (llama.cpp's server: --parallel, auto = 4)
+MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
 DEFAULT_TOP_K = 40
 DEFAULT_MIN_P = 0.05
 # Inputs up to this many characters are rendered and tokenized on the event loop (measured: under 1 ms
@@ -110,40 +120,6 @@ def model_params(llama_cpp: Any, *, extra_buffers: bool) -> Iterator[None]:
         yield
     finally:
         module.llama_model_default_params = default
-
-
-# --- stop strings ----------------------------------------------------------------------------------
-
-
-class StopScanner:
-    """Streams text through stop strings: ``feed`` returns the text that is safe to emit and whether a
-    stop string was found (text from it on is dropped); text that could begin a stop string is held
-    back until the next piece decides it. ``flush`` returns what is held when the sequence ends."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in dict.fromkeys(stops) if s]
-        self.held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return buf[: min(hits)], True
-        keep = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
-        self.held = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return out
 
 
 # --- native logs -----------------------------------------------------------------------------------
@@ -204,13 +180,6 @@ def seed_for(sampling: generate_pb2.SamplingParams) -> int:
 # --- the engine ------------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class _Instance:
-    index: int
-    llama: Any
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
 @dataclass(frozen=True)
 class _Encoded:
     text: str
@@ -231,29 +200,34 @@ class LlamaCppEngine(GenerativeEngine):
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.n_threads = engine_option(config, "n_threads", int, max(1, cpus // self.instance_count), minimum=1)
         self.n_batch = min(self.context, engine_option(config, "n_batch", int, 512, minimum=1))
+        self.parallel = engine_option(config, "parallel", int, DEFAULT_PARALLEL, minimum=1)
+        if self.parallel > MAX_PARALLEL:
+            raise errors.InvalidArgument(f"model {config.name!r}: options.parallel must be <= {MAX_PARALLEL}")
+        self.kv_unified = engine_option(config, "kv_unified", bool, False)
         self.default_top_k = engine_option(config, "top_k", int, DEFAULT_TOP_K, minimum=0)
         self.default_min_p = engine_option(config, "min_p", float, DEFAULT_MIN_P, minimum=0.0)
         self.extra_buffers = config.options.get("extra_buffers", "") or "auto"
         if self.extra_buffers not in ("auto", "0", "1"):
             raise errors.InvalidArgument(f"model {config.name!r}: options.extra_buffers must be auto, 0 or 1")
         self._extra_buffers_on = False
-        self._instances: list[_Instance] = []
-        self._free: asyncio.Queue[_Instance] | None = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._decoders: list[SlotDecoder] = []
+        self._model: Any = None  # the weights (llama_cpp._internals.LlamaModel), shared by the decoders
         self._vocab: Any = None  # a vocabulary-only Llama: prepare's tokenizer
         self._vocab_lock = threading.Lock()
         self._formatter: Any = None
         self._template_source = "none"
         self._add_bos = False
-        self._is_eog: Callable[[Any, int], bool] = lambda vocab, token: False  # llama_vocab_is_eog once loaded
         self._eog_ids: list[int] = []  # the end-of-generation tokens, masked for min_tokens / ignore_eos
         self._n_vocab = 0
-        self._active: set[threading.Event] = set()
         self._gguf: dict[str, str] = {}
 
     @property
     def concurrency(self) -> int:
-        return self.instance_count
+        return self.instance_count * self.parallel
+
+    @property
+    def decoders(self) -> list[SlotDecoder]:
+        return list(self._decoders)
 
     def model_path(self) -> Path:
         return modelconfig.model_file(self.config, self.config.file or "model.gguf", "file")
@@ -261,71 +235,69 @@ class LlamaCppEngine(GenerativeEngine):
     # lifecycle ------------------------------------------------------------------------------------
 
     async def load(self) -> None:
-        if self._instances:
+        if self._decoders:
             return
         path = self.model_path()
         if not path.is_file():
             raise errors.FailedPrecondition(f"model {self.config.name!r}: no GGUF file at {path}")
         await asyncio.to_thread(self._load_sync, path)
-        self._free = asyncio.Queue()
-        for instance in self._instances:
-            self._free.put_nowait(instance)
 
     def _load_sync(self, path: Path) -> None:
         import llama_cpp
+        from llama_cpp import _internals
 
         _route_native_logs(llama_cpp)
-        created: list[Any] = []
         extra = extra_buffers_wanted(self.extra_buffers, llama_cpp)
         if self.extra_buffers == "auto" and not extra:
             log.info("model %s: llama.cpp's extra buffer types (AMX) are off: this CPU has AMX (options.extra_buffers)", self.model)
+        vocab = model = None
+        decoders: list[SlotDecoder] = []
         try:
             with _LOAD_LOCK, model_params(llama_cpp, extra_buffers=extra):
                 with _quiet_native():  # "n_ctx_seq > n_ctx_train (0)": a vocabulary has no context
                     vocab = llama_cpp.Llama(str(path), vocab_only=True, n_ctx=8, verbose=False)
-                created.append(vocab)
-                for _ in range(self.instance_count):
-                    created.append(
-                        llama_cpp.Llama(
-                            str(path),
-                            n_ctx=self.context,
-                            n_batch=self.n_batch,
-                            n_ubatch=self.n_batch,
-                            n_threads=self.n_threads,
-                            n_threads_batch=self.n_threads,
-                            last_n_tokens_size=self.context,  # penalties see the whole completion
-                            verbose=False,
-                        )
-                    )
-        except (ValueError, RuntimeError) as exc:
-            for llama in created:
-                llama.close()
-            raise errors.FailedPrecondition(f"model {self.config.name!r}: cannot load {path}: {exc}") from None
-
-        self._gguf = dict(vocab.metadata)
-        model = vocab._model
-        try:
+                model = _internals.LlamaModel(
+                    path_model=str(path), params=llama_cpp.llama_cpp.llama_model_default_params(), verbose=False
+                )
+            self._gguf = dict(vocab.metadata)
             formatter = self._chat_formatter(vocab)
-        except BaseException:
-            for llama in created:
-                llama.close()
+            eog_ids = [t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)]
+            for i in range(self.instance_count):
+                decoders.append(
+                    SlotDecoder(
+                        f"{self.model}-{i}" if self.instance_count > 1 else self.model,
+                        llama_cpp,
+                        model,
+                        context=self.context,
+                        parallel=self.parallel,
+                        n_batch=self.n_batch,
+                        n_threads=self.n_threads,
+                        kv_unified=self.kv_unified,
+                        eog_ids=eog_ids,
+                    )
+                )
+        except BaseException as exc:
+            for decoder in decoders:
+                decoder.stop()
+            for thing in (model, vocab):
+                if thing is not None:
+                    thing.close()
+            if isinstance(exc, ValueError | RuntimeError):
+                raise errors.FailedPrecondition(f"model {self.config.name!r}: cannot load {path}: {exc}") from None
             raise
+
         trained = int(self._gguf.get(f"{self._gguf.get('general.architecture', '')}.context_length", "0") or 0)
         if trained and self.context > trained:
             log.warning("model %s: context_length %d is over the %d tokens it was trained with", self.model, self.context, trained)
-
-        self._is_eog = llama_cpp.llama_vocab_is_eog
-        self._eog_ids = [t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)]
+        self._eog_ids = eog_ids
         self._n_vocab = model.n_vocab()
         self._vocab = vocab
+        self._model = model
         self._formatter = formatter
         self._template_source = ("config" if self.config.llm.chat_template else "gguf") if formatter else "none"
-        self._add_bos = bool(model.add_bos_token())
+        self._add_bos = bool(vocab._model.add_bos_token())
         self._extra_buffers_on = extra
-        self._instances = [_Instance(i, llama) for i, llama in enumerate(created[1:])]
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.instance_count, thread_name_prefix=f"llamacpp-{self.model}"
-        )
+        self._decoders = decoders
 
     def _chat_formatter(self, vocab: Any) -> Any:
         """llama-cpp-python's Jinja2ChatFormatter for the config's template, else the GGUF's (or None)."""
@@ -347,22 +319,19 @@ class LlamaCppEngine(GenerativeEngine):
             raise errors.FailedPrecondition(f"model {self.config.name!r}: the chat template does not compile: {exc}") from None
 
     async def unload(self) -> None:
-        """Stops running sequences (at their next token), waits for their threads, frees the models."""
-        instances, self._instances = self._instances, []
-        for cancel in list(self._active):
-            cancel.set()
-        pool, self._pool = self._pool, None
+        """Stops the decode threads (after their step in progress; running sequences get Unavailable),
+        frees the contexts and the model."""
+        decoders, self._decoders = self._decoders, []
         vocab, self._vocab = self._vocab, None
-        self._free = None
-        if pool is not None or instances or vocab is not None:
-            await asyncio.to_thread(self._unload_sync, pool, instances, vocab)
+        model, self._model = self._model, None
+        if decoders or vocab is not None or model is not None:
+            await asyncio.to_thread(self._unload_sync, decoders, model, vocab)
 
-    def _unload_sync(self, pool: concurrent.futures.ThreadPoolExecutor | None, instances: list[_Instance], vocab: Any) -> None:
-        if pool is not None:
-            pool.shutdown(wait=True)
-        for instance in instances:
-            with instance.lock:
-                instance.llama.close()
+    def _unload_sync(self, decoders: list[SlotDecoder], model: Any, vocab: Any) -> None:
+        for decoder in decoders:
+            decoder.stop()
+        if model is not None:
+            model.close()
         if vocab is not None:
             with self._vocab_lock:
                 vocab.close()
@@ -372,6 +341,8 @@ class LlamaCppEngine(GenerativeEngine):
             "context_length": str(self.context),
             "chat_template": self._template_source,
             "instances": str(self.instance_count),
+            "parallel": str(self.parallel),
+            "kv_unified": "1" if self.kv_unified else "0",
             "n_threads": str(self.n_threads),
             "extra_buffers": "on" if self._extra_buffers_on else "off",
             "file": str(self.model_path()),
@@ -454,34 +425,40 @@ class LlamaCppEngine(GenerativeEngine):
     # generate -------------------------------------------------------------------------------------
 
     async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
-        free, pool = self._free, self._pool
-        if free is None or pool is None:
+        decoders = self._decoders
+        if not decoders:
             raise errors.FailedPrecondition(f"model {self.config.name!r} is not loaded")
         if not prompt.tokens:
             raise errors.Internal(f"model {self.config.name!r}: generate needs a prompt from prepare")
-        loop = asyncio.get_running_loop()
+        s = prompt.sampling
+        greedy = s.HasField("temperature") and s.temperature == 0
+        min_tokens = prompt.max_tokens if s.ignore_eos else min(s.min_tokens, prompt.max_tokens)
+        settings = SamplerSettings(
+            temperature=s.temperature if s.HasField("temperature") else 1.0,
+            top_p=s.top_p if s.HasField("top_p") else 1.0,
+            top_k=s.top_k or self.default_top_k,
+            min_p=self.default_min_p,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            seed=seed_for(s),
+            min_tokens=min_tokens,
+        )
         out: asyncio.Queue[Delta | BaseException] = asyncio.Queue()  # at most max_tokens + 1 items
-        cancel = threading.Event()
+        job = Job(
+            prompt=prompt,
+            sampler=settings,
+            loop=asyncio.get_running_loop(),
+            put=out.put_nowait,
+            # Asked to be reproducible (a seed, or greedy): the whole prompt is evaluated. Reusing a cached
+            # prefix re-evaluates only the prompt's last token, whose logits then differ in the last bits,
+            # enough to change a seeded sample (and, rarely, a greedy one).
+            reuse_cache=not (s.HasField("seed") or greedy),
+            one_by_one_from=len(prompt.tokens) - len(prompt.continued_ids) if prompt.continued_ids and greedy else -1,
+        )
+        decoder = min(decoders, key=lambda d: d.load)
         finished = failed = False
         try:
-            instance = await free.get()  # FIFO among the sequences waiting for an instance
-
-            def put(item: Delta | BaseException) -> None:
-                _call_soon(loop, out.put_nowait, item)
-
-            def released() -> None:  # on the loop
-                self._active.discard(cancel)
-                free.put_nowait(instance)
-
-            def release() -> None:  # in the thread, once it let go of the instance
-                _call_soon(loop, released)
-
-            self._active.add(cancel)
-            try:
-                pool.submit(self._run, instance, prompt, cancel, put, release)
-            except RuntimeError:  # the pool is shut down: unloading
-                release()
-                raise errors.Unavailable(f"model {self.config.name!r} is unloading", retry_after_s=1.0) from None
+            decoder.submit(job)
             while True:
                 item = await out.get()
                 if isinstance(item, BaseException):
@@ -494,124 +471,7 @@ class LlamaCppEngine(GenerativeEngine):
                     return
         finally:
             if not finished:
-                cancel.set()  # the thread stops at its next token and releases the instance
+                job.cancel.set()  # the decode thread drops the sequence at its next step
+                decoder.wake()
                 if not failed:
                     self.aborted += 1
-
-    def _run(
-        self,
-        instance: _Instance,
-        prompt: Prompt,
-        cancel: threading.Event,
-        put: Callable[[Delta | BaseException], None],
-        release: Callable[[], None],
-    ) -> None:
-        """One sequence, in a pool thread, holding the instance's lock."""
-        try:
-            with instance.lock:
-                if not cancel.is_set():
-                    self._generate_sync(instance.llama, prompt, cancel, put)
-        except errors.UnimodelError as exc:
-            put(exc)
-        except Exception:
-            log.exception("model %s: generation %s failed", self.model, prompt.request_id)
-            put(errors.Internal(f"model {self.config.name!r}: the generation failed"))
-        finally:
-            release()
-
-    def _generate_sync(
-        self, llama: Any, prompt: Prompt, cancel: threading.Event, put: Callable[[Delta | BaseException], None]
-    ) -> None:
-        s = prompt.sampling
-        is_eog = self._is_eog
-        vocab = llama._model.vocab  # this instance's own: no other thread touches it meanwhile
-        llama.set_seed(seed_for(s))
-        greedy = s.HasField("temperature") and s.temperature == 0
-        if s.HasField("seed") or greedy:
-            # Asked to be reproducible: evaluate the whole prompt. Reusing the instance's cached prefix
-            # re-evaluates only its last token, whose logits then differ in the last bits, enough to
-            # change a seeded sample (and, rarely, a greedy one).
-            llama.reset()
-            if prompt.continued_ids and greedy and not _replay(llama, prompt, cancel):
-                return
-        generated = unsent = 0  # tokens sampled in all / not yet reported in a delta
-        unsent_ids: list[int] = []
-        min_tokens = prompt.max_tokens if s.ignore_eos else min(s.min_tokens, prompt.max_tokens)
-        eog_ids = self._eog_ids
-
-        def no_end_yet(_input_ids: Any, scores: Any) -> Any:
-            if generated < min_tokens:
-                scores[eog_ids] = -math.inf
-            return scores
-
-        tokens = llama.generate(
-            prompt.tokens,
-            temp=s.temperature if s.HasField("temperature") else 1.0,
-            top_p=s.top_p if s.HasField("top_p") else 1.0,
-            top_k=s.top_k or self.default_top_k,
-            min_p=self.default_min_p,
-            repeat_penalty=1.0,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-            logits_processor=[no_end_yet] if min_tokens and eog_ids else None,
-        )
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        stops = StopScanner(prompt.stop)
-        if prompt.continued_ids:  # the decoder and the held text as the lost worker had them
-            full = "".join(decoder.decode(llama.detokenize([t])) for t in prompt.continued_ids)
-            stops.held = generative.held_text(prompt, full)
-        finish = generative.FINISH_LENGTH
-        text = ""
-        hit = False
-        if prompt.max_tokens <= 0:  # a continued answer that already has all its tokens
-            tokens.close()
-            put(Delta(text=stops.flush(), finish_reason=finish))
-            return
-        try:
-            for token in tokens:
-                if cancel.is_set():
-                    return
-                if is_eog(vocab, token):  # not counted, like llama-cpp-python's server
-                    finish = generative.FINISH_STOP
-                    break
-                generated += 1
-                unsent += 1
-                unsent_ids.append(int(token))
-                piece, hit = stops.feed(decoder.decode(llama.detokenize([token])))
-                text += piece
-                if hit:
-                    finish = generative.FINISH_STOP
-                    break
-                if generated >= prompt.max_tokens:
-                    break
-                if text:
-                    put(Delta(text=text, tokens=unsent, token_ids=unsent_ids))
-                    text, unsent, unsent_ids = "", 0, []
-        finally:
-            tokens.close()
-        if not hit:  # what was held for a stop that never came (bytes of an unfinished character are dropped)
-            text += stops.flush()
-        put(Delta(text=text, tokens=unsent, finish_reason=finish, completion_tokens=generated, token_ids=unsent_ids))
-
-
-def _replay(llama: Any, prompt: Prompt, cancel: threading.Event) -> bool:
-    """A greedy continuation computes the answer so far as the lost worker did: the prompt in batches,
-    then the answer's tokens one at a time (evaluating them in one batch rounds differently, which
-    changes a greedy choice every few dozen tokens on SmolLM2). `generate` then finds all but the last
-    one cached and evaluates that one, like the lost worker's next step. Costs one decode step per token
-    of the answer (a batched evaluation would cost about one step per n_batch tokens). False: cancelled."""
-    ids = prompt.continued_ids
-    tokens = prompt.tokens or []
-    llama.eval(tokens[: len(tokens) - len(ids)])
-    for token in ids[:-1]:
-        if cancel.is_set():
-            return False
-        llama.eval([token])
-    return True
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the loop is closed: nobody is listening any more
-        pass
