@@ -7,7 +7,9 @@ A batch's items are prepared together (prompt rendered and counted, limits check
 pass start generating at once, side by side; the batch is then acknowledged while they run. Each item
 answers at its reply_to: refused before it starts -> an error (NATS error headers); started -> chunk
 seq 0 (accepted: prompt tokens, worker, path), then one chunk per delta, the last with finish_reason and
-usage (or an error). Sequence numbers let the caller see that none is lost or repeated.
+usage (or an error). Sequence numbers let the caller see that none is lost or repeated. With the model option
+`stream_interval` N > 1, the deltas after the first go N tokens to a chunk (the text and token ids of several
+deltas joined; the last chunk and an error end at once, after what was held).
 
 Aborts come by request id (the caller went away), scoped to the gateway that sent the request: a
 generation is known by (owner, request id), its owner the reply subject tree its reply_to lies in
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,7 +36,8 @@ from unimodel.core import errors, subjects, tracing
 from unimodel.core.context import now_ms
 from unimodel.core.tracing import Attr, Span
 from unimodel.v1 import generate_pb2, inference_pb2
-from unimodel.worker.engines.generative import FINISH_ABORT, FINISH_ERROR, GenerativeEngine, Prompt
+from unimodel.worker.engines.engine import engine_option
+from unimodel.worker.engines.generative import FINISH_ABORT, FINISH_ERROR, Delta, GenerativeEngine, Prompt
 
 log = logging.getLogger("unimodel.gpu-worker.generation")
 
@@ -42,6 +46,12 @@ ABORT_MEMORY = 4096
 ABORT_MEMORY_S = 60.0
 """How long an abort of an item still on its way is remembered when its deadline is later or unknown
 (an item queued longer is generated for nobody: its gateway drops the chunks, its deadline ends it)."""
+
+STREAM_INTERVAL_OPTION = "stream_interval"
+"""Model option (ModelConfig.options): after a generation's first delta, its deltas go one message per this
+many tokens (default 1: each delta at once). Fewer messages for the worker, NATS and the gateway to handle per
+token (each message costs them about the same whatever it holds), at the price of text arriving in bursts:
+like vLLM's and SGLang's --stream-interval. The first delta and the last go at once."""
 
 Key = tuple[str, str]
 """(owner, request id): the owner is the reply subject tree of the gateway that sent the item."""
@@ -104,6 +114,7 @@ class Generations:
         self.metrics = metrics
         self.running: dict[Key, Running] = {}
         self.stats = GenerationStats()
+        self._intervals: weakref.WeakKeyDictionary[GenerativeEngine, int] = weakref.WeakKeyDictionary()
         self._aborted: OrderedDict[Key, float] = OrderedDict()  # aborted before the item came -> forget at (monotonic)
 
     # aborts -------------------------------------------------------------------------------------
@@ -179,6 +190,7 @@ class Generations:
                 ))
                 continue
             items.append((index, item))
+        interval = self._interval(engine)
         prepared = await asyncio.gather(
             *(engine.prepare(item.generate, item.request_id) for _i, item in items), return_exceptions=True
         )
@@ -209,13 +221,25 @@ class Generations:
             if tracing.enabled():
                 run.span = self._span(batch.model, item, prompt, arrived_ns)
             run.task = asyncio.create_task(
-                self._generate(engine, item, prompt, run, release), name=f"generate {item.request_id}"
+                self._generate(engine, item, prompt, run, release, interval), name=f"generate {item.request_id}"
             )
             if item.request_id:
                 self.running[key] = run
             started += 1
             self.stats.started += 1
         return started, refused
+
+    def _interval(self, engine: GenerativeEngine) -> int:
+        """The engine's model's stream_interval, read once per loaded engine."""
+        interval = self._intervals.get(engine)
+        if interval is None:
+            try:
+                interval = stream_interval(engine)
+            except errors.UnimodelError as exc:  # a bad option: the model's registration should have said so
+                log.warning("%s; streaming each delta at once", exc.message)
+                interval = 1
+            self._intervals[engine] = interval
+        return interval
 
     def _span(self, model: str, item: inference_pb2.BatchItem, prompt: Prompt, arrived_ns: int) -> Span | None:
         """The generation's span (OpenTelemetry GenAI conventions), from its batch's arrival here."""
@@ -251,6 +275,7 @@ class Generations:
         prompt: Prompt,
         run: Running,
         release: Callable[[], None],
+        interval: int = 1,
     ) -> None:
         reply_to = item.reply_to
         seq = 1
@@ -260,6 +285,7 @@ class Generations:
         metrics = self.metrics
         first_ns = last_ns = 0
         error: errors.UnimodelError | None = None
+        held = _Held()  # deltas not sent yet (stream_interval > 1)
         try:
             timeout = None
             if item.deadline_unix_ms:
@@ -276,7 +302,13 @@ class Generations:
                             metrics.inter_token(run.model, (now - last_ns) / 1e9)
                         last_ns = now
                     completion += delta.tokens
-                    chunk = generate_pb2.GenerateChunk(seq=seq, text=delta.text, tokens=delta.tokens, token_ids=delta.token_ids)
+                    if held.parts or held.tokens or (interval > 1 and seq > 1 and not delta.finish_reason):
+                        held.add(delta)  # the first delta goes at once; then one message per `interval` tokens
+                        if held.tokens < interval and not delta.finish_reason:
+                            continue
+                        chunk = held.chunk(seq)
+                    else:
+                        chunk = generate_pb2.GenerateChunk(seq=seq, text=delta.text, tokens=delta.tokens, token_ids=delta.token_ids)
                     if delta.finish_reason:
                         reason = delta.finish_reason
                         tokens = delta.completion_tokens or completion
@@ -296,16 +328,20 @@ class Generations:
                 raise  # the service is stopping
             reason = FINISH_ABORT
             self.stats.aborted += 1
+            if run.stopped is not None:  # the caller is still there (its generation moves): what was held first
+                seq = await self._send_held(reply_to, held, seq)
             final = generate_pb2.GenerateChunk(seq=seq, finish_reason=FINISH_ABORT)
             final.error.CopyFrom((run.stopped or errors.Cancelled("the caller cancelled the generation")).to_proto())
         except TimeoutError:
             reason = FINISH_ERROR
             error = errors.DeadlineExceeded("deadline passed during generation")
+            seq = await self._send_held(reply_to, held, seq)
             final = generate_pb2.GenerateChunk(seq=seq, finish_reason=FINISH_ERROR)
             final.error.CopyFrom(error.to_proto())
         except Exception as exc:
             reason = FINISH_ERROR
             error = _as_error(exc, run.model)
+            seq = await self._send_held(reply_to, held, seq)
             final = generate_pb2.GenerateChunk(seq=seq, finish_reason=FINISH_ERROR)
             final.error.CopyFrom(error.to_proto())
         finally:
@@ -328,6 +364,17 @@ class Generations:
         except Exception as exc:  # NATS down: the caller's own deadline ends its wait
             log.warning("could not send the end of generation %s: %s", run.request_id, exc)
 
+    async def _send_held(self, reply_to: str, held: _Held, seq: int) -> int:
+        """Send the deltas held back (stream_interval) before a generation's error end; the next seq."""
+        if not held.tokens and not held.parts:
+            return seq
+        try:
+            await self.publish(reply_to, held.chunk(seq).SerializeToString())
+        except Exception as exc:  # NATS down: the end that follows fails the same way
+            log.warning("could not send the held text of a generation to %s: %s", reply_to, exc)
+            return seq
+        return seq + 1
+
     async def close(self) -> None:
         """Cancel every running generation (service stop after the drain); each caller is told why."""
         tasks = [r.task for r in self.running.values() if r.task is not None]
@@ -346,6 +393,34 @@ class Generations:
         tasks = [r.task for r in self.running.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
+
+
+class _Held:
+    """Deltas of a generation held back to go as one message (stream_interval)."""
+
+    __slots__ = ("parts", "tokens", "ids")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.tokens = 0
+        self.ids: list[int] = []
+
+    def add(self, delta: Delta) -> None:
+        if delta.text:
+            self.parts.append(delta.text)
+        self.tokens += delta.tokens
+        self.ids.extend(delta.token_ids)
+
+    def chunk(self, seq: int) -> generate_pb2.GenerateChunk:
+        """The held deltas as one chunk (and none held any more)."""
+        chunk = generate_pb2.GenerateChunk(seq=seq, text="".join(self.parts), tokens=self.tokens, token_ids=self.ids)
+        self.parts, self.tokens, self.ids = [], 0, []
+        return chunk
+
+
+def stream_interval(engine: GenerativeEngine) -> int:
+    """The model's `options.stream_interval`: after the first, one message per this many tokens (default 1)."""
+    return int(engine_option(engine.config, STREAM_INTERVAL_OPTION, int, 1, minimum=1))
 
 
 def _end_span(

@@ -142,7 +142,11 @@ def _usage(usage: generate_pb2.Usage) -> dict[str, int]:
 
 
 class AnswerShape:
-    """What differs between chat and completions answers."""
+    """What differs between chat and completions answers.
+
+    `text_event(text)` is the streamed chunk of one delta of text, the event of every token: the bytes
+    `chunk(text, None)` makes, from a prefix and a suffix built once per answer around the
+    text's JSON string (orjson), instead of a dict encoded per token."""
 
     def __init__(self, chat: bool, rid: str, model: str) -> None:
         self.chat = chat
@@ -151,6 +155,18 @@ class AnswerShape:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        head = b"data: " + orjson.dumps({"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model})[:-1]
+        tail = b',"system_fingerprint":null}\n\n'
+        if chat:
+            self._text_head = head + b',"choices":[{"index":0,"delta":{"content":'
+            self._text_tail = b'},"finish_reason":null,"logprobs":null}]' + tail
+        else:
+            self._text_head = head + b',"choices":[{"index":0,"text":'
+            self._text_tail = b',"finish_reason":null,"logprobs":null}]' + tail
+
+    def text_event(self, text: str) -> bytes:
+        """The SSE event of one delta of text (not the last chunk: no finish_reason)."""
+        return self._text_head + orjson.dumps(text) + self._text_tail
 
     def whole(self, text: str, finish: str, usage: generate_pb2.Usage) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish or "stop", "logprobs": None}

@@ -41,31 +41,32 @@ async def _stream(
     gen: Generation, shape: AnswerShape, include_usage: bool, on_done: Callable[[str, str], None] | None = None,
     scope: Mapping[str, Any] | None = None,
 ) -> Any:
-    extra: dict[str, Any] = {"usage": None} if include_usage else {}
-    parts: list[str] = []
+    """The SSE events of a running generation: one per delta of text (built from the answer's template:
+    AnswerShape.text_event), the finish chunk, the usage chunk when asked for, `[DONE]`."""
+    parts: list[str] | None = [] if on_done is not None else None  # the text, for the cache's write-back
+    text_event = shape.text_event
     try:
         if shape.chat:
-            yield shape.chunk("", None, role=True, **extra)
+            yield shape.chunk("", None, role=True)
         async for chunk in gen:
-            if chunk.text:
-                parts.append(chunk.text)
+            text = chunk.text
+            if text:
+                if parts is not None:
+                    parts.append(text)
+                yield text_event(text)
             if chunk.finish_reason:
-                if chunk.text:
-                    yield shape.chunk(chunk.text, None, **extra)
-                yield shape.chunk(None if shape.chat else "", chunk.finish_reason, **extra)
+                yield shape.chunk(None if shape.chat else "", chunk.finish_reason)
                 if include_usage:
                     yield shape.usage_chunk(gen.usage)
-                if on_done is not None:
+                if on_done is not None and parts is not None:
                     on_done("".join(parts), chunk.finish_reason)
                 break
-            if chunk.text:
-                yield shape.chunk(chunk.text, None, **extra)
     except errors.UnimodelError as err:  # failed after the stream began: an error event, then the end
         yield error_event(err)
     finally:
         await gen.close("the client went away")  # a no-op when it finished; else the worker aborts it
         if scope is not None:
-            rate_limits.debit(scope, rate_limits.tokens_used(gen.usage, gen.chunks))
+            rate_limits.debit(scope, rate_limits.tokens_used(gen.usage, gen.answer_tokens))
     yield b"data: [DONE]\n\n"
 
 
@@ -122,7 +123,7 @@ async def generate(gw: OpenAiPorts, request: Request, chat: bool) -> Response:
         return openai_error(err)
     finally:
         await gen.close()
-        rate_limits.debit(request.scope, rate_limits.tokens_used(gen.usage, gen.chunks))
+        rate_limits.debit(request.scope, rate_limits.tokens_used(gen.usage, gen.answer_tokens))
     if on_done is not None:
         on_done(text, gen.finish_reason)
     return Response(orjson.dumps(shape.whole(text, gen.finish_reason, gen.usage)), 200, headers=headers, media_type="application/json")
@@ -171,12 +172,11 @@ def _cached(body: ChatCompletionBody, lookup: Lookup, shape: AnswerShape, ids: d
     if not body.stream:
         return Response(orjson.dumps(shape.whole(answer, "stop", usage)), 200, headers=headers, media_type="application/json")
     include = bool(body.stream_options and body.stream_options.include_usage)
-    extra: dict[str, Any] = {"usage": None} if include else {}
 
     async def events() -> Any:
-        yield shape.chunk("", None, role=True, **extra)
-        yield shape.chunk(answer, None, **extra)
-        yield shape.chunk(None, "stop", **extra)
+        yield shape.chunk("", None, role=True)
+        yield shape.text_event(answer)
+        yield shape.chunk(None, "stop")
         if include:
             yield shape.usage_chunk(usage)
         yield b"data: [DONE]\n\n"

@@ -45,7 +45,7 @@ class InferenceApi(services_pb2_grpc.InferenceServiceServicer):
         if limiter.enabled:
             limits = limiter.limits_of(self.gw.auth.principal_from_metadata(context.invocation_metadata()))
             if limits is not None:
-                limits.debit(rate_limits.tokens_used(gen.usage, gen.chunks))
+                limits.debit(rate_limits.tokens_used(gen.usage, gen.answer_tokens))
 
     async def Generate(  # noqa: N802  (gRPC method names are CamelCase)
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEQUENCES = 64
 DEFAULT_RETRY_AFTER_S = 1.0
+SEND_ATTEMPTS = 3
+"""Sends of a request whose pooled connection the upstream had closed before answering (see _open)."""
 _MESSAGE_LIMIT = 500
 _FINISH = {"stop": generative.FINISH_STOP, "length": generative.FINISH_LENGTH, "abort": generative.FINISH_ABORT}
 
@@ -268,14 +270,17 @@ class UpstreamEngine(GenerativeEngine):
         return errors.InvalidArgument(f"upstream: {message}", model=self.config.name, upstream_status=str(status))
 
     async def _open(self, client: httpx.AsyncClient, stack: contextlib.AsyncExitStack, path: str, body: dict[str, Any]) -> httpx.Response:
-        """POST the streaming request; sent again once when a pooled keep-alive connection turns out to
-        have been closed by the upstream (no response was received, so nothing started upstream)."""
-        for attempt in range(2):
+        """POST the streaming request; sent again (up to SEND_ATTEMPTS in all) when a pooled keep-alive
+        connection turns out to have been closed by the upstream (no response was received, so nothing
+        started upstream). More than one pooled connection can be stale at once: llama-cpp-python's server
+        closes a connection shortly after a stream it broke off, and after an upstream restart every idle
+        one is gone."""
+        for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
                 response = await stack.enter_async_context(client.stream("POST", path, json=body))
                 break
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-                if attempt:
+                if attempt == SEND_ATTEMPTS:
                     raise
                 log.debug("model %s: upstream closed a pooled connection; sending again", self.model)
         if response.status_code >= 400:
@@ -316,9 +321,11 @@ class UpstreamEngine(GenerativeEngine):
         chunks = 0  # content chunks: the token estimate when the upstream sends no usage
         finish = ""
         usage: dict[str, Any] | None = None
+        answered = False  # the upstream answered 200: a failure from then on broke its stream off
         try:
             async with contextlib.AsyncExitStack() as stack:
                 response = await self._open(client, stack, path, body)
+                answered = True
                 events = await stack.enter_async_context(contextlib.aclosing(self._events(response)))
                 async for data in events:
                     if isinstance(data.get("usage"), dict):
@@ -351,6 +358,8 @@ class UpstreamEngine(GenerativeEngine):
                 self.aborted += 1
             raise
         except httpx.HTTPError as exc:
+            if answered:  # e.g. the connection closed before the end of the body (RemoteProtocolError)
+                raise self._failed(f"ended the stream before the generation finished ({type(exc).__name__})") from None
             raise self._failed(f"could not be reached or went away ({type(exc).__name__})") from None
 
 
