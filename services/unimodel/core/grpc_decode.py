@@ -70,7 +70,10 @@ async def _replies(result: Any) -> AsyncIterator[Any]:
 
 def guard(handler: grpc.RpcMethodHandler, trailers: Trailers) -> grpc.RpcMethodHandler:
     """`handler` with the guarded deserializer and a behaviour that refuses UNDECODABLE (aborting with ERROR
-    and `trailers`, its status details)."""
+    and `trailers`, its status details). A handler without a deserializer gets the request's bytes, which
+    always decode: it is returned as it is (no extra frame per call)."""
+    if handler.request_deserializer is None:
+        return handler
     deserializer = _guarded_deserializer(handler.request_deserializer)
     serializer = handler.response_serializer
     if handler.unary_unary is not None:
