@@ -95,6 +95,9 @@ ENGINE_NUMBER_OPTIONS: dict[str, tuple[float, float]] = {
     "intra_op_threads": (0, 1024),  # onnx
     "n_threads": (1, 1024),  # llamacpp
     "n_batch": (1, 1_048_576),  # llamacpp
+    "parallel": (1, 256),  # llamacpp: sequence slots per instance (continuous batching)
+    "kv_unified": (0, 1),  # llamacpp
+    "stream_interval": (1, 4096),  # any generative engine: tokens per streamed message
     "top_k": (0, 1_000_000),  # llamacpp default
     "min_p": (0, 1),  # llamacpp default
     "timeout_s": (0.001, 86_400),  # openai: longest wait for the upstream's next byte
