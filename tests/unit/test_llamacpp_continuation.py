@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.generation import chat, check_stream, demo_gguf
-from unimodel.core import modelconfig
+from helpers.generation import chat, check_stream, demo_gguf, load_smol
 from unimodel.v1 import generate_pb2
-from unimodel.worker.engines import create_engine, generative
+from unimodel.worker.engines import generative
 from unimodel.worker.engines.llamacpp import LlamaCppEngine
 
 pytest.importorskip("llama_cpp")
@@ -25,14 +24,7 @@ pytestmark = [
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[LlamaCppEngine]:
-    folder = tmp_path / "smol"
-    folder.mkdir()
-    (folder / "model.gguf").symlink_to(GGUF)
-    data = {"name": "smol", "engine": "llamacpp", "options": {"n_threads": "1"}, "llm": {"context_length": 1024}}
-    modelconfig.write(folder, modelconfig.parse(data))
-    e = create_engine(modelconfig.load(folder))
-    assert isinstance(e, LlamaCppEngine)
-    await e.load()
+    e = await load_smol(tmp_path, context_length=1024)
     try:
         yield e
     finally:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.generation import chat, check_stream, completion, demo_gguf
+from helpers.generation import chat, check_stream, completion, demo_gguf, smol_config, smol_engines
 from unimodel.core import errors, modelconfig
-from unimodel.v1 import generate_pb2, model_pb2
+from unimodel.v1 import generate_pb2
 from unimodel.worker.engines import create_engine, generative
 from unimodel.worker.engines.llamacpp import LlamaCppEngine, StopScanner, extra_buffers_wanted, model_params
 
@@ -37,39 +37,10 @@ WATER = "What is the Chinese word for water?"  # greedy: one sentence, then end 
 Factory = Callable[..., Awaitable[LlamaCppEngine]]
 
 
-def _config(
-    tmp_path: Path, name: str = "smol", instance_count: int = 1, options: dict[str, str] | None = None, **llm_fields: object
-) -> model_pb2.ModelConfig:
-    folder = tmp_path / name
-    folder.mkdir(exist_ok=True)
-    (folder / "model.gguf").symlink_to(GGUF)
-    data = {
-        "name": name,
-        "engine": "llamacpp",
-        "instance_count": instance_count,
-        "options": {"n_threads": "1", **(options or {})},
-        "llm": {"context_length": 2048, **llm_fields},
-    }
-    modelconfig.write(folder, modelconfig.parse(data))
-    return modelconfig.load(folder)
-
-
 @pytest.fixture
 async def make_engine(tmp_path: Path) -> AsyncIterator[Factory]:
-    engines: list[LlamaCppEngine] = []
-
-    async def make(name: str = "smol", **kwargs: object) -> LlamaCppEngine:
-        engine = create_engine(_config(tmp_path, name, **kwargs))
-        assert isinstance(engine, LlamaCppEngine)
-        await engine.load()
-        engines.append(engine)
-        return engine
-
-    try:
+    async with smol_engines(tmp_path) as make:
         yield make
-    finally:
-        for engine in engines:
-            await engine.unload()
 
 
 @pytest.fixture(scope="module")
@@ -405,7 +376,7 @@ def test_extra_buffers_auto_is_off_on_amx_cpus_only() -> None:
 
 
 async def test_extra_buffers_option_is_checked_and_reported(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = smol_config(tmp_path)
     config.options["extra_buffers"] = "maybe"
     with pytest.raises(errors.InvalidArgument, match="options.extra_buffers must be auto, 0 or 1"):
         create_engine(config)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers.generation import chat, check_stream, completion, demo_gguf
-from unimodel.core import errors, modelconfig
+from helpers.generation import chat, check_stream, completion, demo_gguf, smol_engines
+from unimodel.core import errors
 from unimodel.v1 import generate_pb2
-from unimodel.worker.engines import create_engine, generative
+from unimodel.worker.engines import generative
 from unimodel.worker.engines.llamacpp import LlamaCppEngine
 
 pytest.importorskip("llama_cpp")
@@ -36,25 +36,13 @@ Factory = Callable[..., Awaitable[LlamaCppEngine]]
 
 @pytest.fixture
 async def make_engine(tmp_path: Path) -> AsyncIterator[Factory]:
-    engines: list[LlamaCppEngine] = []
+    """make(name, **options): a loaded engine with these options and a 1,024-token context."""
+    async with smol_engines(tmp_path) as make:
 
-    async def make(name: str = "smol", **options: str) -> LlamaCppEngine:
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "model.gguf").symlink_to(GGUF)
-        data = {"name": name, "engine": "llamacpp", "options": {"n_threads": "1", **options}, "llm": {"context_length": 1024}}
-        modelconfig.write(folder, modelconfig.parse(data))
-        engine = create_engine(modelconfig.load(folder))
-        assert isinstance(engine, LlamaCppEngine)
-        await engine.load()
-        engines.append(engine)
-        return engine
+        async def with_options(name: str = "smol", **options: str) -> LlamaCppEngine:
+            return await make(name, options=options, context_length=1024)
 
-    try:
-        yield make
-    finally:
-        for engine in engines:
-            await engine.unload()
+        yield with_options
 
 
 class Run:

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers.generation import demo_gguf
-from unimodel.core import errors, modelconfig, subjects
+from helpers.generation import demo_gguf, load_smol
+from unimodel.core import errors, subjects
 from unimodel.core.context import RequestContext, new_request_id, now_ms
 from unimodel.gateway import http_context as answers
 from unimodel.gateway.http_context import http_context
 from unimodel.gateway.traces import reply_metadata
 from unimodel.v1 import generate_pb2, inference_pb2
 from unimodel.worker import running_generations
-from unimodel.worker.engines import create_engine
 from unimodel.worker.engines.generative import GenerativeEngine
 from unimodel.worker.running_generations import Generations
 
@@ -65,16 +64,7 @@ GW = "gateway-a"
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[GenerativeEngine]:
-    folder = tmp_path / "smol"
-    folder.mkdir()
-    assert GGUF is not None
-    (folder / "model.gguf").symlink_to(GGUF)
-    modelconfig.write(folder, modelconfig.parse(
-        {"name": "smol", "engine": "llamacpp", "options": {"n_threads": "1"}, "llm": {"context_length": 2048}}
-    ))
-    loaded = create_engine(modelconfig.load(folder))
-    assert isinstance(loaded, GenerativeEngine)
-    await loaded.load()
+    loaded = await load_smol(tmp_path)
     try:
         yield loaded
     finally:

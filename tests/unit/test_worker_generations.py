@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.generation import demo_gguf
-from unimodel.core import errors, modelconfig, subjects
+from helpers.generation import demo_gguf, load_smol
+from unimodel.core import errors, subjects
 from unimodel.v1 import generate_pb2, inference_pb2
-from unimodel.worker.engines import create_engine
 from unimodel.worker.engines.generative import GenerativeEngine
 from unimodel.worker.running_generations import Generations
 
@@ -25,15 +24,7 @@ pytestmark = [
 
 
 async def running_generation(tmp_path: Path) -> tuple[GenerativeEngine, Generations, list[generate_pb2.GenerateChunk]]:
-    folder = tmp_path / "smol"
-    folder.mkdir()
-    (folder / "model.gguf").symlink_to(GGUF)
-    modelconfig.write(folder, modelconfig.parse(
-        {"name": "smol", "engine": "llamacpp", "options": {"n_threads": "1"}, "llm": {"context_length": 2048}}
-    ))
-    engine = create_engine(modelconfig.load(folder))
-    assert isinstance(engine, GenerativeEngine)
-    await engine.load()
+    engine = await load_smol(tmp_path)
     chunks: list[generate_pb2.GenerateChunk] = []
 
     async def publish(_subject: str, data: bytes) -> None:

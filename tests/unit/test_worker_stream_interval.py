@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.generation import demo_gguf
+from helpers.generation import demo_gguf, load_smol
 from unimodel.core import errors, modelconfig, subjects
 from unimodel.v1 import generate_pb2, inference_pb2
 from unimodel.worker.engines import create_engine
@@ -25,17 +25,7 @@ pytestmark = [
 
 
 async def _engine(tmp_path: Path, **options: str) -> GenerativeEngine:
-    folder = tmp_path / "smol"
-    folder.mkdir(exist_ok=True)
-    if not (folder / "model.gguf").exists():
-        (folder / "model.gguf").symlink_to(GGUF)
-    modelconfig.write(folder, modelconfig.parse(
-        {"name": "smol", "engine": "llamacpp", "options": {"n_threads": "1", **options}, "llm": {"context_length": 2048}}
-    ))
-    engine = create_engine(modelconfig.load(folder))
-    assert isinstance(engine, GenerativeEngine)
-    await engine.load()
-    return engine
+    return await load_smol(tmp_path, options=options)
 
 
 async def _generate(engine: GenerativeEngine, max_tokens: int, deadline_ms: int = 0) -> list[generate_pb2.GenerateChunk]:

@@ -136,7 +136,7 @@ class BatcherService(Service):
         self._batch_ids = (f"{uuid.uuid4().hex[:16]}{n:08x}" for n in itertools.count())
         self._replies: set[asyncio.Task[None]] = set()
         self._shares: dict[str, Shares] = {}  # model -> the router's last word on its slots and our rank
-        self.generative: set[str] = set()  # registered text-generation models
+        self.generative: set[str] = set()  # registered text-generation models (also the dispatcher's)
         self.routers: Discovery[str] = Discovery(self.store, instances_prefix(settings.etcd_prefix), _router_id)
         self._routing: dict[asyncio.Task[object], float] = {}  # waits for a router's ack -> time.monotonic() sent
         self._direct: dict[asyncio.Task[object], float] = {}  # waits for a worker's ack -> time.monotonic() sent
@@ -146,6 +146,7 @@ class BatcherService(Service):
             self.bus, self.table, DispatchSettings(settings.retries, settings.try_timeout_s, settings.suspend_s),
             self.stats.dispatch, self.log, known=lambda: True, on_suspend=self._suspected, owned=self._owned,
         )
+        self.dispatcher.generative = self.generative  # one set: the model configs in etcd say which
         self._table_from = ""  # the router whose table was applied last ("" none yet: batches go to routers)
         self._batchers: list[str] = []  # the batchers sharing the models' slots, from the table
         self.bus.on_reconnect = self._bus_reconnected
@@ -472,20 +473,19 @@ class BatcherService(Service):
 
     def _apply_table(self, raw: bytes) -> None:
         """A router's RoutingTable: the workers (a worker no longer listed has left: the batches waiting on it
-        go to another), the generation models, suspensions, loads and the batchers sharing the slots."""
+        go to another), suspensions, loads and the batchers sharing the slots."""
         try:
             table = registry_pb2.RoutingTable.FromString(raw)
         except DecodeError:
             return
         known = self.table.instances
         listed = {w.id: w for w in table.workers}
-        self.dispatcher.generative = set(table.generative)
         for worker_id in [w for w in known if w not in listed]:
             self.table.remove(worker_id)
             self.dispatcher.worker_left(worker_id)
         for worker_id, info in listed.items():
             if known.get(worker_id) != info:
-                self.table.upsert(info, self.dispatcher.generative)
+                self.table.upsert(info, self.generative)
         for worker_id, left_s in table.suspended_s.items():
             if not self.table.is_suspended(worker_id):
                 self.table.suspend(worker_id, left_s)

@@ -206,20 +206,20 @@ class RouterService(Service):
         batch = inference_pb2.BatchRequest.FromString(msg.data)
         batch.path.append(self.id)
         if not tracing.enabled():
-            return await self._route(batch, ctx)
+            return _serialized(await self._route(batch, ctx))
         span, ctx = tracing.start_in(tracing.Name.ROUTER_ROUTE, ctx, tracing.SERVER, {
             Attr.MODEL: batch.model, Attr.BATCH_ID: batch.batch_id, Attr.BATCH_SIZE: len(batch.items),
             Attr.INSTANCE: self.id,
         })
         try:
-            raw = await self._route(batch, ctx)
+            ack = await self._route(batch, ctx)
         except BaseException as exc:
             tracing.finish(span, exc)
             raise
         if span is not None:
-            span.set_attribute(Attr.WORKER_ID, inference_pb2.BatchAck.FromString(raw).worker_id)
+            span.set_attribute(Attr.WORKER_ID, ack.worker_id)
             tracing.finish(span)
-        return raw
+        return _serialized(ack)
 
     # the routing table ------------------------------------------------------------------------------
     def routing_table(self) -> registry_pb2.RoutingTable:
@@ -227,7 +227,7 @@ class RouterService(Service):
         table = self.table
         now = table.clock()
         out = registry_pb2.RoutingTable(
-            router_id=self.id, generative=sorted(self.dispatcher.generative), batchers=sorted(self.batchers.items.values())
+            router_id=self.id, batchers=sorted(self.batchers.items.values())
         )
         out.workers.extend(table.instances[i] for i in sorted(table.instances))
         for worker_id, until in list(table.suspended.items()):
@@ -271,11 +271,10 @@ class RouterService(Service):
         self.dispatcher.on_load(msg.data)
 
     # batches of batchers that have no routing table ---------------------------------------------------
-    async def _route(self, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> bytes:
-        ack = await self.dispatcher.dispatch(
+    async def _route(self, batch: inference_pb2.BatchRequest, ctx: RequestContext) -> inference_pb2.BatchAck:
+        return await self.dispatcher.dispatch(
             batch.model, batch.SerializeToString(), ctx, lambda ack: self._fill_shares(ack, batch), batch
         )
-        return cast(bytes, ack.SerializeToString())  # protobuf's runtime ships no type information
 
     def _fill_shares(self, ack: inference_pb2.BatchAck, batch: inference_pb2.BatchRequest) -> None:
         """The model's slots, and the sending batcher's rank among the known batchers (its id is the first
@@ -283,6 +282,10 @@ class RouterService(Service):
         ack.capacity = self.table.capacity(batch.model)
         if len(batch.path) > 1:  # [batcher, ..., this router]: sent by a batcher
             ack.batcher_rank, ack.batchers = capacity_shares.rank(self.batchers.items.values(), batch.path[0], batch.model)
+
+
+def _serialized(ack: inference_pb2.BatchAck) -> bytes:
+    return cast(bytes, ack.SerializeToString())  # protobuf's runtime ships no type information
 
 
 class _RouterApi(services_pb2_grpc.RouterServiceServicer):

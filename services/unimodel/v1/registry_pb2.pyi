@@ -92,7 +92,7 @@ class ModelLoad(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., sequences: _Optional[int] = ...) -> None: ...
 
 class RoutingTable(_message.Message):
-    __slots__ = ("router_id", "workers", "generative", "suspended_s", "loads", "batchers")
+    __slots__ = ("router_id", "workers", "suspended_s", "loads", "batchers")
     class SuspendedSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,17 +102,15 @@ class RoutingTable(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
-    GENERATIVE_FIELD_NUMBER: _ClassVar[int]
     SUSPENDED_S_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
     BATCHERS_FIELD_NUMBER: _ClassVar[int]
     router_id: str
     workers: _containers.RepeatedCompositeFieldContainer[InstanceInfo]
-    generative: _containers.RepeatedScalarFieldContainer[str]
     suspended_s: _containers.ScalarMap[str, float]
     loads: _containers.RepeatedCompositeFieldContainer[ModelLoad]
     batchers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, router_id: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., generative: _Optional[_Iterable[str]] = ..., suspended_s: _Optional[_Mapping[str, float]] = ..., loads: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., batchers: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, router_id: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., suspended_s: _Optional[_Mapping[str, float]] = ..., loads: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., batchers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WorkerSuspected(_message.Message):
     __slots__ = ("worker_id", "reporter", "for_s")
