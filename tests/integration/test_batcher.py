@@ -46,10 +46,11 @@ def config(name: str, max_batch_size: int, **batching: object) -> model_pb2.Mode
     )
 
 
+# hold_when_idle: the window applies to the first request too, so requests wait in the batcher for these tests
 MODELS = [
-    config("grouped", 4, max_queue_delay_ms=800),
-    config("small-queue", 8, max_queue_delay_ms=1500, max_queue_size=3),
-    config("timeouts", 8, max_queue_delay_ms=1500, default_timeout_ms=250),
+    config("grouped", 4, max_queue_delay_ms=800, hold_when_idle=True),
+    config("small-queue", 8, max_queue_delay_ms=1500, max_queue_size=3, hold_when_idle=True),
+    config("timeouts", 8, max_queue_delay_ms=1500, default_timeout_ms=250, hold_when_idle=True),
     config("unbatched", 0, max_queue_delay_ms=2000),  # ignored: the model does not batch
 ]
 
@@ -191,7 +192,7 @@ async def test_batches_follow_the_registered_config_and_its_changes(
     assert isinstance(answer, errors.InvalidArgument) and "max_batch_size 4" in answer.message
 
     # a config change applies to the next batch
-    await register(services.infra, config("grouped", 2, max_queue_delay_ms=800))
+    await register(services.infra, config("grouped", 2, max_queue_delay_ms=800, hold_when_idle=True))
     await until(lambda: "model grouped: max_batch_size 2" in services.infra.sink.getvalue(), 10, "config change")
     before = len(router.of("grouped"))
     results = await asyncio.gather(*(caller.send("grouped", f"c{i}") for i in range(4)))

@@ -96,7 +96,7 @@ def llm_cluster(tmp_path: Path) -> Iterator[tuple[Services, dict[str, ManagedPro
     (folder / "model.gguf").symlink_to(gguf)
     (folder / "config.yaml").write_text(yaml.safe_dump({
         "name": LLM, "engine": "llamacpp", "file": "model.gguf", "options": {"n_threads": "1"},
-        "max_batch_size": 8, "batching": {"max_queue_delay_ms": 3000}, "llm": {"context_length": 512},
+        "max_batch_size": 8, "batching": {"max_queue_delay_ms": 3000, "hold_when_idle": True}, "llm": {"context_length": 512},
     }))
     try:
         infra.start()

@@ -180,7 +180,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
             "name": QUEUE_MODEL, "engine": "delay", "max_batch_size": 8,
             "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
             "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-            "batching": {"max_queue_delay_ms": 2500, "max_queue_size": 4}, "options": {"delay_ms": "10"},
+            "batching": {"max_queue_delay_ms": 2500, "max_queue_size": 4, "hold_when_idle": True}, "options": {"delay_ms": "10"},
         })
 
         def ready() -> bool:

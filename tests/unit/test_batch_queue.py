@@ -285,9 +285,11 @@ def test_policy_from_config_and_defaults() -> None:
     assert p.max_queue_size == 777  # 0 in the config: the batcher's default
     assert (p.priority_levels, p.default_priority_level) == (3, 3)  # default level 0: the lowest
     assert p.default_timeout_s == 1.5
+    assert not p.hold_when_idle  # by default an idle model's request goes at once
     p2 = BatchPolicy.from_config(config(max_batch_size=4, batching={"max_queue_size": 9, "priority_levels": 2,
-                                                                    "default_priority_level": 1}), defaults)
+                                                                    "default_priority_level": 1, "hold_when_idle": True}), defaults)
     assert (p2.max_queue_size, p2.priority_levels, p2.default_priority_level) == (9, 2, 1)
+    assert p2.hold_when_idle
 
 
 def test_a_new_policy_applies_to_the_next_batch() -> None:
@@ -354,7 +356,7 @@ async def test_a_burst_that_arrives_together_becomes_one_batch() -> None:
 
 async def test_window_timer_sends_after_max_queue_delay() -> None:
     rec = Recorder()
-    s = scheduler(BatchPolicy(max_rows=32, max_queue_delay_s=0.05), rec)
+    s = scheduler(BatchPolicy(max_rows=32, max_queue_delay_s=0.05, hold_when_idle=True), rec)
     s.submit(item(0))
     await asyncio.sleep(0.02)
     s.submit(item(1))
@@ -364,6 +366,36 @@ async def test_window_timer_sends_after_max_queue_delay() -> None:
     await settle(s)
     assert rec.batches == [[0, 1]]
     assert time.time() - rec.started == pytest.approx(0.05, abs=0.03)
+
+
+async def test_a_request_that_finds_the_model_idle_goes_at_once_and_the_window_applies_while_busy() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    s = scheduler(BatchPolicy(max_rows=32, max_queue_delay_s=0.5), rec)
+    s.submit(item(0))
+    s.submit(item(1))  # the same loop iteration: the same batch
+    await asyncio.sleep(0.01)
+    assert rec.batches == [[0, 1]]  # no batch was in flight: sent at once, no 0.5 s window
+    s.submit(item(2))
+    await asyncio.sleep(0.01)
+    s.submit(item(3))
+    await asyncio.sleep(0.05)
+    assert rec.batches == [[0, 1]]  # a batch in flight: the next one fills during the window
+    freed = time.monotonic()
+    rec.gate.set()  # the batch in flight ends: the model is idle again, what waits goes now
+    await settle(s)
+    assert rec.batches == [[0, 1], [2, 3]]
+    assert time.monotonic() - freed < 0.25  # not at the window's end (0.5 s after request 2)
+
+
+async def test_hold_when_idle_waits_the_window_as_triton_does() -> None:
+    rec = Recorder()
+    s = scheduler(BatchPolicy(max_rows=32, max_queue_delay_s=0.05, hold_when_idle=True), rec)
+    s.submit(item(0))
+    await asyncio.sleep(0.01)
+    assert rec.batches == []
+    await settle(s)
+    assert rec.batches == [[0]]
 
 
 async def test_max_inflight_batches_caps_dispatch_and_queued_work_follows() -> None:
@@ -425,7 +457,7 @@ async def test_a_request_that_expires_while_queued_is_answered_when_it_expires()
 
 async def test_expiry_inside_an_open_window_is_answered_before_the_window_closes() -> None:
     rec = Recorder()
-    s = scheduler(BatchPolicy(max_rows=8, max_queue_delay_s=0.5), rec)
+    s = scheduler(BatchPolicy(max_rows=8, max_queue_delay_s=0.5, hold_when_idle=True), rec)
     s.submit(item(0))
     s.submit(item(1, expires=time.time() + 0.05))
     await asyncio.sleep(0.1)
@@ -449,7 +481,7 @@ async def test_one_timer_per_queue_not_per_request() -> None:
 
 async def test_a_config_change_applies_to_the_next_batch() -> None:
     rec = Recorder()
-    s = scheduler(BatchPolicy(max_rows=32, max_queue_delay_s=10), rec)
+    s = scheduler(BatchPolicy(max_rows=32, max_queue_delay_s=10, hold_when_idle=True), rec)
     for i in range(3):
         s.submit(item(i))
     await asyncio.sleep(0.01)

@@ -60,6 +60,9 @@ class BatchPolicy:
     batching: bool = True
     """False: the model does not batch (max_batch_size 0); each request is a batch of its own."""
     max_queue_delay_s: float = 0.0
+    hold_when_idle: bool = False
+    """True: the window applies even when no batch is in flight (Triton's behaviour); False: a request that
+    finds the model idle at this batcher is sent at once (BatchingConfig.hold_when_idle)."""
     preferred_batch_sizes: tuple[int, ...] = ()
     """Ascending, each within 1..max_rows."""
     max_queue_size: int = 1024
@@ -91,6 +94,7 @@ class BatchPolicy:
             max_rows=max_rows,
             batching=batching,
             max_queue_delay_s=max(0.0, b.max_queue_delay_ms) / 1000.0 if batching else 0.0,
+            hold_when_idle=b.hold_when_idle,
             preferred_batch_sizes=tuple(sorted({s for s in b.preferred_batch_sizes if 0 < s <= max_rows}))
             if batching
             else (),
@@ -253,12 +257,13 @@ class ModelQueue(Generic[P]):
         """When the oldest queued request's batching window closes (inf: the queue is empty)."""
         return self.oldest() + self.policy.max_queue_delay_s
 
-    def ready(self, now: float) -> bool:
-        """Whether a batch should be sent now."""
+    def ready(self, now: float, idle: bool = False) -> bool:
+        """Whether a batch should be sent now; `idle`: no batch of the model is in flight from this batcher,
+        so waiting for the window would only keep a free worker waiting (unless the policy holds when idle)."""
         if not self.count:
             return False
         policy = self.policy
-        if self.rows >= policy.max_rows or policy.max_queue_delay_s <= 0:
+        if self.rows >= policy.max_rows or policy.max_queue_delay_s <= 0 or (idle and not policy.hold_when_idle):
             return True
         if policy.preferred_batch_sizes and self.rows >= policy.preferred_batch_sizes[0]:
             return True

@@ -1,5 +1,9 @@
 """Drives one model's ModelQueue on the event loop: when to form a batch, how many run at once.
 
+A request that finds no batch of its model in flight here is sent at once (with what arrived in the same loop
+iteration), unless the policy holds when idle: the batching window only applies while batches are in flight,
+when the requests that wait for it fill the next batch instead of keeping a free worker waiting.
+
 Ray Serve's batch loop habits without a loop task per model: arrivals and timers call `_pump`, which
 answers expired requests, forms batches while fewer than `max_inflight` are dispatched, and arms ONE
 timer for the queue: the earlier of the oldest request's window end and the earliest deadline. So a
@@ -70,7 +74,7 @@ class Scheduler(Generic[P]):
         self.last_active = now
         if self._soon:
             return
-        if self.inflight < self.max_inflight and queue.ready(now):
+        if self.inflight < self.max_inflight and queue.ready(now, not self.inflight):
             self._soon = True
             self._loop.call_soon(self._pump)
         elif self._timer is None or (item.expires and item.expires < self._timer_at):
@@ -109,7 +113,7 @@ class Scheduler(Generic[P]):
         expired = queue.expire(now)
         if expired:
             self.reject(expired, errors.DeadlineExceeded("deadline exceeded while queued", model=self.model))
-        while self.inflight < self.max_inflight and queue.ready(now):
+        while self.inflight < self.max_inflight and queue.ready(now, not self.inflight):
             batch = queue.take(now)
             if not batch:
                 break

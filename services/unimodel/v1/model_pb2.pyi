@@ -17,20 +17,22 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BatchingConfig(_message.Message):
-    __slots__ = ("max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size", "priority_levels", "default_priority_level", "default_timeout_ms")
+    __slots__ = ("max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size", "priority_levels", "default_priority_level", "default_timeout_ms", "hold_when_idle")
     MAX_QUEUE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_LEVELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_PRIORITY_LEVEL_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    HOLD_WHEN_IDLE_FIELD_NUMBER: _ClassVar[int]
     max_queue_delay_ms: float
     preferred_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     max_queue_size: int
     priority_levels: int
     default_priority_level: int
     default_timeout_ms: int
-    def __init__(self, max_queue_delay_ms: _Optional[float] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_size: _Optional[int] = ..., priority_levels: _Optional[int] = ..., default_priority_level: _Optional[int] = ..., default_timeout_ms: _Optional[int] = ...) -> None: ...
+    hold_when_idle: bool
+    def __init__(self, max_queue_delay_ms: _Optional[float] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_size: _Optional[int] = ..., priority_levels: _Optional[int] = ..., default_priority_level: _Optional[int] = ..., default_timeout_ms: _Optional[int] = ..., hold_when_idle: bool = ...) -> None: ...
 
 class Processing(_message.Message):
     __slots__ = ("kind", "options")
