@@ -4,12 +4,15 @@ demo GGUF, llamacpp engines on it, and the stream invariant every engine keeps."
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from unimodel.core import modelconfig
 from unimodel.v1 import generate_pb2, model_pb2
 from unimodel.worker.engines import create_engine, generative
+from unimodel.worker.engines.generative import GenerativeEngine
 from unimodel.worker.engines.llamacpp import LlamaCppEngine
 
 
@@ -56,16 +59,17 @@ async def load_smol(root: Path, name: str = "smol", **kwargs: object) -> LlamaCp
     return engine
 
 
+E = TypeVar("E", bound=GenerativeEngine)
 SmolFactory = Callable[..., Awaitable[LlamaCppEngine]]
 
 
 @contextlib.asynccontextmanager
-async def smol_engines(root: Path) -> AsyncIterator[SmolFactory]:
-    """A factory of loaded engines (`load_smol`'s arguments), all unloaded on exit."""
-    engines: list[LlamaCppEngine] = []
+async def loaded_engines(load: Callable[..., Awaitable[E]]) -> AsyncIterator[Callable[..., Awaitable[E]]]:
+    """A factory of engines, each loaded by `load(...)`; every one it made is unloaded on exit."""
+    engines: list[E] = []
 
-    async def make(name: str = "smol", **kwargs: object) -> LlamaCppEngine:
-        engine = await load_smol(root, name, **kwargs)
+    async def make(*args: object, **kwargs: object) -> E:
+        engine = await load(*args, **kwargs)
         engines.append(engine)
         return engine
 
@@ -74,6 +78,11 @@ async def smol_engines(root: Path) -> AsyncIterator[SmolFactory]:
     finally:
         for engine in engines:
             await engine.unload()
+
+
+def smol_engines(root: Path) -> contextlib.AbstractAsyncContextManager[SmolFactory]:
+    """A factory of loaded llamacpp engines on the demo GGUF (`load_smol`'s arguments after `root`)."""
+    return loaded_engines(functools.partial(load_smol, root))
 
 
 def chat(*turns: tuple[str, str], **sampling: object) -> generate_pb2.GenerateRequest:

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.generation import chat, check_stream, completion, demo_gguf
+from helpers.generation import chat, check_stream, completion, demo_gguf, loaded_engines
 from unimodel.core import errors, modelconfig
 from unimodel.local.procs import ManagedProcess, free_port, wait_until
 from unimodel.v1 import generate_pb2
@@ -102,20 +102,14 @@ def _config(base: str, **llm_fields: object) -> modelconfig.model_pb2.ModelConfi
 
 @pytest.fixture
 async def make_engine(upstream: str) -> AsyncIterator[Factory]:
-    engines: list[UpstreamEngine] = []
-
-    async def make(**llm_fields: object) -> UpstreamEngine:
+    async def load(**llm_fields: object) -> UpstreamEngine:
         engine = create_engine(_config(upstream, **llm_fields))
         assert isinstance(engine, UpstreamEngine)
         await engine.load()
-        engines.append(engine)
         return engine
 
-    try:
+    async with loaded_engines(load) as make:
         yield make
-    finally:
-        for engine in engines:
-            await engine.unload()
 
 
 async def run(engine: UpstreamEngine, request: generate_pb2.GenerateRequest) -> list[generative.Delta]:
