@@ -50,6 +50,16 @@ async def _released(held: Blobs) -> None:
     raise AssertionError(f"still held: {held.held}")
 
 
+async def _file_closed(ref: inference_pb2.BlobRef) -> None:
+    """Wait until a released payload's memory file can no longer be opened (release closes it in a thread: a
+    moment later under load); a payload held in chunks only has nothing to wait for."""
+    for _ in range(200):
+        if not blobs.can_open(ref):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the released memory file is still open")
+
+
 # owner in a memory file or not x reader mapping it or not: every pair reads the same bytes
 PATHS = [(False, False), (True, False), (True, True)]
 
@@ -70,6 +80,7 @@ def test_a_held_payload_is_read_whole_and_released(nats_url: str, in_memory_file
             assert bytes(got) == data
             held.release(ref.subject)
             assert held.held == 0
+            await _file_closed(ref)
             with pytest.raises(errors.Unavailable, match="no longer available"):  # the file is closed too
                 await blobs.fetch(reader, ref, timeout_s=5, what="the request", same_host=mapped)
             assert bytes(got) == data  # a mapping made before the release keeps its bytes
@@ -210,12 +221,7 @@ def test_a_worker_reads_a_held_item_answers_a_big_answer_by_reference_and_fails_
                 raise AssertionError("the answer is still held after it was read")
 
             held.release(ref.subject)  # the caller gave up: the worker fails the batch at once, saying why
-            for _ in range(200):  # release closes the memory file in a thread: a moment later under load
-                if not blobs.can_open(ref):
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("the released memory file is still open")
+            await _file_closed(ref)
             started = time.monotonic()
             with pytest.raises(errors.Unavailable, match="the request held by another service is no longer available"):
                 await bus.request(subjects.worker_infer("worker-b"), batch.SerializeToString(), ctx, timeout_s=20)
