@@ -222,6 +222,16 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")}
 
 
+def metric_total(url: str, name: str, **labels: str) -> float:
+    """The sum of a counter's series at a Prometheus `url` (text format) whose labels include `labels`."""
+    text = httpx.get(url, timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+    )
+
+
 def delay_model(
     name: str, delay_ms: float, *, max_batch_size: int = 8, max_queue_delay_ms: float | None = None
 ) -> model_pb2.ModelConfig:

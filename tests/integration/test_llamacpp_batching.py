@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.support import Infra, Services
+from helpers.support import Infra, Services, metric_total
 from unimodel.local.procs import free_port, wait_until
 
 MODEL = "smollm2-135m-instruct"
@@ -29,12 +29,7 @@ class Cluster:
         self.url, self.metrics_port = url, metrics_port
 
     def worker_metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
-        )
+        return metric_total(f"http://127.0.0.1:{self.metrics_port}/metrics", name, **labels)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from helpers.support import Infra, Services
+from helpers.support import Infra, Services, metric_total
 from unimodel.local.procs import ManagedProcess, free_port, http_ok, wait_until
 from unimodel.v1 import generate_pb2, inference_pb2, services_pb2_grpc
 
@@ -43,13 +43,7 @@ class Cluster:
 
     def worker_metric(self, name: str, **labels: str) -> float:
         """Sum of a worker counter over both workers (Prometheus text format)."""
-        total = 0.0
-        for port in self.metrics_ports:
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-            for line in text.splitlines():
-                if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                    total += float(line.rsplit(" ", 1)[1])
-        return total
+        return sum(metric_total(f"http://127.0.0.1:{port}/metrics", name, **labels) for port in self.metrics_ports)
 
 
 @pytest.fixture(scope="module")

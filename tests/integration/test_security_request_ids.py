@@ -15,7 +15,7 @@ import httpx
 import nats
 import pytest
 
-from helpers.support import Infra, Services
+from helpers.support import Infra, Services, metric_total
 from unimodel.core import subjects
 from unimodel.local.procs import free_port, http_ok, wait_until
 from unimodel.v1 import generate_pb2, inference_pb2
@@ -32,11 +32,7 @@ class Cluster:
 
     def aborted(self) -> float:
         """The worker's generations that ended aborted (Prometheus text format)."""
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
-        for line in text.splitlines():
-            if line.startswith("unimodel_worker_generations_total{") and 'finish_reason="abort"' in line:
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return metric_total(f"http://127.0.0.1:{self.metrics_port}/metrics", "unimodel_worker_generations_total", finish_reason="abort")
 
 
 @pytest.fixture(scope="module")

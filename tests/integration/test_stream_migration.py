@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from helpers.generation import demo_gguf
-from helpers.support import Infra, Services
+from helpers.support import Infra, Services, metric_total
 from unimodel.local.procs import ManagedProcess, free_port, http_ok, wait_until
 
 pytestmark = [
@@ -67,12 +67,7 @@ class Cluster:
         victim.signal(signal.SIGSTOP)
 
     def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"{self.services.url}/metrics", timeout=5).text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_total(f"{self.services.url}/metrics", name, **labels)
 
 
 def _repository(root: Path) -> Path:

@@ -10,15 +10,22 @@ i's data (the "worker" is this object). Each call is kept in `calls` for the tes
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from unimodel.core import errors, modelconfig, tensors
 from unimodel.core.context import RequestContext
+from unimodel.core.grpc_server import GrpcServer
 from unimodel.gateway.auth import ApiKeys
 from unimodel.gateway.big_bodies import BodyCodec
+from unimodel.gateway.kserve.grpc import add_kserve_grpc
 from unimodel.gateway.statistics import ModelStatistics
 from unimodel.v1 import inference_pb2, model_pb2, tensor_pb2
 
@@ -119,6 +126,22 @@ class KServeDouble:
         return inference_pb2.InferResponse(
             model=model, model_version="", id=item.id, outputs=outputs, worker_id="w1", path=["gateway-double", "w1"]
         )
+
+
+@contextlib.asynccontextmanager
+async def serve_kserve_grpc(gw: KServeDouble, interceptors: Sequence[Any] = ()) -> AsyncIterator[str]:
+    """The KServe gRPC API over `gw`, served on a Unix socket in a temporary folder (only the GrpcServer's grpc.aio
+    server runs, no TCP port); yields the socket's target, stops the server on exit."""
+    wrapper = GrpcServer("127.0.0.1", 0, interceptors=list(interceptors))
+    add_kserve_grpc(wrapper, gw)  # type: ignore[arg-type]  # KServeDouble has only what the KServe code calls, not every KServePorts member
+    with tempfile.TemporaryDirectory(prefix="kserve-") as folder:
+        target = f"unix:{Path(folder) / 'grpc.sock'}"
+        assert wrapper.server.add_insecure_port(target)
+        await wrapper.server.start()
+        try:
+            yield target
+        finally:
+            await wrapper.server.stop(None)
 
 
 def test_the_double_answers_like_an_identity_model() -> None:

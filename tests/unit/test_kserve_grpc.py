@@ -3,21 +3,18 @@ socket (no network), in front of the in-memory service double, called with trito
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpcclient
-from test_kserve_double import KServeDouble
+from test_kserve_double import KServeDouble, serve_kserve_grpc
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from unimodel.core import errors
-from unimodel.core.grpc_server import GrpcServer
-from unimodel.gateway.kserve.grpc import API, SERVICE_NAME, add_kserve_grpc
+from unimodel.gateway.kserve.grpc import API, SERVICE_NAME
 
 FP = np.arange(6, dtype=np.float32).reshape(2, 3)
 
@@ -29,17 +26,9 @@ def gw() -> KServeDouble:
 
 @pytest.fixture
 async def address(gw: KServeDouble) -> AsyncIterator[str]:
-    wrapper = GrpcServer("127.0.0.1", 0)  # never started: only its grpc.aio server is served, on a Unix socket
-    add_kserve_grpc(wrapper, gw)  # type: ignore[arg-type]  # KServeDouble has only what the KServe code calls, not every KServePorts member
     assert SERVICE_NAME == "inference.GRPCInferenceService"
-    with tempfile.TemporaryDirectory(prefix="kserve-") as folder:
-        target = f"unix:{Path(folder) / 'grpc.sock'}"
-        assert wrapper.server.add_insecure_port(target)
-        await wrapper.server.start()
-        try:
-            yield target
-        finally:
-            await wrapper.server.stop(None)
+    async with serve_kserve_grpc(gw) as target:
+        yield target
 
 
 @pytest.fixture

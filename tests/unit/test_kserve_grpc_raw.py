@@ -4,20 +4,17 @@ with the answer's bytes; bad bytes and failures still give their gRPC status wit
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from google.rpc import status_pb2
-from test_kserve_double import KServeDouble
+from test_kserve_double import KServeDouble, serve_kserve_grpc
 from tritonclient.grpc import service_pb2
 
 from unimodel.core import errors, grpc_decode
-from unimodel.core.grpc_server import GrpcServer
-from unimodel.gateway.kserve.grpc import Gather, add_kserve_grpc
+from unimodel.gateway.kserve.grpc import Gather
 from unimodel.v1 import errors_pb2
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -34,17 +31,8 @@ def gw() -> KServeDouble:
 
 @pytest.fixture
 async def channel(gw: KServeDouble) -> AsyncIterator[grpc.aio.Channel]:
-    wrapper = GrpcServer("127.0.0.1", 0)  # only its grpc.aio server is served, on a Unix socket
-    add_kserve_grpc(wrapper, gw)
-    with tempfile.TemporaryDirectory(prefix="kserve-raw-") as folder:
-        target = f"unix:{Path(folder) / 'grpc.sock'}"
-        assert wrapper.server.add_insecure_port(target)
-        await wrapper.server.start()
-        try:
-            async with grpc.aio.insecure_channel(target) as ch:
-                yield ch
-        finally:
-            await wrapper.server.stop(None)
+    async with serve_kserve_grpc(gw) as target, grpc.aio.insecure_channel(target) as ch:
+        yield ch
 
 
 def _request() -> service_pb2.ModelInferRequest:

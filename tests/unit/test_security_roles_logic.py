@@ -5,7 +5,6 @@ running cluster: tests/integration/test_security_roles.py."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,13 @@ from google.protobuf import json_format
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 from test_gateway_json_bodies import MemoryStore
-from test_kserve_double import KServeDouble
+from test_kserve_double import KServeDouble, serve_kserve_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from helpers.deploy_checks import REQUIRED_VARIABLE, compose
-from unimodel.core.grpc_server import GrpcServer
 from unimodel.core.lifecycle import FatalError
 from unimodel.gateway import auth
 from unimodel.gateway.auth import ANONYMOUS, PRINCIPAL_KEY, ApiKeys, AuthMiddleware, GrpcAuthInterceptor
-from unimodel.gateway.kserve.grpc import add_kserve_grpc
 from unimodel.gateway.openai.errors import error_body
 from unimodel.gateway.service import GatewayService
 from unimodel.gateway.settings import GatewaySettings
@@ -248,17 +245,8 @@ async def grpc_channel() -> AsyncIterator[grpc.aio.Channel]:
     gw = KServeDouble()
     gw.auth = ApiKeys(TENANT_KEYS, ADMIN_KEYS)
     gw.configs_by_name["leaky"] = leaky_config()
-    wrapper = GrpcServer("127.0.0.1", 0, interceptors=[GrpcAuthInterceptor(gw.auth)])  # served on a Unix socket only
-    add_kserve_grpc(wrapper, gw)  # type: ignore[arg-type]  # KServeDouble has what the KServe code calls
-    with tempfile.TemporaryDirectory(prefix="roles-") as folder:
-        target = f"unix:{Path(folder) / 'grpc.sock'}"
-        assert wrapper.server.add_insecure_port(target)
-        await wrapper.server.start()
-        try:
-            async with grpc.aio.insecure_channel(target) as channel:
-                yield channel
-        finally:
-            await wrapper.server.stop(None)
+    async with serve_kserve_grpc(gw, [GrpcAuthInterceptor(gw.auth)]) as target, grpc.aio.insecure_channel(target) as channel:
+        yield channel
 
 
 def _md(key: str) -> tuple[tuple[str, str], ...]:
