@@ -8,7 +8,7 @@ import pytest
 
 from unimodel.cache import guard
 from unimodel.cache.entries import EntryStore, LogRecord, NewEntry, Quotas, TooLate
-from unimodel.cache.querytext import QueryTextError, Turn, embedding_text_of, query_text, scope_key, threshold_for
+from unimodel.cache.querytext import QueryTextError, Turn, query_text, question_of, scope_key, threshold_for
 
 
 def user(text: str) -> list[Turn]:
@@ -20,7 +20,19 @@ def test_splice_is_modelcache_s_and_the_embedded_text_drops_roles() -> None:
     t = query_text([Turn("system", "You are terse."), Turn("user", "Hi there"), Turn("assistant", "Hello"), Turn("user", "Bye")])
     assert t.spliced == "system###You are terse.|||user###Hi there|||assistant###Hello|||user###Bye"
     assert t.embedding_text == "You are terse.\nHi there\nHello\nBye"
-    assert embedding_text_of(t.spliced) == t.embedding_text  # what the guard compares a stored entry by
+    # what the guard and the verifier compare a stored entry by: its last message, in the same context
+    assert question_of(t.spliced) == (t.question, t.context_key) == ("Bye", t.context_key)
+
+
+def test_the_context_is_everything_before_the_last_message() -> None:
+    go_on = [Turn("user", "Tell me about volcanoes"), Turn("assistant", "They form where..."), Turn("user", "yes, go on")]
+    other = [Turn("user", "Tell me about pandas"), Turn("assistant", "Pandas eat..."), Turn("user", "yes, go on")]
+    a, b = query_text(go_on), query_text(other)
+    assert a.question == b.question == "yes, go on" and a.context_key != b.context_key
+    # normalised as the exact key is; a system prompt is context; one message alone has none
+    assert query_text([Turn("user", "tell me about VOLCANOES "), *go_on[1:]]).context_key == a.context_key
+    assert query_text([Turn("system", "Be brief."), Turn("user", "Hi")]).context_key != query_text(user("Hi")).context_key
+    assert query_text(user("Hi")).context_key == "" and query_text(user("Hi")).question == "Hi"
 
 
 def test_exact_key_ignores_case_spacing_and_trailing_punctuation_only() -> None:

@@ -68,7 +68,9 @@ CREATE TABLE IF NOT EXISTS hit_log (
     exact INTEGER NOT NULL,
     similarity REAL NOT NULL,
     entry_id INTEGER NOT NULL,
-    latency_ms REAL NOT NULL
+    latency_ms REAL NOT NULL,
+    verdict INTEGER NOT NULL DEFAULT 0,
+    verify_score REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS hit_log_scope ON hit_log (scope, id);
 CREATE TABLE IF NOT EXISTS vector_cleanup (
@@ -77,6 +79,8 @@ CREATE TABLE IF NOT EXISTS vector_cleanup (
 );
 CREATE INDEX IF NOT EXISTS vector_cleanup_due ON vector_cleanup (not_before);
 """
+HIT_LOG_ADDED = {"verdict": "INTEGER NOT NULL DEFAULT 0", "verify_score": "REAL NOT NULL DEFAULT 0"}
+"""Columns added to hit_log after its first release: a store made before them gains them when opened."""
 
 _CHUNK = 500
 """Ids per `IN (...)` list (SQLite allows 32766 variables; small lists keep statements cheap)."""
@@ -104,6 +108,7 @@ class EntryStore:
         self._closed = False
         with self._connection() as db:
             db.executescript(SCHEMA)
+            _add_columns(db, "hit_log", HIT_LOG_ADDED)
 
     # connections -----------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -387,10 +392,10 @@ class EntryStore:
             return
         with self._transaction() as db:
             db.executemany(
-                "INSERT INTO hit_log (time, scope, model, query, hit, exact, similarity, entry_id, latency_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(r.time, r.scope, r.model, r.query, int(r.hit), int(r.exact), r.similarity, r.entry_id, r.latency_ms)
-                 for r in records],
+                "INSERT INTO hit_log (time, scope, model, query, hit, exact, similarity, entry_id, latency_ms, verdict, "
+                "verify_score) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.time, r.scope, r.model, r.query, int(r.hit), int(r.exact), r.similarity, r.entry_id, r.latency_ms,
+                  r.verdict, r.verify_score) for r in records],
             )
             last = db.execute("SELECT MAX(id) FROM hit_log").fetchone()[0] or 0
             if last > keep:
@@ -399,14 +404,22 @@ class EntryStore:
     def recent_log(self, scope: str, limit: int) -> list[LogRecord]:
         with self._connection() as db:
             rows = db.execute(
-                "SELECT time, scope, model, query, hit, exact, similarity, entry_id, latency_ms FROM hit_log "
-                "WHERE scope = ? ORDER BY id DESC LIMIT ?",
+                "SELECT time, scope, model, query, hit, exact, similarity, entry_id, latency_ms, verdict, verify_score "
+                "FROM hit_log WHERE scope = ? ORDER BY id DESC LIMIT ?",
                 (scope, limit),
             ).fetchall()
-        return [LogRecord(r[0], r[1], r[2], r[3], bool(r[4]), bool(r[5]), r[6], r[7], r[8]) for r in rows]
+        return [LogRecord(r[0], r[1], r[2], r[3], bool(r[4]), bool(r[5]), r[6], r[7], r[8], r[9], r[10]) for r in rows]
 
 
 # statements inside a caller's connection ---------------------------------------------------------------
+def _add_columns(db: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    """ALTER TABLE ADD COLUMN for each of `columns` the table lacks (SQLite has no ADD COLUMN IF NOT EXISTS)."""
+    have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for name, decl in columns.items():
+        if name not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+
+
 def _stored(db: sqlite3.Connection, scope: str, exact_key: str, answer: str) -> int | None:
     row = db.execute(
         "SELECT id FROM entries WHERE scope = ? AND exact_key = ? AND answer = ? ORDER BY id DESC LIMIT 1",

@@ -3,8 +3,9 @@
 Sentence embeddings place a question next to its negation ("How do I enable X?" / "... not enable X?"),
 the same question about other numbers or codes ("... in 2019" / "... in 2021", "T3 L1" / "T1 L3"), about
 another named thing ("rehab centre near Long County" / "... near Banks County") or with the two sides of
-a comparison swapped ("Is Messi better than Ronaldo?" / "Is Ronaldo better than Messi?"): the words are
-nearly the same. Serving one's answer for the other is the wrong hit users complain about most.
+a comparison swapped ("Is Messi better than Ronaldo?" / "Is Ronaldo better than Messi?") or one word
+replaced by its opposite ("Is coffee good for your heart?" / "... bad for ..."; "ascending" / "descending"):
+the words are nearly the same. Serving one's answer for the other is the wrong hit users complain about most.
 `compatible` refuses such a pair. Chosen on the evaluation sets (docs/benchmarks.md, cache quality): on
 QQP it removes a fifth of the false hits above the threshold at a small cost in true hits.
 """
@@ -24,6 +25,27 @@ _STOP = frozenset(
     "where can could should would will shall may might my your our their his her its this that these those i you "
     "we they he she it me us them with by at as from into than vs versus if then so about".split()
 )
+
+
+_OPPOSITES = tuple(
+    tuple(pair.split("/"))
+    for pair in (
+        "good/bad better/worse best/worst increase/decrease increasing/decreasing increased/decreased "
+        "ascending/descending asc/desc more/less most/least max/min maximum/minimum maximize/minimize "
+        "before/after buy/sell buying/selling bought/sold upload/download cheap/expensive high/low higher/lower "
+        "highest/lowest fast/slow faster/slower fastest/slowest hot/cold big/small bigger/smaller biggest/smallest "
+        "large/small larger/smaller largest/smallest long/short longer/shorter longest/shortest old/new older/newer "
+        "oldest/newest start/stop enable/disable enabled/disabled open/close win/lose gain/lose add/remove "
+        "import/export input/output positive/negative pros/cons true/false rich/poor safe/dangerous "
+        "healthy/unhealthy legal/illegal male/female men/women man/woman boy/girl boys/girls north/south "
+        "east/west first/last early/late easy/difficult strong/weak love/hate like/dislike happy/sad "
+        "agree/disagree accept/reject include/exclude encrypt/decrypt compress/decompress lock/unlock "
+        "install/uninstall connect/disconnect push/pull send/receive forward/backward inside/outside "
+        "internal/external upper/lower uppercase/lowercase above/below plus/minus odd/even "
+        "advantages/disadvantages benefits/drawbacks lose/gain heavier/lighter heavy/light"
+    ).split()
+)
+"""Word pairs whose swap asks the opposite question (single words, as `_WORD` splits them)."""
 
 
 def _norm(text: str) -> str:
@@ -76,9 +98,16 @@ def renamed(query: str, cached: str) -> bool:
     return bool(only_q - set(_content(cached))) and bool(only_c - set(_content(query)))
 
 
+def opposed(query: str, cached: str) -> bool:
+    """One text uses a word where the other uses its opposite (good / bad, ascending / descending)."""
+    wq, wc = set(_WORD.findall(_norm(query).casefold())), set(_WORD.findall(_norm(cached).casefold()))
+    only_q, only_c = wq - wc, wc - wq
+    return any((a in only_q and b in only_c) or (b in only_q and a in only_c) for a, b in _OPPOSITES)
+
+
 def compatible(query: str, cached: str) -> bool:
     if numbers(query) != numbers(cached) or codes(query) != codes(cached):
         return False
     if negated(query) != negated(cached):
         return False
-    return not swapped(query, cached) and not renamed(query, cached)
+    return not swapped(query, cached) and not renamed(query, cached) and not opposed(query, cached)

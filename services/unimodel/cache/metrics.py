@@ -25,6 +25,11 @@ class CacheMetrics:
             "unimodel_cache_ambiguous_misses", "Misses because two entries with different answers matched alike",
             registry=registry,
         )
+        self.verified = Counter(
+            "unimodel_cache_verifications",
+            "Lookups the verification stage decided, by verdict (accepted: a hit; rejected: every candidate refused)",
+            ["verdict"], registry=registry,
+        )
         self.refreshed = Counter(
             "unimodel_cache_refreshed_entries",
             "Inserted entries the scope already held (same question and answer, e.g. a retry): refreshed, not duplicated",
@@ -65,6 +70,6 @@ class CacheMetrics:
         )
         self.entries = Gauge("unimodel_cache_entries", "Entries stored (all scopes)", registry=registry)
         self.stage = Histogram(
-            "unimodel_cache_stage_seconds", "Time of a lookup's stages (embed, search, total)", ["stage"],
+            "unimodel_cache_stage_seconds", "Time of a lookup's stages (embed, search, verify, total)", ["stage"],
             buckets=LATENCY_BUCKETS, registry=registry,
         )

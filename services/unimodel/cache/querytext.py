@@ -6,7 +6,12 @@ A conversation (system prompt, earlier turns, last user message) becomes:
   - `embedding_text`: the contents joined by newlines (roles add the same tokens to every text and only
     blur the vectors), what the embedding model sees;
   - `exact_key`: a hash of the spliced text normalised (Unicode NFKC, case folded, whitespace collapsed,
-    trailing punctuation dropped), so "What is X?" and "what  is x" share one entry without a vector search.
+    trailing punctuation dropped), so "What is X?" and "what  is x" share one entry without a vector search;
+  - `question`: the last message's text, and `context_key`: a hash of everything before it (system prompt,
+    earlier turns; normalised as above, "" when there is nothing before). A semantic hit needs the same
+    context: "yes, go on" after two different conversations, or one question under two system prompts, are
+    different questions whatever their embeddings say. Within one context the verifier and the guard
+    compare the questions.
 
 Thresholds: like ModelCache (`similarity_threshold` for short texts, `similarity_threshold_long` for
 long ones), with the boundary a setting: ModelCache splits at 256 characters; ours defaults to 80, chosen
@@ -47,6 +52,8 @@ class QueryText:
     spliced: str
     embedding_text: str
     exact_key: str
+    question: str = ""
+    context_key: str = ""
 
     def long(self, boundary: int = LONG_TEXT_CHARS) -> bool:
         return len(self.embedding_text) > boundary
@@ -67,9 +74,18 @@ def _joined(contents: Iterable[str]) -> str:
     return "\n".join(c.strip() for c in contents if c.strip())
 
 
-def embedding_text_of(spliced: str) -> str:
-    """The embedded text of a stored entry, from its spliced query (the entry keeps only that)."""
-    return _joined(turn.partition(ROLE_SEP)[2] for turn in spliced.split(TURN_SEP))
+def _turn_key(role: str, content: str) -> str:
+    return f"{'system' if role == 'developer' else role}{ROLE_SEP}{normalise(content)}"
+
+
+def _context_key(keys: Sequence[str]) -> str:
+    return hashlib.blake2b(TURN_SEP.join(keys).encode(), digest_size=16).hexdigest() if keys else ""
+
+
+def question_of(spliced: str) -> tuple[str, str]:
+    """(question, context_key) of a stored entry, from its spliced query, as query_text makes them."""
+    turns = [turn.partition(ROLE_SEP) for turn in spliced.split(TURN_SEP)]
+    return turns[-1][2].strip(), _context_key([_turn_key(role, content) for role, _, content in turns[:-1]])
 
 
 def query_text(turns: Sequence[Turn]) -> QueryText:
@@ -82,11 +98,9 @@ def query_text(turns: Sequence[Turn]) -> QueryText:
         raise QueryTextError("the query is empty (no system or user text)")
     spliced = splice(turns)
     embedding_text = _joined(t.content for t in turns)
-    key = hashlib.blake2b(
-        TURN_SEP.join(f"{'system' if t.role == 'developer' else t.role}{ROLE_SEP}{normalise(t.content)}" for t in turns).encode(),
-        digest_size=16,
-    ).hexdigest()
-    return QueryText(spliced, embedding_text, key)
+    keys = [_turn_key(t.role, t.content) for t in turns]
+    key = hashlib.blake2b(TURN_SEP.join(keys).encode(), digest_size=16).hexdigest()
+    return QueryText(spliced, embedding_text, key, turns[-1].content.strip(), _context_key(keys[:-1]))
 
 
 def threshold_for(text: QueryText, short: float, long: float, boundary: int = LONG_TEXT_CHARS) -> float:

@@ -29,11 +29,20 @@ A query:
   1. the conversation's text (querytext.query_text): ModelCache's splice, the text to embed, the exact key;
   2. exact-match fast path: the normalised text's hash in SQLite -> hit, similarity 1, no embedding;
   3. embed the text, search the scope's nearest `top_k` vectors in Milvus;
-  4. the candidates at or above the threshold (short or long text) that still exist, are not expired and
-     pass the guard (guard.py: a question and its opposite, other numbers or names, swapped sides);
-  5. the best of them is the hit, unless another one with a different answer is within
-     `ambiguity_margin` of it: two entries that match equally well but answer differently is a guess,
-     so it is a miss (near-duplicate questions with different answers are common in real caches).
+  4. the candidates at or above the recall floor (short or long text; the threshold itself when the
+     verification stage is off) that still exist, are not expired, were asked in the same conversation
+     (querytext.py: the system prompt and earlier turns) and pass the guard (guard.py: a question and its
+     opposite, other numbers or names, swapped sides, a word replaced by its opposite);
+  5. the verification stage (verifier.py, unless it is off): a model trained on labelled question pairs
+     reads the query's last message and each candidate's together and gives the probability that they ask
+     the same thing. A candidate at or above the similarity threshold is kept unless that probability is
+     under `veto_threshold` (the model is sure it is another question); one between the recall floor and the
+     threshold needs `verify_threshold`. So the stage adds the paraphrases a threshold cannot reach and
+     takes away only what it is sure of (chosen on the QQP dev set: docs/benchmarks.md);
+  6. the best of them (the highest verifier score; the highest similarity without the stage) is the hit,
+     unless another one with a different answer is within `ambiguity_margin` of its similarity: two
+     entries that match equally well but answer differently is a guess, so it is a miss (near-duplicate
+     questions with different answers are common in real caches).
 """
 
 from __future__ import annotations
@@ -55,8 +64,8 @@ from unimodel.cache.querytext import (
     QueryText,
     QueryTextError,
     Turn,
-    embedding_text_of,
     query_text,
+    question_of,
     scope_key,
     threshold_for,
 )
@@ -73,6 +82,7 @@ from unimodel.cache.store import (
 )
 from unimodel.cache.store_sqlite import SqliteStore
 from unimodel.cache.vectors import VectorIndex, VectorStoreError
+from unimodel.cache.verifier import Verifier
 from unimodel.core import errors
 
 Embed = Callable[[Sequence[str]], Awaitable[np.ndarray]]
@@ -87,6 +97,8 @@ NO_DEADLINE_S = 600.0
 INSERT_ATTEMPTS = 3
 """An insert planned again when entries it meant to refresh went away meanwhile, at most this often."""
 NOTHING_WRITTEN = "; nothing was written"
+VERDICT_NONE, VERDICT_ACCEPTED, VERDICT_REJECTED = 0, 1, 2
+"""The verification stage's verdict (unimodel.v1.CacheVerdict): not run, accepted, rejected."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +118,10 @@ class Limits:
     hit_log_keep: int = 100_000
     guard: bool = True
     reply_margin_s: float = 0.5  # a write commits only with this much of its deadline left
+    recall_short: float = 0.0  # with a verifier: the similarity a candidate needs to reach it (0: the threshold)
+    recall_long: float = 0.0
+    verify_threshold: float = 0.0  # probability a candidate under the threshold needs (0: the model's own threshold)
+    veto_threshold: float = 0.0  # probability under which a candidate at or above the threshold is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +146,12 @@ class QueryResult:
     search_at_ns: int = 0  # perf_counter_ns() when the vector search began (for its span)
     total_ns: int = 0
     rejected_by_guard: int = 0
+    other_context: int = 0  # candidates of another conversation (earlier turns, system prompt)
     ambiguous: bool = False
+    verdict: int = VERDICT_NONE
+    verify_score: float = 0.0  # the verifier's score of the entry served, or of the best candidate it refused
+    rejected_by_verifier: int = 0
+    verify_ns: int = 0
 
 
 @dataclass(slots=True)
@@ -154,10 +175,14 @@ class SemanticCache:
         on_evict: Callable[[str, int], None] = lambda reason, n: None,
         hits: HitBuffer | None = None,
         on_flush_due: Callable[[], None] = lambda: None,
+        verifier: Verifier | None = None,
     ) -> None:
         """`entries`: the scalar store (an EntryStore is run as a SqliteStore); `on_flush_due` is called
-        when enough hits wait to be written before the next flush interval."""
+        when enough hits wait to be written before the next flush interval; `verifier`: the verification
+        stage (None: off, the similarity thresholds alone decide)."""
         self.entries, self.vectors, self.embed, self.limits = entries, vectors, embed, limits
+        self.verifier = verifier
+        self.verify_threshold = (limits.verify_threshold or verifier.threshold) if verifier is not None else 0.0
         self._own_store = isinstance(entries, EntryStore)
         self.store: ScalarStore = SqliteStore(entries) if isinstance(entries, EntryStore) else entries
         self.clock = clock
@@ -269,14 +294,25 @@ class SemanticCache:
             t0 = time.perf_counter_ns()
             vector = (await self._within(deadline, "the cache lookup's embedding", self.embed([text.embedding_text])))[0]
             t1 = time.perf_counter_ns()
-            candidates = await self._vector(self.vectors.search, key, vector, self.limits.top_k)
+            stored: dict[int, np.ndarray] = {}  # entry id -> its vector, when the verifier reads them
+            if self.verifier is not None and self.verifier.needs_vectors:
+                found_vectors = await self._vector(self.vectors.search_vectors, key, vector, self.limits.top_k)
+                candidates = [(i, similarity) for i, similarity, _ in found_vectors]
+                stored = {i: v for i, _, v in found_vectors}
+            else:
+                candidates = await self._vector(self.vectors.search, key, vector, self.limits.top_k)
             result.embed_ns, result.search_ns = t1 - t0, time.perf_counter_ns() - t1
             result.search_at_ns = t1
+            limits = self.limits
             threshold = threshold_for(
-                text, threshold_short or self.limits.threshold_short, threshold_long or self.limits.threshold_long,
-                self.limits.long_text_chars,
+                text, threshold_short or limits.threshold_short, threshold_long or limits.threshold_long, limits.long_text_chars
             )
-            passing = [(i, s) for i, s in candidates if s >= threshold]
+            floor = threshold
+            if self.verifier is not None:
+                floor = min(threshold, threshold_for(
+                    text, limits.recall_short or threshold, limits.recall_long or threshold, limits.long_text_chars
+                ))
+            passing = [(i, s) for i, s in candidates if s >= floor]
             result.best_similarity = candidates[0][1] if candidates else 0.0
             if passing:
                 found = await self._stored(self.store.get(key, [i for i, _ in passing], not_before))
@@ -285,14 +321,20 @@ class SemanticCache:
                     candidate = found.get(entry_id)
                     if candidate is None:
                         continue  # removed or expired since it was indexed
-                    if self.limits.guard and not guard.compatible(text.embedding_text, embedding_text_of(candidate.query)):
+                    question, context = question_of(candidate.query)
+                    if context != text.context_key:  # another conversation or system prompt
+                        result.other_context += 1
+                        continue
+                    if self.limits.guard and not guard.compatible(text.question, question):
                         result.rejected_by_guard += 1
                         continue
                     matches.append((candidate, similarity))
+                if matches and self.verifier is not None:
+                    matches = self._verified(text.question, vector, matches, stored, threshold, result)
                 if matches:
                     best, similarity = matches[0]
                     rival = next((m for m in matches[1:] if m[0].answer != best.answer), None)
-                    if rival is not None and similarity - rival[1] < self.limits.ambiguity_margin:
+                    if rival is not None and abs(similarity - rival[1]) < self.limits.ambiguity_margin:
                         result.ambiguous = True
                     else:
                         result.hit, result.similarity, result.entry = True, similarity, best
@@ -302,13 +344,39 @@ class SemanticCache:
             LogRecord(
                 now, key, scope.model, text.spliced, result.hit, result.exact,
                 result.similarity if result.hit else result.best_similarity,
-                result.entry.id if result.entry else 0, result.total_ns / 1e6,
+                result.entry.id if result.entry else 0, result.total_ns / 1e6, result.verdict, result.verify_score,
             ),
             result.entry.id if result.entry is not None else None, now,
         )
         if self.hits.due:
             self.on_flush_due()
         return result
+
+    def _verified(
+        self, query: str, vector: np.ndarray, matches: list[tuple[Entry, float]], stored: dict[int, np.ndarray],
+        threshold: float, result: QueryResult,
+    ) -> list[tuple[Entry, float]]:
+        """The candidates the verifier lets through, its most confident first (those at or above the similarity
+        `threshold` unless it vetoes them, the others if it accepts them); the verdict and score in `result`.
+        `stored`: the candidates' vectors by entry id (when the verifier reads them)."""
+        verifier = self.verifier
+        assert verifier is not None
+        t0 = time.perf_counter_ns()
+        texts = [question_of(entry.query)[0] for entry, _ in matches]
+        cosines = np.array([similarity for _, similarity in matches], dtype=np.float32)
+        vectors = np.stack([stored[entry.id] for entry, _ in matches]) if verifier.needs_vectors else None
+        scores = verifier.score(query, vector, texts, vectors, cosines)
+        result.verify_ns = time.perf_counter_ns() - t0
+        order = sorted(range(len(matches)), key=lambda i: -float(scores[i]))
+        veto = self.limits.veto_threshold
+        accepted = [
+            i for i in order if scores[i] >= (veto if matches[i][1] >= threshold else self.verify_threshold)
+        ]
+        result.rejected_by_verifier = len(matches) - len(accepted)
+        top = accepted[0] if accepted else order[0]
+        result.verdict = VERDICT_ACCEPTED if accepted else VERDICT_REJECTED
+        result.verify_score = float(scores[top])
+        return [matches[i] for i in accepted]
 
     # insert ------------------------------------------------------------------------------------------
     async def insert(

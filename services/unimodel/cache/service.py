@@ -22,6 +22,7 @@ import asyncio
 import contextvars
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -32,12 +33,13 @@ from unimodel.cache.entries import EntryStore
 from unimodel.cache.hits import HitBuffer
 from unimodel.cache.metrics import CacheMetrics
 from unimodel.cache.querytext import Turn
-from unimodel.cache.semantic import Limits, Scope, SemanticCache
+from unimodel.cache.semantic import VERDICT_ACCEPTED, Limits, Scope, SemanticCache
 from unimodel.cache.settings import CacheSettings
 from unimodel.cache.store import ScalarStore, StoreUnavailable
 from unimodel.cache.store_postgres import PostgresStore
 from unimodel.cache.store_sqlite import SqliteStore
 from unimodel.cache.vectors import VectorIndex, VectorStoreError
+from unimodel.cache.verifier import Verifier
 from unimodel.core import errors, subjects, tracing
 from unimodel.core.context import RequestContext
 from unimodel.core.lifecycle import FatalError, Service
@@ -95,8 +97,14 @@ class CacheService(Service):
 
     async def on_start(self) -> None:
         s = self.settings
+        try:
+            verifier = Verifier.load(Path(s.verifier_model) if s.verifier_model else None) if s.verify else None
+        except (OSError, ValueError) as exc:
+            raise FatalError(f"cannot load the cache verifier {s.verifier_model or '(packaged)'}: {exc}") from None
         limits = Limits(
             threshold_short=s.threshold_short, threshold_long=s.threshold_long, long_text_chars=s.long_text_chars,
+            recall_short=s.recall_threshold_short, recall_long=s.recall_threshold_long,
+            verify_threshold=s.verify_threshold, veto_threshold=s.veto_threshold,
             ambiguity_margin=s.ambiguity_margin, top_k=s.top_k, ttl_s=s.ttl_s,
             max_entries_per_scope=s.max_entries_per_scope, max_entries=s.max_entries,
             max_entries_per_tenant=s.max_entries_per_tenant,
@@ -118,7 +126,7 @@ class CacheService(Service):
         )
         self.cache = SemanticCache(
             entries, vectors, self._embed, limits, on_evict=lambda reason, n: self.m.evictions.labels(reason).inc(n),
-            hits=HitBuffer(s.flush_rows, s.hit_buffer_rows), on_flush_due=self._flush_due.set,
+            hits=HitBuffer(s.flush_rows, s.hit_buffer_rows), on_flush_due=self._flush_due.set, verifier=verifier,
         )
         self.m.entries.set(await self.cache.count())
         await self.replies.start()
@@ -248,6 +256,9 @@ class CacheService(Service):
             self.m.guard.inc(result.rejected_by_guard)
         if result.ambiguous:
             self.m.ambiguous.inc()
+        if result.verdict:
+            self.m.verified.labels("accepted" if result.verdict == VERDICT_ACCEPTED else "rejected").inc()
+            self.m.stage.labels("verify").observe(result.verify_ns / 1e9)
         if result.embed_ns:
             self.m.stage.labels("embed").observe(result.embed_ns / 1e9)
             self.m.stage.labels("search").observe(result.search_ns / 1e9)
@@ -255,6 +266,7 @@ class CacheService(Service):
         reply = cache_pb2.CacheQueryResponse(
             hit=result.hit, exact=result.exact, similarity=result.similarity, best_similarity=result.best_similarity,
             embed_ns=result.embed_ns, search_ns=result.search_ns, total_ns=result.total_ns,
+            verdict=cache_pb2.CacheVerdict.ValueType(result.verdict), verify_score=result.verify_score,
         )
         if result.entry is not None:
             reply.entry_id, reply.hit_query, reply.answer = result.entry.id, result.entry.query, result.entry.answer
@@ -302,6 +314,7 @@ class CacheService(Service):
             reply.records.add(
                 time=r.time, hit=r.hit, exact=r.exact, similarity=r.similarity, entry_id=r.entry_id,
                 query=r.query, latency_ms=r.latency_ms, model=r.model,
+                verdict=cache_pb2.CacheVerdict.ValueType(r.verdict), verify_score=r.verify_score,
             )
         return reply.SerializeToString()
 

@@ -7,6 +7,12 @@ from pydantic import Field, field_validator, model_validator
 
 from unimodel.core.settings import CommonSettings, LocalPath, absolute_path, register_settings
 
+RECALL_SHORT, RECALL_LONG = 0.80, 0.75
+VERIFY_THRESHOLD, VETO_THRESHOLD = 0.85, 0.5
+"""Defaults of the verification stage: the recall floors (similarity), the probability a candidate under the
+threshold needs, the probability under which one above it is refused. Chosen on the QQP dev set
+(docs/benchmarks.md, cache quality)."""
+
 
 @register_settings
 class CacheSettings(CommonSettings):
@@ -43,13 +49,35 @@ class CacheSettings(CommonSettings):
     embedding_dim: int = Field(384, ge=1, le=65536, description="dimension of the embedding model's vectors")
     embedding_timeout_s: float = Field(5.0, gt=0, le=600, description="deadline of one embedding call")
     embedding_batch: int = Field(32, ge=1, le=4096, description="texts per embedding request on inserts")
-    threshold_short: float = Field(0.94, gt=0, le=1, description="similarity a hit needs, texts of <= long_text_chars")
-    threshold_long: float = Field(0.87, gt=0, le=1, description="similarity a hit needs, longer texts")
+    threshold_short: float = Field(
+        0.94, gt=0, le=1, description="similarity at which a candidate is a hit (unless the verifier vetoes it), texts "
+        "of <= long_text_chars",
+    )
+    threshold_long: float = Field(0.87, gt=0, le=1, description="the same, longer texts")
+    verify: bool = Field(
+        True, description="the verification stage: a model trained on labelled question pairs decides on the "
+        "candidates between the recall thresholds and the thresholds, and may veto those above (cache/verifier.py)",
+    )
+    verify_threshold: float = Field(
+        VERIFY_THRESHOLD, ge=0, le=1,
+        description="verifier probability a candidate under the threshold needs; 0 = the model's own threshold",
+    )
+    veto_threshold: float = Field(
+        VETO_THRESHOLD, ge=0, le=1, description="verifier probability under which a candidate at or above the threshold "
+        "is refused (0: never)",
+    )
+    verifier_model: LocalPath = Field("", description="verifier ONNX file (default: the one shipped in the package)")
+    recall_threshold_short: float = Field(
+        RECALL_SHORT, gt=0, le=1, description="similarity a candidate needs to reach the verifier, texts of <= long_text_chars",
+    )
+    recall_threshold_long: float = Field(
+        RECALL_LONG, gt=0, le=1, description="similarity a candidate needs to reach the verifier, longer texts"
+    )
     long_text_chars: int = Field(80, ge=1, description="texts longer than this use threshold_long (ModelCache: 256)")
     ambiguity_margin: float = Field(
         0.02, ge=0, le=1, description="a miss when two entries with different answers are within this similarity",
     )
-    top_k: int = Field(4, ge=1, le=100, description="nearest entries a query considers")
+    top_k: int = Field(8, ge=1, le=100, description="nearest entries a query considers")
     guard: bool = Field(True, description="refuse hits whose numbers or negation differ from the query's")
     ttl_s: float = Field(7 * 86400, ge=0, description="entries expire this long after insertion; 0 = never")
     max_entries_per_scope: int = Field(200_000, ge=1, description="entries per scope before LRU eviction")

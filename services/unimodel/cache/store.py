@@ -88,6 +88,8 @@ class LogRecord:
     similarity: float
     entry_id: int
     latency_ms: float
+    verdict: int = 0  # unimodel.v1.CacheVerdict: 0 the verification stage did not run, 1 accepted, 2 rejected
+    verify_score: float = 0.0  # its probability that query and entry ask the same question
 
 
 Accesses = Mapping[int, tuple[float, int]]

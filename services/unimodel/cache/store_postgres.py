@@ -91,6 +91,8 @@ CREATE TABLE IF NOT EXISTS cache_hit_log (
     entry_id BIGINT NOT NULL,
     latency_ms DOUBLE PRECISION NOT NULL
 );
+ALTER TABLE cache_hit_log ADD COLUMN IF NOT EXISTS verdict SMALLINT NOT NULL DEFAULT 0;
+ALTER TABLE cache_hit_log ADD COLUMN IF NOT EXISTS verify_score DOUBLE PRECISION NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS cache_hit_log_scope ON cache_hit_log (scope, id);
 CREATE TABLE IF NOT EXISTS cache_vector_cleanup (
     id BIGINT PRIMARY KEY,
@@ -447,12 +449,14 @@ class PostgresStore(ScalarStore):
 
         async def work(conn: Connection) -> None:
             await conn.execute(
-                "INSERT INTO cache_hit_log (time, scope, model, query, hit, exact, similarity, entry_id, latency_ms) "
+                "INSERT INTO cache_hit_log (time, scope, model, query, hit, exact, similarity, entry_id, latency_ms, "
+                "verdict, verify_score) "
                 "SELECT * FROM unnest($1::float8[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::bool[], "
-                "$7::float8[], $8::bigint[], $9::float8[])",
+                "$7::float8[], $8::bigint[], $9::float8[], $10::int2[], $11::float8[])",
                 [r.time for r in records], [r.scope for r in records], [r.model for r in records],
                 [_text(r.query) for r in records], [r.hit for r in records], [r.exact for r in records],
                 [r.similarity for r in records], [r.entry_id for r in records], [r.latency_ms for r in records],
+                [r.verdict for r in records], [r.verify_score for r in records],
             )
             await conn.execute(
                 "DELETE FROM cache_hit_log WHERE id <= (SELECT max(id) FROM cache_hit_log) - $1", keep
@@ -462,10 +466,10 @@ class PostgresStore(ScalarStore):
 
     async def recent_log(self, scope: str, limit: int) -> list[LogRecord]:
         rows = await self._read(lambda p: p.fetch(
-            "SELECT time, scope, model, query, hit, exact, similarity, entry_id, latency_ms FROM cache_hit_log "
-            "WHERE scope = $1 ORDER BY id DESC LIMIT $2", scope, limit,
+            "SELECT time, scope, model, query, hit, exact, similarity, entry_id, latency_ms, verdict, verify_score "
+            "FROM cache_hit_log WHERE scope = $1 ORDER BY id DESC LIMIT $2", scope, limit,
         ))
-        return [LogRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows]
+        return [LogRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10]) for r in rows]
 
 
 # statements inside a caller's transaction -------------------------------------------------------------

@@ -136,6 +136,18 @@ class VectorIndex:
         hits = result[0] if result else []
         return [(int(h["id"]), float(h["distance"])) for h in hits]
 
+    def search_vectors(self, scope: str, vector: np.ndarray, limit: int) -> list[tuple[int, float, np.ndarray]]:
+        """As `search`, with each entry's stored vector (what the verifier compares the query's with)."""
+        result = self._call(
+            "search",
+            lambda: self.client.search(
+                self.collection, data=[vector.tolist()], limit=limit, filter=f'scope == "{scope}"',
+                output_fields=["vector"], search_params={"metric_type": "IP", "params": {"nprobe": self.nprobe}},
+            ),
+        )
+        hits = result[0] if result else []
+        return [(int(h["id"]), float(h["distance"]), np.asarray(h["entity"]["vector"], dtype=np.float32)) for h in hits]
+
     def delete(self, ids: Sequence[int]) -> None:
         if ids:
             self._call("delete", lambda: self.client.delete(self.collection, ids=[int(i) for i in ids]))

@@ -29,6 +29,13 @@ log = logging.getLogger("unimodel.gateway.cache")
 HIT, MISS, BYPASSED = "hit", "miss", "bypassed"
 
 
+def verdict_name(verdict: int) -> str:
+    """The verification stage's verdict as the JSON APIs show it: "accepted", "rejected", "" (did not run)."""
+    if verdict == cache_pb2.CACHE_VERDICT_ACCEPTED:
+        return "accepted"
+    return "rejected" if verdict == cache_pb2.CACHE_VERDICT_REJECTED else ""
+
+
 M = TypeVar("M", bound=Message)
 
 _RESEND = "unimodel: cache replica gone"

@@ -25,33 +25,35 @@ _sym_db = _symbol_database.Default()
 from unimodel.v1 import generate_pb2 as unimodel_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17unimodel/v1/cache.proto\x12\x0bunimodel.v1\x1a\x1aunimodel/v1/generate.proto\"+\n\nCacheScope\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\xac\x01\n\x11\x43\x61\x63heQueryRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.unimodel.v1.CacheScope\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.unimodel.v1.ChatMessage\x12\x17\n\x0fthreshold_short\x18\x03 \x01(\x02\x12\x16\n\x0ethreshold_long\x18\x04 \x01(\x02\x12\x12\n\nexact_only\x18\x05 \x01(\x08\"\xc9\x01\n\x12\x43\x61\x63heQueryResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\r\n\x05\x65xact\x18\x02 \x01(\x08\x12\x12\n\nsimilarity\x18\x03 \x01(\x02\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\x03\x12\x11\n\thit_query\x18\x05 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x06 \x01(\t\x12\x10\n\x08\x65mbed_ns\x18\x07 \x01(\x03\x12\x11\n\tsearch_ns\x18\x08 \x01(\x03\x12\x10\n\x08total_ns\x18\t \x01(\x03\x12\x17\n\x0f\x62\x65st_similarity\x18\n \x01(\x02\"H\n\nCacheEntry\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.unimodel.v1.ChatMessage\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\"f\n\x12\x43\x61\x63heInsertRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.unimodel.v1.CacheScope\x12(\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x17.unimodel.v1.CacheEntry\"3\n\x13\x43\x61\x63heInsertResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0f\n\x07\x65victed\x18\x02 \x01(\x03\"[\n\x12\x43\x61\x63heRemoveRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.unimodel.v1.CacheScope\x12\x10\n\x08truncate\x18\x02 \x01(\x08\x12\x0b\n\x03ids\x18\x03 \x03(\x03\"&\n\x13\x43\x61\x63heRemoveResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x03\"H\n\x0f\x43\x61\x63heLogRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.unimodel.v1.CacheScope\x12\r\n\x05limit\x18\x02 \x01(\x05\"\x92\x01\n\x0e\x43\x61\x63heLogRecord\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0b\n\x03hit\x18\x02 \x01(\x08\x12\r\n\x05\x65xact\x18\x03 \x01(\x08\x12\x12\n\nsimilarity\x18\x04 \x01(\x02\x12\x10\n\x08\x65ntry_id\x18\x05 \x01(\x03\x12\r\n\x05query\x18\x06 \x01(\t\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12\r\n\x05model\x18\x08 \x01(\t\"@\n\x10\x43\x61\x63heLogResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.unimodel.v1.CacheLogRecordb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17unimodel/v1/cache.proto\x12\x0bunimodel.v1\x1a\x1aunimodel/v1/generate.proto\"+\n\nCacheScope\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\xac\x01\n\x11\x43\x61\x63heQueryRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.unimodel.v1.CacheScope\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.unimodel.v1.ChatMessage\x12\x17\n\x0fthreshold_short\x18\x03 \x01(\x02\x12\x16\n\x0ethreshold_long\x18\x04 \x01(\x02\x12\x12\n\nexact_only\x18\x05 \x01(\x08\"\x8b\x02\n\x12\x43\x61\x63heQueryResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\r\n\x05\x65xact\x18\x02 \x01(\x08\x12\x12\n\nsimilarity\x18\x03 \x01(\x02\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\x03\x12\x11\n\thit_query\x18\x05 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x06 \x01(\t\x12\x10\n\x08\x65mbed_ns\x18\x07 \x01(\x03\x12\x11\n\tsearch_ns\x18\x08 \x01(\x03\x12\x10\n\x08total_ns\x18\t \x01(\x03\x12\x17\n\x0f\x62\x65st_similarity\x18\n \x01(\x02\x12*\n\x07verdict\x18\x0b \x01(\x0e\x32\x19.unimodel.v1.CacheVerdict\x12\x14\n\x0cverify_score\x18\x0c \x01(\x02\"H\n\nCacheEntry\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.unimodel.v1.ChatMessage\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\"f\n\x12\x43\x61\x63heInsertRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.unimodel.v1.CacheScope\x12(\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x17.unimodel.v1.CacheEntry\"3\n\x13\x43\x61\x63heInsertResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0f\n\x07\x65victed\x18\x02 \x01(\x03\"[\n\x12\x43\x61\x63heRemoveRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.unimodel.v1.CacheScope\x12\x10\n\x08truncate\x18\x02 \x01(\x08\x12\x0b\n\x03ids\x18\x03 \x03(\x03\"&\n\x13\x43\x61\x63heRemoveResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x03\"H\n\x0f\x43\x61\x63heLogRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.unimodel.v1.CacheScope\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xd4\x01\n\x0e\x43\x61\x63heLogRecord\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0b\n\x03hit\x18\x02 \x01(\x08\x12\r\n\x05\x65xact\x18\x03 \x01(\x08\x12\x12\n\nsimilarity\x18\x04 \x01(\x02\x12\x10\n\x08\x65ntry_id\x18\x05 \x01(\x03\x12\r\n\x05query\x18\x06 \x01(\t\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12\r\n\x05model\x18\x08 \x01(\t\x12*\n\x07verdict\x18\t \x01(\x0e\x32\x19.unimodel.v1.CacheVerdict\x12\x14\n\x0cverify_score\x18\n \x01(\x02\"@\n\x10\x43\x61\x63heLogResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.unimodel.v1.CacheLogRecord*e\n\x0c\x43\x61\x63heVerdict\x12\x1d\n\x19\x43\x41\x43HE_VERDICT_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41\x43HE_VERDICT_ACCEPTED\x10\x01\x12\x1a\n\x16\x43\x41\x43HE_VERDICT_REJECTED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'unimodel.v1.cache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CACHEVERDICT']._serialized_start=1277
+  _globals['_CACHEVERDICT']._serialized_end=1378
   _globals['_CACHESCOPE']._serialized_start=68
   _globals['_CACHESCOPE']._serialized_end=111
   _globals['_CACHEQUERYREQUEST']._serialized_start=114
   _globals['_CACHEQUERYREQUEST']._serialized_end=286
   _globals['_CACHEQUERYRESPONSE']._serialized_start=289
-  _globals['_CACHEQUERYRESPONSE']._serialized_end=490
-  _globals['_CACHEENTRY']._serialized_start=492
-  _globals['_CACHEENTRY']._serialized_end=564
-  _globals['_CACHEINSERTREQUEST']._serialized_start=566
-  _globals['_CACHEINSERTREQUEST']._serialized_end=668
-  _globals['_CACHEINSERTRESPONSE']._serialized_start=670
-  _globals['_CACHEINSERTRESPONSE']._serialized_end=721
-  _globals['_CACHEREMOVEREQUEST']._serialized_start=723
-  _globals['_CACHEREMOVEREQUEST']._serialized_end=814
-  _globals['_CACHEREMOVERESPONSE']._serialized_start=816
-  _globals['_CACHEREMOVERESPONSE']._serialized_end=854
-  _globals['_CACHELOGREQUEST']._serialized_start=856
-  _globals['_CACHELOGREQUEST']._serialized_end=928
-  _globals['_CACHELOGRECORD']._serialized_start=931
-  _globals['_CACHELOGRECORD']._serialized_end=1077
-  _globals['_CACHELOGRESPONSE']._serialized_start=1079
-  _globals['_CACHELOGRESPONSE']._serialized_end=1143
+  _globals['_CACHEQUERYRESPONSE']._serialized_end=556
+  _globals['_CACHEENTRY']._serialized_start=558
+  _globals['_CACHEENTRY']._serialized_end=630
+  _globals['_CACHEINSERTREQUEST']._serialized_start=632
+  _globals['_CACHEINSERTREQUEST']._serialized_end=734
+  _globals['_CACHEINSERTRESPONSE']._serialized_start=736
+  _globals['_CACHEINSERTRESPONSE']._serialized_end=787
+  _globals['_CACHEREMOVEREQUEST']._serialized_start=789
+  _globals['_CACHEREMOVEREQUEST']._serialized_end=880
+  _globals['_CACHEREMOVERESPONSE']._serialized_start=882
+  _globals['_CACHEREMOVERESPONSE']._serialized_end=920
+  _globals['_CACHELOGREQUEST']._serialized_start=922
+  _globals['_CACHELOGREQUEST']._serialized_end=994
+  _globals['_CACHELOGRECORD']._serialized_start=997
+  _globals['_CACHELOGRECORD']._serialized_end=1209
+  _globals['_CACHELOGRESPONSE']._serialized_start=1211
+  _globals['_CACHELOGRESPONSE']._serialized_end=1275
 # @@protoc_insertion_point(module_scope)

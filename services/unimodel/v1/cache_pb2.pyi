@@ -1,11 +1,21 @@
 from unimodel.v1 import generate_pb2 as _generate_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class CacheVerdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CACHE_VERDICT_UNSPECIFIED: _ClassVar[CacheVerdict]
+    CACHE_VERDICT_ACCEPTED: _ClassVar[CacheVerdict]
+    CACHE_VERDICT_REJECTED: _ClassVar[CacheVerdict]
+CACHE_VERDICT_UNSPECIFIED: CacheVerdict
+CACHE_VERDICT_ACCEPTED: CacheVerdict
+CACHE_VERDICT_REJECTED: CacheVerdict
 
 class CacheScope(_message.Message):
     __slots__ = ("model", "tenant")
@@ -30,7 +40,7 @@ class CacheQueryRequest(_message.Message):
     def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_generate_pb2.ChatMessage, _Mapping]]] = ..., threshold_short: _Optional[float] = ..., threshold_long: _Optional[float] = ..., exact_only: bool = ...) -> None: ...
 
 class CacheQueryResponse(_message.Message):
-    __slots__ = ("hit", "exact", "similarity", "entry_id", "hit_query", "answer", "embed_ns", "search_ns", "total_ns", "best_similarity")
+    __slots__ = ("hit", "exact", "similarity", "entry_id", "hit_query", "answer", "embed_ns", "search_ns", "total_ns", "best_similarity", "verdict", "verify_score")
     HIT_FIELD_NUMBER: _ClassVar[int]
     EXACT_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +51,8 @@ class CacheQueryResponse(_message.Message):
     SEARCH_NS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
     BEST_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_SCORE_FIELD_NUMBER: _ClassVar[int]
     hit: bool
     exact: bool
     similarity: float
@@ -51,7 +63,9 @@ class CacheQueryResponse(_message.Message):
     search_ns: int
     total_ns: int
     best_similarity: float
-    def __init__(self, hit: bool = ..., exact: bool = ..., similarity: _Optional[float] = ..., entry_id: _Optional[int] = ..., hit_query: _Optional[str] = ..., answer: _Optional[str] = ..., embed_ns: _Optional[int] = ..., search_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., best_similarity: _Optional[float] = ...) -> None: ...
+    verdict: CacheVerdict
+    verify_score: float
+    def __init__(self, hit: bool = ..., exact: bool = ..., similarity: _Optional[float] = ..., entry_id: _Optional[int] = ..., hit_query: _Optional[str] = ..., answer: _Optional[str] = ..., embed_ns: _Optional[int] = ..., search_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., best_similarity: _Optional[float] = ..., verdict: _Optional[_Union[CacheVerdict, str]] = ..., verify_score: _Optional[float] = ...) -> None: ...
 
 class CacheEntry(_message.Message):
     __slots__ = ("messages", "answer")
@@ -102,7 +116,7 @@ class CacheLogRequest(_message.Message):
     def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class CacheLogRecord(_message.Message):
-    __slots__ = ("time", "hit", "exact", "similarity", "entry_id", "query", "latency_ms", "model")
+    __slots__ = ("time", "hit", "exact", "similarity", "entry_id", "query", "latency_ms", "model", "verdict", "verify_score")
     TIME_FIELD_NUMBER: _ClassVar[int]
     HIT_FIELD_NUMBER: _ClassVar[int]
     EXACT_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +125,8 @@ class CacheLogRecord(_message.Message):
     QUERY_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_SCORE_FIELD_NUMBER: _ClassVar[int]
     time: float
     hit: bool
     exact: bool
@@ -119,7 +135,9 @@ class CacheLogRecord(_message.Message):
     query: str
     latency_ms: float
     model: str
-    def __init__(self, time: _Optional[float] = ..., hit: bool = ..., exact: bool = ..., similarity: _Optional[float] = ..., entry_id: _Optional[int] = ..., query: _Optional[str] = ..., latency_ms: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+    verdict: CacheVerdict
+    verify_score: float
+    def __init__(self, time: _Optional[float] = ..., hit: bool = ..., exact: bool = ..., similarity: _Optional[float] = ..., entry_id: _Optional[int] = ..., query: _Optional[str] = ..., latency_ms: _Optional[float] = ..., model: _Optional[str] = ..., verdict: _Optional[_Union[CacheVerdict, str]] = ..., verify_score: _Optional[float] = ...) -> None: ...
 
 class CacheLogResponse(_message.Message):
     __slots__ = ("records",)

@@ -18,6 +18,7 @@ from unimodel.core import errors, modelconfig
 from unimodel.core.context import RequestContext
 from unimodel.gateway import catalog, json_body
 from unimodel.gateway.auth import Principal, principal_of
+from unimodel.gateway.cache_client import verdict_name
 from unimodel.gateway.config_views import tenant_error, tenant_view
 from unimodel.gateway.ports import AdminPorts
 from unimodel.gateway.unified.errors import error_response
@@ -144,7 +145,8 @@ def register_admin_routes(app: FastAPI, gw: AdminPorts) -> None:
             return error_response(exc)
         records = [
             {"time": r.time, "hit": r.hit, "exact": r.exact, "similarity": round(r.similarity, 6), "entry_id": r.entry_id,
-             "query": r.query, "latency_ms": round(r.latency_ms, 3)}
+             "query": r.query, "latency_ms": round(r.latency_ms, 3), "verdict": verdict_name(r.verdict),
+             "verify_score": round(r.verify_score, 6)}
             for r in reply.records
         ]
         return Response(orjson.dumps({"model": model, "records": records}), 200, media_type="application/json")

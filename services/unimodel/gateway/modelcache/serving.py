@@ -12,8 +12,10 @@ A `query` may also be a plain string (one user message). The scope is the model 
 never shared across tenants.
 
 Responses carry ModelCache's fields (errorCode 0 = success; `cacheHit`, `delta_time`, `hit_query`,
-`answer`; `writeStatus`), plus `similarity`, `exact` and `entry_id` on hits, `timing` (embed_ms,
-search_ms, cache_ms) on queries and `ids` on inserts. Errors
+`answer`; `writeStatus`), plus `similarity`, `exact` and `entry_id` on hits, `verification` ({"verdict":
+"accepted" | "rejected", "score"}: the verification stage's decision on the entry served, or on the best
+candidate it refused; absent when it did not run), `timing` (embed_ms, search_ms, cache_ms) on queries and
+`ids` on inserts. Errors
 use ModelCache's codes (103 bad request, 202 query failed, 301/303 insert failed, 402 remove failed) with
 an HTTP status saying the same (400, 503), never a 500.
 
@@ -37,6 +39,7 @@ from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.gateway import json_body
 from unimodel.gateway.auth import principal_of
+from unimodel.gateway.cache_client import verdict_name
 from unimodel.gateway.modelcache.protocol import (
     BAD_REQUEST,
     INSERT_ERROR,
@@ -84,6 +87,8 @@ async def handle(
             }
             if reply.hit:
                 result.update(similarity=round(float(reply.similarity), 6), exact=reply.exact, entry_id=reply.entry_id)
+            if reply.verdict:  # the verification stage ran: its verdict on the entry served or refused, its score
+                result["verification"] = {"verdict": verdict_name(reply.verdict), "score": round(float(reply.verify_score), 6)}
             # where the time went inside the cache service (milliseconds): query embedding, vector search, all
             result["timing"] = {
                 "embed_ms": round(reply.embed_ns / 1e6, 3), "search_ms": round(reply.search_ns / 1e6, 3),
