@@ -85,6 +85,11 @@ def embedder(repository: Path):
 
 
 def embeddings(split: str, a: list[str], b: list[str], emb_dir: Path, repository: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The texts' vectors, cached in emb_dir under the model file's digest (a rebuilt model embeds again)."""
+    import hashlib
+
+    digest = hashlib.blake2b((repository / EMBEDDING_MODEL / "model.onnx").read_bytes(), digest_size=8).hexdigest()
+    emb_dir = emb_dir / digest
     emb_dir.mkdir(parents=True, exist_ok=True)
     out = []
     embed = None
@@ -195,10 +200,39 @@ def save(onx, threshold: float, vectors: bool, path: Path) -> None:
     path.write_bytes(onx.SerializeToString())
 
 
+def cache_rule(da: list[str], db: list[str], cosine: np.ndarray, scores: np.ndarray, dy: np.ndarray) -> None:
+    """The cache's decision on dev as it runs it (semantic.py; `a` stored, `b` asked): the guard, then a
+    candidate at or above the similarity threshold stays unless the verifier vetoes it, one between the
+    recall floor and the threshold needs the verify threshold. The rows are what the defaults were chosen from."""
+    from unimodel.cache import guard
+    from unimodel.cache.settings import RECALL_LONG, RECALL_SHORT, VERIFY_THRESHOLD, VETO_THRESHOLD, CacheSettings
+
+    fields = CacheSettings.model_fields
+    high_s, high_l = fields["threshold_short"].default, fields["threshold_long"].default
+    boundary = fields["long_text_chars"].default
+    ok = np.array([guard.compatible(b, a) for a, b in zip(da, db, strict=True)])
+    long = np.array([len(b.strip()) > boundary for b in db])
+    high = ok & (cosine >= np.where(long, high_l, high_s))
+    band = ok & (cosine >= np.where(long, RECALL_LONG, RECALL_SHORT)) & ~high
+    print(f"cache rule on dev (guard; threshold {high_s}/{high_l}; recall floor {RECALL_SHORT}/{RECALL_LONG}):")
+    alone = f"{np.mean(high[dy]) * 100:5.1f} % of duplicates, {np.mean(high[~dy]) * 100:.2f} % of non-duplicates"
+    print(f"  {'threshold alone (--verify false)':<44} {alone}")
+    for veto in sorted({0.0, VETO_THRESHOLD}):
+        for verify in sorted({0.82, 0.84, VERIFY_THRESHOLD, 0.86, 0.88}):
+            accepted = (high & (scores >= veto)) | (band & (scores >= verify))
+            mark = "  <- defaults" if (veto, verify) == (VETO_THRESHOLD, VERIFY_THRESHOLD) else ""
+            print(
+                f"  {f'veto {veto:.2f}, verify {verify:.2f}':<44} {np.mean(accepted[dy]) * 100:5.1f} % of duplicates, "
+                f"{np.mean(accepted[~dy]) * 100:.2f} % of non-duplicates{mark}"
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compare", action="store_true", help="also train and report the alternative models")
-    parser.add_argument("--emb-dir", type=Path, default=Path("/tmp/issue20/emb"), help="cache of the texts' embeddings")
+    parser.add_argument(
+        "--emb-dir", type=Path, default=REPO_ROOT / ".cache" / "verifier-embeddings", help="cache of the texts' embeddings"
+    )
     parser.add_argument("--repository", type=Path, default=MODEL_REPOSITORY, help="prepared model repository")
     parser.add_argument("--out", type=Path, default=verifier.MODEL_FILE, help="where to write the ONNX model")
     args = parser.parse_args()
@@ -252,6 +286,7 @@ def main() -> int:
     again = np.concatenate([check.score(a, u, [b], v[None, :], np.array([u @ v])) for a, b, u, v in zip(da, db, dua, dub, strict=True)])
     drift = float(np.max(np.abs(again - shipped_scores)))
     assert drift < 1e-5, f"Verifier.score differs from the training pipeline by {drift}"
+    cache_rule(da, db, x_dev[:, 0], again, dy)
     print(
         f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB), threshold {threshold:.4f}: on dev "
         f"{np.mean(again[dy] >= threshold) * 100:.1f} % of duplicates, {np.mean(again[~dy] >= threshold) * 100:.2f} % of non-duplicates accepted"

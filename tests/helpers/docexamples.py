@@ -44,6 +44,10 @@ NOT_RUN: dict[str, str] = {
     "unimodel gpu-worker --nats-url nats://nats:4222": "compose's service hostnames; tests/e2e/test_compose_topology.py runs these commands",
     ".venv/bin/python scripts/bench/": "a benchmark: minutes of load that rewrites docs/benchmarks/*.json; its figures are in docs/benchmarks.md",
     "scripts/bench/setup_peers.sh": "installs the benchmark peers (perf_analyzer) for the benchmarks",
+    ".venv/bin/python scripts/train_cache_verifier.py": (
+        "retrains the shipped cache verifier (minutes: embeds 80,000 texts, then trains); "
+        "tests/unit/test_cache_verifier.py checks the shipped model and its features"
+    ),
     "UNIMODEL_API_KEYS=": "starts a cluster with keys itself: tests/e2e/test_security_up.py runs this command (ports aside)",
     ".venv/bin/python -m pytest tests/integration/test_security_fuzz.py": "the suite runs this test module itself",
     "UNIMODEL_CHAOS_REPORT=": "the chaos suite (minutes of faults under load): ./scripts/test runs tests/chaos itself",

@@ -155,9 +155,11 @@ def test_modelcache_insert_query_remove(cluster: Cluster) -> None:
     assert exact["cacheHit"] is True and exact["exact"] is True and exact["answer"] == "Paris."
     assert exact["hit_query"] == "user###What is the capital of France?"
     assert exact["delta_time"].endswith("s")
-    semantic = cluster.mc(query(model, "Which city is the capital of France?"), as_string=False).json()
+    semantic = cluster.mc(query(model, "What is the capital city of France?"), as_string=False).json()
     assert semantic["cacheHit"] is True and semantic["exact"] is False and semantic["answer"] == "Paris."
     assert 0.8 < semantic["similarity"] < 1.0
+    assert semantic["verification"]["verdict"] == "accepted" and 0 < semantic["verification"]["score"] <= 1
+    assert "verification" not in exact  # the exact path needs no verification
     miss = cluster.mc(query(model, "What is the tallest mountain on Earth?")).json()
     assert miss == {**miss, "errorCode": 0, "cacheHit": False, "answer": "", "hit_query": ""}
     # the guard: same words, other number
@@ -173,6 +175,7 @@ def test_modelcache_insert_query_remove(cluster: Cluster) -> None:
     # the hit log saw every lookup, newest first
     log = httpx.get(f"{cluster.url}/v1/cache/log", params={"model": model, "limit": 3}, timeout=10).json()["records"]
     assert len(log) == 3 and log[0]["hit"] is False and log[0]["latency_ms"] > 0
+    assert all(r["verdict"] in ("", "accepted", "rejected") and 0 <= r["verify_score"] <= 1 for r in log)
 
 
 def test_multi_turn_and_system_prompt_are_part_of_the_key(cluster: Cluster) -> None:

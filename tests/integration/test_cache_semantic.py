@@ -189,7 +189,7 @@ def test_the_verifier_decides_among_the_recalled_candidates(make) -> None:
         await loose.insert(Scope("m"), stored)
         for question, answer in [
             ("What is life's meaning?", "42"),  # above the threshold: kept (the verifier does not veto)
-            ("Which city is the capital of France?", "Paris"),  # above it too; the verifier alone would refuse it
+            ("Tell me the capital of France", "Paris"),  # above it too (0.95): kept, though under the model's own threshold
             ("How can I improve my spoken English?", "Speak every day"),  # under it (0.91): the verifier accepts
         ]:
             result = await cache.query(Scope("m"), q(question))
