@@ -55,6 +55,8 @@ def embedder(repository: Path):
     import yaml
     from tokenizers import Tokenizer
 
+    from unimodel.worker.engines.onnx import run_rows
+
     folder = repository / EMBEDDING_MODEL
     config = yaml.safe_load((folder / "config.yaml").read_text())
     options = config["processing"]["options"]
@@ -66,6 +68,7 @@ def embedder(repository: Path):
     so.intra_op_num_threads = 2
     so.inter_op_num_threads = 1
     session = ort.InferenceSession(str(folder / config["file"]), so, providers=["CPUExecutionProvider"])
+    by_row = config.get("options", {}).get("row_by_row") == "1"
 
     def embed(texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), DIM), dtype=np.float32)
@@ -77,7 +80,9 @@ def embedder(repository: Path):
                 "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
                 "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
             }
-            emb = session.run(None, feeds)[0].astype(np.float32)
+            names = [config["outputs"][0]["name"]]
+            rows = run_rows(session, names, feeds) if by_row else session.run(names, feeds)  # as the worker's engine
+            emb = rows[0].astype(np.float32)
             out[idx] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         return out
 
@@ -85,10 +90,12 @@ def embedder(repository: Path):
 
 
 def embeddings(split: str, a: list[str], b: list[str], emb_dir: Path, repository: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The texts' vectors, cached in emb_dir under the model file's digest (a rebuilt model embeds again)."""
+    """The texts' vectors, cached in emb_dir under the digest of the model and its config (a rebuilt or
+    reconfigured model embeds again)."""
     import hashlib
 
-    digest = hashlib.blake2b((repository / EMBEDDING_MODEL / "model.onnx").read_bytes(), digest_size=8).hexdigest()
+    folder = repository / EMBEDDING_MODEL
+    digest = hashlib.blake2b((folder / "model.onnx").read_bytes() + (folder / "config.yaml").read_bytes(), digest_size=8).hexdigest()
     emb_dir = emb_dir / digest
     emb_dir.mkdir(parents=True, exist_ok=True)
     out = []
@@ -218,7 +225,7 @@ def cache_rule(da: list[str], db: list[str], cosine: np.ndarray, scores: np.ndar
     alone = f"{np.mean(high[dy]) * 100:5.1f} % of duplicates, {np.mean(high[~dy]) * 100:.2f} % of non-duplicates"
     print(f"  {'threshold alone (--verify false)':<44} {alone}")
     for veto in sorted({0.0, VETO_THRESHOLD}):
-        for verify in sorted({0.82, 0.84, VERIFY_THRESHOLD, 0.86, 0.88}):
+        for verify in sorted({0.82, 0.84, 0.85, VERIFY_THRESHOLD, 0.88}):
             accepted = (high & (scores >= veto)) | (band & (scores >= verify))
             mark = "  <- defaults" if (veto, verify) == (VETO_THRESHOLD, VERIFY_THRESHOLD) else ""
             print(

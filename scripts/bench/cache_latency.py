@@ -162,23 +162,37 @@ class RawOrt:
 
 
 async def served(url: str, texts: list[str], seconds: float, concurrency: int = 32) -> float:
+    """Texts/s through POST /v1/embeddings, `concurrency` clients sending one text each. The clients are the
+    minimal keep-alive HTTP/1.1 client of hops.py, one connection each: httpx spent ~2.1 ms of CPU per
+    request here, 74 % of a core at this rate, taken from the server it measured on the same 2 cores."""
+    from hops import HttpClient
+
+    port = int(url.rsplit(":", 1)[1])
+    bodies = [json.dumps({"model": EMBEDDER, "input": t}).encode() for t in texts]
     done = 0
     end = time.perf_counter() + seconds
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+    clients = [HttpClient(port) for _ in range(concurrency)]
+    for c in clients:
+        await c.connect()
 
-        async def worker(k: int) -> None:
-            nonlocal done
-            i = k
-            while time.perf_counter() < end:
-                r = await client.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": texts[i % len(texts)]})
-                if r.status_code != 200:
-                    raise RuntimeError(r.text[:200])
-                done += 1
-                i += concurrency
+    async def worker(k: int, client: HttpClient) -> None:
+        nonlocal done
+        i = k
+        while time.perf_counter() < end:
+            status, body = await client.post("/v1/embeddings", bodies[i % len(bodies)])
+            if status != 200:
+                raise RuntimeError(body[:200].decode(errors="replace"))
+            done += 1
+            i += concurrency
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        return done / (time.perf_counter() - started)
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(k, c) for k, c in enumerate(clients)))
+    finally:
+        for c in clients:
+            if c.writer is not None:
+                c.writer.close()
+    return done / (time.perf_counter() - started)
 
 
 def main() -> int:

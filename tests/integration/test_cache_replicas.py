@@ -419,14 +419,14 @@ def test_an_entry_inserted_through_any_replica_is_a_hit_through_any_other_at_onc
         replicas.insert(model, (f"What is the capital of {country}?", f"capital of {country}"))
         exact = replicas.mc(mc_query(model, f"what is the capital of {country}")).json()
         assert exact["cacheHit"] is True and exact["exact"] is True and exact["answer"] == f"capital of {country}", exact
-        semantic = replicas.mc(mc_query(model, f"Which city is the capital of {country}?")).json()
+        semantic = replicas.mc(mc_query(model, f"What is the capital city of {country}?")).json()
         assert semantic["errorCode"] == 0 and semantic.get("exact") is not True, semantic
         if semantic["cacheHit"]:
             assert semantic["answer"] == f"capital of {country}"
             semantic_hits += 1
     hits = [a - b for a, b in zip(replicas.metric('unimodel_cache_queries_total{result="exact_hit"}'), before, strict=True)]
     assert sum(hits) == 20 and sum(h > 0 for h in hits) >= 2, hits  # found through several replicas
-    assert semantic_hits >= 10  # most paraphrases pass the default threshold (0.94) on the entry just inserted
+    assert semantic_hits >= 10  # most paraphrases are hits on the entry just inserted (docs/benchmarks.md, issue 20)
 
 
 def test_lru_eviction_and_ttl_across_replicas(replicas: Replicas) -> None:

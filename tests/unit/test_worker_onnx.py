@@ -274,3 +274,50 @@ async def test_a_file_that_is_not_onnx_fails_to_load(tmp_path: Path) -> None:
     (Path(config.path) / "model.onnx").write_bytes(b"not a model")
     with pytest.raises(errors.FailedPrecondition, match="cannot load"):
         await create_engine(config).load()
+
+
+async def test_row_by_row_gives_each_text_the_vector_it_gets_alone(model_repository: Path) -> None:
+    """all-MiniLM-L6-v2 with int8 weights quantizes its activations per run: in one padded run a text's
+    vector would depend on its batch-mates. row_by_row runs each row alone at its own length."""
+    from tokenizers import Tokenizer
+
+    folder = model_repository / "all-minilm-l6-v2"
+    config = modelconfig.load(folder)
+    assert config.options["row_by_row"] == "1"
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))  # pads to the longest text of a call
+
+    def feeds(texts: list[str]) -> dict[str, np.ndarray]:
+        enc = tokenizer.encode_batch(texts)
+        return {
+            "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+        }
+
+    texts = ["How do I reset my password?", "Hi", "The cat sat on the mat while the dog slept by the fire all afternoon."]
+    engine = create_engine(config)
+    await engine.load()
+    try:
+        batch = (await engine.infer(feeds(texts), ["embedding"]))["embedding"]
+        alone = [(await engine.infer(feeds([t]), ["embedding"]))["embedding"][0] for t in texts]
+        assert batch.shape == (3, 384)
+        np.testing.assert_array_equal(batch, np.stack(alone))
+    finally:
+        await engine.unload()
+    one_run_config = model_pb2.ModelConfig()
+    one_run_config.CopyFrom(config)
+    del one_run_config.options["row_by_row"]  # the whole padded batch in one run
+    padded = OnnxEngine(one_run_config)
+    await padded.load()
+    try:
+        one_run = (await padded.infer(feeds(texts), ["embedding"]))["embedding"]
+        assert not np.array_equal(one_run[1], alone[1])  # what row_by_row is for
+    finally:
+        await padded.unload()
+
+
+def test_rows_of_different_shapes_are_stacked_with_zero_padding() -> None:
+    from unimodel.worker.engines.onnx import _stack
+
+    out = _stack([np.ones((1, 2), np.float32), np.full((1, 3), 2.0, np.float32)])
+    np.testing.assert_array_equal(out, [[1, 1, 0], [2, 2, 2]])
+    np.testing.assert_array_equal(_stack([np.ones((2, 4)), np.zeros((1, 4))]), np.concatenate([np.ones((2, 4)), np.zeros((1, 4))]))

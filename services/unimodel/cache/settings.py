@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from unimodel.core.settings import CommonSettings, LocalPath, absolute_path, register_settings
 
 RECALL_SHORT, RECALL_LONG = 0.80, 0.75
-VERIFY_THRESHOLD, VETO_THRESHOLD = 0.85, 0.5
+VERIFY_THRESHOLD, VETO_THRESHOLD = 0.86, 0.5
 """Defaults of the verification stage: the recall floors (similarity), the probability a candidate under the
 threshold needs, the probability under which one above it is refused. Chosen on the QQP dev set
 (docs/benchmarks.md, cache quality)."""

@@ -93,6 +93,7 @@ PROCESSING_NUMBER_OPTIONS: dict[str, tuple[float, float]] = {
 ENGINE_NUMBER_OPTIONS: dict[str, tuple[float, float]] = {
     "delay_ms": (0, 3_600_000),  # delay engine
     "intra_op_threads": (0, 1024),  # onnx
+    "row_by_row": (0, 1),  # onnx
     "n_threads": (1, 1024),  # llamacpp
     "n_batch": (1, 1_048_576),  # llamacpp
     "parallel": (1, 256),  # llamacpp: sequence slots per instance (continuous batching)

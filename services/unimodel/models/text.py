@@ -55,8 +55,9 @@ def config_minilm() -> model_pb2.ModelConfig:
         outputs=[tensor("embedding", "FP32", [DIM])],
         processing="text-embedding",
         processing_options={"tokenizer": TOKENIZER_FILE, "max_length": str(MAX_LENGTH)},
-        # Requests of different lengths join one batch padded with 0: exact with the attention mask.
-        options={"pad": "zeros"},
+        # Requests of different lengths join one batch padded with 0: exact with the attention mask. Each row
+        # runs alone at its own length (int8 activations are quantized per run: onnx.py, row_by_row).
+        options={"pad": "zeros", "row_by_row": "1"},
     )
 
 

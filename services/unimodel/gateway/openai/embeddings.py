@@ -9,12 +9,15 @@ all-minilm-l6-v2 runs on the embedding-workers). The texts go through the batche
 (at most the model's max_batch_size texts per request; longer lists are split and sent together), so
 they share batches with the cache's and other clients' texts. base64 is the little-endian float32 bytes,
 as OpenAI sends them (the openai SDK asks for it by default and decodes it). Errors use OpenAI's shape.
+The gateway's ASGI fast path serves it (fast_path.py: FastAPI's routing cost more CPU per request than the
+rest of the gateway's work); the FastAPI route documents it and answers through the same `answer`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -25,6 +28,9 @@ from unimodel.core import errors
 from unimodel.core.context import RequestContext
 from unimodel.core.modelconfig import TEXT_EMBEDDING
 from unimodel.core.value_arrays import embeddings_of, texts_value
+from unimodel.gateway import json_body, rate_limits
+from unimodel.gateway.http_context import http_context, id_headers
+from unimodel.gateway.openai.errors import error_body, error_headers
 from unimodel.gateway.ports import OpenAiPorts
 
 MAX_INPUTS = 2048  # OpenAI's limit of texts per request
@@ -102,3 +108,18 @@ def response_body(model: str, vectors: np.ndarray, tokens: int, encoding: str) -
         items = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
     doc = {"object": "list", "data": items, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+async def answer(
+    gw: OpenAiPorts, raw: bytes, header: Callable[[str], str], scope: Mapping[str, Any]
+) -> tuple[int, bytes, dict[str, str]]:
+    """POST /v1/embeddings: (status, JSON body, headers), OpenAI's error shape on failure. `scope`: the ASGI
+    scope (the key's token bucket is debited by the tokens embedded)."""
+    try:
+        body = json_body.parse_model(raw, EmbeddingBody)
+        ctx = http_context(header, gw.settings.request_timeout_s)
+        vectors, tokens = await embed(gw, body, ctx)
+    except errors.UnimodelError as err:
+        return err.http_status, error_body(err), error_headers(err)
+    rate_limits.debit(scope, tokens)  # the key's tokens-per-minute limit
+    return 200, response_body(body.model, vectors, tokens, body.encoding_format), id_headers(ctx)

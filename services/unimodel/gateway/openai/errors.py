@@ -33,11 +33,13 @@ def error_body(err: errors.UnimodelError) -> bytes:
     return orjson.dumps(doc)
 
 
+def error_headers(err: errors.UnimodelError) -> dict[str, str]:
+    """Retry-After when the error has one."""
+    return {"retry-after": str(max(1, round(err.retry_after_s)))} if err.retry_after_s else {}
+
+
 def openai_error(err: errors.UnimodelError) -> Response:
-    headers = {}
-    if err.retry_after_s:
-        headers["retry-after"] = str(max(1, round(err.retry_after_s)))
-    return Response(error_body(err), err.http_status, headers=headers, media_type="application/json")
+    return Response(error_body(err), err.http_status, headers=error_headers(err), media_type="application/json")
 
 
 def error_event(err: errors.UnimodelError) -> bytes:

@@ -7,11 +7,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from unimodel.core import errors
-from unimodel.gateway import json_body, rate_limits
-from unimodel.gateway.http_context import http_context, id_headers, starlette_header
+from unimodel.gateway import json_body
+from unimodel.gateway.http_context import starlette_header
 from unimodel.gateway.openai import embeddings, serving
-from unimodel.gateway.openai.errors import openai_error
 from unimodel.gateway.openai.protocol import ChatCompletionBody, CompletionBody
 from unimodel.gateway.ports import OpenAiPorts
 
@@ -52,12 +50,6 @@ def register_openai_routes(app: FastAPI, gw: OpenAiPorts) -> None:
         },
     )
     async def create_embeddings(request: Request) -> Response:
-        try:
-            body = json_body.parse_model(await request.body(), embeddings.EmbeddingBody)
-            ctx = http_context(starlette_header(request.headers), gw.settings.request_timeout_s)
-            vectors, tokens = await embeddings.embed(gw, body, ctx)
-        except errors.UnimodelError as err:
-            return openai_error(err)
-        rate_limits.debit(request.scope, tokens)  # the key's tokens-per-minute limit
-        payload = embeddings.response_body(body.model, vectors, tokens, body.encoding_format)
-        return Response(payload, 200, headers=id_headers(ctx), media_type="application/json")
+        # served by the gateway's fast path (fast_path.py); this route documents it and answers the same way
+        status, payload, headers = await embeddings.answer(gw, await request.body(), starlette_header(request.headers), request.scope)
+        return Response(payload, status, headers=headers, media_type="application/json")
