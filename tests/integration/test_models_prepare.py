@@ -141,13 +141,18 @@ def test_minilm_onnx_matches_sentence_transformers(model_repository: Path, minil
     ref = minilm.encode(SENTENCES, convert_to_numpy=True)
     assert emb.shape == (len(SENTENCES), 384) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # int8 MatMul weights (models/text.py): close to the fp32 reference, not equal to it
+    ops = onnx_ops(folder / "model.onnx")
+    assert ops.get("MatMulInteger", 0) > 0 and ops.get("DynamicQuantizeLinear", 0) > 0, ops
     cosine = np.sum(emb * ref, axis=1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
-    assert cosine.min() > 0.999, cosine
-    # dynamic axes and masking: each sentence alone (no padding) gives the same vector as in the padded batch
+    assert cosine.min() > 0.97 and cosine.mean() > 0.985, cosine
+    # dynamic axes and masking: each sentence alone (no padding) gives a vector close to the one it has in the
+    # padded batch, not equal (int8 activations are quantized per run, here down to 0.969: the worker runs
+    # rows alone, row_by_row in onnx.py)
     for i, text in enumerate(SENTENCES):
         one_ids, one_mask = _tokenize(folder, [text])
         (one,) = session.run(None, {"input_ids": one_ids, "attention_mask": one_mask})
-        np.testing.assert_allclose(one[0], emb[i], atol=1e-5)
+        assert float(one[0] @ emb[i]) > 0.95
     # semantic sanity: related sentences are closer than unrelated ones
     a, b, c = session.run(
         None,
