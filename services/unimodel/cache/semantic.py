@@ -317,6 +317,7 @@ class SemanticCache:
             if passing:
                 found = await self._stored(self.store.get(key, [i for i, _ in passing], not_before))
                 matches: list[tuple[Entry, float]] = []
+                questions: dict[int, str] = {}  # entry id -> its last message (what guard and verifier compare)
                 for entry_id, similarity in passing:
                     candidate = found.get(entry_id)
                     if candidate is None:
@@ -329,8 +330,9 @@ class SemanticCache:
                         result.rejected_by_guard += 1
                         continue
                     matches.append((candidate, similarity))
+                    questions[candidate.id] = question
                 if matches and self.verifier is not None:
-                    matches = self._verified(text.question, vector, matches, stored, threshold, result)
+                    matches = self._verified(text.question, vector, matches, questions, stored, threshold, result)
                 if matches:
                     best, similarity = matches[0]
                     rival = next((m for m in matches[1:] if m[0].answer != best.answer), None)
@@ -353,16 +355,16 @@ class SemanticCache:
         return result
 
     def _verified(
-        self, query: str, vector: np.ndarray, matches: list[tuple[Entry, float]], stored: dict[int, np.ndarray],
-        threshold: float, result: QueryResult,
+        self, query: str, vector: np.ndarray, matches: list[tuple[Entry, float]], questions: dict[int, str],
+        stored: dict[int, np.ndarray], threshold: float, result: QueryResult,
     ) -> list[tuple[Entry, float]]:
         """The candidates the verifier lets through, its most confident first (those at or above the similarity
         `threshold` unless it vetoes them, the others if it accepts them); the verdict and score in `result`.
-        `stored`: the candidates' vectors by entry id (when the verifier reads them)."""
+        `questions`, `stored`: the candidates' last messages and vectors (when the verifier reads them) by entry id."""
         verifier = self.verifier
         assert verifier is not None
         t0 = time.perf_counter_ns()
-        texts = [question_of(entry.query)[0] for entry, _ in matches]
+        texts = [questions[entry.id] for entry, _ in matches]
         cosines = np.array([similarity for _, similarity in matches], dtype=np.float32)
         vectors = np.stack([stored[entry.id] for entry, _ in matches]) if verifier.needs_vectors else None
         scores = verifier.score(query, vector, texts, vectors, cosines)

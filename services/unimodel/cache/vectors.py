@@ -126,27 +126,24 @@ class VectorIndex:
 
     def search(self, scope: str, vector: np.ndarray, limit: int) -> list[tuple[int, float]]:
         """The `limit` nearest entries of `scope`: (id, cosine similarity), best first."""
-        result = self._call(
-            "search",
-            lambda: self.client.search(
-                self.collection, data=[vector.tolist()], limit=limit, filter=f'scope == "{scope}"',
-                output_fields=[], search_params={"metric_type": "IP", "params": {"nprobe": self.nprobe}},
-            ),
-        )
-        hits = result[0] if result else []
-        return [(int(h["id"]), float(h["distance"])) for h in hits]
+        return [(int(h["id"]), float(h["distance"])) for h in self._search(scope, vector, limit, [])]
 
     def search_vectors(self, scope: str, vector: np.ndarray, limit: int) -> list[tuple[int, float, np.ndarray]]:
         """As `search`, with each entry's stored vector (what the verifier compares the query's with)."""
+        return [
+            (int(h["id"]), float(h["distance"]), np.asarray(h["entity"]["vector"], dtype=np.float32))
+            for h in self._search(scope, vector, limit, ["vector"])
+        ]
+
+    def _search(self, scope: str, vector: np.ndarray, limit: int, output_fields: list[str]) -> list[dict]:
         result = self._call(
             "search",
             lambda: self.client.search(
                 self.collection, data=[vector.tolist()], limit=limit, filter=f'scope == "{scope}"',
-                output_fields=["vector"], search_params={"metric_type": "IP", "params": {"nprobe": self.nprobe}},
+                output_fields=output_fields, search_params={"metric_type": "IP", "params": {"nprobe": self.nprobe}},
             ),
         )
-        hits = result[0] if result else []
-        return [(int(h["id"]), float(h["distance"]), np.asarray(h["entity"]["vector"], dtype=np.float32)) for h in hits]
+        return list(result[0]) if result else []
 
     def delete(self, ids: Sequence[int]) -> None:
         if ids:
