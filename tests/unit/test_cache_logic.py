@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,41 @@ def test_exact_and_get_stay_in_their_scope_and_ttl(store: EntryStore) -> None:
     assert set(store.get("s1", [old, new], not_before=150.0)) == {new}
     assert store.get("s2", [old, new], not_before=0) == {}
     assert store.ids_of("s2", [old]) == [] and store.expired(before=150.0) == [old]
+
+
+class TracedStore(EntryStore):
+    """The store with every statement its connections run recorded (bound values expanded)."""
+
+    def __init__(self, path: Path) -> None:
+        self.statements: list[str] = []
+        super().__init__(path)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = super()._connect()
+        db.set_trace_callback(self.statements.append)
+        return db
+
+
+def test_lookups_by_id_use_the_primary_key_not_a_scope_index(tmp_path: Path) -> None:
+    """A semantic lookup reads its few candidates by id: SQLite must not scan the scope's index for them (it
+    did without ANALYZE statistics: every entry of the scope read on each lookup, 5.5 ms at 100k entries)."""
+    store = TracedStore(tmp_path / "cache.sqlite")
+    try:
+        ids = _add(store, "s", [_new(f"question {i}") for i in range(200)], now=10.0)
+        store.statements.clear()
+        assert sorted(store.get("s", ids[:8], not_before=0)) == ids[:8]
+        assert store.ids_of("s", ids[:8]) == ids[:8]
+        selects = [s for s in store.statements if s.lstrip().upper().startswith("SELECT")]
+        assert len(selects) == 2, store.statements
+        db = sqlite3.connect(store.path)
+        try:
+            for sql in selects:
+                plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}"))
+                assert "INTEGER PRIMARY KEY" in plan and "INDEX" not in plan.replace("PRIMARY KEY", ""), (sql, plan)
+        finally:
+            db.close()
+    finally:
+        store.close()
 
 
 def test_least_recently_used_order_follows_hits(store: EntryStore) -> None:

@@ -86,6 +86,13 @@ _CHUNK = 500
 """Ids per `IN (...)` list (SQLite allows 32766 variables; small lists keep statements cheap)."""
 
 
+BY_ID_ONLY = "+"
+"""SQLite's unary plus on a column keeps the planner off that column's indexes, so a few ids are looked up by
+primary key. Without it (and without ANALYZE statistics), `id IN (4 or more ids) AND scope = ?` made SQLite
+pick the (scope, last_access) index and read every entry of the scope: 5.5 ms at 100k entries on a semantic
+lookup with 4 or more candidates."""
+
+
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
@@ -196,7 +203,7 @@ class EntryStore:
         with self._connection() as db:
             rows = db.execute(
                 f"SELECT id, query, answer, created, last_access FROM entries WHERE id IN ({_marks(len(ids))}) "
-                "AND scope = ? AND created >= ?",
+                f"AND {BY_ID_ONLY}scope = ? AND {BY_ID_ONLY}created >= ?",
                 (*ids, scope, not_before),
             ).fetchall()
         return {r[0]: Entry(*r) for r in rows}
@@ -442,7 +449,7 @@ def _ids_of(db: sqlite3.Connection, scope: str, ids: Sequence[int]) -> list[int]
     found: list[int] = []
     for chunk in _chunks(ids):
         found += [r[0] for r in db.execute(
-            f"SELECT id FROM entries WHERE scope = ? AND id IN ({_marks(len(chunk))})", (scope, *chunk)
+            f"SELECT id FROM entries WHERE {BY_ID_ONLY}scope = ? AND id IN ({_marks(len(chunk))})", (scope, *chunk)
         )]
     return found
 
