@@ -11,14 +11,15 @@ embedding-worker) starts on free ports. Then:
      2 at a time): the 999 `origin` texts of gptcache_mock_data.json plus filler questions (QQP texts with a
      variant number). Entries/s over the whole fill.
   2. (once Milvus has finished indexing: its process idle) semantic hits: each `similar` paraphrase queried one
-     at a time (concurrency 1); latency at the client for the queries that hit, and the cache service's own split (query embedding through the
-     batcher and embedding-worker, Milvus search, whole lookup) from the reply's `timing`.
-  3. exact hits: the `origin` texts queried (concurrency 1): the normalised-hash fast path, no embedding.
+     at a time (concurrency 1), by httpx and by a minimal HTTP client in turn; latency at the client for the
+     queries that hit, and the cache service's own split (query embedding through the batcher and
+     embedding-worker, Milvus search, the rest of the lookup, whole lookup) from the reply's `timing`.
+  3. exact hits: the `origin` texts queried the same way: the normalised-hash fast path, no embedding.
   4. embeddings: raw onnxruntime in this process (the worker's session options; batches of 32 texts,
      tokenizer included and excluded) against POST /v1/embeddings with 32 concurrent clients sending one
      text each (the batcher forms the batches), alternating twice, --seconds each.
-Targets: semantic hit p50 <= 10 ms and p99 <= 30 ms; exact hit p50 <= 3 ms; inserts >= 500/s; served
-embeddings >= 70% of raw onnxruntime batch-32 throughput.
+Targets (checked on the httpx figures): semantic hit p50 <= 10 ms and p99 <= 30 ms; exact hit p50 <= 3 ms;
+inserts >= 500/s; served embeddings >= 80% of raw onnxruntime batch-32 throughput.
 """
 
 from __future__ import annotations
@@ -88,31 +89,57 @@ def settle(pid: int | None, timeout_s: float = 300.0) -> float:
 
 
 def lookups(url: str, texts: list[str]) -> dict:
-    client_ms, embed, search, cache_ms = [], [], [], []
+    """Each text queried one at a time by two clients in turn, the same query back to back: httpx (what a
+    Python application uses) and the minimal keep-alive client of hops.py (what the server itself takes:
+    httpx spends about 1 ms of CPU per request on this machine). Latency of the hits, and the cache's own split
+    from the reply's `timing` (query embedding, vector search, the rest: stores, guard, verifier)."""
+    return asyncio.run(_lookups(url, texts))
+
+
+async def _lookups(url: str, texts: list[str]) -> dict:
+    from hops import HttpClient
+
+    light = HttpClient(int(url.rsplit(":", 1)[1]))
+    await light.connect()
+    httpx_ms, light_ms, embed, search, rest, cache_ms = [], [], [], [], [], []
     hits = 0
-    with httpx.Client(timeout=30) as client:
-        for text in texts[:20]:  # warm-up
-            client.post(f"{url}/modelcache", json=json.dumps(_query(SCOPE, text)))
-        for text in texts:
-            body = json.dumps(_query(SCOPE, text))
-            t0 = time.perf_counter()
-            doc = client.post(f"{url}/modelcache", json=body).json()
-            elapsed = (time.perf_counter() - t0) * 1e3
-            if not doc.get("cacheHit"):
-                continue
-            hits += 1
-            client_ms.append(elapsed)
-            timing = doc["timing"]
-            embed.append(timing["embed_ms"])
-            search.append(timing["search_ms"])
-            cache_ms.append(timing["cache_ms"])
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            for i, text in enumerate(texts[:20] + texts):  # the first 20: warm-up
+                body = json.dumps(_query(SCOPE, text))
+                t0 = time.perf_counter()
+                doc = (await client.post(f"{url}/modelcache", json=body)).json()
+                t1 = time.perf_counter()
+                status, raw = await light.post("/modelcache", json.dumps(body).encode())
+                t2 = time.perf_counter()
+                again = json.loads(raw)
+                if i < 20 or not (doc.get("cacheHit") and status == 200 and again.get("cacheHit")):
+                    continue
+                hits += 1
+                httpx_ms.append((t1 - t0) * 1e3)
+                light_ms.append((t2 - t1) * 1e3)
+                for reply in (doc, again):
+                    timing = reply["timing"]
+                    embed.append(timing["embed_ms"])
+                    search.append(timing["search_ms"])
+                    cache_ms.append(timing["cache_ms"])
+                    rest.append(timing["cache_ms"] - timing["embed_ms"] - timing["search_ms"])
+    finally:
+        if light.writer is not None:
+            light.writer.close()
+
+    def summary(values: list[float]) -> dict:
+        return {"p50": pct(values, 0.5), "p90": pct(values, 0.9), "p99": pct(values, 0.99),
+                "mean": round(statistics.fmean(values), 3) if values else 0}
+
     return {
         "queries": len(texts), "hits": hits,
-        "client_ms": {"p50": pct(client_ms, 0.5), "p90": pct(client_ms, 0.9), "p99": pct(client_ms, 0.99),
-                      "mean": round(statistics.fmean(client_ms), 3) if client_ms else 0},
+        "client_ms": summary(httpx_ms),
+        "light_client_ms": summary(light_ms),
         "cache_service_ms": {"p50": pct(cache_ms, 0.5), "p99": pct(cache_ms, 0.99)},
         "query_embedding_ms": {"p50": pct(embed, 0.5), "p99": pct(embed, 0.99)},
         "vector_search_ms": {"p50": pct(search, 0.5), "p99": pct(search, 0.99)},
+        "rest_of_lookup_ms": {"p50": pct(rest, 0.5), "p99": pct(rest, 0.99)},
     }
 
 
@@ -258,7 +285,7 @@ def main() -> int:
             "semantic_hit_p99<=30ms": semantic["client_ms"]["p99"] <= 30,
             "exact_hit_p50<=3ms": exact["client_ms"]["p50"] <= 3,
             "inserts>=500/s": insert_rate >= 500,
-            "embeddings>=0.7x_raw_ort": served_mean / raw_best >= 0.7,
+            "embeddings>=0.8x_raw_ort": served_mean / raw_best >= 0.8,
         },
     }
     print(json.dumps(result, indent=2))

@@ -40,6 +40,7 @@ def make_config(
     max_batch_size: int = 64,
     max_queue_delay_ms: float = 1.0,
     preferred_batch_sizes: Sequence[int] = (),
+    instance_count: int = 1,
 ) -> model_pb2.ModelConfig:
     """A validated ModelConfig in the shape every demo model shares (contract: batch 64, delay 1 ms)."""
     data: dict[str, object] = {
@@ -50,7 +51,7 @@ def make_config(
         "outputs": list(outputs),
         "max_batch_size": max_batch_size,
         "batching": {"max_queue_delay_ms": max_queue_delay_ms, "preferred_batch_sizes": list(preferred_batch_sizes)},
-        "instance_count": 1,
+        "instance_count": instance_count,
         "execution_provider": "auto",
         "processing": {"kind": processing, "options": dict(processing_options or {})},
         "options": dict(options or {}),

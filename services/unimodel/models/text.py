@@ -56,8 +56,12 @@ def config_minilm() -> model_pb2.ModelConfig:
         processing="text-embedding",
         processing_options={"tokenizer": TOKENIZER_FILE, "max_length": str(MAX_LENGTH)},
         # Requests of different lengths join one batch padded with 0: exact with the attention mask. Each row
-        # runs alone at its own length (int8 activations are quantized per run: onnx.py, row_by_row).
-        options={"pad": "zeros", "row_by_row": "1"},
+        # runs alone at its own length (int8 activations are quantized per run: onnx.py, row_by_row). A row of
+        # ~15 tokens is too small to share between threads: one thread per session and two sessions took 0.89-
+        # 0.95x raw onnxruntime's batch-32 throughput, one session on all cores 0.73-0.77x, at the same
+        # single-query latency (docs/benchmarks.md, issue 20).
+        options={"pad": "zeros", "row_by_row": "1", "intra_op_threads": "1"},
+        instance_count=2,
     )
 
 
