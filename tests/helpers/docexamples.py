@@ -48,6 +48,9 @@ NOT_RUN: dict[str, str] = {
         "retrains the shipped cache verifier (minutes: embeds 80,000 texts, then trains); "
         "tests/unit/test_cache_verifier.py checks the shipped model and its features"
     ),
+    ".venv/bin/python scripts/train_cache_cross_encoder.py": (
+        "trains a cross-encoder for half an hour on 2 cores (a measurement; the cache does not use it yet)"
+    ),
     "UNIMODEL_API_KEYS=": "starts a cluster with keys itself: tests/e2e/test_security_up.py runs this command (ports aside)",
     ".venv/bin/python -m pytest tests/integration/test_security_fuzz.py": "the suite runs this test module itself",
     "UNIMODEL_CHAOS_REPORT=": "the chaos suite (minutes of faults under load): ./scripts/test runs tests/chaos itself",
