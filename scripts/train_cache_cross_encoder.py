@@ -176,10 +176,7 @@ def evaluate(model, tokenizer, args: argparse.Namespace, train_min: float | None
     from unimodel.cache import verifier
 
     dua, dub = shipped.embeddings("dev", da, db, REPO_ROOT / ".cache" / "verifier-embeddings", shipped.MODEL_REPOSITORY)
-    shipped_model = verifier.Verifier.load()
-    vs = np.concatenate([
-        shipped_model.score(a, u, [b], v[None, :], np.array([u @ v])) for a, b, u, v in zip(da, db, dua, dub, strict=True)
-    ])
+    vs = shipped.pair_scores(verifier.Verifier.load(), da, db, dua, dub)
     result: dict[str, object] = {
         "layers": model.config.num_hidden_layers, "train_minutes": None if train_min is None else round(train_min, 1)
     }

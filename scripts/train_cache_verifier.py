@@ -122,6 +122,12 @@ def feature_matrix(a: list[str], b: list[str], ua: np.ndarray, ub: np.ndarray, v
     return np.concatenate(rows, axis=0)
 
 
+def pair_scores(model: verifier.Verifier, a: list[str], b: list[str], ua: np.ndarray, ub: np.ndarray) -> np.ndarray:
+    """The verifier's score of each pair as the cache computes it at lookup time (`a` as the query, `b` as the
+    stored candidate; the features are symmetric)."""
+    return np.concatenate([model.score(x, u, [y], v[None, :], np.array([u @ v])) for x, y, u, v in zip(a, b, ua, ub, strict=True)])
+
+
 def threshold_at(scores: np.ndarray, labels: np.ndarray, false_accepts: float) -> float:
     """The lowest threshold at which at most `false_accepts` of the non-duplicates score at or above it."""
     neg = np.sort(scores[~labels])[::-1]
@@ -289,8 +295,7 @@ def main() -> int:
     print(f"ONNX vs sklearn on dev: max |diff| {np.max(np.abs(shipped_scores - scores)):.1e}")
     threshold = report("shipped ONNX model", shipped_scores, dy)[f"threshold@{SHIP_AT}"]
     save(onx, threshold, True, args.out)
-    check = verifier.Verifier.load(args.out)
-    again = np.concatenate([check.score(a, u, [b], v[None, :], np.array([u @ v])) for a, b, u, v in zip(da, db, dua, dub, strict=True)])
+    again = pair_scores(verifier.Verifier.load(args.out), da, db, dua, dub)
     drift = float(np.max(np.abs(again - shipped_scores)))
     assert drift < 1e-5, f"Verifier.score differs from the training pipeline by {drift}"
     cache_rule(da, db, x_dev[:, 0], again, dy)
