@@ -78,8 +78,7 @@ def main() -> int:
     torch.manual_seed(SEED)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.evaluate:
-        tokenizer = BertTokenizerFast.from_pretrained(args.evaluate)
-        model = BertForSequenceClassification.from_pretrained(args.evaluate)
+        model, tokenizer = load(args.evaluate)
         return evaluate(model, tokenizer, args, train_min=None)
     folder = weights_folder()
     tokenizer = BertTokenizerFast.from_pretrained(folder)
@@ -111,9 +110,7 @@ def main() -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     total, warm = len(batches), max(1, len(batches) // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / (total - warm))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / (total - warm)))
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     started, running = time.perf_counter(), 0.0
@@ -149,20 +146,22 @@ def tensors(rows: np.ndarray, row_ids: list[list[int]], row_types: list[list[int
     return x, t, mask
 
 
-def evaluate(model, tokenizer, args: argparse.Namespace, train_min: float | None) -> int:
-    """Dev figures of the cross-encoder, of the shipped verifier, and of both averaged by rank."""
+def load(folder: Path):
+    """A trained model folder (--out) -> (model in eval mode, tokenizer)."""
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    return BertForSequenceClassification.from_pretrained(folder).eval(), BertTokenizerFast.from_pretrained(folder)
+
+
+def symmetric_logits(model, tokenizer, first: list[str], second: list[str], max_length: int = 64) -> np.ndarray:
+    """The model's logit of each pair, the mean of both orders (how it was trained and is measured)."""
     import torch
 
-    out = args.evaluate or args.out
-    rng = np.random.RandomState(SEED + 1)  # the dev halves: the same whether the model was just trained or loaded
-    model.eval()
-    da, db, dy = shipped.load_pairs("dev")
-
     @torch.no_grad()
-    def score(first: list[str], second: list[str]) -> np.ndarray:
-        enc = tokenizer(first, second, truncation=True, max_length=args.max_length)
+    def logits(a: list[str], b: list[str]) -> np.ndarray:
+        enc = tokenizer(a, b, truncation=True, max_length=max_length)
         n = np.array([len(x) for x in enc["input_ids"]])
-        out = np.zeros(len(first), dtype=np.float32)
+        out = np.zeros(len(a), dtype=np.float32)
         by_length = np.argsort(n)
         for start in range(0, len(by_length), 128):
             rows = by_length[start : start + 128]
@@ -170,16 +169,24 @@ def evaluate(model, tokenizer, args: argparse.Namespace, train_min: float | None
             out[rows] = model(input_ids=x, token_type_ids=t, attention_mask=mask).logits.squeeze(-1).numpy()
         return out
 
-    ce = (score(da, db) + score(db, da)) / 2
+    return (logits(first, second) + logits(second, first)) / 2
+
+
+def evaluate(model, tokenizer, args: argparse.Namespace, train_min: float | None) -> int:
+    """Dev figures of the cross-encoder, of the shipped verifier, and of both averaged by rank."""
+    out = args.evaluate or args.out
+    rng = np.random.RandomState(SEED + 1)  # the dev halves: the same whether the model was just trained or loaded
+    model.eval()
+    da, db, dy = shipped.load_pairs("dev")
+
+    ce = symmetric_logits(model, tokenizer, da, db, args.max_length)
     np.save(out / "dev_scores.npy", ce)
 
     from unimodel.cache import verifier
 
     dua, dub = shipped.embeddings("dev", da, db, REPO_ROOT / ".cache" / "verifier-embeddings", shipped.MODEL_REPOSITORY)
     vs = shipped.pair_scores(verifier.Verifier.load(), da, db, dua, dub)
-    result: dict[str, object] = {
-        "layers": model.config.num_hidden_layers, "train_minutes": None if train_min is None else round(train_min, 1)
-    }
+    result: dict[str, object] = {"layers": model.config.num_hidden_layers, "train_minutes": None if train_min is None else round(train_min, 1)}
     print(f"{'dev: duplicates accepted at':<52} 2.5 % / 2.0 % false accepts")
     for name, scores in (("shipped verifier", vs), ("cross-encoder", ce)):
         row = [recall_at(scores, dy, fa) for fa in FALSE_ACCEPTS]
@@ -189,8 +196,10 @@ def evaluate(model, tokenizer, args: argparse.Namespace, train_min: float | None
     weights = np.round(np.arange(0.0, 1.01, 0.1), 2)
     curve = {float(w): recall_at(w * rv + (1 - w) * rc, dy, 0.025) for w in weights}
     result["rank mean on all of dev, by weight of the verifier"] = curve
-    print("rank mean on all of dev, by weight of the verifier (chosen on dev itself: optimistic): "
-          + ", ".join(f"{w}: {r * 100:.1f} %" for w, r in curve.items()))
+    print(
+        "rank mean on all of dev, by weight of the verifier (chosen on dev itself: optimistic): "
+        + ", ".join(f"{w}: {r * 100:.1f} %" for w, r in curve.items())
+    )
     halves = np.array_split(rng.permutation(len(dy)), 2)
     for chosen_on, reported_on in ((0, 1), (1, 0)):
         pick, held = halves[chosen_on], halves[reported_on]
