@@ -2,7 +2,7 @@
 started the way the README says: `./scripts/up` from the repository root, its defaults but the ports.
 
 Shell commands run in bash with the venv's `unimodel` and `python` first on PATH, in a folder holding the
-`photo.jpg` the README's image example reads. curl's answers are checked through curl's own config file
+`photo.jpg` the README's image example reads and the `speech.wav` its audio examples send. curl's answers are checked through curl's own config file
 ($CURL_HOME/.curlrc adds a `--write-out` line with the HTTP status), so the commands stay as written.
 An example must succeed (HTTP 2xx, no error object, exit status 0) unless its comment says
 `# fails: <status> <CODE>`; then it must fail exactly so. tests/helpers/docexamples.py reads the docs.
@@ -68,6 +68,7 @@ def readme_cluster(model_repository: Path, tmp_path_factory: pytest.TempPathFact
     _seed_models(state, model_repository)
     workdir = tmp_path_factory.mktemp("readme")
     shutil.copy(Path(sklearn.datasets.__file__).parent / "images" / "flower.jpg", workdir / "photo.jpg")
+    shutil.copy(REPO_ROOT / "tests" / "data" / "speech" / "00.wav", workdir / "speech.wav")  # espeak-ng's voice
     (workdir / ".curlrc").write_text(f'write-out = "\\n{STATUS} %{{http_code}}\\n"\n')
     cluster = ReadmeCluster(free_port(), free_port(), free_port(), free_port(), workdir)
     ports = cluster.ports

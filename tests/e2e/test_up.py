@@ -86,7 +86,7 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
         wait_until(lambda: "UniModel is up" in Path(log.name).read_text(), 10, "endpoints printed")
         assert f"state  {tmp_path / '.unimodel'}" in Path(log.name).read_text()
         base = f"http://127.0.0.1:{http}"
-        demo = ["efficientnet-lite0", "iris-classifier", "mlp", "identity", "delay", "smollm2-135m-instruct"]
+        demo = ["efficientnet-lite0", "iris-classifier", "mlp", "identity", "delay", "smollm2-135m-instruct", "whisper-base"]
 
         def all_ready() -> bool:
             data = {m["id"]: m for m in httpx.get(f"{base}/v1/models").json()["data"]}

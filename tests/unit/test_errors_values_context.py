@@ -16,6 +16,7 @@ from unimodel.core.values import from_value, to_value
         (errors.NotFound, 404, grpc.StatusCode.NOT_FOUND),
         (errors.ResourceExhausted, 429, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (errors.PayloadTooLarge, 413, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.UnsupportedMediaType, 415, grpc.StatusCode.INVALID_ARGUMENT),
         (errors.Unavailable, 503, grpc.StatusCode.UNAVAILABLE),
         (errors.DeadlineExceeded, 504, grpc.StatusCode.DEADLINE_EXCEEDED),
         (errors.Internal, 500, grpc.StatusCode.INTERNAL),

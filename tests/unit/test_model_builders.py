@@ -49,6 +49,7 @@ CONTRACT = {
     ),
     "smollm2-135m-instruct": ("llamacpp", [], [], "none", 8),  # generates text: no tensors
     "smollm2-135m-instruct-vllm": ("vllm", [], [], "none", 16),  # the same model as a Hugging Face folder
+    "whisper-base": ("whisper", [("audio", "BYTES", [1])], [("text", "BYTES", [1])], "none", 16),  # speech to text (CTranslate2)
     "identity": ("onnx", [("INPUT0", "FP32", [-1])], [("OUTPUT0", "FP32", [-1])], "none", 64),
     "mlp": ("onnx", [("INPUT0", "FP32", [384])], [("OUTPUT0", "FP32", [10])], "none", 64),
     "delay": ("delay", [("INPUT0", "FP32", [-1])], [("OUTPUT0", "FP32", [-1])], "none", 64),
@@ -76,8 +77,8 @@ def test_catalog_matches_the_contract_table() -> None:
         # the embedding model runs its small rows on two one-thread sessions (models/text.py)
         assert config.instance_count == (2 if name == "all-minilm-l6-v2" else 1)
         assert config.execution_provider == "auto"
-        assert config.batching.max_queue_delay_ms == (5.0 if name == "delay" else 1.0)
-        assert config.file == {"onnx": "model.onnx", "llamacpp": "model.gguf"}.get(engine, "")
+        assert config.batching.max_queue_delay_ms == (5.0 if name in ("delay", "whisper-base") else 1.0)
+        assert config.file == {"onnx": "model.onnx", "llamacpp": "model.gguf", "whisper": "model.bin"}.get(engine, "")
 
 
 def test_only_the_vllm_model_is_opt_in() -> None:

@@ -23,6 +23,7 @@ HTTP_STATUS: dict[int, int] = {
     Code.UNAUTHENTICATED: 401,
     Code.RESOURCE_EXHAUSTED: 429,
     Code.PAYLOAD_TOO_LARGE: 413,
+    Code.UNSUPPORTED_MEDIA_TYPE: 415,
     Code.FAILED_PRECONDITION: 409,
     Code.UNAVAILABLE: 503,
     Code.DEADLINE_EXCEEDED: 504,
@@ -38,6 +39,7 @@ GRPC_STATUS: dict[int, grpc.StatusCode] = {
     Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Code.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.UNSUPPORTED_MEDIA_TYPE: grpc.StatusCode.INVALID_ARGUMENT,
     Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -114,6 +116,10 @@ class PayloadTooLarge(UnimodelError):
     code = Code.PAYLOAD_TOO_LARGE
 
 
+class UnsupportedMediaType(UnimodelError):
+    code = Code.UNSUPPORTED_MEDIA_TYPE
+
+
 class FailedPrecondition(UnimodelError):
     code = Code.FAILED_PRECONDITION
 
@@ -145,6 +151,7 @@ _BY_CODE: dict[int, type[UnimodelError]] = {
         Unauthenticated,
         ResourceExhausted,
         PayloadTooLarge,
+        UnsupportedMediaType,
         FailedPrecondition,
         Unavailable,
         DeadlineExceeded,

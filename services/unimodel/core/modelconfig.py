@@ -45,7 +45,9 @@ DATATYPES = frozenset(
 )
 GENERATIVE_ENGINES = frozenset({"llamacpp", "vllm", "openai"})
 """Text-generation engines: no tensors; GenerateRequests in, token streams out (LlmConfig)."""
-ENGINES = frozenset({"onnx", "delay", "echo"}) | GENERATIVE_ENGINES
+SPEECH_ENGINES = frozenset({"whisper"})
+"""Speech-to-text engines: predict values {"audio": base64, ...} in, transcripts out (gateway/openai/audio.py)."""
+ENGINES = frozenset({"onnx", "delay", "echo"}) | GENERATIVE_ENGINES | SPEECH_ENGINES
 TEXT_EMBEDDING = "text-embedding"
 PROCESSING_KINDS = frozenset({"none", TEXT_EMBEDDING, "image-classification", "tabular"})
 EXECUTION_PROVIDERS = frozenset({"auto", "cuda", "cpu"})
@@ -101,6 +103,11 @@ ENGINE_NUMBER_OPTIONS: dict[str, tuple[float, float]] = {
     "stream_interval": (1, 4096),  # any generative engine: tokens per streamed message
     "top_k": (0, 1_000_000),  # llamacpp default
     "min_p": (0, 1),  # llamacpp default
+    "max_audio_seconds": (0.1, 86_400),  # whisper: longer audio is 413
+    "beam_size": (1, 16),  # whisper
+    "intra_threads": (0, 1024),  # whisper: CTranslate2 threads (0: the CPUs this process may use)
+    "pack_seconds": (0, 28),  # whisper: clips up to this long share a 30 s window (0: off)
+    "pack_gap_seconds": (0.2, 10),  # whisper: silence between packed clips
     "timeout_s": (0.001, 86_400),  # openai: longest wait for the upstream's next byte
     "connect_timeout_s": (0.001, 600),  # openai
     "gpu_memory_utilization": (0.01, 1),  # vllm
@@ -189,6 +196,8 @@ def apply_defaults(config: model_pb2.ModelConfig) -> None:
         config.file = "model.onnx"
     if not config.file and config.engine == "llamacpp":
         config.file = "model.gguf"
+    if not config.file and config.engine in SPEECH_ENGINES:
+        config.file = "model.bin"
     if not config.version:
         config.version = "1"
     if config.instance_count <= 0:

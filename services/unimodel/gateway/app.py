@@ -60,7 +60,7 @@ def compose_http(gw: GatewayPorts) -> HttpSurface:
     return HttpSurface(api, TracingMiddleware(app))  # a flag check per request while tracing is off
 
 
-_OPENAI_PATHS = ("/v1/chat/", "/v1/completions", "/v1/embeddings")
+_OPENAI_PATHS = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/audio/")
 
 
 def _family_error(path: str, err: errors.UnimodelError) -> tuple[int, bytes, Headers]:

@@ -32,6 +32,8 @@ ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^/v1/chat/completions$"), "/v1/chat/completions"),
     (re.compile(r"^/v1/completions$"), "/v1/completions"),
     (re.compile(r"^/v1/embeddings$"), "/v1/embeddings"),
+    (re.compile(r"^/v1/audio/transcriptions$"), "/v1/audio/transcriptions"),
+    (re.compile(r"^/v1/audio/translations$"), "/v1/audio/translations"),
     (re.compile(r"^/modelcache$"), "/modelcache"),
 )
 """The traced HTTP routes (inference and cache); health, metrics, model management are not traced."""

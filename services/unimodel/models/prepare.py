@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unimodel.core import errors, modelconfig
-from unimodel.models import iris, smollm2, testmodels, text, vision
+from unimodel.models import iris, smollm2, testmodels, text, vision, whisper
 from unimodel.models.common import MissingPackage, check_onnx
 from unimodel.v1 import model_pb2
 
@@ -105,6 +105,7 @@ CATALOG: dict[str, ModelSpec] = {
             ),
             default=False,
         ),
+        ModelSpec(whisper.NAME, whisper.config_whisper, whisper.build_whisper, whisper.PARTS),
         ModelSpec("identity", testmodels.config_identity, testmodels.build_identity, (_ONNX,)),
         ModelSpec("mlp", testmodels.config_mlp, testmodels.build_mlp, (_ONNX,)),
         ModelSpec("delay", testmodels.config_delay, testmodels.build_delay),

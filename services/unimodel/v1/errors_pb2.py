@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18unimodel/v1/errors.proto\x12\x0bunimodel.v1\"\xc6\x01\n\x0b\x45rrorDetail\x12$\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x16.unimodel.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.unimodel.v1.ErrorDetail.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x99\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x12\n\x0e\x41LREADY_EXISTS\x10\x03\x12\x15\n\x11PERMISSION_DENIED\x10\x04\x12\x13\n\x0fUNAUTHENTICATED\x10\x05\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x06\x12\x15\n\x11PAYLOAD_TOO_LARGE\x10\x07\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\x08\x12\x0f\n\x0bUNAVAILABLE\x10\t\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\n\x12\r\n\tCANCELLED\x10\x0b\x12\x0c\n\x08INTERNAL\x10\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18unimodel/v1/errors.proto\x12\x0bunimodel.v1\"\xc6\x01\n\x0b\x45rrorDetail\x12$\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x16.unimodel.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.unimodel.v1.ErrorDetail.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xb5\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x12\n\x0e\x41LREADY_EXISTS\x10\x03\x12\x15\n\x11PERMISSION_DENIED\x10\x04\x12\x13\n\x0fUNAUTHENTICATED\x10\x05\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x06\x12\x15\n\x11PAYLOAD_TOO_LARGE\x10\x07\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\x08\x12\x0f\n\x0bUNAVAILABLE\x10\t\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\n\x12\r\n\tCANCELLED\x10\x0b\x12\x0c\n\x08INTERNAL\x10\x0c\x12\x1a\n\x16UNSUPPORTED_MEDIA_TYPE\x10\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERRORDETAIL_METADATAENTRY']._loaded_options = None
   _globals['_ERRORDETAIL_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_ERRORCODE']._serialized_start=243
-  _globals['_ERRORCODE']._serialized_end=524
+  _globals['_ERRORCODE']._serialized_end=552
   _globals['_ERRORDETAIL']._serialized_start=42
   _globals['_ERRORDETAIL']._serialized_end=240
   _globals['_ERRORDETAIL_METADATAENTRY']._serialized_start=193

@@ -22,6 +22,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEADLINE_EXCEEDED: _ClassVar[ErrorCode]
     CANCELLED: _ClassVar[ErrorCode]
     INTERNAL: _ClassVar[ErrorCode]
+    UNSUPPORTED_MEDIA_TYPE: _ClassVar[ErrorCode]
 ERROR_CODE_UNSPECIFIED: ErrorCode
 INVALID_ARGUMENT: ErrorCode
 NOT_FOUND: ErrorCode
@@ -35,6 +36,7 @@ UNAVAILABLE: ErrorCode
 DEADLINE_EXCEEDED: ErrorCode
 CANCELLED: ErrorCode
 INTERNAL: ErrorCode
+UNSUPPORTED_MEDIA_TYPE: ErrorCode
 
 class ErrorDetail(_message.Message):
     __slots__ = ("code", "message", "retry_after_s", "metadata")

@@ -103,7 +103,7 @@ async def _value_items(
     engine = model.engine
     if engine.takes_values:
         try:
-            outputs = await engine.infer_values(values)
+            outputs = await engine.infer_values(values, [items[i].tenant for i in which])
             if len(outputs) != len(values):
                 raise errors.Internal(f"engine returned {len(outputs)} outputs for {len(values)} inputs")
         except Exception as exc:

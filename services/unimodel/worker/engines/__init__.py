@@ -10,6 +10,7 @@ imported), and its class is imported only when a model needs it. Kinds (the ``en
 - ``openai``    an upstream OpenAI-compatible server over HTTP (openai_upstream.py)
 - ``delay``     waits, then echoes: a load-test engine that uses no CPU (builtin.py)
 - ``echo``      the built-in test model; it also takes predict-API values as they are (builtin.py)
+- ``whisper``   speech to text on CTranslate2, a Whisper model converted for it (whisper.py)
 
 ``llamacpp``, ``vllm`` and ``openai`` generate text: their common base is generative.py's
 :class:`GenerativeEngine`.
@@ -32,6 +33,7 @@ ENGINES: dict[str, tuple[str | None, str]] = {
     "llamacpp": ("llama_cpp", "unimodel.worker.engines.llamacpp:LlamaCppEngine"),
     "vllm": ("vllm", "unimodel.worker.engines.vllm:VllmEngine"),
     "openai": ("httpx", "unimodel.worker.engines.openai_upstream:UpstreamEngine"),  # a dependency of unimodel
+    "whisper": ("ctranslate2", "unimodel.worker.engines.whisper:WhisperEngine"),
     "delay": (None, "unimodel.worker.engines.builtin:DelayEngine"),
     "echo": (None, "unimodel.worker.engines.builtin:EchoEngine"),
 }

@@ -37,7 +37,7 @@ class EchoEngine(Engine):
     async def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         return _first_to_first(self.config, inputs, outputs)
 
-    async def infer_values(self, values: Sequence[struct_pb2.Value]) -> list[struct_pb2.Value]:
+    async def infer_values(self, values: Sequence[struct_pb2.Value], tenants: Sequence[str] = ()) -> list[struct_pb2.Value]:
         return list(values)
 
 

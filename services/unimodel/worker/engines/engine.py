@@ -84,6 +84,8 @@ class Engine(abc.ABC):
         """Run one batch: every input carries the batch dimension (when the model batches); return
         the requested outputs with the same number of rows."""
 
-    async def infer_values(self, values: Sequence[struct_pb2.Value]) -> list[struct_pb2.Value]:
-        """Predict-API values in, one output value per input (engines with ``takes_values``)."""
+    async def infer_values(self, values: Sequence[struct_pb2.Value], tenants: Sequence[str] = ()) -> list[Any]:
+        """Predict-API values in, one output value (or the item's UnimodelError) per input (engines with
+        ``takes_values``). ``tenants``: each item's tenant (BatchItem.tenant), for engines that let items of
+        one batch influence each other's results and must keep tenants apart."""
         raise errors.Internal(f"the {self.kind} engine does not take values")
