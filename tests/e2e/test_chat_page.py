@@ -19,6 +19,8 @@ from helpers.support import Infra, Services
 from unimodel.gateway.chat_page import load_page
 
 MODEL = "smollm2-135m-instruct"
+SPEECH_MODEL = "whisper-base"
+SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech" / "00.wav"  # espeak-ng: "The quick brown fox ..."
 MODEL_MAX_TOKENS = 1024  # the catalog's llm.max_tokens for the model: more is a 400
 
 
@@ -41,7 +43,9 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), headless=True)
+        # a fake microphone that plays an espeak-ng clip (the microphone test); no prompt asks for it
+        fake_mic = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={SPEECH}"]
+        browser = pw.chromium.launch(executable_path=chromium(), headless=True, args=fake_mic)
         try:
             yield browser
         finally:
@@ -57,7 +61,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         infra.start()
         services = Services(infra)
         try:
-            services.start_cluster(all_six=False, repository=model_repository, models=MODEL)
+            services.start_cluster(all_six=False, repository=model_repository, models=f"{MODEL},{SPEECH_MODEL}")
             yield services
         finally:
             services.stop()
@@ -313,3 +317,33 @@ def test_says_so_when_no_generative_model_is_listed(chat: ChatPage) -> None:
     expect(page.get_by_test_id("model-note")).to_contain_text("No generative model")
     expect(page.get_by_label("Model", exact=True).locator("option")).to_have_count(0)
     expect(page.get_by_test_id("send")).to_be_disabled()
+
+
+def test_microphone_records_transcribes_and_fills_the_message(browser: Browser, cluster: Services) -> None:
+    """Chromium's fake microphone plays an espeak-ng clip; Record, then Stop: the page sends a WAV it made to
+    /v1/audio/transcriptions and puts the transcript in the message box."""
+    context = browser.new_context(permissions=["microphone"])
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        chat = ChatPage(page)
+        uploads: list[str] = []
+        page.on("request", lambda r: uploads.append(r.headers.get("content-type", "")) if r.url.endswith("/v1/audio/transcriptions") else None)
+        page.goto(f"{cluster.url}/chat")
+        expect(page.get_by_test_id("chat")).to_have_attribute("data-models", "loaded")
+        mic = page.get_by_test_id("mic")
+        expect(mic).to_be_enabled()
+        assert SPEECH_MODEL in (mic.get_attribute("title") or "")
+        mic.click()
+        expect(page.get_by_test_id("chat")).to_have_attribute("data-mic", "recording")
+        page.wait_for_timeout(6_500)  # the clip is 5.2 s; the fake device loops it
+        mic.click()
+        expect(page.get_by_test_id("chat")).to_have_attribute("data-mic", "idle")
+        expect(page.get_by_test_id("mic-status")).to_contain_text("Transcribed")
+        text = page.get_by_label("Message").input_value().lower()
+        heard = [w for w in ("quick", "brown", "fox", "lazy", "dog", "river") if w in text]
+        assert len(heard) >= 3, text
+        assert uploads and uploads[0].startswith("multipart/form-data"), uploads
+        assert chat.problems == []
+    finally:
+        context.close()

@@ -74,9 +74,21 @@ def readme_cluster(model_repository: Path, tmp_path_factory: pytest.TempPathFact
     ports = cluster.ports
     log = (workdir / "up.log").open("w+")
     up = subprocess.Popen(
-        ["./scripts/up", "--http-port", str(ports[8000]), "--grpc-port", str(ports[8001]),
-         "--nats-port", str(ports[4222]), "--etcd-port", str(ports[2379])],
-        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=cluster.env(),
+        [
+            "./scripts/up",
+            "--http-port",
+            str(ports[8000]),
+            "--grpc-port",
+            str(ports[8001]),
+            "--nats-port",
+            str(ports[4222]),
+            "--etcd-port",
+            str(ports[2379]),
+        ],
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=cluster.env(),
     )
     try:
         wait_until(lambda: "UniModel is up" in Path(log.name).read_text(), 300, "`./scripts/up` to print its endpoints")
@@ -112,9 +124,7 @@ def test_doc_example(example: Example, readme_cluster: ReadmeCluster) -> None:
         argv = [str(REPO_ROOT / ".venv" / "bin" / "python"), str(script)]
     else:
         argv = ["bash", "-o", "pipefail", "-c", text]
-    proc = subprocess.run(
-        argv, cwd=readme_cluster.workdir, env=readme_cluster.env(), capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run(argv, cwd=readme_cluster.workdir, env=readme_cluster.env(), capture_output=True, text=True, timeout=120)
     statuses, body = _split_status(proc.stdout)
     shown = f"{example.where}:\n{text}\n--- exit {proc.returncode}, HTTP {statuses}\n{body[-3000:]}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, shown
@@ -128,4 +138,3 @@ def test_doc_example(example: Example, readme_cluster: ReadmeCluster) -> None:
     assert not _ERROR_OBJECT.search(body), shown
     if "text/event-stream" in body or '"stream": true' in text:
         assert "data: [DONE]" in body, shown
-
