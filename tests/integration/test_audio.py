@@ -139,6 +139,28 @@ def test_language_is_detected_and_translation_gives_english(cluster: Cluster) ->
     assert r.json()["text"] and "bonjour" not in r.json()["text"].lower(), r.text
 
 
+def test_a_long_file_is_cut_into_windows_in_its_pauses_and_silence_is_no_text(cluster: Cluster) -> None:
+    """The 8 clips one after another with 1 s pauses (44 s): two windows, cut in a pause, every sentence heard."""
+    parts = []
+    for name in ENGLISH:
+        samples, rate = soundfile.read(SPEECH / name, dtype="float32")
+        parts += [samples, np.zeros(rate, np.float32)]
+    buf = io.BytesIO()
+    soundfile.write(buf, np.concatenate(parts), rate, format="WAV")
+    files = {"file": ("long.wav", buf.getvalue(), "audio/wav")}
+    data = {"model": MODEL, "language": "en", "response_format": "verbose_json"}
+    r = httpx.post(f"{cluster.url}/v1/audio/transcriptions", data=data, files=files, timeout=120)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert 43 < doc["duration"] < 45 and doc["segments"][-1]["end"] > 40
+    e, n = word_errors(" ".join(SENTENCES[name]["text"] for name in ENGLISH), doc["text"])
+    assert e / n <= 0.15, doc["text"]
+    silence = io.BytesIO()
+    soundfile.write(silence, np.zeros(3 * 16_000, np.float32), 16_000, format="WAV")
+    r = httpx.post(f"{cluster.url}/v1/audio/transcriptions", data={"model": MODEL}, files={"file": ("s.wav", silence.getvalue())}, timeout=120)
+    assert r.status_code == 200 and r.json()["text"] == "", r.text  # not Whisper's "you"
+
+
 def test_other_formats_and_rates_decode(cluster: Cluster) -> None:
     """FLAC, OGG Vorbis and MP3 (libsndfile, no ffmpeg), stereo at 44.1 kHz: the same words."""
     samples, rate = soundfile.read(SPEECH / ENGLISH[0], dtype="float32")

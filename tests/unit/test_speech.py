@@ -84,12 +84,24 @@ def test_mel_filters_are_slaney_triangles() -> None:
 
 def test_windows_are_30_seconds_of_3000_frames_normalised_like_whisper() -> None:
     one = wa.windows(tone(5.0, 16_000))
-    assert len(one) == 1 and one[0].shape == (80, 3000)
-    assert one[0].max() - one[0].min() <= 2.0 + 1e-6  # clamped at 8 decades below the top, divided by 4
-    band = int(one[0][:, 100:400].mean(axis=1).argmax())  # the loudest band during the 440 Hz tone
+    assert len(one) == 1 and one[0].features.shape == (80, 3000) and (one[0].start, one[0].seconds) == (0.0, 5.0)
+    features = one[0].features
+    assert features.max() - features.min() <= 2.0 + 1e-6  # clamped at 8 decades below the top, divided by 4
+    band = int(features[:, 100:400].mean(axis=1).argmax())  # the loudest band during the 440 Hz tone
     centre = wa.mel_filters()[band].argmax() * wa.RATE / wa.N_FFT
     assert 360 <= centre <= 520, centre
     assert len(wa.windows(np.zeros(int(30.5 * 16_000), np.float32))) == 2
+
+
+def test_long_audio_is_cut_in_its_pauses() -> None:
+    """A 50 s tone with a pause at 24-24.5 s: the first window ends in the pause, not at 30 s in a word."""
+    x = tone(50.0, 16_000)
+    x[24 * 16_000 : int(24.5 * 16_000)] = 0
+    pieces = wa.cuts(x)
+    assert len(pieces) == 2 and pieces[0][0] == 0 and pieces[-1][1] == len(x) and pieces[0][1] == pieces[1][0]
+    assert 24 * 16_000 <= pieces[0][1] <= 24.5 * 16_000, pieces[0][1] / 16_000
+    steady = wa.cuts(tone(95.0, 16_000))  # no pause: cuts at most 30 s apart, covering everything
+    assert len(steady) == 4 and all(0 < b - a <= 30 * 16_000 for a, b in steady) and steady[-1][1] == 95 * 16_000
 
 
 def test_pack_fills_windows_per_group_and_leaves_long_clips_alone() -> None:

@@ -10,8 +10,9 @@ and its answer
 The gateway's OpenAI audio routes (gateway/openai/audio.py) build these values from multipart uploads.
 
 Batching: the batcher hands the engine every request of a batch in one `infer_values` call, and the engine
-runs them as ONE CTranslate2 `generate` over all their 30-second windows (a long file is cut into 30 s
-windows, which join the batch like short clips). On a CPU the encoder's cost is per window (3,000 frames,
+runs them as ONE CTranslate2 `generate` over all their 30-second windows (a long file is cut into windows of
+at most 30 s, in its pauses: whisper_audio.cuts, which join the batch like short clips). A window Whisper
+takes for silence gives no text (no_speech_prob > 0.6 and mean log-probability < -1, Whisper's thresholds). On a CPU the encoder's cost is per window (3,000 frames,
 whatever the speech in it), so short clips are also packed: clips of at most `options.pack_seconds`
 (default 10; 0 = off) from the same tenant share a window, `options.pack_gap_seconds` (default 1.5) of
 silence apart, and each timestamped segment goes back to the clip whose span holds it. A segment that spans
@@ -46,6 +47,8 @@ TASKS = ("transcribe", "translate")
 MAX_LENGTH = 448  # Whisper's decoder positions
 MAX_PROMPT_TOKENS = MAX_LENGTH // 2 - 1  # as OpenAI's whisper: the prompt keeps the last 223 tokens
 FIELDS = frozenset({"audio", "task", "language", "prompt", "temperature"})
+NO_SPEECH = 0.6  # Whisper's no_speech_threshold ...
+LOW_LOGPROB = -1.0  # ... and logprob_threshold (the mean log-probability of the window's tokens)
 
 
 @dataclass
@@ -146,9 +149,7 @@ class WhisperEngine(Engine):
         rows = inputs.get("audio")
         if rows is None:
             raise errors.InvalidArgument(f"model {self.model!r}: input 'audio' (BYTES, an audio file per row) is required", field="audio")
-        requests: list[tuple[bytes, dict[str, Any]] | errors.UnimodelError] = [
-            (_as_bytes(row), {}) for row in rows.reshape(len(rows), -1)[:, 0]
-        ]
+        requests: list[tuple[bytes, dict[str, Any]] | errors.UnimodelError] = [(_as_bytes(row), {}) for row in rows.reshape(len(rows), -1)[:, 0]]
         loop = asyncio.get_running_loop()
         async with self._lock:
             answers = await loop.run_in_executor(None, self._run, requests, [str(i) for i in range(len(requests))])
@@ -250,15 +251,7 @@ class WhisperEngine(Engine):
         """The windows of one packing group: one shared window of short clips, or a clip's own windows."""
         if len(members) == 1:
             clip = clips[members[0]]
-            return [
-                Job(
-                    features,
-                    [members[0]],
-                    [wa.Placed(members[0], 0.0, min(clip.seconds - k * wa.WINDOW_SECONDS, wa.WINDOW_SECONDS))],
-                    k * wa.WINDOW_SECONDS,
-                )
-                for k, features in enumerate(wa.windows(clip.samples))
-            ]
+            return [Job(piece.features, [members[0]], [wa.Placed(members[0], 0.0, piece.seconds)], piece.start) for piece in wa.windows(clip.samples)]
         window = np.zeros(wa.WINDOW_SAMPLES, dtype=np.float32)
         placed: list[wa.Placed] = []
         at = 0.0
@@ -268,7 +261,7 @@ class WhisperEngine(Engine):
             window[first : first + len(samples)] = samples
             placed.append(wa.Placed(i, at, at + len(samples) / wa.RATE))
             at += len(samples) / wa.RATE + self.gap_seconds
-        return [Job(wa.windows(window)[0], members, placed, 0.0)]
+        return [Job(wa.window_features(window), members, placed, 0.0)]
 
     def _prompt(self, clip: Clip, language: str) -> list[int]:
         tokens: list[int] = []
@@ -308,10 +301,15 @@ class WhisperEngine(Engine):
                 beam_size=1 if temperature > 0 else self.beam_size,
                 max_length=MAX_LENGTH,
                 suppress_blank=True,
+                return_scores=True,
+                return_no_speech_prob=True,
                 **sampling,
             )
             for k, result in zip(ks, results, strict=True):
-                jobs[k].tokens = list(result.sequences_ids[0])
+                # Whisper's own silence rule: a window it thinks holds no speech and whose text it is unsure of
+                # is silence (on silence it "hears" "you" or "Thank you.")
+                silent = result.no_speech_prob > NO_SPEECH and result.scores[0] < LOW_LOGPROB
+                jobs[k].tokens = [] if silent else list(result.sequences_ids[0])
 
     def _answer(self, clip: Clip, found: list[tuple[float, float, list[int]]], language: str) -> struct_pb2.Value:
         found.sort(key=lambda s: s[0])

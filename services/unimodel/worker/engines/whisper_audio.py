@@ -64,14 +64,44 @@ def log_mel(samples: np.ndarray) -> np.ndarray:
     return ((logs + 4.0) / 4.0).astype(np.float32)
 
 
-def windows(samples: np.ndarray) -> list[np.ndarray]:
-    """The audio cut into 30-second windows, the last one padded with silence: float32 [N_MELS, FRAMES] each
-    (the log-mel of the whole padded audio, then sliced, as Whisper does)."""
-    count = max(1, -(-len(samples) // WINDOW_SAMPLES))
-    padded = np.zeros(count * WINDOW_SAMPLES, dtype=np.float32)
-    padded[: len(samples)] = samples
-    features = log_mel(padded)
-    return [features[:, i * FRAMES : (i + 1) * FRAMES] for i in range(count)]
+@dataclass
+class Piece:
+    """One 30-second window of a clip: where it starts and how long its audio is (seconds), and its features."""
+
+    start: float
+    seconds: float
+    features: np.ndarray
+
+
+def cuts(samples: np.ndarray, search_seconds: float = 10.0, frame: int = 320) -> list[tuple[int, int]]:
+    """(first, end) sample ranges of at most 30 s covering the audio. A longer clip is cut at the quietest 20 ms
+    of the last `search_seconds` before each 30 s limit, so a cut falls in a pause and not inside a word (fixed
+    30 s cuts split words, and the window on each side then loses them)."""
+    out: list[tuple[int, int]] = []
+    start, n = 0, len(samples)
+    search = int(search_seconds * RATE)
+    while n - start > WINDOW_SAMPLES:
+        lo = start + WINDOW_SAMPLES - search
+        frames = (WINDOW_SAMPLES - (lo - start)) // frame
+        energy = np.square(samples[lo : lo + frames * frame].reshape(frames, frame)).mean(axis=1)
+        quietest = frames - 1 - int(np.argmin(energy[::-1]))  # the latest of equally quiet frames
+        cut = lo + quietest * frame + frame // 2
+        out.append((start, cut))
+        start = cut
+    out.append((start, n))
+    return out
+
+
+def window_features(samples: np.ndarray) -> np.ndarray:
+    """float32 [N_MELS, FRAMES] of at most 30 s of audio, padded with silence to 30 s (as Whisper pads)."""
+    padded = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
+    padded[: len(samples)] = samples[:WINDOW_SAMPLES]
+    return log_mel(padded)
+
+
+def windows(samples: np.ndarray) -> list[Piece]:
+    """The audio as 30-second windows (cut in pauses: `cuts`), each padded with silence."""
+    return [Piece(a / RATE, (b - a) / RATE, window_features(samples[a:b])) for a, b in cuts(samples)]
 
 
 # --- packing short clips ---------------------------------------------------------------------------------
