@@ -12,12 +12,13 @@ The gateway's OpenAI audio routes (gateway/openai/audio.py) build these values f
 Batching: the batcher hands the engine every request of a batch in one `infer_values` call, and the engine
 runs them as ONE CTranslate2 `generate` over all their 30-second windows (a long file is cut into windows of
 at most 30 s, in its pauses: whisper_audio.cuts, which join the batch like short clips). A window Whisper
-takes for silence gives no text (no_speech_prob > 0.6 and mean log-probability < -1, Whisper's thresholds). On a CPU the encoder's cost is per window (3,000 frames,
-whatever the speech in it), so short clips are also packed: clips of at most `options.pack_seconds`
-(default 10; 0 = off) from the same tenant share a window, `options.pack_gap_seconds` (default 1.5) of
-silence apart, and each timestamped segment goes back to the clip whose span holds it. A segment that spans
-two clips or none sends those clips through again, each alone in its window; so does a clip that got no
-segment. Clips of different tenants never share a window (their words never share a decoding).
+takes for silence gives no text (no_speech_prob > 0.6 and mean log-probability < -1, Whisper's thresholds). On
+a CPU the encoder's cost is per window (3,000 frames, whatever the speech in it), so short clips are also
+packed: clips of at most `options.pack_seconds` (default 10; 0 = off) from the same tenant share a window,
+`options.pack_gap_seconds` (default 1.5) of silence apart, and each timestamped segment goes back to the clip
+whose span holds it. A segment that spans two clips or none sends those clips through again, each alone in its
+window; so does a clip that got no segment. Clips of different tenants never share a window (their words never
+share a decoding).
 
 Options (ModelConfig.options): `max_audio_seconds` (default 600: longer is 413), `beam_size` (default 1,
 greedy), `intra_threads` (CTranslate2 threads; default: the CPUs this process may use),
