@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,6 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-SPEECH = ROOT / "tests" / "data" / "speech"
 MODEL = "whisper-base"
 VARIANTS = {
     MODEL: None,
@@ -45,19 +43,9 @@ VARIANTS = {
 }
 
 
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    ref = re.sub(r"[^a-z0-9' ]", " ", reference.lower()).split()
-    hyp = re.sub(r"[^a-z0-9' ]", " ", hypothesis.lower()).split()
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1], len(ref)
-
-
 async def one_round(url: str, model: str, clips: list[tuple[str, bytes, str]]) -> tuple[float, list[float], int, int]:
     """(wall seconds, request latencies, word errors, reference words) of all clips sent at once."""
+    from helpers.speech import word_errors
 
     async def one(http: httpx.AsyncClient, name: str, data: bytes, text: str) -> tuple[float, int, int]:
         t0 = time.perf_counter()
@@ -82,20 +70,27 @@ def main() -> int:
     import soundfile
 
     from helpers.modelrepo import prepared_repository
+    from helpers.speech import ENGLISH, SENTENCES, SPEECH
     from unimodel.local.cluster import ClusterConfig, LocalCluster
     from unimodel.local.procs import free_port, wait_until
 
-    sentences = json.loads((SPEECH / "sentences.json").read_text())
-    english = sorted(n for n, s in sentences.items() if s["language"] == "en")
-    names = [english[i % len(english)] for i in range(args.clients)]
-    clips = [(n, (SPEECH / n).read_bytes(), sentences[n]["text"]) for n in names]
+    names = [ENGLISH[i % len(ENGLISH)] for i in range(args.clients)]
+    clips = [(n, (SPEECH / n).read_bytes(), SENTENCES[n]["text"]) for n in names]
     audio_seconds = sum(soundfile.info(SPEECH / n).duration for n in names)
     repository = prepared_repository()
     stats: dict[str, dict[str, list[float]]] = {v: {"wall": [], "latency": [], "errors": [], "words": []} for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ClusterConfig(
-            state_dir=Path(tmp) / "state", http_port=free_port(), grpc_port=free_port(), nats_port=free_port(), etcd_port=free_port(),
-            log_level="warning", model_repository=repository, prepare_models=False, load_models=MODEL, workers=1,
+            state_dir=Path(tmp) / "state",
+            http_port=free_port(),
+            grpc_port=free_port(),
+            nats_port=free_port(),
+            etcd_port=free_port(),
+            log_level="warning",
+            model_repository=repository,
+            prepare_models=False,
+            load_models=MODEL,
+            workers=1,
         )
         with open(Path(tmp) / "cluster.log", "w") as log:
             cluster = LocalCluster(cfg, sink=log)
@@ -130,12 +125,14 @@ def main() -> int:
         "command": "scripts/bench/audio_batching.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} CPUs",
         "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "clips": len(clips), "audio_seconds_per_round": round(audio_seconds, 2), "rounds": args.rounds,
+        "clips": len(clips),
+        "audio_seconds_per_round": round(audio_seconds, 2),
+        "rounds": args.rounds,
     }
     base = len(clips) * args.rounds / sum(stats[f"{MODEL}-unbatched"]["wall"])
     for variant, s in stats.items():
         throughput = len(clips) * args.rounds / sum(s["wall"])
-        report[variant] = {
+        row = {
             "clips_per_s": round(throughput, 3),
             "real_time_factor": round(sum(s["wall"]) / (audio_seconds * args.rounds), 4),
             "latency_p50_s": round(statistics.median(s["latency"]), 3),
@@ -143,9 +140,11 @@ def main() -> int:
             "word_error_rate": round(sum(s["errors"]) / sum(s["words"]), 4),
             "vs_unbatched": round(throughput / base, 2),
         }
-        r = report[variant]
-        print(f"{variant:<24} {r['clips_per_s']:.2f} clips/s  RTF {r['real_time_factor']:.3f}  p50 {r['latency_p50_s']:.2f} s  "  # type: ignore[index]
-              f"WER {r['word_error_rate'] * 100:.1f} %  x{r['vs_unbatched']}")  # type: ignore[index]
+        report[variant] = row
+        print(
+            f"{variant:<24} {row['clips_per_s']:.2f} clips/s  RTF {row['real_time_factor']:.3f}  p50 {row['latency_p50_s']:.2f} s  "
+            f"WER {row['word_error_rate'] * 100:.1f} %  x{row['vs_unbatched']}"
+        )
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.json}")
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,29 +20,11 @@ import openai
 import pytest
 import soundfile
 
-from helpers.support import Infra, Services, metric_total
-from unimodel.local.procs import free_port
+from helpers.speech import ENGLISH, SENTENCES, SPEECH, word_errors
+from helpers.support import metric_total, one_worker_cluster
 
 MODEL = "whisper-base"
-SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech"
-SENTENCES = json.loads((SPEECH / "sentences.json").read_text())
-ENGLISH = sorted(name for name, s in SENTENCES.items() if s["language"] == "en")
 pytestmark = pytest.mark.timeout(300)
-
-
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
-
-
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(substitutions + deletions + insertions, reference words): Levenshtein over words."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1], len(ref)
 
 
 class Cluster:
@@ -56,20 +37,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Cluster]:
-    infra = Infra(tmp_path_factory.mktemp("audio"))
-    services = Services(infra)
-    try:
-        infra.start()
-        metrics = free_port()
-        services.start("router")
-        services.start("batcher")
-        services.start("gpu-worker", "--instance-id", "worker-0", "--metrics-port", str(metrics), name="worker-0")
-        services.start_gateway("--model-repository", str(model_repository), "--load-models", MODEL)
-        services.wait_models([MODEL])
-        yield Cluster(services.url, metrics)
-    finally:
-        services.stop()
-        infra.stop()
+    with one_worker_cluster(tmp_path_factory.mktemp("audio"), model_repository, [MODEL]) as (url, metrics):
+        yield Cluster(url, metrics)
 
 
 def client(cluster: Cluster) -> openai.OpenAI:

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.support import Infra, Services, metric_total
-from unimodel.local.procs import free_port, wait_until
+from helpers.support import metric_total, one_worker_cluster
+from unimodel.local.procs import wait_until
 
 MODEL = "smollm2-135m-instruct"
 pytestmark = pytest.mark.timeout(300)
@@ -34,22 +34,10 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Cluster]:
-    infra = Infra(tmp_path_factory.mktemp("llm-batching"))
-    services = Services(infra)
-    try:
-        infra.start()
-        metrics = free_port()
-        services.start("router")
-        services.start("batcher")
-        services.start("gpu-worker", "--instance-id", "worker-0", "--metrics-port", str(metrics), name="worker-0")
-        services.start_gateway("--model-repository", str(model_repository), "--load-models", MODEL)
-        services.wait_models([MODEL])
-        status = httpx.get(f"{services.url}/v1/models/{MODEL}/status", timeout=5).json()
+    with one_worker_cluster(tmp_path_factory.mktemp("llm-batching"), model_repository, [MODEL]) as (url, metrics):
+        status = httpx.get(f"{url}/v1/models/{MODEL}/status", timeout=5).json()
         assert status["state"] == "READY", status
-        yield Cluster(services.url, metrics)
-    finally:
-        services.stop()
-        infra.stop()
+        yield Cluster(url, metrics)
 
 
 async def stream_chat(client: httpx.AsyncClient, question: str, **body: object) -> tuple[str, float, float, dict]:
@@ -130,9 +118,7 @@ def test_min_tokens_and_ignore_eos_fix_the_length_on_chat_and_completions(cluste
         ).json()
         assert held["usage"]["completion_tokens"] >= 40
         assert held["choices"][0]["message"]["content"].startswith(short["choices"][0]["message"]["content"])
-        completion = client.post(
-            "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True}
-        ).json()
+        completion = client.post("/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True}).json()
         assert completion["choices"][0]["finish_reason"] == "length" and completion["usage"]["completion_tokens"] == 32
         with client.stream(
             "POST", "/v1/completions",
@@ -141,4 +127,3 @@ def test_min_tokens_and_ignore_eos_fix_the_length_on_chat_and_completions(cluste
         ) as r:  # fmt: skip
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
     assert [c["usage"]["completion_tokens"] for c in chunks if c.get("usage")] == [24]
-
