@@ -223,9 +223,9 @@ class Services:
 
 
 @contextmanager
-def one_worker_cluster(tmp: Path, repository: Path, models: list[str]) -> Iterator[tuple[str, int]]:
+def one_worker_cluster(tmp: Path, repository: Path, models: list[str]) -> Iterator[tuple[Services, int]]:
     """nats-server, etcd, router, batcher, ONE gpu-worker (its /metrics on a free port) and a gateway that
-    loads `models` from `repository`; yields (gateway URL, the worker's metrics port) once they are READY."""
+    loads `models` from `repository`; yields (the services, the worker's metrics port) once they are READY."""
     infra = Infra(tmp)
     services = Services(infra)
     try:
@@ -236,7 +236,7 @@ def one_worker_cluster(tmp: Path, repository: Path, models: list[str]) -> Iterat
         services.start("gpu-worker", "--instance-id", "worker-0", "--metrics-port", str(metrics), name="worker-0")
         services.start_gateway("--model-repository", str(repository), "--load-models", ",".join(models))
         services.wait_models(models)
-        yield services.url, metrics
+        yield services, metrics
     finally:
         services.stop()
         infra.stop()

@@ -2,7 +2,7 @@
 gateway, batcher and router (real nats-server and etcd). The clips are espeak-ng's (tests/data/speech,
 scripts/make_speech_samples.py): the openai SDK's transcriptions.create returns their sentences within 15 %
 word error rate; concurrent uploads share batches; every response_format; the predict API and KServe v2
-infer; and bad uploads get OpenAI-shaped 400 / 413 / 415 answers, never a 500.
+infer (REST and gRPC, with tritonclient); and bad uploads get OpenAI-shaped 400 / 413 / 415 answers, never a 500.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 class Cluster:
-    def __init__(self, url: str, metrics_port: int) -> None:
-        self.url, self.metrics_port = url, metrics_port
+    def __init__(self, url: str, grpc_port: int, metrics_port: int) -> None:
+        self.url, self.grpc_port, self.metrics_port = url, grpc_port, metrics_port
 
     def batches(self) -> float:
         return metric_total(f"http://127.0.0.1:{self.metrics_port}/metrics", "unimodel_worker_batches_total", model=MODEL)
@@ -37,8 +37,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Cluster]:
-    with one_worker_cluster(tmp_path_factory.mktemp("audio"), model_repository, [MODEL]) as (url, metrics):
-        yield Cluster(url, metrics)
+    with one_worker_cluster(tmp_path_factory.mktemp("audio"), model_repository, [MODEL]) as (services, metrics):
+        yield Cluster(services.url, services.grpc_port, metrics)
 
 
 def client(cluster: Cluster) -> openai.OpenAI:
@@ -162,6 +162,13 @@ def test_predict_api_and_kserve_infer(cluster: Cluster) -> None:
     text = result.as_numpy("text")
     first = text[0, 0].decode() if isinstance(text[0, 0], bytes) else str(text[0, 0])
     assert text.shape == (1, 1) and "apples" in first.lower(), text
+    import tritonclient.grpc as triton_grpc
+
+    with triton_grpc.InferenceServerClient(f"127.0.0.1:{cluster.grpc_port}") as kserve_grpc:
+        tensor = triton_grpc.InferInput("audio", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[audio]], dtype=object))
+        answer = kserve_grpc.infer(MODEL, [tensor], client_timeout=120).as_numpy("text")
+    assert answer.shape == (1, 1) and b"apples" in answer[0, 0].lower(), answer
 
 
 def _post(cluster: Cluster, content: bytes, **data: str) -> httpx.Response:

@@ -34,10 +34,10 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Cluster]:
-    with one_worker_cluster(tmp_path_factory.mktemp("llm-batching"), model_repository, [MODEL]) as (url, metrics):
-        status = httpx.get(f"{url}/v1/models/{MODEL}/status", timeout=5).json()
+    with one_worker_cluster(tmp_path_factory.mktemp("llm-batching"), model_repository, [MODEL]) as (services, metrics):
+        status = httpx.get(f"{services.url}/v1/models/{MODEL}/status", timeout=5).json()
         assert status["state"] == "READY", status
-        yield Cluster(url, metrics)
+        yield Cluster(services.url, metrics)
 
 
 async def stream_chat(client: httpx.AsyncClient, question: str, **body: object) -> tuple[str, float, float, dict]:
