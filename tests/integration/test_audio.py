@@ -130,6 +130,25 @@ def test_a_long_file_is_cut_into_windows_in_its_pauses_and_silence_is_no_text(cl
     assert r.status_code == 200 and r.json()["text"] == "", r.text  # not Whisper's "you"
 
 
+def test_clips_in_other_languages_sent_together_keep_their_language(cluster: Cluster) -> None:
+    """Without `language`, each clip is detected on its own window: a French clip among English ones stays French."""
+
+    async def one(http: httpx.AsyncClient, name: str) -> dict:
+        files = {"file": (name, (SPEECH / name).read_bytes(), "audio/wav")}
+        r = await http.post(f"{cluster.url}/v1/audio/transcriptions", data={"model": MODEL, "response_format": "verbose_json"}, files=files)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(one(http, name) for name in (ENGLISH[0], "fr.wav", ENGLISH[1])))
+
+    first, french, second = asyncio.run(run())
+    assert french["language"] == "fr" and "bonjour" in french["text"].lower(), french
+    assert first["language"] == second["language"] == "en"
+    assert word_errors(SENTENCES[ENGLISH[0]]["text"], first["text"])[0] <= 4, first["text"]
+
+
 def test_other_formats_and_rates_decode(cluster: Cluster) -> None:
     """FLAC, OGG Vorbis and MP3 (libsndfile, no ffmpeg), stereo at 44.1 kHz: the same words."""
     samples, rate = soundfile.read(SPEECH / ENGLISH[0], dtype="float32")

@@ -14,11 +14,11 @@ runs them as ONE CTranslate2 `generate` over all their 30-second windows (a long
 at most 30 s, in its pauses: whisper_audio.cuts, which join the batch like short clips). A window Whisper
 takes for silence gives no text (no_speech_prob > 0.6 and mean log-probability < -1, Whisper's thresholds). On
 a CPU the encoder's cost is per window (3,000 frames, whatever the speech in it), so short clips are also
-packed: clips of at most `options.pack_seconds` (default 10; 0 = off) from the same tenant share a window,
-`options.pack_gap_seconds` (default 1.5) of silence apart, and each timestamped segment goes back to the clip
-whose span holds it. A segment that spans two clips or none sends those clips through again, each alone in its
-window; so does a clip that got no segment. Clips of different tenants never share a window (their words never
-share a decoding).
+packed: clips of at most `options.pack_seconds` (default 10; 0 = off) from the same tenant that name their
+language share a window, `options.pack_gap_seconds` (default 1.5) of silence apart, and each timestamped
+segment goes back to the clip whose span holds it. A segment that spans two clips or none sends those clips
+through again, each alone in its window; so does a clip that got no segment. Clips of different tenants never
+share a window (their words never share a decoding).
 
 Options (ModelConfig.options): `max_audio_seconds` (default 600: longer is 413), `beam_size` (default 1,
 greedy), `intra_threads` (CTranslate2 threads; default: the CPUs this process may use),
@@ -189,7 +189,7 @@ class WhisperEngine(Engine):
             [clips[i].seconds for i in order],
             self.pack_seconds,
             self.gap_seconds,
-            [f"{c.tenant}\0{c.task}\0{c.language}\0{c.prompt}\0{c.temperature}" for c in (clips[i] for i in order)],
+            [_pack_group(i, clips[i]) for i in order],
         )
         jobs: list[Job] = []
         for group in groups:
@@ -353,3 +353,12 @@ def _as_bytes(row: object) -> bytes:
     if isinstance(row, str):
         return row.encode("latin-1", errors="replace")
     raise errors.InvalidArgument("input 'audio' must be BYTES (an audio file per row)", field="audio")
+
+
+def _pack_group(index: int, clip: Clip) -> str:
+    """Clips that may share a window: one tenant's, with the same task, language, prompt and temperature. A clip
+    that does not name its language is not packed (a shared window is decoded in one language, and detecting
+    each clip's first would cost the encoder pass that packing saves)."""
+    if clip.language is None:
+        return f"\0alone {index}"
+    return f"{clip.tenant}\0{clip.task}\0{clip.language}\0{clip.prompt}\0{clip.temperature}"
