@@ -119,9 +119,11 @@ async def test_load_run_and_unload_a_model_on_command(services: Services, tmp_pa
     infra = services.infra
     proc = services.start("gpu-worker", "--instance-id", "worker-m", name="worker-m")
     info = await wait_for(infra, "worker-m", lambda i: "echo" in i.models)
-    # what this venv can run (llama_cpp from the llm extra; vllm only where it is installed), in order
+    # what this venv can run (llama_cpp from the llm extra; vllm only where it is installed; ctranslate2 from
+    # the audio extra), in order
     optional = [kind for kind, module in (("llamacpp", "llama_cpp"), ("vllm", "vllm")) if importlib.util.find_spec(module)]
-    assert list(info.engines) == ["onnx", *optional, "openai", "delay", "echo"]
+    speech = ["whisper"] if importlib.util.find_spec("ctranslate2") else []
+    assert list(info.engines) == ["onnx", *optional, "openai", *speech, "delay", "echo"]
     assert states(info) == {"echo": (S.READY, "")} and info.model_states[0].pinned
     address = info.grpc_address  # every model placed here is loaded: ready and alive
     assert (await health(address), await health(address, "liveness")) == ("SERVING", "SERVING")
