@@ -38,8 +38,9 @@ IMAGE, MODELS_IMAGE = "unimodel:0.1.0", "unimodel-models:0.1.0"
 CUDA_LAYER_IMAGE = "unimodel-test/cuda-python-layer:latest"
 SERVICE_IMAGE_LIMIT_BYTES = 1.2e9
 INFRA = ["nats", "etcd", "postgres", "milvus", "jaeger", "prometheus"]
-CHAT_MODEL, EMBEDDING_MODEL = "smollm2-135m-instruct", "all-minilm-l6-v2"
-DEMO = ["mlp", "iris-classifier", "efficientnet-lite0", "delay", CHAT_MODEL, EMBEDDING_MODEL]
+CHAT_MODEL, EMBEDDING_MODEL, SPEECH_MODEL = "smollm2-135m-instruct", "all-minilm-l6-v2", "whisper-base"
+DEMO = ["mlp", "iris-classifier", "efficientnet-lite0", "delay", CHAT_MODEL, EMBEDDING_MODEL, SPEECH_MODEL]
+SPEECH_CLIP = Path(__file__).resolve().parents[1] / "data" / "speech" / "02.wav"  # "Our meeting starts at nine ..."
 
 
 def report(line: str) -> None:
@@ -140,6 +141,9 @@ def test_real_clients_on_the_published_ports(cluster: ComposeCluster) -> None:
     assert len(chunks) > 2 and text.strip(), chunks
     emb = client.embeddings.create(model=EMBEDDING_MODEL, input=["a cat sits on the mat", "a dog runs"])
     assert [len(d.embedding) for d in emb.data] == [384, 384]
+    with open(SPEECH_CLIP, "rb") as f:  # CTranslate2 and libsndfile in the service image
+        speech = client.audio.transcriptions.create(model=SPEECH_MODEL, file=f)
+    assert "meeting" in speech.text.lower() and "tuesday" in speech.text.lower(), speech.text
 
     x = np.ones((1, 384), np.float32)
     h = httpclient.InferenceServerClient(cluster.base.removeprefix("http://"))
