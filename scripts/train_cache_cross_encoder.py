@@ -110,7 +110,9 @@ def main() -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     total, warm = len(batches), max(1, len(batches) // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / (total - warm)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / (total - warm))
+    )
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     started, running = time.perf_counter(), 0.0
@@ -178,7 +180,6 @@ def evaluate(model, tokenizer, args: argparse.Namespace, train_min: float | None
     rng = np.random.RandomState(SEED + 1)  # the dev halves: the same whether the model was just trained or loaded
     model.eval()
     da, db, dy = shipped.load_pairs("dev")
-
     ce = symmetric_logits(model, tokenizer, da, db, args.max_length)
     np.save(out / "dev_scores.npy", ce)
 
@@ -186,7 +187,9 @@ def evaluate(model, tokenizer, args: argparse.Namespace, train_min: float | None
 
     dua, dub = shipped.embeddings("dev", da, db, REPO_ROOT / ".cache" / "verifier-embeddings", shipped.MODEL_REPOSITORY)
     vs = shipped.pair_scores(verifier.Verifier.load(), da, db, dua, dub)
-    result: dict[str, object] = {"layers": model.config.num_hidden_layers, "train_minutes": None if train_min is None else round(train_min, 1)}
+    result: dict[str, object] = {
+        "layers": model.config.num_hidden_layers, "train_minutes": None if train_min is None else round(train_min, 1)
+    }
     print(f"{'dev: duplicates accepted at':<52} 2.5 % / 2.0 % false accepts")
     for name, scores in (("shipped verifier", vs), ("cross-encoder", ce)):
         row = [recall_at(scores, dy, fa) for fa in FALSE_ACCEPTS]
@@ -196,10 +199,8 @@ def evaluate(model, tokenizer, args: argparse.Namespace, train_min: float | None
     weights = np.round(np.arange(0.0, 1.01, 0.1), 2)
     curve = {float(w): recall_at(w * rv + (1 - w) * rc, dy, 0.025) for w in weights}
     result["rank mean on all of dev, by weight of the verifier"] = curve
-    print(
-        "rank mean on all of dev, by weight of the verifier (chosen on dev itself: optimistic): "
-        + ", ".join(f"{w}: {r * 100:.1f} %" for w, r in curve.items())
-    )
+    print("rank mean on all of dev, by weight of the verifier (chosen on dev itself: optimistic): "
+          + ", ".join(f"{w}: {r * 100:.1f} %" for w, r in curve.items()))
     halves = np.array_split(rng.permutation(len(dy)), 2)
     for chosen_on, reported_on in ((0, 1), (1, 0)):
         pick, held = halves[chosen_on], halves[reported_on]

@@ -20,12 +20,8 @@ from helpers.chaos_report import Report
 from helpers.process_tree import alive, descendants
 
 STREAM_BODY = {
-    "model": "smol",
-    "messages": [{"role": "user", "content": "Count from one to twenty in words, separated by commas."}],
-    "temperature": 0,
-    "max_tokens": 40,
-    "stream": True,
-    "stream_options": {"include_usage": True},
+    "model": "smol", "messages": [{"role": "user", "content": "Count from one to twenty in words, separated by commas."}],
+    "temperature": 0, "max_tokens": 40, "stream": True, "stream_options": {"include_usage": True},
 }
 
 

@@ -27,15 +27,8 @@ def test_nats_restart(chaos: ChaosCluster, chaos_report: Report, greedy: Greedy 
         _whole(chaos)
 
     measure(
-        chaos_report,
-        chaos,
-        greedy,
-        fault_id="nats-restart",
-        fault="NATS restart (3 s down)",
-        kinds=(TENSOR, STREAM),
-        inject=chaos.infra.nats.stop,
-        recover=recover,
-        hold_s=3.0,
+        chaos_report, chaos, greedy, fault_id="nats-restart", fault="NATS restart (3 s down)", kinds=(TENSOR, STREAM),
+        inject=chaos.infra.nats.stop, recover=recover, hold_s=3.0,
     )
 
 
@@ -54,12 +47,6 @@ def test_milvus_down(chaos: ChaosCluster, chaos_report: Report, greedy: Greedy |
         wait_until(answers, 60, "the cache to reach Milvus again")
 
     measure(
-        chaos_report,
-        chaos,
-        greedy,
-        fault_id="milvus-down",
-        fault="Milvus down (4 s)",
-        kinds=(CACHE, TENSOR),
-        inject=chaos.milvus.stop,
-        recover=recover,
+        chaos_report, chaos, greedy, fault_id="milvus-down", fault="Milvus down (4 s)", kinds=(CACHE, TENSOR),
+        inject=chaos.milvus.stop, recover=recover,
     )

@@ -42,9 +42,7 @@ def test_kill(chaos: ChaosCluster, chaos_report: Report, greedy: Greedy | None, 
         chaos.kill(victim[0], SIGNALS[how][0])
 
     measure(
-        chaos_report,
-        chaos,
-        greedy,
+        chaos_report, chaos, greedy,
         fault_id=f"{how}-{kind}",
         fault=f"{SIGNALS[how][1]} {kind} ({replicas} {'replica' if replicas == 1 else 'replicas'})",
         kinds=kinds,

@@ -69,16 +69,8 @@ def test_partition(
         chaos.wait_ready(NS_WORKER, 90)
 
     measure(
-        chaos_report,
-        chaos,
-        greedy,
-        fault_id=PARTITION[0],
-        fault=PARTITION[1],
-        kinds=(TENSOR, STREAM),
-        inject=inject,
-        recover=recover,
-        hold_s=5.0,
-        zero_failed=True,
+        chaos_report, chaos, greedy, fault_id=PARTITION[0], fault=PARTITION[1], kinds=(TENSOR, STREAM),
+        inject=inject, recover=recover, hold_s=5.0, zero_failed=True,
     )
 
 
@@ -91,13 +83,6 @@ def test_slow_worker(
     net = ns_worker
 
     measure(
-        chaos_report,
-        chaos,
-        greedy,
-        fault_id=SLOW[0],
-        fault=SLOW[1],
-        kinds=(TENSOR, STREAM),
-        inject=lambda: net.delay(DELAY_MS),
-        recover=net.clear,
-        hold_s=5.0,
+        chaos_report, chaos, greedy, fault_id=SLOW[0], fault=SLOW[1], kinds=(TENSOR, STREAM),
+        inject=lambda: net.delay(DELAY_MS), recover=net.clear, hold_s=5.0,
     )

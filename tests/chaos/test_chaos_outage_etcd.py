@@ -24,13 +24,6 @@ def test_etcd_outage(chaos: ChaosCluster, chaos_report: Report, greedy: Greedy |
         chaos.wait_steady()
 
     measure(
-        chaos_report,
-        chaos,
-        greedy,
-        fault_id="etcd-outage",
-        fault=f"etcd outage ({ETCD_OUTAGE_S:.0f} s)",
-        kinds=(TENSOR,),
-        inject=chaos.infra.stop_etcd,
-        recover=recover,
-        hold_s=ETCD_OUTAGE_S,
+        chaos_report, chaos, greedy, fault_id="etcd-outage", fault=f"etcd outage ({ETCD_OUTAGE_S:.0f} s)", kinds=(TENSOR,),
+        inject=chaos.infra.stop_etcd, recover=recover, hold_s=ETCD_OUTAGE_S,
     )

@@ -79,15 +79,16 @@ def test_the_service_image_is_non_root_slim_without_build_tools_and_answers_help
     helped = docker("run", "--rm", IMAGE, "--help")
     assert "usage: unimodel <command>" in helped and "gateway" in helped
     assert "usage: unimodel gateway" in docker("run", "--rm", IMAGE, "gateway", "--help")
-    tools = docker("run", "--rm", "--entrypoint", "sh", IMAGE, "-c", "for t in gcc cc c++ cmake make ld; do command -v $t || true; done").split()
+    tools = docker("run", "--rm", "--entrypoint", "sh", IMAGE, "-c",
+                   "for t in gcc cc c++ cmake make ld; do command -v $t || true; done").split()
     assert tools == [], f"build tools in the runtime image: {tools}"
-    torch = docker(
-        "run", "--rm", "--entrypoint", "python3", IMAGE, "-c", "import importlib.util as u; print(u.find_spec('torch') is not None)"
-    ).strip()
+    torch = docker("run", "--rm", "--entrypoint", "python3", IMAGE, "-c",
+                   "import importlib.util as u; print(u.find_spec('torch') is not None)").strip()
     assert torch == "False"
     size = int(inspect(IMAGE)["Size"])
     models_size = int(inspect(MODELS_IMAGE)["Size"])
-    report(f"image {IMAGE}: {size / 1e6:.0f} MB (limit {SERVICE_IMAGE_LIMIT_BYTES / 1e6:.0f} MB); {MODELS_IMAGE}: {models_size / 1e6:.0f} MB")
+    report(f"image {IMAGE}: {size / 1e6:.0f} MB (limit {SERVICE_IMAGE_LIMIT_BYTES / 1e6:.0f} MB); "
+           f"{MODELS_IMAGE}: {models_size / 1e6:.0f} MB")
     assert size <= SERVICE_IMAGE_LIMIT_BYTES, size
 
 
@@ -98,9 +99,11 @@ def test_the_cuda_images_python_layer_builds_on_a_stand_in_base() -> None:
     assert config["User"] == "unimodel" and config["Entrypoint"] == ["unimodel"], config
     assert config["Healthcheck"]["Test"] == ["CMD", "unimodel", "healthcheck"], config["Healthcheck"]
     assert "usage: unimodel gpu-worker" in docker("run", "--rm", CUDA_LAYER_IMAGE, "gpu-worker", "--help")
-    code = "import llama_cpp, onnxruntime, unimodel; from unimodel.models import smollm2; print(smollm2.package_gguf().is_file())"
+    code = ("import llama_cpp, onnxruntime, unimodel; from unimodel.models import smollm2; "
+            "print(smollm2.package_gguf().is_file())")
     assert docker("run", "--rm", "--entrypoint", "python3", CUDA_LAYER_IMAGE, "-c", code).strip() == "True"
-    tools = docker("run", "--rm", "--entrypoint", "sh", CUDA_LAYER_IMAGE, "-c", "for t in gcc cc cmake make; do command -v $t || true; done").split()
+    tools = docker("run", "--rm", "--entrypoint", "sh", CUDA_LAYER_IMAGE, "-c",
+                   "for t in gcc cc cmake make; do command -v $t || true; done").split()
     assert tools == [], f"build tools left in the CUDA image: {tools}"
 
 
@@ -130,9 +133,7 @@ def test_real_clients_on_the_published_ports(cluster: ComposeCluster) -> None:
 
     client = openai.OpenAI(base_url=f"{cluster.base}/v1", api_key=cluster.auth["Authorization"].split()[1])
     stream = client.chat.completions.create(
-        model=CHAT_MODEL,
-        stream=True,
-        max_tokens=16,
+        model=CHAT_MODEL, stream=True, max_tokens=16,
         messages=[{"role": "user", "content": "Say hello in one short sentence."}],
         extra_body={"cache": False},
     )
@@ -159,7 +160,8 @@ def test_real_clients_on_the_published_ports(cluster: ComposeCluster) -> None:
     g.close()
 
     image = base64.b64encode(Path(sklearn.datasets.__file__).parent.joinpath("images", "flower.jpg").read_bytes())
-    r = httpx.post(f"{cluster.base}/v1/models/efficientnet-lite0:predict", json={"input": image.decode()}, headers=cluster.auth, timeout=60)
+    r = httpx.post(f"{cluster.base}/v1/models/efficientnet-lite0:predict", json={"input": image.decode()},
+                   headers=cluster.auth, timeout=60)
     assert r.status_code == 200 and r.json()["output"]["labels"][0]["label"] == "daisy", r.text
 
     # the ModelCache API on the cache service (PostgreSQL and Milvus in their own containers)
@@ -216,7 +218,8 @@ def test_traces_reach_the_otlp_receiver_and_prometheus_scrapes_every_service(clu
 
 def worker_batches(cluster: ComposeCluster, container: str) -> float:
     text = cluster.exec_python(container, "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9100/metrics').read().decode())")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("unimodel_worker_batches_total{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("unimodel_worker_batches_total{"))
 
 
 def test_scale_to_three_gpu_workers_and_the_new_one_takes_traffic(cluster: ComposeCluster) -> None:
@@ -288,6 +291,5 @@ def test_a_crashed_worker_under_load_is_restarted_by_its_policy_and_loses_nothin
 def test_down_v_leaves_nothing(cluster: ComposeCluster) -> None:
     cluster.down()
     assert cluster.leftovers() == {"containers": [], "volumes": [], "networks": []}
-    assert (
-        json.loads(docker("ps", "--format", "{{json .Names}}", "--filter", f"label=com.docker.compose.project={cluster.project}") or "null") is None
-    )
+    assert json.loads(docker("ps", "--format", "{{json .Names}}", "--filter",
+                             f"label=com.docker.compose.project={cluster.project}") or "null") is None

@@ -126,11 +126,8 @@ class Topology:
         unimodel = Path(sys.executable).parent / "unimodel"  # the image's ENTRYPOINT
         argv = [str(unimodel)] if unimodel.is_file() else [sys.executable, "-m", "unimodel.cli"]
         proc = ManagedProcess(
-            label or name,
-            [*argv, *map(str, svc["command"])],  # type: ignore[call-overload]  # svc: a compose service parsed from YAML (object)
-            env={**_env(), **env, "PYTHONUNBUFFERED": "1"},
-            sink=self.infra.sink,
-            color=len(self.procs),
+            label or name, [*argv, *map(str, svc["command"])],  # type: ignore[call-overload]  # svc: a compose service parsed from YAML (object)
+            env={**_env(), **env, "PYTHONUNBUFFERED": "1"}, sink=self.infra.sink, color=len(self.procs),
         )
         proc.start()
         self.procs.append(proc)
@@ -144,9 +141,8 @@ class Topology:
         assert self.infra.credentials is not None
         root = str(self.infra.credentials.folder / "etcd-root.password")
         args = [root if a == "/run/secrets/etcd-root" else str(a) for a in svc["command"]]  # type: ignore[attr-defined]  # svc: a compose service parsed from YAML (object)
-        job = ManagedProcess(
-            "etcd-auth", [sys.executable, "-m", "unimodel.cli", *args], env={**_env(), **self.local_env("etcd-auth")}, sink=self.infra.sink
-        )
+        job = ManagedProcess("etcd-auth", [sys.executable, "-m", "unimodel.cli", *args],
+                             env={**_env(), **self.local_env("etcd-auth")}, sink=self.infra.sink)
         job.start()
         code = job.wait(60)
         job.stop()
@@ -249,9 +245,9 @@ def test_compose_services_run_as_processes_and_scale(topology: Topology) -> None
         assert r.status_code == 200 and "unimodel_service_info" in r.text, proc.name
     # tracing is on in compose (OTLP/gRPC to Jaeger): spans of the request path arrive at the endpoint
     wait_until(
-        lambda: {f"unimodel-{s}" for s in ("gateway", "batcher", "router", "gpu-worker")} <= {s.service for s in topology.receiver.spans},
-        15,
-        "spans of gateway, batcher, router and gpu-worker",
+        lambda: {f"unimodel-{s}" for s in ("gateway", "batcher", "router", "gpu-worker")}
+        <= {s.service for s in topology.receiver.spans},
+        15, "spans of gateway, batcher, router and gpu-worker",
     )
     for proc in topology.procs:
         assert proc.alive(), f"{proc.name} exited with code {proc.returncode()}"

@@ -2,7 +2,8 @@
 started the way the README says: `./scripts/up` from the repository root, its defaults but the ports.
 
 Shell commands run in bash with the venv's `unimodel` and `python` first on PATH, in a folder holding the
-`photo.jpg` the README's image example reads and the `speech.wav` its audio examples send. curl's answers are checked through curl's own config file
+`photo.jpg` the README's image example reads and the
+`speech.wav` its audio examples send. curl's answers are checked through curl's own config file
 ($CURL_HOME/.curlrc adds a `--write-out` line with the HTTP status), so the commands stay as written.
 An example must succeed (HTTP 2xx, no error object, exit status 0) unless its comment says
 `# fails: <status> <CODE>`; then it must fail exactly so. tests/helpers/docexamples.py reads the docs.
@@ -74,21 +75,9 @@ def readme_cluster(model_repository: Path, tmp_path_factory: pytest.TempPathFact
     ports = cluster.ports
     log = (workdir / "up.log").open("w+")
     up = subprocess.Popen(
-        [
-            "./scripts/up",
-            "--http-port",
-            str(ports[8000]),
-            "--grpc-port",
-            str(ports[8001]),
-            "--nats-port",
-            str(ports[4222]),
-            "--etcd-port",
-            str(ports[2379]),
-        ],
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=cluster.env(),
+        ["./scripts/up", "--http-port", str(ports[8000]), "--grpc-port", str(ports[8001]),
+         "--nats-port", str(ports[4222]), "--etcd-port", str(ports[2379])],
+        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=cluster.env(),
     )
     try:
         wait_until(lambda: "UniModel is up" in Path(log.name).read_text(), 300, "`./scripts/up` to print its endpoints")
@@ -124,7 +113,9 @@ def test_doc_example(example: Example, readme_cluster: ReadmeCluster) -> None:
         argv = [str(REPO_ROOT / ".venv" / "bin" / "python"), str(script)]
     else:
         argv = ["bash", "-o", "pipefail", "-c", text]
-    proc = subprocess.run(argv, cwd=readme_cluster.workdir, env=readme_cluster.env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        argv, cwd=readme_cluster.workdir, env=readme_cluster.env(), capture_output=True, text=True, timeout=120
+    )
     statuses, body = _split_status(proc.stdout)
     shown = f"{example.where}:\n{text}\n--- exit {proc.returncode}, HTTP {statuses}\n{body[-3000:]}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, shown
@@ -138,3 +129,4 @@ def test_doc_example(example: Example, readme_cluster: ReadmeCluster) -> None:
     assert not _ERROR_OBJECT.search(body), shown
     if "text/event-stream" in body or '"stream": true' in text:
         assert "data: [DONE]" in body, shown
+

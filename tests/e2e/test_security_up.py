@@ -59,23 +59,9 @@ def nats_answer_to_anonymous(port: int) -> str:
 def test_up_with_tenant_and_admin_keys(tmp_path: Path, model_repository: Path) -> None:
     http, grpc_port, nats_port, etcd = free_port(), free_port(), free_port(), free_port()
     cmd = [
-        sys.executable,
-        "-m",
-        "unimodel.cli",
-        "up",
-        "--no-prepare",
-        "--model-repository",
-        str(model_repository),
-        "--load-models",
-        ",".join(MODELS),
-        "--http-port",
-        str(http),
-        "--grpc-port",
-        str(grpc_port),
-        "--nats-port",
-        str(nats_port),
-        "--etcd-port",
-        str(etcd),
+        sys.executable, "-m", "unimodel.cli", "up", "--no-prepare", "--model-repository", str(model_repository),
+        "--load-models", ",".join(MODELS),
+        "--http-port", str(http), "--grpc-port", str(grpc_port), "--nats-port", str(nats_port), "--etcd-port", str(etcd),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")}
     env["UNIMODEL_API_KEYS"] = json.dumps({A: "team-a", B: "team-b"})
@@ -112,8 +98,7 @@ def test_up_with_tenant_and_admin_keys(tmp_path: Path, model_repository: Path) -
             assert r.status_code == 202, r.text
             wait_until(
                 lambda: c.post("/v1/models/iris-classifier:predict", json=iris, headers=auth(B)).status_code == 200,
-                60,
-                "iris-classifier registered again by the admin",
+                60, "iris-classifier registered again by the admin",
             )
 
             # configs: a tenant sees no paths, files or options; the admin sees the full config
@@ -137,25 +122,16 @@ def test_up_with_tenant_and_admin_keys(tmp_path: Path, model_repository: Path) -
             assert any(r["hit"] for r in b_log.json()["records"]), b_log.text  # the admin may read any scope
 
             # the findings' repros: each a 4xx naming what is wrong, never a 500
-            leak = {
-                "name": "leak",
-                "path": "iris-classifier",
-                "config": {"processing": {"kind": "tabular", "options": {"feature_names": "a,b,c,d", "labels": "/etc/passwd"}}},
-            }
+            leak = {"name": "leak", "path": "iris-classifier", "config": {"processing": {"kind": "tabular", "options": {
+                "feature_names": "a,b,c,d", "labels": "/etc/passwd"}}}}
             r = c.post("/v1/models", json=leak, headers=auth(ROOT))
             assert r.status_code == 403 and "labels" in r.text, r.text
-            ssrf = {
-                "name": "ssrf",
-                "path": "smollm2-135m-instruct",
-                "config": {"engine": "openai", "llm": {"upstream_url": "http://169.254.169.254/v1"}},
-            }
+            ssrf = {"name": "ssrf", "path": "smollm2-135m-instruct", "config": {"engine": "openai", "llm": {
+                "upstream_url": "http://169.254.169.254/v1"}}}
             r = c.post("/v1/models", json=ssrf, headers=auth(ROOT))
             assert r.status_code == 403 and "upstream_url" in r.text, r.text
-            secret = {
-                "name": "secret",
-                "path": "smollm2-135m-instruct",
-                "config": {"engine": "openai", "llm": {"upstream_url": "http://127.0.0.1:9/v1", "upstream_api_key_env": "UNIMODEL_ADMIN_API_KEYS"}},
-            }
+            secret = {"name": "secret", "path": "smollm2-135m-instruct", "config": {"engine": "openai", "llm": {
+                "upstream_url": "http://127.0.0.1:9/v1", "upstream_api_key_env": "UNIMODEL_ADMIN_API_KEYS"}}}
             r = c.post("/v1/models", json=secret, headers=auth(ROOT))
             assert r.status_code == 403 and "upstream_api_key_env" in r.text, r.text
             r = c.post("/v1/models", json={"name": "big", "path": "mlp", "config": {"instance_count": 100000}}, headers=auth(ROOT))

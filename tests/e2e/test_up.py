@@ -65,7 +65,9 @@ class PredictLoad:
 
 
 @pytest.mark.timeout(420)
-def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_nothing(tmp_path: Path, model_repository: Path) -> None:
+def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_nothing(
+    tmp_path: Path, model_repository: Path
+) -> None:
     http, grpc_port, nats, etcd = free_port(), free_port(), free_port(), free_port()
     # The default, relative state directory (.unimodel) in a new working directory; its models folder is
     # the repository the suite prepared once, so `up` runs prepare over it (all skipped) as a user's
@@ -73,20 +75,8 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
     (tmp_path / ".unimodel").mkdir()
     (tmp_path / ".unimodel" / "models").symlink_to(model_repository)
     cmd = [
-        sys.executable,
-        "-m",
-        "unimodel.cli",
-        "up",
-        "--workers",
-        "2",
-        "--http-port",
-        str(http),
-        "--grpc-port",
-        str(grpc_port),
-        "--nats-port",
-        str(nats),
-        "--etcd-port",
-        str(etcd),
+        sys.executable, "-m", "unimodel.cli", "up", "--workers", "2",
+        "--http-port", str(http), "--grpc-port", str(grpc_port), "--nats-port", str(nats), "--etcd-port", str(etcd),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")}
     log = (tmp_path / "up.log").open("w+")
@@ -101,7 +91,9 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
         def all_ready() -> bool:
             data = {m["id"]: m for m in httpx.get(f"{base}/v1/models").json()["data"]}
             # the embedding model runs on the embedding-worker alone, the rest on both gpu-workers
-            return all(data.get(m, {}).get("instances") == 2 for m in demo) and (data.get("all-minilm-l6-v2", {}).get("instances") == 1)
+            return all(data.get(m, {}).get("instances") == 2 for m in demo) and (
+                data.get("all-minilm-l6-v2", {}).get("instances") == 1
+            )
 
         wait_until(all_ready, 120, "demo models ready on 2 workers")
         r = httpx.post(f"{base}/v1/models/all-minilm-l6-v2:predict", json={"input": "a cat sits on the mat"})
@@ -130,13 +122,8 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
         workers = {w["id"] for w in before["workers"] if w["kind"] == "gpu-worker"}
         with PredictLoad(base) as load, httpx.Client(timeout=60) as client:
             time.sleep(1)
-            chat = {
-                "model": "smollm2-135m-instruct",
-                "stream": True,
-                "max_tokens": 300,
-                "cache": False,
-                "messages": [{"role": "user", "content": "Tell me a very long story about a dragon."}],
-            }
+            chat = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 300, "cache": False,
+                    "messages": [{"role": "user", "content": "Tell me a very long story about a dragon."}]}
             with client.stream("POST", f"{base}/v1/chat/completions", json=chat) as stream:
                 assert stream.status_code == 200
                 victim = stream.headers["x-unimodel-worker"]
@@ -170,12 +157,11 @@ def test_up_with_defaults_serves_survives_a_killed_worker_and_ctrl_c_leaves_noth
             wait_until(replaced, max(5.0, killed + 10 - time.monotonic()), "the restarted gpu-worker READY with every demo model")
             back_s = time.monotonic() - killed
             # ... and takes traffic again
-            served = {httpx.post(f"{base}/v1/models/echo:predict", json={"input": i}).headers["x-unimodel-worker"] for i in range(40)}
+            served = {httpx.post(f"{base}/v1/models/echo:predict", json={"input": i}).headers["x-unimodel-worker"]
+                      for i in range(40)}
             assert newcomer[0] in served, (newcomer, served)
-        sys.stderr.write(
-            f"kill -9 {victim}: stream ended after {ended_s:.2f}s ({len(rest)} events after the kill), "
-            f"worker back READY after {back_s:.2f}s, predict answers {dict(load.codes)}\n"
-        )
+        sys.stderr.write(f"kill -9 {victim}: stream ended after {ended_s:.2f}s ({len(rest)} events after the kill), "
+                         f"worker back READY after {back_s:.2f}s, predict answers {dict(load.codes)}\n")
         assert load.codes[200] > 0 and set(load.codes) == {200}, (dict(load.codes), load.errors[:5])
         text = Path(log.name).read_text()
         assert "was killed by SIGKILL; restarting in 0.5s" in text
@@ -203,12 +189,8 @@ def test_a_second_up_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
     try:
         assert state_dir_holder(tmp_path) == 4242
         proc = subprocess.run(
-            [sys.executable, "-m", "unimodel.cli", "up", "--no-prepare"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path.parent,
-            env={**os.environ, "UNIMODEL_STATE_DIR": str(tmp_path)},
+            [sys.executable, "-m", "unimodel.cli", "up", "--no-prepare"], capture_output=True, text=True, timeout=60,
+            cwd=tmp_path.parent, env={**os.environ, "UNIMODEL_STATE_DIR": str(tmp_path)},
         )
     finally:
         lock.close()
@@ -227,9 +209,7 @@ def test_up_reports_a_busy_port_in_one_line(tmp_path: Path) -> None:
         busy = s.getsockname()[1]
         proc = subprocess.run(
             [sys.executable, "-m", "unimodel.cli", "up", "--http-port", str(busy), "--state-dir", str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
+            capture_output=True, text=True, timeout=60,
         )
     assert proc.returncode == 1
     assert f"HTTP port {busy} on 127.0.0.1 is in use (choose another with --http-port)" in proc.stderr
@@ -242,29 +222,10 @@ def test_a_service_that_refuses_its_settings_stops_the_cluster_naming_it(tmp_pat
     config = tmp_path / "unimodel.yaml"
     config.write_text("gateway:\n  max_body_bytes: 10\n")
     up = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "unimodel.cli",
-            "up",
-            "--no-prepare",
-            "--config",
-            str(config),
-            "--state-dir",
-            "state",
-            "--http-port",
-            str(free_port()),
-            "--grpc-port",
-            str(free_port()),
-            "--nats-port",
-            str(free_port()),
-            "--etcd-port",
-            str(free_port()),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "unimodel.cli", "up", "--no-prepare", "--config", str(config), "--state-dir", "state",
+         "--http-port", str(free_port()), "--grpc-port", str(free_port()), "--nats-port", str(free_port()),
+         "--etcd-port", str(free_port())],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")},
     )
     seen: set[int] = set()

@@ -50,28 +50,9 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
 ) -> None:
     http, grpc_port, nats, etcd = free_port(), free_port(), free_port(), free_port()
     cmd = [
-        sys.executable,
-        "-m",
-        "unimodel.cli",
-        "up",
-        "--vllm-workers",
-        "2",
-        "--log-level",
-        "debug",
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--model-repository",
-        str(model_repository),
-        "--load-models",
-        MODEL,
-        "--http-port",
-        str(http),
-        "--grpc-port",
-        str(grpc_port),
-        "--nats-port",
-        str(nats),
-        "--etcd-port",
-        str(etcd),
+        sys.executable, "-m", "unimodel.cli", "up", "--vllm-workers", "2", "--log-level", "debug",
+        "--state-dir", str(tmp_path / "state"), "--model-repository", str(model_repository), "--load-models", MODEL,
+        "--http-port", str(http), "--grpc-port", str(grpc_port), "--nats-port", str(nats), "--etcd-port", str(etcd),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")}
     log = (tmp_path / "up.log").open("w+")
@@ -92,9 +73,7 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
         for turn in range(2):
             for session in (f"conversation-{i}" for i in range(12)):
                 r = client.chat.completions.with_raw_response.create(
-                    model=MODEL,
-                    messages=[{"role": "user", "content": f"Hello ({turn})"}],
-                    max_tokens=2,
+                    model=MODEL, messages=[{"role": "user", "content": f"Hello ({turn})"}], max_tokens=2,
                     extra_headers={"x-session-id": session},
                 )
                 homes.setdefault(session, set()).add(r.headers["x-unimodel-worker"])
@@ -111,16 +90,10 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
         answer = reply.parse()
         assert "Paris" in answer.choices[0].message.content
         assert answer.usage.completion_tokens <= 24 and answer.usage.prompt_tokens > 5
-        chunks = list(
-            client.chat.completions.create(
-                model=MODEL,
-                messages=messages,
-                max_tokens=24,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        )
+        chunks = list(client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        ))
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == answer.choices[0].message.content
         assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
@@ -133,17 +106,16 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
         assert caught.value.code == "max_tokens"
         # several sequences at once (continuous batching in the engine)
         many = [
-            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Say the number {i}."}], max_tokens=8)
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Say the number {i}."}], max_tokens=8
+            )
             for i in range(2)
         ]
         assert all(m.usage.completion_tokens >= 1 for m in many)
 
         # a client that leaves aborts its generation in vLLM
         with client.chat.completions.create(
-            model=MODEL,
-            stream=True,
-            max_tokens=900,
-            temperature=0,
+            model=MODEL, stream=True, max_tokens=900, temperature=0,
             messages=[{"role": "user", "content": "Write a very long story about a dragon, with many chapters."}],
         ) as stream:
             for i, _chunk in enumerate(stream):
@@ -155,8 +127,7 @@ def test_the_openai_sdk_through_the_cluster_to_vllm_and_its_engine_core_lives_an
         os.kill(worker["pid"], signal.SIGKILL)
         wait_until(lambda: not any(alive(p) for p in cores), 30, "the killed worker's EngineCore to exit")
         wait_until(
-            lambda: worker["id"] not in (now := vllm_workers(etcd, tmp_path / "state")) and len(now) == 2 and model_ready(base),
-            300,
+            lambda: worker["id"] not in (now := vllm_workers(etcd, tmp_path / "state")) and len(now) == 2 and model_ready(base), 300,
             "the killed vllm worker back",
         )
         again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)

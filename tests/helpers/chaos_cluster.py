@@ -45,23 +45,16 @@ def _repository(root: Path, test_models: Path) -> tuple[Path, list[str]]:
     root.mkdir(parents=True, exist_ok=True)
     configs: dict[str, dict] = {
         SLOW: {
-            "name": SLOW,
-            "engine": "delay",
-            "max_batch_size": 4,
+            "name": SLOW, "engine": "delay", "max_batch_size": 4,
             "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
             "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-            "batching": {"max_queue_delay_ms": 5},
-            "options": {"delay_ms": str(SLOW_DELAY_MS)},
+            "batching": {"max_queue_delay_ms": 5}, "options": {"delay_ms": str(SLOW_DELAY_MS)},
         },
     }
     gguf = demo_gguf()
     if gguf is not None:
         configs[SMOL] = {
-            "name": SMOL,
-            "engine": "llamacpp",
-            "file": "model.gguf",
-            "instance_count": 1,
-            "cache": False,
+            "name": SMOL, "engine": "llamacpp", "file": "model.gguf", "instance_count": 1, "cache": False,
             "options": {"n_threads": "1"},  # one thread: two workers share the machine's cores
             "llm": {"context_length": 512},
         }
@@ -100,32 +93,18 @@ class ChaosCluster:
         self.milvus.start_and_wait()
         worker_args = ("--max-concurrent-batches", "2")
         started: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-            ("router", "router-0", ()),
-            ("router", "router-1", ()),
-            ("batcher", "batcher-0", ()),
-            ("batcher", "batcher-1", ()),
+            ("router", "router-0", ()), ("router", "router-1", ()),
+            ("batcher", "batcher-0", ()), ("batcher", "batcher-1", ()),
             ("cache", "cache-0", ("--data-dir", str(self.tmp / "cache"), "--milvus-uri", self.milvus.uri)),
-            ("embedding-worker", "embedder-0", ()),
-            ("embedding-worker", "embedder-1", ()),
-            ("gpu-worker", "worker-0", worker_args),
-            ("gpu-worker", "worker-1", worker_args),
+            ("embedding-worker", "embedder-0", ()), ("embedding-worker", "embedder-1", ()),
+            ("gpu-worker", "worker-0", worker_args), ("gpu-worker", "worker-1", worker_args),
         )
         for kind, name, extra in started:
             self.procs[name] = self.services.start(kind, "--instance-id", name, *extra, name=name)
         for i in range(2):
             http, grpc = free_port(), free_port()
-            args: list[str] = [
-                "--instance-id",
-                f"gateway-{i}",
-                "--http-port",
-                str(http),
-                "--grpc-port",
-                str(grpc),
-                "--request-timeout-s",
-                str(REQUEST_TIMEOUT_S),
-                "--generate-timeout-s",
-                str(GENERATE_TIMEOUT_S),
-            ]
+            args: list[str] = ["--instance-id", f"gateway-{i}", "--http-port", str(http), "--grpc-port", str(grpc),
+                    "--request-timeout-s", str(REQUEST_TIMEOUT_S), "--generate-timeout-s", str(GENERATE_TIMEOUT_S)]
             if i == 0:  # one gateway registers the models (in etcd: the other sees them)
                 args += ["--model-repository", str(self.repository), "--load-models", ",".join(self.models)]
             self.procs[f"gateway-{i}"] = self.services.start("gateway", *args, name=f"gateway-{i}")
@@ -148,20 +127,9 @@ class ChaosCluster:
         infra = self.infra
         via = self.net.start_proxy({"nats": f"{infra.nats.host}:{infra.nats.port}", "etcd": infra.etcd.endpoint}, sink=infra.sink)
         argv = [
-            *self.net.prefix(),
-            sys.executable,
-            "-m",
-            MODULES["gpu-worker"],
-            "--nats-url",
-            f"nats://{via['nats']}",
-            "--etcd-endpoints",
-            via["etcd"],
-            "--lease-ttl-s",
-            str(LEASE_TTL_S),
-            "--instance-id",
-            name,
-            "--max-concurrent-batches",
-            "2",
+            *self.net.prefix(), sys.executable, "-m", MODULES["gpu-worker"],
+            "--nats-url", f"nats://{via['nats']}", "--etcd-endpoints", via["etcd"],
+            "--lease-ttl-s", str(LEASE_TTL_S), "--instance-id", name, "--max-concurrent-batches", "2",
         ]
         env = {**_env(), **infra.service_env("gpu-worker"), "PYTHONUNBUFFERED": "1"}
         proc = ManagedProcess(name, argv, sink=infra.sink, env=env)

@@ -206,7 +206,9 @@ class Greedy:
     completion_tokens: int
 
 
-async def read_stream(client: httpx.AsyncClient, url: str, body: dict, on_worker: Callable[[str], None] | None = None) -> tuple[str, str, str, int]:
+async def read_stream(
+    client: httpx.AsyncClient, url: str, body: dict, on_worker: Callable[[str], None] | None = None
+) -> tuple[str, str, str, int]:
     """POST a streamed chat; returns (status: 'done' | 'error' | 'cut' | 'http <code>', text or error, detail,
     completion tokens in usage). `on_worker` is told the worker that starts the answer (x-unimodel-worker)."""
     text: list[str] = []
@@ -222,7 +224,7 @@ async def read_stream(client: httpx.AsyncClient, url: str, body: dict, on_worker
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
-            data = line[len("data: ") :]
+            data = line[len("data: "):]
             if data == "[DONE]":
                 done += 1
                 continue
@@ -327,6 +329,7 @@ def summarize(results: list[Result], fault_at: float, recovering_at: float, reco
     }
 
 
+
 # perf_analyzer --------------------------------------------------------------------------------------
 PEERS = Path(__file__).resolve().parents[2] / ".venv-peers"
 PERF_ANALYZER = PEERS / "bin" / "perf_analyzer"
@@ -352,27 +355,9 @@ class PerfAnalyzerLoad:
         self.env = {**os.environ, "LD_LIBRARY_PATH": f"{cudart}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
         self.export = folder / f"{name}.json"
         self.argv = [
-            str(PERF_ANALYZER),
-            "-m",
-            model,
-            "-u",
-            grpc_address,
-            "-i",
-            "grpc",
-            "--shape",
-            "INPUT0:1",
-            "--concurrency-range",
-            "4",
-            "--measurement-mode",
-            "time_windows",
-            "-p",
-            str(window_ms),
-            "--stability-percentage",
-            "1000",
-            "--max-trials",
-            str(windows),
-            "--profile-export-file",
-            str(self.export),
+            str(PERF_ANALYZER), "-m", model, "-u", grpc_address, "-i", "grpc", "--shape", "INPUT0:1",
+            "--concurrency-range", "4", "--measurement-mode", "time_windows", "-p", str(window_ms),
+            "--stability-percentage", "1000", "--max-trials", str(windows), "--profile-export-file", str(self.export),
         ]
         self.results: list[Result] = []
         self.proc: subprocess.Popen[str] | None = None

@@ -132,18 +132,8 @@ def run_fault(
 def render_table(doc: dict) -> str:
     """The rows as a Markdown table (docs/benchmarks.md)."""
     head = [
-        "fault",
-        "load",
-        "sent",
-        "ok",
-        "failed (clear error)",
-        "dropped",
-        "failed (unclear)",
-        "lost",
-        "not ok: sent before / after recovery began",
-        "p99 during fault (ms)",
-        "baseline p99 (ms)",
-        "targets",
+        "fault", "load", "sent", "ok", "failed (clear error)", "dropped", "failed (unclear)", "lost",
+        "not ok: sent before / after recovery began", "p99 during fault (ms)", "baseline p99 (ms)", "targets",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
 
@@ -156,18 +146,9 @@ def render_table(doc: dict) -> str:
             continue
         targets = ", ".join(f"{k} {'met' if v else '**not met**'}" for k, v in row["targets"].items()) or "-"
         values = [
-            row["fault"],
-            row["load"],
-            row["sent"],
-            row["succeeded"],
-            row["failed_clear"],
-            row["dropped"],
-            row["failed_unclear"],
-            row["lost"],
-            f"{row['not_ok_sent_before_recovery']} / {row['not_ok_sent_during_recovery']}",
-            row["p99_ms_during_fault"],
-            row["baseline_p99_ms"],
-            targets,
+            row["fault"], row["load"], row["sent"], row["succeeded"], row["failed_clear"], row["dropped"],
+            row["failed_unclear"], row["lost"], f"{row['not_ok_sent_before_recovery']} / {row['not_ok_sent_during_recovery']}",
+            row["p99_ms_during_fault"], row["baseline_p99_ms"], targets,
         ]
         lines.append("| " + " | ".join(cell(v) for v in values) + " |")
     return "\n".join(lines)

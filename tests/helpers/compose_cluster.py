@@ -56,7 +56,8 @@ class ComposeCluster:
 
     def make_secrets(self) -> None:
         """`unimodel credentials DIR` as the compose file's header says, then readable by the containers' users."""
-        subprocess.run([str(ROOT / ".venv" / "bin" / "unimodel"), "credentials", str(self.secrets)], check=True, capture_output=True, timeout=60)
+        subprocess.run([str(ROOT / ".venv" / "bin" / "unimodel"), "credentials", str(self.secrets)],
+                       check=True, capture_output=True, timeout=60)
         for f in self.secrets.iterdir():
             f.chmod(0o644)
         self.secrets.chmod(0o755)

@@ -178,11 +178,7 @@ class _Proxy:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--forward",
-        nargs=3,
-        action="append",
-        required=True,
-        metavar=("NAME", "LISTEN", "UPSTREAM"),
+        "--forward", nargs=3, action="append", required=True, metavar=("NAME", "LISTEN", "UPSTREAM"),
         help="listen on LISTEN (host:port, port 0 = any free) and connect each connection to UPSTREAM (host:port)",
     )
     parser.add_argument("--delay-ms", type=float, default=0.0, help="delay at start (default 0)")

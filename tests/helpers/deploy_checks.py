@@ -137,10 +137,10 @@ def grafana_provisioning() -> dict[str, list[dict[str, Any]]]:
 K8S_DIR = ROOT / "deploy" / "k8s"
 # Remote bases or resources (a URL, a git repository) would make kustomize fetch them; through a proxy
 # that is not there, that fails instead of reaching the network.
-_NO_NETWORK = {name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")} | {
-    "NO_PROXY": "",
-    "no_proxy": "",
-}
+_NO_NETWORK = {
+    name: "http://127.0.0.1:9"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+} | {"NO_PROXY": "", "no_proxy": ""}
 
 
 class KustomizeError(RuntimeError):
@@ -164,7 +164,9 @@ def kustomize(directory: Path | str) -> list[dict[str, Any]]:
     """The objects `kubectl kustomize directory` prints, in its order. Any message on stderr, a deprecation
     warning included, is an error, as is a non-zero exit. Offline: nothing is applied to a cluster."""
     command = [str(kubectl()), "kustomize", str(directory)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False, env={**os.environ, **_NO_NETWORK})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, check=False, env={**os.environ, **_NO_NETWORK}
+    )
     if result.returncode != 0 or result.stderr.strip():
         raise KustomizeError(f"`{' '.join(command)}` exited {result.returncode}: {result.stderr.strip()}")
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]

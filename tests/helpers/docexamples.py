@@ -127,16 +127,10 @@ def _commands(doc: str, first_line: int, block: list[str]) -> list[Example]:
         command = "\n".join(pending)
         if _complete(command):
             fails = _FAILS.search(command)
-            out.append(
-                Example(
-                    doc,
-                    start,
-                    "bash",
-                    command,
-                    int(fails.group(1)) if fails else None,
-                    fails.group(2) if fails else "",
-                )
-            )
+            out.append(Example(
+                doc, start, "bash", command,
+                int(fails.group(1)) if fails else None, fails.group(2) if fails else "",
+            ))
             pending = []
     if pending:
         raise ValueError(f"{doc}:{start}: the command never ends (an open quote or a trailing backslash)")
@@ -150,7 +144,6 @@ def yaml_blocks(doc: str) -> list[str]:
 
 def with_ports(text: str, ports: dict[int, int]) -> str:
     """The example with the default ports replaced by the test cluster's (host names left alone)."""
-
     def swap(m: re.Match[str]) -> str:
         return f"{m.group(1)}:{ports.get(int(m.group(2)), int(m.group(2)))}"
 

@@ -28,13 +28,8 @@ def demo_gguf() -> Path | None:
 
 
 def smol_config(
-    root: Path,
-    name: str = "smol",
-    *,
-    instance_count: int = 1,
-    options: dict[str, str] | None = None,
-    context_length: int = 2048,
-    **llm_fields: object,
+    root: Path, name: str = "smol", *, instance_count: int = 1, options: dict[str, str] | None = None,
+    context_length: int = 2048, **llm_fields: object,
 ) -> model_pb2.ModelConfig:
     """A llamacpp model folder under `root` on the demo GGUF, written and loaded as the worker loads it.
     One llama.cpp thread (options.n_threads 1) unless `options` says otherwise: on a shared 2-core machine

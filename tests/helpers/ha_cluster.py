@@ -51,15 +51,9 @@ class HaInfra(Infra):
         nodes = [ClusterNode(f"nats-{i}", HOST, free_port()) for i in range(size)]
         self.nats_nodes = [
             NatsServer(
-                free_port(),
-                tmp / f"nats-{i}",
-                config_file=config,
-                url_user=(TEST_NATS_USER, password),
-                cluster=(node, [n for n in nodes if n is not node]),
-                monitor_port=free_port(),
-                sink=self.sink,
-                name=node.name,
-                color=i,
+                free_port(), tmp / f"nats-{i}", config_file=config, url_user=(TEST_NATS_USER, password),
+                cluster=(node, [n for n in nodes if n is not node]), monitor_port=free_port(),
+                sink=self.sink, name=node.name, color=i,
             )
             for i, node in enumerate(nodes)
         ]
@@ -69,15 +63,8 @@ class HaInfra(Infra):
         every = ",".join(f"{HOST}:{p}" for p in clients)
         self.etcd_members = [
             EtcdServer(
-                clients[i],
-                peer,
-                tmp / name,
-                member=name,
-                initial_cluster=initial,
-                ctl_endpoints=every,
-                sink=self.sink,
-                name=name,
-                color=3 + i,
+                clients[i], peer, tmp / name, member=name, initial_cluster=initial, ctl_endpoints=every,
+                sink=self.sink, name=name, color=3 + i,
             )
             for i, (name, _host, peer) in enumerate(members)
         ]
@@ -159,12 +146,12 @@ class HaInfra(Infra):
             if not member.alive():
                 continue
             ctl = [str(binaries.etcd().parent / "etcdctl"), "--endpoints", member.endpoint, "--command-timeout", "1s"]
-            done = subprocess.run(
-                [*ctl, "endpoint", "status", "-w", "json"], capture_output=True, text=True, timeout=10, env={**os.environ, **member.root_env}
-            )
+            done = subprocess.run([*ctl, "endpoint", "status", "-w", "json"], capture_output=True, text=True, timeout=10,
+                                  env={**os.environ, **member.root_env})
             if done.returncode == 0:
                 for doc in json.loads(done.stdout):
-                    out.append({"endpoint": doc["Endpoint"], "member": doc["Status"]["header"]["member_id"], "leader": doc["Status"]["leader"]})
+                    out.append({"endpoint": doc["Endpoint"], "member": doc["Status"]["header"]["member_id"],
+                                "leader": doc["Status"]["leader"]})
         return out
 
     def etcd_leader(self) -> int | None:
@@ -200,8 +187,7 @@ def merge_ha_report(path: Path, faults: dict[str, object], *, what: str, command
     report = json.loads(path.read_text()) if path.is_file() else {}
     report.setdefault("faults", {}).update(faults)
     report.setdefault("runs", {})[command] = {
-        "what": what,
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ"),
+        "what": what, "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ"),
         "machine": f"{os.cpu_count()} CPU cores, shared",
     }
     for old in ("what", "date", "command", "machine"):  # the layout of a report of one module

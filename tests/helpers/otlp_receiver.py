@@ -56,22 +56,13 @@ def spans_of(request: trace_service_pb2.ExportTraceServiceRequest) -> list[Span]
         resource = {kv.key: _value(kv.value) for kv in rs.resource.attributes}
         for ss in rs.scope_spans:
             for s in ss.spans:
-                spans.append(
-                    Span(
-                        service=str(resource.get("service.name", "")),
-                        name=s.name,
-                        trace_id=s.trace_id.hex(),
-                        span_id=s.span_id.hex(),
-                        parent_id=s.parent_span_id.hex(),
-                        kind=s.kind,
-                        start_ns=s.start_time_unix_nano,
-                        end_ns=s.end_time_unix_nano,
-                        status=s.status.code,
-                        attributes={kv.key: _value(kv.value) for kv in s.attributes},
-                        links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
-                        resource=resource,
-                    )
-                )
+                spans.append(Span(
+                    service=str(resource.get("service.name", "")), name=s.name, trace_id=s.trace_id.hex(),
+                    span_id=s.span_id.hex(), parent_id=s.parent_span_id.hex(), kind=s.kind,
+                    start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano, status=s.status.code,
+                    attributes={kv.key: _value(kv.value) for kv in s.attributes},
+                    links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links], resource=resource,
+                ))
     return spans
 
 
@@ -97,28 +88,10 @@ class Tls:
     def make(cls, folder: Path) -> Tls:
         cert, key = folder / "cert.pem", folder / "key.pem"
         subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-                "-days",
-                "1",
-                "-subj",
-                "/CN=localhost",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            ],
-            check=True,
-            capture_output=True,
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+            check=True, capture_output=True,
         )
         return cls(cert, key)
 

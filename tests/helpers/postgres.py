@@ -72,45 +72,19 @@ class PostgresServer:
             shutil.chown(self.root, self._as["user"], self._as["group"])
             shutil.chown(pwfile, self._as["user"], self._as["group"])
         self._run(
-            "initdb",
-            "-D",
-            str(self.data),
-            "-U",
-            USER,
-            "--auth=scram-sha-256",
-            f"--pwfile={pwfile}",
-            "-E",
-            "UTF8",
-            "--no-sync",
-            "--no-instructions",
+            "initdb", "-D", str(self.data), "-U", USER, "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8",
+            "--no-sync", "--no-instructions",
         )
         log = open(self.log_file, "wb")  # the server writes to it until stop(); closed here once handed over
         if self._as:
             shutil.chown(self.log_file, self._as["user"], self._as["group"])
         self.proc = subprocess.Popen(
             [
-                str(self.bin / "postgres"),
-                "-D",
-                str(self.data),
-                "-p",
-                str(self.port),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "unix_socket_directories=",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=200",
+                str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+                "-c", "unix_socket_directories=", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                "-c", "full_page_writes=off", "-c", "max_connections=200",
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            **self._as,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as,
         )
         log.close()
         end = time.monotonic() + timeout

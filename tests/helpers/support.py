@@ -137,15 +137,10 @@ class Services:
 
     def start(self, kind: str, *args: str, name: str | None = None) -> ManagedProcess:
         argv = [
-            sys.executable,
-            "-m",
-            MODULES[kind],
-            "--nats-url",
-            self.infra.nats.address,
-            "--etcd-endpoints",
-            self.infra.etcd.endpoint,
-            "--lease-ttl-s",
-            str(self.lease_ttl_s),
+            sys.executable, "-m", MODULES[kind],
+            "--nats-url", self.infra.nats.address,
+            "--etcd-endpoints", self.infra.etcd.endpoint,
+            "--lease-ttl-s", str(self.lease_ttl_s),
             *args,
         ]
         env = {**_env(), **self.infra.service_env(kind), "PYTHONUNBUFFERED": "1"}
@@ -179,7 +174,10 @@ class Services:
         if all_six:
             self.start("cache", "--data-dir", str(self.infra.tmp / "cache"))
             self.start("embedding-worker")
-        worker_procs = [self.start("gpu-worker", "--instance-id", f"worker-{i}", *worker_args, name=f"worker-{i}") for i in range(workers)]
+        worker_procs = [
+            self.start("gpu-worker", "--instance-id", f"worker-{i}", *worker_args, name=f"worker-{i}")
+            for i in range(workers)
+        ]
         self.http_port, self.grpc_port = free_port(), free_port()
         gw_args = ["--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
         if repository is not None:
@@ -256,13 +254,13 @@ def metric_total(url: str, name: str, **labels: str) -> float:
     )
 
 
-def delay_model(name: str, delay_ms: float, *, max_batch_size: int = 8, max_queue_delay_ms: float | None = None) -> model_pb2.ModelConfig:
+def delay_model(
+    name: str, delay_ms: float, *, max_batch_size: int = 8, max_queue_delay_ms: float | None = None
+) -> model_pb2.ModelConfig:
     """A model on the `delay` engine (waits delay_ms per batch without using the CPU, echoes INPUT0):
     what the integration tests load the services with."""
     body: dict[str, object] = {
-        "name": name,
-        "engine": "delay",
-        "max_batch_size": max_batch_size,
+        "name": name, "engine": "delay", "max_batch_size": max_batch_size,
         "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
         "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
         "options": {"delay_ms": str(delay_ms)},
@@ -305,20 +303,15 @@ def router_view(infra: Infra) -> set[str]:
     assert routers, "no router registered"
     address = next(iter(routers.values())).grpc_address
     with grpc.insecure_channel(address) as channel:
-        reply = services_pb2_grpc.RouterServiceStub(channel).ListInstances(services_pb2.ListInstancesRequest(kind="gpu-worker"), timeout=5)
+        reply = services_pb2_grpc.RouterServiceStub(channel).ListInstances(
+            services_pb2.ListInstancesRequest(kind="gpu-worker"), timeout=5
+        )
     return {state.info.id for state in reply.instances}
 
 
 def start_cache_replicas(
-    services: Services,
-    names: list[str],
-    *,
-    data_dir: Path,
-    milvus_uri: str,
-    collection: str,
-    store_url: str,
-    password_file: Path,
-    extra: tuple[str, ...] = (),
+    services: Services, names: list[str], *, data_dir: Path, milvus_uri: str, collection: str, store_url: str,
+    password_file: Path, extra: tuple[str, ...] = (),
 ) -> list[int]:
     """Cache processes named `names` sharing one PostgreSQL store (`store_url`) and one Milvus collection,
     each with its metrics port (returned, in order), once every one serves its /metrics."""
@@ -326,25 +319,12 @@ def start_cache_replicas(
     for name in names:
         ports.append(free_port())
         services.start(
-            "cache",
-            "--instance-id",
-            name,
-            "--data-dir",
-            str(data_dir / name),
-            "--milvus-uri",
-            milvus_uri,
-            "--milvus-collection",
-            collection,
-            "--store-url",
-            store_url,
-            "--store-password-file",
-            str(password_file),
-            "--metrics-port",
-            str(ports[-1]),
-            *extra,
-            name=name,
+            "cache", "--instance-id", name, "--data-dir", str(data_dir / name),
+            "--milvus-uri", milvus_uri, "--milvus-collection", collection,
+            "--store-url", store_url, "--store-password-file", str(password_file),
+            "--metrics-port", str(ports[-1]), *extra, name=name,
         )
-    procs = services.procs[-len(names) :]
+    procs = services.procs[-len(names):]
     for port, proc in zip(ports, procs, strict=True):
         wait_until(lambda port=port: http_ok(f"http://127.0.0.1:{port}/metrics"), 60, f"{proc.name} serving", proc)
     return ports

@@ -16,10 +16,9 @@ from unimodel.local.procs import wait_until
 def status_json(etcd: int, state_dir: Path) -> dict[str, Any]:
     """`unimodel status --json` against the cluster's etcd, with the credentials in its state directory."""
     proc = subprocess.run(
-        [sys.executable, "-m", "unimodel.cli", "status", "--json", "--etcd-endpoints", f"127.0.0.1:{etcd}", "--state-dir", str(state_dir)],
-        capture_output=True,
-        text=True,
-        timeout=30,
+        [sys.executable, "-m", "unimodel.cli", "status", "--json", "--etcd-endpoints", f"127.0.0.1:{etcd}",
+         "--state-dir", str(state_dir)],
+        capture_output=True, text=True, timeout=30,
     )
     return json.loads(proc.stdout)
 

@@ -147,15 +147,8 @@ async def batcher(services: Services) -> AsyncIterator[tuple[Services, int]]:
     metrics_port = free_port()
     instance = f"batcher-{uuid.uuid4().hex[:6]}"
     services.start(
-        "batcher",
-        "--instance-id",
-        instance,
-        "--metrics-port",
-        str(metrics_port),
-        "--max-inflight-batches",
-        "2",
-        "--max-queue-delay-ms",
-        "0",
+        "batcher", "--instance-id", instance, "--metrics-port", str(metrics_port), "--max-inflight-batches", "2",
+        "--max-queue-delay-ms", "0",
     )
     log = services.infra.sink
     await until(lambda: f"{instance} ready" in log.getvalue(), 30, "batcher ready")
@@ -176,7 +169,9 @@ async def peers(batcher: tuple[Services, int]) -> AsyncIterator[tuple[Caller, Ro
         await nc.close()
 
 
-async def test_batches_follow_the_registered_config_and_its_changes(batcher: tuple[Services, int], peers: tuple[Caller, RouterPeer]) -> None:
+async def test_batches_follow_the_registered_config_and_its_changes(
+    batcher: tuple[Services, int], peers: tuple[Caller, RouterPeer]
+) -> None:
     services, _ = batcher
     caller, router = peers
     results = await asyncio.gather(*(caller.send("grouped", f"g{i}") for i in range(10)))
@@ -239,7 +234,9 @@ async def test_the_item_reaches_the_router_with_reply_to_deadline_request_id_and
     assert [b.path for _, b in router.batches if b.model == "echo"][0][0].startswith("batcher-")
 
 
-async def test_overflow_is_resource_exhausted_with_retry_after(batcher: tuple[Services, int], peers: tuple[Caller, RouterPeer]) -> None:
+async def test_overflow_is_resource_exhausted_with_retry_after(
+    batcher: tuple[Services, int], peers: tuple[Caller, RouterPeer]
+) -> None:
     _, metrics_port = batcher
     caller, router = peers
     queued = [asyncio.create_task(caller.send("small-queue", f"q{i}")) for i in range(3)]

@@ -57,7 +57,9 @@ class Cluster:
         out = []
         for info in etcd_instances(self.services.infra, "batcher").values():
             with grpc.insecure_channel(info.grpc_address) as channel:
-                reply = services_pb2_grpc.BatcherServiceStub(channel).ListQueues(services_pb2.ListQueuesRequest(model=MODEL), timeout=5)
+                reply = services_pb2_grpc.BatcherServiceStub(channel).ListQueues(
+                    services_pb2.ListQueuesRequest(model=MODEL), timeout=5
+                )
             out += [(info.id, q.max_inflight_batches, q.inflight_batches) for q in reply.queues if q.model == MODEL]
         return out
 
@@ -74,13 +76,7 @@ def _start(tmp_path: Path, batchers: int, routers: int, workers: int, slots: int
     ports = {f"worker-{i}": free_port() for i in range(workers)}
     for worker, port in ports.items():
         services.start(
-            "gpu-worker",
-            "--instance-id",
-            worker,
-            "--max-concurrent-batches",
-            str(slots),
-            "--metrics-port",
-            str(port),
+            "gpu-worker", "--instance-id", worker, "--max-concurrent-batches", str(slots), "--metrics-port", str(port),
             name=worker,
         )
     register_model(infra, delay_model(MODEL, DELAY_MS, max_batch_size=8, max_queue_delay_ms=5))
@@ -115,10 +111,8 @@ def test_batchers_together_never_put_more_batches_on_the_workers_than_their_slot
     peaks = {w: cluster.metric(w, "unimodel_worker_inflight_batches_peak") for w in cluster.worker_metrics}
     busy = sum(cluster.metric(w, "unimodel_worker_batches_busy_total") for w in cluster.worker_metrics)
     settled = [s for s in samples[10:] if len(s) == batchers]  # every batcher has its queue and shares
-    print(
-        f"{batchers} batcher(s), {routers} router(s): {load.ok} answers, worker peaks {peaks}, busy refusals "
-        f"{busy:.0f}, batcher limits {[[q[1] for q in s] for s in settled[-1:]]}"
-    )
+    print(f"{batchers} batcher(s), {routers} router(s): {load.ok} answers, worker peaks {peaks}, busy refusals "
+          f"{busy:.0f}, batcher limits {[[q[1] for q in s] for s in settled[-1:]]}")
     assert all(peak <= 2 for peak in peaks.values()), peaks
     assert settled, samples[-3:]
     for sample in settled:

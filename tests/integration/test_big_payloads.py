@@ -94,7 +94,9 @@ def test_a_60_mb_predict_succeeds_while_health_and_small_predicts_keep_answering
     base = big_cluster.url
 
     def send_big() -> str:
-        done = subprocess.run([sys.executable, "-c", SEND_BIG, f"{base}/v1/models/echo:predict"], capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            [sys.executable, "-c", SEND_BIG, f"{base}/v1/models/echo:predict"], capture_output=True, text=True, timeout=180
+        )
         return done.stdout.strip() or done.stderr[-500:]
 
     live: list[float] = []
@@ -223,7 +225,10 @@ def test_kserve_http_and_grpc_over_the_bus_limit_are_refused_naming_it(small_bus
 def test_a_body_over_the_gateways_limit_is_413_before_it_is_read(small_bus: Services) -> None:
     """Content-Length over max_body_bytes (64 MiB): 413 at once, JSON naming the limit, nothing read."""
     with socket.create_connection(("127.0.0.1", small_bus.http_port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/models/echo:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 70000000\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/models/echo:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 70000000\r\n\r\n"
+        )
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
             chunk = sock.recv(65536)

@@ -85,8 +85,8 @@ def test_a_held_payload_is_read_whole_and_released(nats_url: str, in_memory_file
                 await blobs.fetch(reader, ref, timeout_s=5, what="the request", same_host=mapped)
             assert bytes(got) == data  # a mapping made before the release keeps its bytes
 
-            once = await held.hold(data[: 3 * payload_limits.BLOB_CHUNK_BYTES], ttl_s=30, once=True)
-            assert bytes(await blobs.fetch(reader, once, timeout_s=10, same_host=mapped)) == data[: 3 * payload_limits.BLOB_CHUNK_BYTES]
+            once = await held.hold(data[:3 * payload_limits.BLOB_CHUNK_BYTES], ttl_s=30, once=True)
+            assert bytes(await blobs.fetch(reader, once, timeout_s=10, same_host=mapped)) == data[:3 * payload_limits.BLOB_CHUNK_BYTES]
             await _released(held)  # read once: released
             head = b"head-of-the-answer"  # held in parts, read as their concatenation (chunks span them)
             parts = await held.hold(head, data, ttl_s=30, once=True)

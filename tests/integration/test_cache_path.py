@@ -51,13 +51,8 @@ class Cluster:
         assert self.milvus is not None
         self.cache_metrics = free_port()
         self.cache = self.services.start(
-            "cache",
-            "--data-dir",
-            str(self.infra.tmp / "cache"),
-            "--milvus-uri",
-            self.milvus.uri,
-            "--metrics-port",
-            str(self.cache_metrics),
+            "cache", "--data-dir", str(self.infra.tmp / "cache"), "--milvus-uri", self.milvus.uri,
+            "--metrics-port", str(self.cache_metrics),
         )
         return self.cache
 
@@ -68,8 +63,7 @@ def query(model: str, text: str) -> dict:
 
 def insert(model: str, *pairs: tuple[str, str]) -> dict:
     return {
-        "type": "insert",
-        "scope": {"model": model},
+        "type": "insert", "scope": {"model": model},
         "chat_info": [{"query": [{"role": "user", "content": q}], "answer": a} for q, a in pairs],
     }
 
@@ -93,24 +87,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         config = tmp / "gateway.yaml"
         config.write_text("api_keys:\n  sk-team-a: team-a\n  sk-team-b: team-b\n")
         gw = services.start(
-            "gateway",
-            "--http-port",
-            str(port),
-            "--grpc-port",
-            str(free_port()),
-            "--config",
-            str(config),
+            "gateway", "--http-port", str(port), "--grpc-port", str(free_port()), "--config", str(config),
             name="gateway-auth",
         )
         c.auth_url = f"http://127.0.0.1:{port}"
         wait_until(lambda: http_ok(f"{c.auth_url}/health/ready"), 60, "auth gateway ready", gw)
         # the embedding model moved to the embedding-worker once it joined
         wait_until(
-            lambda: (
-                [i["id"] for i in httpx.get(f"{c.url}/v1/models/{EMBEDDER}/status").json()["instances"] if i["state"] == "READY"] == ["embedder-0"]
-            ),
-            60,
-            "all-minilm-l6-v2 on the embedding-worker only",
+            lambda: [i["id"] for i in httpx.get(f"{c.url}/v1/models/{EMBEDDER}/status").json()["instances"]
+                     if i["state"] == "READY"] == ["embedder-0"],
+            60, "all-minilm-l6-v2 on the embedding-worker only",
         )
         yield c
     finally:
@@ -299,25 +285,23 @@ def test_chat_miss_write_back_then_hit(cluster: Cluster) -> None:
     assert doc["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     # streamed hit: the same answer as SSE, ending with [DONE]
     client = cluster.client()
-    raw = client.chat.completions.with_raw_response.create(model=LLM, messages=[{"role": "user", "content": question}], stream=True)
+    raw = client.chat.completions.with_raw_response.create(
+        model=LLM, messages=[{"role": "user", "content": question}], stream=True
+    )
     assert raw.headers["x-unimodel-cache"] == "hit" and raw.headers["content-type"].startswith("text/event-stream")
     text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
     assert text == answer
     # per request off: straight to the model, no cache header
     off = httpx.post(
-        f"{cluster.url}/v1/chat/completions",
-        headers={"x-unimodel-cache": "off"},
-        json={"model": LLM, "messages": [{"role": "user", "content": question}], "max_tokens": 4},
-        timeout=120,
+        f"{cluster.url}/v1/chat/completions", headers={"x-unimodel-cache": "off"},
+        json={"model": LLM, "messages": [{"role": "user", "content": question}], "max_tokens": 4}, timeout=120,
     )
     assert off.status_code == 200 and "x-unimodel-cache" not in off.headers
     body_off = _chat(cluster, question, cache=False)
     assert "x-unimodel-cache" not in body_off.headers
     bad = httpx.post(
-        f"{cluster.url}/v1/chat/completions",
-        headers={"x-unimodel-cache": "maybe"},
-        json={"model": LLM, "messages": [{"role": "user", "content": question}]},
-        timeout=30,
+        f"{cluster.url}/v1/chat/completions", headers={"x-unimodel-cache": "maybe"},
+        json={"model": LLM, "messages": [{"role": "user", "content": question}]}, timeout=30,
     )
     assert bad.status_code == 400 and "X-UniModel-Cache" in bad.json()["error"]["message"]
 
@@ -354,11 +338,8 @@ def test_milvus_down_bypasses_and_recovers(cluster: Cluster) -> None:
         cluster.milvus = MilvusLiteServer(port, data, sink=cluster.infra.sink)
         cluster.milvus.start_and_wait()
     # back: the cache reconnects on its own and the earlier entries are still there
-    wait_until(
-        lambda: cluster.mc(query("scope-a", "What is the boiling point of water at sea level?")).json().get("cacheHit") is True,
-        60,
-        "the cache to reach Milvus again",
-    )
+    wait_until(lambda: cluster.mc(query("scope-a", "What is the boiling point of water at sea level?")).json().get("cacheHit") is True,
+               60, "the cache to reach Milvus again")
     assert cluster.mc(query("mc-down", "Owls?")).json()["cacheHit"] is False  # the failed insert wrote nothing
 
 

@@ -88,7 +88,9 @@ def new(text: str, answer: str = "a") -> NewEntry:
 DEFAULT_QUOTAS = Quotas()
 
 
-async def add(store: ScalarStore, scope: str, items: list[NewEntry], now: float, quotas: Quotas = DEFAULT_QUOTAS, tenant: str = "") -> list[int]:
+async def add(
+    store: ScalarStore, scope: str, items: list[NewEntry], now: float, quotas: Quotas = DEFAULT_QUOTAS, tenant: str = ""
+) -> list[int]:
     """An insert's two store steps (its vectors would go to Milvus in between)."""
     ids = await store.reserve(len(items), time.time() + 60)
     return (await store.commit_insert(scope, "m", tenant, items, dict(enumerate(ids)), now, quotas)).ids
@@ -344,8 +346,7 @@ class Replicas:
 
 def mc_insert(model: str, *pairs: tuple[str, str]) -> dict:
     return {
-        "type": "insert",
-        "scope": {"model": model},
+        "type": "insert", "scope": {"model": model},
         "chat_info": [{"query": [{"role": "user", "content": q}], "answer": a} for q, a in pairs],
     }
 
@@ -356,11 +357,8 @@ def mc_query(model: str, text: str) -> dict:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-replicas", "3-replicas"])
 def replicas(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    postgres: PostgresServer,
-    milvus: MilvusLiteServer,
-    model_repository: Path,
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer,
+    milvus: MilvusLiteServer, model_repository: Path,
 ) -> Iterator[Replicas]:
     n: int = request.param
     tmp = tmp_path_factory.mktemp(f"replicas{n}")
@@ -372,25 +370,10 @@ def replicas(
         infra.start()
         names = [f"cache-{i}" for i in range(n)]
         metrics = start_cache_replicas(
-            services,
-            names,
-            data_dir=tmp,
-            milvus_uri=milvus.uri,
-            collection=f"replicas{n}",
-            store_url=postgres.database_url(database),
-            password_file=postgres.password_file,
-            extra=(
-                "--max-entries-per-scope",
-                str(PER_SCOPE),
-                "--ttl-s",
-                str(TTL_S),
-                "--sweep-interval-s",
-                "1",
-                "--flush-interval-s",
-                str(FLUSH_S),
-                "--flush-rows",
-                "50",
-            ),
+            services, names, data_dir=tmp, milvus_uri=milvus.uri, collection=f"replicas{n}",
+            store_url=postgres.database_url(database), password_file=postgres.password_file,
+            extra=("--max-entries-per-scope", str(PER_SCOPE), "--ttl-s", str(TTL_S), "--sweep-interval-s", "1",
+                   "--flush-interval-s", str(FLUSH_S), "--flush-rows", "50"),
         )
         procs = services.procs[-n:]
         services.start("embedding-worker", "--instance-id", "embedder-0")
@@ -503,8 +486,7 @@ def test_killing_a_replica_under_load_fails_no_request(replicas: Replicas) -> No
         with httpx.Client(timeout=30) as http:
             while time.monotonic() < stop:
                 data = (
-                    mc_insert(model, (f"Client {n} asks question number {i}?", f"answer {n}-{i}"))
-                    if i % 3 == 0
+                    mc_insert(model, (f"Client {n} asks question number {i}?", f"answer {n}-{i}")) if i % 3 == 0
                     else mc_query(model, f"which planet is number {i % 4} from the sun")
                 )
                 sent = time.monotonic()
@@ -527,29 +509,19 @@ def test_killing_a_replica_under_load_fails_no_request(replicas: Replicas) -> No
     failures = [r for r in results if r[2]]
     around = [r for r in results if r[0] <= killed_at <= r[0] + r[1]]
     slowest = max(r[1] for r in results)
-    print(
-        f"{len(replicas.procs)} replicas, one killed: {len(results)} requests, {len(around)} in flight at the kill, "
-        f"{len(failures)} failed, slowest {slowest:.2f}s"
-    )
+    print(f"{len(replicas.procs)} replicas, one killed: {len(results)} requests, {len(around)} in flight at the kill, "
+          f"{len(failures)} failed, slowest {slowest:.2f}s")
     path = os.environ.get("UNIMODEL_HA_REPORT")
     if path:
         n = len(replicas.procs)
-        merge_ha_report(
-            Path(path),
-            {
-                f"cache_replica_of_{n}": {
-                    "requests_sent": len(results),
-                    "requests_failed": len(failures),
-                    "in_flight_at_kill": len(around),
-                    "max_latency_ms": round(slowest * 1000, 1),
-                    "latency_recovery_s": round(max((r[0] + r[1] - killed_at for r in results if r[1] > 0.2), default=0.0), 2),
-                    "latency_recovery_means": "from the kill until the last request slower than 0.2 s ended",
-                    "killed": f"cache-0 of {n} replicas on one PostgreSQL and one Milvus Lite server (SIGKILL)",
-                }
-            },
-            what="tests/integration/test_cache_replicas.py: kill -9 of one cache replica while 8 clients query and "
-            "insert through the gateway's ModelCache API",
-            command=f"UNIMODEL_HA_REPORT={path} .venv/bin/python -m pytest tests/integration/test_cache_replicas.py -q -k killing",
-        )
+        merge_ha_report(Path(path), {f"cache_replica_of_{n}": {
+            "requests_sent": len(results), "requests_failed": len(failures), "in_flight_at_kill": len(around),
+            "max_latency_ms": round(slowest * 1000, 1),
+            "latency_recovery_s": round(max((r[0] + r[1] - killed_at for r in results if r[1] > 0.2), default=0.0), 2),
+            "latency_recovery_means": "from the kill until the last request slower than 0.2 s ended",
+            "killed": f"cache-0 of {n} replicas on one PostgreSQL and one Milvus Lite server (SIGKILL)",
+        }}, what="tests/integration/test_cache_replicas.py: kill -9 of one cache replica while 8 clients query and "
+                 "insert through the gateway's ModelCache API",
+           command=f"UNIMODEL_HA_REPORT={path} .venv/bin/python -m pytest tests/integration/test_cache_replicas.py -q -k killing")
     assert not failures, failures[:5]
     assert len(results) > 50

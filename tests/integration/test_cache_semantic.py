@@ -40,12 +40,7 @@ def make(tmp_path: Path, embedder: Embedder) -> Iterator:
         clock = Clock()
         vectors = VectorIndex(str(tmp_path / "milvus.db"), f"c{len(made)}", 384)
         cache = SemanticCache(
-            EntryStore(tmp_path / f"c{len(made)}.sqlite"),
-            vectors,
-            embedder,
-            Limits(**limits),
-            clock=clock,
-            verifier=verifier,  # type: ignore[arg-type]  # limits: Limits fields by keyword, typed object here
+            EntryStore(tmp_path / f"c{len(made)}.sqlite"), vectors, embedder, Limits(**limits), clock=clock, verifier=verifier,  # type: ignore[arg-type]  # limits: Limits fields by keyword, typed object here
         )
         made.append(cache)
         return cache, clock

@@ -180,14 +180,10 @@ def test_finding_retried_insert_creates_a_duplicate(make) -> None:
         m.clock.now += 10
         again = await m.cache.insert(scope, [(q("how far away is the moon"), "384,400 km")])
         assert again.ids == first.ids and again.added == 0 and again.refreshed == 1
-        bulk = await m.cache.insert(
-            scope,
-            [
-                (q("How far away is the Moon?"), "384,400 km"),
-                (q("What is a light year?"), "a distance"),
-                (q("What is a light year?"), "a distance"),
-            ],
-        )
+        bulk = await m.cache.insert(scope, [
+            (q("How far away is the Moon?"), "384,400 km"), (q("What is a light year?"), "a distance"),
+            (q("What is a light year?"), "a distance"),
+        ])
         assert bulk.ids[0] == first.ids[0] and bulk.ids[1] == bulk.ids[2] and bulk.added == 1
         other = await m.cache.insert(Scope("m", "team-b"), [(q("How far away is the Moon?"), "384,400 km")])
         assert other.ids != first.ids  # another scope: its own entry
@@ -241,17 +237,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         services.start("batcher")
         services.http_port, services.grpc_port = free_port(), free_port()
         gw = services.start(
-            "gateway",
-            "--http-port",
-            str(services.http_port),
-            "--grpc-port",
-            str(services.grpc_port),
-            "--model-repository",
-            str(model_repository),
-            "--load-models",
-            EMBEDDER,
-            "--request-timeout-s",
-            "3",
+            "gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port),
+            "--model-repository", str(model_repository), "--load-models", EMBEDDER, "--request-timeout-s", "3",
         )
         wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
         services.wait_models([EMBEDDER])
@@ -270,8 +257,7 @@ def test_finding_cache_commits_after_the_gateway_gave_up(cluster: tuple[Services
     services, sqlite_file = cluster
     url = f"{services.url}/modelcache"
     insert = {
-        "type": "insert",
-        "scope": {"model": "writes"},
+        "type": "insert", "scope": {"model": "writes"},
         "chat_info": [{"query": [{"role": "user", "content": "What is the tallest mountain?"}], "answer": "Everest"}],
     }
     query = {"type": "query", "scope": {"model": "writes"}, "query": [{"role": "user", "content": "What is the tallest mountain?"}]}

@@ -113,12 +113,11 @@ def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaCluster]:
     path = os.environ.get("UNIMODEL_HA_REPORT")
     if path and REPORT:
         merge_ha_report(
-            Path(path),
-            REPORT,
+            Path(path), REPORT,
             what="tests/integration/test_ha.py: faults injected one after another under load into one cluster of "
-            "3 NATS nodes, 3 etcd members, 2 gateways, 2 batchers, 2 routers, 2 workers (delay model "
-            f"{DELAY_MS} ms per batch), {CLIENTS} concurrent clients calling the gateways in round robin "
-            "and retrying a request on a connection error",
+                 "3 NATS nodes, 3 etcd members, 2 gateways, 2 batchers, 2 routers, 2 workers (delay model "
+                 f"{DELAY_MS} ms per batch), {CLIENTS} concurrent clients calling the gateways in round robin "
+                 "and retrying a request on a connection error",
             command=f"UNIMODEL_HA_REPORT={path} .venv/bin/python -m pytest tests/integration/test_ha.py -q",
         )
 
@@ -139,7 +138,8 @@ def _figures(load: RetryingLoad, killed_at: float, baseline: list[Result]) -> di
         "baseline_p99_ms": round(base_p99 * 1000, 1),
         "max_latency_ms": round(max((r.seconds for r in during), default=0.0) * 1000, 1),
         "latency_recovery_s": round(max(slow_ends, default=killed_at) - killed_at, 2),
-        "latency_recovery_means": f"from the kill until the last request slower than {slow * 1000:.0f} ms (3x the baseline p99, at least 1 s) ended",
+        "latency_recovery_means": f"from the kill until the last request slower than {slow * 1000:.0f} ms "
+                                  "(3x the baseline p99, at least 1 s) ended",
     }
 
 
@@ -178,12 +178,9 @@ def test_kill_the_nats_node_a_service_is_on(ha: HaCluster, service: str) -> None
     infra.nats_nodes[node].restart()
     infra.wait_nats_routes()
     figures = _figures(load, killed_at, baseline)
-    figures |= {
-        "killed": f"nats node {node}, the one {service} was connected to (SIGKILL)",
-        "services_on_it": on_node,
-        "recovery_s": None if reconnected is None else round(reconnected, 2),
-        "recovery_means": "from the kill until every service that was on the node is connected to another",
-    }
+    figures |= {"killed": f"nats node {node}, the one {service} was connected to (SIGKILL)", "services_on_it": on_node,
+                "recovery_s": None if reconnected is None else round(reconnected, 2),
+                "recovery_means": "from the kill until every service that was on the node is connected to another"}
     REPORT["nats_node" if service == "gateway-0" else f"nats_node_of_{service}"] = figures
     print(json.dumps(figures, indent=1))
     assert reconnected is not None, f"{on_node} did not reconnect"
@@ -244,15 +241,12 @@ def test_kill_the_etcd_leader(ha: HaCluster) -> None:
         members[leader].restart()  # rejoins on its data dir
         members[leader].wait_ready(60)
     figures = _figures(load, killed_at, baseline)
-    figures |= {
-        "killed": f"etcd member {leader}, the leader (SIGKILL)",
-        "leader_elected_s": None if elected is None else round(elected, 2),
-        "lease_refresh_s": None if refreshed is None else round(refreshed, 2),
-        "recovery_s": None if refreshed is None else round(refreshed, 2),
-        "recovery_means": "from the kill until a lease refresh through a client that talked to the leader succeeded",
-        "registrations_kept": sorted(before & after) == sorted(before),
-        "registrations": len(before),
-    }
+    figures |= {"killed": f"etcd member {leader}, the leader (SIGKILL)",
+                "leader_elected_s": None if elected is None else round(elected, 2),
+                "lease_refresh_s": None if refreshed is None else round(refreshed, 2),
+                "recovery_s": None if refreshed is None else round(refreshed, 2),
+                "recovery_means": "from the kill until a lease refresh through a client that talked to the leader succeeded",
+                "registrations_kept": sorted(before & after) == sorted(before), "registrations": len(before)}
     REPORT["etcd_leader"] = figures
     print(json.dumps(figures, indent=1))
     assert refreshed is not None and refreshed <= RECOVERY_TARGET_S, figures
@@ -270,11 +264,8 @@ def test_kill_one_of_two(ha: HaCluster, victim: str) -> None:
         ha.procs[victim].kill()
         time.sleep(8.0)
     figures = _figures(load, killed_at, baseline)
-    figures |= {
-        "killed": f"{victim} (SIGKILL), one of two",
-        "recovery_s": figures["latency_recovery_s"],
-        "recovery_means": figures["latency_recovery_means"],
-    }
+    figures |= {"killed": f"{victim} (SIGKILL), one of two",
+                "recovery_s": figures["latency_recovery_s"], "recovery_means": figures["latency_recovery_means"]}
     REPORT[victim.rsplit("-", 1)[0]] = figures
     print(json.dumps(figures, indent=1))
     assert figures["requests_sent"] > 100
@@ -309,7 +300,6 @@ def test_up_ha_runs_a_nats_cluster_and_an_etcd_cluster_and_restarts_a_dead_membe
 
             a, b = await nats.connect(first), await nats.connect(last)
             try:
-
                 async def pong(msg) -> None:
                     await msg.respond(b"pong")
 

@@ -20,9 +20,8 @@ from unimodel.local.procs import free_port
 
 def healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")}
-    return subprocess.run(
-        [sys.executable, "-m", "unimodel.cli", "healthcheck", *args], capture_output=True, text=True, timeout=30, env={**base, **(env or {})}
-    )
+    return subprocess.run([sys.executable, "-m", "unimodel.cli", "healthcheck", *args], capture_output=True,
+                          text=True, timeout=30, env={**base, **(env or {})})
 
 
 @pytest.fixture

@@ -93,8 +93,7 @@ def test_tritonclient_http(cluster: Services, mlp_reference: ort.InferenceSessio
 
         y = rng.standard_normal((2, 5), dtype=np.float32)  # JSON in, JSON out
         result = client.infer(
-            "identity",
-            [_input(httpclient, "INPUT0", y, binary=False)],
+            "identity", [_input(httpclient, "INPUT0", y, binary=False)],
             outputs=[httpclient.InferRequestedOutput("OUTPUT0", binary_data=False)],
         )
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), y)
@@ -184,30 +183,11 @@ def test_perf_analyzer_runs_unmodified(cluster: Services, protocol: str) -> None
     env = {**os.environ, "LD_LIBRARY_PATH": f"{cudart}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
     proc = subprocess.run(
         [
-            str(PERF_ANALYZER),
-            "-m",
-            "mlp",
-            "-u",
-            f"127.0.0.1:{port}",
-            "-i",
-            protocol,
-            "-b",
-            "4",
-            "--concurrency-range",
-            "1",
-            "--measurement-mode",
-            "count_windows",
-            "--measurement-request-count",
-            "50",
-            "--stability-percentage",
-            "1000",
-            "--max-trials",
-            "3",
+            str(PERF_ANALYZER), "-m", "mlp", "-u", f"127.0.0.1:{port}", "-i", protocol, "-b", "4",
+            "--concurrency-range", "1", "--measurement-mode", "count_windows", "--measurement-request-count", "50",
+            "--stability-percentage", "1000", "--max-trials", "3",
         ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=env,
+        capture_output=True, text=True, timeout=90, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # Server-side statistics were read and parsed (the "statistics" extension).

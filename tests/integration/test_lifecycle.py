@@ -15,10 +15,7 @@ from unimodel.worker.settings import WorkerSettings
 
 def settings(infra: Infra, **overrides: object) -> WorkerSettings:
     values: dict[str, object] = {
-        "nats_url": infra.nats.url,
-        "etcd_endpoints": infra.etcd.endpoint,
-        "lease_ttl_s": 5,
-        "instance_id": "w-life",
+        "nats_url": infra.nats.url, "etcd_endpoints": infra.etcd.endpoint, "lease_ttl_s": 5, "instance_id": "w-life",
         **infra.etcd_settings(),
     }
     return WorkerSettings(**{**values, **overrides})

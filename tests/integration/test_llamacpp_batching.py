@@ -118,7 +118,9 @@ def test_min_tokens_and_ignore_eos_fix_the_length_on_chat_and_completions(cluste
         ).json()
         assert held["usage"]["completion_tokens"] >= 40
         assert held["choices"][0]["message"]["content"].startswith(short["choices"][0]["message"]["content"])
-        completion = client.post("/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True}).json()
+        completion = client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True}
+        ).json()
         assert completion["choices"][0]["finish_reason"] == "length" and completion["usage"]["completion_tokens"] == 32
         with client.stream(
             "POST", "/v1/completions",
@@ -127,3 +129,4 @@ def test_min_tokens_and_ignore_eos_fix_the_length_on_chat_and_completions(cluste
         ) as r:  # fmt: skip
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
     assert [c["usage"]["completion_tokens"] for c in chunks if c.get("usage")] == [24]
+

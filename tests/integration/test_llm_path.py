@@ -63,19 +63,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         services.http_port, services.grpc_port = free_port(), free_port()
         models_root = tmp_path_factory.mktemp("models-root")  # folders registered by path (upstream model)
         gw = services.start(
-            "gateway",
-            "--http-port",
-            str(services.http_port),
-            "--grpc-port",
-            str(services.grpc_port),
-            "--model-repository",
-            str(model_repository),
-            "--load-models",
-            MODEL,
-            "--models-root",
-            str(models_root),
-            "--upstream-urls",
-            "http://127.0.0.1",  # the upstream model's server runs on loopback
+            "gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port),
+            "--model-repository", str(model_repository), "--load-models", MODEL, "--models-root", str(models_root),
+            "--upstream-urls", "http://127.0.0.1",  # the upstream model's server runs on loopback
         )
         wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
         services.wait_models([MODEL], instances=2)
@@ -86,13 +76,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         config.write_text("api_keys:\n  sk-team-a: team-a\n  sk-team-b: team-b\n")
         auth_port, auth_grpc = free_port(), free_port()
         auth_gw = services.start(
-            "gateway",
-            "--http-port",
-            str(auth_port),
-            "--grpc-port",
-            str(auth_grpc),
-            "--config",
-            str(config),
+            "gateway", "--http-port", str(auth_port), "--grpc-port", str(auth_grpc), "--config", str(config),
             name="gateway-auth",
         )
         wait_until(lambda: http_ok(f"http://127.0.0.1:{auth_port}/health/ready"), 60, "auth gateway ready", auth_gw)
@@ -123,12 +107,7 @@ def test_openai_sdk_chat_blocking_and_streamed(cluster: Cluster) -> None:
     assert whole.id.startswith("chatcmpl-") and whole.model == MODEL
 
     stream = client.chat.completions.create(
-        model=MODEL,
-        messages=CHAT,
-        max_tokens=12,
-        temperature=0,
-        seed=1,
-        stream=True,
+        model=MODEL, messages=CHAT, max_tokens=12, temperature=0, seed=1, stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -152,7 +131,9 @@ def test_openai_sdk_async_and_multi_turn(cluster: Cluster) -> None:
             first = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
             assert reply.usage.prompt_tokens > first.usage.prompt_tokens  # the whole conversation was rendered
             parts = []
-            async for chunk in await client.chat.completions.create(model=MODEL, messages=turns, max_tokens=8, temperature=0, stream=True):
+            async for chunk in await client.chat.completions.create(
+                model=MODEL, messages=turns, max_tokens=8, temperature=0, stream=True
+            ):
                 if chunk.choices and chunk.choices[0].delta.content:
                     parts.append(chunk.choices[0].delta.content)
             assert "".join(parts) == reply.choices[0].message.content
@@ -168,9 +149,9 @@ def test_completions_and_sampling_parameters(cluster: Cluster) -> None:
     assert done.object == "text_completion" and done.choices[0].finish_reason == "length"
     assert done.usage.completion_tokens == 6
     streamed = "".join(
-        c.choices[0].text
-        for c in client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True)
-        if c.choices
+        c.choices[0].text for c in client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True
+        ) if c.choices
     )
     assert streamed == done.choices[0].text
     # the same seed samples the same text; a stop string ends the text before it
@@ -217,21 +198,15 @@ def test_bad_requests_get_openai_errors(cluster: Cluster, body: dict, status: in
 
 
 def test_malformed_json_and_limits(cluster: Cluster) -> None:
-    r = httpx.post(f"{cluster.url}/v1/chat/completions", content=b"{not json", timeout=10, headers={"content-type": "application/json"})
+    r = httpx.post(f"{cluster.url}/v1/chat/completions", content=b"{not json", timeout=10,
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     # the model's prompt cap (max_prompt_tokens 1536) is named in the answer, blocking and streamed alike
     long = "word " * 3000
     for stream in (False, True):
-        r = httpx.post(
-            f"{cluster.url}/v1/chat/completions",
-            timeout=60,
-            json={
-                "model": MODEL,
-                "messages": [{"role": "user", "content": long}],
-                "max_tokens": 4,
-                "stream": stream,
-            },
-        )
+        r = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": long}], "max_tokens": 4, "stream": stream,
+        })
         assert r.status_code == 400, r.text
         assert r.json()["error"]["code"] == "max_prompt_tokens" and "max_prompt_tokens" in r.json()["error"]["message"]
     # the openai SDK raises its typed errors
@@ -246,13 +221,8 @@ def test_malformed_json_and_limits(cluster: Cluster) -> None:
 # aborts and deadlines ------------------------------------------------------------------------------
 def test_client_that_leaves_mid_stream_aborts_the_generation_in_the_engine(cluster: Cluster) -> None:
     before = cluster.worker_metric("unimodel_worker_generations_total", finish_reason="abort")
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
-        "max_tokens": 900,
-        "temperature": 0.8,
-        "stream": True,
-    }
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+            "max_tokens": 900, "temperature": 0.8, "stream": True}
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{cluster.url}/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         seen = 0
@@ -263,8 +233,7 @@ def test_client_that_leaves_mid_stream_aborts_the_generation_in_the_engine(clust
                 break  # leave: the connection closes with the stream
     wait_until(
         lambda: cluster.worker_metric("unimodel_worker_generations_total", finish_reason="abort") > before,
-        15,
-        "the worker reports the aborted generation",
+        15, "the worker reports the aborted generation",
     )
     tokens = cluster.worker_metric("unimodel_worker_generated_tokens_total")
     time.sleep(1.0)  # nothing generates any more for the client that left
@@ -292,9 +261,8 @@ def test_grpc_generate_streamed_unary_cancelled_and_deadline(cluster: Cluster) -
     before = cluster.worker_metric("unimodel_worker_generations_total", finish_reason="abort")
     # greedy on this prompt: ~1500 tokens (~30 s here), so neither the cancel nor the 1 s deadline below can
     # race with the model's own end of sequence (a sampled "Tell a long story." sometimes ended within 1 s)
-    long = generate_pb2.GenerateRequest(
-        model=MODEL, messages=[generate_pb2.ChatMessage(role="user", content="Write a very long story about a dragon, with many chapters.")]
-    )
+    long = generate_pb2.GenerateRequest(model=MODEL, messages=[
+        generate_pb2.ChatMessage(role="user", content="Write a very long story about a dragon, with many chapters.")])
     long.sampling.max_tokens = 900
     long.sampling.temperature = 0
     call = stub.Generate(long, timeout=60)
@@ -304,8 +272,7 @@ def test_grpc_generate_streamed_unary_cancelled_and_deadline(cluster: Cluster) -
             break
     wait_until(
         lambda: cluster.worker_metric("unimodel_worker_generations_total", finish_reason="abort") > before,
-        15,
-        "the worker aborts the cancelled call's generation",
+        15, "the worker aborts the cancelled call's generation",
     )
     # a deadline ends the generation with DEADLINE_EXCEEDED
     with pytest.raises(grpc.RpcError) as caught:
@@ -351,11 +318,7 @@ def test_an_upstream_server_registered_as_a_model_streams_through_the_cluster(cl
             "messages": CHAT, "max_tokens": 16, "temperature": 0})  # fmt: skip
         assert direct.status_code == 200, direct.text
         ours = cluster.client().chat.completions.create(
-            model="upstream-smollm2",
-            messages=CHAT,
-            max_tokens=16,
-            temperature=0,
-            stream=True,
+            model="upstream-smollm2", messages=CHAT, max_tokens=16, temperature=0, stream=True,
             stream_options={"include_usage": True},
         )
         chunks = list(ours)
@@ -382,16 +345,9 @@ def test_an_upstream_server_registered_as_a_model_streams_through_the_cluster(cl
 # routing -------------------------------------------------------------------------------------------
 def test_one_conversation_keeps_its_worker(cluster: Cluster) -> None:
     def worker_of(user: str, turns: list[dict[str, str]]) -> str:
-        r = httpx.post(
-            f"{cluster.url}/v1/chat/completions",
-            timeout=60,
-            json={
-                "model": MODEL,
-                "messages": turns,
-                "max_tokens": 2,
-                "user": user,
-            },
-        )
+        r = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": turns, "max_tokens": 2, "user": user,
+        })
         assert r.status_code == 200, r.text
         return r.headers["x-unimodel-worker"]
 
@@ -441,7 +397,9 @@ def test_api_keys_and_the_tenant_travels_to_every_service(cluster: Cluster) -> N
         await nc.flush()
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-team-a", max_retries=0, timeout=60)
         try:
-            reply = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_headers={"x-unimodel-tenant": "team-b"})
+            reply = await client.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=2, extra_headers={"x-unimodel-tenant": "team-b"}
+            )
             assert reply.choices[0].message.content is not None
         finally:
             await client.close()
@@ -479,9 +437,8 @@ def test_a_generation_whose_worker_dies_moves_to_the_other_worker(cluster: Clust
     (tests/integration/test_stream_migration.py covers the OpenAI API, no worker left, migration off.)"""
     with grpc.insecure_channel(f"127.0.0.1:{cluster.services.grpc_port}") as channel:
         stub = services_pb2_grpc.InferenceServiceStub(channel)
-        long = generate_pb2.GenerateRequest(
-            model=MODEL, messages=[generate_pb2.ChatMessage(role="user", content="Write a very long story about a dragon, with many chapters.")]
-        )
+        long = generate_pb2.GenerateRequest(model=MODEL, messages=[
+            generate_pb2.ChatMessage(role="user", content="Write a very long story about a dragon, with many chapters.")])
         long.sampling.max_tokens = 120
         long.sampling.temperature = 0
         reference = stub.GenerateUnary(long, timeout=120)

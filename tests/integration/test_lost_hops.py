@@ -61,7 +61,9 @@ def _report(results: list[tuple[float, float, int, str]], killed_at: float) -> s
 
 
 @pytest.mark.parametrize("victim", ["batcher-1", "router-1"])
-def test_finding_queued_work_dies_with_its_batcher_or_router(cluster: tuple[Services, dict[str, ManagedProcess]], victim: str) -> None:
+def test_finding_queued_work_dies_with_its_batcher_or_router(
+    cluster: tuple[Services, dict[str, ManagedProcess]], victim: str
+) -> None:
     services, procs = cluster
     results, killed_at = _kill_under_load(services, procs[victim])
     summary = _report(results, killed_at)
@@ -92,29 +94,15 @@ def llm_cluster(tmp_path: Path) -> Iterator[tuple[Services, dict[str, ManagedPro
     folder = tmp_path / "models" / LLM
     folder.mkdir(parents=True)
     (folder / "model.gguf").symlink_to(gguf)
-    (folder / "config.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "name": LLM,
-                "engine": "llamacpp",
-                "file": "model.gguf",
-                "options": {"n_threads": "1"},
-                "max_batch_size": 8,
-                "batching": {"max_queue_delay_ms": 3000, "hold_when_idle": True},
-                "llm": {"context_length": 512},
-            }
-        )
-    )
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "name": LLM, "engine": "llamacpp", "file": "model.gguf", "options": {"n_threads": "1"},
+        "max_batch_size": 8, "batching": {"max_queue_delay_ms": 3000, "hold_when_idle": True}, "llm": {"context_length": 512},
+    }))
     try:
         infra.start()
         procs = services.start_named("router-1", "router-2", "batcher-1", "batcher-2", "worker-0")
         services.start_gateway(
-            "--model-repository",
-            str(tmp_path / "models"),
-            "--load-models",
-            LLM,
-            "--models-root",
-            str(tmp_path / "models"),
+            "--model-repository", str(tmp_path / "models"), "--load-models", LLM, "--models-root", str(tmp_path / "models"),
         )
         services.wait_models([LLM])
         yield services, procs
@@ -125,13 +113,8 @@ def llm_cluster(tmp_path: Path) -> Iterator[tuple[Services, dict[str, ManagedPro
 
 def _stream(url: str, n: int, out: list[tuple[int, str, bool, str]]) -> None:
     """One streamed chat; (n, its text, whether it ended with [DONE], the error event if any)."""
-    body = {
-        "model": LLM,
-        "messages": [{"role": "user", "content": f"Count from {n} to {n + 20}."}],
-        "max_tokens": 24,
-        "temperature": 0,
-        "stream": True,
-    }
+    body = {"model": LLM, "messages": [{"role": "user", "content": f"Count from {n} to {n + 20}."}],
+            "max_tokens": 24, "temperature": 0, "stream": True}
     text, done, error = [], False, ""
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:

@@ -231,7 +231,8 @@ def test_efficientnet_onnx_matches_torch_and_predicts_plausibly(model_repository
     assert len(labels) == 1000 and labels[0] == "tench" and labels[985] == "daisy"
     images = _sample_images()
     batch = np.stack(
-        [_preprocess(img, options) for img in images.values()] + [np.random.default_rng(0).standard_normal((3, 224, 224)).astype(np.float32)]
+        [_preprocess(img, options) for img in images.values()]
+        + [np.random.default_rng(0).standard_normal((3, 224, 224)).astype(np.float32)]
     )
     (probs,) = _session(folder / "model.onnx").run(["probabilities"], {"image": batch})
     assert probs.shape == (3, 1000)

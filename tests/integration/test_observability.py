@@ -60,10 +60,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
     milvus = None
     env = {
         "OTEL_BSP_SCHEDULE_DELAY": "200",  # as the SDK's batch span processor: export within 0.2 s
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_HEADERS": "x-test-key=secret%20value",
+        "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_EXPORTER_OTLP_HEADERS": "x-test-key=secret%20value",
     }
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)  # the services started below inherit them
@@ -84,16 +82,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         start("gpu-worker", "--instance-id", "worker-0")
         services.http_port, services.grpc_port = free_port(), free_port()
         gw = services.start(
-            "gateway",
-            *tracing,
-            "--http-port",
-            str(services.http_port),
-            "--grpc-port",
-            str(services.grpc_port),
-            "--model-repository",
-            str(model_repository),
-            "--load-models",
-            f"{EMBEDDER},{LLM}",
+            "gateway", *tracing, "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port),
+            "--model-repository", str(model_repository), "--load-models", f"{EMBEDDER},{LLM}",
         )
         wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
         services.wait_models([EMBEDDER, LLM])
@@ -119,7 +109,9 @@ def client_traceparent() -> tuple[str, str, str]:
 
 def one(spans: list[Span], name: str, service: str = "", **attributes: object) -> Span:
     found = [
-        s for s in spans if s.name == name and (not service or s.service == service) and all(s.attributes.get(k) == v for k, v in attributes.items())
+        s for s in spans
+        if s.name == name and (not service or s.service == service)
+        and all(s.attributes.get(k) == v for k, v in attributes.items())
     ]
     assert len(found) == 1, f"{len(found)} spans {name!r} ({service or 'any service'}, {attributes}) in {sorted(s.name for s in spans)}"
     return found[0]
@@ -155,19 +147,15 @@ def check_batch_path(spans: list[Span], parent: Span, model: str, worker_service
 
 def test_predict_over_http_is_one_trace_across_every_hop(cluster: Cluster) -> None:
     traceparent, trace_id, client_span = client_traceparent()
-    r = httpx.post(f"{cluster.url}/v1/models/echo:predict", json={"input": [1, 2, 3]}, headers={"traceparent": traceparent}, timeout=10)
+    r = httpx.post(
+        f"{cluster.url}/v1/models/echo:predict", json={"input": [1, 2, 3]}, headers={"traceparent": traceparent}, timeout=10
+    )
     assert r.status_code == 200, r.text
     assert r.headers["x-unimodel-trace-id"] == trace_id
-    spans = cluster.receiver.wait_trace(
-        trace_id,
-        has(
-            "POST /v1/models/{model}:predict",
-            "batcher queue",
-            "batcher dispatch",
-            "worker batch echo",
-            "infer echo",
-        ),
-    )
+    spans = cluster.receiver.wait_trace(trace_id, has(
+        "POST /v1/models/{model}:predict", "batcher queue", "batcher dispatch", "worker batch echo",
+        "infer echo",
+    ))
     server = one(spans, "POST /v1/models/{model}:predict", "unimodel-gateway")
     assert server.parent_id == client_span and server.kind == SERVER
     assert server.attributes["http.request.method"] == "POST" and server.attributes["http.response.status_code"] == 200
@@ -203,8 +191,7 @@ def test_predict_over_grpc_returns_the_trace_id_and_is_traced(cluster: Cluster) 
     with grpc.insecure_channel(f"127.0.0.1:{cluster.services.grpc_port}") as channel:
         stub = services_pb2_grpc.InferenceServiceStub(channel)
         _reply, call = stub.Predict.with_call(
-            inference_pb2.PredictRequest(model="echo", input=to_value([1])),
-            timeout=10,
+            inference_pb2.PredictRequest(model="echo", input=to_value([1])), timeout=10,
             metadata=(("traceparent", traceparent),),
         )
     assert dict(call.trailing_metadata())["x-unimodel-trace-id"] == trace_id
@@ -218,10 +205,7 @@ def test_predict_over_grpc_returns_the_trace_id_and_is_traced(cluster: Cluster) 
 def test_streamed_chat_with_the_cache_is_one_trace_across_every_hop(cluster: Cluster) -> None:
     traceparent, trace_id, client_span = client_traceparent()
     body = {
-        "model": LLM,
-        "stream": True,
-        "max_tokens": 8,
-        "temperature": 0,
+        "model": LLM, "stream": True, "max_tokens": 8, "temperature": 0,
         "messages": [{"role": "user", "content": f"Name a colour ({trace_id[:6]})."}],
     }
     headers = {"traceparent": traceparent, "x-unimodel-cache": "on"}
@@ -231,22 +215,10 @@ def test_streamed_chat_with_the_cache_is_one_trace_across_every_hop(cluster: Clu
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) > 3
     chat_name, stream_name = f"chat {LLM}", f"stream {LLM}"
-    spans = cluster.receiver.wait_trace(
-        trace_id,
-        has(
-            "POST /v1/chat/completions",
-            "cache lookup",
-            "cache query",
-            "cache embed",
-            "cache search",
-            f"infer {EMBEDDER}",
-            f"worker batch {LLM}",
-            chat_name,
-            stream_name,
-            *BATCH_PATH,
-            *BATCH_PATH,
-        ),
-    )
+    spans = cluster.receiver.wait_trace(trace_id, has(
+        "POST /v1/chat/completions", "cache lookup", "cache query", "cache embed", "cache search",
+        f"infer {EMBEDDER}", f"worker batch {LLM}", chat_name, stream_name, *BATCH_PATH, *BATCH_PATH,
+    ))
     server = one(spans, "POST /v1/chat/completions", "unimodel-gateway")
     assert server.parent_id == client_span and server.attributes["http.response.status_code"] == 200
 
@@ -305,41 +277,26 @@ def test_a_modelcache_query_is_one_trace_from_the_gateway_to_the_cache(cluster: 
 COMMON = ("unimodel_service_info", "unimodel_nats_connected", "unimodel_etcd_connected", "unimodel_inflight_requests")
 EXPECTED = {
     "gateway": (
-        "unimodel_gateway_requests_total",
-        "unimodel_gateway_request_duration_seconds_bucket",
-        "unimodel_gateway_cache_lookups_total",
-        "unimodel_gateway_time_to_first_token_seconds_bucket",
-        "unimodel_gateway_inter_token_latency_seconds_bucket",
-        "unimodel_gateway_output_tokens_total",
+        "unimodel_gateway_requests_total", "unimodel_gateway_request_duration_seconds_bucket",
+        "unimodel_gateway_cache_lookups_total", "unimodel_gateway_time_to_first_token_seconds_bucket",
+        "unimodel_gateway_inter_token_latency_seconds_bucket", "unimodel_gateway_output_tokens_total",
     ),
     "batcher": (
-        "unimodel_batcher_queue_depth",
-        "unimodel_batcher_inflight_batches",
-        "unimodel_batcher_batch_rows_bucket",
-        "unimodel_batcher_queue_wait_seconds_bucket",
-        "unimodel_batcher_batch_fill_ratio_bucket",
-        "unimodel_batcher_batches_total",
-        "unimodel_batcher_dispatched_total",
-        "unimodel_batcher_decision_seconds_bucket",
+        "unimodel_batcher_queue_depth", "unimodel_batcher_inflight_batches", "unimodel_batcher_batch_rows_bucket",
+        "unimodel_batcher_queue_wait_seconds_bucket", "unimodel_batcher_batch_fill_ratio_bucket",
+        "unimodel_batcher_batches_total", "unimodel_batcher_dispatched_total", "unimodel_batcher_decision_seconds_bucket",
         "unimodel_batcher_dispatch_seconds_bucket",
     ),
     "router": ("unimodel_router_decision_seconds_bucket", "unimodel_router_workers"),
     "gpu-worker": (
-        "unimodel_worker_batches_total",
-        "unimodel_worker_batch_duration_seconds_bucket",
-        "unimodel_worker_inflight_batches",
-        "unimodel_worker_capacity",
-        "unimodel_worker_models",
-        "unimodel_worker_generations_total",
-        "unimodel_worker_generated_tokens_total",
-        "unimodel_worker_time_to_first_token_seconds_bucket",
-        "unimodel_worker_inter_token_latency_seconds_bucket",
+        "unimodel_worker_batches_total", "unimodel_worker_batch_duration_seconds_bucket",
+        "unimodel_worker_inflight_batches", "unimodel_worker_capacity", "unimodel_worker_models",
+        "unimodel_worker_generations_total", "unimodel_worker_generated_tokens_total",
+        "unimodel_worker_time_to_first_token_seconds_bucket", "unimodel_worker_inter_token_latency_seconds_bucket",
         "unimodel_worker_tokens_per_second_bucket",
     ),
     "embedding-worker": (
-        "unimodel_worker_batches_total",
-        "unimodel_worker_batch_duration_seconds_bucket",
-        "unimodel_worker_models",
+        "unimodel_worker_batches_total", "unimodel_worker_batch_duration_seconds_bucket", "unimodel_worker_models",
     ),
     "cache": ("unimodel_cache_queries_total", "unimodel_cache_stage_seconds_bucket", "unimodel_cache_entries"),
 }

@@ -171,7 +171,9 @@ async def test_a_batch_answers_each_gateway_with_one_reply_batch(cluster: Servic
         await nc.subscribe("unimodel.v1.reply.*.batch", cb=on_batch)
         await nc.flush()
         async with httpx.AsyncClient(timeout=30) as client:
-            responses = await asyncio.gather(*(client.post(f"{cluster.url}/v1/models/echo:predict", json={"input": i}) for i in range(32)))
+            responses = await asyncio.gather(
+                *(client.post(f"{cluster.url}/v1/models/echo:predict", json={"input": i}) for i in range(32))
+            )
         await asyncio.sleep(0.2)
     finally:
         await nc.close()

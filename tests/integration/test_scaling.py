@@ -127,9 +127,7 @@ def test_stopping_a_worker_under_load_loses_no_request(services: Services, model
         dropped_at = time.time()
         time.sleep(1.0)
     after = [w for t, w, f in load.results if t > dropped_at + 0.5 and not f]
-    print(
-        f"{how}: {len(load.results)} requests, {len(load.failures())} failed; "
-        f"worker-0 left the router's view {dropped_at - stopped_at:.2f}s after the stop"
-    )
+    print(f"{how}: {len(load.results)} requests, {len(load.failures())} failed; "
+          f"worker-0 left the router's view {dropped_at - stopped_at:.2f}s after the stop")
     assert not load.failures(), load.failures()[:5]
     assert after and set(after) == {"worker-1"}

@@ -149,7 +149,9 @@ def test_finding_a_worker_may_publish_to_cache_subjects_and_read_batches(secured
 def test_finding_a_worker_reads_other_workers_requests_up_gives_each_process_a_user_of_its_own(tmp_path: Path) -> None:
     """`unimodel up` mints a NATS user per process: worker A cannot read worker B's work, a gateway's
     answers or B's liveness probes; A's restart (a new instance) disconnects and retires A's old user."""
-    cfg = ClusterConfig(state_dir=tmp_path / "state", nats_port=free_port(), etcd_port=free_port(), prepare_models=False, nats_tool_user="ops")
+    cfg = ClusterConfig(
+        state_dir=tmp_path / "state", nats_port=free_port(), etcd_port=free_port(), prepare_models=False, nats_tool_user="ops"
+    )
     cluster = LocalCluster(cfg, sink=LogSink())
     try:
         cluster.start_bus_and_store()
@@ -170,25 +172,14 @@ def test_finding_a_worker_reads_other_workers_requests_up_gives_each_process_a_u
             async def on_msg(msg: object) -> None:
                 got.append(getattr(msg, "subject", ""))
 
-            theirs = (
-                subjects.worker_infer(b),
-                subjects.worker_control(b),
-                subjects.alive(b),
-                f"{subjects.replies(gateway)}.*",
-                subjects.WORKER_INFER_ALL,
-                f"{subjects.inbox_prefix('gpu-worker', b)}.>",
-            )
+            theirs = (subjects.worker_infer(b), subjects.worker_control(b), subjects.alive(b), f"{subjects.replies(gateway)}.*",
+                      subjects.WORKER_INFER_ALL, f"{subjects.inbox_prefix('gpu-worker', b)}.>")
             for subject in (*theirs, subjects.worker_infer(a)):
                 await worker_a.subscribe(subject, cb=on_msg)
             await worker_a.flush()
             await asyncio.sleep(0.3)  # the server's -ERR lines arrive after the flush's PONG
-            for subject in (
-                subjects.worker_infer(b),
-                subjects.worker_control(b),
-                subjects.alive(b),
-                f"{subjects.replies(gateway)}.{os.urandom(16).hex()}",
-                subjects.worker_infer(a),
-            ):
+            for subject in (subjects.worker_infer(b), subjects.worker_control(b), subjects.alive(b),
+                            f"{subjects.replies(gateway)}.{os.urandom(16).hex()}", subjects.worker_infer(a)):
                 await router.publish(subject, b"work")
             await router.flush()
             await asyncio.sleep(0.5)
@@ -224,7 +215,8 @@ def test_finding_services_run_with_authentication_and_survive_an_etcd_restart(se
         # etcd restarts: its auth tokens are gone; the services authenticate again and register again
         secured.stop_etcd()
         secured.start_etcd()
-        wait_until(lambda: "worker-0" in {k.rsplit("/", 1)[-1] for k in etcd_instances(secured, "gpu-worker")}, 60, "worker-0 registered again")
+        wait_until(lambda: "worker-0" in {k.rsplit("/", 1)[-1] for k in etcd_instances(secured, "gpu-worker")}, 60,
+                   "worker-0 registered again")
         wait_until(lambda: services.predict("again").status_code == 200, 30, "a prediction after the etcd restart")
         assert services.predict("again").json()["output"] == "again"
         log = secured.sink.getvalue()
@@ -240,8 +232,7 @@ def test_finding_etcd_of_a_deployment_stays_open_etcd_auth_turns_it_on_and_rotat
         (tmp_path / "root").write_text("root-secret\n")
         (tmp_path / "services").write_text("first\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")} | {
-            "UNIMODEL_ETCD_ENDPOINTS": infra.etcd.endpoint,
-            "UNIMODEL_ETCD_USER": "unimodel",
+            "UNIMODEL_ETCD_ENDPOINTS": infra.etcd.endpoint, "UNIMODEL_ETCD_USER": "unimodel",
             "UNIMODEL_ETCD_PASSWORD_FILE": str(tmp_path / "services"),
         }
 
@@ -283,27 +274,9 @@ def _certificate(folder: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (its own CA) and its key."""
     cert, key = folder / "server.pem", folder / "server-key.pem"
     subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
     )
     return cert, key
 
@@ -314,37 +287,19 @@ def test_finding_nats_and_etcd_have_no_tls_services_connect_over_tls(tmp_path: P
     tls = TlsFiles(ca_file=str(cert), cert_file=str(cert), key_file=str(key))
     sink = LogSink()
     config = tmp_path / "nats.conf"
-    config.write_text(render_server_config({"gateway": "pw"}, tls=ServerTls(str(cert), str(key), ca_file=str(cert), verify=True)))
+    config.write_text(render_server_config(
+        {"gateway": "pw"}, tls=ServerTls(str(cert), str(key), ca_file=str(cert), verify=True)
+    ))
     nats_server = NatsServer(free_port(), tmp_path / "nats", config_file=config, sink=sink)
     etcd_port, peer_port = free_port(), free_port()
-    etcd = ManagedProcess(
-        "etcd",
-        [
-            str(binaries.etcd()),
-            "--data-dir",
-            str(tmp_path / "etcd"),
-            "--listen-client-urls",
-            f"https://127.0.0.1:{etcd_port}",
-            "--advertise-client-urls",
-            f"https://127.0.0.1:{etcd_port}",
-            "--listen-peer-urls",
-            f"http://127.0.0.1:{peer_port}",
-            "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{peer_port}",
-            "--initial-cluster",
-            f"default=http://127.0.0.1:{peer_port}",
-            "--cert-file",
-            str(cert),
-            "--key-file",
-            str(key),
-            "--client-cert-auth",
-            "--trusted-ca-file",
-            str(cert),
-            "--log-level",
-            "warn",
-        ],
-        sink=sink,
-    )
+    etcd = ManagedProcess("etcd", [
+        str(binaries.etcd()), "--data-dir", str(tmp_path / "etcd"),
+        "--listen-client-urls", f"https://127.0.0.1:{etcd_port}", "--advertise-client-urls", f"https://127.0.0.1:{etcd_port}",
+        "--listen-peer-urls", f"http://127.0.0.1:{peer_port}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+        "--initial-cluster", f"default=http://127.0.0.1:{peer_port}",
+        "--cert-file", str(cert), "--key-file", str(key), "--client-cert-auth", "--trusted-ca-file", str(cert),
+        "--log-level", "warn",
+    ], sink=sink)
     try:
         nats_server.start_and_wait()
         etcd.start()

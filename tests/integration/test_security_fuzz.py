@@ -58,17 +58,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         services.start("gpu-worker", "--instance-id", "worker-0", name="worker-0")
         services.http_port, services.grpc_port = free_port(), free_port()
         gateway = services.start(
-            "gateway",
-            "--http-port",
-            str(services.http_port),
-            "--grpc-port",
-            str(services.grpc_port),
-            "--model-repository",
-            str(model_repository),
-            "--load-models",
-            ",".join(MODELS),
-            "--admin-api-keys",
-            f'{{"{ADMIN_KEY}": "ops"}}',
+            "gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port),
+            "--model-repository", str(model_repository), "--load-models", ",".join(MODELS),
+            "--admin-api-keys", f'{{"{ADMIN_KEY}": "ops"}}',
         )
         wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gateway)
         wait_until(lambda: all(_ready(services, m) for m in MODELS), 120, "demo models ready")
@@ -129,12 +121,8 @@ def test_http_api_fuzzed_by_schemathesis_has_no_server_error(cluster: Services) 
 
         @given(case=strategy, model=st.sampled_from([*MODELS, None]))
         @settings(
-            max_examples=HTTP_EXAMPLES,
-            deadline=None,
-            derandomize=SEED == 0,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-            phases=[Phase.explicit, Phase.generate],
+            max_examples=HTTP_EXAMPLES, deadline=None, derandomize=SEED == 0, database=None,
+            suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate],
         )
         def one(case: Any, model: str | None) -> None:
             _aim(case, model)
@@ -169,22 +157,8 @@ _INT_EDGES = {
     descriptor.FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
     descriptor.FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
 }
-_STRINGS = [
-    "",
-    "INPUT0",
-    "OUTPUT0",
-    "FP32",
-    "BYTES",
-    "INT64",
-    "priority",
-    "timeout",
-    "binary_data_output",
-    "user",
-    "../../etc/passwd",
-    "\x00",
-    "é" * 3,
-    "x" * 5000,
-]
+_STRINGS = ["", "INPUT0", "OUTPUT0", "FP32", "BYTES", "INT64", "priority", "timeout", "binary_data_output", "user",
+            "../../etc/passwd", "\x00", "é" * 3, "x" * 5000]
 
 
 class MessageFuzzer:
@@ -219,14 +193,10 @@ class MessageFuzzer:
         v = struct_pb2.Value()
         roll = self.rng.random()
         if depth <= 0 or roll < 0.3:
-            self.rng.choice(
-                [
-                    lambda: setattr(v, "number_value", self.rng.choice([0, 1.5, 1e300, 2**64])),
-                    lambda: setattr(v, "string_value", self.rng.choice(_STRINGS)),
-                    lambda: setattr(v, "bool_value", True),
-                    lambda: setattr(v, "null_value", 0),
-                ]
-            )()
+            self.rng.choice([lambda: setattr(v, "number_value", self.rng.choice([0, 1.5, 1e300, 2**64])),
+                             lambda: setattr(v, "string_value", self.rng.choice(_STRINGS)),
+                             lambda: setattr(v, "bool_value", True),
+                             lambda: setattr(v, "null_value", 0)])()
         elif roll < 0.65:
             v.list_value.SetInParent()
             for _ in range(self.rng.choice([0, 1, 1, 2, 4])):
@@ -287,7 +257,8 @@ class MessageFuzzer:
         """Change one to three fields of a valid message (here or one level down)."""
         for _ in range(self.rng.randint(1, 3)):
             target = msg
-            set_messages = [f for f, _ in msg.ListFields() if f.type == descriptor.FieldDescriptor.TYPE_MESSAGE and not f.is_repeated]
+            set_messages = [f for f, _ in msg.ListFields() if f.type == descriptor.FieldDescriptor.TYPE_MESSAGE
+                            and not f.is_repeated]
             if set_messages and self.rng.random() < 0.4:
                 target = getattr(msg, self.rng.choice(set_messages).name)
             if target.DESCRIPTOR.full_name == "google.protobuf.Value":
@@ -354,7 +325,8 @@ def _shorten(request: Message) -> None:
 
 
 def _methods() -> list[tuple[str, descriptor.MethodDescriptor]]:
-    services = [services_pb2.DESCRIPTOR.services_by_name["InferenceService"], service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]]
+    services = [services_pb2.DESCRIPTOR.services_by_name["InferenceService"],
+                service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]]
     return [(f"/{s.full_name}/{m.name}", m) for s in services for m in s.methods]
 
 
@@ -410,9 +382,7 @@ def test_grpc_methods_fuzzed_with_generated_messages_have_no_server_error(cluste
             by_status[code.name] = by_status.get(code.name, 0) + 1
             if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
                 failures.append(f"{path} -> {code.name}: {str(request)[:600]}")
-    print(
-        f"\ngRPC fuzzer: {sum(by_status.values())} cases over {len(_methods())} methods ({len(methods)} implemented), "
-        f"answers by status {dict(sorted(by_status.items()))}"
-    )
+    print(f"\ngRPC fuzzer: {sum(by_status.values())} cases over {len(_methods())} methods ({len(methods)} implemented), "
+          f"answers by status {dict(sorted(by_status.items()))}")
     assert not failures, "\n".join(failures)
     assert not _tracebacks(cluster.infra), "\n\n".join(_tracebacks(cluster.infra))

@@ -144,7 +144,9 @@ async def test_finding_bundle_item_the_batcher_cannot_decode_is_answered(cluster
         bad_sub, good_sub = await nc.subscribe(bad_inbox), await nc.subscribe(good_inbox)
         deep = _deep_value_bytes(60)
         bad = inference_pb2.BatchItem(request_id="bad", reply_to=bad_inbox, rows=1).SerializeToString() + b"\x12" + varint(len(deep)) + deep
-        good = inference_pb2.BatchItem(request_id="good", reply_to=good_inbox, rows=1, input=to_value([[1.0, 2.0, 3.0, 4.0]])).SerializeToString()
+        good = inference_pb2.BatchItem(
+            request_id="good", reply_to=good_inbox, rows=1, input=to_value([[1.0, 2.0, 3.0, 4.0]])
+        ).SerializeToString()
         bundle = inference_pb2.EncodedItemBundle(items=[bad, good]).SerializeToString()
         await nc.publish(subjects.bundle(MODEL), bundle, reply=bad_inbox)
         bad_reply = await bad_sub.next_msg(timeout=5)

@@ -47,15 +47,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         services.start("gpu-worker", "--instance-id", "worker-0", "--metrics-port", str(metrics_port), name="worker-0")
         services.http_port, services.grpc_port = free_port(), free_port()
         gw = services.start(
-            "gateway",
-            "--http-port",
-            str(services.http_port),
-            "--grpc-port",
-            str(services.grpc_port),
-            "--model-repository",
-            str(model_repository),
-            "--load-models",
-            MODEL,
+            "gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port),
+            "--model-repository", str(model_repository), "--load-models", MODEL,
         )
         wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
         services.wait_models([MODEL])
@@ -68,12 +61,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
 def counting(max_tokens: int, stream: bool = False) -> dict[str, object]:
     """A chat that goes on until max_tokens (greedy, end of sequence ignored)."""
     return {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Count: 1, 2, 3, 4, 5,"}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": stream,
+        "model": MODEL, "messages": [{"role": "user", "content": "Count: 1, 2, 3, 4, 5,"}], "max_tokens": max_tokens,
+        "temperature": 0, "ignore_eos": True, "stream": stream,
     }
 
 
@@ -92,7 +81,9 @@ async def test_finding_a_client_request_id_is_echoed_but_the_request_id_is_ours(
         await nc.subscribe(subjects.batch(MODEL), cb=on_item)  # a copy of what the batcher takes
         await nc.flush()
         async with httpx.AsyncClient(timeout=60) as http:
-            r = await http.post(f"{cluster.url}/v1/chat/completions", json=counting(3), headers={**NO_CACHE, "x-request-id": "victim-1"})
+            r = await http.post(
+                f"{cluster.url}/v1/chat/completions", json=counting(3), headers={**NO_CACHE, "x-request-id": "victim-1"}
+            )
         assert r.status_code == 200, r.text
         await nc.flush()
     finally:
@@ -111,7 +102,9 @@ async def test_finding_an_abort_from_another_gateway_or_with_a_guessed_id_does_n
     try:
         async with httpx.AsyncClient(timeout=60) as http:
             # 1. aborts by another gateway, naming no gateway, or with guessed ids: the generation goes on
-            async with http.stream("POST", f"{cluster.url}/v1/chat/completions", json=counting(60, stream=True), headers=NO_CACHE) as r:
+            async with http.stream(
+                "POST", f"{cluster.url}/v1/chat/completions", json=counting(60, stream=True), headers=NO_CACHE
+            ) as r:
                 assert r.status_code == 200
                 ours, gateway = r.headers["x-request-id"], r.headers["x-unimodel-path"].split(",")[0]
                 events = aiter_events(r)
@@ -130,7 +123,9 @@ async def test_finding_an_abort_from_another_gateway_or_with_a_guessed_id_does_n
             assert finishes == ["length"] and not any("error" in e for e in rest), rest[-3:]
             # 2. its own gateway's abort (what a client that leaves causes) does stop it
             before = cluster.aborted()
-            async with http.stream("POST", f"{cluster.url}/v1/chat/completions", json=counting(400, stream=True), headers=NO_CACHE) as r:
+            async with http.stream(
+                "POST", f"{cluster.url}/v1/chat/completions", json=counting(400, stream=True), headers=NO_CACHE
+            ) as r:
                 ours, gateway = r.headers["x-request-id"], r.headers["x-unimodel-path"].split(",")[0]
                 events = aiter_events(r)
                 await anext(events)
@@ -155,7 +150,9 @@ async def test_finding_a_refused_generation_broadcasts_no_abort(cluster: Cluster
         await nc.flush()
         async with httpx.AsyncClient(timeout=60) as http:
             for stream in (False, True):
-                r = await http.post(f"{cluster.url}/v1/chat/completions", json={**TOO_LONG, "stream": stream}, headers=NO_CACHE)
+                r = await http.post(
+                    f"{cluster.url}/v1/chat/completions", json={**TOO_LONG, "stream": stream}, headers=NO_CACHE
+                )
                 assert r.status_code == 400 and "max_prompt_tokens" in r.text, r.text  # the worker refused it
             r = await http.post(f"{cluster.url}/v1/chat/completions", json={**TOO_LONG, "model": "nope"}, headers=NO_CACHE)
             assert r.status_code == 404
@@ -187,4 +184,4 @@ async def aiter_events(r: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     """The data events of an SSE stream, decoded ([DONE] left out)."""
     async for line in r.aiter_lines():
         if line.startswith("data: {"):
-            yield json.loads(line[len("data: ") :])
+            yield json.loads(line[len("data: "):])

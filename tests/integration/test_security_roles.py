@@ -53,7 +53,8 @@ def query(model: str, text: str) -> dict:
 
 
 def insert(model: str, question: str, answer: str) -> dict:
-    return {"type": "insert", "scope": {"model": model}, "chat_info": [{"query": [{"role": "user", "content": question}], "answer": answer}]}
+    return {"type": "insert", "scope": {"model": model},
+            "chat_info": [{"query": [{"role": "user", "content": question}], "answer": answer}]}
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +71,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         config = tmp / "gateway-keys.yaml"
         config.write_text(KEYS)
         c.gateway = services.start(
-            "gateway",
-            "--http-port",
-            str(port),
-            "--grpc-port",
-            str(grpc_port),
-            "--config",
-            str(config),
-            "--model-repository",
-            str(model_repository),
-            name="gateway-keys",
+            "gateway", "--http-port", str(port), "--grpc-port", str(grpc_port), "--config", str(config),
+            "--model-repository", str(model_repository), name="gateway-keys",
         )
         c.url, c.grpc_target = f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
         wait_until(lambda: http_ok(f"{c.url}/health/ready"), 60, "the gateway with keys ready", c.gateway)
@@ -108,7 +101,8 @@ def test_finding_grpc_admin_methods_for_any_key(cluster: Cluster) -> None:
     with grpc.insecure_channel(cluster.grpc_target) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         request = service_pb2.RepositoryModelUnloadRequest(model_name=EMBEDDER)
-        for headers, code in (({}, grpc.StatusCode.UNAUTHENTICATED), (A, grpc.StatusCode.PERMISSION_DENIED), (ROOT, grpc.StatusCode.UNIMPLEMENTED)):
+        for headers, code in (({}, grpc.StatusCode.UNAUTHENTICATED), (A, grpc.StatusCode.PERMISSION_DENIED),
+                              (ROOT, grpc.StatusCode.UNIMPLEMENTED)):
             with pytest.raises(grpc.RpcError) as err:
                 stub.RepositoryModelUnload(request, metadata=tuple(headers.items()), timeout=10)
             assert err.value.code() == code, headers  # type: ignore[attr-defined]  # a grpc.Call as well
@@ -172,13 +166,7 @@ def test_finding_websocket_has_no_origin_check(cluster: Cluster) -> None:
 
 def test_finding_no_keys_serves_any_address_silently(cluster: Cluster) -> None:
     refused = cluster.services.start(
-        "gateway",
-        "--host",
-        "0.0.0.0",
-        "--http-port",
-        str(free_port()),
-        "--grpc-port",
-        str(free_port()),
+        "gateway", "--host", "0.0.0.0", "--http-port", str(free_port()), "--grpc-port", str(free_port()),
         name="gateway-exposed",
     )
     assert refused.wait(60) == 1

@@ -57,11 +57,8 @@ def cache(tmp_path: Path, model_repository: Path) -> Iterator[tuple[SemanticCach
     clock = Clock()
     vectors = VectorIndex(str(tmp_path / "milvus.db"), "isolation", 384)
     made = SemanticCache(
-        EntryStore(tmp_path / "cache.sqlite"),
-        vectors,
-        Embedder(model_repository / "all-minilm-l6-v2"),
-        Limits(max_entries=4, max_entries_per_tenant=2),
-        clock=clock,
+        EntryStore(tmp_path / "cache.sqlite"), vectors, Embedder(model_repository / "all-minilm-l6-v2"),
+        Limits(max_entries=4, max_entries_per_tenant=2), clock=clock,
     )
     try:
         yield made, clock
@@ -174,32 +171,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) ->
         config = tmp_path_factory.mktemp("keys") / "gateway.yaml"
         config.write_text(f"api_keys: {json.dumps(KEYS)}\nadmin_api_keys: {json.dumps({ADMIN: 'ops'})}\n")
         gw = services.start(
-            "gateway",
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--config",
-            str(config),
-            "--model-repository",
-            str(model_repository),
-            "--load-models",
-            f"{LLM},delay",
+            "gateway", "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--config", str(config),
+            "--model-repository", str(model_repository), "--load-models", f"{LLM},delay",
         )
         url = f"http://127.0.0.1:{http_port}"
         wait_until(lambda: http_ok(f"{url}/health/ready"), 60, "gateway ready", gw)
-        _register(
-            infra,
-            {
-                "name": QUEUE_MODEL,
-                "engine": "delay",
-                "max_batch_size": 8,
-                "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-                "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-                "batching": {"max_queue_delay_ms": 2500, "max_queue_size": 4, "hold_when_idle": True},
-                "options": {"delay_ms": "10"},
-            },
-        )
+        _register(infra, {
+            "name": QUEUE_MODEL, "engine": "delay", "max_batch_size": 8,
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+            "batching": {"max_queue_delay_ms": 2500, "max_queue_size": 4, "hold_when_idle": True}, "options": {"delay_ms": "10"},
+        })
 
         def ready() -> bool:
             for name in (LLM, "delay", QUEUE_MODEL):

@@ -19,10 +19,7 @@ from unimodel.local.procs import free_port
 def status(infra: Infra, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "unimodel.cli", "status", "--etcd-endpoints", infra.etcd.endpoint, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **infra.etcd_env()},
+        capture_output=True, text=True, timeout=60, env={**os.environ, **infra.etcd_env()},
     )
 
 
@@ -76,9 +73,7 @@ def test_status_shows_services_workers_models_and_queues(services: Services, mod
 def test_status_exits_2_when_etcd_cannot_be_read(infra: Infra) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "unimodel.cli", "status", "--etcd-endpoints", f"127.0.0.1:{free_port()}", "--timeout", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("unimodel status: error: ") and "Traceback" not in done.stderr

@@ -32,8 +32,7 @@ def url(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Ite
         assert r.status_code < 300, r.text
         wait_until(
             lambda: httpx.get(f"{services.url}/v1/models/{MODEL}/status", timeout=5).json().get("state") == "READY",
-            120,
-            f"{MODEL} ready",
+            120, f"{MODEL} ready",
         )
         yield services.url
     finally:

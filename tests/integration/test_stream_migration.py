@@ -78,10 +78,7 @@ def _repository(root: Path) -> Path:
         folder.mkdir(parents=True)
         (folder / "model.gguf").symlink_to(gguf)
         config = {
-            "name": name,
-            "engine": "llamacpp",
-            "file": "model.gguf",
-            "instance_count": 1,
+            "name": name, "engine": "llamacpp", "file": "model.gguf", "instance_count": 1,
             "options": {"n_threads": "1"},  # one thread: two workers share this machine's cores
             "llm": {"context_length": 1024, **llm},
         }
@@ -103,17 +100,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         services.http_port, services.grpc_port = free_port(), free_port()
         repository = _repository(tmp_path_factory.mktemp("models"))
         gw = services.start(
-            "gateway",
-            "--http-port",
-            str(services.http_port),
-            "--grpc-port",
-            str(services.grpc_port),
-            "--model-repository",
-            str(repository),
-            "--load-models",
-            MODEL,
-            "--models-root",
-            str(repository),
+            "gateway", "--http-port", str(services.http_port), "--grpc-port", str(services.grpc_port),
+            "--model-repository", str(repository), "--load-models", MODEL, "--models-root", str(repository),
         )  # NO_MOVE is registered by the last test: a fresh worker then loads one model at a time
         wait_until(lambda: http_ok(f"{services.url}/health/ready"), 60, "gateway ready", gw)
         c.ensure_workers(2)
@@ -151,7 +139,7 @@ class Streamed:
             for line in r.iter_lines():
                 if not line.startswith("data: "):
                     continue
-                data = line[len("data: ") :]
+                data = line[len("data: "):]
                 if data == "[DONE]":
                     self.done += 1
                     continue

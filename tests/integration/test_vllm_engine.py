@@ -165,7 +165,9 @@ def _continue_from(request: generate_pb2.GenerateRequest, ids: list[int], text: 
     return moved
 
 
-async def _cut_and_continue(engine: VllmEngine, request: generate_pb2.GenerateRequest, cuts: list[int] | None = None) -> list[generative.Delta]:
+async def _cut_and_continue(
+    engine: VllmEngine, request: generate_pb2.GenerateRequest, cuts: list[int] | None = None
+) -> list[generative.Delta]:
     """The whole greedy answer; then for each cut (the deltas a client got before its worker was lost;
     None: after every delta but the last) the continuation from their token ids and text, which must
     complete the same text and counts."""

@@ -30,11 +30,7 @@ def test_the_vllm_engine_tests_pass_in_the_vllm_venv(model_repository: Path) -> 
     env["UNIMODEL_VLLM_MODEL"] = str(model_repository / NAME_VLLM)
     proc = subprocess.run(
         [str(VLLM_PYTHON), "-m", "pytest", "tests/integration/test_vllm_engine.py", "-q", "-p", "no:cacheprovider", "-rs"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=840,
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=840,
     )
     lines = [line for line in proc.stdout.splitlines() if not line.startswith("(")]  # vLLM's process logs
     sys.stderr.write("\n".join(lines[-40:]) + "\n")

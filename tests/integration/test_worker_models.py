@@ -42,15 +42,13 @@ def scale_model(root: Path, name: str = "scale", factor: float = 3.0) -> model_p
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, folder / "model.onnx")
-    config = modelconfig.parse(
-        {
-            "name": name,
-            "version": "7",
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [4]}],
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [4]}],
-            "max_batch_size": 8,
-        }
-    )
+    config = modelconfig.parse({
+        "name": name,
+        "version": "7",
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [4]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [4]}],
+        "max_batch_size": 8,
+    })
     modelconfig.write(folder, config)
     return modelconfig.load(folder)
 
@@ -192,16 +190,8 @@ async def test_load_run_and_unload_a_model_on_command(services: Services, tmp_pa
 async def test_models_from_the_repository_are_loaded_at_start_and_pinned(services: Services, tmp_path: Path) -> None:
     scale_model(tmp_path / "repo", factor=2.0)
     services.start(
-        "gpu-worker",
-        "--instance-id",
-        "worker-r",
-        "--models",
-        "",
-        "--model-repository",
-        str(tmp_path / "repo"),
-        "--load",
-        "scale",
-        name="worker-r",
+        "gpu-worker", "--instance-id", "worker-r", "--models", "", "--model-repository", str(tmp_path / "repo"),
+        "--load", "scale", name="worker-r",
     )
     info = await wait_for(services.infra, "worker-r", lambda i: list(i.models) == ["scale"])
     (status,) = info.model_states
@@ -220,16 +210,14 @@ async def test_models_from_the_repository_are_loaded_at_start_and_pinned(service
 async def test_inflight_batches_are_reported_and_unload_waits_for_them(services: Services) -> None:
     services.start("gpu-worker", "--instance-id", "worker-d", name="worker-d")
     await wait_for(services.infra, "worker-d", lambda i: "echo" in i.models)
-    delay = modelconfig.parse(
-        {
-            "name": "slow",
-            "engine": "delay",
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-            "max_batch_size": 4,
-            "options": {"delay_ms": "3000"},
-        }
-    )
+    delay = modelconfig.parse({
+        "name": "slow",
+        "engine": "delay",
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+        "max_batch_size": 4,
+        "options": {"delay_ms": "3000"},
+    })
     nc = await nats.connect(services.infra.nats.url)
     try:
         control = subjects.worker_control("worker-d")

@@ -16,15 +16,8 @@ spec.loader.exec_module(base_constraints)
 
 
 def test_pins_of_installed_distributions_are_dropped_by_normalized_name() -> None:
-    lines = [
-        "# comment\n",
-        "\n",
-        "Torch==2.13.0+cpu\n",
-        "numpy==2.3.0\n",
-        "llama_cpp_python==0.3.36\n",
-        "uvicorn[standard]==0.40\n",
-        "grpcio>=1.81 ; python_version>'3'\n",
-    ]
+    lines = ["# comment\n", "\n", "Torch==2.13.0+cpu\n", "numpy==2.3.0\n", "llama_cpp_python==0.3.36\n",
+             "uvicorn[standard]==0.40\n", "grpcio>=1.81 ; python_version>'3'\n"]
     kept = base_constraints.missing_pins(lines, have={"torch", "numpy", "grpcio"})
     assert kept == ["llama_cpp_python==0.3.36", "uvicorn[standard]==0.40"]
 

@@ -253,7 +253,9 @@ def config(**kw: object) -> model_pb2.ModelConfig:
 
 
 def test_a_model_that_does_not_batch_gets_one_request_per_batch() -> None:
-    policy = BatchPolicy.from_config(config(max_batch_size=0, batching={"max_queue_delay_ms": 50, "preferred_batch_sizes": [4]}), BatchPolicy())
+    policy = BatchPolicy.from_config(
+        config(max_batch_size=0, batching={"max_queue_delay_ms": 50, "preferred_batch_sizes": [4]}), BatchPolicy()
+    )
     assert (policy.max_rows, policy.batching, policy.max_queue_delay_s, policy.preferred_batch_sizes) == (1, False, 0, ())
     q = ModelQueue("m", policy)
     q.put(item(0, rows=5), T0)  # a non-batching model's request is one unit, whatever its rows
@@ -284,9 +286,8 @@ def test_policy_from_config_and_defaults() -> None:
     assert (p.priority_levels, p.default_priority_level) == (3, 3)  # default level 0: the lowest
     assert p.default_timeout_s == 1.5
     assert not p.hold_when_idle  # by default an idle model's request goes at once
-    p2 = BatchPolicy.from_config(
-        config(max_batch_size=4, batching={"max_queue_size": 9, "priority_levels": 2, "default_priority_level": 1, "hold_when_idle": True}), defaults
-    )
+    p2 = BatchPolicy.from_config(config(max_batch_size=4, batching={"max_queue_size": 9, "priority_levels": 2,
+                                                                    "default_priority_level": 1, "hold_when_idle": True}), defaults)
     assert (p2.max_queue_size, p2.priority_levels, p2.default_priority_level) == (9, 2, 1)
     assert p2.hold_when_idle
 
@@ -537,7 +538,9 @@ def test_appended_fields_set_reply_to_and_deadline_without_re_encoding() -> None
 def test_request_id_and_trace_context_can_be_filled_in() -> None:
     trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "k=v"}
     data = inference_pb2.BatchItem(rows=2).SerializeToString() + wire.item_fields("_INBOX.1", 0, "req-1", trace)
-    assert inference_pb2.BatchItem.FromString(data) == inference_pb2.BatchItem(rows=2, reply_to="_INBOX.1", request_id="req-1", trace_context=trace)
+    assert inference_pb2.BatchItem.FromString(data) == inference_pb2.BatchItem(
+        rows=2, reply_to="_INBOX.1", request_id="req-1", trace_context=trace
+    )
     assert wire.item_fields() == wire.item_fields(deadline_unix_ms=-1) == b""
 
 

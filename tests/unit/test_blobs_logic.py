@@ -16,10 +16,7 @@ CHUNK = payload_limits.BLOB_CHUNK_BYTES
 @pytest.mark.parametrize(
     ("size", "expected"),
     [
-        (0, []),
-        (1, [(0, 1)]),
-        (CHUNK, [(0, CHUNK)]),
-        (CHUNK + 1, [(0, CHUNK), (CHUNK, 1)]),
+        (0, []), (1, [(0, 1)]), (CHUNK, [(0, CHUNK)]), (CHUNK + 1, [(0, CHUNK), (CHUNK, 1)]),
         (3 * CHUNK, [(0, CHUNK), (CHUNK, CHUNK), (2 * CHUNK, CHUNK)]),
     ],
 )

@@ -57,7 +57,9 @@ def rows(path: Path, sql: str, *args: object) -> list[tuple]:
 DEFAULT_QUOTAS = Quotas()
 
 
-def insert(store: EntryStore, items: list[NewEntry], now: float = 10.0, quotas: Quotas = DEFAULT_QUOTAS, scope: str = "s") -> Committed:
+def insert(
+    store: EntryStore, items: list[NewEntry], now: float = 10.0, quotas: Quotas = DEFAULT_QUOTAS, scope: str = "s"
+) -> Committed:
     """An insert's two SQLite steps (its vectors would go to Milvus in between)."""
     ids = store.reserve(len(items), not_before=time.time() + 60)
     return store.commit_insert(scope, "m", "", items, dict(enumerate(ids)), now, quotas)
@@ -180,7 +182,6 @@ def test_writes_past_their_deadline_start_nothing(path: Path) -> None:
     store = EntryStore(path)
     cache = SemanticCache(store, VectorIndex(str(path.parent / "unused.db"), "c", 4), _never, Limits(reply_margin_s=0.5))
     try:
-
         async def go() -> None:
             turns = [Turn("user", "q")]
             with pytest.raises(errors.DeadlineExceeded, match="nothing was written"):

@@ -53,46 +53,26 @@ from unimodel.models.prepare import ENV_REPOSITORY
 # What the services export (the metrics modules); the dashboard uses exactly these.
 EXPORTED_METRICS = {
     # every service
-    "unimodel_service_info",
-    "unimodel_nats_connected",
-    "unimodel_etcd_connected",
-    "unimodel_inflight_requests",
+    "unimodel_service_info", "unimodel_nats_connected", "unimodel_etcd_connected", "unimodel_inflight_requests",
     # gateway
-    "unimodel_gateway_requests_total",
-    "unimodel_gateway_request_duration_seconds_bucket",
-    "unimodel_gateway_cache_lookups_total",
-    "unimodel_gateway_time_to_first_token_seconds_bucket",
-    "unimodel_gateway_inter_token_latency_seconds_bucket",
-    "unimodel_gateway_output_tokens_total",
+    "unimodel_gateway_requests_total", "unimodel_gateway_request_duration_seconds_bucket",
+    "unimodel_gateway_cache_lookups_total", "unimodel_gateway_time_to_first_token_seconds_bucket",
+    "unimodel_gateway_inter_token_latency_seconds_bucket", "unimodel_gateway_output_tokens_total",
     # batcher
-    "unimodel_batcher_queue_depth",
-    "unimodel_batcher_inflight_batches",
-    "unimodel_batcher_batch_rows_bucket",
-    "unimodel_batcher_queue_wait_seconds_bucket",
-    "unimodel_batcher_batch_fill_ratio_bucket",
-    "unimodel_batcher_batches_total",
-    "unimodel_batcher_rejected_requests_total",
-    "unimodel_batcher_dispatched_total",
+    "unimodel_batcher_queue_depth", "unimodel_batcher_inflight_batches", "unimodel_batcher_batch_rows_bucket",
+    "unimodel_batcher_queue_wait_seconds_bucket", "unimodel_batcher_batch_fill_ratio_bucket",
+    "unimodel_batcher_batches_total", "unimodel_batcher_rejected_requests_total", "unimodel_batcher_dispatched_total",
     "unimodel_batcher_decision_seconds_bucket",
     # router
-    "unimodel_router_routed_total",
-    "unimodel_router_workers",
+    "unimodel_router_routed_total", "unimodel_router_workers",
     # gpu-worker and embedding-worker
-    "unimodel_worker_batches_total",
-    "unimodel_worker_batch_duration_seconds_bucket",
-    "unimodel_worker_inflight_batches",
-    "unimodel_worker_models",
-    "unimodel_worker_generations_total",
-    "unimodel_worker_generated_tokens_total",
-    "unimodel_worker_time_to_first_token_seconds_bucket",
-    "unimodel_worker_inter_token_latency_seconds_bucket",
-    "unimodel_worker_tokens_per_second_bucket",
+    "unimodel_worker_batches_total", "unimodel_worker_batch_duration_seconds_bucket",
+    "unimodel_worker_inflight_batches", "unimodel_worker_models", "unimodel_worker_generations_total",
+    "unimodel_worker_generated_tokens_total", "unimodel_worker_time_to_first_token_seconds_bucket",
+    "unimodel_worker_inter_token_latency_seconds_bucket", "unimodel_worker_tokens_per_second_bucket",
     # cache
-    "unimodel_cache_queries_total",
-    "unimodel_cache_entries",
-    "unimodel_cache_stage_seconds_bucket",
-    "unimodel_cache_inserted_entries_total",
-    "unimodel_cache_evictions_total",
+    "unimodel_cache_queries_total", "unimodel_cache_entries", "unimodel_cache_stage_seconds_bucket",
+    "unimodel_cache_inserted_entries_total", "unimodel_cache_evictions_total",
 }
 DASHBOARD_ROWS = {"Overview", "LLM", "Batching", "Cache", "Workers", "Health"}
 SIX = {name for name, _module in SERVICES}
@@ -128,9 +108,7 @@ def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
     # The schema is the compose-spec's, vendored inside check-jsonschema (vendor.compose-spec): no download.
     return subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        capture_output=True, text=True, timeout=60,
     )
 
 
@@ -312,7 +290,9 @@ def test_ports_agree_with_healthchecks_and_prometheus(ours: dict[str, dict[str, 
 
 def test_the_gpu_worker_has_a_cpu_and_a_gpu_profile(spec: dict[str, Any], ours: dict[str, dict[str, Any]]) -> None:
     workers = {name: svc for name, svc in ours.items() if command_of(svc) == "gpu-worker"}
-    assert {name: svc.get("profiles") for name, svc in workers.items()} == {"gpu-worker": ["cpu"], "gpu-worker-cuda": ["gpu"]}
+    assert {name: svc.get("profiles") for name, svc in workers.items()} == {
+        "gpu-worker": ["cpu"], "gpu-worker-cuda": ["gpu"]
+    }
     devices = workers["gpu-worker-cuda"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
     assert workers["gpu-worker-cuda"]["build"]["dockerfile"] == "deploy/Dockerfile.cuda"

@@ -39,7 +39,9 @@ def test_unknown_errors_become_generic_internal() -> None:
     assert isinstance(errors.from_code("NO_SUCH_CODE", "x"), errors.Internal)
 
 
-@pytest.mark.parametrize("value", [None, True, 0, -3, 2.5, "text", [1, [2, "x"], {}], {"a": {"b": [None, 1e300]}}, 2**60])
+@pytest.mark.parametrize(
+    "value", [None, True, 0, -3, 2.5, "text", [1, [2, "x"], {}], {"a": {"b": [None, 1e300]}}, 2**60]
+)
 def test_values_round_trip(value: object) -> None:
     out = from_value(to_value(value))
     assert out == value

@@ -27,8 +27,7 @@ def test_modelcache_accepts_a_json_string_body_and_plain_json() -> None:
 
 def test_modelcache_insert_and_remove_requests() -> None:
     data = {
-        "type": "insert",
-        "scope": {"model": "m"},
+        "type": "insert", "scope": {"model": "m"},
         "chat_info": [{"query": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "answer": "a"}],
     }
     request = mc.insert_request(data, "")

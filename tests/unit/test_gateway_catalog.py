@@ -12,19 +12,17 @@ S = registry_pb2.ModelStatus
 
 def worker(wid: str, *states: S, kind: str = "gpu-worker") -> registry_pb2.InstanceInfo:
     """A worker's registration as WorkerService.instance_info builds it: READY models in `models`."""
-    return registry_pb2.InstanceInfo(id=wid, kind=kind, models=[s.name for s in states if s.state == S.READY], model_states=list(states))
+    return registry_pb2.InstanceInfo(
+        id=wid, kind=kind, models=[s.name for s in states if s.state == S.READY], model_states=list(states)
+    )
 
 
 def config(name: str, engine: str = "delay") -> model_pb2.ModelConfig:
-    return modelconfig.parse(
-        {
-            "name": name,
-            "engine": engine,
-            "max_batch_size": 4,
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-        }
-    )
+    return modelconfig.parse({
+        "name": name, "engine": engine, "max_batch_size": 4,
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+    })
 
 
 def test_a_built_in_model_carries_the_engine_its_workers_report() -> None:

@@ -38,7 +38,7 @@ async def open_generation(tenant: str = "") -> tuple[FakeBus, ReplyMux, Generati
 
 async def test_chunks_arrive_in_order_repeats_are_dropped_and_the_item_carries_tenant_and_inbox() -> None:
     bus, mux, gen, aborts, inbox = await open_generation(tenant="team-a")
-    ((subject, payload, reply, _headers),) = bus.nc.published
+    (subject, payload, reply, _headers), = bus.nc.published
     sent = inference_pb2.BatchItem.FromString(payload)
     assert subject == "unimodel.v1.batch.m" and reply == inbox == sent.reply_to
     assert sent.tenant == "team-a" and sent.request_id == "req-1" and sent.deadline_unix_ms > 0

@@ -55,26 +55,15 @@ async def test_models_lists_echo(client: httpx.AsyncClient) -> None:
     (card,) = r.json()["data"]
     assert card.pop("created") > 1_700_000_000  # OpenAI's field: when the gateway first saw the model
     assert card == {
-        "id": "echo",
-        "object": "model",
-        "owned_by": "unimodel",
-        "ready": True,
-        "state": "READY",
-        "instances": 1,
-        "engine": "echo",
-        "generative": False,
+        "id": "echo", "object": "model", "owned_by": "unimodel", "ready": True, "state": "READY", "instances": 1,
+        "engine": "echo", "generative": False,
     }
 
 
 async def test_models_show_a_registered_models_config_engine(gateway: GatewayService, client: httpx.AsyncClient) -> None:
-    config = modelconfig.parse(
-        {
-            "name": "tiny-llm",
-            "engine": "llamacpp",
-            "path": "/models/tiny-llm",
-            "max_batch_size": 1,
-        }
-    )
+    config = modelconfig.parse({
+        "name": "tiny-llm", "engine": "llamacpp", "path": "/models/tiny-llm", "max_batch_size": 1,
+    })
     gateway.registered.apply("/unimodel/v1/models/tiny-llm", config)  # registered, on no worker yet
     cards = {c["id"]: c for c in (await client.get("/v1/models")).json()["data"]}
     assert cards["echo"]["engine"] == "echo"
@@ -96,7 +85,9 @@ async def test_models_show_a_registered_models_config_engine(gateway: GatewaySer
         ("/v1/models/echo:predict", b'{"input": "' + b"x" * 4096 + b'"}', 413, "exceeds the limit"),
     ],
 )
-async def test_bad_input_gets_clear_4xx(client: httpx.AsyncClient, path: str, body: bytes, status: int, needle: str) -> None:
+async def test_bad_input_gets_clear_4xx(
+    client: httpx.AsyncClient, path: str, body: bytes, status: int, needle: str
+) -> None:
     r = await client.post(path, content=body)
     assert r.status_code == status
     err = r.json()["error"]

@@ -62,13 +62,7 @@ class EchoCluster:
     an echo worker does (predict: the input; infer: each input tensor as an output)."""
 
     async def request_item(
-        self,
-        subject: str,
-        item: inference_pb2.BatchItem,
-        ctx: RequestContext,
-        *,
-        timeout_s: float,
-        bundle_subject: str = "",
+        self, subject: str, item: inference_pb2.BatchItem, ctx: RequestContext, *, timeout_s: float, bundle_subject: str = "",
         local_answer: bool = False,  # answers here are small: always bytes, as ReplyMux gives them
     ) -> bytes:
         model = subject.rsplit(".", 1)[-1]
@@ -84,15 +78,11 @@ class EchoCluster:
 
 @pytest.fixture
 def repository(tmp_path: Path) -> Path:
-    config = modelconfig.parse(
-        {
-            "name": "m",
-            "engine": "delay",
-            "max_batch_size": 8,
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-        }
-    )
+    config = modelconfig.parse({
+        "name": "m", "engine": "delay", "max_batch_size": 8,
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+    })
     modelconfig.write(tmp_path / "m", config)
     return tmp_path
 
@@ -121,31 +111,19 @@ CHAT = [{"role": "user", "content": "hi"}]
 OUTCOMES = [
     ("/v1/models", {"name": "m", "config": {"max_batch_size": 4}}, 202, {"name": "m", "state": "LOADING", "registered": True}),
     ("/v1/models", {"name": "m", "bogus": 1}, 400, {"error": {"code": "INVALID_ARGUMENT"}}),
-    (
-        "/v1/models/echo:predict",
-        {"input": {"text": "hello", "values": [1, 2]}},
-        200,
-        {"model": "echo", "output": {"text": "hello", "values": [1, 2]}},
-    ),
+    ("/v1/models/echo:predict", {"input": {"text": "hello", "values": [1, 2]}}, 200,
+     {"model": "echo", "output": {"text": "hello", "values": [1, 2]}}),
     ("/v1/models/echo:predict", {"input": 1, "extra": 2}, 400, {"error": {"code": "INVALID_ARGUMENT"}}),
     ("/v1/chat/completions", {"model": "nope", "messages": CHAT}, 404, {"error": {"code": "model_not_found"}}),
     ("/v1/chat/completions", {"model": "echo", "messages": []}, 400, {"error": {"param": "messages"}}),
-    (
-        "/v1/chat/completions",
-        {"model": "echo", "messages": [{"role": "user", "content": 3}]},
-        400,
-        {"error": {"param": "messages[0].content", "message": "messages[0].content: must be a string or a list of text parts"}},
-    ),
+    ("/v1/chat/completions", {"model": "echo", "messages": [{"role": "user", "content": 3}]}, 400,
+     {"error": {"param": "messages[0].content", "message": "messages[0].content: must be a string or a list of text parts"}}),
     ("/v1/completions", {"model": "echo", "prompt": ""}, 400, {"error": {"param": "prompt"}}),
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, {"error": {"code": "model_not_found"}}),
     ("/v1/embeddings", {"model": "echo", "input": []}, 400, {"error": {"param": "input"}}),
     ("/v1/embeddings", {"model": "nope", "input": "hi"}, 404, {"error": {"code": "model_not_found"}}),
-    (
-        "/v2/models/echo/infer",
-        {"id": "r1", "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]},
-        200,
-        {"id": "r1", "model_name": "echo", "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}]},
-    ),
+    ("/v2/models/echo/infer", {"id": "r1", "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]},
+     200, {"id": "r1", "model_name": "echo", "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}]}),
     ("/v2/models/echo/versions/1/infer", {"inputs": []}, 400, {"error": "inputs must be a non-empty list of tensors"}),
     ("/modelcache", {"type": "register", "scope": {"model": "m"}}, 200, {"errorCode": 0, "response": "create_success"}),
     ("/modelcache", {"type": "drop", "scope": {"model": "m"}}, 400, {"errorCode": 103}),
@@ -205,7 +183,9 @@ NOT_JSON_ROUTES = [
 
 @pytest.mark.parametrize("raw", [b"name=m&path=mlp", b'{"name": ', b"", b"\xff\xfe{}"], ids=["form", "cut", "empty", "bytes"])
 @pytest.mark.parametrize(("path", "message_of"), NOT_JSON_ROUTES, ids=[p for p, _ in NOT_JSON_ROUTES])
-async def test_a_body_that_is_not_json_is_a_400_in_the_family_shape(client: httpx.AsyncClient, path: str, message_of, raw: bytes) -> None:
+async def test_a_body_that_is_not_json_is_a_400_in_the_family_shape(
+    client: httpx.AsyncClient, path: str, message_of, raw: bytes
+) -> None:
     for label in (FORM, {"content-type": "application/json"}):
         r = await client.post(path, content=raw, headers=label)
         assert r.status_code == 400, r.text
@@ -231,10 +211,14 @@ async def test_binary_tensors_still_use_the_inference_header(client: httpx.Async
     output = httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)
     body, header_length = httpclient.InferenceServerClient.generate_request_body([tensor], outputs=[output])
     for label in ({"content-type": "application/octet-stream"}, FORM):
-        r = await client.post("/v2/models/echo/infer", content=body, headers={**label, "Inference-Header-Content-Length": str(header_length)})
+        r = await client.post(
+            "/v2/models/echo/infer", content=body, headers={**label, "Inference-Header-Content-Length": str(header_length)}
+        )
         assert r.status_code == 200, r.text
         assert r.headers["content-type"] == "application/octet-stream"
-        result = httpclient.InferenceServerClient.parse_response_body(r.content, header_length=int(r.headers["inference-header-content-length"]))
+        result = httpclient.InferenceServerClient.parse_response_body(
+            r.content, header_length=int(r.headers["inference-header-content-length"])
+        )
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
 
 

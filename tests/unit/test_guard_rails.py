@@ -25,7 +25,7 @@ def run(*argv: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.
 
 def test_the_check_script_runs_the_three_tools() -> None:
     script = (ROOT / "scripts" / "check").read_text()
-    assert 'ruff" check' in script and 'mypy" --config-file pyproject.toml' in script and "lint-imports" in script
+    assert "ruff\" check" in script and "mypy\" --config-file pyproject.toml" in script and "lint-imports" in script
     assert "./scripts/check" in (ROOT / "scripts" / "test").read_text()
 
 
@@ -58,12 +58,8 @@ def test_mypy_is_strict_on_core_and_checks_untyped_defs_elsewhere(tmp_path: Path
 
 def contracts(services: Path) -> subprocess.CompletedProcess[str]:
     return run(
-        str(BIN / "lint-imports"),
-        "--no-cache",
-        "--no-logo",
-        str(ROOT / "pyproject.toml"),
-        cwd=services,
-        env={"PYTHONPATH": str(services), "PATH": str(BIN)},
+        str(BIN / "lint-imports"), "--no-cache", "--no-logo", str(ROOT / "pyproject.toml"),
+        cwd=services, env={"PYTHONPATH": str(services), "PATH": str(BIN)},
     )
 
 

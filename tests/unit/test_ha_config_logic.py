@@ -151,9 +151,7 @@ HA_COMPOSE = Path(__file__).resolve().parents[2] / "compose" / "docker-compose.h
 def test_compose_ha_override_matches_the_compose_spec() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(HA_COMPOSE)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -180,6 +178,7 @@ def test_compose_ha_override_gives_every_service_all_nodes_and_members() -> None
         if name != "etcd-auth":  # the one-shot that turns etcd's authentication on uses no NATS
             assert env["UNIMODEL_NATS_URL"] == ",".join(f"nats://{n}:4222" for n in nodes), name
         assert env["UNIMODEL_ETCD_ENDPOINTS"] == ",".join(f"{m}:2379" for m in members), name
+
 
 
 # ReplyMux: "no responders" while every batcher moves to another NATS node (core/replies.py) -------------

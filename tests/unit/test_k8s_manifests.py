@@ -145,7 +145,8 @@ def gpu_amounts(c: Obj) -> tuple[Any, Any]:
 def test_kustomizations_render(overlay: str) -> None:
     kinds = sorted({o["kind"] for o in rendered(overlay)})
     assert kinds == sorted(
-        ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Namespace", "PersistentVolumeClaim", "PodDisruptionBudget", "Service"]
+        ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Namespace", "PersistentVolumeClaim",
+         "PodDisruptionBudget", "Service"]
     )
 
 
@@ -205,12 +206,18 @@ def test_env_vars_are_settings_of_the_command(overlay: str, name: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_configmap_is_used(overlay: str) -> None:
     objs = rendered(overlay)
-    used = {s["configMapRef"]["name"] for dep in of_kind(objs, "Deployment").values() for s in container(dep).get("envFrom") or []}
+    used = {
+        s["configMapRef"]["name"]
+        for dep in of_kind(objs, "Deployment").values()
+        for s in container(dep).get("envFrom") or []
+    }
     assert used == set(of_kind(objs, "ConfigMap"))
 
 
 @pytest.mark.parametrize(("overlay", "name"), deployment_items())
-def test_settings_load_from_the_rendered_env(overlay: str, name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_settings_load_from_the_rendered_env(
+    overlay: str, name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The values parse: the service would start with this environment (the downward API filled in)."""
     objs = rendered(overlay)
     dep = of_kind(objs, "Deployment")[name]
@@ -372,7 +379,9 @@ def test_autoscalers_target_the_workers(overlay: str) -> None:
         for metric in hpa["spec"]["metrics"]:
             if metric["type"] == "Resource":
                 resource = metric["resource"]["name"]
-                assert resource in container(dep)["resources"]["requests"], f"{name}: utilization of {resource} needs a request"
+                assert resource in container(dep)["resources"]["requests"], (
+                    f"{name}: utilization of {resource} needs a request"
+                )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -383,7 +392,10 @@ def test_disruption_budgets_select_a_deployment(overlay: str) -> None:
     covered = set()
     for name, pdb in pdbs.items():
         selector = pdb["spec"]["selector"]["matchLabels"]
-        matches = [d for d, dep in deps.items() if selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()]
+        matches = [
+            d for d, dep in deps.items()
+            if selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert len(matches) == 1, f"PodDisruptionBudget {name} selects {matches}"
         assert selector == deps[matches[0]]["spec"]["selector"]["matchLabels"]
         # maxUnavailable, not minAvailable: a Deployment scaled to one pod never blocks a node drain.
@@ -558,10 +570,8 @@ def test_kustomize_fails_on_errors_and_warnings(tmp_path: Path, kustomization: s
 
 
 def test_kustomize_applies_the_patches(tmp_path: Path) -> None:
-    _write(
-        tmp_path,
-        {"kustomization.yaml": "resources: [a.yaml]\npatches: [{path: p.yaml}]\n", "a.yaml": CONFIG_MAP % ("a", 1), "p.yaml": CONFIG_MAP % ("a", 2)},
-    )
+    _write(tmp_path, {"kustomization.yaml": "resources: [a.yaml]\npatches: [{path: p.yaml}]\n",
+                      "a.yaml": CONFIG_MAP % ("a", 1), "p.yaml": CONFIG_MAP % ("a", 2)})
     (config_map,) = kustomize(tmp_path)
     assert config_map == {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"x": "2"}}
 

@@ -30,38 +30,18 @@ from unimodel.gateway.statistics import ModelStatistics
 from unimodel.v1 import inference_pb2, model_pb2, tensor_pb2
 
 CONFIGS = [
-    {
-        "name": "identity",
-        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-        "max_batch_size": 8,
-        "batching": {"max_queue_delay_ms": 0.5, "preferred_batch_sizes": [4, 8], "priority_levels": 2},
-    },
-    {
-        "name": "strings",
-        "engine": "echo",
-        "inputs": [{"name": "TEXT", "datatype": "BYTES", "dims": [-1]}],
-        "outputs": [{"name": "ECHO", "datatype": "BYTES", "dims": [-1]}],
-        "max_batch_size": 4,
-    },
-    {
-        "name": "multi",
-        "engine": "echo",
-        "version": "3",
-        "inputs": [{"name": "A", "datatype": "INT32", "dims": [2]}, {"name": "B", "datatype": "FP16", "dims": [2]}],
-        "outputs": [{"name": "OUT_A", "datatype": "INT32", "dims": [2]}, {"name": "OUT_B", "datatype": "FP16", "dims": [2]}],
-    },
-    {
-        "name": "org/model",
-        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-        "max_batch_size": 8,
-    },
-    {
-        "name": "loading",
-        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [1]}],
-        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [1]}],
-    },
+    {"name": "identity", "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+     "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}], "max_batch_size": 8,
+     "batching": {"max_queue_delay_ms": 0.5, "preferred_batch_sizes": [4, 8], "priority_levels": 2}},
+    {"name": "strings", "engine": "echo", "inputs": [{"name": "TEXT", "datatype": "BYTES", "dims": [-1]}],
+     "outputs": [{"name": "ECHO", "datatype": "BYTES", "dims": [-1]}], "max_batch_size": 4},
+    {"name": "multi", "engine": "echo", "version": "3",
+     "inputs": [{"name": "A", "datatype": "INT32", "dims": [2]}, {"name": "B", "datatype": "FP16", "dims": [2]}],
+     "outputs": [{"name": "OUT_A", "datatype": "INT32", "dims": [2]}, {"name": "OUT_B", "datatype": "FP16", "dims": [2]}]},
+    {"name": "org/model", "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+     "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}], "max_batch_size": 8},
+    {"name": "loading", "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [1]}],
+     "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [1]}]},
 ]
 
 
@@ -103,7 +83,9 @@ class KServeDouble:
     def readiness(self) -> dict[str, bool]:
         return dict(self.ready_checks)
 
-    async def infer(self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str) -> inference_pb2.InferResponse:
+    async def infer(
+        self, model: str, item: inference_pb2.BatchItem, ctx: RequestContext, api: str
+    ) -> inference_pb2.InferResponse:
         started = time.perf_counter_ns()
         self.calls.append(Call(model, item, ctx, api))
         ok = False
@@ -141,7 +123,9 @@ class KServeDouble:
                 if name not in names:
                     raise errors.InvalidArgument(f"model {model!r} has no output {name!r}", field=name)
             outputs = [o for o in outputs if o.name in set(item.outputs)]
-        return inference_pb2.InferResponse(model=model, model_version="", id=item.id, outputs=outputs, worker_id="w1", path=["gateway-double", "w1"])
+        return inference_pb2.InferResponse(
+            model=model, model_version="", id=item.id, outputs=outputs, worker_id="w1", path=["gateway-double", "w1"]
+        )
 
 
 @contextlib.asynccontextmanager

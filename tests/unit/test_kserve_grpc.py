@@ -91,12 +91,8 @@ async def test_errors(client: grpcclient.InferenceServerClient, call, code: str,
 
 async def test_infer_raw_contents(client: grpcclient.InferenceServerClient, gw: KServeDouble) -> None:
     result = await client.infer(
-        "identity",
-        [_input("INPUT0", FP, "FP32")],
-        request_id="g-1",
-        headers={"x-request-id": "rid-9"},
-        outputs=[grpcclient.InferRequestedOutput("OUTPUT0")],
-        client_timeout=10,
+        "identity", [_input("INPUT0", FP, "FP32")], request_id="g-1", headers={"x-request-id": "rid-9"},
+        outputs=[grpcclient.InferRequestedOutput("OUTPUT0")], client_timeout=10,
     )
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), FP)
     response = result.get_response()
@@ -129,7 +125,9 @@ async def test_infer_typed_contents(stub: service_pb2_grpc.GRPCInferenceServiceS
         ("loading", [("INPUT0", np.ones((1, 1), np.float32), "FP32")], "StatusCode.UNAVAILABLE", "is loading"),
     ],
 )
-async def test_bad_infer_requests(client: grpcclient.InferenceServerClient, model: str, inputs: list, code: str, needle: str) -> None:
+async def test_bad_infer_requests(
+    client: grpcclient.InferenceServerClient, model: str, inputs: list, code: str, needle: str
+) -> None:
     with pytest.raises(InferenceServerException) as info:
         await client.infer(model, [_input(*spec) for spec in inputs])
     assert info.value.status() == code and needle in info.value.message()

@@ -91,11 +91,8 @@ def test_match_infer() -> None:
 async def test_server_metadata_and_health(client: httpx.AsyncClient, gw: KServeDouble) -> None:
     r = await client.get("/v2")
     assert r.status_code == 200
-    assert r.json() == {
-        "name": "unimodel",
-        "version": __version__,
-        "extensions": ["binary_tensor_data", "model_configuration", "schedule_policy", "statistics"],
-    }
+    assert r.json() == {"name": "unimodel", "version": __version__,
+                        "extensions": ["binary_tensor_data", "model_configuration", "schedule_policy", "statistics"]}
     assert (await client.get("/v2/health/live")).json() == {"live": True}
     ready = await client.get("/v2/health/ready")
     assert ready.status_code == 200 and ready.json() == {"ready": True}
@@ -108,9 +105,7 @@ async def test_model_metadata(client: httpx.AsyncClient) -> None:
     r = await client.get("/v2/models/identity")
     assert r.status_code == 200
     assert r.json() == {
-        "name": "identity",
-        "versions": ["1"],
-        "platform": "onnxruntime_onnx",
+        "name": "identity", "versions": ["1"], "platform": "onnxruntime_onnx",
         "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
         "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
     }
@@ -187,12 +182,8 @@ async def test_infer_json_in_json_out(client: httpx.AsyncClient) -> None:
     )
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/json"
-    assert r.json() == {
-        "id": "j",
-        "model_name": "identity",
-        "model_version": "1",
-        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [2, 3], "data": [0, 1, 2, 3, 4, 5]}],
-    }
+    assert r.json() == {"id": "j", "model_name": "identity", "model_version": "1",
+                        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [2, 3], "data": [0, 1, 2, 3, 4, 5]}]}
 
 
 async def test_infer_bytes_and_several_tensors(client: httpx.AsyncClient) -> None:
@@ -204,8 +195,7 @@ async def test_infer_bytes_and_several_tensors(client: httpx.AsyncClient) -> Non
 
     a, b = np.array([1, -2], np.int32), np.array([0.5, 2], np.float16)
     body, headers = _body(
-        _input("A", a, "INT32", binary=False),
-        _input("B", b, "FP16"),
+        _input("A", a, "INT32", binary=False), _input("B", b, "FP16"),
         outputs=[httpclient.InferRequestedOutput("OUT_B"), httpclient.InferRequestedOutput("OUT_A", binary_data=False)],
     )
     r = await client.post("/v2/models/multi/versions/3/infer", content=body, headers=headers)
@@ -251,28 +241,13 @@ def _fp_input(shape: list[int], datatype: str = "FP32", name: str = "INPUT0") ->
         ("/v2/models/identity/infer", {"inputs": [_fp_input([1, 2], name="OTHER")]}, {}, 400, "'INPUT0'"),
         ("/v2/models/identity/infer", {"inputs": [_fp_input([2])]}, {}, 400, "input 'INPUT0' of model 'identity': shape [2]"),
         ("/v2/models/identity/infer", {"inputs": [_fp_input([1, 2], "FP64")]}, {}, 400, "datatype FP64, expected FP32"),
-        (
-            "/v2/models/identity/infer",
-            {"inputs": [{**_fp_input([1, 3]), "data": [1, 2]}]},
-            {},
-            400,
-            "input 'INPUT0': 2 values in data, the shape holds 3",
-        ),
+        ("/v2/models/identity/infer", {"inputs": [{**_fp_input([1, 3]), "data": [1, 2]}]}, {}, 400,
+         "input 'INPUT0': 2 values in data, the shape holds 3"),
         ("/v2/models/identity/infer", b'{"inputs": [', {}, 400, "the body is not valid JSON"),
-        (
-            "/v2/models/identity/infer",
-            b'{"inputs": []}',
-            {"Inference-Header-Content-Length": "999"},
-            400,
-            "Inference-Header-Content-Length 999 is outside",
-        ),
-        (
-            "/v2/models/identity/infer",
-            b'{"inputs": []}',
-            {"Inference-Header-Content-Length": "ten"},
-            400,
-            "Inference-Header-Content-Length must be a number",
-        ),
+        ("/v2/models/identity/infer", b'{"inputs": []}', {"Inference-Header-Content-Length": "999"}, 400,
+         "Inference-Header-Content-Length 999 is outside"),
+        ("/v2/models/identity/infer", b'{"inputs": []}', {"Inference-Header-Content-Length": "ten"}, 400,
+         "Inference-Header-Content-Length must be a number"),
         ("/v2/models/identity/infer", {"inputs": [_fp_input([1, 2])], "outputs": [{"name": "NOPE"}]}, {}, 400, "no output 'NOPE'"),
         ("/v2/models/identity/infer", b"\x1f\x8b garbage", {"Content-Encoding": "gzip"}, 400, "malformed gzip body"),
         ("/v2/models/identity/infer", b"{}", {"Content-Encoding": "br"}, 400, "unsupported Content-Encoding"),
@@ -281,7 +256,9 @@ def _fp_input(shape: list[int], datatype: str = "FP32", name: str = "INPUT0") ->
         ("/v2/models/loading/infer", {"inputs": [_fp_input([1])]}, {}, 503, "is loading"),
     ],
 )
-async def test_bad_infer_requests(client: httpx.AsyncClient, path: str, body: object, headers: dict[str, str], status: int, needle: str) -> None:
+async def test_bad_infer_requests(
+    client: httpx.AsyncClient, path: str, body: object, headers: dict[str, str], status: int, needle: str
+) -> None:
     content = body if isinstance(body, bytes) else orjson.dumps(body)
     r = await client.post(path, content=content, headers=headers)
     assert r.status_code == status, r.text
@@ -367,18 +344,9 @@ async def test_openapi_documents_every_kserve_route(api: FastAPI) -> None:
         spec = (await c.get("/openapi.json")).json()
     validate(spec)
     paths = spec["paths"]
-    for path in (
-        "/v2",
-        "/v2/health/live",
-        "/v2/health/ready",
-        "/v2/models/stats",
-        "/v2/models/{model}",
-        "/v2/models/{model}/versions/{version}",
-        "/v2/models/{model}/ready",
-        "/v2/models/{model}/config",
-        "/v2/models/{model}/stats",
-        "/v2/models/{model}/versions/{version}/stats",
-    ):
+    for path in ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/stats", "/v2/models/{model}",
+                 "/v2/models/{model}/versions/{version}", "/v2/models/{model}/ready", "/v2/models/{model}/config",
+                 "/v2/models/{model}/stats", "/v2/models/{model}/versions/{version}/stats"):
         assert "get" in paths[path], path
     infer = paths["/v2/models/{model}/infer"]["post"]
     assert "inputs" in infer["requestBody"]["content"]["application/json"]["schema"]["properties"]

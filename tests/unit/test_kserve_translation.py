@@ -97,13 +97,11 @@ def test_json_data_of_every_datatype(datatype: str, data: list, expected: np.nda
 
 
 def test_request_parameters_priority_timeout_and_custom() -> None:
-    body = orjson.dumps(
-        {
-            "id": "abc",
-            "parameters": {"priority": 2, "timeout": 250000, "binary_data_output": True, "temperature": 0.5, "flag": False, "tag": "x"},
-            "inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}],
-        }
-    )
+    body = orjson.dumps({
+        "id": "abc",
+        "parameters": {"priority": 2, "timeout": 250000, "binary_data_output": True, "temperature": 0.5, "flag": False, "tag": "x"},
+        "inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}],
+    })
     call = codec.parse_rest_infer(body, None)
     assert call.item.priority == 2 and call.timeout_s == 0.25 and call.binary_output is True
     assert dict(call.item.parameters) == {"temperature": "0.5", "flag": "false", "tag": "x"}
@@ -130,94 +128,58 @@ X1 = {"name": "X", "datatype": "FP32", "shape": [1, 2]}
         (b'{"inputs": [{"name": "X", "datatype": "FP99", "shape": [1], "data": [1]}]}', None, "input 'X': unknown datatype 'FP99'"),
         (b'{"inputs": [{"name": "X", "datatype": ["FP32"], "shape": [1], "data": [1]}]}', None, "input 'X': unknown datatype"),
         (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [-1], "data": [1]}]}', None, "input 'X': shape must be"),
-        (
-            b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3]}]}',
-            None,
-            "input 'X': 3 values in data, the shape holds 4",
-        ),
-        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3]]}]}', None, "input 'X': data is not a regular"),
-        (
-            b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [2], "data": ["a", 2]}]}',
-            None,
-            "input 'X': data holds values that are not all numbers",
-        ),
-        (b'{"inputs": [{"name": "X", "datatype": "INT32", "shape": [2], "data": [1.5, 2]}]}', None, "input 'X': data holds numbers with a fraction"),
+        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3]}]}', None,
+         "input 'X': 3 values in data, the shape holds 4"),
+        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3]]}]}', None,
+         "input 'X': data is not a regular"),
+        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [2], "data": ["a", 2]}]}', None,
+         "input 'X': data holds values that are not all numbers"),
+        (b'{"inputs": [{"name": "X", "datatype": "INT32", "shape": [2], "data": [1.5, 2]}]}', None,
+         "input 'X': data holds numbers with a fraction"),
         (b'{"inputs": [{"name": "X", "datatype": "BOOL", "shape": [1], "data": [1]}]}', None, "input 'X': data holds integers"),
         (b'{"inputs": [{"name": "X", "datatype": "UINT8", "shape": [1], "data": [256]}]}', None, "input 'X': a value is outside"),
         (b'{"inputs": [{"name": "X", "datatype": "BYTES", "shape": [1], "data": [5]}]}', None, "input 'X': BYTES data must be strings"),
         (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": 5}]}', None, "input 'X': data must be a list"),
         (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1]}]}', None, "input 'X' has neither data nor"),
-        (
-            b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}, '
-            b'{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}]}',
-            None,
-            "input 'X' is given twice",
-        ),
+        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}, '
+         b'{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}]}', None, "input 'X' is given twice"),
         (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1], "extra": 1}]}', None, "input 'X': unknown field"),
-        (
-            b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], "outputs": [{"name": "O"}, {"name": "O"}]}',
-            None,
-            "output 'O' is requested twice",
-        ),
-        (
-            b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], '
-            b'"outputs": [{"name": "O", "parameters": {"classification": 3}}]}',
-            None,
-            "classification extension is not supported",
-        ),
-        (
-            b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "parameters": {"shared_memory_region": "r"}}]}',
-            None,
-            "input 'X': shared memory inputs are not supported",
-        ),
-        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], "parameters": {"sequence_id": 5}}', None, "sequence batching"),
-        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], "parameters": {"priority": -1}}', None, "priority"),
-        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], "parameters": {"timeout": "soon"}}', None, "timeout"),
-        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], "parameters": {"p": [1]}}', None, "parameter 'p' must be"),
+        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], "outputs": [{"name": "O"}, {"name": "O"}]}',
+         None, "output 'O' is requested twice"),
+        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], '
+         b'"outputs": [{"name": "O", "parameters": {"classification": 3}}]}', None, "classification extension is not supported"),
+        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "parameters": {"shared_memory_region": "r"}}]}',
+         None, "input 'X': shared memory inputs are not supported"),
+        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], "parameters": {"sequence_id": 5}}',
+         None, "sequence batching"),
+        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], "parameters": {"priority": -1}}',
+         None, "priority"),
+        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], "parameters": {"timeout": "soon"}}',
+         None, "timeout"),
+        (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], "parameters": {"p": [1]}}',
+         None, "parameter 'p' must be"),
         (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}], "id": 5}', None, "id must be a string"),
         # binary tensor extension
-        (
-            *_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": 8}}]}, b"\0" * 8)[:1],
-            500,
-            "Inference-Header-Content-Length 500 is outside the body",
-        ),
-        (
-            *_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": 8}}]}, b"\0" * 8)[:1],
-            0,
-            "Inference-Header-Content-Length 0 is outside",
-        ),
-        (
-            *_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": 12}}]}, b"\0" * 12),
-            "input 'X': 12 bytes of data for shape [1, 2] FP32 (8 bytes expected)",
-        ),
-        (
-            *_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": 8}}]}, b"\0" * 4),
-            "input 'X': binary_data_size 8 runs past the end of the body (4 bytes left",
-        ),
-        (
-            *_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": 8}}]}, b"\0" * 12),
-            "4 bytes of binary data after the JSON header belong to no input",
-        ),
-        (
-            *_header_body({"inputs": [{**X1, "data": [1, 2], "parameters": {"binary_data_size": 8}}]}, b"\0" * 8),
-            "input 'X': give either data or binary_data_size",
-        ),
-        (
-            *_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": -8}}]}, b"\0" * 8),
-            "input 'X': binary_data_size must be a non-negative integer",
-        ),
-        (
-            *_header_body({"inputs": [{"name": "S", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 6}}]}, b"\x02\0\0\0ab"),
-            "input 'S': BYTES data ends after fewer than 2 elements",
-        ),
-        (
-            *_header_body({"inputs": [{"name": "S", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 5}}]}, b"\x09\0\0\0a"),
-            "input 'S': a BYTES element runs past the end",
-        ),
-        (
-            *_header_body({"inputs": [{"name": "S", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 7}}]}, b"\x01\0\0\0abc"),
-            "input 'S': 2 bytes of data left after 1 BYTES elements",
-        ),
+        (*_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": 8}}]}, b"\0" * 8)[:1], 500,
+         "Inference-Header-Content-Length 500 is outside the body"),
+        (*_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": 8}}]}, b"\0" * 8)[:1], 0,
+         "Inference-Header-Content-Length 0 is outside"),
+        (*_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": 12}}]}, b"\0" * 12),
+         "input 'X': 12 bytes of data for shape [1, 2] FP32 (8 bytes expected)"),
+        (*_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": 8}}]}, b"\0" * 4),
+         "input 'X': binary_data_size 8 runs past the end of the body (4 bytes left"),
+        (*_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": 8}}]}, b"\0" * 12),
+         "4 bytes of binary data after the JSON header belong to no input"),
+        (*_header_body({"inputs": [{**X1, "data": [1, 2], "parameters": {"binary_data_size": 8}}]}, b"\0" * 8),
+         "input 'X': give either data or binary_data_size"),
+        (*_header_body({"inputs": [{**X1, "parameters": {"binary_data_size": -8}}]}, b"\0" * 8),
+         "input 'X': binary_data_size must be a non-negative integer"),
+        (*_header_body({"inputs": [{"name": "S", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 6}}]},
+                       b"\x02\0\0\0ab"), "input 'S': BYTES data ends after fewer than 2 elements"),
+        (*_header_body({"inputs": [{"name": "S", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 5}}]},
+                       b"\x09\0\0\0a"), "input 'S': a BYTES element runs past the end"),
+        (*_header_body({"inputs": [{"name": "S", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 7}}]},
+                       b"\x01\0\0\0abc"), "input 'S': 2 bytes of data left after 1 BYTES elements"),
     ],
 )
 def test_bad_rest_requests_are_invalid_argument_naming_the_culprit(body: bytes, header_length: int | None, needle: str) -> None:
@@ -248,9 +210,7 @@ def test_json_response_has_flat_data_and_echoes_the_id() -> None:
     assert header_length is None
     doc = orjson.loads(body)
     assert doc == {
-        "id": "x1",
-        "model_name": "m",
-        "model_version": "1",
+        "id": "x1", "model_name": "m", "model_version": "1",
         "outputs": [
             {"name": "F", "datatype": "FP32", "shape": [2, 2], "data": [1.5, -2.0, 3.0, 4.25]},
             {"name": "S", "datatype": "BYTES", "shape": [2], "data": ["héllo", "wörld"]},
@@ -296,7 +256,9 @@ def _grpc_request(**inputs: tuple[str, np.ndarray]) -> service_pb2.ModelInferReq
     request = service_pb2.ModelInferRequest(model_name="m", id="g1")
     for name, (datatype, array) in inputs.items():
         request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-        request.raw_input_contents.append(serialize_byte_tensor(array).item() if datatype == "BYTES" else array.tobytes())
+        request.raw_input_contents.append(
+            serialize_byte_tensor(array).item() if datatype == "BYTES" else array.tobytes()
+        )
     return request
 
 
@@ -318,14 +280,10 @@ def test_grpc_raw_input_contents() -> None:
 @pytest.mark.parametrize(
     ("datatype", "field", "values"),
     [
-        ("FP32", "fp32_contents", [1.5, -2.0]),
-        ("FP64", "fp64_contents", [1e100, 2.0]),
-        ("INT8", "int_contents", [-3, 4]),
-        ("INT32", "int_contents", [2**31 - 1, -(2**31)]),
-        ("INT64", "int64_contents", [2**40, -1]),
-        ("UINT16", "uint_contents", [65535, 0]),
-        ("UINT64", "uint64_contents", [2**64 - 1, 1]),
-        ("BOOL", "bool_contents", [True, False]),
+        ("FP32", "fp32_contents", [1.5, -2.0]), ("FP64", "fp64_contents", [1e100, 2.0]),
+        ("INT8", "int_contents", [-3, 4]), ("INT32", "int_contents", [2**31 - 1, -(2**31)]),
+        ("INT64", "int64_contents", [2**40, -1]), ("UINT16", "uint_contents", [65535, 0]),
+        ("UINT64", "uint64_contents", [2**64 - 1, 1]), ("BOOL", "bool_contents", [True, False]),
         ("BYTES", "bytes_contents", [b"x", b""]),
     ],
 )
@@ -341,50 +299,23 @@ def test_grpc_typed_contents(datatype: str, field: str, values: list) -> None:
     ("build", "needle"),
     [
         (lambda r: (r.inputs.add(name="X", datatype="FP16", shape=[1]),), "FP16 data must be sent in raw_input_contents"),
-        (
-            lambda r: r.inputs.add(name="X", datatype="FP32", shape=[2]).contents.fp32_contents.append(1.0),
-            "input 'X': 1 values in contents.fp32_contents, the shape holds 2",
-        ),
-        (
-            lambda r: r.inputs.add(name="X", datatype="INT32", shape=[1]).contents.fp32_contents.append(1.0),
-            "input 'X': INT32 data belongs in contents.int_contents",
-        ),
-        (
-            lambda r: r.inputs.add(name="X", datatype="INT8", shape=[1]).contents.int_contents.append(300),
-            "input 'X': a value is outside the range of INT8",
-        ),
-        (
-            lambda r: (r.inputs.add(name="X", datatype="FP32", shape=[2]), r.raw_input_contents.append(b"\0" * 4)),
-            "input 'X': 4 bytes of data for shape [2] FP32 (8 bytes expected)",
-        ),
-        (
-            lambda r: (
-                r.inputs.add(name="X", datatype="FP32", shape=[1]),
-                r.inputs.add(name="Y", datatype="FP32", shape=[1]),
-                r.raw_input_contents.append(b"\0" * 4),
-            ),
-            "raw_input_contents holds 1 entries for 2 inputs",
-        ),
-        (
-            lambda r: (r.inputs.add(name="X", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0), r.raw_input_contents.append(b"\0" * 4)),
-            "input 'X': contents must not be set",
-        ),
+        (lambda r: r.inputs.add(name="X", datatype="FP32", shape=[2]).contents.fp32_contents.append(1.0),
+         "input 'X': 1 values in contents.fp32_contents, the shape holds 2"),
+        (lambda r: r.inputs.add(name="X", datatype="INT32", shape=[1]).contents.fp32_contents.append(1.0),
+         "input 'X': INT32 data belongs in contents.int_contents"),
+        (lambda r: r.inputs.add(name="X", datatype="INT8", shape=[1]).contents.int_contents.append(300),
+         "input 'X': a value is outside the range of INT8"),
+        (lambda r: (r.inputs.add(name="X", datatype="FP32", shape=[2]), r.raw_input_contents.append(b"\0" * 4)),
+         "input 'X': 4 bytes of data for shape [2] FP32 (8 bytes expected)"),
+        (lambda r: (r.inputs.add(name="X", datatype="FP32", shape=[1]), r.inputs.add(name="Y", datatype="FP32", shape=[1]),
+                    r.raw_input_contents.append(b"\0" * 4)), "raw_input_contents holds 1 entries for 2 inputs"),
+        (lambda r: (r.inputs.add(name="X", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0),
+                    r.raw_input_contents.append(b"\0" * 4)), "input 'X': contents must not be set"),
         (lambda r: None, "inputs must not be empty"),
-        (
-            lambda r: (
-                r.inputs.add(name="X", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0),
-                r.outputs.add(name="O"),
-                r.outputs.add(name="O"),
-            ),
-            "requested twice",
-        ),
-        (
-            lambda r: (
-                r.inputs.add(name="X", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0),
-                r.parameters["sequence_id"].MergeFrom(service_pb2.InferParameter(int64_param=9)),
-            ),
-            "sequence batching",
-        ),
+        (lambda r: (r.inputs.add(name="X", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0),
+                    r.outputs.add(name="O"), r.outputs.add(name="O")), "requested twice"),
+        (lambda r: (r.inputs.add(name="X", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0),
+                    r.parameters["sequence_id"].MergeFrom(service_pb2.InferParameter(int64_param=9))), "sequence batching"),
     ],
 )
 def test_bad_grpc_requests(build, needle: str) -> None:
@@ -409,19 +340,14 @@ def test_grpc_response_has_raw_output_contents_read_by_tritonclient() -> None:
 
 
 def _config(**kw: object) -> object:
-    base = {
-        "name": "m",
-        "inputs": [{"name": "I", "datatype": "INT64", "dims": [-1, 3]}],
-        "outputs": [{"name": "O", "datatype": "BYTES", "dims": [1]}],
-    }
+    base = {"name": "m", "inputs": [{"name": "I", "datatype": "INT64", "dims": [-1, 3]}],
+            "outputs": [{"name": "O", "datatype": "BYTES", "dims": [1]}]}
     return modelconfig.parse({**base, **kw})
 
 
 def test_metadata_adds_the_batch_dimension_only_when_the_model_batches() -> None:
     assert documents.model_metadata("m", _config(max_batch_size=16)) == {
-        "name": "m",
-        "versions": ["1"],
-        "platform": "onnxruntime_onnx",
+        "name": "m", "versions": ["1"], "platform": "onnxruntime_onnx",
         "inputs": [{"name": "I", "datatype": "INT64", "shape": [-1, -1, 3]}],
         "outputs": [{"name": "O", "datatype": "BYTES", "shape": [-1, 1]}],
     }
@@ -434,38 +360,22 @@ def test_metadata_adds_the_batch_dimension_only_when_the_model_batches() -> None
 
 def test_model_config_in_triton_vocabulary() -> None:
     config = _config(
-        max_batch_size=32,
-        execution_provider="cuda",
-        instance_count=2,
-        options={"k": "v"},
-        batching={"max_queue_delay_ms": 2.5, "preferred_batch_sizes": [8, 16], "priority_levels": 3, "max_queue_size": 100, "default_timeout_ms": 40},
+        max_batch_size=32, execution_provider="cuda", instance_count=2, options={"k": "v"},
+        batching={"max_queue_delay_ms": 2.5, "preferred_batch_sizes": [8, 16], "priority_levels": 3,
+                  "max_queue_size": 100, "default_timeout_ms": 40},
         processing={"kind": "tabular"},
     )
     doc = documents.model_config(config)
     assert doc["name"] == "m" and doc["platform"] == "onnxruntime_onnx" and doc["backend"] == "onnxruntime"
     assert doc["max_batch_size"] == 32
-    assert doc["input"][0] == {
-        "name": "I",
-        "data_type": "TYPE_INT64",
-        "format": "FORMAT_NONE",
-        "dims": [-1, 3],
-        "is_shape_tensor": False,
-        "allow_ragged_batch": False,
-        "optional": False,
-    }
+    assert doc["input"][0] == {"name": "I", "data_type": "TYPE_INT64", "format": "FORMAT_NONE", "dims": [-1, 3],
+                               "is_shape_tensor": False, "allow_ragged_batch": False, "optional": False}
     assert doc["output"][0]["data_type"] == "TYPE_STRING" and doc["output"][0]["dims"] == [1]
     assert doc["dynamic_batching"] == {
-        "preferred_batch_size": [8, 16],
-        "max_queue_delay_microseconds": 2500,
-        "preserve_ordering": False,
-        "priority_levels": 3,
-        "default_priority_level": 3,
-        "default_queue_policy": {
-            "timeout_action": "REJECT",
-            "default_timeout_microseconds": 40000,
-            "allow_timeout_override": True,
-            "max_queue_size": 100,
-        },
+        "preferred_batch_size": [8, 16], "max_queue_delay_microseconds": 2500, "preserve_ordering": False,
+        "priority_levels": 3, "default_priority_level": 3,
+        "default_queue_policy": {"timeout_action": "REJECT", "default_timeout_microseconds": 40000,
+                                 "allow_timeout_override": True, "max_queue_size": 100},
     }
     assert doc["instance_group"] == [{"name": "m_0", "kind": "KIND_GPU", "count": 2}]
     assert doc["parameters"] == {"k": {"string_value": "v"}, "processing": {"string_value": "tabular"}}
@@ -488,8 +398,7 @@ def test_versions() -> None:
 
 def test_server_metadata_lists_the_extensions_implemented() -> None:
     assert documents.server_metadata("9.9") == {
-        "name": "unimodel",
-        "version": "9.9",
+        "name": "unimodel", "version": "9.9",
         "extensions": ["binary_tensor_data", "model_configuration", "schedule_policy", "statistics"],
     }
 

@@ -406,10 +406,7 @@ async def test_the_catalog_model_is_a_symlink_that_the_engine_serves(tmp_path: P
     config = modelconfig.load(folder)
     assert config.engine == "llamacpp" and config.file == "model.gguf" and config.max_batch_size == 8
     assert (config.llm.context_length, config.llm.max_prompt_tokens, config.llm.max_tokens, config.llm.default_max_tokens) == (
-        2048,
-        1536,
-        1024,
-        256,
+        2048, 1536, 1024, 256,
     )
     config.options["n_threads"] = "1"
     engine = create_engine(config)

@@ -260,7 +260,9 @@ def test_interrupted_run_is_cleaned_up_and_rebuilt(tmp_path: Path) -> None:
     assert sorted(p.name for p in repo.iterdir()) == [".prepare.lock", "identity"]
 
 
-def test_missing_package_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_package_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = dataclasses.replace(CATALOG["identity"], requires=(("unimodel_no_such_module", "no-such-dist"),))
     monkeypatch.setitem(prep.CATALOG, "identity", spec)
     rc = models_cli.main(["prepare", "--repository", str(tmp_path / "repo"), "--only", "identity"])

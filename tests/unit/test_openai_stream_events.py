@@ -22,7 +22,7 @@ TEXTS = ["", " hello", 'quote " and \\ backslash', "line\nbreak\ttab\r", "\x00\x
 @pytest.mark.parametrize("chat", [True, False])
 @pytest.mark.parametrize("text", TEXTS)
 def test_a_text_event_is_the_chunk_the_general_encoder_makes(chat: bool, text: str) -> None:
-    shape = AnswerShape(chat, 'req-"1', "models/m\u00e9")  # ids and names that JSON must escape
+    shape = AnswerShape(chat, "req-\"1", "models/m\u00e9")  # ids and names that JSON must escape
     event = shape.text_event(text)
     assert event == shape.chunk(text, None)
     assert event.startswith(b"data: ") and event.endswith(b"\n\n")

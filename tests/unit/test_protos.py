@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_current() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -25,14 +27,7 @@ def test_every_cross_process_message_is_in_protos() -> None:
         *services_pb2.DESCRIPTOR.message_types_by_name,
     }
     needed_messages = (
-        "PredictRequest",
-        "PredictResponse",
-        "BatchRequest",
-        "BatchAck",
-        "InstanceInfo",
-        "ErrorDetail",
-        "ListQueuesResponse",
-        "QueueState",
+        "PredictRequest", "PredictResponse", "BatchRequest", "BatchAck", "InstanceInfo", "ErrorDetail", "ListQueuesResponse", "QueueState",
     )
     for needed in needed_messages:
         assert needed in names
@@ -53,10 +48,8 @@ def test_encoded_mirrors_have_their_messages_fields() -> None:
             out[f.number] = (f.name, kind, f.is_repeated)
         return out
 
-    for real, mirror in (
-        (inference_pb2.ItemBundle, inference_pb2.EncodedItemBundle),
-        (inference_pb2.BatchRequest, inference_pb2.EncodedBatchRequest),
-    ):
+    for real, mirror in ((inference_pb2.ItemBundle, inference_pb2.EncodedItemBundle),
+                         (inference_pb2.BatchRequest, inference_pb2.EncodedBatchRequest)):
         assert fields(real) == fields(mirror)
         assert all(f.message_type is None for f in mirror.DESCRIPTOR.fields)
         assert [f.message_type.name for f in real.DESCRIPTOR.fields if f.message_type] == ["BatchItem"]

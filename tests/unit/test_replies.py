@@ -67,7 +67,10 @@ async def test_items_carry_inbox_group_id_and_deadline_and_batches_answer_many()
     await mux.start()
     assert bus.subscribed == ["unimodel.v1.reply.gw-1.*"]
     ctx = RequestContext.new(5, request_id="r1")
-    calls = [asyncio.create_task(mux.request_item("unimodel.v1.batch.m", inference_pb2.BatchItem(rows=1), ctx, timeout_s=5)) for _ in range(3)]
+    calls = [
+        asyncio.create_task(mux.request_item("unimodel.v1.batch.m", inference_pb2.BatchItem(rows=1), ctx, timeout_s=5))
+        for _ in range(3)
+    ]
     items = await _sent(bus, 3)
     assert [p[2] for p in bus.nc.published] == [i.reply_to for i in items]  # inbox = NATS reply subject
     assert len({i.reply_to for i in items}) == 3
@@ -116,7 +119,9 @@ async def test_requests_of_one_iteration_leave_as_one_bundle() -> None:
     ctx = RequestContext.new(5)
 
     def call(rows: int) -> asyncio.Task[bytes]:
-        return asyncio.create_task(mux.request_item("b.m", inference_pb2.BatchItem(rows=rows), ctx, timeout_s=5, bundle_subject="u.m"))
+        return asyncio.create_task(
+            mux.request_item("b.m", inference_pb2.BatchItem(rows=rows), ctx, timeout_s=5, bundle_subject="u.m")
+        )
 
     calls = [call(r) for r in (1, 2, 3)]
     for _ in range(5):

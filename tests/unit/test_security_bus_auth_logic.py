@@ -45,25 +45,11 @@ CACHE_SUBJECTS = (subjects.CACHE_QUERY, subjects.CACHE_INSERT, subjects.CACHE_RE
 def test_finding_any_nats_client_may_publish_anywhere_worker_permissions_exclude_cache_and_control() -> None:
     for kind in ("gpu-worker", "embedding-worker"):
         perms = subjects.PERMISSIONS[kind]
-        for subject in (
-            *CACHE_SUBJECTS,
-            subjects.batch("m"),
-            subjects.bundle("m"),
-            subjects.route("m"),
-            subjects.worker_infer("w2"),
-            subjects.worker_control("w2"),
-            subjects.ABORT,
-            "_INBOX.gateway.x.1",
-        ):
+        for subject in (*CACHE_SUBJECTS, subjects.batch("m"), subjects.bundle("m"), subjects.route("m"),
+                        subjects.worker_infer("w2"), subjects.worker_control("w2"), subjects.ABORT, "_INBOX.gateway.x.1"):
             assert not allowed(perms.publish, subject), (kind, subject)
-        for subject in (
-            subjects.batch("m"),
-            subjects.bundle("m"),
-            *CACHE_SUBJECTS,
-            subjects.replies("gateway-1") + ".3",
-            "_INBOX.gateway.x.1",
-            subjects.route("m"),
-        ):
+        for subject in (subjects.batch("m"), subjects.bundle("m"), *CACHE_SUBJECTS, subjects.replies("gateway-1") + ".3",
+                        "_INBOX.gateway.x.1", subjects.route("m")):
             assert not allowed(perms.subscribe, subject), (kind, subject)
         # what a worker does need
         assert allowed(perms.publish, subjects.replies("gateway-1") + ".7") and allowed(perms.publish, subjects.LOAD)
@@ -144,25 +130,9 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
     """A self-signed certificate and its key (openssl), standing for a CA and a client certificate."""
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=nats.internal",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=nats.internal",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
     )
     return cert, key
 
@@ -174,13 +144,8 @@ def test_finding_no_tls_ca_and_client_certificate_give_a_verifying_context(tmp_p
         TlsFiles(ca_file=str(tmp_path / "missing.pem")).ssl_context()
     cert, key = self_signed(tmp_path)
     settings = CommonSettings(
-        nats_tls_ca_file=str(cert),
-        nats_tls_cert_file=str(cert),
-        nats_tls_key_file=str(key),
-        nats_tls_hostname="nats.internal",
-        etcd_tls_ca_file=str(cert),
-        etcd_tls_cert_file=str(cert),
-        etcd_tls_key_file=str(key),
+        nats_tls_ca_file=str(cert), nats_tls_cert_file=str(cert), nats_tls_key_file=str(key), nats_tls_hostname="nats.internal",
+        etcd_tls_ca_file=str(cert), etcd_tls_cert_file=str(cert), etcd_tls_key_file=str(key),
     )
     opts = settings.nats_auth().connect_options()
     assert isinstance(opts["tls"], ssl.SSLContext) and opts["tls"].verify_mode == ssl.CERT_REQUIRED

@@ -41,12 +41,8 @@ def _chat(**fields: object) -> bytes:
 
 @pytest.mark.parametrize(
     ("field", "value", "bound"),
-    [
-        ("top_k", 3_000_000_000, "2147483647"),
-        ("top_k", -1, "0 to"),
-        ("seed", 2**63, "9223372036854775807"),
-        ("seed", -(2**64), "-9223372036854775808"),
-    ],
+    [("top_k", 3_000_000_000, "2147483647"), ("top_k", -1, "0 to"), ("seed", 2**63, "9223372036854775807"),
+     ("seed", -(2**64), "-9223372036854775808")],
 )
 def test_finding_chat_integers_out_of_range_are_invalid_arguments(field: str, value: int, bound: str) -> None:
     with pytest.raises(errors.InvalidArgument) as info:

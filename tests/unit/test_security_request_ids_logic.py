@@ -99,9 +99,7 @@ def item(gateway: str, n: int, request_id: str, max_tokens: int = 1000) -> infer
     request.sampling.max_tokens = max_tokens
     request.sampling.temperature = 0
     return inference_pb2.BatchItem(
-        request_id=request_id,
-        reply_to=f"{subjects.replies(gateway)}.{n}",
-        generate=request,
+        request_id=request_id, reply_to=f"{subjects.replies(gateway)}.{n}", generate=request,
         deadline_unix_ms=now_ms() + 60_000,
     )
 
@@ -137,7 +135,9 @@ async def test_finding_an_abort_stops_only_its_own_gateways_generation(engine: G
 
 @pytest.mark.slow  # loads the SmolLM2 GGUF into llama.cpp (about 1 s) and generates on it
 @on_smollm2
-async def test_finding_an_early_abort_drops_only_the_owners_item_and_is_forgotten(engine: GenerativeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_finding_an_early_abort_drops_only_the_owners_item_and_is_forgotten(
+    engine: GenerativeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = Inboxes()
     gens = Generations(out.publish, out.publish_error, "worker-1")
     # gateway A aborts id X before its item came (the client left while it queued)

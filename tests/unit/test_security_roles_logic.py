@@ -35,20 +35,11 @@ ADMIN_KEYS = {"sk-root": "ops"}
 A, B, ROOT_KEY = ({"authorization": f"Bearer {k}"} for k in ("sk-a", "sk-b", "sk-root"))
 SECRETS = ("/srv/private/models", "model-secret.onnx", "/etc/passwd", "http://10.0.0.7:9000/v1", "PROD_OPENAI_KEY")
 LEAKY = {
-    "name": "leaky",
-    "engine": "openai",
-    "path": "/srv/private/models/leaky",
-    "file": "model-secret.onnx",
-    "max_batch_size": 0,
-    "options": {"labels": "/etc/passwd"},
+    "name": "leaky", "engine": "openai", "path": "/srv/private/models/leaky", "file": "model-secret.onnx",
+    "max_batch_size": 0, "options": {"labels": "/etc/passwd"},
     "processing": {"kind": "tabular", "options": {"feature_names": "a,b", "labels": "/etc/passwd"}},
-    "llm": {
-        "context_length": 2048,
-        "max_tokens": 512,
-        "upstream_url": "http://10.0.0.7:9000/v1",
-        "upstream_api_key_env": "PROD_OPENAI_KEY",
-        "upstream_model": "gpt-internal",
-    },
+    "llm": {"context_length": 2048, "max_tokens": 512, "upstream_url": "http://10.0.0.7:9000/v1",
+            "upstream_api_key_env": "PROD_OPENAI_KEY", "upstream_model": "gpt-internal"},
 }
 
 
@@ -67,9 +58,7 @@ async def gateway() -> AsyncIterator[GatewayService]:
     gw = GatewayService(keyed_settings(max_body_bytes=1 << 16), store=MemoryStore())
     gw.registered.apply("/unimodel/v1/models/leaky", leaky_config())
     failed = registry_pb2.ModelStatus(
-        name="leaky",
-        state=registry_pb2.ModelStatus.FAILED,
-        error="cannot open /srv/private/models/leaky/model-secret.onnx",
+        name="leaky", state=registry_pb2.ModelStatus.FAILED, error="cannot open /srv/private/models/leaky/model-secret.onnx",
     )
     gw.instances.apply(
         "/unimodel/v1/instances/gpu-worker/w1",
@@ -104,12 +93,8 @@ async def test_finding_anyone_can_replace_or_unload_a_model(gateway: GatewayServ
 
 async def test_the_fast_path_and_every_route_need_a_key(client: httpx.AsyncClient) -> None:
     for method, path in (
-        ("POST", "/v1/models/echo:predict"),
-        ("POST", "/modelcache"),
-        ("POST", "/v2/models/echo/infer"),
-        ("GET", "/v1/models"),
-        ("GET", "/v1/cache/log?model=m"),
-        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/models/echo:predict"), ("POST", "/modelcache"), ("POST", "/v2/models/echo/infer"),
+        ("GET", "/v1/models"), ("GET", "/v1/cache/log?model=m"), ("POST", "/v1/chat/completions"),
     ):
         r = await client.request(method, path, content=b"{}")
         assert r.status_code == 401, (method, path, r.text)
@@ -271,7 +256,8 @@ def _md(key: str) -> tuple[tuple[str, str], ...]:
 async def test_finding_grpc_admin_method_for_any_key(grpc_channel: grpc.aio.Channel) -> None:
     stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc_channel)
     load = service_pb2.RepositoryModelLoadRequest(model_name="leaky")
-    for key, code in (("", grpc.StatusCode.UNAUTHENTICATED), ("sk-a", grpc.StatusCode.PERMISSION_DENIED), ("sk-root", grpc.StatusCode.UNIMPLEMENTED)):
+    for key, code in (("", grpc.StatusCode.UNAUTHENTICATED), ("sk-a", grpc.StatusCode.PERMISSION_DENIED),
+                      ("sk-root", grpc.StatusCode.UNIMPLEMENTED)):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.RepositoryModelLoad(load, metadata=_md(key))
         assert err.value.code() == code, key
@@ -293,23 +279,16 @@ def test_every_grpc_method_has_a_role() -> None:
     """The role table names every method a tenant may call; the rest are admin-only by default."""
     methods = {
         f"/{svc.full_name}/{m.name}"
-        for svc in (services_pb2.DESCRIPTOR.services_by_name["InferenceService"], service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
+        for svc in (services_pb2.DESCRIPTOR.services_by_name["InferenceService"],
+                    service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
         for m in svc.methods
     }
     assert auth.GRPC_TENANT_METHODS <= methods
     admin = {m for m in methods if auth.grpc_needs_admin(m)}
     assert {m.rsplit("/", 1)[1] for m in admin} == {
-        "RepositoryIndex",
-        "RepositoryModelLoad",
-        "RepositoryModelUnload",
-        "SystemSharedMemoryStatus",
-        "SystemSharedMemoryRegister",
-        "SystemSharedMemoryUnregister",
-        "CudaSharedMemoryStatus",
-        "CudaSharedMemoryRegister",
-        "CudaSharedMemoryUnregister",
-        "TraceSetting",
-        "LogSettings",
+        "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "SystemSharedMemoryStatus",
+        "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
+        "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings",
     }
     assert auth.grpc_needs_admin("/some.Unknown/Method")
 
@@ -326,3 +305,4 @@ def test_finding_deployments_run_without_keys() -> None:
     for var in ("UNIMODEL_API_KEYS", "UNIMODEL_ADMIN_API_KEYS"):
         required = REQUIRED_VARIABLE.match(str(gateway_env[var]))
         assert required and required.group(1) == var, gateway_env.get(var)
+

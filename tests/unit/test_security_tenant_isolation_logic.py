@@ -42,10 +42,7 @@ class FakeClock:
 
 def tenant(name: str, key_id: str = "", **policy: Any) -> Principal:
     return Principal(
-        name,
-        name,
-        admin=False,
-        key_id=key_id or f"id-{name}",
+        name, name, admin=False, key_id=key_id or f"id-{name}",
         policy=KeyPolicy(tenant=name, **policy) if policy else None,
     )
 
@@ -53,18 +50,8 @@ def tenant(name: str, key_id: str = "", **policy: Any) -> Principal:
 # rate limits: the plain logic ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [
-        (0, "0s"),
-        (0.0201, "21ms"),
-        (0.5, "500ms"),
-        (1, "1s"),
-        (6.5, "6.5s"),
-        (59.9991, "60s"),
-        (60, "1m0s"),
-        (360, "6m0s"),
-        (361.2, "6m2s"),
-        (3723, "1h2m3s"),
-    ],
+    [(0, "0s"), (0.0201, "21ms"), (0.5, "500ms"), (1, "1s"), (6.5, "6.5s"), (59.9991, "60s"), (60, "1m0s"),
+     (360, "6m0s"), (361.2, "6m2s"), (3723, "1h2m3s")],
 )
 def test_reset_durations_are_written_the_way_openai_writes_them(seconds: float, text: str) -> None:
     assert duration(seconds) == text
@@ -80,8 +67,7 @@ def test_finding_no_request_rate_limit_per_key() -> None:
     assert refused.metadata == {"limit": "rate_limit_exceeded", "type": "requests"}
     assert "requests per minute" in refused.message
     assert dict(limits.headers()) == {
-        b"x-ratelimit-limit-requests": b"2",
-        b"x-ratelimit-remaining-requests": b"0",
+        b"x-ratelimit-limit-requests": b"2", b"x-ratelimit-remaining-requests": b"0",
         b"x-ratelimit-reset-requests": b"1m0s",
     }
     clock.now += 29.9

@@ -80,7 +80,9 @@ def test_missing_config_file() -> None:
 
 @pytest.mark.parametrize("module", ["unimodel.gateway", "unimodel.router", "unimodel.worker"])
 def test_bad_setting_exits_2_without_traceback(module: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", module, "--lease-ttl-s", "0"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--lease-ttl-s", "0"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

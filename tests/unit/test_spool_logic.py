@@ -117,7 +117,7 @@ async def test_a_mapped_file_stays_until_its_last_view_goes() -> None:
     part = view[2:8]
     del view
     assert present() != []  # a slice still holds the mapping
-    assert bytes(part) == b"output"
+    assert bytes(part) == b'output'
     del part
     await asyncio.sleep(0)  # the loop's wake-up handle of this step holds the map's result until the step ends
     assert settled() == []

@@ -19,15 +19,9 @@ READY, LOADING, FAILED = registry_pb2.ModelStatus.READY, registry_pb2.ModelStatu
 
 def instance(kind: str, iid: str, *models: registry_pb2.ModelStatus) -> registry_pb2.InstanceInfo:
     return registry_pb2.InstanceInfo(  # as a worker registers: `models` lists those it serves now (READY)
-        id=iid,
-        kind=kind,
-        version="0.1.0",
-        grpc_address=f"10.0.0.1:{9000 + len(iid)}",
-        started_unix_ms=1_000,
-        host="node-a",
-        pid=4000 + len(iid),
-        engines=["onnx", "echo"] if models else [],
-        model_states=list(models),
+        id=iid, kind=kind, version="0.1.0", grpc_address=f"10.0.0.1:{9000 + len(iid)}", started_unix_ms=1_000,
+        host="node-a", pid=4000 + len(iid),
+        engines=["onnx", "echo"] if models else [], model_states=list(models),
         models=[m.name for m in models if m.state == READY],
     )
 
@@ -46,26 +40,15 @@ MLP = model_pb2.ModelConfig(name="mlp", engine="onnx", version="1", max_batch_si
 
 def healthy_view():
     workers = [
-        instance(
-            "gpu-worker",
-            "w0",
-            registry_pb2.ModelStatus(name="mlp", engine="onnx", state=READY, inflight=2, concurrency=1),
-            registry_pb2.ModelStatus(name="echo", engine="echo", state=READY, pinned=True, concurrency=8),
-        ),
-        instance("gpu-worker", "w1", registry_pb2.ModelStatus(name="echo", engine="echo", state=READY, pinned=True, concurrency=8)),
+        instance("gpu-worker", "w0", registry_pb2.ModelStatus(name="mlp", engine="onnx", state=READY, inflight=2, concurrency=1),
+                 registry_pb2.ModelStatus(name="echo", engine="echo", state=READY, pinned=True, concurrency=8)),
+        instance("gpu-worker", "w1",
+                 registry_pb2.ModelStatus(name="echo", engine="echo", state=READY, pinned=True, concurrency=8)),
     ]
     infos = cluster(*workers)
     health = {i.id: SERVING for i in infos}
-    q = services_pb2.QueueState(
-        model="mlp",
-        queued=3,
-        inflight_batches=1,
-        max_inflight_batches=2,
-        max_batch_size=64,
-        max_queue_delay_ms=2.0,
-        max_queue_size=1024,
-        registered=True,
-    )
+    q = services_pb2.QueueState(model="mlp", queued=3, inflight_batches=1, max_inflight_batches=2, max_batch_size=64,
+                                max_queue_delay_ms=2.0, max_queue_size=1024, registered=True)
     return build("etcd:2379", infos, [MLP], health, {"w0": 2}, queues(q))
 
 
@@ -111,11 +94,13 @@ def test_text_output_is_aligned_tables_and_a_verdict() -> None:
     lines = text.splitlines()
     assert lines[0] == "etcd etcd:2379: 7 instances, 1 registered model"
     header = lines[lines.index("WORKERS") + 1]
-    assert header.split() == ["ID", "KIND", "ENGINES", "OUTSTANDING", "MODEL", "ENGINE", "STATE", "INFLIGHT", "CONCURRENCY"]
+    assert header.split() == [
+        "ID", "KIND", "ENGINES", "OUTSTANDING", "MODEL", "ENGINE", "STATE", "INFLIGHT", "CONCURRENCY"
+    ]
     w0, second = lines[lines.index("WORKERS") + 3], lines[lines.index("WORKERS") + 4]
     assert w0.split() == ["w0", "gpu-worker", "onnx,echo", "2", "echo", "echo", "READY", "(pinned)", "0", "8"]
     assert second.split() == ["mlp", "onnx", "READY", "2", "1"] and second.index("mlp") == header.index("MODEL")
-    services = lines[lines.index("SERVICES") + 1 : lines.index("SERVICES") + 3]
+    services = lines[lines.index("SERVICES") + 1:lines.index("SERVICES") + 3]
     assert services[0].split() == ["KIND", "ID", "GRPC", "HOST", "PID", "VERSION", "UP", "HEALTH"]
     assert services[1].split()[3:5] == ["node-a", str(4000 + len(services[1].split()[1]))]
     assert "2m05s" in services[1]
@@ -133,28 +118,15 @@ def test_json_output_is_the_whole_view() -> None:
     assert set(data) == {"etcd", "services", "workers", "models", "queues", "problems", "healthy"}
     assert data["healthy"] is True and data["queues"][0]["max_queue_delay_ms"] == 2.0
     assert data["workers"][1]["models"][0] == {
-        "name": "echo",
-        "engine": "echo",
-        "state": "READY",
-        "inflight": 0,
-        "concurrency": 8,
-        "pinned": True,
-        "error": "",
+        "name": "echo", "engine": "echo", "state": "READY", "inflight": 0, "concurrency": 8, "pinned": True, "error": "",
     }
     gateway = data["services"][0]
     assert gateway["kind"] == "gateway" and gateway["host"] == "node-a" and gateway["pid"] == 4000 + len(gateway["id"])
 
 
-@pytest.mark.parametrize(
-    ("started", "now", "shown"),
-    [
-        (0, 5, "-"),
-        (1_000, 1_000, "0s"),
-        (0 + 1, 59_001, "59s"),
-        (1, 3_600_001, "1h00m"),
-        (1, 90_000_001, "1d01h"),
-    ],
-)
+@pytest.mark.parametrize(("started", "now", "shown"), [
+    (0, 5, "-"), (1_000, 1_000, "0s"), (0 + 1, 59_001, "59s"), (1, 3_600_001, "1h00m"), (1, 90_000_001, "1d01h"),
+])
 def test_uptime(started: int, now: int, shown: str) -> None:
     assert uptime(started, now) == shown
 

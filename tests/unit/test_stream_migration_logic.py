@@ -62,14 +62,8 @@ class Cluster:
             self.moves.append((lost, outcome))
 
         gen = Generation(
-            MODEL,
-            stream,
-            chunk_timeout_s=2,
-            abort=self.abort,
-            request=request,
-            reopen=self.open if self.migration else None,
-            max_migrations=self.max_migrations,
-            on_move=on_move,
+            MODEL, stream, chunk_timeout_s=2, abort=self.abort, request=request,
+            reopen=self.open if self.migration else None, max_migrations=self.max_migrations, on_move=on_move,
         )
         await self.deliver(chunk(0, worker="w1", prompt_tokens=7))
         await gen.start()
@@ -106,8 +100,7 @@ async def test_a_lost_worker_s_generation_continues_on_another_with_the_answer_s
     assert c.aborts == [("req-1", "the generation moved to another worker")]
     await c.deliver(chunk(1, "late", (99,)), to=0)  # the lost worker's late chunk goes nowhere
     await c.deliver(
-        chunk(0, worker="w2", prompt_tokens=7),
-        chunk(1, " 3", (18,)),
+        chunk(0, worker="w2", prompt_tokens=7), chunk(1, " 3", (18,)),
         chunk(2, ",", (28,), finish="length", prompt_tokens=7, completion_tokens=2),
     )
     got.append(await reading)

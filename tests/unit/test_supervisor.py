@@ -95,7 +95,8 @@ def test_a_settings_error_is_not_restarted() -> None:
 def test_a_killed_child_is_named_by_its_signal() -> None:
     clock, said = Clock(), []
     sup = Supervisor(say=said.append, clock=clock)
-    proc = ManagedProcess("gpu-worker-0", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], sink=io.StringIO())
+    proc = ManagedProcess("gpu-worker-0", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                          sink=io.StringIO())
     proc.start()
     proc.wait(30)
     sup.watch(proc)
@@ -120,3 +121,4 @@ def test_what_a_dead_child_spawned_goes_with_it() -> None:
         time.sleep(0.05)
     assert not alive(grandchild)
     proc.stop()
+

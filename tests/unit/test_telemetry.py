@@ -53,53 +53,26 @@ def setup(exporter: str | None = None, endpoint: str = "", ratio: float | None =
 def test_tracing_is_off_unless_an_exporter_is_chosen() -> None:
     s = setup(OTEL_EXPORTER_OTLP_ENDPOINT="http://collector:4318")  # an endpoint alone turns nothing on
     assert (s.exporter, s.sample_ratio, s.options) == ("none", 1.0, None)
-    assert s.resource == {
-        "service.name": "unimodel-router",
-        "service.instance.id": "router-1",
-        "service.version": __version__,
-        "telemetry.sdk.name": "unimodel",
-        "telemetry.sdk.language": "python",
-    }
+    assert s.resource == {"service.name": "unimodel-router", "service.instance.id": "router-1",
+                          "service.version": __version__, "telemetry.sdk.name": "unimodel", "telemetry.sdk.language": "python"}
 
 
-@pytest.mark.parametrize(
-    ("env", "exporter", "endpoint"),
-    [
-        ({"OTEL_TRACES_EXPORTER": "otlp"}, "otlp-http", "http://localhost:4318/v1/traces"),  # the spec's default protocol
-        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "otlp-grpc", "localhost:4317"),
-        (
-            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"},
-            "otlp-http",
-            "http://localhost:4318/v1/traces",
-        ),
-        (
-            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
-            "otlp-http",
-            "http://localhost:4318/v1/traces",
-        ),  # not supported: warned, protobuf
-        ({"OTEL_TRACES_EXPORTER": "zipkin,console"}, "console", None),  # the first one we support
-        ({"OTEL_TRACES_EXPORTER": "none"}, "none", None),
-        (
-            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4318/base/"},
-            "otlp-http",
-            "https://c:4318/base/v1/traces",
-        ),  # the base URL of v1/traces
-        (
-            {
-                "OTEL_TRACES_EXPORTER": "otlp",
-                "OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4318",
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://t:443/custom",
-            },
-            "otlp-http",
-            "https://t:443/custom",
-        ),  # as is
-        (
-            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4317"},
-            "otlp-grpc",
-            "https://c:4317",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("env", "exporter", "endpoint"), [
+    ({"OTEL_TRACES_EXPORTER": "otlp"}, "otlp-http", "http://localhost:4318/v1/traces"),  # the spec's default protocol
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "otlp-grpc", "localhost:4317"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+      "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}, "otlp-http", "http://localhost:4318/v1/traces"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "otlp-http",
+     "http://localhost:4318/v1/traces"),  # not supported: warned, protobuf
+    ({"OTEL_TRACES_EXPORTER": "zipkin,console"}, "console", None),  # the first one we support
+    ({"OTEL_TRACES_EXPORTER": "none"}, "none", None),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4318/base/"}, "otlp-http",
+     "https://c:4318/base/v1/traces"),  # the base URL of v1/traces
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4318",
+      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://t:443/custom"}, "otlp-http", "https://t:443/custom"),  # as is
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+      "OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4317"}, "otlp-grpc", "https://c:4317"),
+])
 def test_otel_traces_exporter_protocol_and_endpoint(env: dict[str, str], exporter: str, endpoint: str | None) -> None:
     s = setup(**env)
     assert s.exporter == exporter
@@ -107,12 +80,8 @@ def test_otel_traces_exporter_protocol_and_endpoint(env: dict[str, str], exporte
 
 
 def test_our_settings_win_over_the_otel_variables() -> None:
-    env = {
-        "OTEL_TRACES_EXPORTER": "console",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://env:4318",
-        "OTEL_TRACES_SAMPLER": "traceidratio",
-        "OTEL_TRACES_SAMPLER_ARG": "0.5",
-    }
+    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://env:4318",
+           "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}
     s = setup("otlp-http", "http://ours:4318", 0.1, **env)
     assert (s.exporter, s.sample_ratio) == ("otlp-http", 0.1)
     assert s.options is not None and s.options.endpoint == "http://ours:4318/v1/traces"
@@ -127,22 +96,16 @@ def test_otel_sdk_disabled_turns_tracing_off_whatever_else_is_set() -> None:
     assert setup("otlp-grpc", OTEL_SDK_DISABLED="false").exporter == "otlp-grpc"
 
 
-@pytest.mark.parametrize(
-    ("sampler", "arg", "exporter", "ratio"),
-    [
-        ("", "0.3", "console", 1.0),  # the default sampler, parentbased_always_on, takes no argument
-        ("always_on", "", "console", 1.0),
-        ("parentbased_always_on", "", "console", 1.0),
-        ("traceidratio", "0.25", "console", 0.25),
-        ("parentbased_traceidratio", "0", "console", 0.0),
-        ("parentbased_traceidratio", "", "console", 1.0),
-        ("traceidratio", "1.5", "console", 1.0),
-        ("traceidratio", "half", "console", 1.0),  # invalid: warned, the default
-        ("parentbased_always_off", "", "console", 0.0),  # no new traces; sampled callers still followed
-        ("always_off", "", "none", 0.0),  # no spans at all
-        ("jaeger_remote", "", "console", 1.0),  # not supported: warned, the default
-    ],
-)
+@pytest.mark.parametrize(("sampler", "arg", "exporter", "ratio"), [
+    ("", "0.3", "console", 1.0),  # the default sampler, parentbased_always_on, takes no argument
+    ("always_on", "", "console", 1.0), ("parentbased_always_on", "", "console", 1.0),
+    ("traceidratio", "0.25", "console", 0.25), ("parentbased_traceidratio", "0", "console", 0.0),
+    ("parentbased_traceidratio", "", "console", 1.0), ("traceidratio", "1.5", "console", 1.0),
+    ("traceidratio", "half", "console", 1.0),  # invalid: warned, the default
+    ("parentbased_always_off", "", "console", 0.0),  # no new traces; sampled callers still followed
+    ("always_off", "", "none", 0.0),  # no spans at all
+    ("jaeger_remote", "", "console", 1.0),  # not supported: warned, the default
+])
 def test_otel_traces_sampler(sampler: str, arg: str, exporter: str, ratio: float) -> None:
     s = setup("console", OTEL_TRACES_SAMPLER=sampler, OTEL_TRACES_SAMPLER_ARG=arg)
     assert (s.exporter, s.sample_ratio) == (exporter, ratio)
@@ -151,34 +114,17 @@ def test_otel_traces_sampler(sampler: str, arg: str, exporter: str, ratio: float
 def test_headers_compression_timeout_and_tls_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
-    s = setup(
-        "otlp-grpc",
-        OTEL_EXPORTER_OTLP_HEADERS="a=1,b=x%3Dy%2Cz , junk,c = spaced ",
-        OTEL_EXPORTER_OTLP_COMPRESSION="gzip",
-        OTEL_EXPORTER_OTLP_TIMEOUT="2500",
-        OTEL_EXPORTER_OTLP_CERTIFICATE=str(ca),
-        OTEL_EXPORTER_OTLP_INSECURE="false",
-    )
+    s = setup("otlp-grpc", OTEL_EXPORTER_OTLP_HEADERS="a=1,b=x%3Dy%2Cz , junk,c = spaced ",
+              OTEL_EXPORTER_OTLP_COMPRESSION="gzip", OTEL_EXPORTER_OTLP_TIMEOUT="2500",
+              OTEL_EXPORTER_OTLP_CERTIFICATE=str(ca), OTEL_EXPORTER_OTLP_INSECURE="false")
     assert s.options == otlp.ExportOptions(
-        "grpc",
-        "localhost:4317",
-        (("a", "1"), ("b", "x=y,z"), ("c", "spaced")),
-        "gzip",
-        2.5,
-        str(ca),
-        insecure=False,
+        "grpc", "localhost:4317", (("a", "1"), ("b", "x=y,z"), ("c", "spaced")), "gzip", 2.5, str(ca), insecure=False,
     )
     assert "OTEL_EXPORTER_OTLP_HEADERS: ignored 'junk'" in caplog.text
     # the traces-only variables win over the general ones
-    s = setup(
-        "otlp-http",
-        OTEL_EXPORTER_OTLP_HEADERS="a=1",
-        OTEL_EXPORTER_OTLP_TRACES_HEADERS="t=2",
-        OTEL_EXPORTER_OTLP_COMPRESSION="gzip",
-        OTEL_EXPORTER_OTLP_TRACES_COMPRESSION="none",
-        OTEL_EXPORTER_OTLP_TIMEOUT="2500",
-        OTEL_EXPORTER_OTLP_TRACES_TIMEOUT="100",
-    )
+    s = setup("otlp-http", OTEL_EXPORTER_OTLP_HEADERS="a=1", OTEL_EXPORTER_OTLP_TRACES_HEADERS="t=2",
+              OTEL_EXPORTER_OTLP_COMPRESSION="gzip", OTEL_EXPORTER_OTLP_TRACES_COMPRESSION="none",
+              OTEL_EXPORTER_OTLP_TIMEOUT="2500", OTEL_EXPORTER_OTLP_TRACES_TIMEOUT="100")
     assert s.options is not None and (s.options.headers, s.options.compression, s.options.timeout_s) == ((("t", "2"),), "none", 0.1)
     s = setup("otlp-http", OTEL_EXPORTER_OTLP_COMPRESSION="brotli", OTEL_EXPORTER_OTLP_TIMEOUT="-1")
     assert s.options is not None and (s.options.compression, s.options.timeout_s) == ("none", 10.0)

@@ -59,17 +59,10 @@ def test_without_a_parent_a_new_trace_starts_only_where_requests_enter(spans: li
     assert tracing.start("inner") is None and tracing.start("inner", "garbage") is None
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        "",
-        "00-abc",
-        "00-" + "0" * 32 + "-b7ad6b7169203331-01",
-        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
-        "00-0af7651916cd43dd8448eb211c80319c+b7ad6b7169203331-01",
-        "00-zzf7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-    ],
-)
+@pytest.mark.parametrize("bad", ["", "00-abc", "00-" + "0" * 32 + "-b7ad6b7169203331-01",
+                                 "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+                                 "00-0af7651916cd43dd8448eb211c80319c+b7ad6b7169203331-01",
+                                 "00-zzf7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"])
 def test_invalid_traceparents_are_ignored(bad: str) -> None:
     assert tracing.parse_traceparent(bad) is None
 
@@ -106,32 +99,17 @@ def test_errors_set_the_status_and_error_type(spans: list[tracing.Span]) -> None
 def test_the_otlp_encoding_is_what_opentelemetry_proto_decodes(spans: list[tracing.Span]) -> None:
     link_to = tracing.start("other", root=True)
     assert link_to is not None
-    span = tracing.start(
-        "batcher queue",
-        PARENT,
-        tracing.CONSUMER,
-        {
-            "s": "text é",
-            "i": 7,
-            "neg": -3,
-            "f": 0.25,
-            "b": True,
-            "no": False,
-            "list": ["stop", "length"],
-            "long": "x" * 300,
-            "nums": [1, 2],
-        },
-        links=[link_to.get_span_context()],
-        start_ns=1_000,
-    )
+    span = tracing.start("batcher queue", PARENT, tracing.CONSUMER, {
+        "s": "text é", "i": 7, "neg": -3, "f": 0.25, "b": True, "no": False, "list": ["stop", "length"],
+        "long": "x" * 300, "nums": [1, 2],
+    }, links=[link_to.get_span_context()], start_ns=1_000)
     assert span is not None
     tracing.finish(span, "DEADLINE_EXCEEDED", end_ns=5_000)
     data = otlp.encode_request({"service.name": "unimodel-batcher", "pid": 42}, [span, span])
     request = trace_service_pb2.ExportTraceServiceRequest.FromString(data)
     (rs,) = request.resource_spans
     assert {kv.key: (kv.value.string_value or kv.value.int_value) for kv in rs.resource.attributes} == {
-        "service.name": "unimodel-batcher",
-        "pid": 42,
+        "service.name": "unimodel-batcher", "pid": 42,
     }
     (ss,) = rs.scope_spans
     assert ss.scope.name == "unimodel" and len(ss.spans) == 2
@@ -157,7 +135,9 @@ def test_the_otlp_encoding_is_what_opentelemetry_proto_decodes(spans: list[traci
     assert r.parent_span_id == b"" and not r.HasField("status") or r.status.code == 0
 
 
-def test_the_exporter_sends_in_batches_drops_when_full_and_flushes_on_shutdown(monkeypatch: pytest.MonkeyPatch, spans: list[tracing.Span]) -> None:
+def test_the_exporter_sends_in_batches_drops_when_full_and_flushes_on_shutdown(
+    monkeypatch: pytest.MonkeyPatch, spans: list[tracing.Span]
+) -> None:
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")  # only size and shutdown trigger a send here
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "3")
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "5")
@@ -264,19 +244,10 @@ def test_the_http_middleware_passes_unsampled_requests_through() -> None:
     assert all(k != b"x-unimodel-trace-id" for k, _ in sent[0]["headers"])
 
 
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [
-        ("3", 3.0),
-        ("0.5", 0.5),
-        ("-4", 0.0),
-        ("", None),
-        (None, None),
-        ("soon", None),
-        ("nan", None),
-        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: at once
-    ],
-)
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("3", 3.0), ("0.5", 0.5), ("-4", 0.0), ("", None), (None, None), ("soon", None), ("nan", None),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: at once
+])
 def test_retry_after_in_seconds_or_as_an_http_date(value: str | None, seconds: float | None) -> None:
     assert otlp.retry_after_s(value) == seconds
 
@@ -323,7 +294,9 @@ def test_the_encoding_caches_never_mix_values_up(monkeypatch: pytest.MonkeyPatch
         assert got == want and [type(v) for v in got.values()] == [type(v) for v in want.values()]
 
 
-def test_spans_are_encoded_where_they_end_and_one_that_cannot_be_is_dropped(caplog: pytest.LogCaptureFixture, spans: list[tracing.Span]) -> None:
+def test_spans_are_encoded_where_they_end_and_one_that_cannot_be_is_dropped(
+    caplog: pytest.LogCaptureFixture, spans: list[tracing.Span]
+) -> None:
     sent: list[bytes] = []
     ending_thread = threading.get_ident()
     encoded_in: set[int] = set()

@@ -37,9 +37,9 @@ async def running_generation(tmp_path: Path) -> tuple[GenerativeEngine, Generati
     request = generate_pb2.GenerateRequest(model="smol", prompt="1, 2, 3, 4, 5,")  # counts on for a long time
     request.sampling.max_tokens = 1000
     request.sampling.temperature = 0
-    batch = inference_pb2.BatchRequest(
-        model="smol", items=[inference_pb2.BatchItem(request_id="r1", reply_to=f"{subjects.replies('gw-1')}.1", generate=request)]
-    )
+    batch = inference_pb2.BatchRequest(model="smol", items=[
+        inference_pb2.BatchItem(request_id="r1", reply_to=f"{subjects.replies('gw-1')}.1", generate=request)
+    ])
     assert await gens.start_batch(engine, batch, ["worker-7"], release=lambda: None) == (1, 0)
     while len(chunks) < 3:  # it streams
         await asyncio.sleep(0.01)

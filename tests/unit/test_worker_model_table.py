@@ -42,17 +42,15 @@ def open_gate(version: str) -> None:
 
 
 def cfg(version: str = "1", engine: str = "delay", **options: str) -> model_pb2.ModelConfig:
-    return modelconfig.parse(
-        {
-            "name": "m",
-            "engine": engine,
-            "version": version,
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-            "max_batch_size": 4,
-            "options": options,
-        }
-    )
+    return modelconfig.parse({
+        "name": "m",
+        "engine": engine,
+        "version": version,
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+        "max_batch_size": 4,
+        "options": options,
+    })
 
 
 @pytest.fixture
@@ -120,9 +118,7 @@ async def test_not_loaded_names_the_models_placed_here_that_are_loading_or_faile
 
 def _other(name: str) -> dict[str, object]:
     return {
-        "name": name,
-        "engine": "delay",
-        "version": "9",
+        "name": name, "engine": "delay", "version": "9",
         "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
         "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
     }

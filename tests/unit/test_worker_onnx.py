@@ -20,7 +20,9 @@ from unimodel.worker.engines.onnx import CPU, CUDA, OnnxEngine, providers_for
 
 def save_model(folder: Path, nodes: list, inputs: list, outputs: list, weights: dict[str, np.ndarray] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    graph = helper.make_graph(nodes, folder.name, inputs, outputs, [numpy_helper.from_array(w, n) for n, w in (weights or {}).items()])
+    graph = helper.make_graph(
+        nodes, folder.name, inputs, outputs, [numpy_helper.from_array(w, n) for n, w in (weights or {}).items()]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -42,15 +44,12 @@ def identity_model(root: Path, name: str = "identity", **extra: object) -> model
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["N", "L"])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["N", "L"])],
     )
-    return write_config(
-        folder,
-        {
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-            "max_batch_size": 8,
-            **extra,
-        },
-    )
+    return write_config(folder, {
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+        "max_batch_size": 8,
+        **extra,
+    })
 
 
 def mlp_model(
@@ -77,18 +76,15 @@ def mlp_model(
         ],
         {"w1": w1, "w2": w2, "axes": axes},
     )
-    config = write_config(
-        folder,
-        {
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [features]}],
-            "outputs": [
-                {"name": "OUTPUT0", "datatype": "FP32", "dims": [classes]},
-                {"name": "SUM0", "datatype": "FP32", "dims": [1]},
-            ],
-            "max_batch_size": 16,
-            **extra,
-        },
-    )
+    config = write_config(folder, {
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [features]}],
+        "outputs": [
+            {"name": "OUTPUT0", "datatype": "FP32", "dims": [classes]},
+            {"name": "SUM0", "datatype": "FP32", "dims": [1]},
+        ],
+        "max_batch_size": 16,
+        **extra,
+    })
     return config, [w1, w2]
 
 
@@ -115,18 +111,15 @@ def iris_like_model(root: Path, name: str = "iris") -> tuple[model_pb2.ModelConf
         {"w": w},
     )
     (folder / "labels.txt").write_text("setosa\nversicolor\nvirginica\n")
-    config = write_config(
-        folder,
-        {
-            "inputs": [{"name": "features", "datatype": "FP32", "dims": [4]}],
-            "outputs": [
-                {"name": "label", "datatype": "INT64", "dims": []},
-                {"name": "probabilities", "datatype": "FP32", "dims": [3]},
-            ],
-            "max_batch_size": 256,
-            "processing": {"kind": "tabular"},
-        },
-    )
+    config = write_config(folder, {
+        "inputs": [{"name": "features", "datatype": "FP32", "dims": [4]}],
+        "outputs": [
+            {"name": "label", "datatype": "INT64", "dims": []},
+            {"name": "probabilities", "datatype": "FP32", "dims": [3]},
+        ],
+        "max_batch_size": 256,
+        "processing": {"kind": "tabular"},
+    })
     return config, w
 
 
@@ -147,18 +140,15 @@ def image_model(root: Path, name: str = "imagenet", size: int = 8, classes: int 
         {"w": w},
     )
     (folder / "labels.txt").write_text("red\ngreen\nblue\ndark\n")
-    return write_config(
-        folder,
-        {
-            "inputs": [{"name": "image", "datatype": "FP32", "dims": [3, size, size]}],
-            "outputs": [{"name": "probabilities", "datatype": "FP32", "dims": [classes]}],
-            "max_batch_size": 8,
-            "processing": {
-                "kind": "image-classification",
-                "options": {"mean": "0,0,0", "std": "1,1,1", "top_k": "2", "resize": str(size)},
-            },
+    return write_config(folder, {
+        "inputs": [{"name": "image", "datatype": "FP32", "dims": [3, size, size]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "dims": [classes]}],
+        "max_batch_size": 8,
+        "processing": {
+            "kind": "image-classification",
+            "options": {"mean": "0,0,0", "std": "1,1,1", "top_k": "2", "resize": str(size)},
         },
-    )
+    })
 
 
 VOCAB = ["[PAD]", "[UNK]", "hello", "world", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"]
@@ -197,19 +187,16 @@ def text_model(root: Path, name: str = "minilm", dim: int = 4, pooled: bool = Fa
         weights,
     )
     write_tokenizer(folder / "tokenizer.json")
-    config = write_config(
-        folder,
-        {
-            "inputs": [
-                {"name": "input_ids", "datatype": "INT64", "dims": [-1]},
-                {"name": "attention_mask", "datatype": "INT64", "dims": [-1]},
-            ],
-            "outputs": [{"name": out_name, "datatype": "FP32", "dims": dims}],
-            "max_batch_size": 8,
-            "processing": {"kind": "text-embedding", "options": {"max_length": "6", **options}},
-            "options": {"pad": "zeros"},
-        },
-    )
+    config = write_config(folder, {
+        "inputs": [
+            {"name": "input_ids", "datatype": "INT64", "dims": [-1]},
+            {"name": "attention_mask", "datatype": "INT64", "dims": [-1]},
+        ],
+        "outputs": [{"name": out_name, "datatype": "FP32", "dims": dims}],
+        "max_batch_size": 8,
+        "processing": {"kind": "text-embedding", "options": {"max_length": "6", **options}},
+        "options": {"pad": "zeros"},
+    })
     return config, table
 
 

@@ -76,20 +76,15 @@ async def test_kind_none_takes_named_or_bare_lists_with_or_without_the_batch_dim
     table, model = await loaded(config)
     try:
         x = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)
-        out = outputs_of(
-            await run_batch(
-                model,
-                values_batch(
-                    x[0].tolist(),
-                    {"INPUT0": x[1:3].tolist()},
-                    {"INPUT0": x[0].tolist(), "extra": [1]},
-                    [1, 2],
-                    {"INPUT0": [[1] * 6, [1] * 5]},
-                    "text",
-                    [[[1] * 6]],
-                ),
-            )
-        )
+        out = outputs_of(await run_batch(model, values_batch(
+            x[0].tolist(),
+            {"INPUT0": x[1:3].tolist()},
+            {"INPUT0": x[0].tolist(), "extra": [1]},
+            [1, 2],
+            {"INPUT0": [[1] * 6, [1] * 5]},
+            "text",
+            [[[1] * 6]],
+        )))
         ref = mlp_reference(x, weights)
         np.testing.assert_allclose(out[0]["OUTPUT0"], ref[0], rtol=1e-5, atol=1e-5)
         assert isinstance(out[0]["SUM0"], list) and len(out[0]["SUM0"]) == 1
@@ -117,20 +112,15 @@ async def test_tabular_rows_and_labels(tmp_path: Path) -> None:
     config, w = iris_like_model(tmp_path)
     table, model = await loaded(config)
     try:
-        out = outputs_of(
-            await run_batch(
-                model,
-                values_batch(
-                    [5.0, 1.0, 0.0, 0.0],
-                    [[0, 0, 3, 0], [0, 2, 0, 1]],
-                    [1, 2, 3],
-                    [[1, 2, 3, 4], [1, 2]],
-                    [1, "a", 2, 3],
-                    "row",
-                    [],
-                ),
-            )
-        )
+        out = outputs_of(await run_batch(model, values_batch(
+            [5.0, 1.0, 0.0, 0.0],
+            [[0, 0, 3, 0], [0, 2, 0, 1]],
+            [1, 2, 3],
+            [[1, 2, 3, 4], [1, 2]],
+            [1, "a", 2, 3],
+            "row",
+            [],
+        )))
         assert out[0]["label"] == "setosa" and out[0]["index"] == 0
         logits = np.array([5.0, 1.0, 0.0, 0.0], np.float32) @ w
         p = np.exp(logits - logits.max())
@@ -157,22 +147,17 @@ async def test_image_classification(tmp_path: Path) -> None:
     try:
         gif = io.BytesIO()
         Image.new("RGB", (4, 4)).save(gif, format="GIF")
-        out = outputs_of(
-            await run_batch(
-                model,
-                values_batch(
-                    png((250, 10, 10)),
-                    {"image": png((10, 10, 240), fmt="JPEG"), "top_k": 3},
-                    "data:image/png;base64," + png((10, 200, 10)),
-                    "not base64 !!",
-                    base64.b64encode(b"hello").decode(),
-                    base64.b64encode(gif.getvalue()).decode(),
-                    {"image": png((0, 0, 0)), "top_k": 0},
-                    {"img": "x"},
-                    42,
-                ),
-            )
-        )
+        out = outputs_of(await run_batch(model, values_batch(
+            png((250, 10, 10)),
+            {"image": png((10, 10, 240), fmt="JPEG"), "top_k": 3},
+            "data:image/png;base64," + png((10, 200, 10)),
+            "not base64 !!",
+            base64.b64encode(b"hello").decode(),
+            base64.b64encode(gif.getvalue()).decode(),
+            {"image": png((0, 0, 0)), "top_k": 0},
+            {"img": "x"},
+            42,
+        )))
         assert len(out[0]["labels"]) == 2 and out[0]["labels"][0]["label"] == "red"  # options.top_k 2
         assert out[0]["labels"][0]["index"] == 0 and 0.5 < out[0]["labels"][0]["score"] <= 1.0
         assert len(out[1]["labels"]) == 3 and out[1]["labels"][0]["label"] == "blue"
@@ -301,15 +286,13 @@ def test_unknown_processing_kind(tmp_path: Path) -> None:
 
 
 def test_tabular_needs_a_fixed_feature_row(tmp_path: Path) -> None:
-    config = modelconfig.parse(
-        {
-            "name": "t",
-            "inputs": [{"name": "x", "datatype": "FP32", "dims": [-1]}],
-            "outputs": [{"name": "y", "datatype": "FP32", "dims": [2]}],
-            "max_batch_size": 4,
-            "processing": {"kind": "tabular"},
-        }
-    )
+    config = modelconfig.parse({
+        "name": "t",
+        "inputs": [{"name": "x", "datatype": "FP32", "dims": [-1]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "dims": [2]}],
+        "max_batch_size": 4,
+        "processing": {"kind": "tabular"},
+    })
     config.path = str(tmp_path)
     with pytest.raises(errors.FailedPrecondition, match="dims \\[n\\] with n fixed"):
         make_processor(config)

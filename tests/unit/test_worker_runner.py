@@ -67,7 +67,9 @@ def hosted(engine: Engine) -> LoadedModel:
 def tensor_batch(*arrays: np.ndarray, deadlines: Sequence[int] = ()) -> inference_pb2.BatchRequest:
     b = inference_pb2.BatchRequest(batch_id="b1", model="m", path=["batcher-1", "router-1"])
     for i, a in enumerate(arrays):
-        b.items.add(request_id=f"r{i}", inputs=[from_numpy("INPUT0", a)], deadline_unix_ms=deadlines[i] if deadlines else 0)
+        b.items.add(
+            request_id=f"r{i}", inputs=[from_numpy("INPUT0", a)], deadline_unix_ms=deadlines[i] if deadlines else 0
+        )
     return b
 
 

@@ -63,10 +63,7 @@ def test_bad_load_exits_2_with_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIMODEL_")}
     proc = subprocess.run(
         [sys.executable, "-m", "unimodel.worker", "--model-repository", str(tmp_path), "--load", "nope"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
+        capture_output=True, text=True, timeout=60, env=env,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -86,7 +86,9 @@ def test_zero_padding_to_the_batch_max_when_configured() -> None:
     ps = [tensor_batches.prepare_tensor_item(layout, item(*ab(r, w, start=1))) for r, w in ((1, 2), (2, 4), (1, 3))]
     assert tensor_batches.groups(layout, ps) == [[0, 1, 2]]
     joined = tensor_batches.concat(layout, ps)
-    expected = np.array([[1, 2, 0, 0], [1, 2, 3, 4], [5, 6, 7, 8], [1, 2, 3, 0]], dtype=np.float32)
+    expected = np.array(
+        [[1, 2, 0, 0], [1, 2, 3, 4], [5, 6, 7, 8], [1, 2, 3, 0]], dtype=np.float32
+    )
     np.testing.assert_array_equal(joined["A"], expected)
     np.testing.assert_array_equal(joined["B"], expected.astype(np.int64))
 
@@ -131,7 +133,9 @@ def test_a_model_without_batching_runs_each_item_alone() -> None:
 
 
 def two_inputs(a_dims: list[int] | None = None) -> model_pb2.ModelConfig:
-    return config(inputs=[{"name": "A", "datatype": "FP32", "dims": a_dims or [3]}, {"name": "B", "datatype": "INT64", "dims": [2, 2]}])
+    return config(
+        inputs=[{"name": "A", "datatype": "FP32", "dims": a_dims or [3]}, {"name": "B", "datatype": "INT64", "dims": [2, 2]}]
+    )
 
 
 def test_direct_assembly_joins_bytes_and_sends_bad_items_to_the_general_check() -> None:
@@ -202,23 +206,15 @@ def test_prepared_defaults() -> None:
 
 
 def test_output_tensors_take_the_configs_datatypes() -> None:
-    layout = Layout.of(
-        config(
-            outputs=[
-                {"name": "Y", "datatype": "FP16", "dims": [2]},
-                {"name": "S", "datatype": "BYTES", "dims": [1]},
-            ]
-        )
-    )
+    layout = Layout.of(config(outputs=[
+        {"name": "Y", "datatype": "FP16", "dims": [2]},
+        {"name": "S", "datatype": "BYTES", "dims": [1]},
+    ]))
     reply = inference_pb2.InferResponse()
-    tensor_batches.add_tensors(
-        layout,
-        reply.outputs,
-        {
-            "Y": np.array([[1.5, 2]], dtype=np.float32)[:, ::-1],  # not contiguous, wrong dtype
-            "S": np.array([["ab"]], dtype=object),
-        },
-    )
+    tensor_batches.add_tensors(layout, reply.outputs, {
+        "Y": np.array([[1.5, 2]], dtype=np.float32)[:, ::-1],  # not contiguous, wrong dtype
+        "S": np.array([["ab"]], dtype=object),
+    })
     y, s = reply.outputs
     assert (y.name, y.datatype, list(y.shape)) == ("Y", "FP16", [1, 2])
     np.testing.assert_array_equal(np.frombuffer(y.contents, "<f2"), [2, 1.5])

@@ -49,27 +49,19 @@ def trace_json(trace_id: str, spans: list[Span]) -> dict[str, Any]:
         pid = pid_of.get(s.service)
         if pid is None:
             pid = pid_of[s.service] = f"p{len(pid_of) + 1}"
-            processes[pid] = {"serviceName": s.service, "tags": [_tag(k, v) for k, v in s.resource.items() if k != "service.name"]}
+            processes[pid] = {"serviceName": s.service,
+                              "tags": [_tag(k, v) for k, v in s.resource.items() if k != "service.name"]}
         refs = [{"refType": "CHILD_OF", "traceID": s.trace_id, "spanID": s.parent_id}] if s.parent_id else []
         refs += [{"refType": "FOLLOWS_FROM", "traceID": t, "spanID": sp} for t, sp in s.links]
         tags = [_tag(k, v) for k, v in s.attributes.items()]
         tags.append(_tag("span.kind", {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}.get(s.kind, "unspecified")))
         if s.status == 2:
             tags.append(_tag("error", True))
-        out.append(
-            {
-                "traceID": s.trace_id,
-                "spanID": s.span_id,
-                "operationName": s.name,
-                "references": refs,
-                "startTime": s.start_ns // 1000,
-                "duration": max(0, s.end_ns - s.start_ns) // 1000,
-                "tags": tags,
-                "logs": [],
-                "processID": pid,
-                "warnings": None,
-            }
-        )
+        out.append({
+            "traceID": s.trace_id, "spanID": s.span_id, "operationName": s.name, "references": refs,
+            "startTime": s.start_ns // 1000, "duration": max(0, s.end_ns - s.start_ns) // 1000, "tags": tags,
+            "logs": [], "processID": pid, "warnings": None,
+        })
     return {"traceID": trace_id, "spans": out, "processes": processes, "warnings": None}
 
 
@@ -108,7 +100,8 @@ class Store(_Receiver):
         by_trace: dict[str, list[Span]] = {}
         for s in spans:
             by_trace.setdefault(s.trace_id, []).append(s)
-        hits = [t for t, ss in by_trace.items() if any(s.service == service and (operation is None or s.name == operation) for s in ss)]
+        hits = [t for t, ss in by_trace.items()
+                if any(s.service == service and (operation is None or s.name == operation) for s in ss)]
         hits.sort(key=lambda t: max(s.start_ns for s in by_trace[t]), reverse=True)
         return [trace_json(t, by_trace[t]) for t in hits[:limit]]
 
@@ -167,10 +160,8 @@ def main() -> None:
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(store), grpc_server)
     grpc_server.add_insecure_port(f"{host}:{int(os.environ.get('STANDIN_OTLP_GRPC_PORT', '4317'))}")
     grpc_server.start()
-    servers = [
-        query_server(store, (host, int(os.environ.get("STANDIN_QUERY_PORT", "16686")))),
-        query_server(store, (host, int(os.environ.get("STANDIN_ADMIN_PORT", "14269")))),
-    ]
+    servers = [query_server(store, (host, int(os.environ.get("STANDIN_QUERY_PORT", "16686")))),
+               query_server(store, (host, int(os.environ.get("STANDIN_ADMIN_PORT", "14269"))))]
     for s in servers[1:]:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     print(f"jaeger-standin: OTLP/gRPC on {host}:4317, query API on {host}:16686, admin on {host}:14269", flush=True)

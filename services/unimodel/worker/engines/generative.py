@@ -148,7 +148,7 @@ def held_text(prompt: Prompt, full: str) -> str:
     prompt.continued_ids, decoded as the engine decodes its output) after the part the client has. ""
     when that part is not a prefix of `full` (then nothing is repeated, at worst a held piece is lost)."""
     done = prompt.continued_text
-    return full[len(done) :] if full.startswith(done) else ""
+    return full[len(done):] if full.startswith(done) else ""
 
 
 def chat_messages(request: generate_pb2.GenerateRequest) -> list[dict[str, str]]:

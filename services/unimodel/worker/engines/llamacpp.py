@@ -256,7 +256,9 @@ class LlamaCppEngine(GenerativeEngine):
             with _LOAD_LOCK, model_params(llama_cpp, extra_buffers=extra):
                 with _quiet_native():  # "n_ctx_seq > n_ctx_train (0)": a vocabulary has no context
                     vocab = llama_cpp.Llama(str(path), vocab_only=True, n_ctx=8, verbose=False)
-                model = _internals.LlamaModel(path_model=str(path), params=llama_cpp.llama_cpp.llama_model_default_params(), verbose=False)
+                model = _internals.LlamaModel(
+                    path_model=str(path), params=llama_cpp.llama_cpp.llama_model_default_params(), verbose=False
+                )
             self._gguf = dict(vocab.metadata)
             formatter = self._chat_formatter(vocab)
             eog_ids = [t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)]
@@ -390,17 +392,16 @@ class LlamaCppEngine(GenerativeEngine):
             return _Encoded(text, tokens, [])
         if self._formatter is None:
             raise errors.InvalidArgument(
-                f"model {self.config.name!r} has no chat template (none in its GGUF, no llm.chat_template): use /v1/completions",
-                model=self.config.name,
-                field="messages",
+                f"model {self.config.name!r} has no chat template (none in its GGUF, no llm.chat_template): "
+                f"use /v1/completions",
+                model=self.config.name, field="messages",
             )
         try:
             result = self._formatter(messages=generative.chat_messages(request))
         except Exception as exc:  # the template's raise_exception (e.g. roles must alternate), jinja errors
             raise errors.InvalidArgument(
                 f"the chat template of model {self.config.name!r} refused the conversation: {exc}",
-                model=self.config.name,
-                field="messages",
+                model=self.config.name, field="messages",
             ) from None
         stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
         # The template writes BOS itself when the model wants one (llama-cpp-python: added_special).

@@ -39,7 +39,9 @@ def providers_for(execution_provider: str, available: Sequence[str] | None = Non
     available = list(ort.get_available_providers()) if available is None else list(available)
     if execution_provider == "cuda":
         if CUDA not in available:
-            raise errors.FailedPrecondition(f"execution_provider is cuda but onnxruntime has no {CUDA} here (available: {', '.join(available)})")
+            raise errors.FailedPrecondition(
+                f"execution_provider is cuda but onnxruntime has no {CUDA} here (available: {', '.join(available)})"
+            )
         return [CUDA, CPU]
     if execution_provider == "auto" and CUDA in available:
         return [CUDA, CPU]
@@ -56,10 +58,14 @@ def check_signature(config: model_pb2.ModelConfig, session: Any) -> None:
         for spec in specs:
             node = have.get(spec.name)
             if node is None:
-                raise errors.FailedPrecondition(f"{where}: config {kind} {spec.name!r} is not in the model (it has {', '.join(sorted(have))})")
+                raise errors.FailedPrecondition(
+                    f"{where}: config {kind} {spec.name!r} is not in the model (it has {', '.join(sorted(have))})"
+                )
             datatype = ONNX_TYPES.get(node.type, node.type)
             if datatype != spec.datatype:
-                raise errors.FailedPrecondition(f"{where}: {kind} {spec.name!r} is {datatype} in the model, {spec.datatype} in the config")
+                raise errors.FailedPrecondition(
+                    f"{where}: {kind} {spec.name!r} is {datatype} in the model, {spec.datatype} in the config"
+                )
             rank = len(node.shape) if node.shape is not None else None
             if rank is not None and rank != len(spec.dims) + batch_dim:
                 raise errors.FailedPrecondition(
@@ -111,7 +117,9 @@ class OnnxEngine(Engine):
         loop = asyncio.get_running_loop()
         self._executor = concurrent.futures.ThreadPoolExecutor(self.instances, thread_name_prefix=f"onnx-{self.model}")
         try:
-            sessions = await asyncio.gather(*(loop.run_in_executor(self._executor, self._create_session) for _ in range(self.instances)))
+            sessions = await asyncio.gather(
+                *(loop.run_in_executor(self._executor, self._create_session) for _ in range(self.instances))
+            )
             check_signature(self.config, sessions[0])
         except BaseException:
             self._executor.shutdown(wait=False)

@@ -113,7 +113,9 @@ class UpstreamEngine(GenerativeEngine):
     def _failed(self, why: str, retry_after_s: float = DEFAULT_RETRY_AFTER_S) -> errors.Unavailable:
         """A generation the upstream failed: the client reads it, so no URL (the log has it)."""
         log.warning("%s: %s", self._where(), why)
-        return errors.Unavailable(f"model {self.config.name!r}: the upstream server {why}", retry_after_s=retry_after_s, model=self.config.name)
+        return errors.Unavailable(
+            f"model {self.config.name!r}: the upstream server {why}", retry_after_s=retry_after_s, model=self.config.name
+        )
 
     def _headers(self) -> dict[str, str]:
         env = self.config.llm.upstream_api_key_env
@@ -121,7 +123,9 @@ class UpstreamEngine(GenerativeEngine):
             return {}
         key = os.environ.get(env, "")
         if not key:
-            raise errors.FailedPrecondition(f"{self._where()}: llm.upstream_api_key_env names {env}, which is not set in the worker's environment")
+            raise errors.FailedPrecondition(
+                f"{self._where()}: llm.upstream_api_key_env names {env}, which is not set in the worker's environment"
+            )
         return {"Authorization": f"Bearer {key}"}
 
     async def load(self) -> None:
@@ -148,11 +152,14 @@ class UpstreamEngine(GenerativeEngine):
             response = await client.get("models", timeout=httpx.Timeout(max(10.0, self.connect_timeout_s)))
         except httpx.HTTPError as exc:
             raise errors.FailedPrecondition(
-                f"{self._where()} is not reachable ({type(exc).__name__}: {exc or 'no answer'}); start the server or fix llm.upstream_url"
+                f"{self._where()} is not reachable ({type(exc).__name__}: {exc or 'no answer'}); "
+                f"start the server or fix llm.upstream_url"
             ) from None
         if response.status_code != 200:
             log.warning("%s: GET /models answered %d: %s", self._where(), response.status_code, upstream_message(response))
-            raise errors.FailedPrecondition(f"{self._where()}: GET /models answered HTTP {response.status_code} (its answer is in the worker's log)")
+            raise errors.FailedPrecondition(
+                f"{self._where()}: GET /models answered HTTP {response.status_code} (its answer is in the worker's log)"
+            )
         try:
             listed = response.json().get("data") or []
             models = {m["id"]: m for m in listed if isinstance(m, dict) and "id" in m}
@@ -160,7 +167,8 @@ class UpstreamEngine(GenerativeEngine):
             raise errors.FailedPrecondition(f"{self._where()}: GET /models did not answer an OpenAI model list") from None
         if models and self.upstream_model not in models:
             raise errors.FailedPrecondition(
-                f"{self._where()} does not serve {self.upstream_model!r} (it serves {', '.join(sorted(models))}); set llm.upstream_model"
+                f"{self._where()} does not serve {self.upstream_model!r} (it serves {', '.join(sorted(models))}); "
+                f"set llm.upstream_model"
             )
         card = models.get(self.upstream_model) or {}
         if not self.context and isinstance(card.get("max_model_len"), int):  # vLLM says its context
@@ -378,3 +386,4 @@ async def _sse_events(response: httpx.Response) -> AsyncGenerator[str, None]:
             data.append(value[1:] if value.startswith(" ") else value)
     if data:
         yield "\n".join(data)
+

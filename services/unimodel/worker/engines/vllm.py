@@ -76,10 +76,7 @@ INLINE_CHARS = 2048  # inputs up to this size are tokenized on the event loop
 # 2000 tokens after a 500-token prompt, SmolLM2's tokenizer), longer ones in a thread.
 INLINE_REPLAY_TOKENS = 1024
 _FINISH = {
-    "stop": generative.FINISH_STOP,
-    "length": generative.FINISH_LENGTH,
-    "abort": generative.FINISH_ABORT,
-    "error": generative.FINISH_ERROR,
+    "stop": generative.FINISH_STOP, "length": generative.FINISH_LENGTH, "abort": generative.FINISH_ABORT, "error": generative.FINISH_ERROR,
     "repetition": generative.FINISH_STOP,  # vLLM's repetition detector ended it: OpenAI's clients know only stop
 }
 _SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty")
@@ -321,8 +318,8 @@ class VllmEngine(GenerativeEngine):
         if request.HasField("continuation"):
             if self._detokenizer is None:
                 raise errors.FailedPrecondition(
-                    f"model {self.config.name!r}: this vLLM release has no incremental detokenizer to continue a generation with",
-                    model=self.config.name,
+                    f"model {self.config.name!r}: this vLLM release has no incremental detokenizer to continue "
+                    f"a generation with", model=self.config.name,
                 )
             prompt.engine_state = _Continued(list(tokens), min(sampling.min_tokens, max_tokens))
             prompt = generative.continued(prompt, request.continuation, vocabulary)
@@ -335,8 +332,7 @@ class VllmEngine(GenerativeEngine):
         if self._template_source == "none":
             raise errors.InvalidArgument(
                 f"model {self.config.name!r} has no chat template: use /v1/completions or set llm.chat_template",
-                model=self.config.name,
-                field="messages",
+                model=self.config.name, field="messages",
             )
         try:
             text = tokenizer.apply_chat_template(
@@ -348,8 +344,7 @@ class VllmEngine(GenerativeEngine):
         except Exception as exc:  # the template's raise_exception, jinja errors
             raise errors.InvalidArgument(
                 f"the chat template of model {self.config.name!r} refused the conversation: {exc}",
-                model=self.config.name,
-                field="messages",
+                model=self.config.name, field="messages",
             ) from None
         # the template writes the special tokens (BOS) itself, as in vLLM's chat API
         return text, list(tokenizer.encode(text, add_special_tokens=False))
@@ -401,7 +396,9 @@ class VllmEngine(GenerativeEngine):
             params = self._sampling_params(n=1, max_tokens=None, stop=list(prompt.stop) or None, min_tokens=state.min_tokens)
         except Exception as exc:  # VLLMValidationError is no ValueError
             raise _map_error(exc, self.config.name) from None
-        request = types.SimpleNamespace(request_id=prompt.request_id, prompt_token_ids=state.prompt_ids, prompt_embeds=None, sampling_params=params)
+        request = types.SimpleNamespace(
+            request_id=prompt.request_id, prompt_token_ids=state.prompt_ids, prompt_embeds=None, sampling_params=params
+        )
         return _Resumed(self._detokenizer.from_new_request(self._tokenizer, request), prompt)
 
     async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
@@ -470,7 +467,9 @@ class VllmEngine(GenerativeEngine):
         if final is None:
             raise errors.Internal(f"model {self.config.name!r}: vLLM ended the request without finishing it")
         if final.finish_reason == generative.FINISH_ERROR:
-            raise errors.Internal(f"model {self.config.name!r}: vLLM ended the generation with an error", model=self.config.name)
+            raise errors.Internal(
+                f"model {self.config.name!r}: vLLM ended the generation with an error", model=self.config.name
+            )
         yield final
 
 
