@@ -95,6 +95,7 @@ async def test_the_fast_path_and_every_route_need_a_key(client: httpx.AsyncClien
     for method, path in (
         ("POST", "/v1/models/echo:predict"), ("POST", "/modelcache"), ("POST", "/v2/models/echo/infer"),
         ("GET", "/v1/models"), ("GET", "/v1/cache/log?model=m"), ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/audio/transcriptions"), ("POST", "/v1/audio/translations"),
     ):
         r = await client.request(method, path, content=b"{}")
         assert r.status_code == 401, (method, path, r.text)
