@@ -73,11 +73,15 @@ class Job:
     """One window to generate: its features, prompt settings, and what it holds."""
 
     features: np.ndarray
-    clip_indexes: list[int]
     placed: list[wa.Placed]
     offset: float  # the window's start in its clip (a long clip's later windows)
     language: str = ""
     tokens: list[int] | None = None
+
+    @property
+    def first(self) -> int:
+        """The window's first clip: its settings (language, task, prompt, temperature) are the window's."""
+        return self.placed[0].clip
 
 
 class WhisperEngine(Engine):
@@ -252,7 +256,7 @@ class WhisperEngine(Engine):
         """The windows of one packing group: one shared window of short clips, or a clip's own windows."""
         if len(members) == 1:
             clip = clips[members[0]]
-            return [Job(piece.features, [members[0]], [wa.Placed(members[0], 0.0, piece.seconds)], piece.start) for piece in wa.windows(clip.samples)]
+            return [Job(piece.features, [wa.Placed(members[0], 0.0, piece.seconds)], piece.start) for piece in wa.windows(clip.samples)]
         window = np.zeros(wa.WINDOW_SAMPLES, dtype=np.float32)
         placed: list[wa.Placed] = []
         at = 0.0
@@ -262,7 +266,7 @@ class WhisperEngine(Engine):
             window[first : first + len(samples)] = samples
             placed.append(wa.Placed(i, at, at + len(samples) / wa.RATE))
             at += len(samples) / wa.RATE + self.gap_seconds
-        return [Job(wa.window_features(window), members, placed, 0.0)]
+        return [Job(wa.window_features(window), placed, 0.0)]
 
     def _prompt(self, clip: Clip, language: str) -> list[int]:
         tokens: list[int] = []
@@ -278,23 +282,23 @@ class WhisperEngine(Engine):
         if not jobs:
             return
         features = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack([j.features for j in jobs])))
-        need = [k for k, j in enumerate(jobs) if clips[j.clip_indexes[0]].language is None]
+        need = [k for k, j in enumerate(jobs) if clips[j.first].language is None]
         if need:
             detect = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack([jobs[k].features for k in need])))
             for k, found in zip(need, self._model.detect_language(detect), strict=True):
                 jobs[k].language = found[0][0][2:-2]
         for job in jobs:
-            job.language = clips[job.clip_indexes[0]].language or job.language or "en"
+            job.language = clips[job.first].language or job.language or "en"
         by_temperature: dict[float, list[int]] = {}
         for k, job in enumerate(jobs):
-            by_temperature.setdefault(clips[job.clip_indexes[0]].temperature, []).append(k)
+            by_temperature.setdefault(clips[job.first].temperature, []).append(k)
         for temperature, ks in by_temperature.items():
             view = (
                 features
                 if len(ks) == len(jobs)
                 else ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack([jobs[k].features for k in ks])))
             )
-            prompts = [self._prompt(clips[jobs[k].clip_indexes[0]], jobs[k].language) for k in ks]
+            prompts = [self._prompt(clips[jobs[k].first], jobs[k].language) for k in ks]
             sampling = {"sampling_temperature": temperature, "sampling_topk": 0} if temperature > 0 else {}
             results = self._model.generate(
                 view,
