@@ -317,8 +317,8 @@ def nats_accepts(host: str, port: int, user: str, password: str, timeout: float 
     """Whether a plain-TCP nats-server lets `user` in (the NATS client protocol, spoken directly: CONNECT,
     then PING answered by PONG, or -ERR 'Authorization Violation'). No client library: nothing to clean up."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            reader = sock.makefile("rb")
+        # the file object holds the socket open after the socket's own close: both are closed here
+        with socket.create_connection((host, port), timeout=timeout) as sock, sock.makefile("rb") as reader:
             if not reader.readline().startswith(b"INFO"):
                 return False
             connect = {"verbose": False, "pedantic": False, "user": user, "pass": password, "protocol": 1, "name": "probe"}
