@@ -1,4 +1,4 @@
-"""Speech to text end to end: whisper-base on the whisper engine (CTranslate2, int8) in one gpu-worker, behind the
+"""Speech to text end to end: whisper-base on the whisper engine (CTranslate2) in one gpu-worker, behind the
 gateway, batcher and router (real nats-server and etcd). The clips are espeak-ng's (tests/data/speech,
 scripts/make_speech_samples.py): the openai SDK's transcriptions.create returns their sentences within 15 %
 word error rate; concurrent uploads share batches; every response_format; the predict API and KServe v2

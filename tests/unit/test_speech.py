@@ -17,6 +17,7 @@ from unimodel.gateway.openai import audio as openai_audio
 from unimodel.models import whisper as whisper_model
 from unimodel.worker import audio
 from unimodel.worker.engines import whisper_audio as wa
+from unimodel.worker.engines.whisper import cpu_compute_type
 
 SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech"
 
@@ -166,3 +167,18 @@ def test_whisper_config_round_trips_and_checks_its_options() -> None:
     bad["options"]["pack_seconds"] = "29"  # type: ignore[index]
     with pytest.raises(errors.InvalidArgument, match="options.pack_seconds"):
         modelconfig.parse(bad)
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "compute"),
+    [
+        ("vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n", "float32"),  # oneDNN's AVX2 u8s8: float32
+        ("vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n", "int8"),
+        ("vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2\n", "int8"),  # MKL's int8
+        ("vendor_id\t: HygonGenuine\nflags\t\t: sse2 avx2 avx_vnni\n", "int8"),
+        ("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n", "int8"),  # aarch64: CTranslate2's default
+        ("", "int8"),
+    ],
+)
+def test_the_cpu_compute_type_is_int8_only_where_its_kernels_keep_the_accuracy(cpuinfo: str, compute: str) -> None:
+    assert cpu_compute_type(cpuinfo * 2) == compute  # one block per core: the first one decides

@@ -1,5 +1,6 @@
-"""The ``whisper`` engine: speech to text on CTranslate2 (the engine faster-whisper runs on), int8 on the CPU,
-float16 on CUDA when CTranslate2 sees a GPU.
+"""The ``whisper`` engine: speech to text on CTranslate2 (the engine faster-whisper runs on), float16 on CUDA when
+CTranslate2 sees a GPU; on the CPU int8 where its int8 kernels keep Whisper's accuracy, else float32
+(cpu_compute_type).
 
 A request is one predict value, a struct:
     {"audio": "<base64 of a WAV / FLAC / MP3 / OGG file>", "task": "transcribe" | "translate",
@@ -22,7 +23,7 @@ share a window (their words never share a decoding).
 
 Options (ModelConfig.options): `max_audio_seconds` (default 600: longer is 413), `beam_size` (default 1,
 greedy), `intra_threads` (CTranslate2 threads; default: the CPUs this process may use),
-`compute_type` (default int8 on CPU, float16 on CUDA), `pack_seconds`, `pack_gap_seconds`.
+`compute_type` (default: float16 on CUDA, cpu_compute_type on the CPU), `pack_seconds`, `pack_gap_seconds`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,38 @@ MAX_PROMPT_TOKENS = MAX_LENGTH // 2 - 1  # as OpenAI's whisper: the prompt keeps
 FIELDS = frozenset({"audio", "task", "language", "prompt", "temperature"})
 NO_SPEECH = 0.6  # Whisper's no_speech_threshold ...
 LOW_LOGPROB = -1.0  # ... and logprob_threshold (the mean log-probability of the window's tokens)
+
+
+def cpu_compute_type(cpuinfo: str) -> str:
+    """The default CTranslate2 compute type on this CPU, from /proc/cpuinfo's text: int8 where CTranslate2's int8
+    GEMM keeps Whisper's accuracy, float32 elsewhere.
+
+    CTranslate2 multiplies int8 matrices with Intel MKL on Intel CPUs and with oneDNN on the others. On an AMD
+    EPYC with AVX2 and no VNNI (oneDNN's u8s8 kernel, which sums pairs of products in 16 bits), whisper-base
+    in int8 had 16.9 % word errors on tests/data/speech's English clips against 12.4 % in float32 and lost the
+    French clip's first word, at the same speed (8 clips in one batch: 2.86 s int8, 2.93 s float32); MKL's int8
+    on the CPU the figures of docs/benchmarks.md were measured on gave 12.4 %. VNNI (avx512_vnni, avx_vnni)
+    sums u8 x s8 products in 32 bits. So: int8 on Intel CPUs and on CPUs with VNNI; float32 on other x86 CPUs;
+    int8 where the text names neither (another architecture: CTranslate2's own CPU default)."""
+    vendor, flags = "", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "vendor_id" and not vendor:
+            vendor = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    if vendor == "GenuineIntel" or flags & {"avx512_vnni", "avx_vnni"}:
+        return "int8"
+    return "float32" if vendor or "sse2" in flags else "int8"
+
+
+def _read_cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -121,7 +154,7 @@ class WhisperEngine(Engine):
             raise errors.FailedPrecondition(f"model {self.model!r}: execution_provider cuda, but CTranslate2 sees no GPU")
         device = "cuda" if cuda else "cpu"
         threads = self.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-        compute = self.compute_type or ("float16" if cuda else "int8")
+        compute = self.compute_type or ("float16" if cuda else cpu_compute_type(_read_cpuinfo()))
         try:
             self._model = ctranslate2.models.Whisper(folder, device=device, compute_type=compute, intra_threads=threads)
             self._tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
