@@ -13,7 +13,6 @@ import base64
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ import sklearn.datasets
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from helpers.compose_cluster import ComposeCluster, docker, inspect
+from helpers.compose_cluster import ComposeCluster, docker, inspect, report
 from helpers.predict_load import PredictLoad
 from unimodel.local.cluster import SERVICES
 from unimodel.local.procs import wait_until
@@ -41,10 +40,6 @@ INFRA = ["nats", "etcd", "postgres", "milvus", "jaeger", "prometheus"]
 CHAT_MODEL, EMBEDDING_MODEL, SPEECH_MODEL = "smollm2-135m-instruct", "all-minilm-l6-v2", "whisper-base"
 DEMO = ["mlp", "iris-classifier", "efficientnet-lite0", "delay", CHAT_MODEL, EMBEDDING_MODEL, SPEECH_MODEL]
 SPEECH_CLIP = Path(__file__).resolve().parents[1] / "data" / "speech" / "02.wav"  # "Our meeting starts at nine ..."
-
-
-def report(line: str) -> None:
-    sys.stderr.write(f"test-containers: {line}\n")
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +57,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeCluster
         Path("/tmp/unimodel-test-containers.log").write_text(logs)
         c.down()
     assert "Traceback" not in "\n".join(line for line in logs.splitlines() if not line.startswith(("models", "jaeger")))
-
-
-def models_ready(c: ComposeCluster, want: dict[str, int]) -> bool:
-    data = {m["id"]: m for m in httpx.get(f"{c.base}/v1/models", headers=c.auth, timeout=10).json()["data"]}
-    return all(data.get(name, {}).get("instances", 0) >= n for name, n in want.items())
 
 
 # images ----------------------------------------------------------------------------------------------------------
@@ -127,7 +117,7 @@ def test_compose_runs_the_images_healthcheck_and_every_service_is_healthy(cluste
 
 
 def test_real_clients_on_the_published_ports(cluster: ComposeCluster) -> None:
-    wait_until(lambda: models_ready(cluster, {m: 1 for m in DEMO}), 300, "the demo models served", every_s=1)
+    wait_until(lambda: cluster.models_ready({m: 1 for m in DEMO}), 300, "the demo models served", every_s=1)
     r = httpx.get(f"{cluster.base}/v1/models", timeout=10)
     assert r.status_code == 401, r.text  # the published port asks for a key
 
@@ -228,13 +218,8 @@ def test_scale_to_three_gpu_workers_and_the_new_one_takes_traffic(cluster: Compo
     after = set(cluster.containers("gpu-worker"))
     (new,) = after - before
     cluster.wait_healthy(["gpu-worker"], 180)
-    wait_until(lambda: models_ready(cluster, {"mlp": 3, "delay": 3}), 180, "mlp and delay on 3 workers", every_s=1)
-    with httpx.Client(headers=cluster.auth, timeout=30) as client:
-        workers = set()
-        for i in range(60):
-            r = client.post(f"{cluster.base}/v1/models/delay:predict", json={"input": [float(i)]})
-            assert r.status_code == 200, r.text
-            workers.add(r.headers["x-unimodel-worker"])
+    wait_until(lambda: cluster.models_ready({"mlp": 3, "delay": 3}), 180, "mlp and delay on 3 workers", every_s=1)
+    workers = cluster.workers_answering("delay")
     assert len(workers) == 3, workers
     assert worker_batches(cluster, new) > 0, f"{new} ran no batch"
     report(f"scaled to 3 gpu-workers: {new} served; workers seen {sorted(workers)}")
@@ -250,7 +235,7 @@ def kill_under_load(cluster: ComposeCluster, kill: Callable[[str], None], restar
         killed = time.monotonic()
         restart(victim)
         cluster.wait_healthy(["gpu-worker"], 180)
-        wait_until(lambda: models_ready(cluster, {"delay": 3}), 120, "delay on 3 workers again", every_s=1)
+        wait_until(lambda: cluster.models_ready({"delay": 3}), 120, "delay on 3 workers again", every_s=1)
         back_s = time.monotonic() - killed
         time.sleep(3)
     failures = load.failures()

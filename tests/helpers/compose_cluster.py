@@ -1,8 +1,10 @@
 """compose/docker-compose.yml under a real Docker engine, for tests/containers (scripts/test-containers).
 
 The users' compose file with the override tests/containers/compose.test.yml (stand-ins for the third-party
-images), the `cpu` profile, a project name of its own, published ports on 127.0.0.1 at free ports, and fresh
-credentials (`unimodel credentials`) in a temporary folder. `down()` removes its containers, networks and volumes.
+images) or, with `ha=True`, also the users' HA override compose/docker-compose.ha.yml and its test override
+tests/containers/compose.ha.test.yml (3 NATS nodes, 3 etcd members), the `cpu` profile, a project name of its
+own, published ports on 127.0.0.1 at free ports, and fresh credentials (`unimodel credentials`) in a temporary
+folder. `down()` removes its containers, networks and volumes.
 """
 
 from __future__ import annotations
@@ -11,17 +13,27 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from helpers.deploy_checks import COMPOSE_FILE, ROOT
 from unimodel.local.procs import free_port, wait_until
 
 OVERRIDE = ROOT / "tests" / "containers" / "compose.test.yml"
+HA_FILE = ROOT / "compose" / "docker-compose.ha.yml"
+HA_OVERRIDE = ROOT / "tests" / "containers" / "compose.ha.test.yml"
 PROFILE = "cpu"
 TENANT_KEY, ADMIN_KEY = "sk-containers-tenant", "sk-containers-admin"
 PUBLISHED = ("HTTP", "GRPC", "JAEGER", "PROMETHEUS", "GRAFANA")
+
+
+def report(line: str) -> None:
+    """A figure for the run's log (pytest runs with -s): `test-containers: ...`."""
+    sys.stderr.write(f"test-containers: {line}\n")
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
@@ -36,8 +48,10 @@ def inspect(container: str) -> dict[str, Any]:
 
 
 class ComposeCluster:
-    def __init__(self, secrets: Path, project: str | None = None) -> None:
-        self.project = project or f"unimodel-test-{os.getpid()}"
+    def __init__(self, secrets: Path, *, ha: bool = False) -> None:
+        self.project = f"unimodel-test{'-ha' if ha else ''}-{os.getpid()}"
+        # each file merged into the ones before it: the users' file(s) first, then the stand-ins
+        self.files = [COMPOSE_FILE, HA_FILE, OVERRIDE, HA_OVERRIDE] if ha else [COMPOSE_FILE, OVERRIDE]
         self.command = shlex.split(os.environ.get("UNIMODEL_TEST_COMPOSE", "docker-compose"))
         self.ports = {name: free_port() for name in PUBLISHED}
         self.secrets = secrets
@@ -63,7 +77,8 @@ class ComposeCluster:
         self.secrets.chmod(0o755)
 
     def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [*self.command, "-p", self.project, "-f", str(COMPOSE_FILE), "-f", str(OVERRIDE), "--profile", PROFILE, *args]
+        files = [arg for f in self.files for arg in ("-f", str(f))]
+        cmd = [*self.command, "-p", self.project, *files, "--profile", PROFILE, *args]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env, cwd=ROOT)
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)}: exit {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -113,6 +128,21 @@ class ComposeCluster:
             "volumes": docker("volume", "ls", "--filter", label, "--format", "{{.Name}}").split(),
             "networks": docker("network", "ls", "--filter", label, "--format", "{{.Name}}").split(),
         }
+
+    def models_ready(self, want: dict[str, int]) -> bool:
+        """Every model of `want` served by at least that many instances (GET /v1/models on the published port)."""
+        data = {m["id"]: m for m in httpx.get(f"{self.base}/v1/models", headers=self.auth, timeout=10).json()["data"]}
+        return all(data.get(name, {}).get("instances", 0) >= n for name, n in want.items())
+
+    def workers_answering(self, model: str, requests: int = 60) -> set[str]:
+        """The workers (x-unimodel-worker) that answered `requests` predicts of `model`, each of which must be 200."""
+        workers = set()
+        with httpx.Client(headers=self.auth, timeout=30) as client:
+            for i in range(requests):
+                r = client.post(f"{self.base}/v1/models/{model}:predict", json={"input": [float(i)]})
+                assert r.status_code == 200, r.text
+                workers.add(r.headers["x-unimodel-worker"])
+        return workers
 
     def exec_python(self, container: str, code: str, timeout: float = 60) -> str:
         """Run python code in a running container (its own interpreter and network)."""
