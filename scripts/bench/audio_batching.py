@@ -4,8 +4,8 @@
 
     .venv/bin/python scripts/bench/audio_batching.py [--rounds 5] [--clients 8] [--json docs/benchmarks/audio_batching.json]
 
-One cluster (nats-server, etcd, the six services, ONE gpu-worker) serves whisper-base (CTranslate2 int8,
-every CPU of the machine as its threads) three times over, from the same folder:
+One cluster (nats-server, etcd, the six services, ONE gpu-worker) serves whisper-base (CTranslate2, the engine's
+default compute type for the CPU, every CPU of the machine as its threads) three times over, from the same folder:
   - `whisper-base`: the demo config: batches of up to 16 requests, short clips packed into shared 30 s windows
     (pack_seconds 10);
   - `whisper-base-nopack`: batched the same way, each clip in its own window (pack_seconds 0);
