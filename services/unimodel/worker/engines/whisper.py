@@ -64,7 +64,7 @@ def cpu_compute_type(cpuinfo: str) -> str:
     on the CPU the figures of docs/benchmarks.md were measured on gave 12.4 %. VNNI (avx512_vnni, avx_vnni)
     sums u8 x s8 products in 32 bits. So: int8 on Intel CPUs and on CPUs with VNNI; float32 on other x86 CPUs;
     int8 where the text names neither (another architecture: CTranslate2's own CPU default)."""
-    vendor, flags = "", set()
+    vendor, flags = "", set[str]()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
