@@ -25,7 +25,7 @@ import sklearn.datasets
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from helpers.compose_cluster import ComposeCluster, docker, inspect, report
+from helpers.compose_cluster import ComposeCluster, compose_up, docker, inspect, report
 from helpers.predict_load import PredictLoad
 from unimodel.local.cluster import SERVICES
 from unimodel.local.procs import wait_until
@@ -44,19 +44,8 @@ SPEECH_CLIP = Path(__file__).resolve().parents[1] / "data" / "speech" / "02.wav"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeCluster]:
-    c = ComposeCluster(tmp_path_factory.mktemp("secrets"))
-    c.make_secrets()
-    started = time.monotonic()
-    try:
-        c.compose("up", "-d", "--no-build", "--scale", "gpu-worker=2", timeout=900)
-        c.wait_healthy([*INFRA, *SIX], 600)
-        report(f"compose up with 2 gpu-workers: every container healthy after {time.monotonic() - started:.0f} s")
+    with compose_up(tmp_path_factory.mktemp("secrets"), [*INFRA, *SIX], Path("/tmp/unimodel-test-containers.log")) as c:
         yield c
-    finally:
-        logs = c.logs()
-        Path("/tmp/unimodel-test-containers.log").write_text(logs)
-        c.down()
-    assert "Traceback" not in "\n".join(line for line in logs.splitlines() if not line.startswith(("models", "jaeger")))
 
 
 # images ----------------------------------------------------------------------------------------------------------

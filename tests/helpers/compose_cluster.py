@@ -14,7 +14,9 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +153,24 @@ class ComposeCluster:
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {TENANT_KEY}"}
+
+
+@contextmanager
+def compose_up(secrets: Path, services: Sequence[str], log: Path, *, ha: bool = False) -> Iterator[ComposeCluster]:
+    """A cluster for a test module: fresh credentials, `up -d --scale gpu-worker=2`, every container of `services`
+    healthy. At the end the containers' logs go to `log`, `down -v` removes the project, and no service but the
+    models job and the OTLP receiver may have logged a traceback."""
+    c = ComposeCluster(secrets, ha=ha)
+    c.make_secrets()
+    started = time.monotonic()
+    try:
+        c.compose("up", "-d", "--no-build", "--scale", "gpu-worker=2", timeout=900)
+        c.wait_healthy(services, 600)
+        report(f"compose up{' (HA)' if ha else ''} with 2 gpu-workers: every container healthy after "
+               f"{time.monotonic() - started:.0f} s")
+        yield c
+    finally:
+        logs = c.logs()
+        log.write_text(logs)
+        c.down()
+    assert "Traceback" not in "\n".join(line for line in logs.splitlines() if not line.startswith(("models", "jaeger")))
