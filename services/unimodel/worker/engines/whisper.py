@@ -60,10 +60,11 @@ def cpu_compute_type(cpuinfo: str) -> str:
     CTranslate2 multiplies int8 matrices with Intel MKL on Intel CPUs and with oneDNN on the others. On an AMD
     EPYC with AVX2 and no VNNI (oneDNN's u8s8 kernel, which sums pairs of products in 16 bits), whisper-base
     in int8 had 16.9 % word errors on tests/data/speech's English clips against 12.4 % in float32 and lost the
-    French clip's first word, at the same speed (8 clips in one batch: 2.86 s int8, 2.93 s float32); MKL's int8
-    on the CPU the figures of docs/benchmarks.md were measured on gave 12.4 %. VNNI (avx512_vnni, avx_vnni)
-    sums u8 x s8 products in 32 bits. So: int8 on Intel CPUs and on CPUs with VNNI; float32 on other x86 CPUs;
-    int8 where the text names neither (another architecture: CTranslate2's own CPU default)."""
+    French clip's first word, at the same speed (8 clips in one batch: 2.86 s int8, 2.93 s float32). int8 on the
+    machine of docs/benchmarks.md's first figures (its CPU not recorded) gave 12.4 %; MKL's int8 on an Intel CPU
+    was not measured on its own. VNNI (avx512_vnni, avx_vnni) sums u8 x s8 products in 32 bits. So: int8 on Intel
+    CPUs and on CPUs with VNNI; float32 on other x86 CPUs; int8 where the text names neither (another
+    architecture: CTranslate2's own CPU default)."""
     vendor, flags = "", set[str]()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
